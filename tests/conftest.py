@@ -1,0 +1,40 @@
+"""Shared fixtures: small datasets written through the real writer (no synth dependency)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from trainer.data.manifest import Manifest  # noqa: E402
+from trainer.data.writer import Holdout, ShardSetWriter, finalize  # noqa: E402
+
+
+def make_dataset(root: Path, shards: int, users: int, seed: int = 0, max_len: int = 16, num_items: int = 100,
+                 max_hist: int = 40) -> Manifest:
+    """Random histories, users split into contiguous ranges per shard; returns the manifest."""
+    rng = np.random.default_rng(seed)
+    results = []
+    holdout = Holdout("none")
+    for i, us in enumerate(np.array_split(np.arange(users), shards)):
+        w = ShardSetWriter(root, i, holdout, max_len=max_len)
+        for u in us:
+            n = int(rng.integers(1, max_hist))
+            w.add_user(int(u), {
+                "item": rng.integers(0, num_items, n), "timestamp": np.sort(rng.integers(0, 10**6, n)),
+                "event": rng.integers(0, 6, n).astype(np.uint8), "played": rng.integers(0, 101, n).astype(np.uint16),
+                "organic": rng.integers(0, 2, n).astype(np.uint8), "context": rng.integers(0, 4, n).astype(np.int32)})
+        results.append(w.close())
+    return finalize(root, results, holdout, num_items=num_items, max_len=max_len, source={"kind": "test"})
+
+
+@pytest.fixture
+def dataset_factory(tmp_path: Path):
+    def factory(shards: int, users: int, **kw) -> Manifest:
+        root = tmp_path / f"ds{shards}_{users}_{kw.get('seed', 0)}"
+        return make_dataset(root, shards, users, **kw)
+    return factory

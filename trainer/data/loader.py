@@ -1,0 +1,236 @@
+"""The training data loader: exactly once per epoch, equal batch counts per rank, exact resume.
+
+``ShardLoader`` (main process) owns the epoch layout and counts what it hands
+to the training loop; ``ShardDataset`` (inside each DataLoader worker) reads
+its part of the layout and assembles batches there. Position is tracked in the
+main process from each batch's ``part`` tag, so it is exact however many
+batches the workers have prefetched, and it is independent of the number of
+workers — which is what lets a job resume on a different world size.
+
+Every part yields exactly ``layout.batches_per_part`` batches (the last ones
+short, or empty), so every rank runs the same number of steps per epoch and no
+rank waits at a collective while another has run dry.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from trainer.data.batch import Batch, collate
+from trainer.data.layout import EpochLayout, merge_rank_states, new_layout, relayout, shard_permutation
+from trainer.data.manifest import Manifest
+from trainer.data.reader import SampleReader, ShardTable
+from trainer.data.schema import Sample
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.13
+
+STATE_VERSION = 1
+
+
+class ShardDataset(IterableDataset):
+    """Yields the batches of this rank's parts of ``layout``; one part per DataLoader worker.
+
+    ``rotation`` maps DataLoader worker ``i`` to part ``(rotation + i) % W`` so a
+    fresh DataLoader resumes the round-robin over workers exactly where the
+    previous one stopped.
+    """
+
+    def __init__(self, table: ShardTable, layout: EpochLayout, rank: int, rotation: int, cfg: "ShardLoader.Config",
+                 shuffle_seed: int) -> None:
+        self.table, self.layout, self.rank, self.rotation, self.cfg = table, layout, rank, rotation, cfg
+        self.perm = shard_permutation(len(table.paths), shuffle_seed, layout.epoch, cfg.shuffle)
+
+    def part_for_worker(self, worker: int) -> int:
+        return self.layout.part_index(self.rank, (self.rotation + worker) % self.layout.num_workers)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        return self.iter_part(self.part_for_worker(info.id if info else 0))
+
+    def iter_part(self, p: int) -> Iterator[Batch]:
+        cfg, part = self.cfg, self.layout.parts[p]
+        # Snapshot: without workers the loader updates this same Part while we iterate.
+        first_batch = part.batches
+        order = part.order(cfg.shuffle_buffer if cfg.shuffle else 0)[part.consumed:]
+        indices = part.indices()
+        want = np.sort(indices[order])
+        reader = SampleReader(self.table, self.perm, cfg.on_error)
+        stream = reader.read(want)
+        waiting: dict[int, Sample | None] = {}  # read but not yet emitted: at most shuffle_buffer samples
+        padded = cfg.batch_format == "padded"
+        n_errors = 0
+        for b in range(first_batch, self.layout.batches_per_part):
+            lo = (b - first_batch) * cfg.batch_size
+            targets = indices[order[lo: lo + cfg.batch_size]]
+            samples: list[Sample] = []
+            skipped = 0
+            for g in targets:
+                while g not in waiting:
+                    gi, s = next(stream)
+                    waiting[gi] = s
+                s = waiting.pop(int(g))
+                if s is None:
+                    skipped += 1
+                else:
+                    samples.append(s)
+            batch = collate(samples, padded, cfg.max_seq_len)
+            batch.part, batch.skipped = p, skipped
+            if len(reader.errors) > n_errors:
+                batch.meta["errors"] = reader.errors[n_errors:]
+                n_errors = len(reader.errors)
+            yield batch
+
+
+class ShardLoader:
+    """Streams one split of a dataset to one rank; see the module docstring."""
+
+    @dataclass
+    class Config:
+        path: str = ""
+        split: str = "train"
+        batch_size: int = 32  # samples per batch, per rank
+        max_seq_len: int = 0  # 0 = keep whole samples (<= the dataset's max_len); else keep the most recent
+        num_workers: int = 2
+        shuffle: bool = True
+        shuffle_buffer: int = 256  # samples held per worker for shuffling
+        seed: int = 0
+        batch_format: str = "jagged"  # "jagged" (KeyedJaggedTensor-ready) or "padded"
+        on_error: str = "raise"  # "raise": stop naming shard and key; "skip": count and continue
+        prefetch_factor: int = 2
+
+        def validate(self, where: str = "data") -> None:
+            def bad(key: str, msg: str) -> ValueError:
+                return ValueError(f"{where}.{key}: {msg}")
+
+            if not self.path:
+                raise bad("path", "is required (a directory written by `argus data synth` or `argus data convert`)")
+            if self.batch_size < 1:
+                raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
+            if self.max_seq_len < 0:
+                raise bad("max_seq_len", f"must be >= 0, got {self.max_seq_len}")
+            if self.num_workers < 0:
+                raise bad("num_workers", f"must be >= 0, got {self.num_workers}")
+            if self.shuffle_buffer < 0:
+                raise bad("shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+            if self.batch_format not in ("jagged", "padded"):
+                raise bad("batch_format", f"must be 'jagged' or 'padded', got {self.batch_format!r}")
+            if self.on_error not in ("raise", "skip"):
+                raise bad("on_error", f"must be 'raise' or 'skip', got {self.on_error!r}")
+
+        def build(self, rank: int = 0, world_size: int = 1, manifest: Manifest | None = None) -> "ShardLoader":
+            return ShardLoader(self, rank, world_size, manifest)
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, manifest: Manifest | None = None) -> None:
+        cfg.validate()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.manifest = manifest or Manifest.load(cfg.path)
+        self.table = ShardTable.from_manifest(self.manifest, cfg.split)
+        self.workers = max(1, cfg.num_workers)
+        self.layout = self._fresh(0)
+        self.batches_seen = 0  # batches handed out this epoch on this rank
+        self.stats = {"samples": 0, "interactions": 0, "skipped": 0, "truncated": 0}
+        self.errors: list[str] = []
+
+    def _fresh(self, epoch: int) -> EpochLayout:
+        return new_layout(self.table.num_samples, epoch, self.world_size, self.workers, self.cfg.batch_size,
+                          self.cfg.seed)
+
+    @property
+    def epoch(self) -> int:
+        return self.layout.epoch
+
+    def batches_per_epoch(self) -> int:
+        """Batches every rank gets in a full epoch (identical on all ranks)."""
+        return self.layout.batches_per_part * self.workers
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch on this rank."""
+        return self.batches_per_epoch() - self.batches_seen
+
+    def _dataset(self) -> ShardDataset:
+        return ShardDataset(self.table, self.layout, self.rank, self.batches_seen % self.workers, self.cfg,
+                            self.cfg.seed)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch; the next call starts the next epoch."""
+        if len(self) == 0:
+            self.layout = self._fresh(self.epoch + 1)
+            self.batches_seen = 0
+        if self.cfg.num_workers == 0:
+            source: Any = self._dataset()
+        else:
+            source = StatefulDataLoader(self._dataset(), batch_size=None, num_workers=self.cfg.num_workers,
+                                        prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+        for batch in source:
+            self._account(batch)
+            yield batch
+        if len(self) != 0:
+            raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after {self.batches_seen} of "
+                               f"{self.batches_per_epoch()} batches")
+
+    def _account(self, batch: Batch) -> None:
+        part = self.layout.parts[batch.part]
+        part.consumed += batch.size + batch.skipped
+        part.batches += 1
+        self.batches_seen += 1
+        self.stats["samples"] += batch.size
+        self.stats["interactions"] += batch.num_interactions
+        self.stats["skipped"] += batch.skipped
+        self.stats["truncated"] += batch.truncated
+        for err in batch.meta.get("errors", []):
+            log.warning("skipped unreadable data: %s", err)
+            self.errors.append(err)
+
+    # ---- checkpointing -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position (and the whole layout). Save every rank's state to resume on a new world size."""
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "split": self.cfg.split, "num_samples": self.table.num_samples, "batches_seen": self.batches_seen,
+                "layout": self.layout.to_dict(), "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        """Resume from this rank's own state (same world size), or from all ranks' states (any world size)."""
+        states = [state] if isinstance(state, dict) else list(state)
+        for s in states:
+            if s.get("version") != STATE_VERSION:
+                raise ValueError(f"data-loader state version {s.get('version')} is not {STATE_VERSION}")
+            if s["num_samples"] != self.table.num_samples or s["split"] != self.cfg.split:
+                raise ValueError(f"data-loader state is for split {s['split']!r} with {s['num_samples']} samples; "
+                                 f"this dataset's {self.cfg.split!r} has {self.table.num_samples}")
+        same_shape = states[0]["world_size"] == self.world_size and \
+            states[0]["layout"]["num_workers"] == self.workers
+        if same_shape:
+            own = [s for s in states if s["rank"] == self.rank]
+            if not own:
+                raise ValueError(f"data-loader state has no entry for rank {self.rank}")
+            self.layout = EpochLayout.from_dict(own[0]["layout"])
+            self.batches_seen = own[0]["batches_seen"]
+            self.stats = dict(own[0]["stats"])
+        else:
+            if len(states) < states[0]["world_size"]:
+                raise ValueError(f"resuming on a different world size needs the states of all "
+                                 f"{states[0]['world_size']} ranks, got {len(states)}")
+            merged = merge_rank_states(states)
+            self.layout = relayout(merged, self.world_size, self.workers, self.cfg.batch_size,
+                                   self.cfg.shuffle_buffer if self.cfg.shuffle else 0, self.cfg.seed)
+            self.batches_seen = 0
+
+
+def gather_states(loader: ShardLoader) -> list[dict[str, Any]]:
+    """All ranks' loader states (collective: call on every rank), for a checkpoint."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [loader.state_dict()]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, loader.state_dict())
+    return out

@@ -1,0 +1,146 @@
+"""``manifest.json``: what a dataset directory holds, with counts and hashes.
+
+The reader never lists a directory: it trusts the manifest's per-shard sample
+counts to lay out each epoch (exactly-once, equal counts per rank), and
+``argus data verify`` checks those counts and hashes against the bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.data.schema import FIELDS, SCHEMA_VERSION
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "argus-shards"
+
+
+class ManifestError(ValueError):
+    """A missing or malformed manifest; the message names the file and key."""
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the dataset root
+    samples: int
+    interactions: int
+    users: int
+    targets: int = 0  # held-out interactions (evaluation splits)
+    item_min: int = -1
+    item_max: int = -1
+    bytes: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class SplitInfo:
+    kind: str  # "train" (every position is a target) or "eval" (positions >= target_start)
+    shards: list[ShardInfo] = field(default_factory=list)
+    item_counts: str = ""  # relative path of an int64 .npy of length num_items
+    item_counts_sha256: str = ""
+    # Interactions written nowhere as targets by design (temporal gap, eval samples cut to max_len);
+    # counted so nothing disappears silently.
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def interactions(self) -> int:
+        return sum(s.interactions for s in self.shards)
+
+
+@dataclass
+class Manifest:
+    num_items: int
+    max_len: int
+    splits: dict[str, SplitInfo]
+    source: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=lambda: dict(FIELDS))
+    schema_version: int = SCHEMA_VERSION
+    format: str = FORMAT_NAME
+    root: Path = field(default=Path("."), repr=False, compare=False)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: no split {name!r} (has {sorted(self.splits)})")
+        return self.splits[name]
+
+    def item_counts(self, split: str = "train") -> np.ndarray:
+        """Per-item interaction counts of a split (the logQ correction's frequencies)."""
+        info = self.split(split)
+        if not info.item_counts:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: splits.{split}.item_counts is empty")
+        return np.load(self.root / info.item_counts, mmap_mode="r")
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("root")
+        return d
+
+    def save(self, root: str | os.PathLike) -> Path:
+        """Write atomically: a reader never sees a half-written manifest."""
+        root = Path(root)
+        tmp = root / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, root / MANIFEST_NAME)
+        return root / MANIFEST_NAME
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "Manifest":
+        root = Path(root)
+        path = root / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{path}: not found (is {root} a dataset written by `argus data synth/convert`?)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_json(d, root, path)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], root: Path, path: Path) -> "Manifest":
+        def need(obj: dict[str, Any], key: str, where: str) -> Any:
+            if key not in obj:
+                raise ManifestError(f"{path}: missing key {where}{key}")
+            return obj[key]
+
+        if d.get("format") != FORMAT_NAME:
+            raise ManifestError(f"{path}: key format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+        if need(d, "schema_version", "") != SCHEMA_VERSION:
+            raise ManifestError(f"{path}: schema_version {d['schema_version']} is not supported (this build reads {SCHEMA_VERSION})")
+        splits = {}
+        for name, s in need(d, "splits", "").items():
+            shard_fields = {f.name for f in dataclasses.fields(ShardInfo)}
+            shards = []
+            for i, sh in enumerate(need(s, "shards", f"splits.{name}.")):
+                unknown = set(sh) - shard_fields
+                if unknown:
+                    raise ManifestError(f"{path}: unknown keys {sorted(unknown)} in splits.{name}.shards[{i}]")
+                for k in ("path", "samples", "interactions", "users"):
+                    need(sh, k, f"splits.{name}.shards[{i}].")
+                shards.append(ShardInfo(**sh))
+            splits[name] = SplitInfo(kind=need(s, "kind", f"splits.{name}."), shards=shards,
+                                     item_counts=s.get("item_counts", ""),
+                                     item_counts_sha256=s.get("item_counts_sha256", ""),
+                                     stats=dict(s.get("stats", {})))
+        return cls(num_items=int(need(d, "num_items", "")), max_len=int(need(d, "max_len", "")), splits=splits,
+                   source=d.get("source", {}), fields=need(d, "fields", ""), schema_version=d["schema_version"],
+                   format=d["format"], root=root)
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,260 @@
+"""Writing datasets: user histories -> held-out splits -> chunked samples -> shards + manifest.
+
+``synth`` and ``convert`` both produce whole user histories; everything after
+that (holding out evaluation targets, cutting long histories into chunks,
+one tar member per sample, counts, hashes, item frequencies, the manifest) is
+shared and lives here. Each shard is written by one process from a disjoint
+set of users, so generation parallelises per shard and the parent only merges
+small summaries.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import webdataset as wds
+
+from trainer.data.manifest import Manifest, ShardInfo, SplitInfo, sha256_file
+from trainer.data.schema import FIELDS, MEMBER_EXT, encode_sample, make_key
+
+Columns = Mapping[str, np.ndarray]
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/shard-{index:06d}.tar"
+
+
+@dataclass
+class Holdout:
+    """How evaluation targets are held out of each user's history.
+
+    - ``none``: everything is training data.
+    - ``loo`` (leave-one-out): the last interaction is the test target, the
+      second-to-last the validation target; users with fewer than 3
+      interactions stay entirely in train.
+    - ``temporal`` (global temporal split): training rows have
+      ``timestamp < val_start - gap``; validation targets are rows in
+      ``[val_start, test_start)``, test targets rows ``>= test_start``. Rows
+      inside the gap are context only (counted as ``gap_interactions``).
+      ``val_start == test_start`` means no validation split.
+    """
+
+    kind: str = "none"
+    val_start: int = 0
+    test_start: int = 0
+    gap: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "loo", "temporal"):
+            raise ValueError(f"holdout kind {self.kind!r}: expected none, loo or temporal")
+        if self.kind == "temporal" and not (self.val_start <= self.test_start and self.gap >= 0):
+            raise ValueError(f"temporal holdout needs val_start <= test_start and gap >= 0 (got {self})")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        if self.kind == "none":
+            return ("train",)
+        if self.kind == "temporal" and self.val_start == self.test_start:
+            return ("train", "test")
+        return ("train", "val", "test")
+
+
+@dataclass
+class EvalPiece:
+    rows: slice  # rows of the full history that form the sample (context + targets)
+    target_start: int  # first target position inside the sample
+    targets_cut: int = 0  # targets that did not fit in max_len
+
+
+def split_history(ts: np.ndarray, holdout: Holdout, max_len: int) -> tuple[int, dict[str, EvalPiece], int]:
+    """Return (number of leading rows that are training data, eval pieces by split, gap rows).
+
+    ``ts`` is the user's time-ordered timestamp column.
+    """
+    n = int(ts.shape[0])
+    if holdout.kind == "none" or n == 0:
+        return n, {}, 0
+    if holdout.kind == "loo":
+        if n < 3:
+            return n, {}, 0
+        return n - 2, {"val": _eval_piece(0, n - 1, n - 2, max_len), "test": _eval_piece(0, n, n - 1, max_len)}, 0
+    val_i, test_i = np.searchsorted(ts, [holdout.val_start, holdout.test_start], side="left")
+    train_end = int(np.searchsorted(ts, holdout.val_start - holdout.gap, side="left"))
+    pieces = {}
+    if "val" in holdout.splits and test_i > val_i:
+        pieces["val"] = _eval_piece(0, int(test_i), int(val_i), max_len)
+    if n > test_i:
+        pieces["test"] = _eval_piece(0, n, int(test_i), max_len)
+    return train_end, pieces, int(val_i) - train_end
+
+
+def _eval_piece(start: int, end: int, first_target: int, max_len: int) -> EvalPiece:
+    lo = max(start, end - max_len)
+    cut = max(0, lo - first_target)
+    return EvalPiece(rows=slice(lo, end), target_start=max(first_target, lo) - lo, targets_cut=cut)
+
+
+def chunk_bounds(n: int, max_len: int) -> list[tuple[int, int]]:
+    """Cut [0, n) into chunks of at most max_len, from the end, so the most recent chunk is full."""
+    bounds = []
+    end = n
+    while end > 0:
+        start = max(0, end - max_len)
+        bounds.append((start, end))
+        end = start
+    return bounds[::-1]
+
+
+class ItemCounter:
+    """Sparse per-item counts with bounded memory (catalogs can have 10^9+ items)."""
+
+    def __init__(self, flush_every: int = 1 << 22) -> None:
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+        self._flush_every = flush_every
+        self.items = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64)
+
+    def add(self, items: np.ndarray) -> None:
+        self._pending.append(np.asarray(items, np.int64))
+        self._n_pending += items.shape[0]
+        if self._n_pending >= self._flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        new_items, new_counts = np.unique(np.concatenate(self._pending), return_counts=True)
+        self._pending, self._n_pending = [], 0
+        self.merge(new_items, new_counts)
+
+    def merge(self, items: np.ndarray, counts: np.ndarray) -> None:
+        all_items = np.concatenate([self.items, items])
+        all_counts = np.concatenate([self.counts, counts])
+        self.items, inv = np.unique(all_items, return_inverse=True)
+        self.counts = np.bincount(inv, weights=all_counts, minlength=self.items.shape[0]).astype(np.int64)
+
+    def sparse(self) -> tuple[np.ndarray, np.ndarray]:
+        self._flush()
+        return self.items, self.counts
+
+
+class ShardSink:
+    """One tar shard, one member per sample, fixed mtime; published by rename on close."""
+
+    def __init__(self, root: Path, relpath: str, is_eval: bool = False) -> None:
+        self.root, self.relpath, self.is_eval = root, relpath, is_eval
+        self.final = root / relpath
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        self._stream = open(self.tmp, "wb")
+        # mtime fixed: no PAX header per member, byte-identical output for the same seed.
+        self._tar = wds.TarWriter(self._stream, mtime=0, encoder=False)
+        self.info = ShardInfo(path=relpath, samples=0, interactions=0, users=0)
+        self.counter = ItemCounter()
+        self._last_user: int | None = None
+
+    def write(self, user: int, offset: int, cols: Columns, target_start: int = 0) -> None:
+        payload = encode_sample(user, offset, cols, target_start)
+        self._tar.write({"__key__": make_key(user, offset), MEMBER_EXT: payload})
+        n = int(cols["item"].shape[0])
+        info = self.info
+        info.samples += 1
+        info.interactions += n
+        if self.is_eval:
+            info.targets += n - target_start
+        if user != self._last_user:
+            info.users += 1
+            self._last_user = user
+        if n:
+            lo, hi = int(cols["item"].min()), int(cols["item"].max())
+            info.item_min = lo if info.item_min < 0 else min(info.item_min, lo)
+            info.item_max = max(info.item_max, hi)
+            self.counter.add(cols["item"])
+
+    def close(self) -> ShardInfo:
+        self._tar.close()  # closes the underlying stream too
+        os.replace(self.tmp, self.final)
+        self.info.bytes = self.final.stat().st_size
+        self.info.sha256 = sha256_file(self.final)
+        return self.info
+
+
+@dataclass
+class ShardResult:
+    """What one shard-writing process reports back to the parent (small)."""
+
+    index: int
+    shards: dict[str, ShardInfo]
+    item_counts: dict[str, tuple[np.ndarray, np.ndarray]]
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class ShardSetWriter:
+    """Writes shard ``index`` of every split from whole user histories, in user order."""
+
+    def __init__(self, root: str | os.PathLike, index: int, holdout: Holdout, max_len: int) -> None:
+        self.root, self.index, self.holdout, self.max_len = Path(root), index, holdout, max_len
+        self.sinks = {s: ShardSink(self.root, shard_name(s, index), is_eval=s != "train") for s in holdout.splits}
+        self.stats = {s: {} for s in holdout.splits}
+
+    def _bump(self, split: str, key: str, value: int) -> None:
+        if value:
+            self.stats[split][key] = self.stats[split].get(key, 0) + value
+
+    def add_user(self, user: int, cols: Columns) -> None:
+        """Add one user's full, time-ordered history (all FIELDS columns, equal length)."""
+        n_train, pieces, gap_rows = split_history(cols["timestamp"], self.holdout, self.max_len)
+        self._bump("train", "gap_interactions", gap_rows)
+        for start, end in chunk_bounds(n_train, self.max_len):
+            self.sinks["train"].write(user, start, {k: cols[k][start:end] for k in FIELDS})
+        for split, piece in pieces.items():
+            sub = {k: cols[k][piece.rows] for k in FIELDS}
+            self.sinks[split].write(user, piece.rows.start, sub, target_start=piece.target_start)
+            self._bump(split, "targets_cut_to_max_len", piece.targets_cut)
+
+    def close(self) -> ShardResult:
+        shards = {s: sink.close() for s, sink in self.sinks.items()}
+        counts = {s: sink.counter.sparse() for s, sink in self.sinks.items()}
+        return ShardResult(self.index, shards, counts, self.stats)
+
+
+def finalize(root: str | os.PathLike, results: list[ShardResult], holdout: Holdout, num_items: int,
+             max_len: int, source: dict[str, Any]) -> Manifest:
+    """Merge per-shard summaries into item-count tables and the manifest (written last)."""
+    root = Path(root)
+    results = sorted(results, key=lambda r: r.index)
+    splits = {}
+    for split in holdout.splits:
+        counts = np.zeros(num_items, np.int64)
+        stats: dict[str, int] = {}
+        for r in results:
+            items, c = r.item_counts[split]
+            if items.size and (items[0] < 0 or items[-1] >= num_items):
+                raise ValueError(f"{r.shards[split].path}: item ids outside [0, {num_items})")
+            np.add.at(counts, items, c)
+            for k, v in r.stats.get(split, {}).items():
+                stats[k] = stats.get(k, 0) + v
+        rel = f"{split}/item_counts.npy"
+        np.save(root / rel, counts)
+        splits[split] = SplitInfo(kind="train" if split == "train" else "eval",
+                                  shards=[r.shards[split] for r in results], item_counts=rel,
+                                  item_counts_sha256=sha256_file(root / rel), stats=stats)
+    manifest = Manifest(num_items=num_items, max_len=max_len, splits=splits, source=source, root=root)
+    manifest.save(root)
+    return manifest
+
+
+def iter_users(cols: Columns, users: np.ndarray) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Group rows already sorted by (user, timestamp) into per-user column dicts."""
+    if users.shape[0] == 0:
+        return
+    cuts = np.flatnonzero(np.diff(users)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [users.shape[0]]])
+    for s, e in zip(starts, ends):
+        yield int(users[s]), {k: cols[k][s:e] for k in FIELDS}

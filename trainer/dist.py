@@ -1,0 +1,57 @@
+"""The one place that picks device and collective backend (cpu+gloo here, cuda+nccl on GPU clusters)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU when CUDA is available, else the CPU."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu or cuda, got {preference!r}")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but torch.cuda.is_available() is False")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def env_rank() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as set by torchrun, the deepspeed launcher or Ray Train."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(preference: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Join the default process group when launched with WORLD_SIZE > 1 (env:// rendezvous).
+
+    The timeout is always set: a TorchRec planner error is raised on rank 0 only,
+    and the other ranks would otherwise wait on the collective forever.
+    """
+    rank, world, local = env_rank()
+    device = pick_device(preference, local)
+    backend = backend_for(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                rank=rank, world_size=world)
+    return DistInfo(rank, world, local, device, backend)
