@@ -42,7 +42,7 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
     m = convert(a.input, a.out, fmt=a.format, columns=cols, holdout=a.holdout, val_seconds=a.val_seconds,
                 test_seconds=a.test_seconds, gap_seconds=a.gap_seconds, shards=a.shards, max_len=a.max_len,
                 like_threshold=a.like_threshold, dislike_threshold=a.dislike_threshold,
-                timestamp_unit=a.timestamp_unit, on_error=a.on_error)
+                timestamp_unit=a.timestamp_unit, on_error=a.on_error, workers=a.workers)
     skipped = m.source.get("skipped_rows", {})
     console.print(f"wrote {a.out}: {m.num_items:,} items; "
                   + ", ".join(f"{k} {v.samples} samples / {v.interactions:,} interactions" for k, v in m.splits.items())
@@ -60,15 +60,17 @@ def cmd_data_inspect(a: argparse.Namespace) -> int:
         return 0
     console.print(f"[bold]{rep['root']}[/]  source={rep['source']}  items={rep['num_items']:,}  "
                   f"max_len={rep['max_len']}")
-    t = Table("split", "shards", "users", "samples", "interactions", "targets", "items seen",
-              "history p50/p90/p99/max", "shard interactions min..max (cv)")
+    t = Table("split", "shards", "users", "samples", "interactions", "targets", "items seen", title="counts")
+    h = Table("split", "p50", "p90", "p99", "max", "mean", "shard interactions min..max (cv)",
+              title="interactions per user, and shard balance")
     for name, s in rep["splits"].items():
-        h, b = s["history_length"], s["shard_balance"]
+        hl, b = s["history_length"], s["shard_balance"]
         t.add_row(name, str(s["shards"]), f"{s['users']:,}", f"{s['samples']:,}", f"{s['interactions']:,}",
-                  f"{s['targets']:,}", f"{s['items_seen']:,}",
-                  f"{h['p50']:.0f}/{h['p90']:.0f}/{h['p99']:.0f}/{h['p100']:.0f}",
+                  f"{s['targets']:,}", f"{s['items_seen']:,}")
+        h.add_row(name, *(f"{hl[k]:.0f}" for k in ("p50", "p90", "p99", "p100")), f"{hl.get('mean', 0):.1f}",
                   f"{b['interactions_min']:,}..{b['interactions_max']:,} ({b['interactions_cv']:.2f})")
     console.print(t)
+    console.print(h)
     ev = Table("split", *[k for k in next(iter(rep["splits"].values()))["events"]], title="event mix")
     for name, s in rep["splits"].items():
         ev.add_row(name, *[f"{v:.1%}" for v in s["events"].values()])
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--item-col", default="item")
     c.add_argument("--timestamp-col", default="timestamp")
     c.add_argument("--rating-col", default="rating", help="'none' if the logs have no rating")
-    c.add_argument("--timestamp-unit", choices=["s", "ms"], default="s")
+    c.add_argument("--timestamp-unit", choices=["s", "ms", "us", "ns"], default="s")
     c.add_argument("--like-threshold", type=float, default=4.0, help="rating >= this -> like")
     c.add_argument("--dislike-threshold", type=float, default=2.0, help="rating <= this -> dislike")
     c.add_argument("--holdout", choices=["none", "loo", "temporal"], default="loo")
@@ -181,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-len", type=int, default=8192)
     c.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="bad rows: stop with the file/row/column, or skip and count them in the manifest")
+    c.add_argument("--workers", type=int, default=1, help="processes writing shards")
     c.set_defaults(func=cmd_data_convert)
 
     i = dsub.add_parser("inspect", help="users, interactions, items, length percentiles, event mix, shard balance")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -256,3 +257,31 @@ def test_corrupt_sample_and_missing_shard(dataset_factory):
     with pytest.raises(ShardReadError, match=missing.name):
         for _ in ShardLoader.Config(path=str(m.root), batch_size=2, num_workers=0).build():
             pass
+
+
+def test_reader_handles_pax_and_long_names_from_stock_tar_writers(dataset_factory, tmp_path):
+    """Shards rewritten by stdlib tarfile with pax headers (float mtimes) and long member paths read the same."""
+    from trainer.data.reader import iter_members
+
+    m = dataset_factory(1, users=6, seed=11)
+    src = m.root / m.splits["train"].shards[0].path
+    with tarfile.open(src) as t:
+        members = [(x.name, t.extractfile(x).read()) for x in t]
+    dst = tmp_path / "pax.tar"
+    with tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as out:
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        out.addfile(d)  # a non-file member is skipped, not counted
+        for i, (name, data) in enumerate(members):
+            ti = tarfile.TarInfo(("d" * 120 + "/" if i % 2 else "") + name)  # > 100 chars -> pax path
+            ti.size, ti.mtime = len(data), 1234567890.25  # float mtime -> pax header
+            out.addfile(ti, io.BytesIO(data))
+    got = [(k, bytes(p)) for _, k, p in iter_members(dst, np.arange(len(members)))]
+    assert got == [(n.partition(".")[0], d) for n, d in members]
+    got_gnu = tmp_path / "gnu.tar"
+    with tarfile.open(got_gnu, "w", format=tarfile.GNU_FORMAT) as out:
+        for name, data in members:
+            ti = tarfile.TarInfo("x" * 150 + "/" + name)  # GNU long-name member
+            ti.size = len(data)
+            out.addfile(ti, io.BytesIO(data))
+    assert [k for _, k, _ in iter_members(got_gnu, np.arange(len(members)))] == [n.partition(".")[0] for n, _ in members]

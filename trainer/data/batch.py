@@ -65,40 +65,46 @@ class Batch:
         return KeyedJaggedTensor.from_lengths_sync(keys=list(fields), values=values, lengths=lengths)
 
 
+def _column(samples: Sequence[Sample], name: str, starts: np.ndarray) -> np.ndarray:
+    """All samples' (kept) values of one column, concatenated, in the batch dtype."""
+    dtype = FIELDS[name]
+    if all(s.raw[name][0] == dtype for s in samples):
+        size = np.dtype(dtype).itemsize
+        if starts.any():
+            parts = [memoryview(s.raw[name][1])[int(c) * size:] for s, c in zip(samples, starts)]
+        else:
+            parts = [s.raw[name][1] for s in samples]
+        flat = np.frombuffer(bytearray().join(parts), dtype=dtype)  # one copy, writable
+    else:  # a dataset written with other column dtypes: convert sample by sample
+        flat = np.concatenate([s.cols[name][int(c):] for s, c in zip(samples, starts)] or [np.zeros(0, dtype)])
+    return flat.astype(BATCH_DTYPES[name], copy=False)
+
+
 def collate(samples: Sequence[Sample], padded: bool, max_seq_len: int = 0, pad_to: int = 0) -> Batch:
     """Stack samples into a Batch; ``max_seq_len > 0`` keeps each sample's most recent positions."""
-    lengths = np.array([len(s) for s in samples], np.int64)
-    starts = np.zeros(len(samples), np.int64)
-    if max_seq_len > 0:
-        starts = np.maximum(lengths - max_seq_len, 0)
+    lengths = np.fromiter((s.n for s in samples), np.int64, len(samples))
+    starts = np.maximum(lengths - max_seq_len, 0) if max_seq_len > 0 else np.zeros(len(samples), np.int64)
     kept = lengths - starts
-    truncated = int(starts.sum())
-    target_start = np.array([max(s.target_start - int(c), 0) for s, c in zip(samples, starts)], np.int64)
-    offsets = np.array([s.offset for s in samples], np.int64) + starts
-    values: dict[str, torch.Tensor] = {}
+    target_start = np.maximum(np.fromiter((s.target_start for s in samples), np.int64, len(samples)) - starts, 0)
+    offsets = np.fromiter((s.offset for s in samples), np.int64, len(samples)) + starts
     mask = None
-    if not padded:
-        for name in FIELDS:
-            parts = [s.cols[name][c:] for s, c in zip(samples, starts)]
-            arr = np.concatenate(parts) if parts else np.zeros(0)
-            values[name] = torch.from_numpy(arr.astype(BATCH_DTYPES[name], copy=False))
-    else:
+    flat = {name: _column(samples, name, starts) for name in FIELDS}
+    if padded:
         t = max(int(kept.max()) if len(samples) else 0, pad_to)
-        m = np.arange(t)[None, :] < kept[:, None]
-        for name in FIELDS:
+        m = np.arange(t)[None, :] < kept[:, None]  # row-major order of m == concatenation order
+        for name, arr in flat.items():
             out = np.zeros((len(samples), t), BATCH_DTYPES[name])
-            for b, (s, c) in enumerate(zip(samples, starts)):
-                out[b, : kept[b]] = s.cols[name][c:]
-            values[name] = torch.from_numpy(out)
+            out[m] = arr
+            flat[name] = out
         mask = torch.from_numpy(m)
     return Batch(
         keys=[s.key for s in samples],
-        users=torch.tensor([s.user for s in samples], dtype=torch.int64),
+        users=torch.from_numpy(np.fromiter((s.user for s in samples), np.int64, len(samples))),
         offsets=torch.from_numpy(offsets),
         lengths=torch.from_numpy(kept),
         target_start=torch.from_numpy(target_start),
-        values=values,
+        values={name: torch.from_numpy(arr) for name, arr in flat.items()},
         padded=padded,
         mask=mask,
-        truncated=truncated,
+        truncated=int(starts.sum()),
     )

@@ -70,14 +70,14 @@ class ShardDataset(IterableDataset):
         n_errors = 0
         for b in range(first_batch, self.layout.batches_per_part):
             lo = (b - first_batch) * cfg.batch_size
-            targets = indices[order[lo: lo + cfg.batch_size]]
+            targets = indices[order[lo: lo + cfg.batch_size]].tolist()
             samples: list[Sample] = []
             skipped = 0
             for g in targets:
                 while g not in waiting:
                     gi, s = next(stream)
                     waiting[gi] = s
-                s = waiting.pop(int(g))
+                s = waiting.pop(g)
                 if s is None:
                     skipped += 1
                 else:

@@ -133,6 +133,8 @@ class Manifest:
                                      item_counts=s.get("item_counts", ""),
                                      item_counts_sha256=s.get("item_counts_sha256", ""),
                                      stats=dict(s.get("stats", {})))
+        canonical = ("train", "val", "test")
+        splits = dict(sorted(splits.items(), key=lambda kv: (canonical.index(kv[0]) if kv[0] in canonical else 9, kv[0])))
         return cls(num_items=int(need(d, "num_items", "")), max_len=int(need(d, "max_len", "")), splits=splits,
                    source=d.get("source", {}), fields=need(d, "fields", ""), schema_version=d["schema_version"],
                    format=d["format"], root=root)

@@ -1,13 +1,14 @@
 """Reading samples out of shards by global index, sequentially, with named errors.
 
-Shards are ordinary tars; the stdlib ``tarfile`` walks their headers and seeks
-past members that are not needed (already consumed, or another worker's), so
-skipping costs one 512-byte header read per member, never the payload.
+Shards are ordinary tars (any tar tool reads them). The loader walks their
+ustar headers itself over an mmap: members that are not needed (already
+consumed, or another worker's) cost one header read, never the payload.
 """
 
 from __future__ import annotations
 
-import tarfile
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,8 +41,32 @@ class ShardTable:
         return int(self.counts.sum())
 
 
-def iter_members(path: Path, wanted: np.ndarray) -> Iterator[tuple[int, str, bytes]]:
+_BLOCK = 512
+_REGULAR = (b"0", b"\0")
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(field, 8) if field else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        length = int(data[pos: data.index(b" ", pos)])
+        key, _, value = data[pos: pos + length].partition(b" ")[2].rstrip(b"\n").partition(b"=")
+        out[key.decode()] = value.decode()
+        pos += length
+    return out
+
+
+def iter_members(path: Path, wanted: np.ndarray) -> Iterator[tuple[int, str, bytes | memoryview]]:
     """Yield (local index, key, payload) for the sorted local indices ``wanted`` of one shard.
+
+    Walks ustar headers over an mmap (checksums verified; pax and GNU long-name
+    headers understood). Python's ``tarfile`` spends ~40 us per member parsing
+    headers, which capped reading at ~26k samples/s/core; skipping a member
+    here costs one header read and no payload I/O.
 
     Stops after the last wanted member. Raises ShardReadError if the shard ends
     before it (a truncated tar can look like a shorter valid one).
@@ -54,38 +79,56 @@ def iter_members(path: Path, wanted: np.ndarray) -> Iterator[tuple[int, str, byt
     except OSError as e:
         raise ShardReadError(f"shard {path}: cannot open ({e.strerror})") from None
     with f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.TarError as e:
-            raise ShardReadError(f"shard {path}: not a readable tar ({e})") from None
-        k = 0  # position in wanted
-        local = -1
-        key = "<start of shard>"
-        while True:
-            try:
-                m = tar.next()
-            except (tarfile.TarError, OSError, EOFError) as e:
-                raise ShardReadError(f"shard {path}: broken after key {key!r} ({e})") from None
-            if m is None:
-                raise ShardReadError(f"shard {path}: ends after {local + 1} samples but sample #{last} was expected "
-                                     f"(truncated? last key {key!r})")
-            tar.members.clear()  # tarfile keeps every header otherwise
-            if not m.isfile():
-                continue
-            local += 1
-            key, _, ext = m.name.partition(".")
-            if ext != MEMBER_EXT:
-                raise ShardReadError(f"shard {path}: member {m.name!r} is not a .{MEMBER_EXT} sample")
-            if local == wanted[k]:
-                f.seek(m.offset_data)
-                payload = f.read(m.size)
-                if len(payload) != m.size:
-                    raise ShardReadError(f"shard {path}: sample {key!r} is cut short "
-                                         f"({len(payload)} of {m.size} bytes; truncated tar)")
-                yield local, key, payload
-                k += 1
-                if local == last:
-                    return
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ShardReadError(f"shard {path}: empty file, but sample #{last} was expected")
+        # Not closed explicitly: payload views handed out keep it alive; it is unmapped when the last goes.
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    yield from _walk(path, memoryview(mm), size, wanted, last)
+
+
+def _walk(path: Path, view: memoryview, size: int, wanted: np.ndarray, last: int
+          ) -> Iterator[tuple[int, str, bytes | memoryview]]:
+    off, k, local = 0, 0, -1
+    key = "<start of shard>"
+    override: dict[str, str] = {}
+    while True:
+        if off + _BLOCK > size:
+            raise ShardReadError(f"shard {path}: ends after {local + 1} samples but sample #{last} was expected "
+                                 f"(truncated? last key {key!r})")
+        header = bytes(view[off: off + _BLOCK])
+        if header == bytes(_BLOCK):  # end-of-archive marker
+            raise ShardReadError(f"shard {path}: holds {local + 1} samples but sample #{last} was expected "
+                                 f"(last key {key!r})")
+        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ShardReadError(f"shard {path}: bad tar header checksum after key {key!r} (corrupt or truncated)")
+        msize = int(override.get("size", _octal(header[124:136])))
+        data_at = off + _BLOCK
+        off = data_at + -(-msize // _BLOCK) * _BLOCK
+        kind = header[156:157]
+        regular = kind in _REGULAR
+        if regular:
+            prefix = header[345:500].rstrip(b"\0") if header[257:263] == b"ustar\0" else b""
+            name = override.get("path") or (prefix.decode() + "/" if prefix else "") + header[:100].rstrip(b"\0").decode()
+            key, _, ext = name.rpartition("/")[2].partition(".")
+        if data_at + msize > size:
+            what = f"sample {key!r}" if regular else f"header after key {key!r}"
+            raise ShardReadError(f"shard {path}: {what} is cut short (truncated tar)")
+        if kind in (b"x", b"L"):  # pax extended header / GNU long name: applies to the next member
+            data = bytes(view[data_at: data_at + msize])
+            override = _pax_records(data) if kind == b"x" else {"path": data.rstrip(b"\0").decode()}
+            continue
+        override = {}
+        if not regular:  # directories, global pax headers, ...
+            continue
+        local += 1
+        if ext != MEMBER_EXT:
+            raise ShardReadError(f"shard {path}: member {name!r} is not a .{MEMBER_EXT} sample")
+        if local == wanted[k]:
+            yield local, key, view[data_at: data_at + msize]
+            k += 1
+            if local == last:
+                return
 
 
 class SampleReader:
@@ -116,6 +159,7 @@ class SampleReader:
             j = int(pos[run[0]])
             shard = self.table.root / self.table.paths[self.perm[j]]
             local = idx[run] - self.cum[j]
+            globals_ = idx[run].tolist()
             done = 0
             try:
                 for _, key, payload in iter_members(shard, local):
@@ -126,11 +170,11 @@ class SampleReader:
                             raise ShardReadError(f"shard {shard}: {e}") from None
                         self.errors.append(f"shard {shard}: {e}")
                         sample = None
-                    yield int(idx[run[done]]), sample
+                    yield globals_[done], sample
                     done += 1
             except ShardReadError as e:
                 if self.on_error == "raise":
                     raise
                 self.errors.append(str(e))
-                for r in run[done:]:
-                    yield int(idx[r]), None
+                for g in globals_[done:]:
+                    yield g, None

@@ -1,0 +1,86 @@
+"""`argus data inspect / verify / stream` and the CLI's error contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+
+from launch.cli import main
+from trainer.data.schema import decode_sample
+
+
+def argus(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True)
+
+
+def test_help_lists_subcommands():
+    out = argus("--help")
+    assert out.returncode == 0 and "data" in out.stdout
+    out = argus("data", "--help")
+    for cmd in ("synth", "convert", "inspect", "verify", "stream"):
+        assert cmd in out.stdout
+
+
+def test_inspect_json_matches_independent_counts(dataset_factory, capsys):
+    m = dataset_factory(3, users=20, seed=4, max_len=8)
+    assert main(["data", "inspect", str(m.root), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["splits"]["train"]
+    users, lengths, events, items = {}, [], np.zeros(6, int), set()
+    for sh in m.splits["train"].shards:
+        with tarfile.open(m.root / sh.path) as t:
+            for x in t:
+                s = decode_sample(x.name.split(".")[0], t.extractfile(x).read())
+                users[s.user] = users.get(s.user, 0) + len(s)
+                events += np.bincount(s.cols["event"], minlength=6)
+                items.update(s.cols["item"].tolist())
+    assert rep["users"] == len(users)
+    assert rep["interactions"] == sum(users.values())
+    assert rep["items_seen"] == len(items)
+    assert rep["history_length"]["p100"] == max(users.values())
+    assert rep["history_length"]["p50"] == float(np.percentile(list(users.values()), 50))
+    assert rep["events"]["like"] == round(events[1] / events.sum(), 4)
+    assert rep["shard_balance"]["samples_max"] == max(s.samples for s in m.splits["train"].shards)
+
+
+def test_verify_ok_then_names_each_bad_shard(dataset_factory, capsys):
+    m = dataset_factory(3, users=12, seed=6)
+    assert main(["data", "verify", str(m.root)]) == 0
+    # corrupt one sample in shard 0, truncate shard 1 at a member boundary, delete shard 2
+    shards = [m.root / sh.path for sh in m.splits["train"].shards]
+    with tarfile.open(shards[0]) as t:
+        mem = t.getmembers()[1]
+    data = bytearray(shards[0].read_bytes())
+    data[mem.offset_data: mem.offset_data + 4] = b"\xc1\xc1\xc1\xc1"
+    shards[0].write_bytes(bytes(data))
+    with tarfile.open(shards[1]) as t:
+        cut = t.getmembers()[-1].offset  # drop the last member entirely: still a valid tar
+    shards[1].write_bytes(shards[1].read_bytes()[:cut] + bytes(1024))
+    shards[2].unlink()
+    capsys.readouterr()
+    assert main(["data", "verify", str(m.root), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    errors = "\n".join(rep["errors"])
+    assert mem.name.split(".")[0] in errors and "shard-000000.tar" in errors
+    assert "shard-000001.tar: manifest says samples=" in errors
+    assert "shard-000002.tar: missing" in errors
+
+
+def test_stream_reports_exactly_once(dataset_factory, capsys):
+    m = dataset_factory(3, users=17, seed=7)
+    assert main(["data", "stream", str(m.root), "--world-size", "3", "--num-workers", "0",
+                 "--batch-size", "4", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["exactly_once"] and rep["samples_seen"] == m.splits["train"].samples
+    counts = [r["samples"] for r in rep["ranks"]]
+    assert max(counts) - min(counts) <= 1 and len({r["batches"] for r in rep["ranks"]}) == 1
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    out = argus("data", "inspect", str(tmp_path / "missing"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "manifest.json: not found" in lines[0]

@@ -1,0 +1,836 @@
+"""Convert interaction logs into an argus shard set (``argus data convert``).
+
+Inputs (one file, or a directory of files of one format):
+
+- **Yambda-style parquet** (``fmt="yambda"``, ``*.parquet``/``*.pq``): columns
+  ``uid``, ``item_id``, ``timestamp``, ``event_type`` (required) and
+  ``is_organic``, ``played_ratio_pct`` (optional). ``event_type`` holds
+  ``listen``/``like``/``dislike``/``unlike``/``undislike`` (or ``skip``), parsed
+  with :meth:`EventType.parse` (integer codes of :class:`EventType` are accepted
+  too). ``played_ratio_pct`` becomes ``played`` for listens (null -> PLAYED_NA;
+  negative, fractional or > PLAYED_MAX values are bad rows, never clipped); for
+  every other event ``played`` is PLAYED_NA. ``is_organic`` (0/1 or bool)
+  becomes ``organic``. ``context`` is 0 (Yambda has no context column).
+  ``track_length_seconds`` is **not stored** (the schema has no field for it; it is
+  listed under ``source["dropped_columns"]``). A missing optional column is filled
+  (organic=1, played=PLAYED_NA) and listed under ``source["defaulted_columns"]``.
+- **CSV / TSV logs** (``fmt="csv"``/``"tsv"``, ``*.csv``/``*.tsv``/``*.tab``,
+  optionally ``.gz``/``.bz2``/``.zst``/``.lz4`` compressed): a header row, and
+  columns user, item, timestamp and an optional rating, named by
+  :class:`ColumnMap`. Ids may be any strings. A rating ``>= like_threshold`` is
+  a LIKE, ``<= dislike_threshold`` a DISLIKE, anything between a LISTEN; without
+  a rating column every row is a LISTEN. ``played`` = PLAYED_NA, ``organic`` = 1,
+  ``context`` = 0. TSV is read without quote handling (tabs never appear inside
+  fields); CSV uses standard double-quote quoting. Empty fields are nulls.
+
+Timestamps: integers in ``timestamp_unit`` (``s``, ``ms``, ``us``, ``ns``; converted
+to seconds by floor division), parquet timestamp columns, or ISO-8601 strings
+(``2020-01-01``, ``2020-01-01T10:00:00[.fff]``, optionally with ``Z``/``+hh:mm``;
+strings without a zone are taken as UTC), all stored as int64 seconds.
+
+Ids: items are remapped to the dense range ``[0, num_items)``, ordered by their
+original id (numerically when every id is a canonical integer, else by the
+UTF-8 bytes of the string), with the mapping in ``out/item_map.parquet``
+(columns ``item_id``, ``index``). User ids are kept as they are when every one is
+a non-negative integer; otherwise (e.g. string ids) they are remapped densely in
+the same way and the mapping is saved as ``out/user_map.parquet``
+(``user_id``, ``index``). Strings that are canonical integers (``"42"``, not
+``"042"`` or ``" 42"``) count as integers.
+
+Scale: the input is streamed in record batches and never held whole.
+
+1. pass 1 reads every row once: validates it, collects the distinct item (and
+   user) ids and the timestamp range, and counts rows;
+2. pass 2 reads the input again and appends each valid row (dense ids, parsed
+   columns; 28 bytes) to one of ``shards`` bucket spill files under a temporary
+   directory in ``out``, by ``user % shards``;
+3. per bucket: load it, stable-sort by (user, timestamp) -- rows with equal
+   timestamps keep their input order (files in sorted path order, rows in file
+   order) -- and feed each user's full history to
+   :class:`~trainer.data.writer.ShardSetWriter` (shard index = bucket index).
+   Buckets are independent: ``workers > 1`` writes them in parallel processes.
+   Then :func:`~trainer.data.writer.finalize` writes item counts and the manifest.
+
+Memory: pass 1 holds the distinct ids (string ids also a Python dict during
+pass 2); pass 3 holds one bucket, about ``28 * rows / shards`` bytes plus sort
+indices -- choose ``shards`` so that fits.
+
+Bad input never loses data silently. A row with a null user/item/timestamp
+(/event type/rating), an unknown event type, or a value that cannot be parsed is
+a *bad row*: by default (``on_error="raise"``) the first one stops the
+conversion with a :class:`ConvertError` naming the file, the row (0-based data
+row index inside that file; the CSV header is not a row) and the column. With
+``on_error="skip"`` bad rows are dropped and counted by reason (a row with
+several problems counts once, under the first in column order) in
+``manifest.source["skipped_rows"]``; ``source["rows"]`` holds read / written /
+skipped totals. A CSV line with the wrong number of fields is a bad row too
+(reason ``malformed_row``; the error quotes the line since the streaming reader
+cannot number it). Every other input row becomes exactly one interaction of the
+output: a training interaction, an evaluation target, an evaluation target cut
+by ``max_len`` (``targets_cut_to_max_len``) or a temporal-gap row
+(``gap_interactions``); ``convert`` checks this accounting before writing the
+manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pv
+import pyarrow.parquet as pq
+
+from trainer.data.manifest import Manifest
+from trainer.data.schema import FIELDS, PLAYED_MAX, PLAYED_NA, EventType
+from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize, iter_users
+
+__all__ = ["ColumnMap", "ConvertError", "convert", "detect_format", "FORMATS", "ITEM_MAP", "USER_MAP"]
+
+FORMATS = ("yambda", "csv", "tsv")
+ITEM_MAP = "item_map.parquet"
+USER_MAP = "user_map.parquet"
+
+_EXTENSIONS = {".parquet": "yambda", ".pq": "yambda", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
+_COMPRESSION = (".gz", ".bz2", ".zst", ".lz4")
+_UNIT_DIVISOR = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+# Canonical integers only, so that int -> str -> int round-trips and no two strings share an id.
+_CANON_INT = r"^(0|-?[1-9][0-9]{0,17})$"
+_ANY_INT = r"^-?[0-9]{1,18}$"
+_TZ_SUFFIX = r"[0-9]:[0-9][0-9].*(Z|z|[+-][0-9][0-9](:?[0-9][0-9])?)$"
+_UNKNOWN = 255  # event code sentinel for unparsable event types
+
+# Spill record: one valid row, dense ids, everything the shards need except context (always 0).
+_SPILL = np.dtype([("user", "<i8"), ("item", "<i8"), ("timestamp", "<i8"), ("event", "u1"),
+                   ("played", "<u2"), ("organic", "u1")])
+
+
+class ConvertError(ValueError):
+    """Bad input to :func:`convert`; the message names the file (and row and column where known)."""
+
+
+@dataclass
+class ColumnMap:
+    """Input column names for CSV/TSV logs (ignored for Yambda parquet while user/item/timestamp
+    keep their defaults; customising them for parquet input is an error).
+
+    ``rating`` may be absent from the file while it has its default name (every
+    row is then a LISTEN); a non-default name must exist; ``None`` ignores ratings.
+    """
+
+    user: str = "user"
+    item: str = "item"
+    timestamp: str = "timestamp"
+    rating: str | None = "rating"
+
+
+_DEFAULT_RATING = ColumnMap().rating
+
+
+def detect_format(path: str | os.PathLike) -> str | None:
+    """Format by file extension (compressed CSV/TSV allowed), or None if unknown."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes = suffixes[:-1]
+        fmt = _EXTENSIONS.get(suffixes[-1]) if suffixes else None
+        return fmt if fmt in ("csv", "tsv") else None
+    return _EXTENSIONS.get(suffixes[-1]) if suffixes else None
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t)
+
+
+def _is_str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _plain(arr: pa.Array) -> pa.Array:
+    """Dictionary-encoded columns (common in parquet) -> plain arrays."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    return arr
+
+
+def _mask(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Boolean arrow result -> numpy bool, nulls as False."""
+    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _try_cast(arr: pa.Array, typ: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """Cast, with per-row failure: (result with nulls where the cast failed, failed mask).
+
+    Bisects on failure, so a batch with k bad values costs O(k log n) small casts.
+    """
+    try:
+        return pc.cast(arr, typ), np.zeros(len(arr), bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if len(arr) <= 1:
+            return pa.nulls(len(arr), typ), np.ones(len(arr), bool)
+        h = len(arr) // 2
+        a, fa = _try_cast(arr.slice(0, h), typ)
+        b, fb = _try_cast(arr.slice(h), typ)
+        return pa.concat_arrays([a, b]), np.concatenate([fa, fb])
+
+
+def _int_values(arr: pa.Array) -> np.ndarray:
+    """int64 arrow array (nulls allowed: they become 0) -> numpy int64."""
+    return np.asarray(pc.fill_null(arr, 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+class _Checker:
+    """Flags bad rows of one batch: counts them by reason (``skip``), or (``raise``) raises on
+    :meth:`done` for the earliest bad row of the batch."""
+
+    def __init__(self, path: Path, row0: int, n: int, on_error: str, counts: dict[str, int] | None) -> None:
+        self.path, self.row0, self.on_error, self.counts = path, row0, on_error, counts
+        self.bad = np.zeros(n, bool)
+        self._first: tuple[int, str] | None = None
+
+    def flag(self, mask: np.ndarray, reason: str, column: str, problem: str, raw: pa.Array | None = None) -> None:
+        mask = np.asarray(mask, bool) & ~self.bad
+        if not mask.any():
+            return
+        if self.on_error == "raise":
+            i = int(np.argmax(mask))
+            if self._first is None or i < self._first[0]:
+                value = ""
+                if raw is not None:
+                    v = repr(raw[i].as_py())
+                    value = f" (value {v[:80] + '...' if len(v) > 80 else v})"
+                self._first = (i, f"{self.path}: row {self.row0 + i}, column {column!r}: {problem}{value} "
+                                  f"[{reason}]; pass on_error='skip' to drop and count such rows")
+        elif self.counts is not None:
+            self.counts[reason] = self.counts.get(reason, 0) + int(mask.sum())
+        self.bad |= mask
+
+    def done(self) -> np.ndarray:
+        """The bad-row mask; raises for the earliest bad row in ``raise`` mode."""
+        if self._first is not None:
+            raise ConvertError(self._first[1])
+        return self.bad
+
+
+def _parse_id(arr: pa.Array, name: str, column: str, chk: _Checker) -> pa.Array:
+    """User/item ids: int64 or large_string arrow array (nulls where bad)."""
+    arr = _plain(arr)
+    chk.flag(_mask(arr.is_null()), f"null_{name}", column, "null id")
+    if _is_int(arr.type):
+        out, failed = _try_cast(arr, pa.int64())
+        chk.flag(failed, f"bad_{name}", column, "id does not fit in int64", arr)
+        return out
+    if _is_str(arr.type):
+        return pc.cast(arr, pa.large_string())
+    raise ConvertError(f"{chk.path}: column {column!r} has type {arr.type}, expected integer or string ids")
+
+
+def _parse_timestamp(arr: pa.Array, column: str, chk: _Checker, divisor: int) -> np.ndarray:
+    """Timestamps -> int64 seconds (0 where bad)."""
+    arr = _plain(arr)
+    chk.flag(_mask(arr.is_null()), "null_timestamp", column, "null timestamp")
+    n = len(arr)
+    if _is_int(arr.type):
+        ints, failed = _try_cast(arr, pa.int64())
+        chk.flag(failed, "bad_timestamp", column, "timestamp does not fit in int64", arr)
+        return _int_values(ints) // divisor
+    if pa.types.is_date(arr.type):
+        arr = pc.cast(arr, pa.timestamp("s"))
+    if pa.types.is_timestamp(arr.type):
+        unit_div = _UNIT_DIVISOR[arr.type.unit]
+        return _int_values(pc.cast(arr, pa.int64())) // unit_div
+    if not _is_str(arr.type):
+        raise ConvertError(f"{chk.path}: column {column!r} has type {arr.type}, "
+                           f"expected integer, timestamp, date or ISO-8601 string")
+    out = np.zeros(n, np.int64)
+    is_int = _mask(pc.match_substring_regex(arr, _ANY_INT))
+    if is_int.any():
+        idx = np.flatnonzero(is_int)
+        out[idx] = _int_values(pc.cast(arr.take(pa.array(idx)), pa.int64())) // divisor
+    rest = ~is_int & ~_mask(arr.is_null())
+    if rest.any():
+        has_tz = _mask(pc.match_substring_regex(arr, _TZ_SUFFIX))
+        failed = np.zeros(n, bool)
+        for sel, typ in ((rest & ~has_tz, pa.timestamp("ns")), (rest & has_tz, pa.timestamp("ns", tz="UTC"))):
+            if not sel.any():
+                continue
+            idx = np.flatnonzero(sel)
+            parsed, bad = _try_cast(arr.take(pa.array(idx)), typ)
+            out[idx] = _int_values(pc.cast(parsed, pa.int64())) // 1_000_000_000
+            failed[idx[bad]] = True
+        chk.flag(failed, "bad_timestamp", column,
+                 "not an integer or an ISO-8601 timestamp (or outside years 1677-2262)", arr)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ readers
+
+
+@dataclass
+class _Parsed:
+    """The valid rows of one batch: original ids (arrow) and parsed columns (numpy)."""
+
+    user: pa.Array
+    item: pa.Array
+    timestamp: np.ndarray
+    event: np.ndarray
+    played: np.ndarray
+    organic: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.timestamp.shape[0])
+
+
+def _keep(chk: _Checker, user: pa.Array, item: pa.Array, ts: np.ndarray, event: np.ndarray,
+          played: np.ndarray, organic: np.ndarray) -> _Parsed:
+    bad = chk.done()
+    if not bad.any():
+        return _Parsed(user, item, ts, event, played, organic)
+    good = ~bad
+    sel = pa.array(good)
+    return _Parsed(user.filter(sel), item.filter(sel), ts[good], event[good], played[good], organic[good])
+
+
+class _YambdaReader:
+    fmt = "yambda"
+    REQUIRED = ("uid", "item_id", "timestamp", "event_type")
+    OPTIONAL = ("is_organic", "played_ratio_pct")
+    DROPPED = ("track_length_seconds",)
+
+    def __init__(self, divisor: int, batch_rows: int) -> None:
+        self.divisor, self.batch_rows = divisor, batch_rows
+        self.defaulted: set[str] = set()
+        self.dropped: set[str] = set()
+        self._event_cache: dict[str, int] = {}
+
+    def column_map(self) -> dict[str, str]:
+        return {"user": "uid", "item": "item_id", "timestamp": "timestamp", "event": "event_type",
+                "organic": "is_organic", "played": "played_ratio_pct"}
+
+    def batches(self, path: Path, on_error: str, counts: dict[str, int] | None) -> Iterator[tuple[int, _Parsed]]:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ConvertError(f"{path}: not a readable parquet file ({e})") from None
+        with pf:
+            yield from self._batches(pf, path, on_error, counts)
+
+    def _batches(self, pf: pq.ParquetFile, path: Path, on_error: str,
+                 counts: dict[str, int] | None) -> Iterator[tuple[int, _Parsed]]:
+        names = pf.schema_arrow.names
+        for col in self.REQUIRED:
+            if col not in names:
+                raise ConvertError(f"{path}: missing required column {col!r} (Yambda parquet input); "
+                                   f"columns found: {names}")
+        present = [c for c in self.OPTIONAL if c in names]
+        self.defaulted.update(c for c in self.OPTIONAL if c not in names)
+        self.dropped.update(c for c in self.DROPPED if c in names)
+        row0 = 0
+        for batch in pf.iter_batches(batch_size=self.batch_rows, columns=list(self.REQUIRED) + present):
+            chk = _Checker(path, row0, batch.num_rows, on_error, counts)
+            yield batch.num_rows, self._parse(batch, chk)
+            row0 += batch.num_rows
+
+    def _events(self, arr: pa.Array, chk: _Checker) -> np.ndarray:
+        arr = _plain(arr)
+        chk.flag(_mask(arr.is_null()), "null_event_type", "event_type", "null event type")
+        if _is_int(arr.type):
+            codes = _int_values(pc.cast(arr, pa.int64()))
+            known = np.isin(codes, [int(e) for e in EventType])
+            chk.flag(~known & ~_mask(arr.is_null()), "unknown_event_type", "event_type",
+                     f"unknown event type code (expected one of {[int(e) for e in EventType]})", arr)
+            return np.where(known, codes, _UNKNOWN).astype(np.uint8)
+        if not _is_str(arr.type):
+            raise ConvertError(f"{chk.path}: column 'event_type' has type {arr.type}, expected string or integer")
+        enc = arr.dictionary_encode()
+        names = enc.dictionary.to_pylist()
+        lut = np.empty(len(names) + 1, np.uint8)
+        for i, name in enumerate(names):
+            if name not in self._event_cache:
+                try:
+                    self._event_cache[name] = int(EventType.parse(name))
+                except ValueError:
+                    self._event_cache[name] = _UNKNOWN
+            lut[i] = self._event_cache[name]
+        lut[-1] = _UNKNOWN  # nulls
+        idx = np.asarray(pc.fill_null(enc.indices, len(names)).to_numpy(zero_copy_only=False), np.int64)
+        codes = lut[idx]
+        expected = [e.name.lower() for e in EventType]
+        chk.flag((codes == _UNKNOWN) & ~_mask(arr.is_null()), "unknown_event_type", "event_type",
+                 f"unknown event type (expected one of {expected})", arr)
+        return codes
+
+    def _organic(self, batch: pa.RecordBatch, chk: _Checker) -> np.ndarray:
+        n = batch.num_rows
+        if "is_organic" not in batch.schema.names:
+            return np.ones(n, np.uint8)
+        arr = _plain(batch.column("is_organic"))
+        chk.flag(_mask(arr.is_null()), "null_is_organic", "is_organic", "null is_organic")
+        if pa.types.is_boolean(arr.type):
+            return _mask(arr).astype(np.uint8)
+        if not _is_int(arr.type):
+            raise ConvertError(f"{chk.path}: column 'is_organic' has type {arr.type}, expected bool or 0/1 integer")
+        vals = _int_values(pc.cast(arr, pa.int64(), safe=False))
+        ok = (vals == 0) | (vals == 1)
+        chk.flag(~ok & ~_mask(arr.is_null()), "bad_is_organic", "is_organic", "expected 0 or 1", arr)
+        return np.where(ok, vals, 0).astype(np.uint8)
+
+    def _played(self, batch: pa.RecordBatch, event: np.ndarray, chk: _Checker) -> np.ndarray:
+        n = batch.num_rows
+        played = np.full(n, PLAYED_NA, np.uint16)
+        if "played_ratio_pct" not in batch.schema.names:
+            return played
+        arr = _plain(batch.column("played_ratio_pct"))
+        if pa.types.is_floating(arr.type):
+            arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)  # NaN = missing
+        elif not _is_int(arr.type):
+            raise ConvertError(f"{chk.path}: column 'played_ratio_pct' has type {arr.type}, expected a number")
+        listen = (event == EventType.LISTEN) & ~_mask(arr.is_null())
+        if not listen.any():
+            return played
+        idx = np.flatnonzero(listen)
+        sub = arr.take(pa.array(idx))
+        ints, failed = _try_cast(sub, pa.int64())  # fractional or out-of-int64 floats fail
+        vals = _int_values(ints)
+        bad = failed | (vals < 0) | (vals > PLAYED_MAX)
+        mask = np.zeros(n, bool)
+        mask[idx[bad]] = True
+        chk.flag(mask, "bad_played_ratio_pct", "played_ratio_pct",
+                 f"played ratio must be an integer in [0, {PLAYED_MAX}] (not clipped)", arr)
+        played[idx[~bad]] = vals[~bad].astype(np.uint16)
+        return played
+
+    def _parse(self, batch: pa.RecordBatch, chk: _Checker) -> _Parsed:
+        user = _parse_id(batch.column("uid"), "user", "uid", chk)
+        item = _parse_id(batch.column("item_id"), "item", "item_id", chk)
+        ts = _parse_timestamp(batch.column("timestamp"), "timestamp", chk, self.divisor)
+        event = self._events(batch.column("event_type"), chk)
+        organic = self._organic(batch, chk)
+        played = self._played(batch, event, chk)
+        return _keep(chk, user, item, ts, event, played, organic)
+
+
+class _CsvReader:
+    def __init__(self, fmt: str, columns: ColumnMap, like: float, dislike: float, divisor: int,
+                 batch_rows: int) -> None:
+        self.fmt, self.columns, self.like, self.dislike = fmt, columns, like, dislike
+        self.divisor, self.batch_rows = divisor, batch_rows
+        self.delimiter = "\t" if fmt == "tsv" else ","
+        self.defaulted: set[str] = set()
+        self.dropped: set[str] = set()
+
+    def column_map(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.columns)
+
+    def _parse_options(self, handler: Any = None) -> pv.ParseOptions:
+        return pv.ParseOptions(delimiter=self.delimiter, quote_char=False if self.fmt == "tsv" else '"',
+                               invalid_row_handler=handler)
+
+    def _header(self, path: Path) -> list[str] | None:
+        """Column names, or None for an empty (0-byte) file."""
+        try:
+            with pa.input_stream(str(path), compression="detect") as f:
+                reader = pv.open_csv(f, read_options=pv.ReadOptions(block_size=1 << 20),
+                                     parse_options=self._parse_options(lambda row: "skip"),
+                                     convert_options=pv.ConvertOptions(
+                                         column_types={}, strings_can_be_null=True, null_values=[""]))
+                names = reader.schema.names
+            return names
+        except pa.ArrowInvalid as e:
+            if "Empty CSV file" in str(e):
+                return None
+            raise ConvertError(f"{path}: cannot read the {self.fmt.upper()} header ({e})") from None
+
+    def batches(self, path: Path, on_error: str, counts: dict[str, int] | None) -> Iterator[tuple[int, _Parsed]]:
+        names = self._header(path)
+        if names is None:
+            return
+        cm = self.columns
+        hint = "; set the names with ColumnMap (columns=...)"
+        for role in ("user", "item", "timestamp"):
+            col = getattr(cm, role)
+            if col not in names:
+                raise ConvertError(f"{path}: missing required {role} column {col!r}; columns found: {names}{hint}")
+        rating = cm.rating
+        if rating is not None and rating not in names:
+            if rating != _DEFAULT_RATING:
+                raise ConvertError(f"{path}: missing rating column {rating!r}; columns found: {names}{hint} "
+                                   f"(rating=None reads every row as a listen)")
+            rating = None
+            self.defaulted.add("rating")
+        wanted = list(dict.fromkeys([cm.user, cm.item, cm.timestamp] + ([rating] if rating else [])))
+
+        malformed: list[str] = []
+
+        def on_invalid(row: Any) -> str:
+            if on_error == "raise":
+                malformed.append(f"expected {row.expected_columns} fields, got {row.actual_columns}: {row.text!r}")
+                return "error"
+            if counts is not None:
+                counts["malformed_row"] = counts.get("malformed_row", 0) + 1
+            return "skip"
+
+        block = int(min(max(self.batch_rows * 64, 1 << 20), 1 << 26))
+        row0 = 0
+        with pa.input_stream(str(path), compression="detect") as f:
+            try:
+                reader = pv.open_csv(
+                    f, read_options=pv.ReadOptions(block_size=block),
+                    parse_options=self._parse_options(on_invalid),
+                    convert_options=pv.ConvertOptions(include_columns=wanted,
+                                                      column_types={c: pa.string() for c in wanted},
+                                                      strings_can_be_null=True, null_values=[""]))
+                for big in reader:
+                    for start in range(0, big.num_rows, self.batch_rows):
+                        batch = big.slice(start, self.batch_rows)
+                        chk = _Checker(path, row0, batch.num_rows, on_error, counts)
+                        yield batch.num_rows, self._parse(batch, rating, chk)
+                        row0 += batch.num_rows
+            except pa.ArrowInvalid as e:
+                if malformed:
+                    raise ConvertError(f"{path}: malformed {self.fmt.upper()} line in the block starting at data "
+                                       f"row {row0} ({malformed[0]}) [malformed_row]; pass on_error='skip' to drop "
+                                       f"and count such rows") from None
+                raise ConvertError(f"{path}: cannot parse {self.fmt.upper()} in the block starting at data row "
+                                   f"{row0}: {e}") from None
+
+    def _parse(self, batch: pa.RecordBatch, rating: str | None, chk: _Checker) -> _Parsed:
+        cm = self.columns
+        user = _parse_id(batch.column(cm.user), "user", cm.user, chk)
+        item = _parse_id(batch.column(cm.item), "item", cm.item, chk)
+        ts = _parse_timestamp(batch.column(cm.timestamp), cm.timestamp, chk, self.divisor)
+        n = batch.num_rows
+        event = np.full(n, int(EventType.LISTEN), np.uint8)
+        if rating is not None:
+            raw = batch.column(rating)
+            chk.flag(_mask(raw.is_null()), "null_rating", rating, "null rating")
+            vals, failed = _try_cast(raw, pa.float64())
+            r = np.asarray(pc.fill_null(vals, 0.0).to_numpy(zero_copy_only=False), np.float64)
+            chk.flag(failed | ~np.isfinite(r), "bad_rating", rating, "rating is not a finite number", raw)
+            event[r >= self.like] = int(EventType.LIKE)
+            event[r <= self.dislike] = int(EventType.DISLIKE)
+        played = np.full(n, PLAYED_NA, np.uint16)
+        organic = np.ones(n, np.uint8)
+        return _keep(chk, user, item, ts, event, played, organic)
+
+
+# ------------------------------------------------------------------------------------- id mappings
+
+
+class _Distinct:
+    """Distinct ids seen in pass 1 (int64 and/or strings), merged in bounded steps."""
+
+    def __init__(self, flush_every: int = 1 << 22) -> None:
+        self.flush_every = flush_every
+        self.ints = np.zeros(0, np.int64)
+        self.strs = pa.array([], pa.large_string())
+        self._pi: list[np.ndarray] = []
+        self._ps: list[pa.Array] = []
+        self._pending = 0
+
+    def add(self, arr: pa.Array) -> None:
+        if _is_int(arr.type):
+            u = np.unique(_int_values(arr))
+            self._pi.append(u)
+        else:
+            u = pc.unique(arr)
+            self._ps.append(u)
+        self._pending += len(u)
+        if self._pending >= self.flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pi:
+            self.ints = np.unique(np.concatenate([self.ints] + self._pi))
+        if self._ps:
+            self.strs = pc.unique(pa.concat_arrays([self.strs] + self._ps))
+        self._pi, self._ps, self._pending = [], [], 0
+
+    def finish(self) -> "_IdMap":
+        self._flush()
+        if len(self.strs) == 0:
+            return _IdMap(ints=self.ints)
+        strs = self.strs
+        if self.ints.size:
+            strs = pc.unique(pa.concat_arrays([strs, pa.array(self.ints.astype(str).tolist(), pa.large_string())]))
+        if bool(pc.all(pc.match_substring_regex(strs, _CANON_INT)).as_py()):
+            return _IdMap(ints=np.unique(_int_values(pc.cast(strs, pa.int64()))))
+        return _IdMap(strs=strs.take(pc.array_sort_indices(strs)))
+
+
+class _IdMap:
+    """Sorted distinct original ids; dense index = position."""
+
+    def __init__(self, ints: np.ndarray | None = None, strs: pa.Array | None = None) -> None:
+        self.ints, self.strs = ints, strs
+        self._index: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return int(self.ints.shape[0]) if self.ints is not None else len(self.strs)
+
+    @property
+    def kind(self) -> str:
+        return "int" if self.ints is not None else "str"
+
+    def identity_ok(self) -> bool:
+        """Non-negative integer ids can be used as they are."""
+        return self.ints is not None and (self.ints.size == 0 or int(self.ints[0]) >= 0)
+
+    def table(self, name: str) -> pa.Table:
+        values = pa.array(self.ints, pa.int64()) if self.ints is not None else self.strs
+        return pa.table({name: values, "index": pa.array(np.arange(len(self), dtype=np.int64))})
+
+    def lookup(self, arr: pa.Array, what: str, path: Path) -> np.ndarray:
+        if self.ints is not None:
+            x = _int_values(pc.cast(arr, pa.int64()) if _is_str(arr.type) else arr)
+            idx = np.searchsorted(self.ints, x)
+            ok = idx < self.ints.shape[0]
+            if not (ok.all() and np.array_equal(self.ints[idx], x)):
+                raise ConvertError(f"{path}: {what} ids differ between passes (was the input modified?)")
+            return idx.astype(np.int64)
+        if self._index is None:
+            self._index = {s: i for i, s in enumerate(self.strs.to_pylist())}
+        if not _is_str(arr.type):
+            arr = pc.cast(arr, pa.large_string())
+        enc = arr.dictionary_encode()
+        try:
+            lut = np.fromiter((self._index[s] for s in enc.dictionary.to_pylist()), np.int64, len(enc.dictionary))
+        except KeyError:
+            raise ConvertError(f"{path}: {what} ids differ between passes (was the input modified?)") from None
+        return lut[np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)]
+
+
+# ------------------------------------------------------------------------------------------ convert
+
+
+def _list_inputs(input: Path, fmt: str) -> tuple[list[Path], str, list[str]]:
+    """(files to read in order, format, ignored file names)."""
+    if not input.exists():
+        raise ConvertError(f"{input}: no such file or directory")
+    if input.is_file():
+        f = fmt if fmt != "auto" else detect_format(input)
+        if f is None:
+            raise ConvertError(f"{input}: cannot tell the format from the extension; pass fmt= one of {list(FORMATS)}")
+        return [input], f, []
+    files = sorted(p for p in input.rglob("*")
+                   if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(input).parts))
+    detected = {p: detect_format(p) for p in files}
+    if fmt == "auto":
+        kinds = sorted({k for k in detected.values() if k})
+        if not kinds:
+            raise ConvertError(f"{input}: empty input: no .parquet/.csv/.tsv files in the directory "
+                               f"({len(files)} other files)")
+        if len(kinds) > 1:
+            raise ConvertError(f"{input}: files of several formats {kinds}; a directory must hold one format")
+        fmt = kinds[0]
+    chosen = [p for p in files if detected[p] == fmt]
+    if not chosen:
+        raise ConvertError(f"{input}: empty input: no {fmt} files in the directory ({len(files)} other files)")
+    ignored = [str(p.relative_to(input)) for p in files if detected[p] != fmt]
+    return chosen, fmt, ignored
+
+
+def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", columns: ColumnMap | None = None,
+            holdout: str = "loo", val_seconds: int = 86400, test_seconds: int = 86400, gap_seconds: int = 0,
+            shards: int = 8, max_len: int = 8192, like_threshold: float = 4.0, dislike_threshold: float = 2.0,
+            timestamp_unit: str = "s", on_error: str = "raise", batch_rows: int = 1_000_000,
+            workers: int = 1) -> Manifest:
+    """Convert an interaction log (file or directory) into shards + manifest under ``out``.
+
+    ``holdout``: ``loo``, ``temporal`` (test targets are the last ``test_seconds``
+    before the global maximum timestamp, validation targets the ``val_seconds``
+    before that, and ``gap_seconds`` before validation are context only) or
+    ``none``. ``out`` must not exist or be empty. ``workers`` > 1 writes the
+    shards (pass 3) in that many processes; the output is byte-identical to
+    ``workers=1``. Returns the written manifest;
+    ``manifest.source`` records the input, options, split boundaries, row counts
+    and ``skipped_rows``.
+    """
+    if fmt not in ("auto",) + FORMATS:
+        raise ValueError(f"fmt {fmt!r}: expected auto, {', '.join(FORMATS)}")
+    if holdout not in ("loo", "temporal", "none"):
+        raise ValueError(f"holdout {holdout!r}: expected loo, temporal or none")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error {on_error!r}: expected raise or skip")
+    if timestamp_unit not in _UNIT_DIVISOR:
+        raise ValueError(f"timestamp_unit {timestamp_unit!r}: expected one of {list(_UNIT_DIVISOR)}")
+    if min(shards, max_len, batch_rows, workers) < 1:
+        raise ValueError(f"shards, max_len, batch_rows and workers must be >= 1 "
+                         f"(got {shards}, {max_len}, {batch_rows}, {workers})")
+    if min(val_seconds, test_seconds, gap_seconds) < 0:
+        raise ValueError("val_seconds, test_seconds and gap_seconds must be >= 0")
+    if not dislike_threshold < like_threshold:
+        raise ValueError(f"dislike_threshold ({dislike_threshold}) must be < like_threshold ({like_threshold})")
+
+    input_path, out = Path(input), Path(out)
+    files, fmt, ignored = _list_inputs(input_path, fmt)
+    default_names = (ColumnMap.user, ColumnMap.item, ColumnMap.timestamp)
+    if fmt == "yambda" and columns is not None and (columns.user, columns.item, columns.timestamp) != default_names:
+        raise ValueError(f"columns={columns} applies to csv/tsv input; Yambda parquet has fixed column names "
+                         f"(uid, item_id, timestamp, event_type, ...)")
+    divisor = _UNIT_DIVISOR[timestamp_unit]
+    reader: _YambdaReader | _CsvReader
+    if fmt == "yambda":
+        reader = _YambdaReader(divisor, batch_rows)
+    else:
+        reader = _CsvReader(fmt, columns or ColumnMap(), like_threshold, dislike_threshold, divisor, batch_rows)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"{out}: exists and is not an empty directory; choose a new output directory")
+
+    # Pass 1: validate every row, collect distinct ids and the time range.
+    skipped: dict[str, int] = {}
+    users, items = _Distinct(), _Distinct()
+    ts_min, ts_max = None, None
+    n_read = n_valid = 0
+    file_rows = []
+    for path in files:
+        malformed_before = skipped.get("malformed_row", 0)
+        rows = 0
+        for n_raw, parsed in reader.batches(path, on_error, skipped):
+            rows += n_raw
+            if len(parsed):
+                users.add(parsed.user)
+                items.add(parsed.item)
+                lo, hi = int(parsed.timestamp.min()), int(parsed.timestamp.max())
+                ts_min = lo if ts_min is None else min(ts_min, lo)
+                ts_max = hi if ts_max is None else max(ts_max, hi)
+                n_valid += len(parsed)
+        file_rows.append(rows + skipped.get("malformed_row", 0) - malformed_before)
+    n_read = sum(file_rows)
+    if n_read == 0:
+        raise ConvertError(f"{input_path}: empty input: no data rows in {len(files)} file(s)")
+    if n_valid == 0:
+        raise ConvertError(f"{input_path}: all {n_read} rows are bad ({skipped}); nothing to convert")
+    assert ts_min is not None and ts_max is not None
+    item_map, user_map = items.finish(), users.finish()
+    remap_users = not user_map.identity_ok()
+
+    if holdout == "temporal":
+        test_start = ts_max + 1 - test_seconds
+        hold = Holdout("temporal", test_start - val_seconds, test_start, gap_seconds)
+    else:
+        hold = Holdout(holdout)
+
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(item_map.table("item_id"), out / ITEM_MAP)
+    if remap_users:
+        pq.write_table(user_map.table("user_id"), out / USER_MAP)
+
+    spill = Path(tempfile.mkdtemp(prefix=".convert-spill-", dir=out))
+    try:
+        # Pass 2: dense ids, partition rows into per-shard buckets (input order kept within a bucket).
+        n_spilled = 0
+        for path in files:
+            for _, parsed in reader.batches(path, "skip", None):
+                n = len(parsed)
+                if not n:
+                    continue
+                rec = np.empty(n, _SPILL)
+                rec["user"] = user_map.lookup(parsed.user, "user", path) if remap_users else _int_values(
+                    pc.cast(parsed.user, pa.int64()) if _is_str(parsed.user.type) else parsed.user)
+                rec["item"] = item_map.lookup(parsed.item, "item", path)
+                rec["timestamp"] = parsed.timestamp
+                rec["event"] = parsed.event
+                rec["played"] = parsed.played
+                rec["organic"] = parsed.organic
+                bucket = rec["user"] % shards
+                order = np.argsort(bucket, kind="stable")
+                ends = np.cumsum(np.bincount(bucket, minlength=shards))
+                rec = rec[order]
+                start = 0
+                for b in range(shards):
+                    end = int(ends[b])
+                    if end > start:
+                        with open(spill / f"bucket-{b:06d}.bin", "ab") as f:
+                            f.write(rec[start:end].tobytes())
+                    start = end
+                n_spilled += n
+        if n_spilled != n_valid:
+            raise ConvertError(f"{input_path}: pass 2 read {n_spilled} valid rows, pass 1 {n_valid} "
+                               f"(was the input modified during conversion?)")
+
+        # Pass 3: per bucket, stable sort by (user, timestamp) and write whole histories.
+        jobs = [(str(out), b, str(spill / f"bucket-{b:06d}.bin"), hold, max_len) for b in range(shards)]
+        if workers > 1 and shards > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork after arrow's threads have started
+            with ProcessPoolExecutor(max_workers=min(workers, shards), mp_context=ctx) as pool:
+                results = list(pool.map(_write_bucket, *zip(*jobs)))
+        else:
+            results = [_write_bucket(*job) for job in jobs]
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+    accounted = _accounted(results, hold)
+    if accounted != n_valid:
+        raise ConvertError(f"internal error: {n_valid} valid rows but {accounted} written (train + targets + "
+                           f"cut targets + gap)")
+
+    source: dict[str, Any] = {
+        "kind": "convert",
+        "input": str(input_path),
+        "files": [{"path": str(p.relative_to(input_path)) if p != input_path else p.name, "rows": r}
+                  for p, r in zip(files, file_rows)],
+        "ignored_files": ignored,
+        "format": fmt,
+        "columns": reader.column_map(),
+        "defaulted_columns": sorted(reader.defaulted),
+        "dropped_columns": sorted(reader.dropped),
+        "like_threshold": float(like_threshold),
+        "dislike_threshold": float(dislike_threshold),
+        "timestamp_unit": timestamp_unit,
+        "timestamp_min": ts_min,
+        "timestamp_max": ts_max,
+        "holdout": ({"kind": hold.kind, "val_start": int(hold.val_start), "test_start": int(hold.test_start),
+                     "gap": int(hold.gap), "val_seconds": int(val_seconds), "test_seconds": int(test_seconds)}
+                    if hold.kind == "temporal" else {"kind": hold.kind}),
+        "rows": {"read": n_read, "written": n_valid, "skipped": n_read - n_valid},
+        "skipped_rows": dict(sorted(skipped.items())),
+        "on_error": on_error,
+        "num_users": len(user_map),
+        "user_ids": "remapped" if remap_users else "original",
+        "user_map": USER_MAP if remap_users else None,
+        "item_map": ITEM_MAP,
+        "item_ids": "numeric" if item_map.kind == "int" else "string",
+    }
+    return finalize(out, results, hold, len(item_map), max_len, source)
+
+
+def _write_bucket(out: str, index: int, part: str, hold: Holdout, max_len: int) -> ShardResult:
+    """Pass 3 for one bucket: load, stable-sort by (user, timestamp), write shard ``index``; delete the bucket."""
+    path = Path(part)
+    rec = np.fromfile(path, _SPILL) if path.exists() else np.empty(0, _SPILL)
+    rec = rec[np.lexsort((rec["timestamp"], rec["user"]))]  # lexsort is stable: ties keep input order
+    cols = {name: np.ascontiguousarray(rec[name]) for name in ("item", "timestamp", "event", "played", "organic")}
+    cols["context"] = np.zeros(rec.shape[0], np.dtype(FIELDS["context"]))
+    users = np.ascontiguousarray(rec["user"])
+    del rec
+    writer = ShardSetWriter(out, index, hold, max_len)
+    for user, ucols in iter_users(cols, users):
+        writer.add_user(user, ucols)
+    result = writer.close()
+    path.unlink(missing_ok=True)
+    return result
+
+
+def _accounted(results: list[ShardResult], hold: Holdout) -> int:
+    """Rows present in the output: train interactions + eval targets (+ cut) + gap rows."""
+    total = 0
+    for r in results:
+        for split, info in r.shards.items():
+            total += info.interactions if split == "train" else info.targets
+        for stats in r.stats.values():
+            total += stats.get("targets_cut_to_max_len", 0) + stats.get("gap_interactions", 0)
+    return total
