@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= demo
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-train clean
 
 $(STAMP): requirements.txt requirements-torchrec.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,11 +31,19 @@ demo: $(STAMP)
 	$(BIN)/argus data inspect $(DEMO)/data
 	$(BIN)/argus data verify $(DEMO)/data
 	$(BIN)/argus data stream $(DEMO)/data --world-size 2 --num-workers 2 --batch-size 64
+	# 2 CPU ranks (gloo): item table row-wise sharded by TorchRec, encoder under DeepSpeed ZeRO-2
+	$(BIN)/torchrun --nproc_per_node=2 --master_port=29547 $(BIN)/argus train configs/mini.yaml \
+	    data.path=$(DEMO)/data out=$(DEMO)/run train.steps=300 train.log_every=50 \
+	    data.batch_size=16 model.max_seq_len=64 embeddings.sharding=row_wise deepspeed.stage=2
+	$(BIN)/argus eval $(DEMO)/run --data $(DEMO)/data
 
 bench: $(STAMP)
 	rm -rf $(DEMO)/bench-data
 	$(BIN)/argus data synth --out $(DEMO)/bench-data --users 20000 --items 100000 --mean-len 1000 --shards 8 --seed 1
 	$(BIN)/python bench/read_throughput.py $(DEMO)/bench-data
+
+bench-train: $(STAMP)
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

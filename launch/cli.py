@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rich.console import Console
@@ -139,6 +142,56 @@ def cmd_data_stream(a: argparse.Namespace) -> int:
     return 0 if rep["exactly_once"] else 1
 
 
+# ---- argus train -------------------------------------------------------------------------------------------
+def load_job(config: str | None, overrides: Sequence[str]) -> Any:
+    """The run config from YAML + key=value overrides, validated (no process group needed)."""
+    from trainer.config import load_config
+    from trainer.job import JobConfig
+
+    cfg = load_config(JobConfig, config, overrides)
+    cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    return cfg
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from trainer.train import train
+
+    cfg = load_job(a.config, a.overrides)
+    last = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        console.print(f"done: {cfg.out} step {cfg.train.steps}; " +
+                      ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith(("loss/", "ne/")) or
+                                k in ("interactions_per_s", "tps")))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate
+
+    ks = [int(k) for k in a.ks.split(",")] if a.ks else None
+    with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
+        rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users)
+    if a.json:
+        _print_json(rep)
+        return 0
+    t = Table("metric", "model", "popularity", "lift",
+              title=f"{rep['checkpoint']} on {rep['split']} ({rep['users']:,} users, {rep['ranking']} ranking)")
+    for k, v in rep["model"].items():
+        if "@" in k:
+            lift = rep["lift"].get(k)
+            t.add_row(k, f"{v:.4f}", f"{rep['popularity'][k]:.4f}", f"{lift:.2f}x" if lift else "-")
+    console.print(t)
+    for k in ("ne/event", "ne/played"):
+        if k in rep:
+            console.print(f"{k} = {rep[k]:.4f}")
+    metrics = Path(a.run) / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        last = json.loads(metrics.read_text().splitlines()[-1])
+        console.print(f"training: step {last['step']}, loss/total {last.get('loss/total', float('nan')):.3f}, "
+                      f"{last.get('interactions_per_s', 0):,.0f} interactions/s over all ranks (last window)")
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="argus", description="Train billion-parameter transformer recommenders "
@@ -210,11 +263,42 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_data_stream)
+
+    tr = sub.add_parser("train", help="pre-train (next-item + feedback) on shards; plain, torchrun or deepspeed")
+    tr.add_argument("config", help="YAML run config, e.g. configs/mini.yaml")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides: data.path=DIR out=RUN train.steps=N resume=true")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="HR/NDCG/Recall@K of a run's latest checkpoint vs the popularity baseline")
+    ev.add_argument("run", help="run directory (or one checkpoint directory)")
+    ev.add_argument("--data", required=True, help="dataset directory (its eval split and train item counts)")
+    ev.add_argument("--split", default=None, help="default: the run config's eval.split (test)")
+    ev.add_argument("--ks", default="", help="comma-separated cutoffs, default: eval.ks")
+    ev.add_argument("--max-users", type=int, default=None)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the environment too)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -14,10 +14,17 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.js
 def test_ds_config_parses(path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    from trainer.config import from_dict
+    from trainer.job import JobConfig
+
     raw = json.loads(path.read_text())
     assert "gradient_clipping" in raw, "0.19.8 clips to 1.0 unless set: always explicit"
-    cfg = DeepSpeedConfig(raw)
-    assert cfg.zero_optimization_stage == int(path.stem[4])
+    assert "train_batch_size" not in raw and "train_micro_batch_size_per_gpu" not in raw, "the trainer fills these"
+    stage = int(path.stem[4])
+    job = from_dict(JobConfig, {"deepspeed": {"stage": stage, "config": str(path), "offload": "offload" in path.stem}})
+    cfg = DeepSpeedConfig(job.deepspeed_config(world_size=1))
+    assert cfg.zero_optimization_stage == stage
+    assert cfg.train_micro_batch_size_per_gpu == job.data.batch_size
     assert ("offload" in path.stem) == (cfg.zero_config.offload_optimizer is not None)
 
 

@@ -41,17 +41,23 @@ def env_rank() -> tuple[int, int, int]:
 
 
 def init_distributed(preference: str = "auto", timeout_s: float = 600.0) -> DistInfo:
-    """Join the default process group when launched with WORLD_SIZE > 1 (env:// rendezvous).
+    """Join the default process group (env:// rendezvous when WORLD_SIZE > 1, an in-process store otherwise).
 
     The timeout is always set: a TorchRec planner error is raised on rank 0 only,
     and the other ranks would otherwise wait on the collective forever.
     """
     rank, world, local = env_rank()
+    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+        os.environ.setdefault(key, str(value))  # DeepSpeed reads these even when the group exists
     device = pick_device(preference, local)
     backend = backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                rank=rank, world_size=world)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if world > 1:
+            dist.init_process_group(backend=backend, timeout=timeout, rank=rank, world_size=world)
+        else:
+            # A one-process group keeps a single code path: TorchRec's DMP and DeepSpeed both expect one.
+            dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1, store=dist.HashStore())
     return DistInfo(rank, world, local, device, backend)

@@ -49,6 +49,20 @@ FIELDS: dict[str, str] = {
 }
 PLAYED_NA = 0xFFFF
 PLAYED_MAX = 0xFFFE
+# Played-ratio buckets (percent edges) used as a feature and as the feedback head's target:
+# 0 = not applicable, 1 = [0,25), 2 = [25,50), 3 = [50,75), 4 = [75,100), 5 = >= 100.
+PLAYED_BUCKET_EDGES = (25, 50, 75, 100)
+NUM_PLAYED_BUCKETS = len(PLAYED_BUCKET_EDGES) + 2
+
+
+def played_bucket(played: "torch.Tensor") -> "torch.Tensor":
+    """Played percent (int tensor, PLAYED_NA where not applicable) -> bucket id in [0, NUM_PLAYED_BUCKETS)."""
+    import torch
+
+    played = played.to(torch.int64)  # batches carry int32, raw columns uint16
+    edges = torch.tensor(PLAYED_BUCKET_EDGES, dtype=torch.int64, device=played.device)
+    bucket = torch.bucketize(played, edges, right=True) + 1
+    return bucket.masked_fill(played == PLAYED_NA, 0)
 
 
 class SampleError(ValueError):

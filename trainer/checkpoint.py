@@ -1,0 +1,117 @@
+"""Checkpoints: DeepSpeed (dense) + torch.distributed.checkpoint (sharded tables and their fused optimizer
+state) + every rank's data-loader state + RNG states + step + the run config, published atomically.
+
+Layout: ``RUN/checkpoints/step_00000100/{dense/, sparse/, loader.json, rng/rank*.pt, meta.json, config.yaml}``
+and ``RUN/checkpoints/latest`` naming the newest complete one. Everything is written into
+``step_*.tmp`` first; the directory is renamed and then ``latest`` flipped, so a crash at any moment
+leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from trainer.config import save_config
+from trainer.data.loader import ShardLoader, gather_states
+
+LATEST = "latest"
+DENSE_TAG = "state"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    root = checkpoint_root(run_dir)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{pointer}: points to {path.name}, which is incomplete or missing")
+    return path
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine: Any, loader: ShardLoader, step: int, cfg: Any, run_dir: str | Path, rank: int,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the published checkpoint directory."""
+    root = checkpoint_root(run_dir)
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f"{name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    engine.ds.save_checkpoint(str(tmp / "dense"), tag=DENSE_TAG)
+    dcp.save({"tables": engine.dmp.state_dict(), "optimizer": engine.dmp.fused_optimizer.state_dict()},
+             checkpoint_id=str(tmp / "sparse"))
+    states = gather_states(loader)
+    torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
+    if rank == 0:
+        (tmp / "loader.json").write_text(json.dumps(states))
+        save_config(cfg, tmp / "config.yaml")
+        meta = {"step": step, "world_size": len(states), "time": time.time(), **(extra or {})}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    _barrier()
+    if rank == 0:
+        if final.exists():  # re-saving a step (e.g. after a restart): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = root / f"{LATEST}.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, root / LATEST)  # the flip: last, atomic
+    _barrier()
+    return final
+
+
+def load(engine: Any, loader: ShardLoader, path: Path, rank: int) -> dict[str, Any]:
+    """Collective: restore dense, sparse, loader, RNG; returns meta.json (with the step)."""
+    meta = json.loads((path / "meta.json").read_text())
+    engine.ds.load_checkpoint(str(path / "dense"), tag=DENSE_TAG, load_optimizer_states=True,
+                              load_lr_scheduler_states=True)
+    state = {"tables": engine.dmp.state_dict(), "optimizer": engine.dmp.fused_optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=str(path / "sparse"))
+    engine.dmp.load_state_dict(state["tables"])
+    engine.dmp.fused_optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(json.loads((path / "loader.json").read_text()))
+    rng = path / "rng" / f"rank{rank:05d}.pt"
+    if rng.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return meta
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((path / "config.yaml").read_text())
+

@@ -1,0 +1,173 @@
+"""The training engine: TorchRec DMP for the embedding tables + DeepSpeed ZeRO for the dense model.
+
+Both share the default process group. The sparse side is updated inside
+``backward`` (fused optimizer); the dense side by ``engine.step()``. Random
+choices (sampled negatives, in-batch candidates) come from generators seeded
+by (seed, step, rank), so a resumed run draws exactly what the uninterrupted
+one would have, with no extra state to checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from embeddings.features import featurize
+from embeddings.sharding import shard
+from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, SparseArch, init_sparse_weights, jagged_values
+from trainer.data.batch import Batch
+from trainer.data.manifest import Manifest
+from trainer.data.schema import FIELDS, played_bucket
+from trainer.dist import DistInfo
+from trainer.job import JobConfig
+from trainer.model.argus import ArgusModel, target_index
+
+
+class CandidateLogQ:
+    """log(expected count) of an item in the candidate set: ``k_in_batch`` draws from the training
+    item frequencies plus ``k_uniform`` uniform draws over ``rows`` items (the mixed-negatives proposal).
+
+    Reads only the counts of the ids asked for, from a memory-mapped table, so a 10^9-item
+    catalog costs no memory per rank.
+    """
+
+    def __init__(self, counts: np.ndarray, rows: int) -> None:
+        self.counts, self.rows = counts, rows
+        self.total = float(np.asarray(counts, np.float64).sum()) or 1.0
+
+    def __call__(self, ids: torch.Tensor, k_in_batch: int, k_uniform: int) -> torch.Tensor:
+        idx = ids.detach().cpu().numpy()
+        p = np.asarray(self.counts[np.clip(idx, 0, len(self.counts) - 1)], np.float64) / self.total
+        expected = k_in_batch * p + k_uniform / self.rows
+        return torch.from_numpy(np.log(np.maximum(expected, 1e-30))).float().to(ids.device)
+
+
+def _generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63))
+
+
+def dummy_batch() -> Batch:
+    """Two interactions of item 0: stands in for an empty padding batch so every collective still runs."""
+    values = {name: torch.zeros(2, dtype=torch.int64 if name in ("item", "timestamp") else torch.int32)
+              for name in FIELDS}
+    return Batch(keys=["<pad>"], users=torch.zeros(1, dtype=torch.int64), offsets=torch.zeros(1, dtype=torch.int64),
+                 lengths=torch.tensor([2]), target_start=torch.zeros(1, dtype=torch.int64), values=values,
+                 padded=False)
+
+
+@dataclass
+class StepOutput:
+    loss: float
+    next_item: float
+    feedback: float
+    targets: int
+    interactions: int
+    event_logits: torch.Tensor | None
+    event_targets: torch.Tensor | None
+    played_logits: torch.Tensor | None
+    played_targets: torch.Tensor | None
+
+
+class Engine:
+    def __init__(self, cfg: JobConfig, info: DistInfo, manifest: Manifest) -> None:
+        import deepspeed
+
+        # DeepSpeed builds a shared-memory comm op (~30 s) on first init on a new machine; gloo/nccl suffice.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        self.cfg, self.info = cfg, info
+        self.num_items = manifest.num_items
+        sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
+        self.item_rows = sparse.item_rows
+        self.dmp, self.plan = shard(sparse, cfg.embeddings, info.device, batch_size=cfg.data.batch_size)
+        init_sparse_weights(self.dmp, cfg.embeddings, cfg.train.seed)
+
+        torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
+        dense = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
+        optim = torch.optim.AdamW(dense.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        warmup = cfg.optim.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=dense, optimizer=optim, lr_scheduler=sched, config=cfg.deepspeed_config(info.world_size),
+            dist_init_required=False)
+        self.bf16 = cfg.deepspeed.precision == "bf16"
+        self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)
+        self.dense_params = sum(p.numel() for p in dense.parameters())
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def lookup(self, batch: Batch, neg_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                     torch.Tensor]:
+        items_kjt, side_kjt = featurize(batch, self.cfg.embeddings, self.item_rows, neg_ids, self.info.device)
+        out_items, out_side = self.dmp(items_kjt, side_kjt)
+        iv, sv = jagged_values(out_items), jagged_values(out_side)
+        return iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, iv[ITEM_FEATURES[1]]
+
+    def inputs(self, batch: Batch, step: int) -> tuple[tuple[Any, ...], torch.Tensor]:
+        """Everything the dense forward takes, for one micro-batch."""
+        ni = self.cfg.heads.next_item
+        dev = self.info.device
+        g = _generator(self.cfg.train.seed, step, self.info.rank)
+        if ni.full_softmax:  # every item once: expected count 1, logQ = 0
+            neg_ids, k_u = torch.arange(self.item_rows), self.item_rows
+        else:
+            neg_ids, k_u = torch.randint(0, self.item_rows, (ni.uniform_negatives,), generator=g), ni.uniform_negatives
+        item, side, neg = self.lookup(batch, neg_ids)
+        lengths = batch.lengths.to(dev)
+        tgt = target_index(lengths)
+        k_b = 0 if ni.full_softmax else min(ni.in_batch_negatives, int(tgt.numel()))
+        sel = torch.randperm(int(tgt.numel()), generator=g)[:k_b].to(dev)
+        item_ids = torch.remainder(batch.values["item"].to(dev), self.item_rows)
+        neg_ids = neg_ids.to(dev)
+        pos_ids = item_ids[tgt]
+        pos_log_q = self.log_q(pos_ids, k_b, k_u)
+        cand_log_q = self.log_q(torch.cat([pos_ids[sel], neg_ids]), k_b, k_u)
+        event = batch.values["event"].to(dev).long()
+        played = batch.values["played"].to(dev).long()  # raw percent: the feedback head buckets it
+        args = (item, side, neg, lengths, tgt, sel, item_ids, neg_ids, event, played, pos_log_q, cand_log_q)
+        return args, tgt
+
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
+        real = batch.size > 0
+        if not real:
+            batch = dummy_batch()
+        args, tgt = self.inputs(batch, step)
+        out = self.ds(*args)
+        loss = out["loss"] if real else out["loss"] * 0.0
+        self.ds.backward(loss)
+        self.ds.step()
+        ev = batch.values["event"].long()[tgt.cpu()] if real and "logits/event" in out else None
+        pl = played_bucket(batch.values["played"])[tgt.cpu()].long() if real and "logits/played" in out else None
+        return StepOutput(
+            loss=float(loss.detach()), next_item=float(out["loss/next_item"].detach()) if real else 0.0,
+            feedback=float(out["loss/feedback"].detach()) if real else 0.0,
+            targets=int(tgt.numel()) if real else 0, interactions=batch.num_interactions if real else 0,
+            event_logits=out.get("logits/event") if real else None, event_targets=ev,
+            played_logits=out.get("logits/played") if real else None, played_targets=pl)
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------------
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.info.world_size == 1:
+            return dict(values)
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.info.world_size for k, v in zip(values, t.tolist())}
+
+    def flops_per_interaction(self) -> float:
+        """Dense FLOPs per interaction (training), embedding lookups excluded."""
+        from trainer.flops import encoder_flops_per_token, head_flops_per_token
+
+        enc = self.cfg.model.resolved()
+        k = self.cfg.tokens_per_interaction()
+        ni = self.cfg.heads.next_item
+        per_token = encoder_flops_per_token(self.dense_params, enc.n_layers, enc.d_model,
+                                            self.cfg.data.max_seq_len * k, training=True)
+        candidates = self.item_rows if ni.full_softmax else ni.uniform_negatives + ni.in_batch_negatives
+        return k * per_token + head_flops_per_token(self.cfg.embeddings.item_dim, 1 + candidates, training=True)
+

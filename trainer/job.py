@@ -1,0 +1,177 @@
+"""The run config: one dataclass tree (data, model, embeddings, heads, optimizer, DeepSpeed, loop, eval).
+
+It is validated before any process group exists, saved beside every checkpoint,
+and is the object the capacity planner reads, so planning and training use
+the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embeddings.tables import ItemEmbeddings
+from trainer.config import ConfigError
+from trainer.data.loader import ShardLoader
+from trainer.model.argus import HeadsConfig
+from trainer.model.encoder import Encoder
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+@dataclass
+class OptimConfig:
+    """Dense optimizer (AdamW, a plain torch optimizer: DeepSpeed compiles nothing for it)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+
+
+@dataclass
+class DeepSpeedSection:
+    stage: int = 2  # ZeRO stage 0..3
+    config: str = ""  # a DeepSpeed JSON; "" = ds_configs/zero{stage}.json (zero3_offload.json when offload)
+    offload: bool = False  # ZeRO-3 optimizer + parameter offload to CPU (GPU only: needs DeepSpeedCPUAdam)
+    precision: str = "fp32"  # fp32 | bf16
+    gradient_clipping: float = 1.0  # always explicit (DeepSpeed 0.19.8 otherwise clips at 1.0 silently)
+
+    def path(self) -> Path:
+        if self.config:
+            return Path(self.config)
+        return DS_CONFIG_DIR / ("zero3_offload.json" if self.offload else f"zero{self.stage}.json")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int = 0  # 0 = data.batch_size x world size; set it to have the world size checked
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0 = only at the end
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    timeout_s: float = 600.0  # process-group timeout: a rank-0-only error must not hang the others
+
+
+@dataclass
+class EvalSection:
+    split: str = "test"
+    ks: list[int] = field(default_factory=lambda: [10, 100])
+    batch_size: int = 256
+    max_users: int = 0  # 0 = all
+    full_ranking_max_items: int = 5_000_000  # larger catalogs use sampled ranking (labelled "sampled_")
+    sampled_negatives: int = 1000
+
+
+@dataclass
+class JobConfig:
+    data: ShardLoader.Config = field(default_factory=ShardLoader.Config)
+    model: Encoder.Config = field(default_factory=Encoder.Config)
+    embeddings: ItemEmbeddings.Config = field(default_factory=ItemEmbeddings.Config)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    out: str = ""
+    resume: bool = False
+
+    def tokens_per_interaction(self) -> int:
+        return 2 if self.embeddings.token_layout == "interleaved" else 1
+
+    def validate(self, world_size: int | None = None, device: str | None = None) -> None:
+        """Every check that needs no process group; raises ConfigError naming the key."""
+        try:
+            self._validate(world_size, device)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _validate(self, world_size: int | None, device: str | None) -> None:
+        if not self.out:
+            raise ConfigError("out: the run directory is required (out=RUN_DIR)")
+        self.data.validate("data")
+        if self.data.batch_format != "jagged":
+            raise ConfigError("data.batch_format: training reads jagged batches (set data.batch_format=jagged)")
+        self.model.validate("model")
+        dev = device or ("cpu" if self.train.device == "cpu" else self.train.device)
+        self.embeddings.validate("embeddings", device="cpu" if dev in ("cpu", "auto") and not _has_cuda() else "cuda")
+        self.heads.validate("heads")
+        ctx = self.model.resolved().max_seq_len
+        k = self.tokens_per_interaction()
+        if self.data.max_seq_len == 0:
+            self.data.max_seq_len = ctx // k
+        if self.data.max_seq_len * k > ctx:
+            raise ConfigError(f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed "
+                              f"model.max_seq_len {ctx}")
+        t = self.train
+        if t.steps < 1:
+            raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
+        if t.gradient_accumulation_steps != 1:
+            raise ConfigError("train.gradient_accumulation_steps: must be 1 — the TorchRec fused optimizer updates "
+                              "embeddings on every micro-batch, so accumulation would apply sparse updates "
+                              "early; raise data.batch_size or the world size instead")
+        if t.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device: must be auto, cpu or cuda, got {t.device!r}")
+        if t.log_every < 1 or t.checkpoint_every < 0:
+            raise ConfigError("train.log_every must be >= 1 and train.checkpoint_every >= 0")
+        if world_size is not None and t.global_batch_size and \
+                t.global_batch_size != self.data.batch_size * t.gradient_accumulation_steps * world_size:
+            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} != data.batch_size "
+                              f"{self.data.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps}"
+                              f" x world size {world_size}")
+        ds = self.deepspeed
+        if ds.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.stage: must be 0, 1, 2 or 3, got {ds.stage}")
+        if ds.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"deepspeed.precision: must be fp32 or bf16, got {ds.precision!r}")
+        if ds.offload and ds.stage != 3:
+            raise ConfigError("deepspeed.offload: needs deepspeed.stage=3")
+        if ds.gradient_clipping < 0:
+            raise ConfigError(f"deepspeed.gradient_clipping: must be >= 0, got {ds.gradient_clipping}")
+        if len(self.optim.betas) != 2:
+            raise ConfigError("optim.betas: expected two numbers")
+        self.deepspeed_config(world_size or 1)  # the JSON must agree with the run
+
+    def deepspeed_config(self, world_size: int) -> dict[str, Any]:
+        """The stock JSON with batch sizes, clipping and precision filled from this config.
+
+        A batch-size field the JSON sets to something else is a contradiction, not an override.
+        """
+        path = self.deepspeed.path()
+        if not path.is_file():
+            raise ConfigError(f"deepspeed.config: {path} not found")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from None
+        want = {"train_micro_batch_size_per_gpu": self.data.batch_size,
+                "gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+                "train_batch_size": self.data.batch_size * self.train.gradient_accumulation_steps * world_size}
+        for key, value in want.items():
+            if key in ds and ds[key] not in (value, "auto"):
+                raise ConfigError(f"{path}: {key}={ds[key]} contradicts the run config ({value}); "
+                                  f"remove it from the JSON, the trainer fills it")
+            ds[key] = value
+        stage_in_json = ds.get("zero_optimization", {}).get("stage", 0)
+        if self.deepspeed.config and stage_in_json != self.deepspeed.stage:
+            raise ConfigError(f"{path}: zero_optimization.stage={stage_in_json} but deepspeed.stage="
+                              f"{self.deepspeed.stage}")
+        ds.setdefault("zero_optimization", {})["stage"] = self.deepspeed.stage
+        ds["gradient_clipping"] = self.deepspeed.gradient_clipping
+        ds["bf16"] = {"enabled": self.deepspeed.precision == "bf16"}
+        ds["zero_allow_untested_optimizer"] = True
+        ds.setdefault("steps_per_print", 10**9)
+        return ds
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,110 @@
+"""The dense ARGUS model (what DeepSpeed trains): interaction tokens -> causal encoder -> two heads.
+
+Targets: every interaction but the first of its sample (and, for evaluation
+samples, only those at or after ``target_start``). For target interaction
+``j`` the model predicts its item from the state after interaction ``j-1``
+(next-item head) and its feedback given its item (feedback head).
+
+Index bookkeeping that needs the data (which candidates, their logQ) is done
+by the caller and passed in as tensors, so this module only does math and
+behaves the same under every ZeRO stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from embeddings.interaction import InteractionEmbedding, jagged_to_padded
+from embeddings.tables import ItemEmbeddings
+from trainer.model.encoder import Encoder
+from trainer.model.heads import FeedbackHead, NextItemLossConfig, sampled_softmax_loss
+
+
+@dataclass
+class HeadsConfig:
+    next_item: NextItemLossConfig = field(default_factory=NextItemLossConfig)
+    feedback: FeedbackHead.Config = field(default_factory=FeedbackHead.Config)
+
+    def validate(self, where: str = "heads") -> None:
+        ni = self.next_item
+        ni.validate(f"{where}.next_item")
+        self.feedback.validate(f"{where}.feedback")
+        if ni.weight == 0 and self.feedback.weight == 0:
+            raise ValueError(f"{where}: next_item.weight and feedback.weight are both 0: nothing to train")
+        if ni.weight > 0 and ni.uniform_negatives == 0 and ni.in_batch_negatives == 0 and not ni.full_softmax:
+            raise ValueError(f"{where}.next_item: needs uniform_negatives > 0 or in_batch_negatives > 0")
+
+
+def target_index(lengths: torch.Tensor, target_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat indices of target interactions: not the first of their sample, and >= target_start."""
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(starts, lengths)
+    first_target = torch.ones_like(lengths)
+    if target_start is not None:
+        first_target = target_start.clamp_min(1)
+    keep = pos >= torch.repeat_interleave(first_target, lengths)
+    return torch.nonzero(keep, as_tuple=False).flatten()
+
+
+class ArgusModel(nn.Module):
+    def __init__(self, encoder: Encoder.Config, emb: ItemEmbeddings.Config, heads: HeadsConfig) -> None:
+        super().__init__()
+        enc = encoder.resolved()
+        self.heads_cfg = heads
+        self.interaction = InteractionEmbedding(emb, enc.d_model)
+        self.encoder = enc.build()
+        self.proj = nn.Linear(enc.d_model, emb.item_dim)  # user state -> item space, for dot-product scoring
+        self.feedback = heads.feedback.build(enc.d_model, emb.item_dim)
+        self.interleaved = emb.token_layout == "interleaved"
+
+    def states(self, item: torch.Tensor, side: dict[str, torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        """Encoder states of every token, flat (sum(lengths) * tokens_per_interaction, d_model)."""
+        dtype = self.proj.weight.dtype  # bf16 engines: embeddings arrive in fp32
+        tokens = self.interaction(item.to(dtype), {k: v.to(dtype) for k, v in side.items()})
+        tok_lengths = lengths * self.interaction.tokens_per_interaction
+        padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths)
+        return self.encoder(padded, mask)[row, col]
+
+    def state_rows(self, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows whose states predict (next item of, feedback of) target interactions ``tgt``."""
+        src = tgt - 1
+        if self.interleaved:
+            return 2 * src + 1, 2 * tgt  # feedback token of j-1; item token of j
+        return src, src
+
+    def forward(self, item: torch.Tensor, side: dict[str, torch.Tensor], neg: torch.Tensor, lengths: torch.Tensor,
+                tgt: torch.Tensor, sel: torch.Tensor, item_ids: torch.Tensor, neg_ids: torch.Tensor,
+                event: torch.Tensor, played: torch.Tensor, pos_log_q: torch.Tensor, cand_log_q: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        """Losses for one micro-batch; ``sel`` picks in-batch candidates among the targets."""
+        h = self.states(item, side, lengths)
+        ni, fb = self.heads_cfg.next_item, self.heads_cfg.feedback
+        next_rows, fb_rows = self.state_rows(tgt)
+        zero = h.sum() * 0.0
+        out = {"loss/next_item": zero, "loss/feedback": zero}
+        if ni.weight > 0:
+            user = self.proj(h[next_rows]).float()
+            pos = item[tgt].float()
+            cand = torch.cat([pos[sel], neg.float()])
+            cand_ids = torch.cat([item_ids[tgt][sel], neg_ids])
+            out["loss/next_item"] = sampled_softmax_loss(user, pos, item_ids[tgt], cand, cand_ids, pos_log_q,
+                                                         cand_log_q, ni)
+        if fb.weight > 0:
+            logits = self.feedback(h[fb_rows], item[tgt].to(h.dtype))
+            out["loss/feedback"] = self.feedback.loss({k: v.float() for k, v in logits.items()}, event[tgt],
+                                                      played[tgt])
+            out["logits/event"] = logits["event"].detach().float()
+            out["logits/played"] = logits["played"].detach().float()
+        out["loss"] = ni.weight * out["loss/next_item"] + fb.weight * out["loss/feedback"]
+        out["targets"] = torch.tensor(float(tgt.numel()), device=h.device)
+        return out
+
+    def user_vectors(self, states: torch.Tensor, lengths: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Item-space user state after interaction ``last[b]`` of each sample (for ranking), from :meth:`states`."""
+        rows = torch.cumsum(lengths, 0) - lengths + last
+        if self.interleaved:
+            rows = 2 * rows + 1
+        return self.proj(states[rows]).float()

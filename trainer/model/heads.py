@@ -1,0 +1,159 @@
+"""Training heads: next-item retrieval (sampled softmax, logQ-corrected) and next-feedback prediction.
+
+Both heads return unweighted losses; the caller multiplies by ``cfg.weight``
+when it sums them, so logged per-head losses stay comparable across configs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.data.schema import NUM_PLAYED_BUCKETS, PLAYED_BUCKET_EDGES as PLAYED_BUCKETS, PLAYED_NA, EventType
+from trainer.data.schema import played_bucket
+
+EVENT_CLASSES = len(EventType)  # listen, like, dislike, unlike, undislike, skip
+LOG_Q_FLOOR = 1e-12  # expected counts below this are clamped before the log
+
+
+def score(h: Tensor, item_emb: Tensor, normalize: bool, temperature: float) -> Tensor:
+    """(N, d) user states x (M, d) items -> (N, M) logits: (cosine if ``normalize`` else dot) / temperature."""
+    if normalize:
+        h, item_emb = F.normalize(h, dim=-1), F.normalize(item_emb, dim=-1)
+    return (h @ item_emb.transpose(0, 1)) / temperature
+
+
+def mixed_log_q(ids: Tensor, item_freq: Tensor, num_in_batch: int, num_uniform: int, num_items: int) -> Tensor:
+    """log of the expected count of each item of ``ids`` in a candidate set of
+    ``num_in_batch`` draws proportional to ``item_freq`` plus ``num_uniform`` uniform draws."""
+    freq = item_freq.to(ids.device)
+    # Index before widening: the catalog can have millions of entries and this runs every step.
+    p = freq[ids].to(torch.float64) / freq.sum(dtype=torch.float64).clamp_min(1e-300)
+    expected = num_in_batch * p + num_uniform / num_items
+    return expected.clamp_min(LOG_Q_FLOOR).log().to(torch.float32)
+
+
+class NextItemHead:
+    """Sampled softmax over shared candidates (in-batch positives + uniform draws), logQ-corrected.
+
+    Holds no parameters: the loss is :func:`sampled_softmax_loss`. Candidates are
+    drawn by ``trainer.engine.Engine.inputs`` (their vectors come from the sharded
+    item table, their frequencies from a memory-mapped count table), with
+    ``trainer.engine.CandidateLogQ`` computing :func:`mixed_log_q` for them.
+    """
+
+    @dataclass
+    class Config:
+        uniform_negatives: int = 256  # items sampled uniformly from the catalog (0 = none)
+        in_batch_negatives: int = 256  # up to this many of the batch's positive items as shared candidates (0 = none)
+        logq: bool = True  # subtract log(expected count of the candidate in the candidate set)
+        correct_positive: bool = True  # also correct the positive's logit
+        temperature: float = 0.05
+        normalize: bool = True  # cosine (L2-normalised) vs raw dot product
+        weight: float = 1.0
+        full_softmax: bool = False  # score against the whole catalog (small catalogs, ablations)
+
+        def validate(self, where: str = "loss.next_item") -> None:
+            def bad(key: str, msg: str) -> ValueError:
+                return ValueError(f"{where}.{key}: {msg}")
+
+            if self.uniform_negatives < 0:
+                raise bad("uniform_negatives", f"must be >= 0, got {self.uniform_negatives}")
+            if self.in_batch_negatives < 0:
+                raise bad("in_batch_negatives", f"must be >= 0, got {self.in_batch_negatives}")
+            if self.temperature <= 0:
+                raise bad("temperature", f"must be > 0, got {self.temperature}")
+            if self.weight < 0:
+                raise bad("weight", f"must be >= 0, got {self.weight}")
+
+
+NextItemLossConfig = NextItemHead.Config
+
+
+def sampled_softmax_loss(h: Tensor, pos_emb: Tensor, pos_ids: Tensor, cand_emb: Tensor, cand_ids: Tensor,
+                         pos_log_q: Tensor, cand_log_q: Tensor, cfg: NextItemHead.Config) -> Tensor:
+    """Mean cross-entropy of each row's positive (column 0) against the shared candidates.
+
+    ``h``/``pos_emb``: (N, d); ``pos_ids``/``pos_log_q``: (N,); ``cand_emb``: (K, d);
+    ``cand_ids``/``cand_log_q``: (K,). Candidates equal to the row's positive
+    (accidental hits) are excluded from that row.
+    """
+    if h.shape[0] == 0:
+        return h.sum() * 0.0
+    # Half-precision logits lose the margin between close items after dividing by a small
+    # temperature, so they are computed in float32 even under autocast.
+    wide = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        h, pos_emb, cand_emb = h.to(wide), pos_emb.to(wide), cand_emb.to(wide)
+        if cfg.normalize:
+            h, pos_emb, cand_emb = F.normalize(h, dim=-1), F.normalize(pos_emb, dim=-1), F.normalize(cand_emb, dim=-1)
+        pos_logit = (h * pos_emb).sum(-1) / cfg.temperature
+        cand_logits = (h @ cand_emb.transpose(0, 1)) / cfg.temperature
+    if cfg.logq:
+        cand_logits = cand_logits - cand_log_q.to(wide).unsqueeze(0)
+        if cfg.correct_positive:
+            pos_logit = pos_logit - pos_log_q.to(wide)
+    cand_logits = cand_logits.masked_fill(cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos_logit.unsqueeze(1), cand_logits], dim=1)
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device))
+
+
+class FeedbackHead(nn.Module):
+    """Predicts the feedback (event type, played bucket) of the next interaction given its item."""
+
+    @dataclass
+    class Config:
+        hidden: int = 0  # 0 = d_model
+        weight: float = 1.0
+
+        def validate(self, where: str = "loss.feedback") -> None:
+            if self.hidden < 0:
+                raise ValueError(f"{where}.hidden: must be >= 0, got {self.hidden}")
+            if self.weight < 0:
+                raise ValueError(f"{where}.weight: must be >= 0, got {self.weight}")
+
+        def build(self, d_model: int, item_dim: int) -> "FeedbackHead":
+            return FeedbackHead(self, d_model, item_dim)
+
+    def __init__(self, cfg: Config, d_model: int, item_dim: int) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        hidden = cfg.hidden or d_model
+        self.fc = nn.Linear(d_model + item_dim, hidden)
+        self.out = nn.Linear(hidden, EVENT_CLASSES + NUM_PLAYED_BUCKETS)
+
+    def forward(self, h: Tensor, item_emb: Tensor) -> dict[str, Tensor]:
+        """(N, d_model) states, (N, item_dim) next items -> {"event": (N, 6), "played": (N, 6)} logits."""
+        z = self.out(F.gelu(self.fc(torch.cat([h, item_emb.to(h.dtype)], dim=-1))))
+        event, played = z.split([EVENT_CLASSES, NUM_PLAYED_BUCKETS], dim=-1)
+        return {"event": event, "played": played}
+
+    def loss(self, logits: dict[str, Tensor], event: Tensor, played: Tensor) -> Tensor:
+        """Mean of the event and played-bucket cross-entropies; ``played`` is raw percent (or PLAYED_NA)."""
+        if event.numel() == 0:
+            return (logits["event"].sum() + logits["played"].sum()) * 0.0
+        ce_event = F.cross_entropy(logits["event"].float(), event.to(torch.int64))
+        ce_played = F.cross_entropy(logits["played"].float(), played_bucket(played))
+        return 0.5 * (ce_event + ce_played)
+
+
+@torch.no_grad()
+def normalized_entropy(logits: Tensor, targets: Tensor, prior: Tensor | None = None) -> float:
+    """Model cross-entropy / entropy of the class prior (He et al. 2014, any number of classes).
+
+    ``prior`` defaults to the class frequencies of ``targets``. Below 1 means
+    better than always predicting the base rate; NaN when the prior has zero entropy.
+    """
+    logits, targets = logits.double(), targets.to(torch.int64)
+    ce = F.cross_entropy(logits, targets).item()
+    if prior is None:
+        prior = torch.bincount(targets, minlength=logits.shape[-1]).double()
+    prior = prior.double() / prior.double().sum()
+    nz = prior[prior > 0]
+    h = -(nz * nz.log()).sum().item()
+    return ce / h if h > 0 else math.nan

@@ -1,0 +1,128 @@
+"""`argus train`: the pre-training loop. Same code under a plain process, torchrun, the deepspeed launcher
+and Ray: the launcher only decides how many processes exist and sets RANK/WORLD_SIZE/MASTER_ADDR."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainer import checkpoint
+from trainer.config import save_config
+from trainer.data.manifest import Manifest
+from trainer.dist import DistInfo, init_distributed
+from trainer.engine import Engine, StepOutput
+from trainer.flops import detect_gpu, mfu
+from trainer.job import JobConfig
+from trainer.logger import MetricsLogger, StepTimer, peak_memory_bytes
+from trainer.model.heads import normalized_entropy
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Builds loader, engine and logger from one JobConfig and runs ``train.steps`` optimizer steps."""
+
+    def __init__(self, cfg: JobConfig, info: DistInfo | None = None) -> None:
+        self.cfg = cfg
+        self.info = info or init_distributed(cfg.train.device, cfg.train.timeout_s)
+        cfg.validate(self.info.world_size, self.info.device.type)
+        self.run_dir = Path(cfg.out)
+        self.manifest = Manifest.load(cfg.data.path)
+        self.loader = cfg.data.build(self.info.rank, self.info.world_size, self.manifest)
+        self.engine = Engine(cfg, self.info, self.manifest)
+        self.step = 0
+        if self.info.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.gpu = detect_gpu(self.info.device)
+        # Hook for tests and fault-injection drills: called after every step with (trainer, step).
+        self.after_step: Callable[["Trainer", int], None] | None = None
+
+    def maybe_resume(self) -> None:
+        if not self.cfg.resume:
+            return
+        path = checkpoint.latest_checkpoint(self.run_dir)
+        if path is None:
+            if self.info.rank == 0:
+                log.warning("resume=true but %s has no checkpoint: starting from step 0", self.run_dir)
+            return
+        meta = checkpoint.load(self.engine, self.loader, path, self.info.rank)
+        self.step = int(meta["step"])
+
+    def save(self) -> Path:
+        return checkpoint.save(self.engine, self.loader, self.step, self.cfg, self.run_dir, self.info.rank,
+                               extra={"epoch": self.loader.epoch})
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.maybe_resume()
+        timer = StepTimer(self.info.device)
+        window: list[StepOutput] = []
+        last: dict[str, float] = {}
+        t_window = time.perf_counter()
+        with MetricsLogger(self.run_dir, rank=self.info.rank, total_steps=cfg.train.steps) as logger:
+            while self.step < cfg.train.steps:
+                batches = iter(self.loader)  # the rest of this epoch, then the next
+                while self.step < cfg.train.steps:
+                    with timer.data():
+                        batch = next(batches, None)
+                    if batch is None:
+                        break
+                    with timer.compute():
+                        window.append(self.engine.train_step(batch, self.step))
+                    self.step += 1
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                        last = self._metrics(window, time.perf_counter() - t_window, timer)
+                        logger.log(self.step, last)
+                        window, t_window = [], time.perf_counter()
+                        timer.reset()
+                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                        self.save()
+                    if self.after_step is not None:
+                        self.after_step(self, self.step)
+            if not (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
+                self.save()
+        return last
+
+    def _metrics(self, window: list[StepOutput], seconds: float, timer: StepTimer) -> dict[str, float]:
+        """Window averages, reduced over ranks; stable names (see trainer/logger.py)."""
+        n = max(len(window), 1)
+        local = {
+            "loss/total": sum(o.loss for o in window) / n,
+            "loss/next_item": sum(o.next_item for o in window) / n,
+            "loss/feedback": sum(o.feedback for o in window) / n,
+            "interactions": float(sum(o.interactions for o in window)),
+        }
+        ev = [(o.event_logits, o.event_targets) for o in window if o.event_logits is not None and o.event_targets.numel()]
+        pl = [(o.played_logits, o.played_targets) for o in window if o.played_logits is not None and o.played_targets.numel()]
+        if ev:
+            local["ne/event"] = normalized_entropy(torch.cat([e[0] for e in ev]), torch.cat([e[1] for e in ev]))
+        if pl:
+            local["ne/played"] = normalized_entropy(torch.cat([p[0] for p in pl]), torch.cat([p[1] for p in pl]))
+        out = self.engine.all_reduce_mean(local)
+        interactions = out.pop("interactions") * self.info.world_size
+        seconds = max(seconds, 1e-9)
+        k = self.cfg.tokens_per_interaction()
+        flops = self.engine.flops_per_interaction() * interactions / seconds
+        out.update({
+            "interactions_per_s": interactions / seconds,
+            "tps": k * interactions / seconds,
+            "tflops": flops / 1e12,
+            "memory/peak_gb": peak_memory_bytes(self.info.device) / 2**30,
+            "lr": self.engine.lr(),
+            **timer.summary(len(window)),
+        })
+        m = mfu(flops / self.info.world_size, self.gpu, self.cfg.deepspeed.precision)
+        if m is not None:
+            out["mfu(%)"] = m
+        return out
+
+
+def train(cfg: JobConfig) -> dict[str, Any]:
+    """Run a whole training job in this process (one rank of it)."""
+    trainer = Trainer(cfg)
+    return trainer.run()
