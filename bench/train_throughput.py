@@ -1,6 +1,9 @@
 """Training throughput (interactions/s over all ranks) of `argus train` on this machine.
 
     python bench/train_throughput.py [--presets mini,small] [--ranks 1,2] [--steps 40] [--json]
+    # on a GPU machine (one GPU): medium and large at context 2048, bf16, sampled softmax only
+    python bench/train_throughput.py --presets medium,large --ranks 1 --context 2048 --batch-size 8 \
+        --device cuda --precision bf16 --softmax sampled
 
 Each configuration runs the real CLI (torchrun for 2+ ranks: TorchRec row-wise item table + DeepSpeed
 ZeRO-2, fp32) on a synthetic dataset, with the sampled softmax (256 uniform + 256 in-batch negatives)
@@ -22,10 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(data: Path, out: Path, preset: str, ranks: int, full: bool, steps: int, batch: int, ctx: int) -> dict:
+def run(data: Path, out: Path, preset: str, ranks: int, full: bool, steps: int, batch: int, ctx: int,
+        device: str, precision: str) -> dict:
     args = ["configs/mini.yaml", f"data.path={data}", f"out={out}", f"model.preset={preset}",
             f"model.max_seq_len={ctx}", f"data.batch_size={batch}", f"train.steps={steps}",
-            f"train.log_every={steps // 2}", "train.checkpoint_every=0", "train.device=cpu",
+            f"train.log_every={steps // 2}", "train.checkpoint_every=0", f"train.device={device}",
+            f"deepspeed.precision={precision}", f"deepspeed.stage={3 if preset == 'large' else 2}",
             f"heads.next_item.full_softmax={'true' if full else 'false'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if ranks == 1:
@@ -39,7 +44,8 @@ def run(data: Path, out: Path, preset: str, ranks: int, full: bool, steps: int, 
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return {"preset": preset, "ranks": ranks, "softmax": "full" if full else "sampled",
             "interactions_per_s": last["interactions_per_s"], "tflops": last["tflops"],
-            "data_share": last.get("time/data_share"), "peak_gb": last.get("memory/peak_gb")}
+            "data_share": last.get("time/data_share"), "peak_gb": last.get("memory/peak_gb"),
+            "tps": last.get("tps"), "mfu": last.get("mfu(%)")}
 
 
 def main() -> int:
@@ -50,24 +56,30 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--items", type=int, default=20000)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--softmax", default="both", choices=["both", "sampled", "full"])
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    modes = {"both": (False, True), "sampled": (False,), "full": (True,)}[a.softmax]
     from trainer.data.synth import synthesize
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        synthesize(data, users=2000, items=a.items, mean_len=200, shards=4, seed=0, holdout="none")
+        synthesize(data, users=2000, items=a.items, mean_len=max(200, a.context), shards=4, seed=0, holdout="none")
         for preset in a.presets.split(","):
             for ranks in map(int, a.ranks.split(",")):
-                for full in (False, True):
+                for full in modes:
                     out = Path(tmp) / f"{preset}-{ranks}-{full}"
-                    rows.append(run(data, out, preset, ranks, full, a.steps, a.batch_size, a.context))
+                    rows.append(run(data, out, preset, ranks, full, a.steps, a.batch_size, a.context, a.device,
+                                    a.precision))
                     if not a.json:
                         r = rows[-1]
                         print(f"{r['preset']:<6} ranks={r['ranks']} {r['softmax']:<7} "
                               f"{r['interactions_per_s']:>9,.0f} interactions/s  {r['tflops'] * 1e3:7.1f} GFLOP/s "
-                              f"data {r['data_share'] or 0:.0%}", flush=True)
+                              f"data {r['data_share'] or 0:.0%}"
+                              + (f"  MFU {r['mfu']:.1f}%" if r.get("mfu") is not None else ""), flush=True)
     rep = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "items": a.items, "context": a.context,
            "batch_size_per_rank": a.batch_size, "steps": a.steps, "results": rows}
     if a.json:

@@ -303,3 +303,17 @@ def test_logits_stay_float32_under_autocast() -> None:
         got = sampled_softmax_loss(*args, NextItemLossConfig())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # bf16 matmuls would be off by ~1e-2
+
+
+def test_engine_ne_statistics_equal_normalized_entropy() -> None:
+    """NE from summed (cross-entropy, class count) statistics == normalized_entropy over the concatenation."""
+    from trainer.engine import ne_from_stats, ne_stats
+
+    g = torch.Generator().manual_seed(3)
+    parts = [(torch.randn(n, 6, generator=g), torch.randint(0, 6, (n,), generator=g)) for n in (5, 17, 9)]
+    ce, counts = 0.0, torch.zeros(6, dtype=torch.float64)
+    for logits, targets in parts:
+        c, k = ne_stats(logits, targets)
+        ce, counts = ce + c, counts + k
+    want = normalized_entropy(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    assert abs(ne_from_stats(ce, counts) - want) < 1e-6

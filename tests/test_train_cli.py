@@ -188,3 +188,27 @@ def test_plain_torchrun_and_deepspeed_launcher_give_the_same_curve(data, tmp_pat
     assert losses(tmp_path / "plain") == losses(tmp_path / "tr1")
     assert losses(tmp_path / "tr2") == losses(tmp_path / "ds2")
     assert losses(tmp_path / "tr1") != losses(tmp_path / "tr2")  # 2 ranks see twice the data per step
+
+
+@pytest.mark.slow
+def test_eval_on_temporal_split_ranks_every_target(tmp_path):
+    """Temporal holdout: several targets per user; recall@K <= hr@K, users counted once."""
+    from trainer.data.manifest import Manifest
+    from trainer.data.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, users=80, items=120, mean_len=40, shards=2, seed=4, holdout="temporal", days=60,
+               val_days=5, test_days=10, workers=1)
+    run = tmp_path / "run"
+    out = subprocess.run([*ARGUS, "train", "configs/mini.yaml", f"data.path={data}", f"out={run}", *TINY,
+                          "train.steps=2"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ev = subprocess.run([*ARGUS, "eval", str(run), "--data", str(data), "--json", "--ks", "5,50"], cwd=REPO,
+                        env=env(), capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    rep = json.loads(ev.stdout)
+    test = Manifest.load(data).splits["test"]
+    assert rep["users"] + rep["users_without_history"] == sum(s.users for s in test.shards)
+    assert test.shards and sum(s.targets for s in test.shards) > rep["users"]  # really several targets per user
+    for who in ("model", "popularity"):
+        assert rep[who]["recall@5"] <= rep[who]["hr@5"] <= rep[who]["hr@50"]

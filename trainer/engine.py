@@ -66,10 +66,22 @@ class StepOutput:
     feedback: float
     targets: int
     interactions: int
-    event_logits: torch.Tensor | None
-    event_targets: torch.Tensor | None
-    played_logits: torch.Tensor | None
-    played_targets: torch.Tensor | None
+    # Normalized-entropy sufficient statistics per feedback target: (sum of cross-entropy, class counts).
+    # Summed over steps and ranks they give the exact NE of the whole window.
+    ne: dict[str, tuple[float, torch.Tensor]]
+
+
+def ne_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+    return float(ce), torch.bincount(targets.cpu(), minlength=logits.shape[-1]).double()
+
+
+def ne_from_stats(ce_sum: float, counts: torch.Tensor) -> float:
+    """Mean cross-entropy over the entropy of the empirical class prior (see heads.normalized_entropy)."""
+    n = float(counts.sum())
+    p = counts[counts > 0] / n
+    h = float(-(p * p.log()).sum())
+    return (ce_sum / n) / h if n and h > 0 else float("nan")
 
 
 class Engine:
@@ -139,24 +151,28 @@ class Engine:
         loss = out["loss"] if real else out["loss"] * 0.0
         self.ds.backward(loss)
         self.ds.step()
-        ev = batch.values["event"].long()[tgt.cpu()] if real and "logits/event" in out else None
-        pl = played_bucket(batch.values["played"])[tgt.cpu()].long() if real and "logits/played" in out else None
+        ne = {}
+        if real and "logits/event" in out and tgt.numel():
+            t = tgt.cpu()
+            ne["event"] = ne_stats(out["logits/event"], batch.values["event"].long()[t])
+            ne["played"] = ne_stats(out["logits/played"], played_bucket(batch.values["played"])[t])
         return StepOutput(
             loss=float(loss.detach()), next_item=float(out["loss/next_item"].detach()) if real else 0.0,
             feedback=float(out["loss/feedback"].detach()) if real else 0.0,
-            targets=int(tgt.numel()) if real else 0, interactions=batch.num_interactions if real else 0,
-            event_logits=out.get("logits/event") if real else None, event_targets=ev,
-            played_logits=out.get("logits/played") if real else None, played_targets=pl)
+            targets=int(tgt.numel()) if real else 0, interactions=batch.num_interactions if real else 0, ne=ne)
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.info.world_size > 1:
+            t = t.to(self.info.device, torch.float64)
+            dist.all_reduce(t)
+        return t.cpu()
+
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
-        if self.info.world_size == 1:
-            return dict(values)
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(t)
+        t = self.all_reduce_sum(torch.tensor(list(values.values()), dtype=torch.float64))
         return {k: float(v) / self.info.world_size for k, v in zip(values, t.tolist())}
 
     def flops_per_interaction(self) -> float:

@@ -14,11 +14,11 @@ from trainer import checkpoint
 from trainer.config import save_config
 from trainer.data.manifest import Manifest
 from trainer.dist import DistInfo, init_distributed
-from trainer.engine import Engine, StepOutput
+from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType
+from trainer.engine import Engine, StepOutput, ne_from_stats
 from trainer.flops import detect_gpu, mfu
 from trainer.job import JobConfig
 from trainer.logger import MetricsLogger, StepTimer, peak_memory_bytes
-from trainer.model.heads import normalized_entropy
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Trainer:
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         self.maybe_resume()
+        start = self.step
         timer = StepTimer(self.info.device)
         window: list[StepOutput] = []
         last: dict[str, float] = {}
@@ -84,7 +85,8 @@ class Trainer:
                         self.save()
                     if self.after_step is not None:
                         self.after_step(self, self.step)
-            if not (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
+            saved = cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0
+            if self.step > start and not saved:
                 self.save()
         return last
 
@@ -97,13 +99,16 @@ class Trainer:
             "loss/feedback": sum(o.feedback for o in window) / n,
             "interactions": float(sum(o.interactions for o in window)),
         }
-        ev = [(o.event_logits, o.event_targets) for o in window if o.event_logits is not None and o.event_targets.numel()]
-        pl = [(o.played_logits, o.played_targets) for o in window if o.played_logits is not None and o.played_targets.numel()]
-        if ev:
-            local["ne/event"] = normalized_entropy(torch.cat([e[0] for e in ev]), torch.cat([e[1] for e in ev]))
-        if pl:
-            local["ne/played"] = normalized_entropy(torch.cat([p[0] for p in pl]), torch.cat([p[1] for p in pl]))
         out = self.engine.all_reduce_mean(local)
+        if self.cfg.heads.feedback.weight > 0:
+            for head, classes in (("event", len(EventType)), ("played", NUM_PLAYED_BUCKETS)):
+                stats = torch.zeros(1 + classes, dtype=torch.float64)  # [ce_sum, counts...], summed over ranks
+                for o in window:
+                    if head in o.ne:
+                        stats[0] += o.ne[head][0]
+                        stats[1:] += o.ne[head][1]
+                stats = self.engine.all_reduce_sum(stats)
+                out[f"ne/{head}"] = ne_from_stats(float(stats[0]), stats[1:])
         interactions = out.pop("interactions") * self.info.world_size
         seconds = max(seconds, 1e-9)
         k = self.cfg.tokens_per_interaction()
