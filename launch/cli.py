@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-users", type=int, default=None)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    from launch.ray_launch import add_launch_ray
+
+    la = sub.add_parser("launch", help="launch training on a cluster: ray, deepspeed")
+    lsub = la.add_subparsers(dest="launch_command", metavar="LAUNCHER", required=True)
+    add_launch_ray(lsub)
     return p
 
 

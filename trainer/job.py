@@ -56,6 +56,7 @@ class TrainSection:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     timeout_s: float = 600.0  # process-group timeout: a rank-0-only error must not hang the others
+    log_sample_keys: bool = False  # audit trail: RUN/sample_keys/rank*.jsonl, the keys each step consumed
 
 
 @dataclass

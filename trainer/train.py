@@ -3,6 +3,7 @@ and Ray: the launcher only decides how many processes exist and sets RANK/WORLD_
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -39,23 +40,33 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.gpu = detect_gpu(self.info.device)
-        # Hook for tests and fault-injection drills: called after every step with (trainer, step).
+        # Hooks: after every step (tests, fault drills); after every checkpoint (Ray reports it).
         self.after_step: Callable[["Trainer", int], None] | None = None
+        self.on_checkpoint: Callable[["Trainer", Path], None] | None = None
+        self._restored = False
+
+    def restore(self, path: Path) -> None:
+        """Continue from checkpoint directory ``path`` (collective)."""
+        meta = checkpoint.load(self.engine, self.loader, path, self.info.rank)
+        self.step = int(meta["step"])
+        self._restored = True
 
     def maybe_resume(self) -> None:
-        if not self.cfg.resume:
+        if not self.cfg.resume or self._restored:
             return
         path = checkpoint.latest_checkpoint(self.run_dir)
         if path is None:
             if self.info.rank == 0:
                 log.warning("resume=true but %s has no checkpoint: starting from step 0", self.run_dir)
             return
-        meta = checkpoint.load(self.engine, self.loader, path, self.info.rank)
-        self.step = int(meta["step"])
+        self.restore(path)
 
     def save(self) -> Path:
-        return checkpoint.save(self.engine, self.loader, self.step, self.cfg, self.run_dir, self.info.rank,
+        path = checkpoint.save(self.engine, self.loader, self.step, self.cfg, self.run_dir, self.info.rank,
                                extra={"epoch": self.loader.epoch})
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self, path)
+        return path
 
     def run(self) -> dict[str, float]:
         cfg = self.cfg
@@ -76,6 +87,8 @@ class Trainer:
                     with timer.compute():
                         window.append(self.engine.train_step(batch, self.step))
                     self.step += 1
+                    if cfg.train.log_sample_keys:
+                        self._log_keys(batch.keys)
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                         last = self._metrics(window, time.perf_counter() - t_window, timer)
                         logger.log(self.step, last)
@@ -89,6 +102,13 @@ class Trainer:
             if self.step > start and not saved:
                 self.save()
         return last
+
+    def _log_keys(self, keys: list[str]) -> None:
+        """Append this step's sample keys (a restarted run re-logs re-done steps; the last record wins)."""
+        path = self.run_dir / "sample_keys" / f"rank{self.info.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
 
     def _metrics(self, window: list[StepOutput], seconds: float, timer: StepTimer) -> dict[str, float]:
         """Window averages, reduced over ranks; stable names (see trainer/logger.py)."""
