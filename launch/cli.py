@@ -154,8 +154,10 @@ def load_job(config: str | None, overrides: Sequence[str]) -> Any:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from trainer.logger import quiet_library_logs
     from trainer.train import train
 
+    quiet_library_logs()
     cfg = load_job(a.config, a.overrides)
     last = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -167,7 +169,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate
+    from trainer.logger import quiet_library_logs
 
+    quiet_library_logs()
     ks = [int(k) for k in a.ks.split(",")] if a.ks else None
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
         rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users)
@@ -283,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="launch training on a cluster: ray, deepspeed")
     lsub = la.add_subparsers(dest="launch_command", metavar="LAUNCHER", required=True)
     add_launch_ray(lsub)
+    from launch.deepspeed_launch import add_cluster_hostfile, add_launch_deepspeed
+
+    add_launch_deepspeed(lsub)
+
+    from cluster.preflight import add_cluster_check
+
+    cl = sub.add_parser("cluster", help="cluster tools: preflight check, hostfiles")
+    csub = cl.add_subparsers(dest="cluster_command", metavar="TOOL", required=True)
+    add_cluster_check(csub)
+    add_cluster_hostfile(csub)
     return p
 
 

@@ -29,8 +29,10 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from trainer.config import from_dict
     from trainer.job import JobConfig
+    from trainer.logger import quiet_library_logs
     from trainer.train import Trainer
 
+    quiet_library_logs()
     ctx = ray.train.get_context()
     os.environ.update(RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()),
                       LOCAL_RANK=str(ctx.get_local_rank()))
@@ -81,14 +83,21 @@ def check_resources(available: dict[str, float], workers: int, cpus: float, gpus
                                f"{available.get(res, 0.0):g}")
 
 
-def start_local_cluster(num_cpus: int) -> None:
-    """A throw-away single-machine cluster bound to loopback (no token needed: nothing else can reach it)."""
-    import ray
+def start_local_cluster(num_cpus: int) -> Any:
+    """A throw-away single-machine cluster on loopback, no dashboard (no token: nothing else can reach it).
+
+    ``ray.init()`` ignores a node address for a fresh local instance and advertises the machine's IP,
+    so the head is started the way Ray's own ``cluster_utils.Cluster`` does it, at 127.0.0.2 (still
+    the loopback network; Ray maps 127.0.0.1 back to the machine's IP).
+    """
+    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = tempfile.mkdtemp(prefix="argus-ray-", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    os.environ["RAY_TMPDIR"] = tmp
+    os.makedirs(os.path.join(tmp, "ray"), exist_ok=True)
+    return Cluster(initialize_head=True, connect=True, head_node_args={
+        "num_cpus": num_cpus, "node_ip_address": "127.0.0.2", "include_dashboard": False})
 
 
 def launch(a: argparse.Namespace) -> int:
@@ -106,9 +115,8 @@ def launch(a: argparse.Namespace) -> int:
     cfg = load_job(a.config, overrides)  # fails with one line before any cluster work
     # Workers run in their own working directory: hand them absolute paths.
     cfg.data.path, cfg.out = str(Path(cfg.data.path).resolve()), str(Path(cfg.out).resolve())
-    if a.local:
-        start_local_cluster(int(a.num_workers * a.cpus_per_worker))
-    else:
+    local = start_local_cluster(int(a.num_workers * a.cpus_per_worker)) if a.local else None
+    if local is None:
         ray.init(address=a.address)
     try:
         check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
@@ -127,6 +135,8 @@ def launch(a: argparse.Namespace) -> int:
         return 0
     finally:
         ray.shutdown()
+        if local is not None:
+            local.shutdown()
 
 
 def add_launch_ray(launch_sub: Any) -> None:

@@ -8,10 +8,13 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -273,6 +276,33 @@ def test_nothing_is_spawned_for_bad_configs_or_hostfiles(data, tmp_path, monkeyp
     assert not (tmp_path / ".deepspeed_env").exists()
 
 
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_reaches_the_launchers_children(tmp_path):
+    """SIGTERM to argus stops the launcher's whole process group, grandchildren (the ranks) included."""
+    pidfile = tmp_path / "pid"
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    rc = dl._run(["bash", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], dict(os.environ))
+    timer.join()
+    assert rc == 128 + signal.SIGTERM
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = alive(grandchild)
+    if left:
+        os.kill(grandchild, signal.SIGKILL)
+    assert not left, "the launcher's child outlived it"
+    assert signal.getsignal(signal.SIGTERM) == before, "handler restored"
+
+
 # ---- a real run ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_run_on_two_cpu_ranks_matches_torchrun(data, tmp_path, monkeypatch, capfd):
@@ -382,7 +412,9 @@ def test_shell_scripts_parse():
 
 
 def test_torchrun_sh_under_slurm_and_outside(tmp_path):
-    bin_ = fake_bin(tmp_path, torchrun=ECHO, scontrol='[ "$*" = "show hostnames gpu[01-02]" ] && printf "gpu01\\ngpu02\\n"',
+    # a big allocation: scontrol keeps writing after `head -n1` has gone (SIGPIPE under pipefail)
+    scontrol = '[ "$*" = "show hostnames gpu[01-02]" ] && printf "gpu%02d\\n" $(seq 1 20000)'
+    bin_ = fake_bin(tmp_path, torchrun=ECHO, scontrol=scontrol,
                     **{"nvidia-smi": 'printf "GPU 0: H100\\nGPU 1: H100\\nGPU 2: H100\\nGPU 3: H100\\n"'})
     base = {"PATH": f"{bin_}:/usr/bin:/bin", "HOME": str(tmp_path)}
     slurm = {**base, "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "77",

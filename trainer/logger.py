@@ -247,3 +247,23 @@ class StepTimer:
         }
         self.reset()
         return out
+
+
+def quiet_library_logs() -> None:
+    """Silence known-harmless library chatter in entry points (argus train/eval, Ray workers).
+
+    TorchRec's planner warns about how its Topology was built and its storage heuristic, torch's fx
+    tracer and c10d about deprecations, DeepSpeed about falling back to the CPU accelerator; none of
+    it is actionable for a user and it buries the progress lines.
+    """
+    import logging
+    import os
+    import warnings
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns at import
+    for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed.checkpoint"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.*")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*set_vital.*")

@@ -1,0 +1,78 @@
+"""`argus launch ray`: resource check, manifests that parse, and --local == torchrun (same eval output)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.cli import build_parser
+from launch.ray_launch import check_resources
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.preset=custom", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+        "model.max_seq_len=32", "embeddings.item_dim=16", "embeddings.side_dim=8", "data.batch_size=4",
+        "data.num_workers=0", "heads.next_item.uniform_negatives=16", "heads.next_item.in_batch_negatives=16",
+        "train.log_every=1", "train.device=cpu", "train.timeout_s=120", "train.steps=3"]
+
+
+def test_resource_check_refuses_what_cannot_fit():
+    check_resources({"CPU": 4.0}, workers=2, cpus=2, gpus=0)
+    with pytest.raises(RuntimeError, match="needs 6 CPU, the cluster has 4"):
+        check_resources({"CPU": 4.0}, workers=3, cpus=2, gpus=0)
+    with pytest.raises(RuntimeError, match="needs 2 GPU, the cluster has 0"):
+        check_resources({"CPU": 64.0}, workers=2, cpus=1, gpus=1)
+
+
+def test_kuberay_entrypoint_is_a_valid_argus_command():
+    job = yaml.safe_load((REPO / "cluster" / "k8s" / "rayjob.yaml").read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "argus"
+    args = build_parser().parse_args(argv[1:])
+    assert args.launch_command == "ray" and args.num_workers == 16 and args.gpus_per_worker == 1
+    assert (REPO / args.config).is_file()
+
+
+@pytest.mark.slow
+def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path):
+    from trainer.data.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, users=40, items=90, mean_len=20, shards=2, seed=6, holdout="loo", workers=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    common = ["configs/mini.yaml", f"data.path={data}", *TINY]
+    ray_out = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "ray", *common, "--local",
+                              "--num-workers", "2", "--storage-path", str(tmp_path / "store"), "--name", "loc"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert ray_out.returncode == 0, ray_out.stderr[-3000:]
+    tr = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         f"--master_port={29400 + os.getpid() % 300}", "-m", "launch.cli", "train", *common,
+                         f"out={tmp_path / 'tr'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert tr.returncode == 0, tr.stderr[-3000:]
+    evals = [subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(run), "--data", str(data), "--json"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+             for run in (tmp_path / "store" / "loc" / "run", tmp_path / "tr")]
+    assert all(e.returncode == 0 for e in evals), evals[0].stderr[-2000:]
+    assert evals[0].stdout == evals[1].stdout
+
+
+@pytest.mark.slow
+def test_cluster_check_probes_allreduce_and_reports_config_problems(tmp_path):
+    from trainer.data.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, users=20, items=30, mean_len=10, shards=1, seed=1, holdout="none", workers=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "cluster", "check", "configs/mini.yaml",
+                          f"data.path={data}", "train.global_batch_size=999", "--local", "--num-workers", "2",
+                          "--probe-mb", "4", "--min-free-gb", "0.01", "--storage-path", str(tmp_path / "pf")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "gloo over 2 workers" in out.stdout
+    assert "argus cluster check: config: train.global_batch_size: 999 != data.batch_size" in out.stdout
+    assert "127.0.0.2" in out.stdout  # the throw-away cluster lives on loopback
