@@ -45,8 +45,6 @@ def allreduce_probe(config: dict[str, Any]) -> None:
 
 
 def check(a: argparse.Namespace) -> int:
-    import os
-
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -57,10 +55,9 @@ def check(a: argparse.Namespace) -> int:
 
     problems: list[str] = []
     if a.config:
-        os.environ["WORLD_SIZE"] = str(a.num_workers)
         try:
             load_job(a.config, list(a.overrides) + ([] if any(o.startswith("out=") for o in a.overrides)
-                                                   else ["out=/preflight"]))
+                                                   else ["out=/preflight"]), world_size=a.num_workers)
         except ValueError as e:
             problems.append(f"config: {e}")
     local = start_local_cluster(int(a.num_workers * a.cpus_per_worker)) if a.local else None

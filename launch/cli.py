@@ -143,13 +143,13 @@ def cmd_data_stream(a: argparse.Namespace) -> int:
 
 
 # ---- argus train -------------------------------------------------------------------------------------------
-def load_job(config: str | None, overrides: Sequence[str]) -> Any:
-    """The run config from YAML + key=value overrides, validated (no process group needed)."""
+def load_job(config: str | None, overrides: Sequence[str], world_size: int | None = None) -> Any:
+    """The run config from YAML + key=value overrides, validated for ``world_size`` (default: $WORLD_SIZE)."""
     from trainer.config import load_config
     from trainer.job import JobConfig
 
     cfg = load_config(JobConfig, config, overrides)
-    cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    cfg.validate(world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1)))
     return cfg
 
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 ENV_FILE = ".deepspeed_env"  # the name deepspeed.launcher.runner looks for (in $HOME and the working directory)
 # First line of every env file argus writes: an existing file without it is the user's and is never overwritten.
@@ -169,20 +169,6 @@ def deepspeed_command(config: str, overrides: list[str], hostfile: str | None, i
     return cmd + ["--master_port", str(master_port), "--module", "launch.cli", "train", config, *overrides]
 
 
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _run(cmd: list[str], env: dict[str, str]) -> int:
     """Run the launcher in its own process group and pass SIGINT/SIGTERM to the whole group.
 
@@ -240,8 +226,7 @@ def launch(config: str, overrides: Sequence[str] = (), *, hostfile: str | None =
         hosts = [("localhost", n)]
     pool = resolve_resources(hosts, include, exclude, num_nodes, num_gpus)
     world = sum(len(s) for s in pool.values())
-    with _environ(WORLD_SIZE=str(world)):
-        load_job(config, overrides)  # raises a one-line ConfigError naming the key, before any spawn
+    load_job(config, overrides, world_size=world)  # a one-line ConfigError naming the key, before any spawn
 
     cmd = deepspeed_command(config, overrides, hostfile, include, exclude, num_gpus, num_nodes, master_addr,
                             master_port, python)
@@ -309,29 +294,3 @@ def add_cluster_hostfile(cluster_sub: Any) -> None:
     p.add_argument("--slots", type=int, help="slots per host (default: each Ray node's GPUs, else CPUs)")
     p.add_argument("--out", default="hostfile", help="output path (default: ./hostfile)")
     p.set_defaults(func=cmd_cluster_hostfile)
-
-
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add `launch deepspeed` and `cluster hostfile` under new `launch`/`cluster` parents (standalone use)."""
-    launch_p = sub.add_parser("launch", help="start `argus train` on one or more nodes")
-    add_launch_deepspeed(launch_p.add_subparsers(dest="launch_command", metavar="LAUNCHER", required=True))
-    cluster_p = sub.add_parser("cluster", help="cluster helpers")
-    add_cluster_hostfile(cluster_p.add_subparsers(dest="cluster_command", metavar="CLUSTER_COMMAND", required=True))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m launch.deepspeed_launch launch deepspeed ...`: the same commands without the rest of `argus`."""
-    p = argparse.ArgumentParser(prog="argus")
-    add_parsers(p.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    a = p.parse_args(argv)
-    try:
-        return a.func(a)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"argus: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -111,8 +111,7 @@ def launch(a: argparse.Namespace) -> int:
     storage = str(Path(a.storage_path).resolve())
     if not any(o.startswith("out=") for o in overrides):
         overrides.append(f"out={Path(storage) / a.name / 'run'}")
-    os.environ["WORLD_SIZE"] = str(a.num_workers)
-    cfg = load_job(a.config, overrides)  # fails with one line before any cluster work
+    cfg = load_job(a.config, overrides, world_size=a.num_workers)  # one line, before any cluster work
     # Workers run in their own working directory: hand them absolute paths.
     cfg.data.path, cfg.out = str(Path(cfg.data.path).resolve()), str(Path(cfg.out).resolve())
     local = start_local_cluster(int(a.num_workers * a.cpus_per_worker)) if a.local else None

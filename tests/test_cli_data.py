@@ -29,7 +29,7 @@ def test_inspect_json_matches_independent_counts(dataset_factory, capsys):
     m = dataset_factory(3, users=20, seed=4, max_len=8)
     assert main(["data", "inspect", str(m.root), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)["splits"]["train"]
-    users, lengths, events, items = {}, [], np.zeros(6, int), set()
+    users, events, items = {}, np.zeros(6, int), set()
     for sh in m.splits["train"].shards:
         with tarfile.open(m.root / sh.path) as t:
             for x in t:

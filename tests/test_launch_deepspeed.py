@@ -18,16 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL
 
 from cluster.hostfile import hosts_from_nodes_file, hosts_from_ray, parse_hostfile, write_hostfile
 from launch import deepspeed_launch as dl
+from launch.cli import build_parser
+from launch.cli import main as argus_main
 
 REPO = Path(__file__).resolve().parents[1]
 DS = str(Path(sys.executable).parent / "deepspeed")
-TINY = ["model.preset=custom", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
-        "model.max_seq_len=32", "embeddings.item_dim=16", "embeddings.side_dim=8", "data.batch_size=4",
-        "data.num_workers=1", "heads.next_item.uniform_negatives=16", "heads.next_item.in_batch_negatives=16",
-        "train.log_every=1", "train.device=cpu", "train.timeout_s=120", "optim.warmup_steps=2"]
+TINY = [*TINY_MODEL, "data.num_workers=1", "optim.warmup_steps=2"]
 
 
 def free_port() -> int:
@@ -224,7 +224,7 @@ def run_cli(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
     def run(*args: str) -> argparse.Namespace:
-        rc = dl.main(["launch", "deepspeed", *args])
+        rc = argus_main(["launch", "deepspeed", *args])
         out = capsys.readouterr()
         return argparse.Namespace(returncode=rc, stdout=out.out, stderr=out.err)
     return run
@@ -375,8 +375,7 @@ def test_hosts_from_ray_connects_filters_and_orders(monkeypatch):
 
 
 def test_cluster_hostfile_from_nodes_file(tmp_path, capsys):
-    p = argparse.ArgumentParser()
-    dl.add_parsers(p.add_subparsers(dest="command", required=True))
+    p = build_parser()
     (tmp_path / "nodes").write_text("n1\nn2:4\n")
     a = p.parse_args(["cluster", "hostfile", "--nodes-file", str(tmp_path / "nodes"), "--slots", "2",
                       "--out", str(tmp_path / "hf")])

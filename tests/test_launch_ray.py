@@ -9,16 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL
 import yaml
 
 from launch.cli import build_parser
 from launch.ray_launch import check_resources
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.preset=custom", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
-        "model.max_seq_len=32", "embeddings.item_dim=16", "embeddings.side_dim=8", "data.batch_size=4",
-        "data.num_workers=0", "heads.next_item.uniform_negatives=16", "heads.next_item.in_batch_negatives=16",
-        "train.log_every=1", "train.device=cpu", "train.timeout_s=120", "train.steps=3"]
+TINY = [*TINY_MODEL, "data.num_workers=0", "train.steps=3"]
 
 
 def test_resource_check_refuses_what_cannot_fit():

@@ -11,14 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ARGUS = [sys.executable, "-m", "launch.cli"]
-TINY = ["model.preset=custom", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
-        "model.max_seq_len=32", "embeddings.item_dim=16", "embeddings.side_dim=8", "data.batch_size=4",
-        "data.num_workers=1", "heads.next_item.uniform_negatives=16", "heads.next_item.in_batch_negatives=16",
-        "train.log_every=1", "train.device=cpu", "train.timeout_s=120", "optim.warmup_steps=2"]
+TINY = [*TINY_MODEL, "data.num_workers=1", "optim.warmup_steps=2"]
 
 
 def env() -> dict[str, str]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import msgpack
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 MEMBER_EXT = "msg"  # webdataset's stock .decode() understands .msg/.mp
