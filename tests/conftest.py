@@ -38,3 +38,13 @@ def dataset_factory(tmp_path: Path):
         root = tmp_path / f"ds{shards}_{users}_{kw.get('seed', 0)}"
         return make_dataset(root, shards, users, **kw)
     return factory
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """A small planted-structure dataset (leave-one-out splits) for CLI and launcher tests."""
+    from trainer.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(root, users=48, items=100, mean_len=25, shards=3, seed=2, holdout="loo", workers=1)
+    return root

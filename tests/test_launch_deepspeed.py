@@ -4,7 +4,6 @@ before any spawn, a real 2-rank run under the deepspeed launcher, Ray node disco
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, losses
 
 from cluster.hostfile import hosts_from_nodes_file, hosts_from_ray, parse_hostfile, write_hostfile
 from launch import deepspeed_launch as dl
@@ -36,17 +35,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss/total"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from trainer.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("ds") / "data"
-    synthesize(root, users=48, items=100, mean_len=25, shards=3, seed=2, holdout="loo", workers=1)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, losses
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,17 +32,6 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return out
 
 
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss/total"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from trainer.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("cli") / "data"
-    synthesize(root, users=48, items=100, mean_len=25, shards=3, seed=2, holdout="loo", workers=1)
-    return root
 
 
 @pytest.mark.slow
