@@ -73,7 +73,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None
     items = sparse.items.embeddings["item"].weight
     full = manifest.num_items <= ev.full_ranking_max_items
     prefix = "" if full else "sampled_"
-    pop_rank = item_ranks(popularity_scores(manifest.item_counts("train")))
+    pop_scores = popularity_scores(manifest.item_counts("train"))  # once: the same for every user and batch
+    pop_rank = item_ranks(pop_scores)
     acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     ev_logits, ev_targets, pl_logits, pl_targets = [], [], [], []
@@ -102,8 +103,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None
             pranks = pop_rank[target_items]
         else:
             ranks = sampled_ranks(logits, target_items, ev.sampled_negatives, gen, owner)
-            pop = popularity_scores(manifest.item_counts("train")).expand(batch.size, -1)
-            pranks = sampled_ranks(pop, target_items, ev.sampled_negatives, gen, owner)
+            pranks = sampled_ranks(pop_scores.expand(batch.size, -1), target_items, ev.sampled_negatives, gen,
+                                   owner)
         # user indices local to the batch, compacted to users with targets
         _, local = torch.unique(owner, return_inverse=True)
         acc_model.add(ranks, local)
