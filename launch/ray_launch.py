@@ -13,9 +13,12 @@ their shards of a checkpoint there. It defaults to `STORAGE_PATH/NAME/run`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import tempfile
+import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    from trainer.checkpoint import latest_checkpoint
     from trainer.config import from_dict
     from trainer.job import JobConfig
     from trainer.logger import quiet_library_logs
@@ -46,31 +50,69 @@ def train_worker(config: dict[str, Any]) -> None:
 
     trainer.on_checkpoint = report
     fault_drill(trainer, ctx.get_world_rank())
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            trainer.restore(Path(directory))
+    from_ray = ray.train.get_checkpoint()
+    with from_ray.as_directory() if from_ray is not None else nullcontext(None) as ray_dir:
+        path, source = pick_restore(Path(ray_dir) if ray_dir else None, latest_checkpoint(trainer.run_dir))
+        if trainer.info.rank == 0:  # one line per attempt: what an operator asks after a restart
+            with open(trainer.run_dir / "ray_attempts.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), "restored_from": source,
+                                    "step": checkpoint_step(path) if path else 0}) + "\n")
+        if path is not None:
+            trainer.restore(path)
     trainer.run()
 
 
-def fault_drill(trainer: Any, rank: int) -> None:
-    """ARGUS_FAULT_INJECT="rank=R,step=S,once=PATH": rank R SIGKILLs itself after step S, once (PATH marks it).
+def pick_restore(ray_dir: Path | None, own: Path | None) -> tuple[Path | None, str | None]:
+    """Which checkpoint a (re)started worker group continues from: the newer of Ray's and the run's own.
 
-    For rehearsing node loss (and for the test that proves recovery loses and repeats nothing).
+    Ray registers a reported checkpoint only when its controller next polls the workers (every
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default); a worker that dies sooner takes the report
+    with it and ``get_checkpoint()`` returns an older one, or None. The run directory's ``latest``
+    pointer (on shared storage, flipped only once every rank has written) is never older, so the
+    newer of the two wins and no finished checkpoint is wasted; a tie goes to Ray's copy. Both are
+    complete checkpoints, so exactly-once holds either way.
+    """
+    candidates = [(checkpoint_step(p), src == "ray", p, src) for p, src in ((ray_dir, "ray"), (own, "run_dir"))
+                  if p is not None]
+    if not candidates:
+        return None, None
+    _, _, path, source = max(candidates, key=lambda c: (c[0], c[1]))
+    return path, source
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(json.loads((path / "meta.json").read_text())["step"])
+
+
+def fault_drill(trainer: Any, rank: int) -> None:
+    """Rehearse node loss: ``ARGUS_FAULT_INJECT="rank=R,step=S,once=PATH[,phase=step|checkpoint][,delay=SEC][;...]"``.
+
+    Rank R SIGKILLs itself once (PATH marks that it happened): with ``phase=step`` (the default)
+    right after optimizer step S, with ``phase=checkpoint`` in the middle of writing the step-S
+    checkpoint (dense states written, sparse tables not yet, nothing published); ``delay`` waits that
+    long first (the other ranks block in their next collective meanwhile). Several faults are
+    separated by ``;``; each fires at most once. Used by the test that proves recovery loses and
+    repeats nothing.
     """
     spec = os.environ.get("ARGUS_FAULT_INJECT", "")
-    if not spec:
-        return
-    opts = dict(kv.split("=", 1) for kv in spec.split(","))
-    if int(opts["rank"]) != rank or Path(opts["once"]).exists():
+    faults = [dict(kv.split("=", 1) for kv in part.split(",")) for part in spec.split(";") if part.strip()]
+    mine = [f for f in faults if int(f["rank"]) == rank and not Path(f["once"]).exists()]
+    if not mine:
         return
 
-    def kill(tr: Any, step: int) -> None:
-        if step == int(opts["step"]):
-            Path(opts["once"]).write_text(f"rank {rank} killed after step {step}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
+    def fire(phase: str, step: int, detail: str) -> None:
+        for f in mine:
+            if f.get("phase", "step") == phase and int(f["step"]) == step and not Path(f["once"]).exists():
+                time.sleep(float(f.get("delay", 0)))
+                Path(f["once"]).write_text(f"rank {rank} killed at {phase} {step}{detail}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer.after_step = kill
+    def latest(tr: Any) -> str:
+        pointer = tr.run_dir / "checkpoints" / "latest"
+        return pointer.read_text().strip() if pointer.is_file() else "none"
+
+    trainer.after_step = lambda tr, step: fire("step", step, "")
+    trainer.mid_checkpoint = lambda tr, tmp: fire("checkpoint", tr.step, f"; latest={latest(tr)}; writing={tmp.name}")
 
 
 def check_resources(available: dict[str, float], workers: int, cpus: float, gpus: float) -> None:

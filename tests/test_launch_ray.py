@@ -13,7 +13,7 @@ from helpers import TINY_MODEL
 import yaml
 
 from launch.cli import build_parser
-from launch.ray_launch import check_resources
+from launch.ray_launch import check_resources, pick_restore
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [*TINY_MODEL, "data.num_workers=0", "train.steps=3"]
@@ -25,6 +25,20 @@ def test_resource_check_refuses_what_cannot_fit():
         check_resources({"CPU": 4.0}, workers=3, cpus=2, gpus=0)
     with pytest.raises(RuntimeError, match="needs 2 GPU, the cluster has 0"):
         check_resources({"CPU": 64.0}, workers=2, cpus=1, gpus=1)
+
+
+def test_restart_continues_from_the_newer_of_rays_and_the_runs_checkpoint(tmp_path):
+    def ckpt(name: str, step: int) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(f'{{"step": {step}}}')
+        return tmp_path / name
+
+    ray2, own2, own4 = ckpt("ray2", 2), ckpt("own2", 2), ckpt("own4", 4)
+    assert pick_restore(None, None) == (None, None)
+    assert pick_restore(ray2, None) == (ray2, "ray")
+    assert pick_restore(None, own4) == (own4, "run_dir")
+    assert pick_restore(ray2, own4) == (own4, "run_dir")  # Ray lost the step-4 report with the dead worker
+    assert pick_restore(ray2, own2) == (ray2, "ray")
 
 
 def test_kuberay_entrypoint_is_a_valid_argus_command():

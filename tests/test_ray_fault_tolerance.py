@@ -1,5 +1,7 @@
-"""Node loss on a 2-node Ray cluster: kill -9 a worker after the first checkpoint; the run must finish
-with the same weights as an uninterrupted run, having consumed every sample exactly once."""
+"""Node loss on a 2-node Ray cluster: kill -9 a worker after the first checkpoint, then kill -9 rank 0
+in the middle of writing the next checkpoint; the run must finish with the same weights as an
+uninterrupted run, having consumed every sample exactly once, and the half-written checkpoint must
+never have been published."""
 
 from __future__ import annotations
 
@@ -54,11 +56,15 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
                           f"out={ref}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    # two simulated nodes; rank 1 is killed (SIGKILL) after step 3, i.e. after the step-2 checkpoint
+    # two simulated nodes. Attempt 1: rank 1 is killed (SIGKILL) 6 s after step 3, i.e. after the step-2
+    # checkpoint and after Ray's controller has registered it (it polls every 2 s). Attempt 2 resumes
+    # from Ray's step-2 checkpoint; rank 0 is killed while writing the step-4 checkpoint
+    # (dense states on disk, sparse tables not). Attempt 3 resumes from step 2 again and finishes.
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    marker = tmp_path / "killed"
-    monkeypatch.setenv("ARGUS_FAULT_INJECT", f"rank=1,step=3,once={marker}")
+    marker, marker_ckpt = tmp_path / "killed", tmp_path / "killed_in_checkpoint"
+    monkeypatch.setenv("ARGUS_FAULT_INJECT", f"rank=1,step=3,delay=6,once={marker};"
+                                             f"rank=0,step=4,phase=checkpoint,once={marker_ckpt}")
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)  # nothing lands in /tmp/ray
     os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
@@ -69,13 +75,16 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
     try:
         args = argparse.Namespace(config=common[0], overrides=common[1:] + [f"out={run}"], address=cluster.address,
                                   local=False, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=0.0,
-                                  storage_path=str(tmp_path / "storage"), max_failures=1, name="ft")
+                                  storage_path=str(tmp_path / "storage"), max_failures=2, name="ft")
         assert {n.node_ip_address for n in cluster.list_all_nodes()} == {"127.0.0.2", "127.0.0.3"}
         assert launch(args) == 0
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert marker.is_file(), "the fault was injected"
+    assert marker.is_file(), "the step fault was injected"
+    # (3) the kill inside save() hit a half-written step-4 checkpoint while `latest` named step 2
+    assert marker_ckpt.read_text().strip() == (
+        "rank 0 killed at checkpoint 4; latest=step_00000002; writing=step_00000004.tmp")
 
     # (1) final weights equal the uninterrupted run's, bit for bit
     num_items = json.loads((data / "manifest.json").read_text())["num_items"]
@@ -90,6 +99,12 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
     all_keys = [k for keys in got.values() for k in keys]
     manifest = json.loads((data / "manifest.json").read_text())
     assert len(all_keys) == len(set(all_keys)) == sum(s["samples"] for s in manifest["splits"]["train"]["shards"])
-    # the killed attempt really re-did step 3 (logged twice by rank 1: before the kill and after the restore)
-    rank1 = [json.loads(x)["step"] for x in (run / "sample_keys" / "rank00001.jsonl").read_text().splitlines()]
-    assert rank1.count(3) == 2
+    # both restarts resumed from the step-2 checkpoint: step 3 ran in all three attempts, step 4 in the
+    # last two (the half-written step-4 checkpoint was never used), steps 5-6 once
+    for rank in (0, 1):
+        logged = [json.loads(x)["step"] for x in (run / "sample_keys" / f"rank{rank:05d}.jsonl").read_text().splitlines()]
+        assert [logged.count(s) for s in range(1, steps + 1)] == [1, 1, 3, 2, 1, 1], (rank, logged)
+    attempts = [json.loads(x) for x in (run / "ray_attempts.jsonl").read_text().splitlines()]
+    assert [(a["restored_from"], a["step"]) for a in attempts] == [(None, 0), ("ray", 2), ("ray", 2)]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"

@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,8 +63,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine: Any, loader: ShardLoader, step: int, cfg: Any, run_dir: str | Path, rank: int,
-         extra: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the published checkpoint directory."""
+         extra: dict[str, Any] | None = None, mid_write: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the published checkpoint directory.
+
+    ``mid_write(tmp)`` runs between the dense and the sparse writes (fault drills kill a rank there).
+    """
     root = checkpoint_root(run_dir)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f"{name}.tmp"
@@ -73,6 +76,8 @@ def save(engine: Any, loader: ShardLoader, step: int, cfg: Any, run_dir: str | P
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     engine.ds.save_checkpoint(str(tmp / "dense"), tag=DENSE_TAG)
+    if mid_write is not None:
+        mid_write(tmp)
     dcp.save({"tables": engine.dmp.state_dict(), "optimizer": engine.dmp.fused_optimizer.state_dict()},
              checkpoint_id=str(tmp / "sparse"))
     states = gather_states(loader)

@@ -40,8 +40,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.gpu = detect_gpu(self.info.device)
-        # Hooks: after every step (tests, fault drills); after every checkpoint (Ray reports it).
+        # Hooks: after every step (tests, fault drills); in the middle of writing a checkpoint (fault
+        # drills); after every checkpoint (Ray reports it).
         self.after_step: Callable[["Trainer", int], None] | None = None
+        self.mid_checkpoint: Callable[["Trainer", Path], None] | None = None
         self.on_checkpoint: Callable[["Trainer", Path], None] | None = None
         self._restored = False
 
@@ -63,7 +65,9 @@ class Trainer:
 
     def save(self) -> Path:
         path = checkpoint.save(self.engine, self.loader, self.step, self.cfg, self.run_dir, self.info.rank,
-                               extra={"epoch": self.loader.epoch})
+                               extra={"epoch": self.loader.epoch},
+                               mid_write=None if self.mid_checkpoint is None else
+                               lambda tmp: self.mid_checkpoint(self, tmp))
         if self.on_checkpoint is not None:
             self.on_checkpoint(self, path)
         return path
