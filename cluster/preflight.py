@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +39,16 @@ def allreduce_probe(config: dict[str, Any]) -> None:
     ok = bool(torch.allclose(x[:8], torch.full((8,), float(n) ** (config["iters"] + 1), device=device)))
     # bus bandwidth as nccl-tests defines it: algorithm bandwidth x 2(n-1)/n
     busbw = x.numel() * 4 / seconds * (2 * (n - 1) / n) / 1e9 if n > 1 else float("inf")
-    result = {"busbw_gbps": busbw, "seconds": seconds, "correct": ok, "world_size": n, "backend": dist.get_backend()}
+    # the smallest memory any worker has: a GPU's, or on CPU this worker's share of its node's RAM
+    if device.type == "cuda":
+        mem, name = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
+    else:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(int(config["per_node"]), 1)
+        name = "cpu"
+    smallest = torch.tensor([mem], dtype=torch.int64, device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    result = {"busbw_gbps": busbw, "seconds": seconds, "correct": ok, "world_size": n, "backend": dist.get_backend(),
+              "memory_bytes": int(smallest.item()), "device_name": name}
     if dist.get_rank() == 0:  # Ray V2 keeps no metrics without a checkpoint: hand the result over in a file
         Path(config["result"]).write_text(json.dumps(result))
     ray.train.report(result)
@@ -54,10 +64,11 @@ def check(a: argparse.Namespace) -> int:
     from launch.ray_launch import check_resources, start_local_cluster
 
     problems: list[str] = []
+    job = None
     if a.config:
         try:
-            load_job(a.config, list(a.overrides) + ([] if any(o.startswith("out=") for o in a.overrides)
-                                                   else ["out=/preflight"]), world_size=a.num_workers)
+            job = load_job(a.config, list(a.overrides) + ([] if any(o.startswith("out=") for o in a.overrides)
+                                                         else ["out=/preflight"]), world_size=a.num_workers)
         except ValueError as e:
             problems.append(f"config: {e}")
     local = start_local_cluster(int(a.num_workers * a.cpus_per_worker)) if a.local else None
@@ -83,7 +94,8 @@ def check(a: argparse.Namespace) -> int:
         if fits:
             trainer = TorchTrainer(
                 allreduce_probe, train_loop_config={"mb": a.probe_mb, "iters": a.probe_iters,
-                                                    "result": str(result_file)},
+                                                    "result": str(result_file),
+                                                    "per_node": max(1, a.num_workers // max(len(ray.nodes()), 1))},
                 torch_config=TorchConfig(backend="nccl" if a.gpus_per_worker else "gloo"),
                 scaling_config=ScalingConfig(num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0,
                                              resources_per_worker={"CPU": a.cpus_per_worker,
@@ -98,6 +110,11 @@ def check(a: argparse.Namespace) -> int:
             elif probe["busbw_gbps"] < a.min_busbw_gbps:
                 problems.append(f"all-reduce: {probe['busbw_gbps']:.2f} GB/s bus bandwidth < --min-busbw-gbps "
                                 f"{a.min_busbw_gbps}")
+        memory = memory_check(job, a, probe) if job is not None and probe else None
+        if memory and not memory["fits"]:
+            problems.append(f"memory: the planner predicts {memory['need'] / 1e9:.1f} GB per rank (+ "
+                            f"{memory['headroom'] / 1e9:.1f} GB headroom) but the smallest worker has "
+                            f"{memory['capacity'] / 1e9:.1f} GB ({memory['device']}); see `argus plan`")
         free = shutil.disk_usage(storage).free
         if free < a.min_free_gb * 2**30:
             problems.append(f"disk: {free / 2**30:.1f} GiB free at {storage} < --min-free-gb {a.min_free_gb}")
@@ -108,6 +125,10 @@ def check(a: argparse.Namespace) -> int:
             t.add_row("all-reduce", f"{probe.get('backend')} over {probe.get('world_size')} workers, "
                                     f"{a.probe_mb} MiB: {probe.get('busbw_gbps', 0):.2f} GB/s bus bandwidth")
         t.add_row("disk", f"{free / 2**30:.1f} GiB free at {storage}")
+        if memory:
+            t.add_row("memory / rank", f"planned {memory['need'] / 1e9:.2f} GB + {memory['headroom'] / 1e9:.2f} GB "
+                                       f"headroom vs {memory['capacity'] / 1e9:.2f} GB: "
+                                       f"{'fits' if memory['fits'] else 'DOES NOT FIT'} ({memory['items']:,} items)")
         t.add_row("config", "ok" if a.config and not any(p.startswith("config") for p in problems)
                   else ("not given" if not a.config else "FAILED"))
         console.print(t)
@@ -118,6 +139,27 @@ def check(a: argparse.Namespace) -> int:
     for p in problems:
         print(f"argus cluster check: {p}")
     return 1 if problems else 0
+
+
+def memory_check(job: Any, a: argparse.Namespace, probe: dict[str, Any]) -> dict[str, Any] | None:
+    """The capacity planner's per-rank memory for this config and world size vs the smallest worker's."""
+    from cluster.hardware import Hardware
+    from cluster.planner import PlanRequest, plan
+    from trainer.data.manifest import Manifest
+    from trainer.flops import match_gpu_name
+
+    items = a.items
+    if not items and job.data.path and (Path(job.data.path) / "manifest.json").is_file():
+        items = job.embeddings.item_rows or Manifest.load(job.data.path).num_items
+    if not items:
+        return None
+    spec = match_gpu_name(probe["device_name"])
+    hw = Hardware(gpu=spec.name if spec else "h100", nodes=1, gpus_per_node=a.num_workers,
+                  memory_gb=probe["memory_bytes"] / 1e9)
+    r = plan(job, PlanRequest(items=int(items), hardware=hw, torchrec=bool(a.gpus_per_worker)))
+    m = r["memory"]
+    return {"need": m["total"], "headroom": m["headroom"], "capacity": m["capacity"], "items": int(items),
+            "fits": m["total"] + m["headroom"] <= m["capacity"], "device": probe["device_name"]}
 
 
 def add_cluster_check(cluster_sub: Any) -> None:
@@ -135,4 +177,6 @@ def add_cluster_check(cluster_sub: Any) -> None:
     c.add_argument("--probe-iters", type=int, default=5)
     c.add_argument("--min-busbw-gbps", type=float, default=0.0)
     c.add_argument("--min-free-gb", type=float, default=10.0)
+    c.add_argument("--items", type=float, default=0, help="catalog size for the memory check (default: the "
+                                                           "data manifest's)")
     c.set_defaults(func=check)

@@ -297,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     csub = cl.add_subparsers(dest="cluster_command", metavar="TOOL", required=True)
     add_cluster_check(csub)
     add_cluster_hostfile(csub)
+
+    from cluster.plan_cli import add_plan
+
+    add_plan(sub)
     return p
 
 

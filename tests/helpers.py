@@ -12,3 +12,19 @@ TINY_MODEL = ["model.preset=custom", "model.d_model=32", "model.n_layers=2", "mo
 def losses(run: Path) -> dict[int, float]:
     """step -> loss/total from a run's metrics.jsonl."""
     return {r["step"]: r["loss/total"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_training_plan_matches(run: Path, data: Path, world: int) -> None:
+    """The sharding `argus train` built (RUN/sharding_plan.json) is the one `argus plan` makes offline."""
+    import yaml
+
+    from cluster.hardware import Hardware
+    from cluster.planner import torchrec_plan
+    from trainer.config import from_dict
+    from trainer.job import JobConfig
+
+    cfg = from_dict(JobConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    built = json.loads((run / "sharding_plan.json").read_text())
+    num_items = json.loads((data / "manifest.json").read_text())["num_items"]
+    offline = torchrec_plan(cfg, num_items, Hardware("h100", nodes=1, gpus_per_node=world), None, "cpu")
+    assert offline["plan"] == built

@@ -88,3 +88,12 @@ def test_cluster_check_probes_allreduce_and_reports_config_problems(tmp_path):
     assert "gloo over 2 workers" in out.stdout
     assert "argus cluster check: config: train.global_batch_size: 999 != data.batch_size" in out.stdout
     assert "127.0.0.2" in out.stdout  # the throw-away cluster lives on loopback
+    # a valid config whose catalog can't fit: the planner's per-rank memory vs each worker's share of RAM
+    # (10^11 items x (64 fp32 + 1 Adagrad state) = 26 TB over 2 workers)
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "cluster", "check", "configs/mini.yaml",
+                          f"data.path={data}", "--local", "--num-workers", "2", "--items", "1e11",
+                          "--probe-mb", "4", "--min-free-gb", "0.01", "--storage-path", str(tmp_path / "pf")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "argus cluster check: memory: the planner predicts 13001.2 GB per rank" in out.stdout
+    assert "memory / rank" in out.stdout

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL, losses
+from helpers import TINY_MODEL, assert_training_plan_matches, losses
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +47,7 @@ def test_torchrun_resume_is_bitwise_identical_and_eval_deterministic(data, tmp_p
     assert sorted(lf) == [1, 2, 3, 4, 5, 6] and sorted(lp) == [1, 2, 3, 4, 5, 6]
     assert [lf[s] for s in range(1, 7)] == [lp[s] for s in range(1, 7)], "bitwise equal loss curve"
     assert (part / "checkpoints" / "step_00000003" / "loader.json").is_file()
+    assert_training_plan_matches(full, data, world=2)  # row-wise item table
     num_items = json.loads((data / "manifest.json").read_text())["num_items"]
     _, s_full, d_full = load_model(full / "checkpoints" / "step_00000006", num_items)
     _, s_part, d_part = load_model(part / "checkpoints" / "step_00000006", num_items)
@@ -146,6 +147,7 @@ def test_short_mini_run_beats_popularity(tmp_path):
 def test_options_train_and_evaluate(data, tmp_path, options):
     run = tmp_path / "run"
     torchrun("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=3", *options, nproc=2)
+    assert_training_plan_matches(run, data, world=2)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["loss/total"] == r["loss/total"] and r["loss/total"] > 0 for r in rows)  # finite, not NaN

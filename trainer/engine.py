@@ -94,7 +94,14 @@ class Engine:
         self.num_items = manifest.num_items
         sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
         self.item_rows = sparse.item_rows
-        self.dmp, self.plan = shard(sparse, cfg.embeddings, info.device, batch_size=cfg.data.batch_size)
+        from trainer.memory import embedding_hbm_budget, embedding_lookups
+
+        hbm_cap = None
+        if info.device.type == "cuda":  # embeddings get what the dense side leaves (the planner's arithmetic)
+            hbm_cap = embedding_hbm_budget(cfg, info.world_size, torch.cuda.get_device_properties(info.device)
+                                           .total_memory, gpus_per_node=torch.cuda.device_count())
+        self.dmp, self.plan = shard(sparse, cfg.embeddings, info.device, batch_size=cfg.data.batch_size,
+                                    hbm_cap=hbm_cap, lookups=embedding_lookups(cfg))
         init_sparse_weights(self.dmp, cfg.embeddings, cfg.train.seed)
 
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
@@ -176,14 +183,8 @@ class Engine:
         return {k: float(v) / self.info.world_size for k, v in zip(values, t.tolist())}
 
     def flops_per_interaction(self) -> float:
-        """Dense FLOPs per interaction (training), embedding lookups excluded."""
-        from trainer.flops import encoder_flops_per_token, head_flops_per_token
+        """Dense FLOPs per interaction (training), embedding lookups excluded (shared with the planner)."""
+        from trainer.flops import flops_per_interaction
 
-        enc = self.cfg.model.resolved()
-        k = self.cfg.tokens_per_interaction()
-        ni = self.cfg.heads.next_item
-        per_token = encoder_flops_per_token(self.dense_params, enc.n_layers, enc.d_model,
-                                            self.cfg.data.max_seq_len * k, training=True)
-        candidates = self.item_rows if ni.full_softmax else ni.uniform_negatives + ni.in_batch_negatives
-        return k * per_token + head_flops_per_token(self.cfg.embeddings.item_dim, 1 + candidates, training=True)
+        return flops_per_interaction(self.cfg, self.item_rows)
 

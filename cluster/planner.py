@@ -1,0 +1,347 @@
+"""`argus plan`: GPUs, memory per rank and days to train, for the sharded-embedding + ZeRO model.
+
+Inputs are the run's own JobConfig (what `argus train` reads) plus catalog size, interactions to
+train and the hardware. Memory per rank joins two halves no other tool puts together:
+- embedding shards and their fused-optimizer state, from TorchRec's planner run offline on a
+  meta-device copy of the tables with a hypothetical Topology (``embeddings.sharding.plan_offline``,
+  the same call `argus train` makes), given the HBM the dense side leaves;
+- dense parameters, gradients and optimizer states for the ZeRO stage, activations and DeepSpeed's
+  buckets, from ``trainer.memory`` (which the trainer also uses to size TorchRec's budget).
+Time per step is the larger of compute (FLOPs at an assumed MFU), memory traffic (at HBM
+bandwidth) and ZeRO collectives (which DeepSpeed overlaps with compute), plus the embedding
+all-to-all (on the critical path between lookup and encoder). docs/capacity-planning.md gives
+every formula and its source.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.hardware import Hardware
+from embeddings.tables import SIDE_FEATURES, table_rows
+from trainer.config import ConfigError
+from trainer.flops import encoder_flops_per_token, flops_per_interaction
+from trainer.memory import (HEADROOM_FRACTION, activations, dense_params, dense_states, ds_buffers,
+                            embedding_lookups, headroom, weight_bytes)
+
+DEFAULT_INTERACTIONS = 3e11
+ASSUMED_MFU = 0.40  # used when no GPU measurement of ours exists for the chosen GPU
+MEASURED_MFU_FILE = Path(__file__).resolve().parents[1] / "bench" / "results" / "mfu.json"
+OPTIMIZER_STATE_BYTES_PER_ROW = {"rowwise_adagrad": lambda dim: 4, "adagrad": lambda dim: 4 * dim,
+                                 "adam": lambda dim: 8 * dim, "sgd": lambda dim: 0}
+
+
+@dataclass
+class PlanRequest:
+    """Everything a plan depends on besides the JobConfig."""
+
+    items: int = 1_000_000_000
+    interactions: float = DEFAULT_INTERACTIONS
+    hardware: Hardware = field(default_factory=Hardware)
+    mfu: float = 0.0  # 0 = ours measured for this GPU (bench/results/mfu.json), else ASSUMED_MFU
+    fill: float = 1.0  # average fraction of the context a sample fills (histories shorter than it)
+    headroom_fraction: float = HEADROOM_FRACTION
+    torchrec: bool = True  # run TorchRec's planner (False: the analytic estimate only, for fast searches)
+
+    def validate(self) -> None:
+        self.hardware.validate()
+        if self.items < 1:
+            raise ConfigError(f"--items: must be >= 1, got {self.items}")
+        if self.interactions <= 0:
+            raise ConfigError(f"--interactions: must be > 0, got {self.interactions:g}")
+        if not 0 <= self.mfu <= 1:
+            raise ConfigError(f"--mfu: a fraction in (0, 1], got {self.mfu}")
+        if not 0 < self.fill <= 1:
+            raise ConfigError(f"--fill: a fraction in (0, 1], got {self.fill}")
+        if not 0 <= self.headroom_fraction < 1:
+            raise ConfigError(f"--headroom: a fraction in [0, 1), got {self.headroom_fraction}")
+
+
+def measured_mfu(gpu: str, path: Path = MEASURED_MFU_FILE) -> tuple[float, str] | None:
+    """(mfu, source) from our own GPU benchmark results, when bench/train_throughput.py has recorded one."""
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text()).get(gpu)
+    return (float(entry["mfu"]), str(entry.get("source", path.name))) if entry else None
+
+
+def plan_config(cfg: Any, world: int) -> Any:
+    """A validated copy of ``cfg`` for planning: no data directory or run directory needed."""
+    cfg = copy.deepcopy(cfg)
+    cfg.out = cfg.out or "(plan)"
+    cfg.data.path = cfg.data.path or "(plan)"
+    cfg.validate(world, "cuda")
+    return cfg
+
+
+def embedding_tables(cfg: Any, items: int) -> dict[str, dict[str, int]]:
+    """table -> rows, dim, weight bytes and fused-optimizer state bytes (fp32 tables)."""
+    state = OPTIMIZER_STATE_BYTES_PER_ROW[cfg.embeddings.optimizer]
+    return {name: {"rows": rows, "dim": dim, "weight_bytes": rows * dim * 4, "optimizer_bytes": rows * state(dim)}
+            for name, (rows, dim) in table_rows(cfg.embeddings, items).items()}
+
+
+def analytic_embedding_bytes(cfg: Any, items: int, world: int) -> int:
+    """Per-rank embedding bytes without TorchRec: the item table split evenly, every side table on
+    one rank (an upper bound for the busiest rank)."""
+    tables = embedding_tables(cfg, items)
+    item = tables.pop("item")
+    return math.ceil((item["weight_bytes"] + item["optimizer_bytes"]) / world) + sum(
+        t["weight_bytes"] + t["optimizer_bytes"] for t in tables.values())
+
+
+def torchrec_plan(cfg: Any, items: int, hw: Hardware, hbm_cap: int | None, compute_device: str = "cuda"
+                  ) -> dict[str, Any]:
+    """TorchRec's plan for this world: per-table rows and per-rank HBM / host bytes (max over ranks).
+
+    The call is the one `argus train` makes (same constraints, batch size, lookups, HBM budget and
+    TorchRec's default bandwidths), so the plan is the one training will use."""
+    from torchrec.distributed.planner.types import PlannerError
+
+    from embeddings.sharding import plan_offline, plan_summary
+
+    try:
+        plan, options = plan_offline(cfg.embeddings, items, hw.world, compute_device, batch_size=cfg.data.batch_size,
+                                     local_world_size=hw.gpus_per_node if compute_device == "cuda" else None,
+                                     hbm_cap=hbm_cap, lookups=embedding_lookups(cfg))
+    except PlannerError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return {"error": f"TorchRec planner: {first}"}
+    hbm, ddr, perf = [0] * hw.world, [0] * hw.world, [0.0] * hw.world
+    tables = []
+    for o in options:
+        for s in o.shards:
+            if s.rank is not None and s.storage is not None:
+                hbm[s.rank] += s.storage.hbm
+                ddr[s.rank] += s.storage.ddr
+            if s.rank is not None and s.perf is not None:
+                perf[s.rank] += s.perf.total / 1000  # TorchRec's perf model works in milliseconds
+        tables.append({"table": o.name, "sharding_type": o.sharding_type, "compute_kernel": o.compute_kernel,
+                       "shards": len(o.shards),
+                       "hbm_per_shard": max((s.storage.hbm for s in o.shards if s.storage), default=0),
+                       "host_per_shard": max((s.storage.ddr for s in o.shards if s.storage), default=0)})
+    return {"tables": sorted(tables, key=lambda t: t["table"]), "hbm_per_rank": max(hbm), "host_per_rank": max(ddr),
+            "seconds_per_step": max(perf), "plan": plan_summary(plan)}
+
+
+def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
+    """The whole plan as a JSON-ready dict (bytes, seconds, FLOPs; see docs/capacity-planning.md)."""
+    req.validate()
+    hw = req.hardware
+    world, gpn = hw.world, hw.gpus_per_node
+    cfg = plan_config(cfg, world)
+    spec = hw.spec()
+    enc, ds, ni = cfg.model.resolved(), cfg.deepspeed, cfg.heads.next_item
+    capacity = spec.memory_bytes
+
+    # ---- parameters
+    p = dense_params(cfg)
+    tables = embedding_tables(cfg, req.items)
+
+    # ---- memory per rank
+    states = dense_states(p.total, p.largest_layer, ds.stage, ds.precision, ds.offload, world, gpn)
+    act = activations(cfg)
+    buffers = ds_buffers(cfg.deepspeed_config(world), ds.precision)
+    reserve = headroom(capacity, req.headroom_fraction)
+    dense_side = states.gpu + act.total + buffers
+    emb_budget = max(capacity - reserve - dense_side, 0)
+    emb: dict[str, Any] = {"analytic_per_rank": analytic_embedding_bytes(cfg, req.items, world),
+                           "budget_per_rank": emb_budget}
+    if req.torchrec:
+        emb.update(torchrec_plan(cfg, req.items, hw, emb_budget))
+    emb_hbm = emb.get("hbm_per_rank", emb["analytic_per_rank"])
+    total = emb_hbm + dense_side
+    fits = "error" not in emb and total + reserve <= capacity
+    memory = {
+        "embeddings": emb_hbm, "embeddings_host": emb.get("host_per_rank", 0),
+        "dense_params": states.params, "dense_grads": states.grads, "dense_optimizer": states.optimizer,
+        "dense_host_offload": states.host,
+        "activations": act.total, "activations_layers": act.layers, "activations_other": act.other,
+        "activations_working": act.working, "comm_buffers": buffers, "headroom": reserve,
+        "total": total, "capacity": capacity, "fits": fits,
+    }
+
+    # ---- FLOPs and bytes per step, per rank
+    k = cfg.tokens_per_interaction()
+    interactions_rank = cfg.data.batch_size * cfg.data.max_seq_len * req.fill
+    f_int = flops_per_interaction(cfg, req.items)
+    f_enc = k * encoder_flops_per_token(p.total - p.positions, enc.n_layers, enc.d_model, cfg.data.max_seq_len * k)
+    recompute = f_enc / 3 if enc.activation_checkpointing else 0.0  # one more forward of the encoder
+    flops_step = (f_int + recompute) * interactions_rank
+    peak = spec.peak_flops(ds.precision)
+    if req.mfu:
+        mfu, mfu_source = req.mfu, "given (--mfu)"
+    else:
+        mfu, mfu_source = measured_mfu(hw.gpu) or (ASSUMED_MFU, "assumed: no GPU measurement of ours yet")
+    compute_s = flops_step / (peak * mfu)
+
+    item_dim, side_dim = cfg.embeddings.item_dim, cfg.embeddings.side_dim
+    item_lookups = interactions_rank + (ni.uniform_negatives if not ni.full_softmax else 0)
+    lookup_bytes = item_lookups * item_dim * 4 + interactions_rank * len(SIDE_FEATURES) * side_dim * 4
+    opt_row = OPTIMIZER_STATE_BYTES_PER_ROW[cfg.embeddings.optimizer]
+    # HBM traffic: rows read forward, read + written by the fused update (with their optimizer state);
+    # dense weights read by forward and twice by backward; optimizer states read and written once;
+    # saved activations written and read once.
+    w = weight_bytes(ds.precision)
+    hbm_bytes = (3 * lookup_bytes + 2 * item_lookups * opt_row(item_dim)
+                 + 3 * p.total * w + 2 * (states.optimizer + states.grads) + 2 * act.layers)
+    memory_s = hbm_bytes / spec.hbm_bytes_per_s
+
+    intra, inter = hw.bandwidths()
+    ring = (world - 1) / world if world > 1 else 0.0
+    zero_passes = {0: 2, 1: 2, 2: 2, 3: 3}[ds.stage]  # all-reduce = reduce-scatter + all-gather; ZeRO-3 gathers twice
+    zero_bytes = zero_passes * ring * p.total * w
+    zero_s = zero_bytes / (inter if hw.nodes > 1 else intra) if world > 1 else 0.0
+    a2a_bytes = 2 * lookup_bytes * ring  # embeddings out forward, their gradients back
+    local = (gpn - 1) / world if world > 1 else 0.0
+    remote = (world - gpn) / world if world > 1 else 0.0
+    a2a_s = 2 * lookup_bytes * (local / intra + remote / inter)
+    # TorchRec rates its own plan (lookups, updates, all-to-alls; slower for rows left in host memory):
+    # that is the embedding time when it ran; the bandwidth estimate above otherwise.
+    emb_s = emb.get("seconds_per_step", a2a_s)
+    parts = {"compute": compute_s, "memory": memory_s, "communication": zero_s + a2a_s, "embeddings": emb_s}
+    step_s = max(compute_s, memory_s, zero_s) + emb_s
+
+    interactions_step = interactions_rank * world
+    steps = math.ceil(req.interactions / interactions_step)
+    seconds = steps * step_s
+    gpu_hours = seconds / 3600 * world
+    out: dict[str, Any] = {
+        "inputs": {
+            "preset": cfg.model.preset, "d_model": enc.d_model, "n_layers": enc.n_layers, "n_heads": enc.n_heads,
+            "d_ff": enc.d_ff, "context": cfg.data.max_seq_len * k, "tokens_per_interaction": k,
+            "micro_batch": cfg.data.batch_size, "zero_stage": ds.stage, "offload": ds.offload,
+            "precision": ds.precision, "activation_checkpointing": enc.activation_checkpointing,
+            "item_dim": item_dim, "embedding_optimizer": cfg.embeddings.optimizer,
+            "negatives": ni.uniform_negatives + ni.in_batch_negatives, "items": req.items,
+            "interactions": req.interactions, "fill": req.fill, "gpu": hw.gpu, "nodes": hw.nodes,
+            "gpus_per_node": gpn, "world": world, "gpu_memory": capacity, "peak_flops": peak,
+            "hbm_bytes_per_s": spec.hbm_bytes_per_s, "intra_node_bytes_per_s": intra,
+            "inter_node_bytes_per_s": inter, "mfu": mfu, "mfu_source": mfu_source,
+            "price_per_gpu_hour": hw.price_per_gpu_hour,
+        },
+        "params": {"encoder": p.encoder, "positions": p.positions, "interaction": p.interaction, "heads": p.heads,
+                   "dense_total": p.total, "largest_layer": p.largest_layer,
+                   "embedding": sum(t["rows"] * t["dim"] for t in tables.values()), "tables": tables},
+        "memory": memory,
+        "embedding_plan": emb,
+        "flops": {"per_interaction": f_int, "encoder_per_interaction": f_enc,
+                  "head_per_interaction": f_int - f_enc, "recompute_per_interaction": recompute,
+                  "per_step_per_rank": flops_step, "embedding_bytes_per_interaction": lookup_bytes / interactions_rank},
+        "step": {"interactions_per_rank": interactions_rank, "interactions": interactions_step,
+                 "compute_s": compute_s, "memory_s": memory_s, "zero_comm_s": zero_s, "embedding_comm_s": a2a_s, "embedding_s": emb_s,
+                 "zero_comm_bytes": zero_bytes, "embedding_comm_bytes": a2a_bytes, "hbm_bytes": hbm_bytes,
+                 "seconds": step_s, "bound": max(parts, key=parts.get)},
+        "time": {"steps": steps, "days": seconds / 86400, "gpu_hours": gpu_hours,
+                 "cost": gpu_hours * hw.price_per_gpu_hour if hw.price_per_gpu_hour else None},
+    }
+    return out
+
+
+# ---- searches: the smallest GPU count that fits, and the smallest change that makes a config fit ----
+def _fits_fast(cfg: Any, req: PlanRequest, scale: float = 1.0) -> dict[str, Any] | None:
+    """Plan without TorchRec; ``scale`` corrects the analytic embedding bytes toward TorchRec's."""
+    r = dataclasses.replace(req, torchrec=False)
+    try:
+        out = plan(cfg, r)
+    except ConfigError:
+        return None
+    m = out["memory"]
+    emb = m["embeddings"] * scale
+    return out if emb + m["total"] - m["embeddings"] + m["headroom"] <= m["capacity"] else None
+
+
+def _scale(result: dict[str, Any]) -> float:
+    emb = result["embedding_plan"]
+    if "hbm_per_rank" in emb and emb["analytic_per_rank"]:
+        return max(emb["hbm_per_rank"] / emb["analytic_per_rank"], 1.0)
+    return 1.0
+
+
+def min_gpus(cfg: Any, req: PlanRequest, scale: float = 1.0, limit: int = 1 << 16) -> int | None:
+    """Fewest GPUs (whole nodes past one node) with which ``cfg`` fits, or None up to ``limit``."""
+    hw = req.hardware
+    counts = [g for g in (1, 2, 4) if g < hw.gpus_per_node] + [hw.gpus_per_node * n for n in range(1, limit + 1)]
+
+    def ok(g: int) -> bool:
+        return _fits_fast(cfg, dataclasses.replace(req, hardware=hw.with_world(g)), scale) is not None
+
+    # memory per rank falls as GPUs are added: double until it fits, then bisect
+    lo, hi = -1, 0
+    while hi < len(counts) - 1 and not ok(counts[hi]):
+        lo, hi = hi, min(2 * hi + 1, len(counts) - 1)
+    if not ok(counts[hi]):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(counts[mid]):
+            hi = mid
+        else:
+            lo = mid
+    return counts[hi]
+
+
+def suggestions(cfg: Any, req: PlanRequest, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Single changes that make a config fit, each with its days to train (fewest days first)."""
+    scale = _scale(result)
+    enc, ds = cfg.model, cfg.deepspeed
+    candidates: list[tuple[str, Any, PlanRequest]] = []
+
+    def variant(change: str, edit: Any, r: PlanRequest = req) -> None:
+        c = copy.deepcopy(cfg)
+        edit(c)
+        candidates.append((change, c, r))
+
+    if not enc.activation_checkpointing:
+        variant("model.activation_checkpointing=true", lambda c: setattr(c.model, "activation_checkpointing", True))
+    if ds.stage < 3:
+        variant("deepspeed.stage=3", lambda c: setattr(c.deepspeed, "stage", 3))
+    b = cfg.data.batch_size // 2
+    while b >= 1:
+        fitted = _fits_fast(_with_batch(cfg, b), req, scale)
+        if fitted:
+            variant(f"data.batch_size={b}", lambda c, b=b: setattr(c.data, "batch_size", b))
+            break
+        b //= 2
+    if not ds.offload:
+        variant("deepspeed.stage=3 deepspeed.offload=true",
+                lambda c: (setattr(c.deepspeed, "stage", 3), setattr(c.deepspeed, "offload", True)))
+    out = []
+    for change, c, r in candidates:
+        fitted = _fits_fast(c, r, scale)
+        if fitted:
+            out.append({"change": change, "days": fitted["time"]["days"],
+                        "memory_per_rank": fitted["memory"]["total"]})
+    g = min_gpus(cfg, req, scale)
+    if g is not None and g > req.hardware.world:
+        fitted = _fits_fast(cfg, dataclasses.replace(req, hardware=req.hardware.with_world(g)), scale)
+        if fitted:
+            out.append({"change": f"--gpus {g} ({g // req.hardware.gpus_per_node} nodes)" if g >= req.hardware.gpus_per_node
+                        else f"--gpus {g}", "days": fitted["time"]["days"], "memory_per_rank": fitted["memory"]["total"]})
+    return sorted(out, key=lambda s: s["days"])
+
+
+def _with_batch(cfg: Any, batch: int) -> Any:
+    c = copy.deepcopy(cfg)
+    c.data.batch_size = batch
+    c.train.global_batch_size = 0
+    return c
+
+
+def full_plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
+    """plan() plus the minimum GPU count that fits and, when it doesn't fit, what would."""
+    result = plan(cfg, req)
+    result["min_gpus"] = min_gpus(cfg, req, _scale(result))
+    result["suggestions"] = [] if result["memory"]["fits"] else suggestions(cfg, req, result)
+    return result
+
+
+def sweep(cfg: Any, req: PlanRequest, gpus: list[int]) -> list[dict[str, Any]]:
+    """One plan per GPU count (same nodes' shape)."""
+    return [plan(cfg, dataclasses.replace(req, hardware=req.hardware.with_world(g))) for g in gpus]

@@ -1,0 +1,208 @@
+"""Per-rank memory of a training job, from its JobConfig alone (no model is built).
+
+The trainer and the capacity planner (`cluster/planner.py`) share these functions, so a plan and a
+run never disagree about what the dense side needs. Every term is in bytes, per rank.
+
+Sources:
+- Dense model states follow DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs``,
+  ``estimate_zero3_model_states_mem_needs``) for bf16 mixed precision, and the same bookkeeping with
+  4-byte weights for fp32 (tests compare both with DeepSpeed and with measured runs).
+- Activations are counted tensor by tensor for this encoder block (what autograd saves), the way
+  Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") do it,
+  with SDPA/flash attention (no T x T score matrix is stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from embeddings.interaction import FEEDBACK_SIDE, ITEM_SIDE
+from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType
+
+FEEDBACK_OUTPUTS = len(EventType) + NUM_PLAYED_BUCKETS
+
+
+def _linear(d_in: int, d_out: int) -> int:
+    return d_in * d_out + d_out
+
+
+@dataclass(frozen=True)
+class DenseParams:
+    """Parameter counts of the DeepSpeed-trained (dense) model, by part."""
+
+    encoder: int  # blocks + final LayerNorm (the preset's size)
+    positions: int
+    interaction: int  # the MLP(s) turning looked-up embeddings into tokens
+    heads: int  # projection to item space + feedback head
+    largest_layer: int  # the most parameters one module owns directly (DeepSpeed's ZeRO-3 term)
+
+    @property
+    def total(self) -> int:
+        return self.encoder + self.positions + self.interaction + self.heads
+
+
+def dense_params(cfg: Any) -> DenseParams:
+    """Counts for ``ArgusModel(cfg.model, cfg.embeddings, cfg.heads)`` from the sizes alone."""
+    from trainer.model.encoder import encoder_param_count
+
+    enc, emb = cfg.model.resolved(), cfg.embeddings
+    d, f = enc.d_model, enc.d_ff
+    hidden = d  # InteractionEmbedding's default hidden width
+    if emb.token_layout == "merged":
+        d_ins = [emb.item_dim + emb.side_dim * (len(ITEM_SIDE) + len(FEEDBACK_SIDE))]
+    else:
+        d_ins = [emb.item_dim + emb.side_dim * len(ITEM_SIDE), emb.side_dim * len(FEEDBACK_SIDE)]
+    interaction = sum(_linear(d_in, hidden) + _linear(hidden, d) for d_in in d_ins)
+    fb_hidden = cfg.heads.feedback.hidden or d
+    heads = _linear(d, emb.item_dim) + _linear(d + emb.item_dim, fb_hidden) + _linear(fb_hidden, FEEDBACK_OUTPUTS)
+    layers = [_linear(d, 3 * d), _linear(d, d), _linear(d, f), _linear(f, d), enc.max_seq_len * d,
+              _linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
+    layers += [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)]
+    return DenseParams(encoder=encoder_param_count(enc), positions=enc.max_seq_len * d, interaction=interaction,
+                       heads=heads, largest_layer=max(layers))
+
+
+def weight_bytes(precision: str) -> int:
+    return 2 if precision == "bf16" else 4
+
+
+@dataclass(frozen=True)
+class DenseStates:
+    """Dense parameters, gradients and optimizer states on each GPU, and what offload puts in host memory."""
+
+    params: int
+    grads: int
+    optimizer: int  # fp32 master copy (when one exists) + Adam moments
+    host: int  # CPU memory per node taken by offloaded states (0 without offload)
+
+    @property
+    def gpu(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def dense_states(n: int, largest_layer: int, stage: int, precision: str, offload: bool, world: int,
+                 gpus_per_node: int = 1, buffer_factor: float = 1.5) -> DenseStates:
+    """Per-rank dense model states for ZeRO ``stage`` with AdamW.
+
+    bf16 (DeepSpeed's mixed precision): 2-byte weights and gradients, fp32 master weights, fp32
+    gradient partition and two fp32 moments; stage 2 = 2N + 18N/G and stage 3 = 4*largest_layer +
+    18N/G, exactly DeepSpeed's estimators. fp32: 4-byte weights and gradients, the fp32 partition
+    copy ZeRO keeps for its optimizer (stages 1-3) and two moments. ``buffer_factor`` is DeepSpeed's
+    own margin on host memory with offload.
+    """
+    g = max(world, 1)
+    nodes = max(g // max(gpus_per_node, 1), 1)
+    if offload:  # ZeRO-3 with optimizer and parameters offloaded (ds_configs/zero3_offload.json)
+        host = int(n * 18 / nodes * buffer_factor) if precision == "bf16" else int(n * 20 / nodes * buffer_factor)
+        return DenseStates(params=4 * largest_layer, grads=0, optimizer=0, host=host)
+    if precision == "bf16":
+        per = {0: (2 * n, 2 * n, 16 * n),  # BF16_Optimizer: fp32 master + fp32 grads + m + v, unpartitioned
+               1: (2 * n, 2 * n, 16 * n // g),
+               2: (2 * n, 0, 18 * n // g),  # DeepSpeed: 2 params + 18/G (2 grad16 + 4 grad32 + 4 master + 8 m,v)
+               3: (4 * largest_layer, 0, 18 * n // g)}[stage]
+    else:
+        per = {0: (4 * n, 4 * n, 8 * n),  # torch AdamW: weights, grads, m, v
+               1: (4 * n, 4 * n, 12 * n // g),  # + the fp32 partition ZeRO steps
+               2: (4 * n, 0, 16 * n // g),  # grads partitioned as they are reduced
+               3: (4 * largest_layer, 0, 20 * n // g)}[stage]  # weights, grads, copy, m, v all partitioned
+    return DenseStates(params=per[0], grads=per[1], optimizer=per[2], host=0)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Saved activations of one micro-batch (the full context), and the transient working set."""
+
+    per_layer_token: int  # bytes one block saves per token without checkpointing
+    layers: int  # all blocks, as configured (checkpointed or not)
+    other: int  # interaction MLP, final norm, heads, sampled-softmax logits
+    working: int  # one block's activations + their gradients while it runs backward (or recomputes)
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.other + self.working
+
+
+def activations(cfg: Any, batch_size: int | None = None) -> Activations:
+    """Bytes of activations for a micro-batch of ``batch_size`` samples, each filling the whole context.
+
+    Per block and token, autograd keeps (elements, in the training dtype): LN1 input d, LN1 output
+    d, qkv 3d (q, k, v are views of it), attention output d (the head merge is a view of it), LN2
+    input d, LN2 output d, FF1 output f, GELU output f: 8d + 2f; plus fp32 mean and rstd of both
+    LayerNorms and the attention's log-sum-exp per head: (4 + heads) x 4 bytes. A test checks this
+    against what autograd saves. Dropout, when on, adds its masks. With activation checkpointing a
+    block keeps only its input (d) and one block at a time is recomputed.
+    """
+    enc, emb, ni = cfg.model.resolved(), cfg.embeddings, cfg.heads.next_item
+    w = weight_bytes(cfg.deepspeed.precision)
+    d, f = enc.d_model, enc.d_ff
+    k = cfg.tokens_per_interaction()
+    tokens = (batch_size or cfg.data.batch_size) * cfg.data.max_seq_len * k
+    targets = tokens // k
+    per_layer_token = block_saved_bytes_per_token(d, f, enc.n_heads, w)
+    if enc.activation_checkpointing:
+        layers = enc.n_layers * tokens * d * w
+    else:
+        layers = enc.n_layers * tokens * per_layer_token
+    d_in = emb.item_dim + emb.side_dim * (len(ITEM_SIDE) + len(FEEDBACK_SIDE))
+    candidates = 1 + (ni.uniform_negatives + ni.in_batch_negatives if not ni.full_softmax else 0)
+    fb_hidden = cfg.heads.feedback.hidden or d
+    other = (tokens // k * d_in * 4  # looked-up embeddings (fp32, from TorchRec)
+             + tokens * (2 * d + d + 2 * d) * w  # interaction MLP hidden + GELU, tokens + positions, final norm
+             + targets * (d + emb.item_dim) * 4  # state rows, projected user vectors (fp32)
+             + targets * candidates * 4 * 3  # logits, softmax, their gradient (fp32)
+             + targets * (d + emb.item_dim + 2 * fb_hidden) * w)  # feedback head
+    # backward of one block: its activation gradients (same size as what it saved), plus, when
+    # checkpointed, the block's recomputed activations
+    working = tokens * per_layer_token * (2 if enc.activation_checkpointing else 1)
+    return Activations(per_layer_token=per_layer_token, layers=layers, other=other, working=working)
+
+
+def block_saved_bytes_per_token(d_model: int, d_ff: int, n_heads: int, dtype_bytes: int, ln_stat_bytes: int = 4
+                                ) -> int:
+    """What one encoder block's autograd graph holds per token (see :func:`activations`).
+
+    LayerNorm statistics are fp32 on CUDA for any input dtype (``ln_stat_bytes``); CPU keeps them in
+    the input dtype. The attention log-sum-exp is fp32 on both."""
+    return (8 * d_model + 2 * d_ff) * dtype_bytes + 4 * ln_stat_bytes + n_heads * 4
+
+
+def ds_buffers(ds_config: dict[str, Any], precision: str) -> int:
+    """DeepSpeed's communication buckets (elements in the JSON, in the training dtype)."""
+    z = ds_config.get("zero_optimization", {})
+    stage = z.get("stage", 0)
+    w = weight_bytes(precision)
+    if stage in (1, 2):
+        return int(z.get("reduce_bucket_size", 5e8) + z.get("allgather_bucket_size", 5e8)) * w
+    if stage == 3:
+        return int(z.get("reduce_bucket_size", 5e8) + z.get("stage3_prefetch_bucket_size", 5e7)) * w
+    return 0
+
+
+HEADROOM_FRACTION = 0.10  # allocator fragmentation, NCCL and CUDA context, kernels' workspaces
+HEADROOM_MIN = 2 * 2**30
+
+
+def headroom(capacity: int, fraction: float = HEADROOM_FRACTION) -> int:
+    return int(max(capacity * fraction, HEADROOM_MIN))
+
+
+def non_embedding_bytes(cfg: Any, world: int, gpus_per_node: int = 1) -> int:
+    """Everything on a GPU except the embedding shards: dense states + activations + DeepSpeed buckets."""
+    p = dense_params(cfg)
+    ds = cfg.deepspeed
+    states = dense_states(p.total, p.largest_layer, ds.stage, ds.precision, ds.offload, world, gpus_per_node)
+    return states.gpu + activations(cfg).total + ds_buffers(cfg.deepspeed_config(world), ds.precision)
+
+
+def embedding_hbm_budget(cfg: Any, world: int, capacity: int, gpus_per_node: int = 1,
+                         headroom_fraction: float = HEADROOM_FRACTION) -> int:
+    """HBM per GPU that TorchRec may plan embedding shards into (its ``Topology.hbm_cap``)."""
+    return max(capacity - headroom(capacity, headroom_fraction) - non_embedding_bytes(cfg, world, gpus_per_node), 0)
+
+
+def embedding_lookups(cfg: Any, fill: float = 1.0) -> tuple[float, float]:
+    """(item lookups, uniform negatives) per sample: TorchRec's pooling factors for our features."""
+    ni = cfg.heads.next_item
+    negatives = 0 if ni.full_softmax else ni.uniform_negatives
+    return cfg.data.max_seq_len * fill, negatives / cfg.data.batch_size
