@@ -133,7 +133,7 @@ def render(result: dict[str, Any], console: Any) -> None:
     cost = f", ${t['cost']:,.0f}" if t["cost"] is not None else ""
     console.print(f"{verdict}: {_gb(m['total'])} + {_gb(m['headroom'])} headroom of {_gb(m['capacity'])} per GPU. "
                   f"[bold]{t['days']:.2f} days[/] ({t['steps']:,} steps), {t['gpu_hours']:,.0f} GPU-hours{cost}. "
-                  f"Fewest GPUs with every table in HBM: {result.get('min_gpus') or 'none found'}.")
+                  f"Fewest GPUs with every table in HBM: {result.get('min_gpus') or 'none (more GPUs do not shrink what is left)'}.")
     for sug in result.get("suggestions", []):
         console.print(f"  would fit with {sug['change']}: {_gb(sug['memory_per_rank'])} per rank, {sug['days']:.2f} days")
     if not m["fits"] and not result.get("suggestions"):
@@ -161,19 +161,29 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     gpus = [r["inputs"]["world"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(gpus, [r["time"]["days"] for r in rows], marker="o")
+    days = [r["time"]["days"] for r in rows]
+    ax1.plot(gpus, days, marker="o")
+    for g, d in zip(gpus, days):
+        ax1.annotate(f"{d:.2f} d", (g, d), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax1.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="days to train", title="Time to train")
-    ax2.plot(gpus, [r["memory"]["total"] / 1e9 for r in rows], marker="o", label="needed per rank")
+    ax2.plot(gpus, [r["memory"]["total"] / 1e9 for r in rows], marker="o", label="GPU memory per rank")
+    if any(r["memory"]["embeddings_host"] for r in rows):
+        ax2.plot(gpus, [r["memory"]["embeddings_host"] / 1e9 for r in rows], marker="s", linestyle=":",
+                 label="host memory per rank (UVM rows)")
     ax2.axhline((rows[0]["memory"]["capacity"] - rows[0]["memory"]["headroom"]) / 1e9, color="red", linestyle="--",
                 label="usable per GPU")
     ax2.set(xscale="log", xlabel="GPUs", ylabel="GB", title="Memory per rank")
     ax2.legend()
     for ax in (ax1, ax2):
         ax.set_xticks(gpus, [str(g) for g in gpus])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
+    ax1.yaxis.set_major_formatter(ScalarFormatter())
+    ax1.yaxis.set_minor_formatter(NullFormatter())
     i = rows[0]["inputs"]
     fig.suptitle(f"{i['preset']}, {_num(i['items'])} items, {_num(i['interactions'])} interactions on {i['gpu']}")
     fig.tight_layout()

@@ -63,8 +63,9 @@ class PlanRequest:
             raise ConfigError(f"--headroom: a fraction in [0, 1), got {self.headroom_fraction}")
 
 
-def measured_mfu(gpu: str, path: Path = MEASURED_MFU_FILE) -> tuple[float, str] | None:
+def measured_mfu(gpu: str, path: Path | None = None) -> tuple[float, str] | None:
     """(mfu, source) from our own GPU benchmark results, when bench/train_throughput.py has recorded one."""
+    path = path or MEASURED_MFU_FILE
     if not path.is_file():
         return None
     entry = json.loads(path.read_text()).get(gpu)

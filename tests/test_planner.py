@@ -204,3 +204,18 @@ def test_plan_config_needs_no_data_or_run_directory():
     assert planned.data.max_seq_len == 8192 and cfg.data.path == ""  # a validated copy; the original untouched
     with pytest.raises(ConfigError, match="model.preset"):
         plan_config(job("large", "model.preset=huge"), 8)
+
+
+def test_mfu_comes_from_our_measurement_when_there_is_one(tmp_path, monkeypatch):
+    import cluster.planner as planner
+
+    cfg, req = job("medium"), PlanRequest(items=10**6, hardware=Hardware("h100"), torchrec=False)
+    monkeypatch.setattr(planner, "MEASURED_MFU_FILE", tmp_path / "mfu.json")
+    assumed = plan(cfg, req)
+    assert assumed["inputs"]["mfu"] == planner.ASSUMED_MFU and "assumed" in assumed["inputs"]["mfu_source"]
+    (tmp_path / "mfu.json").write_text(json.dumps({"h100": {"mfu": 0.2, "source": "bench run X"}}))
+    measured = plan(cfg, req)
+    assert measured["inputs"]["mfu"] == 0.2 and measured["inputs"]["mfu_source"] == "bench run X"
+    assert measured["step"]["compute_s"] == pytest.approx(2 * assumed["step"]["compute_s"])
+    given = plan(cfg, dataclasses.replace(req, mfu=0.5))
+    assert given["inputs"]["mfu"] == 0.5
