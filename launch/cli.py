@@ -28,7 +28,8 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     m = synthesize(a.out, users=a.users, items=a.items, mean_len=a.mean_len, shards=a.shards, seed=a.seed,
                    holdout=a.holdout, max_len=a.max_len, workers=a.workers, days=a.days, val_days=a.val_days,
-                   test_days=a.test_days, gap_seconds=a.gap_seconds)
+                   test_days=a.test_days, gap_seconds=a.gap_seconds, impressions=a.impressions, slate=a.slate,
+                   imp_days=a.imp_days, imp_test_days=a.imp_test_days)
     dt = time.perf_counter() - t0
     n = sum(s.interactions for s in m.splits.values())
     console.print(f"wrote {a.out}: {', '.join(f'{k} {v.samples} samples' for k, v in m.splits.items())}; "
@@ -150,6 +151,12 @@ def load_job(config: str | None, overrides: Sequence[str], world_size: int | Non
 
     cfg = load_config(JobConfig, config, overrides)
     cfg.validate(world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1)))
+    if cfg.finetune.enabled:  # the pre-trained model and the impression split, checked before any process group
+        from trainer.data.manifest import Manifest
+        from trainer.finetune import check_against_init
+
+        check_against_init(cfg)
+        Manifest.load(cfg.data.path).split(cfg.data.split)
     return cfg
 
 
@@ -167,11 +174,44 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(a: argparse.Namespace) -> int:
+    a.overrides = [*a.overrides, f"finetune.init={a.init}"]
+    return cmd_train(a)
+
+
+def _is_finetune_run(run: str) -> bool:
+    import yaml
+
+    cfg = Path(run) / "config.yaml"
+    return cfg.is_file() and bool((yaml.safe_load(cfg.read_text()) or {}).get("finetune", {}).get("init"))
+
+
+def cmd_eval_finetune(a: argparse.Namespace) -> int:
+    from trainer.finetune import evaluate_finetune
+
+    with contextlib.redirect_stdout(sys.stderr):
+        rep = evaluate_finetune(a.run, a.data, split=a.split)
+    if a.json:
+        _print_json(rep)
+        return 0
+    t = Table("scorer", "pairwise accuracy", "NDCG within impressions",
+              title=f"{a.run} on {rep['split']}: {rep['impressions']:,} impressions, {rep['pairs']:,} pairs, "
+                    f"lag {rep['lag_seconds']} s ({rep['impressions_no_history']} without history: skipped)")
+    for name in ("model", "pretrained", "data", "popularity"):
+        if name in rep:
+            t.add_row(name, f"{rep[name]['pairwise_acc']:.4f}", f"{rep[name]['ndcg']:.4f}")
+    console.print(t)
+    console.print(", ".join(f"{k} {v:+.4f}" for k, v in rep["model"].items() if k.startswith("pau_")))
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate
     from trainer.logger import quiet_library_logs
 
     quiet_library_logs()
+    if _is_finetune_run(a.run):
+        return cmd_eval_finetune(a)
     ks = [int(k) for k in a.ks.split(",")] if a.ks else None
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
         rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users)
@@ -219,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-days", type=float, default=7.0)
     s.add_argument("--test-days", type=float, default=7.0)
     s.add_argument("--gap-seconds", type=int, default=0)
+    s.add_argument("--impressions", type=int, default=0,
+                   help="impressions per active user in the last --imp-days: writes the fine-tuning splits")
+    s.add_argument("--slate", type=int, default=10, help="items shown per impression")
+    s.add_argument("--imp-days", type=float, default=7.0)
+    s.add_argument("--imp-test-days", type=float, default=1.0, help="the last days of impressions: impressions_test")
     s.set_defaults(func=cmd_data_synth)
 
     c = dsub.add_parser("convert", help="convert Yambda-style parquet or CSV/TSV logs into shards")
@@ -273,7 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides: data.path=DIR out=RUN train.steps=N resume=true")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="HR/NDCG/Recall@K of a run's latest checkpoint vs the popularity baseline")
+    ft = sub.add_parser("finetune", help="fine-tune a pre-trained run as a two-tower ranker on impressions")
+    ft.add_argument("config", help="YAML run config (the pre-training one, or one with the same model)")
+    ft.add_argument("--init", required=True, help="the pre-training run directory (or one of its checkpoints)")
+    ft.add_argument("overrides", nargs="*", help="key=value overrides, as for train (finetune.lag_seconds=86400 ...)")
+    ft.set_defaults(func=cmd_finetune, overrides_anywhere=True)
+
+    ev = sub.add_parser("eval", help="HR/NDCG/Recall@K of a run's latest checkpoint vs the popularity baseline "
+                                     "(fine-tuning runs: pairwise accuracy, PAU, NDCG within impressions)")
     ev.add_argument("run", help="run directory (or one checkpoint directory)")
     ev.add_argument("--data", required=True, help="dataset directory (its eval split and train item counts)")
     ev.add_argument("--split", default=None, help="default: the run config's eval.split (test)")
@@ -322,7 +374,12 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    if extra:  # `argus finetune CONFIG --init RUN key=value ...`: overrides after an option
+        if not getattr(args, "overrides_anywhere", False) or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -34,14 +34,14 @@ def train_worker(config: dict[str, Any]) -> None:
     from trainer.config import from_dict
     from trainer.job import JobConfig
     from trainer.logger import quiet_library_logs
-    from trainer.train import Trainer
+    from trainer.train import Trainer, build_trainer
 
     quiet_library_logs()
     ctx = ray.train.get_context()
     os.environ.update(RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()),
                       LOCAL_RANK=str(ctx.get_local_rank()))
     os.environ.setdefault("OMP_NUM_THREADS", str(config["omp_threads"]))
-    trainer = Trainer(from_dict(JobConfig, config["job"]))
+    trainer = build_trainer(from_dict(JobConfig, config["job"]))
 
     def report(tr: Trainer, path: Path) -> None:
         # Collective in Ray Train V2: every worker reports; rank 0 hands over the (shared) directory.

@@ -102,10 +102,10 @@ class Engine:
                                            .total_memory, gpus_per_node=torch.cuda.device_count())
         self.dmp, self.plan = shard(sparse, cfg.embeddings, info.device, batch_size=cfg.data.batch_size,
                                     hbm_cap=hbm_cap, lookups=embedding_lookups(cfg))
-        init_sparse_weights(self.dmp, cfg.embeddings, cfg.train.seed)
+        self.init_sparse()
 
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
-        dense = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
+        dense = self.build_dense()
         optim = torch.optim.AdamW(dense.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         warmup = cfg.optim.warmup_steps
@@ -116,6 +116,14 @@ class Engine:
         self.bf16 = cfg.deepspeed.precision == "bf16"
         self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)
         self.dense_params = sum(p.numel() for p in dense.parameters())
+
+    def init_sparse(self) -> None:
+        """Fill the freshly sharded tables (fine-tuning loads the pre-trained ones instead)."""
+        init_sparse_weights(self.dmp, self.cfg.embeddings, self.cfg.train.seed)
+
+    def build_dense(self) -> torch.nn.Module:
+        """The DeepSpeed-trained module (fine-tuning swaps in the two-tower model)."""
+        return ArgusModel(self.cfg.model, self.cfg.embeddings, self.cfg.heads)
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def lookup(self, batch: Batch, neg_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],

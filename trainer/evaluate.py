@@ -35,23 +35,37 @@ from trainer.model.argus import ArgusModel, target_index
 from trainer.model.heads import normalized_entropy, score
 
 
-def load_model(path: Path, num_items: int) -> tuple[JobConfig, SparseArch, ArgusModel]:
-    """Unsharded sparse tables + dense model from a checkpoint directory (any world size, any ZeRO stage)."""
+def build_dense_model(cfg: JobConfig) -> torch.nn.Module:
+    """The dense module a run of ``cfg`` trains: ArgusModel, or TwoTower for a fine-tuning run."""
+    if cfg.finetune.enabled:
+        from trainer.model.two_tower import TwoTower
+
+        return TwoTower(cfg.model, cfg.embeddings, cfg.heads, cfg.finetune)
+    return ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
+
+
+def dense_weights(path: Path, cfg: JobConfig) -> dict[str, torch.Tensor]:
+    """The full fp32 dense state dict of a checkpoint, whatever its ZeRO stage and world size."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    cfg = from_dict(JobConfig, checkpoint.saved_config(path))
-    sparse = SparseArch(cfg.embeddings, num_items, device="cpu")
-    state = {"tables": sparse.state_dict()}
-    dcp.load(state, checkpoint_id=str(path / "sparse"))
-    sparse.load_state_dict(state["tables"])
-    dense = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
     tag_dir = path / "dense" / checkpoint.DENSE_TAG
     if cfg.deepspeed.stage == 0:  # no ZeRO partitions: the full weights are in the model-states file
         weights = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     else:
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress
             weights = get_fp32_state_dict_from_zero_checkpoint(str(path / "dense"), tag=checkpoint.DENSE_TAG)
-    dense.load_state_dict({k: v.float() for k, v in weights.items()})
+    return {k: v.float() for k, v in weights.items()}
+
+
+def load_model(path: Path, num_items: int) -> tuple[JobConfig, SparseArch, ArgusModel]:
+    """Unsharded sparse tables + dense model from a checkpoint directory (any world size, any ZeRO stage)."""
+    cfg = from_dict(JobConfig, checkpoint.saved_config(path))
+    sparse = SparseArch(cfg.embeddings, num_items, device="cpu")
+    state = {"tables": sparse.state_dict()}
+    dcp.load(state, checkpoint_id=str(path / "sparse"))
+    sparse.load_state_dict(state["tables"])
+    dense = build_dense_model(cfg)
+    dense.load_state_dict(dense_weights(path, cfg))
     return cfg, sparse.eval(), dense.eval()
 
 

@@ -17,6 +17,7 @@ from trainer.config import ConfigError
 from trainer.data.loader import ShardLoader
 from trainer.model.argus import HeadsConfig
 from trainer.model.encoder import Encoder
+from trainer.model.two_tower import FinetuneConfig
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -79,6 +80,7 @@ class JobConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # set by `argus finetune --init RUN`
     out: str = ""
     resume: bool = False
 
@@ -104,6 +106,9 @@ class JobConfig:
         dev = device or ("cpu" if self.train.device == "cpu" else self.train.device)
         self.embeddings.validate("embeddings", device="cpu" if dev in ("cpu", "auto") and not _has_cuda() else "cuda")
         self.heads.validate("heads")
+        self.finetune.validate("finetune")
+        if self.finetune.enabled and self.data.split == "train":
+            self.data.split = self.finetune.split  # fine-tuning reads impressions
         ctx = self.model.resolved().max_seq_len
         k = self.tokens_per_interaction()
         if self.data.max_seq_len == 0:

@@ -39,6 +39,8 @@ import torch
 STABLE_NAMES: tuple[str, ...] = (
     "loss/total", "loss/next_item", "loss/feedback", "ne/event", "ne/played", "ne/next_item",
     "tps", "interactions_per_s", "tflops", "mfu(%)", "memory/peak_gb", "time/data_share", "lr",
+    # fine-tuning
+    "loss/pairwise", "pairwise_acc/train", "impressions", "impressions_no_history", "impressions_per_s",
 )
 STABLE_PREFIXES: tuple[str, ...] = ("loss/", "ne/", "memory/", "time/", "eval/")
 _RESERVED = ("step", "time")

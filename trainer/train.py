@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 class Trainer:
     """Builds loader, engine and logger from one JobConfig and runs ``train.steps`` optimizer steps."""
 
+    engine_class: type[Engine] = Engine  # fine-tuning swaps in its engine (trainer/finetune.py)
+
     def __init__(self, cfg: JobConfig, info: DistInfo | None = None) -> None:
         self.cfg = cfg
         self.info = info or init_distributed(cfg.train.device, cfg.train.timeout_s)
@@ -35,7 +37,7 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.manifest = Manifest.load(cfg.data.path)
         self.loader = cfg.data.build(self.info.rank, self.info.world_size, self.manifest)
-        self.engine = Engine(cfg, self.info, self.manifest)
+        self.engine = self.engine_class(cfg, self.info, self.manifest)
         self.step = 0
         if self.info.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ class Trainer:
                     if batch is None:
                         break
                     with timer.compute():
-                        window.append(self.engine.train_step(batch, self.step))
+                        window.append(self.step_fn(batch))
                     self.step += 1
                     if cfg.train.log_sample_keys:
                         self._log_keys(batch.keys)
@@ -109,6 +111,10 @@ class Trainer:
             if self.step > start and not saved:
                 self.save()
         return last
+
+    def step_fn(self, batch: Any) -> Any:
+        """One optimizer step on one batch; its result goes to :meth:`_metrics`."""
+        return self.engine.train_step(batch, self.step)
 
     def _log_keys(self, keys: list[str]) -> None:
         """Append this step's sample keys (a restarted run re-logs re-done steps; the last record wins)."""
@@ -154,7 +160,15 @@ class Trainer:
         return out
 
 
+def build_trainer(cfg: JobConfig, info: DistInfo | None = None) -> Trainer:
+    """Pre-training, or fine-tuning when ``finetune.init`` names a pre-training run."""
+    if cfg.finetune.enabled:
+        from trainer.finetune import FinetuneTrainer
+
+        return FinetuneTrainer(cfg, info)
+    return Trainer(cfg, info)
+
+
 def train(cfg: JobConfig) -> dict[str, Any]:
-    """Run a whole training job in this process (one rank of it)."""
-    trainer = Trainer(cfg)
-    return trainer.run()
+    """Run a whole training (or fine-tuning) job in this process (one rank of it)."""
+    return build_trainer(cfg).run()

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from trainer.data.schema import FIELDS, Sample
+from trainer.data.schema import FIELDS, IMPRESSION_FIELDS, SHOWN_FIELDS, Sample
 
 # Column dtypes inside batches: torch has no useful uint16, so played widens to int32.
 BATCH_DTYPES: dict[str, np.dtype] = {
@@ -45,6 +45,9 @@ class Batch:
     skipped: int = 0  # samples in this batch's slot that could not be read (on_error="skip")
     truncated: int = 0  # interactions cut by max_seq_len (most recent ones are kept)
     meta: dict[str, Any] = field(default_factory=dict)
+    # Impression splits: per impression "sample" (row in this batch), "time", "size"; per shown item
+    # "item", "event", "played", "score" (impressions concatenated). None for history-only splits.
+    impressions: dict[str, torch.Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -80,6 +83,20 @@ def _column(samples: Sequence[Sample], name: str, starts: np.ndarray) -> np.ndar
     return flat.astype(BATCH_DTYPES[name], copy=False)
 
 
+def collate_impressions(samples: Sequence[Sample]) -> dict[str, torch.Tensor] | None:
+    """The impressions of an impression-split batch, flat, with each impression's batch row."""
+    if not samples or "imp_time" not in samples[0].raw:
+        return None
+    cols = {k: np.concatenate([s.cols[k] for s in samples]) for k in (*IMPRESSION_FIELDS, *SHOWN_FIELDS)}
+    rows = np.repeat(np.arange(len(samples), dtype=np.int64), [s.imps for s in samples])
+    return {"sample": torch.from_numpy(rows), "time": torch.from_numpy(cols["imp_time"].astype(np.int64)),
+            "size": torch.from_numpy(cols["imp_size"].astype(np.int64)),
+            "item": torch.from_numpy(cols["imp_item"].astype(np.int64)),
+            "event": torch.from_numpy(cols["imp_event"].astype(np.int64)),
+            "played": torch.from_numpy(cols["imp_played"].astype(np.int32)),
+            "score": torch.from_numpy(cols["imp_score"].astype(np.float32))}
+
+
 def collate(samples: Sequence[Sample], padded: bool, max_seq_len: int = 0, pad_to: int = 0) -> Batch:
     """Stack samples into a Batch; ``max_seq_len > 0`` keeps each sample's most recent positions."""
     lengths = np.fromiter((s.n for s in samples), np.int64, len(samples))
@@ -107,4 +124,5 @@ def collate(samples: Sequence[Sample], padded: bool, max_seq_len: int = 0, pad_t
         padded=padded,
         mask=mask,
         truncated=int(starts.sum()),
+        impressions=collate_impressions(samples),
     )

@@ -64,7 +64,14 @@ def scan_shard(root: Path, info: ShardInfo, is_eval: bool, num_items: int, check
                 scan.samples += 1
                 scan.interactions += n
                 scan.sample_lengths.append(n)
-                if is_eval:
+                if s.imps:
+                    scan.targets += s.imps  # impression splits: one target per impression
+                    shown = s.cols["imp_item"]
+                    if shown.size and (shown.min() < 0 or shown.max() >= num_items):
+                        scan.errors.append(f"{info.path}: sample {key!r}: shown item id outside [0, {num_items})")
+                    if n and s.cols["imp_time"].size and int(s.cols["timestamp"].max()) >= int(s.cols["imp_time"][-1]):
+                        scan.errors.append(f"{info.path}: sample {key!r}: history reaches past the last request")
+                elif is_eval:
                     scan.targets += n - s.target_start
                 if s.user != last_user:
                     if last_user is not None:

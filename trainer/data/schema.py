@@ -50,6 +50,18 @@ FIELDS: dict[str, str] = {
     "organic": "|u1",  # 1 = organic (user-initiated), 0 = recommended
     "context": "<i4",  # context id, 0 = unknown
 }
+# Impressions (fine-tuning data): what a recommender showed a user at a request time and how the user
+# reacted to each shown item. Stored in the same sample as the user's history up to the request.
+IMPRESSION_FIELDS: dict[str, str] = {
+    "imp_time": "<i8",  # request time (seconds), one per impression, ascending
+    "imp_size": "<i4",  # items shown in that impression
+}
+SHOWN_FIELDS: dict[str, str] = {
+    "imp_item": "<i8",  # shown items, impressions concatenated
+    "imp_event": "|u1",  # EventType the user gave the shown item (LISTEN, LIKE, SKIP, DISLIKE)
+    "imp_played": "<u2",  # played percent, PLAYED_NA where it does not apply
+    "imp_score": "<f4",  # the production ranker's score, NaN where the data has none
+}
 PLAYED_NA = 0xFFFF
 PLAYED_MAX = 0xFFFE
 # Played-ratio buckets (percent edges) used as a feature and as the feedback head's target:
@@ -66,6 +78,18 @@ def played_bucket(played: "torch.Tensor") -> "torch.Tensor":
     edges = torch.tensor(PLAYED_BUCKET_EDGES, dtype=torch.int64, device=played.device)
     bucket = torch.bucketize(played, edges, right=True) + 1
     return bucket.masked_fill(played == PLAYED_NA, 0)
+
+
+def relevance(event: np.ndarray, played: np.ndarray) -> np.ndarray:
+    """Graded relevance of a shown item for pairwise fine-tuning: LIKE 3, a listen of >= 75% (or of
+    unknown length) 2, a shorter listen 1, SKIP / DISLIKE 0. Pairs are formed between different grades."""
+    event = np.asarray(event)
+    played = np.asarray(played).astype(np.int64)
+    full = (played >= 75) | (played == PLAYED_NA)
+    grade = np.where(full, 2, 1)
+    grade = np.where(event == EventType.LIKE, 3, grade)
+    grade = np.where((event == EventType.SKIP) | (event == EventType.DISLIKE), 0, grade)
+    return grade.astype(np.int8)
 
 
 class SampleError(ValueError):
@@ -86,11 +110,12 @@ class Sample:
     which is several times faster than one numpy array per sample and column.
     """
 
-    __slots__ = ("key", "user", "offset", "target_start", "n", "raw", "_cols")
+    __slots__ = ("key", "user", "offset", "target_start", "n", "raw", "_cols", "imps", "shown")
 
     def __init__(self, key: str, user: int, offset: int, target_start: int, n: int,
-                 raw: dict[str, tuple[str, bytes]]) -> None:
+                 raw: dict[str, tuple[str, bytes]], imps: int = 0, shown: int = 0) -> None:
         self.key, self.user, self.offset, self.target_start, self.n, self.raw = key, user, offset, target_start, n, raw
+        self.imps, self.shown = imps, shown  # impressions and shown items (impression splits only)
         self._cols: dict[str, np.ndarray] | None = None
 
     @property
@@ -108,22 +133,37 @@ def make_key(user: int, offset: int) -> str:
     return f"u{user:012d}-o{offset:08d}"
 
 
-def encode_sample(user: int, offset: int, cols: Mapping[str, np.ndarray], target_start: int = 0) -> bytes:
-    """Serialise one sample (all FIELDS present, equal lengths) to the member payload."""
+def _pack_columns(user: int, cols: Mapping[str, np.ndarray], spec: Mapping[str, str], fields: dict[str, list[Any]]
+                  ) -> int:
     n = None
-    fields: dict[str, list[Any]] = {}
-    for name, dtype in FIELDS.items():
+    for name, dtype in spec.items():
         arr = np.ascontiguousarray(cols[name], dtype=dtype)
         if n is None:
             n = arr.shape[0]
         elif arr.shape[0] != n:
             raise SampleError(f"user {user}: column {name!r} has {arr.shape[0]} rows, expected {n}")
         fields[name] = [dtype, arr.tobytes()]
-    return msgpack.packb(
-        {"v": SCHEMA_VERSION, "user": int(user), "offset": int(offset), "n": int(n or 0),
-         "target_start": int(target_start), "fields": fields},
-        use_bin_type=True,
-    )
+    return int(n or 0)
+
+
+def encode_sample(user: int, offset: int, cols: Mapping[str, np.ndarray], target_start: int = 0,
+                  impressions: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """Serialise one sample (all FIELDS present, equal lengths) to the member payload.
+
+    ``impressions`` (impression splits): IMPRESSION_FIELDS (one row per impression) and SHOWN_FIELDS
+    (one row per shown item; ``imp_size`` must add up to their length)."""
+    fields: dict[str, list[Any]] = {}
+    n = _pack_columns(user, cols, FIELDS, fields)
+    header = {"v": SCHEMA_VERSION, "user": int(user), "offset": int(offset), "n": n,
+              "target_start": int(target_start), "fields": fields}
+    if impressions is not None:
+        m = _pack_columns(user, impressions, IMPRESSION_FIELDS, fields)
+        shown = _pack_columns(user, impressions, SHOWN_FIELDS, fields)
+        if int(np.asarray(impressions["imp_size"], np.int64).sum()) != shown:
+            raise SampleError(f"user {user}: imp_size adds up to {int(np.sum(impressions['imp_size']))}, "
+                              f"but {shown} shown items are given")
+        header.update(imps=m, shown=shown)
+    return msgpack.packb(header, use_bin_type=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,13 +176,17 @@ def decode_sample(key: str, payload: bytes | memoryview) -> Sample:
     try:
         obj = msgpack.unpackb(payload, raw=False)
         n = int(obj["n"])
+        m, shown = int(obj.get("imps", 0)), int(obj.get("shown", 0))
         raw = obj["fields"]
         for name, (dtype, buf) in raw.items():
-            if len(buf) != n * _itemsize(dtype):
-                raise SampleError(f"column {name!r} has {len(buf)} bytes, header says {n} x {dtype}")
+            rows = m if name in IMPRESSION_FIELDS else shown if name in SHOWN_FIELDS else n
+            if len(buf) != rows * _itemsize(dtype):
+                raise SampleError(f"column {name!r} has {len(buf)} bytes, header says {rows} x {dtype}")
         if len(raw) < len(FIELDS) and FIELDS.keys() - raw.keys():
             raise SampleError(f"missing columns {sorted(FIELDS.keys() - raw.keys())}")
-        return Sample(key, int(obj["user"]), int(obj["offset"]), int(obj.get("target_start", 0)), n, raw)
+        if "imps" in obj and (IMPRESSION_FIELDS.keys() | SHOWN_FIELDS.keys()) - raw.keys():
+            raise SampleError(f"missing impression columns {sorted((IMPRESSION_FIELDS.keys() | SHOWN_FIELDS.keys()) - raw.keys())}")
+        return Sample(key, int(obj["user"]), int(obj["offset"]), int(obj.get("target_start", 0)), n, raw, m, shown)
     except SampleError as e:
         raise SampleError(f"sample {key!r}: {e}") from None
     except Exception as e:  # msgpack/numpy errors on corrupt bytes

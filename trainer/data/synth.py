@@ -65,7 +65,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from trainer.data.manifest import MANIFEST_NAME, Manifest
-from trainer.data.schema import FIELDS, PLAYED_NA, EventType
+from trainer.data.schema import FIELDS, IMPRESSION_FIELDS, PLAYED_NA, SHOWN_FIELDS, EventType
 from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize
 
 GENERATOR = "argus-synth"
@@ -115,6 +115,10 @@ _WRITING_MARKER = ".argus-synth-writing"
 _TAG_WORLD = 0x5752_4C44
 _TAG_SHARD = 0x5348_5244
 _TAG_NOISE = 0x4E4F_4953
+_TAG_IMPRESSIONS = 0x494D_5052
+
+# Impressions (fine-tuning data)
+IMPRESSION_TASTE_P = 0.5  # shown items drawn from the user's current taste; the rest from global popularity
 
 
 # ---- parameters ----------------------------------------------------------------------------------------------
@@ -134,6 +138,14 @@ class SynthConfig:
     val_days: float
     test_days: float
     gap_seconds: int
+    impressions: int = 0  # impressions per active user in the last imp_days (0 = no impression splits)
+    slate: int = 10  # items shown per impression
+    imp_days: float = 7.0
+    imp_test_days: float = 1.0  # the last imp_test_days of impressions form the impressions_test split
+
+    @property
+    def imp_test_start(self) -> int | None:
+        return self.t_end - int(round(self.imp_test_days * DAY)) if self.impressions else None
 
     @property
     def t_end(self) -> int:
@@ -173,7 +185,8 @@ def _check_float(name: str, value: Any, lo: float) -> None:
 
 def make_config(*, users: int, items: int, mean_len: float = 200.0, shards: int = 8, seed: int = 0,
                 holdout: str = "loo", max_len: int = 8192, clusters: int = 0, days: int = 120,
-                val_days: float = 7.0, test_days: float = 7.0, gap_seconds: int = 0) -> SynthConfig:
+                val_days: float = 7.0, test_days: float = 7.0, gap_seconds: int = 0, impressions: int = 0,
+                slate: int = 10, imp_days: float = 7.0, imp_test_days: float = 1.0) -> SynthConfig:
     """Validate arguments (one ValueError line naming the bad one) and resolve defaults."""
     _check_int("users", users, 1)
     _check_int("items", items, 1, 2**62)
@@ -190,6 +203,13 @@ def make_config(*, users: int, items: int, mean_len: float = 200.0, shards: int 
     _check_float("val_days", val_days, 0.0)
     _check_float("test_days", test_days, 0.0)
     _check_int("gap_seconds", gap_seconds, 0)
+    _check_int("impressions", impressions, 0, 10_000)
+    _check_int("slate", slate, 2, 1000)
+    _check_float("imp_days", imp_days, 0.0)
+    _check_float("imp_test_days", imp_test_days, 0.0)
+    if impressions and not 0 < imp_test_days < imp_days <= days:
+        raise ValueError(f"impressions need 0 < imp_test_days ({imp_test_days:g}) < imp_days ({imp_days:g}) "
+                         f"<= days ({days})")
     if holdout == "temporal":
         if test_days <= 0:
             raise ValueError(f"test_days must be > 0 for a temporal holdout (got {test_days})")
@@ -199,7 +219,9 @@ def make_config(*, users: int, items: int, mean_len: float = 200.0, shards: int 
     return SynthConfig(users=int(users), items=int(items), mean_len=float(mean_len), shards=int(shards),
                        seed=int(seed), holdout=holdout, max_len=int(max_len),
                        clusters=int(clusters) or auto_clusters(int(items)), days=int(days),
-                       val_days=float(val_days), test_days=float(test_days), gap_seconds=int(gap_seconds))
+                       val_days=float(val_days), test_days=float(test_days), gap_seconds=int(gap_seconds),
+                       impressions=int(impressions), slate=int(slate), imp_days=float(imp_days),
+                       imp_test_days=float(imp_test_days))
 
 
 # ---- the world -----------------------------------------------------------------------------------------------
@@ -365,6 +387,7 @@ class _Batch:
     ptr: np.ndarray  # [B+1] row offsets into cols
     cols: dict[str, np.ndarray]  # FIELDS columns, storage dtypes
     truth: dict[str, np.ndarray]  # per-user truth rows
+    imps: dict[str, np.ndarray] | None = None  # impression columns + "user_ptr" [B+1] into imp_time
 
 
 def _gen_batch(world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int, u1: int) -> _Batch:
@@ -543,6 +566,9 @@ def _gen_batch(world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int
         "context": ctx.astype(FIELDS["context"])[src],
     }
     out_n = np.add.reduceat(reps, uptr[:-1])
+    imps = None
+    if cfg.impressions:
+        imps = _gen_impressions(world, cfg, u0, act_start, act_end, sess_user, start, u_first_sess, p_taste, support)
     truth = {
         "user": np.arange(u0, u1, dtype=np.int64),
         "taste_support": support.astype(np.int32),  # [B, K] cluster of each taste slot
@@ -552,7 +578,64 @@ def _gen_batch(world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int
         "active_end": act_end,
         "length": out_n.astype(np.int64),  # interactions written for the user (all splits together)
     }
-    return _Batch(users=truth["user"], ptr=np.concatenate([[0], np.cumsum(out_n)]), cols=cols, truth=truth)
+    return _Batch(users=truth["user"], ptr=np.concatenate([[0], np.cumsum(out_n)]), cols=cols, truth=truth,
+                  imps=imps)
+
+
+def _gen_impressions(world: World, cfg: SynthConfig, u0: int, act_start: np.ndarray, act_end: np.ndarray,
+                     sess_user: np.ndarray, start: np.ndarray, u_first_sess: np.ndarray, p_taste: np.ndarray,
+                     support: np.ndarray) -> dict[str, np.ndarray]:
+    """``cfg.impressions`` impressions per user active in the last ``imp_days``, at uniform times.
+
+    A slate mixes items from the user's taste at that moment (the taste of their latest session) and
+    globally popular items; the reaction follows the same affinity model as the history (log taste
+    of the item's cluster + the fixed user-item noise), so a model that learned the user's taste
+    ranks liked items above skipped ones. ``imp_score`` is a stand-in production score: the item's
+    log prior popularity. Uses its own RNG stream: histories are identical with or without impressions.
+    """
+    rng = np.random.default_rng([cfg.seed, _TAG_IMPRESSIONS, u0])
+    B, K, m, L = act_start.shape[0], TASTE_SUPPORT, cfg.impressions, cfg.slate
+    lo = np.maximum(act_start, cfg.t_end - int(round(cfg.imp_days * DAY)))
+    users = np.flatnonzero(act_end > lo)
+    U = users.shape[0]
+    t = lo[users][:, None] + np.floor(rng.random((U, m)) * (act_end - lo)[users][:, None]).astype(np.int64)
+    t.sort(axis=1)
+    # the latest session that started at or before t (sessions are sorted within a user)
+    big = np.int64(1) << 40
+    key = sess_user.astype(np.int64) * big + (start - T0)
+    sess = np.searchsorted(key, users[:, None] * big + (t - T0), side="right") - 1
+    sess = np.maximum(sess, u_first_sess[users][:, None]).ravel()
+    who = np.repeat(users, m)  # impression -> user (batch-local)
+    p = p_taste[:, sess].T  # [U*m, K]
+    sup = support[who]  # [U*m, K]
+    slot = (rng.random((U * m, L, 1)) > np.cumsum(p, axis=1)[:, None, :]).sum(axis=2).clip(0, K - 1)
+    c_taste = np.take_along_axis(sup, slot, axis=1)
+    c_pop = np.minimum(np.searchsorted(world.cluster_cdf, rng.random((U * m, L)), side="right"),
+                       world.num_clusters - 1)
+    cluster = np.where(rng.random((U * m, L)) < IMPRESSION_TASTE_P, c_taste, c_pop)
+    rank = world.zipf_rank(cluster.ravel(), rng.random(U * m * L)).reshape(U * m, L)
+    item = world.item_id(cluster, rank)
+    p_c = (p[:, :, None] * (sup[:, :, None] == cluster[:, None, :])).sum(axis=1)  # [U*m, L]
+    aff = np.log(p_c * K + 0.05) + _noise(world.noise_salt, np.repeat(u0 + who, L).astype(np.int64), item.ravel()
+                                          ).reshape(U * m, L)
+    q = _sigmoid(1.2 * aff + 0.4 + 0.9 * rng.normal(0.0, 1.0, aff.shape))
+    played = np.rint(100.0 * q).astype(np.int64)
+    skip = played < SKIP_BELOW
+    like = ~skip & (rng.random(aff.shape) < _sigmoid(1.5 * aff - 4.5))
+    dislike = ~like & (rng.random(aff.shape) < _sigmoid(-1.0 * aff - 5.5 + 1.0 * skip))
+    event = np.full(aff.shape, np.uint8(EventType.LISTEN))
+    event[skip] = EventType.SKIP
+    event[like] = EventType.LIKE
+    event[dislike] = EventType.DISLIKE
+    score = np.log(world.cluster_pop[cluster] * world.rank_pmf(cluster, rank))
+    per_user = np.bincount(users, minlength=B) * m
+    return {"user_ptr": np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64),
+            "imp_time": t.ravel().astype(IMPRESSION_FIELDS["imp_time"]),
+            "imp_size": np.full(U * m, L, IMPRESSION_FIELDS["imp_size"]),
+            "imp_item": item.ravel().astype(SHOWN_FIELDS["imp_item"]),
+            "imp_event": event.ravel().astype(SHOWN_FIELDS["imp_event"]),
+            "imp_played": played.ravel().astype(SHOWN_FIELDS["imp_played"]),
+            "imp_score": score.ravel().astype(SHOWN_FIELDS["imp_score"])}
 
 
 # ---- shards ----------------------------------------------------------------------------------------------------
@@ -562,6 +645,14 @@ def iter_histories(cfg: SynthConfig, index: int, world: World | None = None,
 
     This is exactly what :func:`synthesize` writes; if ``truth`` is given, per-user truth arrays are appended to it.
     """
+    for user, cols, _ in iter_users_with_impressions(cfg, index, world, truth):
+        yield user, cols
+
+
+def iter_users_with_impressions(cfg: SynthConfig, index: int, world: World | None = None,
+                                truth: dict[str, list[np.ndarray]] | None = None
+                                ) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
+    """Like :func:`iter_histories`, plus each user's impressions (None without ``cfg.impressions``)."""
     if not 0 <= index < cfg.shards:
         raise ValueError(f"shard index {index} outside [0, {cfg.shards})")
     world = world or World(cfg.items, cfg.clusters, cfg.seed)
@@ -573,18 +664,24 @@ def iter_histories(cfg: SynthConfig, index: int, world: World | None = None,
             for k, v in batch.truth.items():
                 truth.setdefault(k, []).append(v)
         ptr = batch.ptr.tolist()
-        cols = batch.cols
+        cols, imps = batch.cols, batch.imps
+        shown_ptr = np.concatenate([[0], np.cumsum(imps["imp_size"], dtype=np.int64)]) if imps is not None else None
         for i, user in enumerate(batch.users.tolist()):
             s, e = ptr[i], ptr[i + 1]
-            yield user, {k: v[s:e] for k, v in cols.items()}
+            user_imps = None
+            if imps is not None:
+                a, b = int(imps["user_ptr"][i]), int(imps["user_ptr"][i + 1])
+                user_imps = {k: imps[k][a:b] for k in IMPRESSION_FIELDS}
+                user_imps.update({k: imps[k][shown_ptr[a]:shown_ptr[b]] for k in SHOWN_FIELDS})
+            yield user, {k: v[s:e] for k, v in cols.items()}, user_imps
 
 
 def _write_shard(args: tuple[str, int, SynthConfig]) -> ShardResult:
     out, index, cfg = args
-    writer = ShardSetWriter(out, index, cfg.holdout_spec(), cfg.max_len)
+    writer = ShardSetWriter(out, index, cfg.holdout_spec(), cfg.max_len, impressions_test_start=cfg.imp_test_start)
     truth: dict[str, list[np.ndarray]] = {}
-    for user, cols in iter_histories(cfg, index, truth=truth):
-        writer.add_user(user, cols)
+    for user, cols, imps in iter_users_with_impressions(cfg, index, truth=truth):
+        writer.add_user(user, cols, imps)
     save_npz(Path(out) / TRUTH_DIR / f"users-{index:06d}.npz", **{k: np.concatenate(v) for k, v in truth.items()})
     return writer.close()
 
@@ -655,15 +752,19 @@ def _remove_stale(out: Path, manifest: Manifest, shards: int) -> None:
 def synthesize(out: str | os.PathLike, *, users: int, items: int, mean_len: float = 200.0, shards: int = 8,
                seed: int = 0, holdout: str = "loo", max_len: int = 8192, workers: int = 0,
                clusters: int = 0, days: int = 120, val_days: float = 7.0, test_days: float = 7.0,
-               gap_seconds: int = 0) -> Manifest:
+               gap_seconds: int = 0, impressions: int = 0, slate: int = 10, imp_days: float = 7.0,
+               imp_test_days: float = 1.0) -> Manifest:
     """Write a synthetic dataset with planted structure to ``out`` and return its manifest.
+
+    ``impressions > 0`` also writes the fine-tuning splits ``impressions`` / ``impressions_test``.
 
     ``workers=0`` uses min(shards, cpu count) processes; the output does not depend on ``workers``.
     ``clusters=0`` picks max(4, round(sqrt(items)/4)) (at most 2048). See the module docstring.
     """
     cfg = make_config(users=users, items=items, mean_len=mean_len, shards=shards, seed=seed, holdout=holdout,
                       max_len=max_len, clusters=clusters, days=days, val_days=val_days, test_days=test_days,
-                      gap_seconds=gap_seconds)
+                      gap_seconds=gap_seconds, impressions=impressions, slate=slate, imp_days=imp_days,
+                      imp_test_days=imp_test_days)
     _check_int("workers", workers, 0)
     n_workers = min(cfg.shards, workers or os.cpu_count() or 1)
     root = Path(out)

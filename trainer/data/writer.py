@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 import numpy as np
 
 from trainer.data.manifest import Manifest, ShardInfo, SplitInfo, sha256_file
-from trainer.data.schema import FIELDS, MEMBER_EXT, encode_sample, make_key
+from trainer.data.schema import FIELDS, IMPRESSION_FIELDS, MEMBER_EXT, SHOWN_FIELDS, encode_sample, make_key
 
 Columns = Mapping[str, np.ndarray]
 
@@ -201,14 +201,17 @@ class ShardSink:
         self.counter = ItemCounter()
         self._last_user: int | None = None
 
-    def write(self, user: int, offset: int, cols: Columns, target_start: int = 0) -> None:
-        payload = encode_sample(user, offset, cols, target_start)
+    def write(self, user: int, offset: int, cols: Columns, target_start: int = 0,
+              impressions: Columns | None = None) -> None:
+        payload = encode_sample(user, offset, cols, target_start, impressions)
         self._tar.add(f"{make_key(user, offset)}.{MEMBER_EXT}", payload)
         n = int(cols["item"].shape[0])
         info = self.info
         info.samples += 1
         info.interactions += n
-        if self.is_eval:
+        if impressions is not None:
+            info.targets += int(impressions["imp_time"].shape[0])  # impressions are this split's targets
+        elif self.is_eval:
             info.targets += n - target_start
         if user != self._last_user:
             info.users += 1
@@ -237,20 +240,39 @@ class ShardResult:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-class ShardSetWriter:
-    """Writes shard ``index`` of every split from whole user histories, in user order."""
+IMPRESSION_SPLITS = ("impressions", "impressions_test")
 
-    def __init__(self, root: str | os.PathLike, index: int, holdout: Holdout, max_len: int) -> None:
+
+def split_kind(split: str) -> str:
+    return "train" if split == "train" else "impressions" if split in IMPRESSION_SPLITS else "eval"
+
+
+class ShardSetWriter:
+    """Writes shard ``index`` of every split from whole user histories, in user order.
+
+    With ``impressions_test_start`` set, users' impressions go to the ``impressions`` split (request
+    time before it) and ``impressions_test`` (at or after it): one sample per user and split, holding
+    the history before the split's last request (its most recent ``max_len`` interactions) and the
+    impressions. Fine-tuning cuts each impression's history at request time minus a lag itself.
+    """
+
+    def __init__(self, root: str | os.PathLike, index: int, holdout: Holdout, max_len: int,
+                 impressions_test_start: int | None = None) -> None:
         self.root, self.index, self.holdout, self.max_len = Path(root), index, holdout, max_len
-        self.sinks = {s: ShardSink(self.root, shard_name(s, index), is_eval=s != "train") for s in holdout.splits}
-        self.stats = {s: {} for s in holdout.splits}
+        self.imp_test_start = impressions_test_start
+        splits = holdout.splits + (IMPRESSION_SPLITS if impressions_test_start is not None else ())
+        self.sinks = {s: ShardSink(self.root, shard_name(s, index), is_eval=s != "train") for s in splits}
+        self.stats: dict[str, dict[str, int]] = {s: {} for s in splits}
 
     def _bump(self, split: str, key: str, value: int) -> None:
         if value:
             self.stats[split][key] = self.stats[split].get(key, 0) + value
 
-    def add_user(self, user: int, cols: Columns) -> None:
-        """Add one user's full, time-ordered history (all FIELDS columns, equal length)."""
+    def add_user(self, user: int, cols: Columns, impressions: Columns | None = None) -> None:
+        """Add one user's full, time-ordered history (all FIELDS columns, equal length) and, for
+        impression datasets, the user's impressions (IMPRESSION_FIELDS + SHOWN_FIELDS, by request time)."""
+        if impressions is not None and impressions["imp_time"].shape[0]:
+            self._add_impressions(user, cols, impressions)
         n_train, pieces, gap_rows = split_history(cols["timestamp"], self.holdout, self.max_len)
         self._bump("train", "gap_interactions", gap_rows)
         for start, end in chunk_bounds(n_train, self.max_len):
@@ -259,6 +281,27 @@ class ShardSetWriter:
             sub = {k: cols[k][piece.rows] for k in FIELDS}
             self.sinks[split].write(user, piece.rows.start, sub, target_start=piece.target_start)
             self._bump(split, "targets_cut_to_max_len", piece.targets_cut)
+
+    def _add_impressions(self, user: int, cols: Columns, imps: Columns) -> None:
+        if self.imp_test_start is None:
+            raise ValueError("impressions given to a writer made without impressions_test_start")
+        t = np.asarray(imps["imp_time"], np.int64)
+        if np.any(np.diff(t) < 0):
+            raise ValueError(f"user {user}: impressions are not in request-time order")
+        size = np.asarray(imps["imp_size"], np.int64)
+        ends = np.cumsum(size)
+        cut = int(np.searchsorted(t, self.imp_test_start, side="left"))
+        for split, lo, hi in (("impressions", 0, cut), ("impressions_test", cut, t.shape[0])):
+            if hi <= lo:
+                continue
+            s0, s1 = int(ends[lo - 1]) if lo else 0, int(ends[hi - 1])
+            part = {k: np.asarray(imps[k])[lo:hi] for k in IMPRESSION_FIELDS}
+            part.update({k: np.asarray(imps[k])[s0:s1] for k in SHOWN_FIELDS})
+            end = int(np.searchsorted(cols["timestamp"], t[hi - 1], side="left"))  # strictly before the request
+            start = max(0, end - self.max_len)
+            self._bump(split, "history_cut_to_max_len", start)
+            self._bump(split, "shown", s1 - s0)
+            self.sinks[split].write(user, start, {k: cols[k][start:end] for k in FIELDS}, impressions=part)
 
     def close(self) -> ShardResult:
         shards = {s: sink.close() for s, sink in self.sinks.items()}
@@ -272,7 +315,8 @@ def finalize(root: str | os.PathLike, results: list[ShardResult], holdout: Holdo
     root = Path(root)
     results = sorted(results, key=lambda r: r.index)
     splits = {}
-    for split in holdout.splits:
+    extra = tuple(s for s in IMPRESSION_SPLITS if results and s in results[0].shards)
+    for split in holdout.splits + extra:
         counts = np.zeros(num_items, np.int64)
         stats: dict[str, int] = {}
         for r in results:
@@ -284,7 +328,7 @@ def finalize(root: str | os.PathLike, results: list[ShardResult], holdout: Holdo
                 stats[k] = stats.get(k, 0) + v
         rel = f"{split}/item_counts.npy"
         np.save(root / rel, counts)
-        splits[split] = SplitInfo(kind="train" if split == "train" else "eval",
+        splits[split] = SplitInfo(kind=split_kind(split),
                                   shards=[r.shards[split] for r in results], item_counts=rel,
                                   item_counts_sha256=sha256_file(root / rel), stats=stats)
     manifest = Manifest(num_items=num_items, max_len=max_len, splits=splits, source=source, root=root)
