@@ -48,3 +48,14 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
     synthesize(root, users=48, items=100, mean_len=25, shards=3, seed=2, holdout="loo", workers=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def imp_data(tmp_path_factory) -> Path:
+    """A small planted-structure dataset with impression splits (fine-tuning, export)."""
+    from trainer.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth_imp") / "data"
+    synthesize(root, users=120, items=150, mean_len=40, shards=3, seed=3, holdout="loo", workers=1, days=40,
+               impressions=4, slate=6)
+    return root

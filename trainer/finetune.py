@@ -101,7 +101,8 @@ def impression_inputs(batch: Batch, lag: int) -> dict[str, torch.Tensor]:
     hi, lo = pairs_of(grades, sizes[keep])
     return {"last": (starts[b] + count - 1)[keep], "shown_item": imp["item"][shown_keep],
             "shown_imp": remap[shown_imp[shown_keep]], "pair_hi": hi, "pair_lo": lo, "grades": grades,
-            "score": imp["score"][shown_keep], "no_history": (~keep).sum(), "impressions": keep.sum()}
+            "score": imp["score"][shown_keep], "no_history": (~keep).sum(), "impressions": keep.sum(),
+            "kept": kept_imps}
 
 
 class FinetuneEngine(Engine):
