@@ -46,7 +46,8 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
     m = convert(a.input, a.out, fmt=a.format, columns=cols, holdout=a.holdout, val_seconds=a.val_seconds,
                 test_seconds=a.test_seconds, gap_seconds=a.gap_seconds, shards=a.shards, max_len=a.max_len,
                 like_threshold=a.like_threshold, dislike_threshold=a.dislike_threshold,
-                timestamp_unit=a.timestamp_unit, on_error=a.on_error, workers=a.workers)
+                timestamp_unit=a.timestamp_unit, on_error=a.on_error, workers=a.workers,
+                impressions=a.impressions, impressions_test_seconds=a.impressions_test_seconds)
     skipped = m.source.get("skipped_rows", {})
     console.print(f"wrote {a.out}: {m.num_items:,} items; "
                   + ", ".join(f"{k} {v.samples} samples / {v.interactions:,} interactions" for k, v in m.splits.items())
@@ -286,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="bad rows: stop with the file/row/column, or skip and count them in the manifest")
     c.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    c.add_argument("--impressions", default=None,
+                   help="impression log (parquet/CSV/TSV: uid, item_id, timestamp, event_type [, played_ratio_pct, "
+                        "score, impression_id]): adds the fine-tuning splits")
+    c.add_argument("--impressions-test-seconds", type=int, default=86400,
+                   help="impressions in the last N seconds form impressions_test")
     c.set_defaults(func=cmd_data_convert)
 
     i = dsub.add_parser("inspect", help="users, interactions, items, length percentiles, event mix, shard balance")

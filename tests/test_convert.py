@@ -485,3 +485,66 @@ def test_empty_and_unusable_inputs(tmp_path):
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
     with pytest.raises(ConvertError, match="cannot tell the format"):
         convert(shutil.copy(CSV, tmp_path / "ratings.dat"), tmp_path / "o4")
+
+
+# ------------------------------------------------------------------------- impressions
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _read_split(root: Path, split: str) -> list[Sample]:
+    out = []
+    for sh in Manifest.load(root).split(split).shards:
+        with tarfile.open(root / sh.path) as tf:
+            out += [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
+    return out
+
+
+def test_convert_impressions_every_row_once_history_before_request(tmp_path):
+    hist = _write_csv(tmp_path / "h.csv", ["user", "item", "timestamp"],
+                      [[u, 100 + (u * 7 + k) % 9, 1000 * k + u] for u in range(1, 6) for k in range(12)])
+    imp_rows = [
+        [1, 101, 5500, "listen", 80, 0.5, ""], [1, 102, 5500, "skip", 5, 0.1, ""], [1, 999, 5500, "like", "", 0.9, ""],
+        [2, 103, 9000, "listen", 20, "", 1], [2, 104, 9000, "skip", 1, "", 1],
+        [2, 105, 9000, "listen", 100, "", 2], [2, 106, 9000, "dislike", "", "", 2],  # two impressions, same time
+        [3, 107, 11_950, "listen", 60, 0.2, ""], [3, 108, 11_950, "like", "", 0.3, ""],
+        [77, 101, 11_990, "listen", 90, 0.7, ""], [77, 102, 11_990, "skip", 3, 0.6, ""],  # a user without history
+    ]
+    header = ["uid", "item_id", "timestamp", "event_type", "played_ratio_pct", "score", "impression_id"]
+    imps = _write_csv(tmp_path / "imp.csv", header, imp_rows)
+    out = tmp_path / "out"
+    m = convert(hist, out, holdout="none", shards=2, impressions=imps, impressions_test_seconds=100)
+    item_ids = pq.read_table(out / "item_map.parquet").column("item_id").to_pylist()
+    got = []
+    for split in ("impressions", "impressions_test"):
+        for s in _read_split(out, split):
+            c = s.cols
+            assert s.n == 0 or int(c["timestamp"].max()) < int(c["imp_time"][-1])
+            times = np.repeat(c["imp_time"], c["imp_size"])
+            for t, it, ev in zip(times, c["imp_item"], c["imp_event"]):
+                got.append((split, s.user, int(item_ids[it]), int(t), int(ev)))
+    names = {"listen": LISTEN, "like": LIKE, "dislike": DISLIKE, "skip": int(EventType.SKIP)}
+    want = [("impressions_test" if r[2] >= 11_990 + 1 - 100 else "impressions", r[0], r[1], r[2], names[r[3]])
+            for r in imp_rows]
+    assert sorted(got) == sorted(want)  # every impression row exactly once, in the right split
+    user2 = next(s for s in _read_split(out, "impressions") if s.user == 2)
+    assert user2.cols["imp_size"].tolist() == [2, 2]  # impression ids split one request into two impressions
+    assert 999 in item_ids  # an item only ever shown, never played, still gets a row
+    assert m.source["impressions"]["rows"] == {"read": 11, "written": 11, "skipped": 0}
+
+
+def test_convert_impressions_bad_row_named_or_counted(tmp_path):
+    hist = _write_csv(tmp_path / "h.csv", ["user", "item", "timestamp"], [[1, 5, 10], [1, 6, 20]])
+    imps = _write_csv(tmp_path / "imp.csv", ["uid", "item_id", "timestamp", "event_type"],
+                      [[1, 5, 30, "listen"], [1, 6, 30, "shrug"], [1, 7, 30, "skip"]])
+    with pytest.raises(ConvertError, match=r"imp\.csv: row 1, column 'event_type': unknown event type"):
+        convert(hist, tmp_path / "a", holdout="none", shards=1, impressions=imps)
+    m = convert(hist, tmp_path / "b", holdout="none", shards=1, impressions=imps, on_error="skip")
+    assert m.source["impression_skipped_rows"] == {"unknown_event_type": 1}
+    assert m.split("impressions").stats.get("shown", 0) + m.split("impressions_test").stats.get("shown", 0) == 2

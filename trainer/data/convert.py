@@ -114,6 +114,11 @@ _SPILL = np.dtype([("user", "<i8"), ("item", "<i8"), ("timestamp", "<i8"), ("eve
                    ("played", "<u2"), ("organic", "u1")])
 
 
+# Impression spill record: one shown item, with its input position (ties keep input order).
+_IMP_SPILL = np.dtype([("user", "<i8"), ("impression", "<i8"), ("timestamp", "<i8"), ("item", "<i8"),
+                       ("event", "u1"), ("played", "<u2"), ("score", "<f4"), ("order", "<i8")])
+
+
 class ConvertError(ValueError):
     """Bad input to :func:`convert`; the message names the file (and row and column where known)."""
 
@@ -423,6 +428,85 @@ class _YambdaReader:
         return _keep(chk, user, item, ts, event, played, organic)
 
 
+@dataclass
+class _ImpParsed:
+    """The valid rows of one impressions batch."""
+
+    user: pa.Array
+    item: pa.Array
+    timestamp: np.ndarray
+    event: np.ndarray
+    played: np.ndarray
+    score: np.ndarray
+    impression: np.ndarray  # the input's impression id, -1 where the file has none
+
+    def __len__(self) -> int:
+        return int(self.timestamp.shape[0])
+
+
+class _ImpressionReader(_YambdaReader):
+    """Impression logs: one row per shown item, Yambda-style column names, parquet or CSV/TSV.
+
+    Required: ``uid``, ``item_id``, ``timestamp`` (request time), ``event_type`` (the reaction to the
+    shown item: listen, like, dislike or skip). Optional: ``played_ratio_pct`` (listens),
+    ``score`` (the production ranker's score; NaN when absent) and ``impression_id`` (rows of one
+    user with the same request time form one impression unless ids tell them apart).
+    """
+
+    OPTIONAL = ("played_ratio_pct", "score", "impression_id")
+    DROPPED = ()
+
+    def batches(self, path: Path, on_error: str, counts: dict[str, int] | None  # type: ignore[override]
+                ) -> Iterator[tuple[int, _ImpParsed]]:
+        fmt = detect_format(path)
+        if fmt == "yambda":
+            yield from super().batches(path, on_error, counts)  # type: ignore[misc]
+            return
+        delimiter = "\t" if fmt == "tsv" else ","
+        try:
+            with pa.input_stream(str(path), compression="detect") as f:
+                table = pv.read_csv(f, parse_options=pv.ParseOptions(delimiter=delimiter),
+                                    convert_options=pv.ConvertOptions(strings_can_be_null=True, null_values=[""]))
+        except pa.ArrowInvalid as e:
+            raise ConvertError(f"{path}: cannot read the impressions file ({e})") from None
+        for col in self.REQUIRED:
+            if col not in table.column_names:
+                raise ConvertError(f"{path}: missing required column {col!r} (impressions); "
+                                   f"columns found: {table.column_names}")
+        row0 = 0
+        for batch in table.to_batches(max_chunksize=self.batch_rows):
+            chk = _Checker(path, row0, batch.num_rows, on_error, counts)
+            yield batch.num_rows, self._parse(batch, chk)  # type: ignore[misc]
+            row0 += batch.num_rows
+
+    def _parse(self, batch: pa.RecordBatch, chk: _Checker) -> _ImpParsed:  # type: ignore[override]
+        n = batch.num_rows
+        user = _parse_id(batch.column("uid"), "user", "uid", chk)
+        item = _parse_id(batch.column("item_id"), "item", "item_id", chk)
+        ts = _parse_timestamp(batch.column("timestamp"), "timestamp", chk, self.divisor)
+        event = self._events(batch.column("event_type"), chk)
+        played = self._played(batch, event, chk)
+        score = np.full(n, np.nan, np.float32)
+        if "score" in batch.schema.names:
+            arr = _plain(batch.column("score"))
+            if not (pa.types.is_floating(arr.type) or _is_int(arr.type)):
+                raise ConvertError(f"{chk.path}: column 'score' has type {arr.type}, expected a number")
+            score = np.asarray(pc.fill_null(pc.cast(arr, pa.float32()), np.nan).to_numpy(zero_copy_only=False),
+                               np.float32)
+        imp = np.full(n, -1, np.int64)
+        if "impression_id" in batch.schema.names:
+            arr = _plain(batch.column("impression_id"))  # empty = no id: grouped by request time alone
+            if not (_is_int(arr.type) or pa.types.is_null(arr.type)):
+                raise ConvertError(f"{chk.path}: column 'impression_id' has type {arr.type}, expected integers")
+            if _is_int(arr.type):
+                imp = _int_values(pc.cast(pc.fill_null(arr, -1), pa.int64()))
+        bad = chk.done()
+        good = ~bad
+        sel = pa.array(good)
+        return _ImpParsed(user.filter(sel), item.filter(sel), ts[good], event[good], played[good], score[good],
+                          imp[good])
+
+
 class _CsvReader:
     def __init__(self, fmt: str, columns: ColumnMap, like: float, dislike: float, divisor: int,
                  batch_rows: int) -> None:
@@ -647,7 +731,8 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
             holdout: str = "loo", val_seconds: int = 86400, test_seconds: int = 86400, gap_seconds: int = 0,
             shards: int = 8, max_len: int = 8192, like_threshold: float = 4.0, dislike_threshold: float = 2.0,
             timestamp_unit: str = "s", on_error: str = "raise", batch_rows: int = 1_000_000,
-            workers: int = 1) -> Manifest:
+            workers: int = 1, impressions: str | os.PathLike | None = None,
+            impressions_test_seconds: int = 86400) -> Manifest:
     """Convert an interaction log (file or directory) into shards + manifest under ``out``.
 
     ``holdout``: ``loo``, ``temporal`` (test targets are the last ``test_seconds``
@@ -658,6 +743,11 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     ``workers=1``. Returns the written manifest;
     ``manifest.source`` records the input, options, split boundaries, row counts
     and ``skipped_rows``.
+
+    ``impressions`` (a file or directory, see :class:`_ImpressionReader`) adds the fine-tuning
+    splits ``impressions`` and ``impressions_test`` (request times in the last
+    ``impressions_test_seconds`` before the latest one); every valid impression row becomes exactly
+    one shown item, bad rows follow ``on_error`` and are counted under ``impression_skipped_rows``.
     """
     if fmt not in ("auto",) + FORMATS:
         raise ValueError(f"fmt {fmt!r}: expected auto, {', '.join(FORMATS)}")
@@ -715,6 +805,24 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     if n_valid == 0:
         raise ConvertError(f"{input_path}: all {n_read} rows are bad ({skipped}); nothing to convert")
     assert ts_min is not None and ts_max is not None
+    imp_files: list[Path] = []
+    imp_reader = _ImpressionReader(divisor, batch_rows)
+    imp_skipped: dict[str, int] = {}
+    imp_valid, imp_read, imp_ts_max = 0, 0, None
+    if impressions is not None:
+        imp_files, _, _ = _list_inputs(Path(impressions), "auto")
+        for path in imp_files:
+            for n_raw, parsed in imp_reader.batches(path, on_error, imp_skipped):
+                imp_read += n_raw
+                if len(parsed):
+                    users.add(parsed.user)
+                    items.add(parsed.item)
+                    hi = int(parsed.timestamp.max())
+                    imp_ts_max = hi if imp_ts_max is None else max(imp_ts_max, hi)
+                    imp_valid += len(parsed)
+        if imp_valid == 0:
+            raise ConvertError(f"{impressions}: no valid impression rows ({imp_read} read, {imp_skipped})")
+    imp_test_start = None if imp_ts_max is None else imp_ts_max + 1 - impressions_test_seconds
     item_map, user_map = items.finish(), users.finish()
     remap_users = not user_map.identity_ok()
 
@@ -761,9 +869,30 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
         if n_spilled != n_valid:
             raise ConvertError(f"{input_path}: pass 2 read {n_spilled} valid rows, pass 1 {n_valid} "
                                f"(was the input modified during conversion?)")
+        order = 0
+        for path in imp_files:
+            for _, ip in imp_reader.batches(path, "skip", None):
+                n = len(ip)
+                if not n:
+                    continue
+                rec = np.empty(n, _IMP_SPILL)
+                rec["user"] = user_map.lookup(ip.user, "user", path) if remap_users else _int_values(
+                    pc.cast(ip.user, pa.int64()) if _is_str(ip.user.type) else ip.user)
+                rec["item"] = item_map.lookup(ip.item, "item", path)
+                rec["timestamp"], rec["event"], rec["played"] = ip.timestamp, ip.event, ip.played
+                rec["score"], rec["impression"] = ip.score, ip.impression
+                rec["order"] = np.arange(order, order + n)
+                order += n
+                bucket = rec["user"] % shards
+                for b in np.unique(bucket).tolist():
+                    with open(spill / f"imp-{b:06d}.bin", "ab") as f:
+                        f.write(rec[bucket == b].tobytes())
+        if order != imp_valid:
+            raise ConvertError(f"{impressions}: pass 2 read {order} valid impression rows, pass 1 {imp_valid}")
 
         # Pass 3: per bucket, stable sort by (user, timestamp) and write whole histories.
-        jobs = [(str(out), b, str(spill / f"bucket-{b:06d}.bin"), hold, max_len) for b in range(shards)]
+        jobs = [(str(out), b, str(spill / f"bucket-{b:06d}.bin"), hold, max_len, imp_test_start)
+                for b in range(shards)]
         if workers > 1 and shards > 1:
             ctx = multiprocessing.get_context("spawn")  # no fork after arrow's threads have started
             with ProcessPoolExecutor(max_workers=min(workers, shards), mp_context=ctx) as pool:
@@ -777,6 +906,9 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     if accounted != n_valid:
         raise ConvertError(f"internal error: {n_valid} valid rows but {accounted} written (train + targets + "
                            f"cut targets + gap)")
+    shown = sum(st.get("shown", 0) for r in results for sp, st in r.stats.items() if sp.startswith("impressions"))
+    if shown != imp_valid:
+        raise ConvertError(f"internal error: {imp_valid} valid impression rows but {shown} shown items written")
 
     source: dict[str, Any] = {
         "kind": "convert",
@@ -805,10 +937,17 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
         "item_map": ITEM_MAP,
         "item_ids": "numeric" if item_map.kind == "int" else "string",
     }
+    if impressions is not None:
+        source["impressions"] = {
+            "input": str(impressions), "files": [str(p) for p in imp_files], "test_start": imp_test_start,
+            "test_seconds": int(impressions_test_seconds),
+            "rows": {"read": imp_read, "written": imp_valid, "skipped": imp_read - imp_valid}}
+        source["impression_skipped_rows"] = dict(sorted(imp_skipped.items()))
     return finalize(out, results, hold, len(item_map), max_len, source)
 
 
-def _write_bucket(out: str, index: int, part: str, hold: Holdout, max_len: int) -> ShardResult:
+def _write_bucket(out: str, index: int, part: str, hold: Holdout, max_len: int,
+                  imp_test_start: int | None = None) -> ShardResult:
     """Pass 3 for one bucket: load, stable-sort by (user, timestamp), write shard ``index``; delete the bucket."""
     path = Path(part)
     rec = np.fromfile(path, _SPILL) if path.exists() else np.empty(0, _SPILL)
@@ -817,12 +956,40 @@ def _write_bucket(out: str, index: int, part: str, hold: Holdout, max_len: int) 
     cols["context"] = np.zeros(rec.shape[0], np.dtype(FIELDS["context"]))
     users = np.ascontiguousarray(rec["user"])
     del rec
-    writer = ShardSetWriter(out, index, hold, max_len)
-    for user, ucols in iter_users(cols, users):
-        writer.add_user(user, ucols)
+    imps = _bucket_impressions(path.with_name(path.name.replace("bucket-", "imp-")))
+    writer = ShardSetWriter(out, index, hold, max_len, impressions_test_start=imp_test_start)
+    histories = dict(iter_users(cols, users))
+    empty = {k: np.zeros(0, np.dtype(v)) for k, v in FIELDS.items()}
+    for user in sorted(histories.keys() | imps.keys()):  # users with impressions but no history too
+        writer.add_user(user, histories.get(user, empty), imps.get(user))
     result = writer.close()
     path.unlink(missing_ok=True)
     return result
+
+
+def _bucket_impressions(path: Path) -> dict[int, dict[str, np.ndarray]]:
+    """A bucket's impression rows grouped into each user's impressions, by request time."""
+    if not path.exists():
+        return {}
+    rec = np.fromfile(path, _IMP_SPILL)
+    path.unlink()
+    rec = rec[np.lexsort((rec["order"], rec["impression"], rec["timestamp"], rec["user"]))]
+    key_change = np.ones(rec.shape[0], bool)
+    key_change[1:] = ((rec["user"][1:] != rec["user"][:-1]) | (rec["timestamp"][1:] != rec["timestamp"][:-1])
+                      | (rec["impression"][1:] != rec["impression"][:-1]))
+    starts = np.flatnonzero(key_change)
+    sizes = np.diff(np.append(starts, rec.shape[0]))
+    imp_user = rec["user"][starts]
+    out: dict[int, dict[str, np.ndarray]] = {}
+    user_change = np.flatnonzero(np.r_[True, imp_user[1:] != imp_user[:-1]])
+    bounds = np.append(user_change, imp_user.shape[0])
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        r0, r1 = int(starts[a]), int(starts[b]) if b < starts.shape[0] else rec.shape[0]
+        out[int(imp_user[a])] = {
+            "imp_time": rec["timestamp"][starts[a:b]], "imp_size": sizes[a:b].astype(np.int32),
+            "imp_item": rec["item"][r0:r1], "imp_event": rec["event"][r0:r1], "imp_played": rec["played"][r0:r1],
+            "imp_score": rec["score"][r0:r1]}
+    return out
 
 
 def _accounted(results: list[ShardResult], hold: Holdout) -> int:
@@ -830,7 +997,10 @@ def _accounted(results: list[ShardResult], hold: Holdout) -> int:
     total = 0
     for r in results:
         for split, info in r.shards.items():
+            if split.startswith("impressions"):
+                continue  # impression samples repeat history rows; shown items are counted separately
             total += info.interactions if split == "train" else info.targets
-        for stats in r.stats.values():
-            total += stats.get("targets_cut_to_max_len", 0) + stats.get("gap_interactions", 0)
+        for split, stats in r.stats.items():
+            if not split.startswith("impressions"):
+                total += stats.get("targets_cut_to_max_len", 0) + stats.get("gap_interactions", 0)
     return total
