@@ -156,6 +156,8 @@ def launch(a: argparse.Namespace) -> int:
     cfg = load_job(a.config, overrides, world_size=a.num_workers)  # one line, before any cluster work
     # Workers run in their own working directory: hand them absolute paths.
     cfg.data.path, cfg.out = str(Path(cfg.data.path).resolve()), str(Path(cfg.out).resolve())
+    if cfg.finetune.init:
+        cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
     local = start_local_cluster(int(a.num_workers * a.cpus_per_worker)) if a.local else None
     if local is None:
         ray.init(address=a.address)
