@@ -359,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.plan_cli import add_plan
 
     add_plan(sub)
+
+    from launch.export_cli import add_export, add_retrieve
+
+    add_export(sub)
+    add_retrieve(sub)
     return p
 
 

@@ -115,7 +115,6 @@ class Engine:
             dist_init_required=False)
         self.bf16 = cfg.deepspeed.precision == "bf16"
         self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)
-        self.dense_params = sum(p.numel() for p in dense.parameters())
 
     def init_sparse(self) -> None:
         """Fill the freshly sharded tables (fine-tuning loads the pre-trained ones instead)."""

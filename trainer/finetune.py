@@ -8,7 +8,6 @@ from the pre-training run named by ``finetune.init``.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 
 from trainer import checkpoint
 from trainer.config import ConfigError, from_dict, to_dict
@@ -262,27 +260,15 @@ def evaluate_finetune(run_dir: str | Path, data_dir: str | Path, split: str | No
 
 def _score(cfg: JobConfig, sparse: Any, model: Any, batch: Batch, inp: dict[str, torch.Tensor],
            shown: torch.Tensor) -> torch.Tensor:
-    """Scores of the shown items by an unsharded model (TwoTower, or a pre-trained ArgusModel whose
-    user vectors and raw item embeddings are scored by dot product)."""
+    """Scores of the shown items by an unsharded model: the served user and item vectors' dot product
+    (a pre-trained ArgusModel scores the way its next-item head does)."""
     from embeddings.features import featurize
     from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, jagged_values
+    from trainer.export import History, served_vectors
 
     items_kjt, side_kjt = featurize(batch, cfg.embeddings, sparse.item_rows, shown, torch.device("cpu"))
     out_items, out_side = sparse(items_kjt, side_kjt)
     iv, sv = jagged_values(out_items), jagged_values(out_side)
-    item, side, shown_emb = iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, iv[ITEM_FEATURES[1]]
-    if isinstance(model, TwoTower):
-        users = model.user_vectors(item, side, batch.lengths, inp["last"])
-        return (users[inp["shown_imp"]] * model.item_vectors(shown_emb)).sum(-1)
-    # the pre-trained model scores the way its next-item head does (cosine / temperature, or dot)
-    states = model.states(item, side, batch.lengths)
-    rows = inp["last"] * 2 + 1 if model.interleaved else inp["last"]
-    users, items = model.proj(states[rows]).float()[inp["shown_imp"]], shown_emb.float()
-    ni = cfg.heads.next_item
-    if ni.normalize:
-        users, items = F.normalize(users, dim=-1), F.normalize(items, dim=-1)
-    return (users * items).sum(-1) / ni.temperature
-
-
-def write_report(report: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(report, indent=1, sort_keys=True))
+    history = History(iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, batch.lengths, inp["last"])
+    users, items = served_vectors(cfg, model, history, iv[ITEM_FEATURES[1]])
+    return (users[inp["shown_imp"]] * items).sum(-1)

@@ -1,0 +1,130 @@
+"""`argus export` and `argus retrieve`: parsers and commands (wired into launch/cli.py's build_parser).
+
+Also runnable on its own, with the same one-line errors: ``python -m launch.export_cli export ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+
+def parse_time(value: str) -> int:
+    """Unix seconds, or an ISO-8601 date/time (UTC unless it names a zone) -> unix seconds."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        t = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"--at: expected unix seconds or an ISO-8601 time (2024-02-01T00:00:00), "
+                         f"got {value!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return int(t.timestamp())
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from trainer.logger import quiet_library_logs
+
+    quiet_library_logs()  # before anything imports DeepSpeed: it warns at import unless told the accelerator
+    from trainer.export import export
+
+    at = None if a.at is None else parse_time(a.at)
+    with contextlib.redirect_stdout(sys.stderr):  # library banners must not corrupt --json
+        m = export(a.checkpoint, a.data, a.out, split=a.split, at=at, dtype=a.dtype, batch_size=a.batch_size,
+                   context=a.context, num_workers=a.num_workers, device=a.device)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    if a.json:
+        sys.stdout.write(json.dumps(m, indent=1, sort_keys=True) + "\n")
+        return 0
+    from rich.console import Console
+
+    t = m["timing"]
+    Console().print(f"exported {a.out}: {m['users']:,} users ({m['users_skipped']:,} without history before the "
+                    f"cutoff: skipped), {m['items']:,} items, dim {m['dim']} {m['dtype']}, {m['world_size']} "
+                    f"rank(s); {t['users_per_s']:,.0f} users/s, {t['items_per_s']:,.0f} items/s")
+    return 0
+
+
+def cmd_retrieve(a: argparse.Namespace) -> int:
+    from trainer.retrieve import retrieve
+
+    rep = retrieve(a.export_dir, k=a.k, users=a.users, batch=a.batch_size)
+    if a.json:
+        sys.stdout.write(json.dumps(rep, indent=1, sort_keys=True) + "\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("K", "Recall@K (= HR@K)", title=f"{a.export_dir}: brute-force top-{rep['k']} over {rep['items']:,} "
+                                              f"items, {rep['users']:,} users with a next item")
+    for key, value in rep.items():
+        if key.startswith("recall@"):
+            t.add_row(key.split("@")[1], f"{value:.4f}")
+    c = Console()
+    c.print(t)
+    c.print(f"{rep['users_without_next']:,} users without a next item (not scored); {rep['seconds']:.2f} s, "
+            f"{rep['users_per_s']:,.0f} users/s")
+    return 0
+
+
+def add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="user-state and item vectors of a checkpoint to sharded parquet "
+                                      "(score = dot product); plain, torchrun or deepspeed")
+    p.add_argument("checkpoint", help="run directory (its latest checkpoint) or one checkpoint directory")
+    p.add_argument("--data", required=True, help="dataset directory (the split's histories, the catalog size)")
+    p.add_argument("--out", required=True, help="output directory (users/, items/, manifest.json)")
+    p.add_argument("--split", default="test", help="whose histories: an eval split holds each user's whole "
+                                                   "history before the held-out target (default: test)")
+    p.add_argument("--at", default=None, metavar="TIMESTAMP",
+                   help="cutoff: only interactions strictly before it are history (unix seconds or ISO-8601, UTC)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="stored vector type")
+    p.add_argument("--batch-size", type=int, default=256, help="users per rank per forward pass")
+    p.add_argument("--context", type=int, default=None,
+                   help="most recent history interactions a state is computed from (default: data.max_seq_len - 1)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+    p.set_defaults(func=cmd_export)
+
+
+def add_retrieve(sub: Any) -> None:
+    p = sub.add_parser("retrieve", help="brute-force top-K over an export's item vectors; Recall@K against each "
+                                        "user's next item")
+    p.add_argument("export_dir")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--users", type=int, default=None, help="only the first N users (by id) with a next item")
+    p.add_argument("--batch-size", type=int, default=1024, help="users per matmul")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_retrieve)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The two commands without the rest of `argus` (same errors: one line, exit code 2)."""
+    from launch.cli import _strip_launcher_args
+
+    p = argparse.ArgumentParser(prog="argus")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_export(sub)
+    add_retrieve(sub)
+    args = p.parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"argus: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

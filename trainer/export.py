@@ -1,0 +1,396 @@
+"""`argus export`: user-state vectors and item vectors of a checkpoint, for serving and offline retrieval.
+
+Score = dot product of an exported user vector and an exported item vector, and it equals the model's
+own score: for a pre-training run the next-item head's (cosine or dot, / temperature), for a fine-tuning
+run the two-tower ranker's. :func:`served_vectors` is the one place that defines the served vectors.
+
+Runs the same under a plain process, torchrun or the deepspeed launcher (RANK/WORLD_SIZE from the
+environment). The item table is sharded by TorchRec exactly as in training (DCP reshards the saved
+tables for this world size); the dense model is small and is loaded in full on every rank.
+
+* Users: every sample of a split (one per user in an eval split), each rank its exactly-once part. The
+  state is taken after the last history row: rows before ``target_start`` (held-out targets are not
+  history) and, with ``at``, before the cutoff time; at most ``context`` of them, the most recent.
+* Items: the whole item table; rank r exports a contiguous id range.
+
+Layout: ``OUT/users/part-RRRRR.parquet``, ``OUT/items/part-RRRRR.parquet``, ``OUT/manifest.json``
+(written last, by rank 0: an export without it is incomplete). See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint
+
+FORMAT = "argus-export"
+FORMAT_VERSION = 1
+DTYPES = ("fp32", "bf16")
+MANIFEST = "manifest.json"
+
+
+# ---- the served vectors ----------------------------------------------------------------------------------------
+class History(NamedTuple):
+    """Looked-up history of a jagged batch and, per user, the flat row its state is taken after."""
+
+    item: torch.Tensor  # (rows, item_dim)
+    side: dict[str, torch.Tensor]  # feature -> (rows, side_dim)
+    lengths: torch.Tensor  # (users,)
+    last: torch.Tensor  # (users,) flat row index
+
+
+def served_vectors(cfg: Any, dense: torch.nn.Module, history: History | None = None,
+                   item_emb: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(user vectors, item vectors) whose dot products are the model's scores; either part may be skipped.
+
+    TwoTower (fine-tuning): its own towers. ArgusModel (pre-training): the next-item head's scoring,
+    cosine or dot / temperature, split so that the temperature rides on the user side and item vectors
+    stay plain (unit) embeddings.
+    """
+    from trainer.model.two_tower import TwoTower
+
+    users = items = None
+    if isinstance(dense, TwoTower):
+        if history is not None:
+            users = dense.user_vectors(history.item, history.side, history.lengths, history.last)
+        if item_emb is not None:
+            items = dense.item_vectors(item_emb)
+        return users, items
+    ni = cfg.heads.next_item
+    if history is not None:
+        states = dense.states(history.item, history.side, history.lengths)
+        rows = history.last * 2 + 1 if dense.interleaved else history.last  # interleaved: the feedback token
+        u = dense.proj(states[rows]).float()
+        users = (F.normalize(u, dim=-1) if ni.normalize else u) / ni.temperature
+    if item_emb is not None:
+        v = item_emb.float()
+        items = F.normalize(v, dim=-1) if ni.normalize else v
+    return users, items
+
+
+# ---- which rows each user state sees ---------------------------------------------------------------------------
+@dataclass
+class UserRows:
+    """Per sample of a batch: where its state is taken, what comes next; plus the context batch to encode."""
+
+    kept: torch.Tensor  # indices (into the batch) of samples with at least one history row
+    next_item: torch.Tensor  # (batch,) item of the first row the state did not see; -1 if none
+    history_len: torch.Tensor  # (batch,) rows the state is computed from (<= context)
+    context: Any  # trainer.data.batch.Batch of the kept samples' context rows (None if none kept)
+
+
+def context_rows(batch: Any, context: int, at: int | None = None, targets_held_out: bool = True) -> UserRows:
+    """The most recent ``context`` history rows of each sample of a jagged (untruncated) batch.
+
+    History = the leading rows before ``target_start`` (``targets_held_out``: eval splits) with
+    timestamp < ``at`` (when given). ``next_item`` = the row right after the history, i.e. the held-out
+    target, or with ``at`` the first interaction at/after the cutoff.
+    """
+    from trainer.data.batch import Batch
+
+    lengths = batch.lengths.long()
+    n = lengths.numel()
+    starts = torch.cumsum(lengths, 0) - lengths
+    owner = torch.repeat_interleave(torch.arange(n), lengths)
+    pos = torch.arange(int(lengths.sum())) - starts[owner]
+    end = batch.target_start.long() if targets_held_out else lengths
+    outside = pos >= end[owner]
+    if at is not None:
+        outside |= batch.values["timestamp"].long() >= at
+    # History is a prefix: it stops at the first row outside it (events are time-ordered).
+    cut = lengths.clone().scatter_reduce_(0, owner[outside], pos[outside], reduce="amin", include_self=True)
+    has_next = cut < lengths
+    next_item = torch.full((n,), -1, dtype=torch.long)
+    next_item[has_next] = batch.values["item"].long()[(starts + cut)[has_next]]
+    lo = (cut - context).clamp_min(0)
+    count = cut - lo
+    kept = torch.nonzero(count > 0, as_tuple=True)[0]
+    ctx = None
+    if kept.numel():
+        c = count[kept]
+        first = starts[kept] + lo[kept]
+        rows = torch.repeat_interleave(first, c) + torch.arange(int(c.sum())) - torch.repeat_interleave(
+            torch.cumsum(c, 0) - c, c)
+        ctx = Batch(keys=[batch.keys[i] for i in kept.tolist()], users=batch.users[kept],
+                    offsets=batch.offsets[kept] + lo[kept], lengths=c, target_start=torch.zeros_like(c),
+                    values={k: v[rows] for k, v in batch.values.items()}, padded=False)
+    return UserRows(kept=kept, next_item=next_item, history_len=count.to(torch.int32), context=ctx)
+
+
+Lookup = Callable[[Any, Any], tuple[Any, Any]]  # (items KJT, side KJT) -> outputs: a DMP or an unsharded SparseArch
+
+
+def encode_users(batch: Any, cfg: Any, dense: torch.nn.Module, lookup: Lookup, item_rows: int, context: int,
+                 at: int | None, targets_held_out: bool, device: torch.device) -> tuple[UserRows, torch.Tensor]:
+    """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call, even
+    for an empty batch or one whose users all lack history: under DMP that call is a collective."""
+    from embeddings.features import featurize
+    from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, jagged_values
+    from trainer.engine import dummy_batch
+
+    if batch.size:
+        rows = context_rows(batch, context, at, targets_held_out)
+    else:
+        empty = torch.zeros(0, dtype=torch.long)
+        rows = UserRows(empty, empty, empty.int(), None)
+    ctx = rows.context if rows.context is not None else dummy_batch()
+    items_kjt, side_kjt = featurize(ctx, cfg.embeddings, item_rows, torch.zeros(0, dtype=torch.long), device)
+    out_items, out_side = lookup(items_kjt, side_kjt)
+    iv, sv = jagged_values(out_items), jagged_values(out_side)
+    if rows.context is None:
+        return rows, torch.zeros(0, cfg.embeddings.item_dim)
+    lengths = ctx.lengths.to(device)
+    hist = History(iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, lengths, torch.cumsum(lengths, 0) - 1)
+    users, _ = served_vectors(cfg, dense, history=hist)
+    return rows, users.cpu()
+
+
+def encode_items(ids: torch.Tensor, cfg: Any, dense: torch.nn.Module, lookup: Lookup,
+                 device: torch.device) -> torch.Tensor:
+    """Served vectors of item table rows ``ids`` (may be empty: the lookup still runs, as a collective)."""
+    from torchrec import KeyedJaggedTensor
+
+    from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, jagged_values
+
+    items_kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(ITEM_FEATURES), values=ids.to(device), lengths=torch.tensor([ids.numel(), 0], device=device))
+    side_kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(SIDE_FEATURES), values=torch.zeros(0, dtype=torch.long, device=device),
+        lengths=torch.zeros(len(SIDE_FEATURES), dtype=torch.long, device=device))
+    out_items, _ = lookup(items_kjt, side_kjt)
+    emb = jagged_values(out_items)[ITEM_FEATURES[0]]
+    if ids.numel() == 0:
+        return torch.zeros(0, cfg.embeddings.item_dim)
+    _, items = served_vectors(cfg, dense, item_emb=emb)
+    return items.cpu()
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+def vector_array(v: torch.Tensor, dtype: str) -> Any:
+    """(n, dim) vectors -> a parquet fixed_size_list column: float32, or bf16 as its raw bits in uint16."""
+    import pyarrow as pa
+
+    dim = v.shape[1]
+    if dtype == "bf16":  # round to nearest even (torch's cast), keep the 16 bits
+        flat = v.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    else:
+        flat = v.float().numpy().reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+
+
+class PartWriter:
+    """One rank's parquet file, written under a temporary name and renamed into place when closed."""
+
+    def __init__(self, path: Path, columns: dict[str, Any]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.schema = pa.schema(list(columns.items()))
+        self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.rows = 0
+
+    def write(self, columns: dict[str, Any]) -> None:
+        import pyarrow as pa
+
+        table = pa.Table.from_arrays(list(columns.values()), schema=self.schema)
+        if table.num_rows:
+            self.writer.write_table(table)
+            self.rows += table.num_rows
+
+    def close(self) -> None:
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+
+def part_name(kind: str, rank: int) -> str:
+    return f"{kind}/part-{rank:05d}.parquet"
+
+
+def load_export(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user ids, user vectors, next items, item ids, item vectors) of an export; numpy + pyarrow only.
+
+    Vectors come back as float32 (n, dim) whatever the stored dtype. This is the snippet in docs/export.md.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    m = json.loads((out / "manifest.json").read_text())
+
+    def read(kind: str) -> pa.Table:
+        return pa.concat_tables([pq.read_table(out / f) for f in m["files"][kind]])
+
+    def vectors(t: pa.Table) -> np.ndarray:
+        flat = t.column("vector").combine_chunks().flatten().to_numpy()
+        if m["dtype"] == "bf16":  # stored as the top 16 bits of float32
+            flat = (flat.astype(np.uint32) << 16).view(np.float32)
+        return flat.reshape(-1, m["dim"])
+
+    users, items = read("users"), read("items")
+    return (users.column("user").to_numpy(), vectors(users), users.column("next_item").to_numpy(),
+            items.column("item").to_numpy(), vectors(items))
+
+
+# ---- argus export ------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (has meta.json), or a run directory's latest checkpoint."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    latest = checkpoint.latest_checkpoint(p) if (p / "checkpoints").is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(f"{path}: no checkpoint (expected a run directory with checkpoints/latest, "
+                                f"or a checkpoint directory with meta.json)")
+    return latest
+
+
+def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | Path, split: str = "test",
+           at: int | None = None, dtype: str = "fp32", batch_size: int = 256, items_chunk: int = 65536,
+           context: int | None = None, num_workers: int = 0, device: str = "auto") -> dict[str, Any]:
+    """Export user vectors of ``split`` and item vectors of the whole table; collective (every rank calls it).
+
+    ``at``: cutoff (unix seconds): only interactions strictly before it are history. ``context``: the most
+    recent history rows a state is computed from; default ``data.max_seq_len - 1``, the longest prefix the
+    model was trained to predict the next item from. Returns the manifest (on every rank).
+    """
+    from trainer.config import from_dict
+    from trainer.data.manifest import Manifest
+    from trainer.job import JobConfig
+
+    # Everything that can be wrong with the inputs is checked before any process group exists, so a bad
+    # argument fails the same way on every rank instead of leaving the others waiting in a collective.
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or items_chunk < 1:
+        raise ValueError(f"batch_size and items_chunk must be >= 1, got {batch_size} and {items_chunk}")
+    path = resolve_checkpoint(checkpoint_or_run)
+    cfg = from_dict(JobConfig, checkpoint.saved_config(path))
+    manifest = Manifest.load(data_dir)
+    kind = manifest.split(split).kind
+    context = max(cfg.data.max_seq_len - 1, 1) if context is None else context
+    if not 1 <= context <= cfg.data.max_seq_len:
+        raise ValueError(f"context: must be in [1, {cfg.data.max_seq_len}] (the run's data.max_seq_len), "
+                         f"got {context}")
+    out = Path(out_dir)
+
+    import pyarrow as pa
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from embeddings.sharding import shard
+    from embeddings.tables import SparseArch
+    from trainer.data.loader import ShardLoader
+    from trainer.dist import init_distributed
+    from trainer.evaluate import build_dense_model, dense_weights
+    from trainer.memory import embedding_hbm_budget, embedding_lookups
+
+    owns_group = not dist.is_initialized()  # a caller's process group is left as it was
+    info = init_distributed(device, cfg.train.timeout_s)
+    rank, world, dev = info.rank, info.world_size, info.device
+    for sub in ("users", "items"):  # every rank: OUT must be shared by all ranks, like the checkpoint
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # from here until the new one is written, the export is incomplete
+    dist.barrier()
+
+    sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
+    item_rows = sparse.item_rows
+    hbm_cap = None
+    if dev.type == "cuda":
+        hbm_cap = embedding_hbm_budget(cfg, world, torch.cuda.get_device_properties(dev).total_memory,
+                                       gpus_per_node=torch.cuda.device_count())
+    dmp, _ = shard(sparse, cfg.embeddings, dev, batch_size=cfg.data.batch_size, hbm_cap=hbm_cap,
+                   lookups=embedding_lookups(cfg))
+    state = {"tables": dmp.state_dict()}
+    with warnings.catch_warnings():  # DCP's ShardedTensor deprecation notice: TorchRec's tables are ShardedTensors
+        warnings.simplefilter("ignore", FutureWarning)
+        dcp.load(state, checkpoint_id=str(path / "sparse"))
+    dmp.load_state_dict(state["tables"])
+    dmp.eval()
+    dense = build_dense_model(cfg)
+    dense.load_state_dict(dense_weights(path, cfg))
+    dense = dense.to(dev).eval()
+    dim = cfg.embeddings.item_dim
+    vec_type = _vector_type(dtype, dim)
+    loader = ShardLoader.Config(path=str(data_dir), split=split, batch_size=batch_size, max_seq_len=0,
+                                num_workers=num_workers, shuffle=False).build(rank, world, manifest)
+    dist.barrier()
+    t0 = time.perf_counter()
+    users = PartWriter(out / part_name("users", rank), {"user": pa.int64(), "next_item": pa.int64(),
+                                                        "history_len": pa.int32(), "vector": vec_type})
+    skipped = 0
+    with torch.no_grad():
+        for batch in loader:  # the same number of batches on every rank (padding batches are empty)
+            rows, vecs = encode_users(batch, cfg, dense, dmp, item_rows, context, at, kind == "eval", dev)
+            skipped += batch.size - rows.kept.numel()
+            k = rows.kept
+            users.write({"user": pa.array(batch.users[k].numpy()), "next_item": pa.array(rows.next_item[k].numpy()),
+                         "history_len": pa.array(rows.history_len[k].numpy()), "vector": vector_array(vecs, dtype)})
+    users.close()
+    dist.barrier()
+    t1 = time.perf_counter()
+
+    per_rank = -(-item_rows // world)
+    lo, hi = min(rank * per_rank, item_rows), min((rank + 1) * per_rank, item_rows)
+    items = PartWriter(out / part_name("items", rank), {"item": pa.int64(), "vector": vec_type})
+    with torch.no_grad():
+        for c0 in range(0, per_rank, items_chunk):  # same number of lookups on every rank, some maybe empty
+            ids = torch.arange(min(lo + c0, hi), min(lo + c0 + items_chunk, hi))
+            vecs = encode_items(ids, cfg, dense, dmp, dev)
+            items.write({"item": pa.array(ids.numpy()), "vector": vector_array(vecs, dtype)})
+    items.close()
+    dist.barrier()
+    t2 = time.perf_counter()
+
+    mine = {"rank": rank, "users": users.rows, "items": items.rows, "skipped": skipped}
+    stats: list[Any] = [None] * world
+    dist.all_gather_object(stats, mine)
+    n_users, n_items = sum(s["users"] for s in stats), sum(s["items"] for s in stats)
+    ni = cfg.heads.next_item
+    m = {
+        "format": FORMAT, "version": FORMAT_VERSION, "checkpoint": str(path.resolve()),
+        "data": str(Path(data_dir).resolve()),
+        "split": split, "split_kind": kind, "at": at, "context": context,
+        "model": "two_tower" if cfg.finetune.enabled else "argus", "normalize": ni.normalize,
+        "temperature": ni.temperature, "score": "dot", "dim": dim, "dtype": dtype,
+        "vector_encoding": "float32" if dtype == "fp32" else
+        "bfloat16 bits as uint16 (float32 = bits << 16; round-to-nearest-even from float32)",
+        "item_rows": item_rows, "num_items": manifest.num_items, "world_size": world,
+        "users": n_users, "items": n_items, "users_skipped": sum(s["skipped"] for s in stats),
+        "files": {"users": [part_name("users", s["rank"]) for s in stats],
+                  "items": [part_name("items", s["rank"]) for s in stats]},
+        "counts": {**{part_name("users", s["rank"]): s["users"] for s in stats},
+                   **{part_name("items", s["rank"]): s["items"] for s in stats}},
+        "timing": {"users_s": round(t1 - t0, 4), "items_s": round(t2 - t1, 4),
+                   "users_per_s": n_users / max(t1 - t0, 1e-9), "items_per_s": n_items / max(t2 - t1, 1e-9)},
+    }
+    if rank == 0:
+        listed = {f for fs in m["files"].values() for f in fs}
+        for sub in ("users", "items"):  # parts of an earlier export with a larger world size
+            for f in (out / sub).glob("part-*.parquet*"):
+                if f"{sub}/{f.name}" not in listed:
+                    f.unlink()
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(m, indent=1))
+        os.replace(tmp, out / MANIFEST)  # published: the export is complete
+    dist.barrier()
+    if owns_group:
+        dist.destroy_process_group()
+    return m
+
+
+def _vector_type(dtype: str, dim: int) -> Any:
+    import pyarrow as pa
+
+    return pa.list_(pa.uint16() if dtype == "bf16" else pa.float32(), dim)
