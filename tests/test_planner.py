@@ -219,3 +219,16 @@ def test_mfu_comes_from_our_measurement_when_there_is_one(tmp_path, monkeypatch)
     assert measured["step"]["compute_s"] == pytest.approx(2 * assumed["step"]["compute_s"])
     given = plan(cfg, dataclasses.replace(req, mfu=0.5))
     assert given["inputs"]["mfu"] == 0.5
+
+
+def test_deepspeed_buckets_are_what_zero_allocates():
+    from trainer.memory import ds_buffers
+
+    z2 = {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                "reduce_bucket_size": 3e7, "allgather_bucket_size": 9e8}}
+    assert ds_buffers(z2, "bf16") == 2 * 3e7 * 2  # double-buffered reduce bucket; no all-gather bucket
+    z2["zero_optimization"]["overlap_comm"] = False
+    assert ds_buffers(z2, "fp32") == 3e7 * 4
+    z3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e7, "stage3_prefetch_bucket_size": 2e7}}
+    assert ds_buffers(z3, "bf16") == 3e7 * 2
+    assert ds_buffers({"zero_optimization": {"stage": 0}}, "fp32") == 0

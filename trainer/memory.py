@@ -168,14 +168,22 @@ def block_saved_bytes_per_token(d_model: int, d_ff: int, n_heads: int, dtype_byt
 
 
 def ds_buffers(ds_config: dict[str, Any], precision: str) -> int:
-    """DeepSpeed's communication buckets (elements in the JSON, in the training dtype)."""
+    """DeepSpeed's gradient-reduction buckets (sizes are elements in the JSON, in the training dtype).
+
+    ZeRO-1/2 (DeepSpeed 0.19.8, ``stage_1_and_2.py: setup_buckets``): with contiguous gradients one
+    ``reduce_bucket_size`` buffer, two with ``overlap_comm`` (double-buffered); parameters are
+    all-gathered straight into their flat buffer, so ``allgather_bucket_size`` allocates nothing.
+    ZeRO-3: the reduce bucket plus the parameter prefetch bucket. Sizes default to DeepSpeed's.
+    """
     z = ds_config.get("zero_optimization", {})
     stage = z.get("stage", 0)
     w = weight_bytes(precision)
+    reduce = int(z.get("reduce_bucket_size", 5e8))
     if stage in (1, 2):
-        return int(z.get("reduce_bucket_size", 5e8) + z.get("allgather_bucket_size", 5e8)) * w
+        copies = 2 if z.get("overlap_comm", False) and z.get("contiguous_gradients", True) else 1
+        return copies * reduce * w
     if stage == 3:
-        return int(z.get("reduce_bucket_size", 5e8) + z.get("stage3_prefetch_bucket_size", 5e7)) * w
+        return (reduce + int(z.get("stage3_prefetch_bucket_size", 5e7))) * w
     return 0
 
 
