@@ -1,7 +1,4 @@
-"""`argus export` and `argus retrieve`: parsers and commands (wired into launch/cli.py's build_parser).
-
-Also runnable on its own, with the same one-line errors: ``python -m launch.export_cli export ...``.
-"""
+"""`argus export` and `argus retrieve`: parsers and commands (wired into launch/cli.py's build_parser)."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ import datetime
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 def parse_time(value: str) -> int:
@@ -105,26 +102,3 @@ def add_retrieve(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=1024, help="users per matmul")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_retrieve)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The two commands without the rest of `argus` (same errors: one line, exit code 2)."""
-    from launch.cli import _strip_launcher_args
-
-    p = argparse.ArgumentParser(prog="argus")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_export(sub)
-    add_retrieve(sub)
-    args = p.parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"argus: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,6 +14,20 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+def read_samples(root: Path, split: str) -> list:
+    """Every sample of a split, read with stdlib tarfile + decode_sample (independently of the loader)."""
+    import tarfile
+
+    from trainer.data.manifest import Manifest
+    from trainer.data.schema import decode_sample
+
+    out = []
+    for shard in Manifest.load(root).split(split).shards:
+        with tarfile.open(root / shard.path) as tf:
+            out += [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
+    return out
+
+
 def assert_training_plan_matches(run: Path, data: Path, world: int) -> None:
     """The sharding `argus train` built (RUN/sharding_plan.json) is the one `argus plan` makes offline."""
     import yaml

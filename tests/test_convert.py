@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import read_samples
 
 from trainer.data.convert import ColumnMap, ConvertError, convert
 from trainer.data.manifest import Manifest
@@ -498,14 +499,6 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def _read_split(root: Path, split: str) -> list[Sample]:
-    out = []
-    for sh in Manifest.load(root).split(split).shards:
-        with tarfile.open(root / sh.path) as tf:
-            out += [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
-    return out
-
-
 def test_convert_impressions_every_row_once_history_before_request(tmp_path):
     hist = _write_csv(tmp_path / "h.csv", ["user", "item", "timestamp"],
                       [[u, 100 + (u * 7 + k) % 9, 1000 * k + u] for u in range(1, 6) for k in range(12)])
@@ -523,7 +516,7 @@ def test_convert_impressions_every_row_once_history_before_request(tmp_path):
     item_ids = pq.read_table(out / "item_map.parquet").column("item_id").to_pylist()
     got = []
     for split in ("impressions", "impressions_test"):
-        for s in _read_split(out, split):
+        for s in read_samples(out, split):
             c = s.cols
             assert s.n == 0 or int(c["timestamp"].max()) < int(c["imp_time"][-1])
             times = np.repeat(c["imp_time"], c["imp_size"])
@@ -533,7 +526,7 @@ def test_convert_impressions_every_row_once_history_before_request(tmp_path):
     want = [("impressions_test" if r[2] >= 11_990 + 1 - 100 else "impressions", r[0], r[1], r[2], names[r[3]])
             for r in imp_rows]
     assert sorted(got) == sorted(want)  # every impression row exactly once, in the right split
-    user2 = next(s for s in _read_split(out, "impressions") if s.user == 2)
+    user2 = next(s for s in read_samples(out, "impressions") if s.user == 2)
     assert user2.cols["imp_size"].tolist() == [2, 2]  # impression ids split one request into two impressions
     assert 999 in item_ids  # an item only ever shown, never played, still gets a row
     assert m.source["impressions"]["rows"] == {"read": 11, "written": 11, "skipped": 0}

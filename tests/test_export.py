@@ -9,18 +9,17 @@ import os
 import re
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, read_samples as samples
 
 from trainer.data.batch import BATCH_DTYPES, Batch, collate
 from trainer.data.manifest import Manifest
-from trainer.data.schema import FIELDS, EventType, decode_sample
+from trainer.data.schema import FIELDS, EventType
 from trainer.export import context_rows, encode_users, load_export
 from trainer.retrieve import _keys, top_k
 
@@ -45,14 +44,6 @@ def _run(module: str, *args: str, nproc: int = 0, ok: bool = True) -> subprocess
     out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     if ok:
         assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def samples(root: Path, split: str) -> list:
-    out = []
-    for shard in Manifest.load(root).split(split).shards:
-        with tarfile.open(root / shard.path) as tf:
-            out += [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
     return out
 
 
@@ -190,7 +181,7 @@ def test_every_user_and_item_exactly_once(exports, imp_data, at_time, which):
 
 @pytest.mark.slow
 def test_dot_products_are_the_models_scores(exports, pre, imp_data, at_time):
-    from trainer.export import resolve_checkpoint
+    from trainer.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(pre)
     assert_reproduces(exports["plain"], reference(ckpt, imp_data, "test", None))
@@ -246,7 +237,7 @@ def test_retrieve_recall_equals_eval_hr(exports, pre, imp_data, capsys):
 @pytest.mark.slow
 def test_events_at_or_after_the_cutoff_cannot_change_a_user_vector(pre, imp_data, at_time):
     from trainer.evaluate import load_model
-    from trainer.export import resolve_checkpoint
+    from trainer.checkpoint import resolve_checkpoint
 
     cfg, sparse, dense = load_model(resolve_checkpoint(pre), Manifest.load(imp_data).num_items)
 
@@ -353,7 +344,7 @@ def test_documented_load_snippet_runs(exports):
 
 @pytest.mark.slow
 def test_finetuned_export_reproduces_the_rankers_scores(pre, imp_data, tmp_path):
-    from trainer.export import resolve_checkpoint
+    from trainer.checkpoint import resolve_checkpoint
 
     run, out = tmp_path / "ft", tmp_path / "export"
     _run("launch.cli", "finetune", "configs/mini.yaml", "--init", str(pre), f"data.path={imp_data}", *TINY,

@@ -8,32 +8,23 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, losses
+from helpers import TINY_MODEL, read_samples as samples
 
 from trainer.data.batch import collate
 from trainer.data.manifest import Manifest
-from trainer.data.schema import PLAYED_NA, EventType, decode_sample, relevance
+from trainer.data.schema import PLAYED_NA, EventType, relevance
 from trainer.finetune import impression_inputs, ndcg_within, pairwise_accuracy
 from trainer.model.two_tower import pairs_of
 
 REPO = Path(__file__).resolve().parents[1]
 ARGUS = [sys.executable, "-m", "launch.cli"]
 TINY = [*TINY_MODEL, "data.num_workers=0", "optim.warmup_steps=2"]
-
-
-def samples(root: Path, split: str) -> list:
-    out = []
-    for shard in Manifest.load(root).split(split).shards:
-        with tarfile.open(root / shard.path) as tf:
-            out += [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
-    return out
 
 
 def test_impression_splits_hold_history_before_each_request(imp_data):
@@ -274,4 +265,4 @@ def test_finetune_init_without_checkpoint_is_refused(imp_data, tmp_path):
     out = subprocess.run([*ARGUS, "finetune", "configs/mini.yaml", "--init", str(tmp_path), f"data.path={imp_data}",
                           *TINY, f"out={tmp_path / 'r'}"], cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 2 and "finetune.init" in out.stderr and "has no checkpoint" in out.stderr
+    assert out.returncode == 2 and "finetune.init" in out.stderr and "no checkpoint" in out.stderr

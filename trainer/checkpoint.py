@@ -44,6 +44,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (has meta.json), or a run directory's latest checkpoint."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    latest = latest_checkpoint(p) if (p / "checkpoints").is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(f"{path}: no checkpoint (expected a run directory with checkpoints/latest, "
+                                f"or a checkpoint directory with meta.json)")
+    return latest
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -243,18 +243,6 @@ def load_export(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 # ---- argus export ------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (has meta.json), or a run directory's latest checkpoint."""
-    p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    latest = checkpoint.latest_checkpoint(p) if (p / "checkpoints").is_dir() else None
-    if latest is None:
-        raise FileNotFoundError(f"{path}: no checkpoint (expected a run directory with checkpoints/latest, "
-                                f"or a checkpoint directory with meta.json)")
-    return latest
-
-
 def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | Path, split: str = "test",
            at: int | None = None, dtype: str = "fp32", batch_size: int = 256, items_chunk: int = 65536,
            context: int | None = None, num_workers: int = 0, device: str = "auto") -> dict[str, Any]:
@@ -274,7 +262,7 @@ def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | P
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1 or items_chunk < 1:
         raise ValueError(f"batch_size and items_chunk must be >= 1, got {batch_size} and {items_chunk}")
-    path = resolve_checkpoint(checkpoint_or_run)
+    path = checkpoint.resolve_checkpoint(checkpoint_or_run)
     cfg = from_dict(JobConfig, checkpoint.saved_config(path))
     manifest = Manifest.load(data_dir)
     kind = manifest.split(split).kind

@@ -31,14 +31,10 @@ _KEY_BITS = 40  # (sample << 40) + seconds since the batch's first event: sortab
 
 def init_checkpoint(init: str) -> Path:
     """The checkpoint directory ``finetune.init`` names: a run directory (its latest) or a checkpoint."""
-    path = Path(init)
-    if (path / "meta.json").is_file():
-        return path
-    latest = checkpoint.latest_checkpoint(path) if (path / "checkpoints").is_dir() else None
-    if latest is None:
-        raise ConfigError(f"finetune.init: {init} has no checkpoint (expected a run directory with "
-                          f"checkpoints/latest, or a checkpoint directory with meta.json)")
-    return latest
+    try:
+        return checkpoint.resolve_checkpoint(init)
+    except FileNotFoundError as e:
+        raise ConfigError(f"finetune.init: {e}") from None
 
 
 def check_against_init(cfg: JobConfig) -> Path:

@@ -838,6 +838,26 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
         pq.write_table(user_map.table("user_id"), out / USER_MAP)
 
     spill = Path(tempfile.mkdtemp(prefix=".convert-spill-", dir=out))
+
+    def dense_users(user: pa.Array, path: Path) -> np.ndarray:
+        if remap_users:
+            return user_map.lookup(user, "user", path)
+        return _int_values(pc.cast(user, pa.int64()) if _is_str(user.type) else user)
+
+    def spill_by_user(rec: np.ndarray, prefix: str) -> None:
+        """Append rows to per-shard bucket files by user % shards (input order kept within a bucket)."""
+        bucket = rec["user"] % shards
+        order = np.argsort(bucket, kind="stable")
+        ends = np.cumsum(np.bincount(bucket, minlength=shards))
+        rec = rec[order]
+        start = 0
+        for b in range(shards):
+            end = int(ends[b])
+            if end > start:
+                with open(spill / f"{prefix}-{b:06d}.bin", "ab") as f:
+                    f.write(rec[start:end].tobytes())
+            start = end
+
     try:
         # Pass 2: dense ids, partition rows into per-shard buckets (input order kept within a bucket).
         n_spilled = 0
@@ -847,24 +867,13 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
                 if not n:
                     continue
                 rec = np.empty(n, _SPILL)
-                rec["user"] = user_map.lookup(parsed.user, "user", path) if remap_users else _int_values(
-                    pc.cast(parsed.user, pa.int64()) if _is_str(parsed.user.type) else parsed.user)
+                rec["user"] = dense_users(parsed.user, path)
                 rec["item"] = item_map.lookup(parsed.item, "item", path)
                 rec["timestamp"] = parsed.timestamp
                 rec["event"] = parsed.event
                 rec["played"] = parsed.played
                 rec["organic"] = parsed.organic
-                bucket = rec["user"] % shards
-                order = np.argsort(bucket, kind="stable")
-                ends = np.cumsum(np.bincount(bucket, minlength=shards))
-                rec = rec[order]
-                start = 0
-                for b in range(shards):
-                    end = int(ends[b])
-                    if end > start:
-                        with open(spill / f"bucket-{b:06d}.bin", "ab") as f:
-                            f.write(rec[start:end].tobytes())
-                    start = end
+                spill_by_user(rec, "bucket")
                 n_spilled += n
         if n_spilled != n_valid:
             raise ConvertError(f"{input_path}: pass 2 read {n_spilled} valid rows, pass 1 {n_valid} "
@@ -876,17 +885,13 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
                 if not n:
                     continue
                 rec = np.empty(n, _IMP_SPILL)
-                rec["user"] = user_map.lookup(ip.user, "user", path) if remap_users else _int_values(
-                    pc.cast(ip.user, pa.int64()) if _is_str(ip.user.type) else ip.user)
+                rec["user"] = dense_users(ip.user, path)
                 rec["item"] = item_map.lookup(ip.item, "item", path)
                 rec["timestamp"], rec["event"], rec["played"] = ip.timestamp, ip.event, ip.played
                 rec["score"], rec["impression"] = ip.score, ip.impression
                 rec["order"] = np.arange(order, order + n)
                 order += n
-                bucket = rec["user"] % shards
-                for b in np.unique(bucket).tolist():
-                    with open(spill / f"imp-{b:06d}.bin", "ab") as f:
-                        f.write(rec[bucket == b].tobytes())
+                spill_by_user(rec, "imp")
         if order != imp_valid:
             raise ConvertError(f"{impressions}: pass 2 read {order} valid impression rows, pass 1 {imp_valid}")
 
