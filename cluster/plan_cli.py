@@ -118,14 +118,17 @@ def render(result: dict[str, Any], console: Any) -> None:
     step.add_column("term")
     step.add_column("value", justify="right")
     f = result["flops"]
-    step.add_row("FLOPs / interaction (encoder + head)", f"{_num(f['per_interaction'])} ({_num(f['encoder_per_interaction'])}"
-                 f" + {_num(f['head_per_interaction'])})")
+    step.add_row("FLOPs / interaction (encoder + head)",
+                 f"{_num(f['per_interaction'])} ({_num(f['encoder_per_interaction'])} + "
+                 f"{_num(f['head_per_interaction'])})")
     step.add_row("embedding bytes / interaction (lookups)", f"{f['embedding_bytes_per_interaction']:,.0f}")
     step.add_row("interactions / step (all ranks)", f"{s['interactions']:,.0f}")
     step.add_row(f"compute at MFU {i['mfu']:.0%} ({i['mfu_source']})", f"{s['compute_s']:.3f} s")
     step.add_row("HBM traffic", f"{s['memory_s']:.3f} s ({_gb(s['hbm_bytes'])})")
     step.add_row("ZeRO collectives (overlapped)", f"{s['zero_comm_s']:.3f} s ({_gb(s['zero_comm_bytes'])})")
-    step.add_row("embedding all-to-all", f"{s['embedding_comm_s']:.3f} s ({_gb(s['embedding_comm_bytes'])})")
+    step.add_row("embedding all-to-all (bandwidth)",
+                 f"{s['embedding_comm_s']:.3f} s ({_gb(s['embedding_comm_bytes'])})")
+    step.add_row("embeddings (TorchRec's cost model; in the step)", f"{s['embedding_s']:.3f} s")
     step.add_row("[bold]step[/]", f"{s['seconds']:.3f} s, {s['bound']}-bound")
     console.print(step)
 
@@ -133,11 +136,14 @@ def render(result: dict[str, Any], console: Any) -> None:
     cost = f", ${t['cost']:,.0f}" if t["cost"] is not None else ""
     console.print(f"{verdict}: {_gb(m['total'])} + {_gb(m['headroom'])} headroom of {_gb(m['capacity'])} per GPU. "
                   f"[bold]{t['days']:.2f} days[/] ({t['steps']:,} steps), {t['gpu_hours']:,.0f} GPU-hours{cost}. "
-                  f"Fewest GPUs with every table in HBM: {result.get('min_gpus') or 'none (more GPUs do not shrink what is left)'}.")
+                  f"Fewest GPUs with every table in HBM: "
+                  f"{result.get('min_gpus') or 'none (more GPUs do not shrink what is left)'}.")
     for sug in result.get("suggestions", []):
-        console.print(f"  would fit with {sug['change']}: {_gb(sug['memory_per_rank'])} per rank, {sug['days']:.2f} days")
+        console.print(f"  would fit with {sug['change']}: {_gb(sug['memory_per_rank'])} per rank, "
+                      f"{sug['days']:.2f} days")
     if not m["fits"] and not result.get("suggestions"):
-        console.print("  no single change (activation checkpointing, ZeRO-3, smaller micro-batch, offload, more GPUs) fits")
+        console.print("  no single change (activation checkpointing, ZeRO-3, smaller micro-batch, offload, more GPUs) "
+                      "fits")
 
 
 def render_sweep(rows: list[dict[str, Any]], console: Any) -> None:

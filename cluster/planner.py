@@ -26,9 +26,9 @@ from typing import Any
 from cluster.hardware import Hardware
 from embeddings.tables import SIDE_FEATURES, table_rows
 from trainer.config import ConfigError
-from trainer.flops import encoder_flops_per_token, flops_per_interaction
+from trainer.flops import encoder_flops_per_interaction, flops_per_interaction
 from trainer.memory import (HEADROOM_FRACTION, activations, dense_params, dense_states, ds_buffers,
-                            embedding_lookups, headroom, weight_bytes)
+                            embedding_hbm_budget, embedding_lookups, headroom, weight_bytes)
 
 DEFAULT_INTERACTIONS = 3e11
 ASSUMED_MFU = 0.40  # used when no GPU measurement of ours exists for the chosen GPU
@@ -151,7 +151,8 @@ def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
     buffers = ds_buffers(cfg.deepspeed_config(world), ds.precision)
     reserve = headroom(capacity, req.headroom_fraction)
     dense_side = states.gpu + act.total + buffers
-    emb_budget = max(capacity - reserve - dense_side, 0)
+    # the HBM TorchRec may fill: the very function `argus train` gives TorchRec on GPUs
+    emb_budget = embedding_hbm_budget(cfg, world, capacity, gpn, req.headroom_fraction)
     emb: dict[str, Any] = {"analytic_per_rank": analytic_embedding_bytes(cfg, req.items, world),
                            "budget_per_rank": emb_budget}
     if req.torchrec:
@@ -172,7 +173,7 @@ def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
     k = cfg.tokens_per_interaction()
     interactions_rank = cfg.data.batch_size * cfg.data.max_seq_len * req.fill
     f_int = flops_per_interaction(cfg, req.items)
-    f_enc = k * encoder_flops_per_token(p.total - p.positions, enc.n_layers, enc.d_model, cfg.data.max_seq_len * k)
+    f_enc = encoder_flops_per_interaction(cfg)
     recompute = f_enc / 3 if enc.activation_checkpointing else 0.0  # one more forward of the encoder
     flops_step = (f_int + recompute) * interactions_rank
     peak = spec.peak_flops(ds.precision)
@@ -236,7 +237,8 @@ def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
                   "head_per_interaction": f_int - f_enc, "recompute_per_interaction": recompute,
                   "per_step_per_rank": flops_step, "embedding_bytes_per_interaction": lookup_bytes / interactions_rank},
         "step": {"interactions_per_rank": interactions_rank, "interactions": interactions_step,
-                 "compute_s": compute_s, "memory_s": memory_s, "zero_comm_s": zero_s, "embedding_comm_s": a2a_s, "embedding_s": emb_s,
+                 "compute_s": compute_s, "memory_s": memory_s, "zero_comm_s": zero_s, "embedding_comm_s": a2a_s,
+                 "embedding_s": emb_s,
                  "zero_comm_bytes": zero_bytes, "embedding_comm_bytes": a2a_bytes, "hbm_bytes": hbm_bytes,
                  "seconds": step_s, "bound": max(parts, key=parts.get)},
         "time": {"steps": steps, "days": seconds / 86400, "gpu_hours": gpu_hours,
@@ -288,43 +290,45 @@ def min_gpus(cfg: Any, req: PlanRequest, scale: float = 1.0, limit: int = 1 << 1
     return counts[hi]
 
 
-def suggestions(cfg: Any, req: PlanRequest, result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Single changes that make a config fit, each with its days to train (fewest days first)."""
-    scale = _scale(result)
-    enc, ds = cfg.model, cfg.deepspeed
-    candidates: list[tuple[str, Any, PlanRequest]] = []
+def suggestions(cfg: Any, req: PlanRequest, result: dict[str, Any], fewest_gpus: int | None
+                ) -> list[dict[str, Any]]:
+    """Single changes that make a config fit, each with its days to train (fewest days first).
 
-    def variant(change: str, edit: Any, r: PlanRequest = req) -> None:
+    ``fewest_gpus``: :func:`min_gpus` for this config, already computed by the caller."""
+    scale = _scale(result)
+    enc, ds, hw = cfg.model, cfg.deepspeed, req.hardware
+
+    def variant(edit: Any) -> Any:
         c = copy.deepcopy(cfg)
         edit(c)
-        candidates.append((change, c, r))
+        return c
 
+    candidates: list[tuple[str, Any, PlanRequest]] = []
     if not enc.activation_checkpointing:
-        variant("model.activation_checkpointing=true", lambda c: setattr(c.model, "activation_checkpointing", True))
+        candidates.append(("model.activation_checkpointing=true",
+                           variant(lambda c: setattr(c.model, "activation_checkpointing", True)), req))
     if ds.stage < 3:
-        variant("deepspeed.stage=3", lambda c: setattr(c.deepspeed, "stage", 3))
-    b = cfg.data.batch_size // 2
-    while b >= 1:
-        fitted = _fits_fast(_with_batch(cfg, b), req, scale)
-        if fitted:
-            variant(f"data.batch_size={b}", lambda c, b=b: setattr(c.data, "batch_size", b))
-            break
-        b //= 2
+        candidates.append(("deepspeed.stage=3", variant(lambda c: setattr(c.deepspeed, "stage", 3)), req))
     if not ds.offload:
-        variant("deepspeed.stage=3 deepspeed.offload=true",
-                lambda c: (setattr(c.deepspeed, "stage", 3), setattr(c.deepspeed, "offload", True)))
+        candidates.append(("deepspeed.stage=3 deepspeed.offload=true", variant(
+            lambda c: (setattr(c.deepspeed, "stage", 3), setattr(c.deepspeed, "offload", True))), req))
+    if fewest_gpus is not None and fewest_gpus > hw.world:
+        nodes = f" ({fewest_gpus // hw.gpus_per_node} nodes)" if fewest_gpus >= hw.gpus_per_node else ""
+        candidates.append((f"--gpus {fewest_gpus}{nodes}", cfg,
+                           dataclasses.replace(req, hardware=hw.with_world(fewest_gpus))))
     out = []
     for change, c, r in candidates:
         fitted = _fits_fast(c, r, scale)
         if fitted:
-            out.append({"change": change, "days": fitted["time"]["days"],
-                        "memory_per_rank": fitted["memory"]["total"]})
-    g = min_gpus(cfg, req, scale)
-    if g is not None and g > req.hardware.world:
-        fitted = _fits_fast(cfg, dataclasses.replace(req, hardware=req.hardware.with_world(g)), scale)
+            out.append({"change": change, "days": fitted["time"]["days"], "memory_per_rank": fitted["memory"]["total"]})
+    b = cfg.data.batch_size // 2  # the largest micro-batch that fits
+    while b >= 1:
+        fitted = _fits_fast(_with_batch(cfg, b), req, scale)
         if fitted:
-            out.append({"change": f"--gpus {g} ({g // req.hardware.gpus_per_node} nodes)" if g >= req.hardware.gpus_per_node
-                        else f"--gpus {g}", "days": fitted["time"]["days"], "memory_per_rank": fitted["memory"]["total"]})
+            out.append({"change": f"data.batch_size={b}", "days": fitted["time"]["days"],
+                        "memory_per_rank": fitted["memory"]["total"]})
+            break
+        b //= 2
     return sorted(out, key=lambda s: s["days"])
 
 
@@ -339,7 +343,7 @@ def full_plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
     """plan() plus the minimum GPU count that fits and, when it doesn't fit, what would."""
     result = plan(cfg, req)
     result["min_gpus"] = min_gpus(cfg, req, _scale(result))
-    result["suggestions"] = [] if result["memory"]["fits"] else suggestions(cfg, req, result)
+    result["suggestions"] = [] if result["memory"]["fits"] else suggestions(cfg, req, result, result["min_gpus"])
     return result
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchrec import KeyedJaggedTensor
 
-from embeddings.tables import GAP_BUCKETS, HOURS_PER_WEEK, ITEM_FEATURES, SIDE_FEATURES, ItemEmbeddings
+from embeddings.tables import GAP_BUCKETS, HOURS_PER_WEEK, ITEM_FEATURES, SIDE_FEATURES, ItemEmbeddings, jagged_values
 from trainer.data.batch import Batch
 from trainer.data.schema import EventType, played_bucket
 
@@ -75,3 +77,17 @@ def featurize(batch: Batch, cfg: ItemEmbeddings.Config, item_rows: int, neg_ids:
     side = KeyedJaggedTensor.from_lengths_sync(keys=list(SIDE_FEATURES), values=torch.cat(side_values),
                                                lengths=lengths.repeat(len(SIDE_FEATURES)))
     return items, side
+
+
+def lookup_batch(tables: Any, batch: Batch, cfg: ItemEmbeddings.Config, item_rows: int, extra_ids: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Look a batch up in the tables (a DMP-sharded or a plain SparseArch: anything taking the two KJTs).
+
+    Returns (item embeddings of the history, side-feature embeddings by name, embeddings of
+    ``extra_ids``: sampled negatives in training, shown items in fine-tuning). Under DMP this is a
+    collective: every rank must call it the same number of times.
+    """
+    items_kjt, side_kjt = featurize(batch, cfg, item_rows, extra_ids, device)
+    out_items, out_side = tables(items_kjt, side_kjt)
+    iv, sv = jagged_values(out_items), jagged_values(out_side)
+    return iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, iv[ITEM_FEATURES[1]]

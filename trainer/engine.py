@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from embeddings.features import featurize
+from embeddings.features import lookup_batch
 from embeddings.sharding import shard
-from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, SparseArch, init_sparse_weights, jagged_values
+from embeddings.tables import SparseArch, init_sparse_weights
 from trainer.data.batch import Batch
 from trainer.data.manifest import Manifest
 from trainer.data.schema import FIELDS, played_bucket
@@ -127,10 +127,7 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------------------------
     def lookup(self, batch: Batch, neg_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
                                                                      torch.Tensor]:
-        items_kjt, side_kjt = featurize(batch, self.cfg.embeddings, self.item_rows, neg_ids, self.info.device)
-        out_items, out_side = self.dmp(items_kjt, side_kjt)
-        iv, sv = jagged_values(out_items), jagged_values(out_side)
-        return iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, iv[ITEM_FEATURES[1]]
+        return lookup_batch(self.dmp, batch, self.cfg.embeddings, self.item_rows, neg_ids, self.info.device)
 
     def inputs(self, batch: Batch, step: int) -> tuple[tuple[Any, ...], torch.Tensor]:
         """Everything the dense forward takes, for one micro-batch."""

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from embeddings.features import featurize
-from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, SparseArch, jagged_values
+from embeddings.features import lookup_batch
+from embeddings.tables import SparseArch
 from trainer import checkpoint
 from trainer.config import from_dict
 from trainer.data.loader import ShardLoader
@@ -99,10 +99,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None
         no_context += int((~keep).sum())
         if batch.size == 0 or not bool(keep.any()):
             continue
-        item_kjt, side_kjt = featurize(batch, cfg.embeddings, sparse.item_rows, torch.zeros(0, dtype=torch.long),
-                                       torch.device("cpu"))
-        iv, sv = jagged_values(sparse.items(item_kjt)), jagged_values(sparse.side(side_kjt))
-        item, side = iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}
+        item, side, _ = lookup_batch(sparse, batch, cfg.embeddings, sparse.item_rows,
+                                     torch.zeros(0, dtype=torch.long), torch.device("cpu"))
         lengths = batch.lengths
         states = dense.states(item, side, lengths)
         h = dense.user_vectors(states, lengths, (batch.target_start - 1).clamp_min(0))

@@ -134,8 +134,7 @@ def encode_users(batch: Any, cfg: Any, dense: torch.nn.Module, lookup: Lookup, i
                  at: int | None, targets_held_out: bool, device: torch.device) -> tuple[UserRows, torch.Tensor]:
     """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call, even
     for an empty batch or one whose users all lack history: under DMP that call is a collective."""
-    from embeddings.features import featurize
-    from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, jagged_values
+    from embeddings.features import lookup_batch
     from trainer.engine import dummy_batch
 
     if batch.size:
@@ -144,13 +143,11 @@ def encode_users(batch: Any, cfg: Any, dense: torch.nn.Module, lookup: Lookup, i
         empty = torch.zeros(0, dtype=torch.long)
         rows = UserRows(empty, empty, empty.int(), None)
     ctx = rows.context if rows.context is not None else dummy_batch()
-    items_kjt, side_kjt = featurize(ctx, cfg.embeddings, item_rows, torch.zeros(0, dtype=torch.long), device)
-    out_items, out_side = lookup(items_kjt, side_kjt)
-    iv, sv = jagged_values(out_items), jagged_values(out_side)
+    item, side, _ = lookup_batch(lookup, ctx, cfg.embeddings, item_rows, torch.zeros(0, dtype=torch.long), device)
     if rows.context is None:
         return rows, torch.zeros(0, cfg.embeddings.item_dim)
     lengths = ctx.lengths.to(device)
-    hist = History(iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, lengths, torch.cumsum(lengths, 0) - 1)
+    hist = History(item, side, lengths, torch.cumsum(lengths, 0) - 1)
     users, _ = served_vectors(cfg, dense, history=hist)
     return rows, users.cpu()
 

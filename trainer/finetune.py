@@ -137,8 +137,9 @@ class FinetuneEngine(Engine):
         self.ds.step()
         pairs, correct = 0, 0.0
         if real and inp["pair_hi"].numel():
-            d = out["scores"].cpu()[inp["pair_hi"]] - out["scores"].cpu()[inp["pair_lo"]]
-            pairs, correct = int(d.numel()), float((d > 0).sum() + 0.5 * (d == 0).sum())
+            pairs = int(inp["pair_hi"].numel())
+            correct = pairs * pairwise_accuracy(out["scores"].cpu().numpy(), inp["pair_hi"].numpy(),
+                                                inp["pair_lo"].numpy())
         return FinetuneStep(loss=float(loss.detach()), pairs=pairs, correct=correct,
                             impressions=int(inp["impressions"]) if real else 0,
                             no_history=int(inp["no_history"]) if real else 0,
@@ -258,13 +259,9 @@ def _score(cfg: JobConfig, sparse: Any, model: Any, batch: Batch, inp: dict[str,
            shown: torch.Tensor) -> torch.Tensor:
     """Scores of the shown items by an unsharded model: the served user and item vectors' dot product
     (a pre-trained ArgusModel scores the way its next-item head does)."""
-    from embeddings.features import featurize
-    from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, jagged_values
+    from embeddings.features import lookup_batch
     from trainer.export import History, served_vectors
 
-    items_kjt, side_kjt = featurize(batch, cfg.embeddings, sparse.item_rows, shown, torch.device("cpu"))
-    out_items, out_side = sparse(items_kjt, side_kjt)
-    iv, sv = jagged_values(out_items), jagged_values(out_side)
-    history = History(iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, batch.lengths, inp["last"])
-    users, items = served_vectors(cfg, model, history, iv[ITEM_FEATURES[1]])
+    item, side, shown_emb = lookup_batch(sparse, batch, cfg.embeddings, sparse.item_rows, shown, torch.device("cpu"))
+    users, items = served_vectors(cfg, model, History(item, side, batch.lengths, inp["last"]), shown_emb)
     return (users[inp["shown_imp"]] * items).sum(-1)

@@ -141,22 +141,27 @@ def head_flops_per_token(d_model: int, num_candidates: int, training: bool = Tru
     return 3.0 * fwd if training else fwd
 
 
-def flops_per_interaction(cfg: "object", item_rows: int) -> float:
-    """Training FLOPs per interaction of a JobConfig: encoder tokens (6N + attention at the configured
-    context) plus the next-item head against its candidates. Embedding lookups are excluded.
-
-    The trainer's tflops/mfu(%) and the capacity planner both use this.
-    """
+def encoder_flops_per_interaction(cfg: "object") -> float:
+    """Training FLOPs of the encoder tokens of one interaction of a JobConfig (6N + causal attention at
+    the configured context); N is the dense matmul weights (the position table is a lookup)."""
     from trainer.memory import dense_params
 
     enc = cfg.model.resolved()
     k = cfg.tokens_per_interaction()
-    ni = cfg.heads.next_item
     p = dense_params(cfg)
-    matmul_params = p.total - p.positions  # the position table is a lookup, not a matmul
-    per_token = encoder_flops_per_token(matmul_params, enc.n_layers, enc.d_model, cfg.data.max_seq_len * k)
+    return k * encoder_flops_per_token(p.total - p.positions, enc.n_layers, enc.d_model, cfg.data.max_seq_len * k)
+
+
+def flops_per_interaction(cfg: "object", item_rows: int) -> float:
+    """Training FLOPs per interaction of a JobConfig: the encoder's tokens plus the next-item head against
+    its candidates. Embedding lookups are excluded.
+
+    The trainer's tflops/mfu(%) and the capacity planner both use this.
+    """
+    ni = cfg.heads.next_item
     candidates = item_rows if ni.full_softmax else ni.uniform_negatives + ni.in_batch_negatives
-    return k * per_token + head_flops_per_token(cfg.embeddings.item_dim, 1 + candidates, training=True)
+    return encoder_flops_per_interaction(cfg) + head_flops_per_token(cfg.embeddings.item_dim, 1 + candidates,
+                                                                      training=True)
 
 
 def mfu(achieved_flops_per_s: float, spec: GpuSpec | None, dtype: str | torch.dtype) -> float | None:

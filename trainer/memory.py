@@ -53,14 +53,12 @@ def dense_params(cfg: Any) -> DenseParams:
         d_ins = [emb.item_dim + emb.side_dim * (len(ITEM_SIDE) + len(FEEDBACK_SIDE))]
     else:
         d_ins = [emb.item_dim + emb.side_dim * len(ITEM_SIDE), emb.side_dim * len(FEEDBACK_SIDE)]
-    interaction = sum(_linear(d_in, hidden) + _linear(hidden, d) for d_in in d_ins)
     fb_hidden = cfg.heads.feedback.hidden or d
-    heads = _linear(d, emb.item_dim) + _linear(d + emb.item_dim, fb_hidden) + _linear(fb_hidden, FEEDBACK_OUTPUTS)
-    layers = [_linear(d, 3 * d), _linear(d, d), _linear(d, f), _linear(f, d), enc.max_seq_len * d,
-              _linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
-    layers += [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)]
-    return DenseParams(encoder=encoder_param_count(enc), positions=enc.max_seq_len * d, interaction=interaction,
-                       heads=heads, largest_layer=max(layers))
+    interaction = [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)] * len(d_ins)
+    heads = [_linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
+    block = [_linear(d, 3 * d), _linear(d, d), _linear(d, f), _linear(f, d)]
+    return DenseParams(encoder=encoder_param_count(enc), positions=enc.max_seq_len * d, interaction=sum(interaction),
+                       heads=sum(heads), largest_layer=max(interaction + heads + block + [enc.max_seq_len * d]))
 
 
 def weight_bytes(precision: str) -> int:
@@ -209,8 +207,9 @@ def embedding_hbm_budget(cfg: Any, world: int, capacity: int, gpus_per_node: int
     return max(capacity - headroom(capacity, headroom_fraction) - non_embedding_bytes(cfg, world, gpus_per_node), 0)
 
 
-def embedding_lookups(cfg: Any, fill: float = 1.0) -> tuple[float, float]:
-    """(item lookups, uniform negatives) per sample: TorchRec's pooling factors for our features."""
+def embedding_lookups(cfg: Any) -> tuple[float, float]:
+    """(item lookups, uniform negatives) per sample: TorchRec's pooling factors for our features (a full
+    context: training and the planner size TorchRec's buffers for the worst case)."""
     ni = cfg.heads.next_item
     negatives = 0 if ni.full_softmax else ni.uniform_negatives
-    return cfg.data.max_seq_len * fill, negatives / cfg.data.batch_size
+    return float(cfg.data.max_seq_len), negatives / cfg.data.batch_size
