@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.hardware import Hardware
-from embeddings.tables import SIDE_FEATURES, table_rows
+from embeddings.tables import table_rows
 from trainer.config import ConfigError
 from trainer.flops import encoder_flops_per_interaction, flops_per_interaction
 from trainer.memory import (HEADROOM_FRACTION, activations, dense_params, dense_states, ds_buffers,
@@ -89,8 +89,8 @@ def embedding_tables(cfg: Any, items: int) -> dict[str, dict[str, int]]:
 
 
 def analytic_embedding_bytes(cfg: Any, items: int, world: int) -> int:
-    """Per-rank embedding bytes without TorchRec: the item table split evenly, every side table on
-    one rank (an upper bound for the busiest rank)."""
+    """Per-rank embedding bytes without TorchRec: the item table split evenly, any other TorchRec table
+    whole on one rank (an upper bound for the busiest rank)."""
     tables = embedding_tables(cfg, items)
     item = tables.pop("item")
     return math.ceil((item["weight_bytes"] + item["optimizer_bytes"]) / world) + sum(
@@ -171,7 +171,7 @@ def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
 
     # ---- FLOPs and bytes per step, per rank
     k = cfg.tokens_per_interaction()
-    interactions_rank = cfg.data.batch_size * cfg.data.max_seq_len * req.fill
+    interactions_rank = cfg.data.batch_size * cfg.interactions_per_sample() * req.fill
     f_int = flops_per_interaction(cfg, req.items)
     f_enc = encoder_flops_per_interaction(cfg)
     recompute = f_enc / 3 if enc.activation_checkpointing else 0.0  # one more forward of the encoder
@@ -183,9 +183,10 @@ def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
         mfu, mfu_source = measured_mfu(hw.gpu) or (ASSUMED_MFU, "assumed: no GPU measurement of ours yet")
     compute_s = flops_step / (peak * mfu)
 
-    item_dim, side_dim = cfg.embeddings.item_dim, cfg.embeddings.side_dim
+    item_dim = cfg.embeddings.item_dim
     item_lookups = interactions_rank + (ni.uniform_negatives if not ni.full_softmax else 0)
-    lookup_bytes = item_lookups * item_dim * 4 + interactions_rank * len(SIDE_FEATURES) * side_dim * 4
+    # the side tables are dense weights now: their reads are in the dense term below
+    lookup_bytes = item_lookups * item_dim * 4
     opt_row = OPTIMIZER_STATE_BYTES_PER_ROW[cfg.embeddings.optimizer]
     # HBM traffic: rows read forward, read + written by the fused update (with their optimizer state);
     # dense weights read by forward and twice by backward; optimizer states read and written once;
@@ -217,7 +218,7 @@ def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
     out: dict[str, Any] = {
         "inputs": {
             "preset": cfg.model.preset, "d_model": enc.d_model, "n_layers": enc.n_layers, "n_heads": enc.n_heads,
-            "d_ff": enc.d_ff, "context": cfg.data.max_seq_len * k, "tokens_per_interaction": k,
+            "d_ff": enc.d_ff, "context": cfg.interactions_per_sample() * k, "tokens_per_interaction": k,
             "micro_batch": cfg.data.batch_size, "zero_stage": ds.stage, "offload": ds.offload,
             "precision": ds.precision, "activation_checkpointing": enc.activation_checkpointing,
             "item_dim": item_dim, "embedding_optimizer": cfg.embeddings.optimizer,
@@ -228,7 +229,8 @@ def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
             "inter_node_bytes_per_s": inter, "mfu": mfu, "mfu_source": mfu_source,
             "price_per_gpu_hour": hw.price_per_gpu_hour,
         },
-        "params": {"encoder": p.encoder, "positions": p.positions, "interaction": p.interaction, "heads": p.heads,
+        "params": {"encoder": p.encoder, "positions": p.positions, "side_tables": p.side_tables,
+                   "interaction": p.interaction, "heads": p.heads,
                    "dense_total": p.total, "largest_layer": p.largest_layer,
                    "embedding": sum(t["rows"] * t["dim"] for t in tables.values()), "tables": tables},
         "memory": memory,

@@ -13,25 +13,21 @@ from torchrec.distributed.planner.storage_reservations import FixedPercentageSto
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from embeddings.tables import SIDE_FEATURES, ItemEmbeddings, SparseArch, optimizer_class
+from embeddings.tables import ItemEmbeddings, SparseArch, optimizer_class
 
 
 def constraints(cfg: ItemEmbeddings.Config, lookups: tuple[float, float] | None = None
                 ) -> dict[str, ParameterConstraints]:
-    """Per-table planner constraints from the config (item table and side tables).
+    """Per-table planner constraints from the config.
 
     ``lookups`` = (interactions per sample, negatives per sample): TorchRec sizes its I/O buffers and
     rates its plans by lookups per sample (its "pooling factor", 1 by default), and a history is
     hundreds of lookups, not one.
     """
     pool: dict[str, Any] = {}
-    side_pool: dict[str, Any] = {}
     if lookups is not None:
         pool = {"pooling_factors": [float(lookups[0]), max(float(lookups[1]), 1e-3)]}  # features item, neg_item
-        side_pool = {"pooling_factors": [float(lookups[0])]}
     out = {"item": ParameterConstraints(sharding_types=[cfg.sharding], **pool)}
-    for name in SIDE_FEATURES:
-        out[name] = ParameterConstraints(sharding_types=[cfg.side_sharding], **side_pool)
     for name, extra in cfg.extra_constraints.items():
         out[name] = ParameterConstraints(**extra)
     return out

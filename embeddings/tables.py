@@ -1,19 +1,18 @@
-"""Embedding tables: the huge item table and small side tables, as TorchRec EmbeddingCollections.
+"""Embedding tables: the catalog-sized item table, as a TorchRec EmbeddingCollection.
 
-Two collections because an EmbeddingCollection needs one dimension for all its
-tables: ``items`` (the item table, looked up by the features ``item`` and
-``neg_item`` — sampled negatives come from the same sharded table) and ``side``
-(context, event, played bucket, hour of week, time-gap bucket).
+``items`` is looked up by the features ``item`` and ``neg_item`` (sampled negatives come from the
+same sharded table). Only catalog-sized tables live here: the small side tables (context, event,
+played bucket, hour of week, time gap) are dense parameters of the model
+(``trainer/model/interaction.py``).
 
-Sharding: ``DistributedModelParallel`` with the TorchRec planner; row-wise for
-the item table by default (table-wise and column-wise selectable), table-wise
-for the side tables. Optimizer: fused into the backward pass (TorchRec's
-``apply_optimizer_in_backward``), so embeddings are updated by ``backward()``
-itself, not by the dense optimizer's ``step()``.
+Sharding: ``DistributedModelParallel`` with the TorchRec planner; row-wise by default (table-wise
+and column-wise selectable). Optimizer: fused into the backward pass (TorchRec's
+``apply_optimizer_in_backward``), so embeddings are updated by ``backward()`` itself, not by the
+dense optimizer's ``step()``.
 
-Initial weights are a pure function of (seed, table, row): each rank fills its
-own shards block by block, so a 10^9-row table never exists in one process,
-and the model starts identical whatever the sharding or world size.
+Initial weights are a pure function of (seed, table, row): each rank fills its own shards block by
+block, so a 10^9-row table never exists in one process, and the model starts identical whatever the
+sharding or world size.
 """
 
 from __future__ import annotations
@@ -25,13 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType
-
-HOURS_PER_WEEK = 168
-GAP_BUCKETS = 32  # log2(seconds since previous interaction), 0 = first in sample
-
 ITEM_FEATURES = ("item", "neg_item")
-SIDE_FEATURES = ("context", "event", "played", "hour", "gap")
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise")
 OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
 INIT_BLOCK_ROWS = 1 << 16
@@ -43,47 +36,39 @@ class ItemEmbeddings:
     @dataclass
     class Config:
         item_dim: int = 64
-        side_dim: int = 16
         item_rows: int = 0  # 0 = the dataset's num_items
-        num_contexts: int = 64
         oov: str = "hash"  # ids outside a table: "hash" (id mod rows) or "error"
         sharding: str = "row_wise"  # item table: row_wise | table_wise | column_wise
-        side_sharding: str = "table_wise"
         optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (adam: GPU only)
         lr: float = 0.5
         eps: float = 1e-8
         init_std: float = 0.05
-        token_layout: str = "merged"  # merged (one token per interaction) | interleaved (item token + feedback token)
         extra_constraints: dict[str, Any] = field(default_factory=dict)
 
         def validate(self, where: str = "embeddings", device: str = "cpu") -> None:
             def bad(key: str, msg: str) -> ValueError:
                 return ValueError(f"{where}.{key}: {msg}")
 
-            for key in ("item_dim", "side_dim", "num_contexts"):
-                if getattr(self, key) < 1:
-                    raise bad(key, f"must be >= 1, got {getattr(self, key)}")
+            if self.item_dim < 1:
+                raise bad("item_dim", f"must be >= 1, got {self.item_dim}")
             if self.item_rows < 0:
                 raise bad("item_rows", f"must be >= 0, got {self.item_rows}")
             if self.oov not in ("hash", "error"):
                 raise bad("oov", f"must be 'hash' or 'error', got {self.oov!r}")
-            for key in ("sharding", "side_sharding"):
-                if getattr(self, key) not in SHARDING_TYPES:
-                    raise bad(key, f"must be one of {', '.join(SHARDING_TYPES)}, got {getattr(self, key)!r}")
+            if self.sharding not in SHARDING_TYPES:
+                raise bad("sharding", f"must be one of {', '.join(SHARDING_TYPES)}, got {self.sharding!r}")
             if self.optimizer not in OPTIMIZERS:
                 raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
             if self.optimizer == "adam" and device == "cpu":
                 raise bad("optimizer", "adam is not supported by TorchRec's fused optimizers on CPU "
                                        "('Optimizer adam is not supported in CPU mode'); use rowwise_adagrad, "
                                        "adagrad or sgd, or train on GPU")
-            if self.token_layout not in ("merged", "interleaved"):
-                raise bad("token_layout", f"must be 'merged' or 'interleaved', got {self.token_layout!r}")
             if self.lr <= 0:
                 raise bad("lr", f"must be > 0, got {self.lr}")
 
 
 class SparseArch(nn.Module):
-    """The two EmbeddingCollections; forward takes the two KeyedJaggedTensors from :func:`featurize`."""
+    """The item EmbeddingCollection; forward takes the KeyedJaggedTensor from :func:`embeddings.features.featurize`."""
 
     def __init__(self, cfg: ItemEmbeddings.Config, num_items: int, device: torch.device | str = "meta") -> None:
         from torchrec import EmbeddingCollection, EmbeddingConfig  # imported here: config checks stay fast
@@ -94,25 +79,15 @@ class SparseArch(nn.Module):
         self.items = EmbeddingCollection(tables=[EmbeddingConfig(
             num_embeddings=self.item_rows, embedding_dim=cfg.item_dim, name="item",
             feature_names=list(ITEM_FEATURES))], device=torch.device(device))
-        self.side = EmbeddingCollection(tables=[
-            EmbeddingConfig(num_embeddings=rows, embedding_dim=cfg.side_dim, name=name, feature_names=[name])
-            for name, rows in side_table_rows(cfg).items()], device=torch.device(device))
 
-    def forward(self, items: Any, side: Any) -> tuple[Any, Any]:
-        """(items KJT, side KJT) from embeddings.features.featurize -> the two collections' outputs."""
-        return self.items(items), self.side(side)
-
-
-def side_table_rows(cfg: ItemEmbeddings.Config) -> dict[str, int]:
-    return {"context": cfg.num_contexts, "event": len(EventType), "played": NUM_PLAYED_BUCKETS,
-            "hour": HOURS_PER_WEEK, "gap": GAP_BUCKETS}
+    def forward(self, items: Any) -> Any:
+        """Items KJT (features ``item``, ``neg_item``) -> the collection's output."""
+        return self.items(items)
 
 
 def table_rows(cfg: ItemEmbeddings.Config, num_items: int) -> dict[str, tuple[int, int]]:
-    """Table name -> (rows, dim) for every table (the capacity planner reads this too)."""
-    out = {"item": (cfg.item_rows or num_items, cfg.item_dim)}
-    out.update({name: (rows, cfg.side_dim) for name, rows in side_table_rows(cfg).items()})
-    return out
+    """Table name -> (rows, dim) for every TorchRec table (the capacity planner reads this too)."""
+    return {"item": (cfg.item_rows or num_items, cfg.item_dim)}
 
 
 # ---- deterministic, sharding-independent initialisation --------------------------------------------------------
@@ -135,7 +110,7 @@ def init_rows(table: str, start: int, end: int, dim: int, seed: int, std: float,
 
 def _named_tables(state: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
     for key, value in state.items():
-        # keys look like "items.embeddings.item.weight" / "side.embeddings.event.weight"
+        # keys look like "items.embeddings.item.weight"
         parts = key.split(".")
         if len(parts) >= 4 and parts[-1] == "weight" and parts[-3] == "embeddings":
             yield key, parts[-2], value
@@ -144,7 +119,7 @@ def _named_tables(state: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
 @torch.no_grad()
 def init_sparse_weights(module: nn.Module, cfg: ItemEmbeddings.Config, seed: int) -> None:
     """Fill every (local shard of every) table from :func:`init_rows`; works sharded (DMP) and unsharded."""
-    dims = {"item": cfg.item_dim, **{n: cfg.side_dim for n in SIDE_FEATURES}}
+    dims = {name: dim for name, (_rows, dim) in table_rows(cfg, 0).items()}
     for _key, table, value in _named_tables(module.state_dict()):
         dim = dims[table]
         shards = value.local_shards() if hasattr(value, "local_shards") else None

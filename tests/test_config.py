@@ -78,3 +78,48 @@ def test_deepspeed_json_contradiction_is_refused(tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="zero_optimization.stage=3 but deepspeed.stage=2"):
         load_config(JobConfig, REPO / "configs" / "mini.yaml", args)
+
+
+def test_validation_changes_nothing(tmp_path):
+    """validate() only checks: derived values (sample length, the fine-tuning split) are computed, not stored."""
+    from trainer.job import JobConfig
+
+    init = tmp_path / "pre"
+    cfg = load_config(JobConfig, REPO / "configs" / "mini.yaml",
+                      ["data.path=/d", "out=/r", "data.max_seq_len=0", "model.token_layout=interleaved"], validate=False)
+    ft = load_config(JobConfig, REPO / "configs" / "mini.yaml", ["data.path=/d", "out=/r", f"finetune.init={init}"],
+                     validate=False)
+    for c in (cfg, ft):
+        before = to_dict(c)
+        c.validate(world_size=2, device="cpu")
+        assert to_dict(c) == before
+    assert cfg.data.max_seq_len == 0 and cfg.interactions_per_sample() == 256 // 2
+    assert cfg.loader_config().max_seq_len == 128 and cfg.loader_config() is not cfg.data
+    assert (ft.data.split, ft.train_split(), ft.loader_config().split) == ("train", "impressions", "impressions")
+
+
+def test_moved_keys_still_load_with_one_note(tmp_path, capsys):
+    """Old configs and old runs' saved config.yaml name embeddings.token_layout/side_dim/num_contexts/side_sharding."""
+    import yaml
+
+    import trainer.config as config
+    from trainer.job import JobConfig
+
+    old = {"embeddings": {"item_dim": 32, "token_layout": "interleaved", "side_dim": 8, "num_contexts": 7,
+                          "side_sharding": "row_wise"}, "data": {"path": "/d"}, "out": "/r"}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    config._noted.clear()
+    cfg = load_config(JobConfig, tmp_path / "old.yaml")
+    assert (cfg.model.token_layout, cfg.model.side_dim, cfg.model.num_contexts) == ("interleaved", 8, 7)
+    assert cfg.embeddings.item_dim == 32 and "side_sharding" not in to_dict(cfg.embeddings)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["argus: note: config key embeddings.token_layout is deprecated: use model.token_layout",
+                   "argus: note: config key embeddings.side_dim is deprecated: use model.side_dim",
+                   "argus: note: config key embeddings.num_contexts is deprecated: use model.num_contexts",
+                   "argus: note: config key embeddings.side_sharding is deprecated: it is no longer used and is "
+                   "ignored"]
+    assert old["embeddings"]["side_dim"] == 8  # the caller's mapping is not changed
+    load_config(JobConfig, tmp_path / "old.yaml")
+    assert capsys.readouterr().err == ""  # once per process
+    with pytest.raises(ConfigError, match="embeddings.side_dim: deprecated, and model.side_dim is set"):
+        load_config(JobConfig, tmp_path / "old.yaml", ["model.side_dim=16"])

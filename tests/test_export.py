@@ -82,9 +82,8 @@ def exports(pre, imp_data, at_time, tmp_path_factory) -> dict[str, Path]:
 # ---- the reference: the unsharded model, one user at a time, its own scoring ----------------------------------------
 def reference(ckpt: Path, data: Path, split: str, at: int | None, context: int = CONTEXT) -> dict[int, dict]:
     """user -> {scores over the item table, next_item, history_len}, by brute force (cut, then window)."""
-    from embeddings.features import featurize
-    from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, jagged_values
-    from trainer.evaluate import load_model
+    from trainer.checkpoint import load_model
+    from trainer.model.interaction import lookup_interactions
     from trainer.model.heads import score
     from trainer.model.two_tower import TwoTower
 
@@ -105,11 +104,9 @@ def reference(ckpt: Path, data: Path, split: str, at: int | None, context: int =
         b = Batch(keys=[s.key], users=torch.tensor([s.user]), offsets=torch.tensor([lo]),
                   lengths=torch.tensor([cut - lo]), target_start=torch.zeros(1, dtype=torch.long), padded=False,
                   values={k: torch.from_numpy(s.cols[k][lo:cut].astype(BATCH_DTYPES[k])) for k in FIELDS})
-        items_kjt, side_kjt = featurize(b, cfg.embeddings, sparse.item_rows, torch.zeros(0, dtype=torch.long),
-                                        torch.device("cpu"))
-        oi, os_ = sparse(items_kjt, side_kjt)
-        iv, sv = jagged_values(oi), jagged_values(os_)
-        item, side, lengths = iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, b.lengths
+        item, side, _ = lookup_interactions(sparse, b, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long),
+                                            torch.device("cpu"))
+        lengths = b.lengths
         with torch.no_grad():
             if isinstance(dense, TwoTower):  # the ranker's forward: every item of the table as a shown item
                 m = table.shape[0]
@@ -236,8 +233,7 @@ def test_retrieve_recall_equals_eval_hr(exports, pre, imp_data, capsys):
 
 @pytest.mark.slow
 def test_events_at_or_after_the_cutoff_cannot_change_a_user_vector(pre, imp_data, at_time):
-    from trainer.evaluate import load_model
-    from trainer.checkpoint import resolve_checkpoint
+    from trainer.checkpoint import load_model, resolve_checkpoint
 
     cfg, sparse, dense = load_model(resolve_checkpoint(pre), Manifest.load(imp_data).num_items)
 

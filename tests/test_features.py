@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from embeddings.features import apply_oov, gap_bucket, hour_of_week
-from embeddings.interaction import jagged_to_padded
-from embeddings.tables import GAP_BUCKETS, init_rows
+from embeddings.features import apply_oov
+from embeddings.tables import init_rows
+from trainer.model.interaction import GAP_BUCKETS, gap_bucket, hour_of_week, jagged_to_padded
 
 
 def test_oov_hash_and_error():

@@ -124,18 +124,18 @@ def _tiny_two_tower(lag_layout: str = "merged"):
     from trainer.model.two_tower import TwoTower
 
     cfg = load_config(JobConfig, REPO / "configs" / "mini.yaml",
-                      [*TINY_MODEL, f"embeddings.token_layout={lag_layout}", "finetune.item_mlp=8"], validate=False)
+                      [*TINY_MODEL, f"model.token_layout={lag_layout}", "finetune.item_mlp=8"], validate=False)
     torch.manual_seed(0)
     return cfg, TwoTower(cfg.model, cfg.embeddings, cfg.heads, cfg.finetune).eval()
 
 
-def _scores(model, batch, lag: int, emb: torch.nn.Embedding, side_emb: torch.nn.Embedding) -> torch.Tensor:
-    """Score every shown item with plain lookups standing in for the TorchRec tables."""
+def _scores(model, batch, lag: int, emb: torch.nn.Embedding) -> torch.Tensor:
+    """Score every shown item with a plain lookup standing in for the TorchRec item table."""
+    from trainer.model.interaction import side_features
+
     inp = impression_inputs(batch, lag)
     item = emb(batch.values["item"] % emb.num_embeddings)
-    side = {k: side_emb(batch.values[c].long() % side_emb.num_embeddings)
-            for k, c in (("context", "context"), ("event", "event"), ("played", "played"),
-                         ("hour", "timestamp"), ("gap", "timestamp"))}
+    side = side_features(batch, model.argus.interaction.side["context"].num_embeddings, torch.device("cpu"))
     with torch.no_grad():
         users = model.user_vectors(item, side, batch.lengths, inp["last"])
         shown = model.item_vectors(emb(inp["shown_item"] % emb.num_embeddings))
@@ -151,9 +151,9 @@ def test_events_at_or_after_request_minus_lag_cannot_change_the_user_state(imp_d
         return collate(samples(imp_data, "impressions"), padded=False, max_seq_len=ctx)
 
     torch.manual_seed(1)
-    emb, side_emb = torch.nn.Embedding(150, cfg.embeddings.item_dim), torch.nn.Embedding(200, cfg.embeddings.side_dim)
+    emb = torch.nn.Embedding(150, cfg.embeddings.item_dim)
     ref = batch()
-    base, inp = _scores(model, ref, lag, emb, side_emb)
+    base, inp = _scores(model, ref, lag, emb)
     imp, lengths = ref.impressions, ref.lengths
     starts = torch.cumsum(lengths, 0) - lengths
     assert inp["kept"].numel() > 5
@@ -169,7 +169,7 @@ def test_events_at_or_after_request_minus_lag_cannot_change_the_user_state(imp_d
         edited.values["item"][late] = (edited.values["item"][late] + 7) % 150
         edited.values["event"][late] = EventType.SKIP
         edited.values["played"][late] = 3
-        got, _ = _scores(model, edited, lag, emb, side_emb)
+        got, _ = _scores(model, edited, lag, emb)
         mine = inp["shown_imp"] == j
         assert torch.allclose(got[mine], base[mine], atol=1e-6), k
         changed += 1
@@ -177,7 +177,7 @@ def test_events_at_or_after_request_minus_lag_cannot_change_the_user_state(imp_d
     # an edit before the cutoff does change the scores (the check above can fail)
     edited = batch()
     edited.values["item"][inp["last"]] = (edited.values["item"][inp["last"]] + 7) % 150
-    got, _ = _scores(model, edited, lag, emb, side_emb)
+    got, _ = _scores(model, edited, lag, emb)
     assert not torch.allclose(got, base)
 
 

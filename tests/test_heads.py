@@ -188,7 +188,7 @@ def test_engine_log_q_equals_mixed_log_q() -> None:
     """The engine's memory-mapped logQ (only the asked-for counts) == mixed_log_q over the full table."""
     import numpy as np
 
-    from trainer.engine import CandidateLogQ
+    from trainer.model.heads import CandidateLogQ
 
     num_items = 1000
     counts = np.arange(num_items, dtype=np.int64) * 3 + 1
@@ -307,7 +307,7 @@ def test_logits_stay_float32_under_autocast() -> None:
 
 def test_engine_ne_statistics_equal_normalized_entropy() -> None:
     """NE from summed (cross-entropy, class count) statistics == normalized_entropy over the concatenation."""
-    from trainer.engine import ne_from_stats, ne_stats
+    from trainer.model.heads import ne_from_stats, ne_stats
 
     g = torch.Generator().manual_seed(3)
     parts = [(torch.randn(n, 6, generator=g), torch.randint(0, 6, (n,), generator=g)) for n in (5, 17, 9)]

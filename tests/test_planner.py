@@ -36,7 +36,7 @@ def test_param_counts_equal_the_instantiated_model(preset, layout):
     from trainer.model.argus import ArgusModel
     from trainer.model.encoder import encoder_param_count
 
-    cfg = job(preset, f"embeddings.token_layout={layout}", "heads.feedback.hidden=96")
+    cfg = job(preset, f"model.token_layout={layout}", "heads.feedback.hidden=96")
     with torch.device("meta"):
         model = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
     p = dense_params(cfg)
@@ -44,7 +44,8 @@ def test_param_counts_equal_the_instantiated_model(preset, layout):
     assert p.encoder == encoder_param_count(cfg.model) == sum(x.numel() for x in model.encoder.blocks.parameters()) \
         + sum(x.numel() for x in model.encoder.norm.parameters())
     assert p.positions == model.encoder.pos.weight.numel()
-    assert p.interaction == sum(x.numel() for x in model.interaction.parameters())
+    assert p.side_tables == sum(x.numel() for x in model.interaction.side.parameters())
+    assert p.interaction + p.side_tables == sum(x.numel() for x in model.interaction.parameters())
     assert p.largest_layer == max(sum(x.numel() for x in m.parameters(recurse=False)) for m in model.modules())
 
 
@@ -130,7 +131,8 @@ def test_large_plan_terms_add_up():
     assert t["days"] == pytest.approx(t["steps"] * s["seconds"] / 86400)
     assert s["seconds"] >= s["compute_s"] > 0 and s["bound"] == "compute"
     assert r["flops"]["per_interaction"] == pytest.approx(
-        6 * (r["params"]["dense_total"] - r["params"]["positions"]) + 6 * 20 * 8192 * 2048 + 6 * 256 * 16385)
+        6 * (r["params"]["dense_total"] - r["params"]["positions"] - r["params"]["side_tables"])
+        + 6 * 20 * 8192 * 2048 + 6 * 256 * 16385)
 
 
 def test_too_big_config_gets_changes_that_fit():
@@ -201,7 +203,7 @@ def test_plan_config_needs_no_data_or_run_directory():
     cfg = job("large")
     assert cfg.data.path == "" and cfg.out == ""
     planned = plan_config(cfg, 64)
-    assert planned.data.max_seq_len == 8192 and cfg.data.path == ""  # a validated copy; the original untouched
+    assert planned.interactions_per_sample() == 8192 and cfg.data.path == ""  # a validated copy; the original untouched
     with pytest.raises(ConfigError, match="model.preset"):
         plan_config(job("large", "model.preset=huge"), 8)
 

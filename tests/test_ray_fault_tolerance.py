@@ -41,7 +41,7 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
 
     from launch.ray_launch import launch
     from trainer.data.synth import synthesize
-    from trainer.evaluate import load_model
+    from trainer.checkpoint import load_model
 
     data = tmp_path / "data"
     synthesize(data, users=48, items=100, mean_len=25, shards=3, seed=2, holdout="none", workers=1)

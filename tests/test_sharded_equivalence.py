@@ -1,9 +1,10 @@
 """2 ranks (TorchRec DMP row-/table-wise + DeepSpeed ZeRO 1/2/3, gloo) == one plain-PyTorch process.
 
 The reference shares no sharding, no DeepSpeed and no fused optimizer with the system under test: it
-runs both ranks' batches through an unsharded EmbeddingCollection + the same dense model, averages
-the two losses (what the collectives compute), clips the dense gradient norm and steps a torch AdamW,
-and updates the tables with a hand-written row-wise Adagrad.
+runs both ranks' batches through an unsharded EmbeddingCollection + the same dense model (whose small
+side tables are ordinary dense weights), averages the two losses (what the collectives compute), clips
+the dense gradient norm and steps a torch AdamW, and updates the item table with a hand-written
+row-wise Adagrad.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ STEPS = 3
 def tiny_job(data: Path, out: Path, sharding: str = "row_wise", stage: int = 2) -> JobConfig:
     cfg = from_dict(JobConfig, {
         "data": {"path": str(data), "batch_size": 4, "num_workers": 0, "shuffle_buffer": 16},
-        "model": {"preset": "custom", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 24},
-        "embeddings": {"item_dim": 16, "side_dim": 8, "sharding": sharding, "lr": 0.1},
+        "model": {"preset": "custom", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 24,
+                  "side_dim": 8},
+        "embeddings": {"item_dim": 16, "sharding": sharding, "lr": 0.1},
         "heads": {"next_item": {"uniform_negatives": 16, "in_batch_negatives": 16, "temperature": 0.2},
                   "feedback": {"weight": 0.5}},
         "optim": {"lr": 0.01, "warmup_steps": 0},
@@ -84,10 +86,12 @@ def _sharded_worker(rank: int, world: int, jobs: list[dict], port: int, out: str
 # ---- the reference: one process, plain PyTorch ----------------------------------------------------------------------
 def reference(cfg: JobConfig, world: int) -> dict:
     from embeddings.features import featurize
-    from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, SparseArch, init_sparse_weights, jagged_values
+    from embeddings.tables import ITEM_FEATURES, SparseArch, init_sparse_weights, jagged_values
     from trainer.data.manifest import Manifest
-    from trainer.engine import CandidateLogQ, _generator
+    from trainer.engine import _generator
     from trainer.model.argus import ArgusModel, target_index
+    from trainer.model.heads import CandidateLogQ
+    from trainer.model.interaction import side_features
 
     manifest = Manifest.load(cfg.data.path)
     sparse = SparseArch(cfg.embeddings, manifest.num_items, device="cpu")
@@ -110,15 +114,16 @@ def reference(cfg: JobConfig, world: int) -> dict:
             batch = next(iters[rank])
             g = _generator(cfg.train.seed, step, rank)
             neg_ids = torch.randint(0, sparse.item_rows, (ni.uniform_negatives,), generator=g)
-            ik, sk = featurize(batch, cfg.embeddings, sparse.item_rows, neg_ids, torch.device("cpu"))
-            iv, sv = jagged_values(sparse.items(ik)), jagged_values(sparse.side(sk))
+            iv = jagged_values(sparse.items(featurize(batch, cfg.embeddings, sparse.item_rows, neg_ids,
+                                                      torch.device("cpu"))))
+            side = side_features(batch, cfg.model.num_contexts, torch.device("cpu"))
             lengths = batch.lengths
             tgt = target_index(lengths)
             k_b = min(ni.in_batch_negatives, int(tgt.numel()))
             sel = torch.randperm(int(tgt.numel()), generator=g)[:k_b]
             item_ids = batch.values["item"].long()
             pos = item_ids[tgt]
-            out = dense(iv[ITEM_FEATURES[0]], {k: sv[k] for k in SIDE_FEATURES}, iv[ITEM_FEATURES[1]], lengths,
+            out = dense(iv[ITEM_FEATURES[0]], side, iv[ITEM_FEATURES[1]], lengths,
                         tgt, sel, item_ids, neg_ids, batch.values["event"].long(),
                         batch.values["played"].long(), log_q(pos, k_b, ni.uniform_negatives),
                         log_q(torch.cat([pos[sel], neg_ids]), k_b, ni.uniform_negatives))

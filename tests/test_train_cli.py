@@ -36,7 +36,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_torchrun_resume_is_bitwise_identical_and_eval_deterministic(data, tmp_path):
-    from trainer.evaluate import load_model
+    from trainer.checkpoint import load_model
 
     common = ["configs/mini.yaml", f"data.path={data}", *TINY, "deepspeed.stage=2"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -139,7 +139,7 @@ def test_short_mini_run_beats_popularity(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [
-    ["embeddings.token_layout=interleaved", "embeddings.sharding=column_wise", "deepspeed.stage=0",
+    ["model.token_layout=interleaved", "embeddings.sharding=column_wise", "deepspeed.stage=0",
      "model.activation_checkpointing=true", "heads.feedback.weight=0"],
     ["deepspeed.stage=3", "deepspeed.precision=bf16", "embeddings.sharding=table_wise",
      "heads.next_item.weight=0", "embeddings.optimizer=sgd"],

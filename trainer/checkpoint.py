@@ -9,21 +9,28 @@ leaves the previous checkpoint loadable.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from trainer.config import save_config
+from trainer.config import from_dict, save_config
 from trainer.data.loader import ShardLoader, gather_states
+from trainer.job import JobConfig
+
+if TYPE_CHECKING:
+    from embeddings.tables import SparseArch
 
 LATEST = "latest"
 DENSE_TAG = "state"
@@ -112,14 +119,12 @@ def save(engine: Any, loader: ShardLoader, step: int, cfg: Any, run_dir: str | P
 
 
 def load(engine: Any, loader: ShardLoader, path: Path, rank: int) -> dict[str, Any]:
-    """Collective: restore dense, sparse, loader, RNG; returns meta.json (with the step)."""
+    """Collective: resume training — dense with its optimizer (DeepSpeed), tables with their fused
+    optimizer state, loader, RNG; returns meta.json (with the step)."""
     meta = json.loads((path / "meta.json").read_text())
     engine.ds.load_checkpoint(str(path / "dense"), tag=DENSE_TAG, load_optimizer_states=True,
                               load_lr_scheduler_states=True)
-    state = {"tables": engine.dmp.state_dict(), "optimizer": engine.dmp.fused_optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(path / "sparse"))
-    engine.dmp.load_state_dict(state["tables"])
-    engine.dmp.fused_optimizer.load_state_dict(state["optimizer"])
+    load_tables(path, engine.dmp, engine.dmp.fused_optimizer)
     loader.load_state_dict(json.loads((path / "loader.json").read_text()))
     rng = path / "rng" / f"rank{rank:05d}.pt"
     if rng.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
@@ -131,4 +136,57 @@ def saved_config(path: Path) -> dict[str, Any]:
     import yaml
 
     return yaml.safe_load((path / "config.yaml").read_text())
+
+
+def saved_job(path: Path) -> JobConfig:
+    """The JobConfig saved beside checkpoint ``path`` (old runs' moved keys are migrated)."""
+    return from_dict(JobConfig, saved_config(path))
+
+
+# ---- weights of a checkpoint into a model: resume, fine-tuning init, eval and export share these ------------------
+def load_tables(path: Path, tables: Any, optimizer: Any = None) -> None:
+    """Checkpoint ``path``'s item tables (and fused optimizer state) into ``tables``: a DMP, sharded any way
+    for any world size (DCP reshards), or a plain ``SparseArch``. Collective under DMP."""
+    state = {"tables": tables.state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    with warnings.catch_warnings():  # DCP's ShardedTensor deprecation notice: TorchRec's tables are ShardedTensors
+        warnings.simplefilter("ignore", FutureWarning)
+        dcp.load(state, checkpoint_id=str(path / "sparse"))
+    tables.load_state_dict(state["tables"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def dense_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 dense state dict of checkpoint ``path``, whatever its ZeRO stage and world size."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = path / "dense" / DENSE_TAG
+    if saved_job(path).deepspeed.stage == 0:  # no ZeRO partitions: the full weights are in the model-states file
+        weights = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(path / "dense"), tag=DENSE_TAG)
+    return {k: v.float() for k, v in weights.items()}
+
+
+def load_weights(path: Path, tables: Any, dense: torch.nn.Module) -> None:
+    """Checkpoint ``path``'s weights into ``tables`` (see :func:`load_tables`) and into ``dense``, a module not
+    yet handed to DeepSpeed (the pre-trained ``ArgusModel`` inside a ``TwoTower`` for fine-tuning init)."""
+    load_tables(path, tables)
+    dense.load_state_dict(dense_weights(path))
+
+
+def load_model(checkpoint_or_run: str | Path, num_items: int) -> tuple[JobConfig, SparseArch, torch.nn.Module]:
+    """(config, unsharded tables, dense model), in eval mode, from a checkpoint or a run directory's latest."""
+    from embeddings.tables import SparseArch
+    from trainer.model.build import build_dense
+
+    path = resolve_checkpoint(checkpoint_or_run)
+    cfg = saved_job(path)
+    sparse = SparseArch(cfg.embeddings, num_items, device="cpu")
+    dense = build_dense(cfg)
+    load_weights(path, sparse, dense)
+    return cfg, sparse.eval(), dense.eval()
 

@@ -7,7 +7,9 @@ dotted key, raised before any process or process group is started.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -85,8 +87,52 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
+_noted: set[str] = set()
+
+
+def migrate_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a copy when anything changes) with the keys ``cls.MOVED_KEYS`` lists moved to their new place
+    (or dropped, where the new place is None), and one note on stderr per old key and process."""
+    moved: dict[str, str | None] = getattr(cls, "MOVED_KEYS", {})
+    present = [old for old in moved if _parent(data, old) is not None]
+    if not present:
+        return data
+    data = copy.deepcopy(data)
+    for old in present:
+        new, value = moved[old], _pop(data, old)
+        if new is not None:
+            section, _, leaf = new.rpartition(".")
+            node = data
+            for part in section.split(".") if section else []:
+                node = node.setdefault(part, {})
+            if leaf in node and node[leaf] != value:
+                raise ConfigError(f"{old}: deprecated, and {new} is set to something else ({node[leaf]!r} vs "
+                                  f"{value!r}); keep only {new}")
+            node[leaf] = value
+        if old not in _noted:
+            _noted.add(old)
+            what = f"use {new}" if new else "it is no longer used and is ignored"
+            print(f"argus: note: config key {old} is deprecated: {what}", file=sys.stderr)
+    return data
+
+
+def _parent(data: dict[str, Any], dotted: str) -> dict[str, Any] | None:
+    """The mapping holding ``dotted``'s last part, if the key is present."""
+    node: Any = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) and leaf in node else None
+
+
+def _pop(data: dict[str, Any], dotted: str) -> Any:
+    parent = _parent(data, dotted)
+    return parent.pop(dotted.rsplit(".", 1)[-1]) if parent is not None else None
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys and bad types raise ConfigError."""
+    data = migrate_keys(cls, data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

@@ -12,11 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from embeddings.features import lookup_batch
 from embeddings.sharding import shard
 from embeddings.tables import SparseArch, init_sparse_weights
 from trainer.data.batch import Batch
@@ -24,26 +22,11 @@ from trainer.data.manifest import Manifest
 from trainer.data.schema import FIELDS, played_bucket
 from trainer.dist import DistInfo
 from trainer.job import JobConfig
-from trainer.model.argus import ArgusModel, target_index
-
-
-class CandidateLogQ:
-    """log(expected count) of an item in the candidate set: ``k_in_batch`` draws from the training
-    item frequencies plus ``k_uniform`` uniform draws over ``rows`` items (the mixed-negatives proposal).
-
-    Reads only the counts of the ids asked for, from a memory-mapped table, so a 10^9-item
-    catalog costs no memory per rank.
-    """
-
-    def __init__(self, counts: np.ndarray, rows: int) -> None:
-        self.counts, self.rows = counts, rows
-        self.total = float(np.asarray(counts, np.float64).sum()) or 1.0
-
-    def __call__(self, ids: torch.Tensor, k_in_batch: int, k_uniform: int) -> torch.Tensor:
-        idx = ids.detach().cpu().numpy()
-        p = np.asarray(self.counts[np.clip(idx, 0, len(self.counts) - 1)], np.float64) / self.total
-        expected = k_in_batch * p + k_uniform / self.rows
-        return torch.from_numpy(np.log(np.maximum(expected, 1e-30))).float().to(ids.device)
+from trainer.memory import embedding_hbm_budget, embedding_lookups
+from trainer.model.argus import target_index
+from trainer.model.build import build_dense
+from trainer.model.heads import CandidateLogQ, ne_stats
+from trainer.model.interaction import lookup_interactions
 
 
 def _generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -66,22 +49,9 @@ class StepOutput:
     feedback: float
     targets: int
     interactions: int
-    # Normalized-entropy sufficient statistics per feedback target: (sum of cross-entropy, class counts).
-    # Summed over steps and ranks they give the exact NE of the whole window.
+    # Normalized-entropy sufficient statistics per feedback target (heads.ne_stats); summed over steps
+    # and ranks they give the exact NE of the whole window.
     ne: dict[str, tuple[float, torch.Tensor]]
-
-
-def ne_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
-    ce = torch.nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
-    return float(ce), torch.bincount(targets.cpu(), minlength=logits.shape[-1]).double()
-
-
-def ne_from_stats(ce_sum: float, counts: torch.Tensor) -> float:
-    """Mean cross-entropy over the entropy of the empirical class prior (see heads.normalized_entropy)."""
-    n = float(counts.sum())
-    p = counts[counts > 0] / n
-    h = float(-(p * p.log()).sum())
-    return (ce_sum / n) / h if n and h > 0 else float("nan")
 
 
 class Engine:
@@ -94,18 +64,16 @@ class Engine:
         self.num_items = manifest.num_items
         sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
         self.item_rows = sparse.item_rows
-        from trainer.memory import embedding_hbm_budget, embedding_lookups
-
         hbm_cap = None
         if info.device.type == "cuda":  # embeddings get what the dense side leaves (the planner's arithmetic)
             hbm_cap = embedding_hbm_budget(cfg, info.world_size, torch.cuda.get_device_properties(info.device)
                                            .total_memory, gpus_per_node=torch.cuda.device_count())
         self.dmp, self.plan = shard(sparse, cfg.embeddings, info.device, batch_size=cfg.data.batch_size,
                                     hbm_cap=hbm_cap, lookups=embedding_lookups(cfg))
-        self.init_sparse()
 
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
-        dense = self.build_dense()
+        dense = build_dense(cfg)
+        self.init_weights(dense)
         optim = torch.optim.AdamW(dense.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         warmup = cfg.optim.warmup_steps
@@ -116,18 +84,15 @@ class Engine:
         self.bf16 = cfg.deepspeed.precision == "bf16"
         self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)
 
-    def init_sparse(self) -> None:
-        """Fill the freshly sharded tables (fine-tuning loads the pre-trained ones instead)."""
+    def init_weights(self, dense: torch.nn.Module) -> None:
+        """Initial weights, before DeepSpeed takes ``dense``: the tables' deterministic init and the dense
+        model's fresh one (fine-tuning loads the pre-trained weights instead)."""
         init_sparse_weights(self.dmp, self.cfg.embeddings, self.cfg.train.seed)
-
-    def build_dense(self) -> torch.nn.Module:
-        """The DeepSpeed-trained module (fine-tuning swaps in the two-tower model)."""
-        return ArgusModel(self.cfg.model, self.cfg.embeddings, self.cfg.heads)
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def lookup(self, batch: Batch, neg_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
                                                                      torch.Tensor]:
-        return lookup_batch(self.dmp, batch, self.cfg.embeddings, self.item_rows, neg_ids, self.info.device)
+        return lookup_interactions(self.dmp, batch, self.cfg, self.item_rows, neg_ids, self.info.device)
 
     def inputs(self, batch: Batch, step: int) -> tuple[tuple[Any, ...], torch.Tensor]:
         """Everything the dense forward takes, for one micro-batch."""

@@ -14,76 +14,33 @@ Deterministic: the same checkpoint and data give byte-identical JSON.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from embeddings.features import lookup_batch
-from embeddings.tables import SparseArch
 from trainer import checkpoint
-from trainer.config import from_dict
 from trainer.data.loader import ShardLoader
 from trainer.data.manifest import Manifest
 from trainer.data.schema import played_bucket
-from trainer.job import JobConfig
 from trainer.metrics import RankingAccumulator, item_ranks, popularity_scores, ranks_of_targets, sampled_ranks
-from trainer.model.argus import ArgusModel, target_index
+from trainer.model.argus import target_index
 from trainer.model.heads import normalized_entropy, score
-
-
-def build_dense_model(cfg: JobConfig) -> torch.nn.Module:
-    """The dense module a run of ``cfg`` trains: ArgusModel, or TwoTower for a fine-tuning run."""
-    if cfg.finetune.enabled:
-        from trainer.model.two_tower import TwoTower
-
-        return TwoTower(cfg.model, cfg.embeddings, cfg.heads, cfg.finetune)
-    return ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
-
-
-def dense_weights(path: Path, cfg: JobConfig) -> dict[str, torch.Tensor]:
-    """The full fp32 dense state dict of a checkpoint, whatever its ZeRO stage and world size."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag_dir = path / "dense" / checkpoint.DENSE_TAG
-    if cfg.deepspeed.stage == 0:  # no ZeRO partitions: the full weights are in the model-states file
-        weights = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(path / "dense"), tag=checkpoint.DENSE_TAG)
-    return {k: v.float() for k, v in weights.items()}
-
-
-def load_model(path: Path, num_items: int) -> tuple[JobConfig, SparseArch, ArgusModel]:
-    """Unsharded sparse tables + dense model from a checkpoint directory (any world size, any ZeRO stage)."""
-    cfg = from_dict(JobConfig, checkpoint.saved_config(path))
-    sparse = SparseArch(cfg.embeddings, num_items, device="cpu")
-    state = {"tables": sparse.state_dict()}
-    dcp.load(state, checkpoint_id=str(path / "sparse"))
-    sparse.load_state_dict(state["tables"])
-    dense = build_dense_model(cfg)
-    dense.load_state_dict(dense_weights(path, cfg))
-    return cfg, sparse.eval(), dense.eval()
+from trainer.model.interaction import lookup_interactions
 
 
 @torch.no_grad()
 def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None,
              ks: list[int] | None = None, max_users: int | None = None) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    path = checkpoint.latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else run_dir
-    if path is None or not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no checkpoint (expected {run_dir}/checkpoints/latest)")
+    path = checkpoint.resolve_checkpoint(run_dir)
     manifest = Manifest.load(data_dir)
-    cfg, sparse, dense = load_model(path, manifest.num_items)
+    cfg, sparse, dense = checkpoint.load_model(path, manifest.num_items)
     ev = cfg.eval
     split = split or ev.split
     ks = list(ks or ev.ks)
     max_users = ev.max_users if max_users is None else max_users
     loader = ShardLoader.Config(path=str(data_dir), split=split, batch_size=ev.batch_size, num_workers=0,
-                                shuffle=False, max_seq_len=cfg.data.max_seq_len).build(0, 1, manifest)
+                                shuffle=False, max_seq_len=cfg.interactions_per_sample()).build(0, 1, manifest)
     items = sparse.items.embeddings["item"].weight
     full = manifest.num_items <= ev.full_ranking_max_items
     prefix = "" if full else "sampled_"
@@ -99,8 +56,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None
         no_context += int((~keep).sum())
         if batch.size == 0 or not bool(keep.any()):
             continue
-        item, side, _ = lookup_batch(sparse, batch, cfg.embeddings, sparse.item_rows,
-                                     torch.zeros(0, dtype=torch.long), torch.device("cpu"))
+        item, side, _ = lookup_interactions(sparse, batch, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long),
+                                            torch.device("cpu"))
         lengths = batch.lengths
         states = dense.states(item, side, lengths)
         h = dense.user_vectors(states, lengths, (batch.target_start - 1).clamp_min(0))

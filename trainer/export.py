@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -44,7 +43,7 @@ class History(NamedTuple):
     """Looked-up history of a jagged batch and, per user, the flat row its state is taken after."""
 
     item: torch.Tensor  # (rows, item_dim)
-    side: dict[str, torch.Tensor]  # feature -> (rows, side_dim)
+    side: dict[str, torch.Tensor]  # side feature -> (rows,) ids (trainer.model.interaction.side_features)
     lengths: torch.Tensor  # (users,)
     last: torch.Tensor  # (users,) flat row index
 
@@ -96,11 +95,11 @@ def context_rows(batch: Any, context: int, at: int | None = None, targets_held_o
     timestamp < ``at`` (when given). ``next_item`` = the row right after the history, i.e. the held-out
     target, or with ``at`` the first interaction at/after the cutoff.
     """
-    from trainer.data.batch import Batch
+    from trainer.data.batch import Batch, sample_starts
 
     lengths = batch.lengths.long()
     n = lengths.numel()
-    starts = torch.cumsum(lengths, 0) - lengths
+    starts = sample_starts(lengths)
     owner = torch.repeat_interleave(torch.arange(n), lengths)
     pos = torch.arange(int(lengths.sum())) - starts[owner]
     end = batch.target_start.long() if targets_held_out else lengths
@@ -120,22 +119,22 @@ def context_rows(batch: Any, context: int, at: int | None = None, targets_held_o
         c = count[kept]
         first = starts[kept] + lo[kept]
         rows = torch.repeat_interleave(first, c) + torch.arange(int(c.sum())) - torch.repeat_interleave(
-            torch.cumsum(c, 0) - c, c)
+            sample_starts(c), c)
         ctx = Batch(keys=[batch.keys[i] for i in kept.tolist()], users=batch.users[kept],
                     offsets=batch.offsets[kept] + lo[kept], lengths=c, target_start=torch.zeros_like(c),
                     values={k: v[rows] for k, v in batch.values.items()}, padded=False)
     return UserRows(kept=kept, next_item=next_item, history_len=count.to(torch.int32), context=ctx)
 
 
-Lookup = Callable[[Any, Any], tuple[Any, Any]]  # (items KJT, side KJT) -> outputs: a DMP or an unsharded SparseArch
+Lookup = Callable[[Any], Any]  # items KJT -> outputs: a DMP or an unsharded SparseArch
 
 
 def encode_users(batch: Any, cfg: Any, dense: torch.nn.Module, lookup: Lookup, item_rows: int, context: int,
                  at: int | None, targets_held_out: bool, device: torch.device) -> tuple[UserRows, torch.Tensor]:
     """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call, even
     for an empty batch or one whose users all lack history: under DMP that call is a collective."""
-    from embeddings.features import lookup_batch
     from trainer.engine import dummy_batch
+    from trainer.model.interaction import lookup_interactions
 
     if batch.size:
         rows = context_rows(batch, context, at, targets_held_out)
@@ -143,7 +142,7 @@ def encode_users(batch: Any, cfg: Any, dense: torch.nn.Module, lookup: Lookup, i
         empty = torch.zeros(0, dtype=torch.long)
         rows = UserRows(empty, empty, empty.int(), None)
     ctx = rows.context if rows.context is not None else dummy_batch()
-    item, side, _ = lookup_batch(lookup, ctx, cfg.embeddings, item_rows, torch.zeros(0, dtype=torch.long), device)
+    item, side, _ = lookup_interactions(lookup, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
     if rows.context is None:
         return rows, torch.zeros(0, cfg.embeddings.item_dim)
     lengths = ctx.lengths.to(device)
@@ -155,17 +154,9 @@ def encode_users(batch: Any, cfg: Any, dense: torch.nn.Module, lookup: Lookup, i
 def encode_items(ids: torch.Tensor, cfg: Any, dense: torch.nn.Module, lookup: Lookup,
                  device: torch.device) -> torch.Tensor:
     """Served vectors of item table rows ``ids`` (may be empty: the lookup still runs, as a collective)."""
-    from torchrec import KeyedJaggedTensor
+    from embeddings.features import lookup_ids
 
-    from embeddings.tables import ITEM_FEATURES, SIDE_FEATURES, jagged_values
-
-    items_kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(ITEM_FEATURES), values=ids.to(device), lengths=torch.tensor([ids.numel(), 0], device=device))
-    side_kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(SIDE_FEATURES), values=torch.zeros(0, dtype=torch.long, device=device),
-        lengths=torch.zeros(len(SIDE_FEATURES), dtype=torch.long, device=device))
-    out_items, _ = lookup(items_kjt, side_kjt)
-    emb = jagged_values(out_items)[ITEM_FEATURES[0]]
+    emb = lookup_ids(lookup, ids, device)
     if ids.numel() == 0:
         return torch.zeros(0, cfg.embeddings.item_dim)
     _, items = served_vectors(cfg, dense, item_emb=emb)
@@ -249,9 +240,7 @@ def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | P
     recent history rows a state is computed from; default ``data.max_seq_len - 1``, the longest prefix the
     model was trained to predict the next item from. Returns the manifest (on every rank).
     """
-    from trainer.config import from_dict
     from trainer.data.manifest import Manifest
-    from trainer.job import JobConfig
 
     # Everything that can be wrong with the inputs is checked before any process group exists, so a bad
     # argument fails the same way on every rank instead of leaving the others waiting in a collective.
@@ -260,25 +249,24 @@ def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | P
     if batch_size < 1 or items_chunk < 1:
         raise ValueError(f"batch_size and items_chunk must be >= 1, got {batch_size} and {items_chunk}")
     path = checkpoint.resolve_checkpoint(checkpoint_or_run)
-    cfg = from_dict(JobConfig, checkpoint.saved_config(path))
+    cfg = checkpoint.saved_job(path)
     manifest = Manifest.load(data_dir)
     kind = manifest.split(split).kind
-    context = max(cfg.data.max_seq_len - 1, 1) if context is None else context
-    if not 1 <= context <= cfg.data.max_seq_len:
-        raise ValueError(f"context: must be in [1, {cfg.data.max_seq_len}] (the run's data.max_seq_len), "
-                         f"got {context}")
+    longest = cfg.interactions_per_sample()
+    context = max(longest - 1, 1) if context is None else context
+    if not 1 <= context <= longest:
+        raise ValueError(f"context: must be in [1, {longest}] (the run's data.max_seq_len), got {context}")
     out = Path(out_dir)
 
     import pyarrow as pa
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     from embeddings.sharding import shard
     from embeddings.tables import SparseArch
     from trainer.data.loader import ShardLoader
     from trainer.dist import init_distributed
-    from trainer.evaluate import build_dense_model, dense_weights
     from trainer.memory import embedding_hbm_budget, embedding_lookups
+    from trainer.model.build import build_dense
 
     owns_group = not dist.is_initialized()  # a caller's process group is left as it was
     info = init_distributed(device, cfg.train.timeout_s)
@@ -297,14 +285,9 @@ def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | P
                                        gpus_per_node=torch.cuda.device_count())
     dmp, _ = shard(sparse, cfg.embeddings, dev, batch_size=cfg.data.batch_size, hbm_cap=hbm_cap,
                    lookups=embedding_lookups(cfg))
-    state = {"tables": dmp.state_dict()}
-    with warnings.catch_warnings():  # DCP's ShardedTensor deprecation notice: TorchRec's tables are ShardedTensors
-        warnings.simplefilter("ignore", FutureWarning)
-        dcp.load(state, checkpoint_id=str(path / "sparse"))
-    dmp.load_state_dict(state["tables"])
+    dense = build_dense(cfg)
+    checkpoint.load_weights(path, dmp, dense)
     dmp.eval()
-    dense = build_dense_model(cfg)
-    dense.load_state_dict(dense_weights(path, cfg))
     dense = dense.to(dev).eval()
     dim = cfg.embeddings.item_dim
     vec_type = _vector_type(dtype, dim)

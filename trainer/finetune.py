@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 
 from trainer import checkpoint
-from trainer.config import ConfigError, from_dict, to_dict
-from trainer.data.batch import Batch
+from trainer.config import ConfigError, to_dict
+from trainer.data.batch import Batch, sample_starts
 from trainer.data.schema import relevance
 from trainer.engine import Engine, dummy_batch
 from trainer.job import JobConfig
-from trainer.model.two_tower import TwoTower, pairs_of
+from trainer.model.interaction import lookup_interactions
+from trainer.model.two_tower import pairs_of
 from trainer.train import Trainer
 
 _KEY_BITS = 40  # (sample << 40) + seconds since the batch's first event: sortable per sample
@@ -42,13 +42,13 @@ def check_against_init(cfg: JobConfig) -> Path:
 
     Cheap (reads one YAML): runs before any process group exists."""
     path = init_checkpoint(cfg.finetune.init)
-    saved = from_dict(JobConfig, checkpoint.saved_config(path))
+    saved = checkpoint.saved_job(path)
     if saved.finetune.enabled:
         raise ConfigError(f"finetune.init: {path} is itself a fine-tuning checkpoint; start from pre-training")
     for section in ("model", "embeddings"):
         want, got = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
         for key in sorted(want):
-            if key in ("lr", "eps", "optimizer", "extra_constraints", "sharding", "side_sharding", "dropout",
+            if key in ("lr", "eps", "optimizer", "extra_constraints", "sharding", "dropout",
                        "activation_checkpointing", "oov"):
                 continue  # how it is trained or sharded may change; what it is may not
             if want[key] != got.get(key):
@@ -76,7 +76,7 @@ def impression_inputs(batch: Batch, lag: int) -> dict[str, torch.Tensor]:
     imp = batch.impressions
     assert imp is not None, "an impression split is needed"
     lengths = batch.lengths.long()
-    starts = torch.cumsum(lengths, 0) - lengths
+    starts = sample_starts(lengths)
     ts = batch.values["timestamp"].long()
     base = int(ts.min()) if ts.numel() else 0
     row_sample = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
@@ -100,20 +100,10 @@ def impression_inputs(batch: Batch, lag: int) -> dict[str, torch.Tensor]:
 
 
 class FinetuneEngine(Engine):
-    def build_dense(self) -> torch.nn.Module:
-        model = TwoTower(self.cfg.model, self.cfg.embeddings, self.cfg.heads, self.cfg.finetune)
-        from trainer.evaluate import dense_weights
-
-        path = init_checkpoint(self.cfg.finetune.init)
-        saved = from_dict(JobConfig, checkpoint.saved_config(path))
-        model.argus.load_state_dict(dense_weights(path, saved))  # before DeepSpeed partitions it
-        return model
-
-    def init_sparse(self) -> None:
-        """The pre-trained tables, resharded by DCP for this world size and plan."""
-        state = {"tables": self.dmp.state_dict()}
-        dcp.load(state, checkpoint_id=str(init_checkpoint(self.cfg.finetune.init) / "sparse"))
-        self.dmp.load_state_dict(state["tables"])
+    def init_weights(self, dense: torch.nn.Module) -> None:
+        """The pre-trained tables (resharded by DCP for this world size and plan) and encoder; the item
+        tower's MLP keeps its fresh init."""
+        checkpoint.load_weights(init_checkpoint(self.cfg.finetune.init), self.dmp, dense.argus)
 
     def finetune_step(self, batch: Batch, step: int) -> FinetuneStep:
         real = batch.size > 0 and batch.impressions is not None
@@ -199,20 +189,15 @@ def evaluate_finetune(run_dir: str | Path, data_dir: str | Path, split: str | No
     """
     from trainer.data.loader import ShardLoader
     from trainer.data.manifest import Manifest
-    from trainer.evaluate import load_model
 
-    run_dir = Path(run_dir)
-    path = checkpoint.latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else run_dir
-    if path is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint (expected {run_dir}/checkpoints/latest)")
     manifest = Manifest.load(data_dir)
-    cfg, sparse, dense = load_model(path, manifest.num_items)
+    cfg, sparse, dense = checkpoint.load_model(run_dir, manifest.num_items)
     if not cfg.finetune.enabled:
         raise ValueError(f"{run_dir}: not a fine-tuning run (finetune.init is empty); use `argus eval`")
-    _, init_sparse, init_dense = load_model(init_checkpoint(cfg.finetune.init), manifest.num_items)
+    _, init_sparse, init_dense = checkpoint.load_model(init_checkpoint(cfg.finetune.init), manifest.num_items)
     split = split or cfg.finetune.eval_split
     loader = ShardLoader.Config(path=str(data_dir), split=split, batch_size=cfg.eval.batch_size, num_workers=0,
-                                shuffle=False, max_seq_len=cfg.data.max_seq_len).build(0, 1, manifest)
+                                shuffle=False, max_seq_len=cfg.interactions_per_sample()).build(0, 1, manifest)
     counts = np.asarray(manifest.item_counts("train"), np.float64)
     scores: dict[str, list[np.ndarray]] = {"model": [], "pretrained": [], "popularity": [], "data": []}
     grades, sizes, his, los = [], [], [], []
@@ -259,9 +244,8 @@ def _score(cfg: JobConfig, sparse: Any, model: Any, batch: Batch, inp: dict[str,
            shown: torch.Tensor) -> torch.Tensor:
     """Scores of the shown items by an unsharded model: the served user and item vectors' dot product
     (a pre-trained ArgusModel scores the way its next-item head does)."""
-    from embeddings.features import lookup_batch
     from trainer.export import History, served_vectors
 
-    item, side, shown_emb = lookup_batch(sparse, batch, cfg.embeddings, sparse.item_rows, shown, torch.device("cpu"))
+    item, side, shown_emb = lookup_interactions(sparse, batch, cfg, sparse.item_rows, shown, torch.device("cpu"))
     users, items = served_vectors(cfg, model, History(item, side, batch.lengths, inp["last"]), shown_emb)
     return (users[inp["shown_imp"]] * items).sum(-1)

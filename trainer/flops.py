@@ -143,13 +143,13 @@ def head_flops_per_token(d_model: int, num_candidates: int, training: bool = Tru
 
 def encoder_flops_per_interaction(cfg: "object") -> float:
     """Training FLOPs of the encoder tokens of one interaction of a JobConfig (6N + causal attention at
-    the configured context); N is the dense matmul weights (the position table is a lookup)."""
+    the configured context); N is the dense matmul weights (the position and side tables are lookups)."""
     from trainer.memory import dense_params
 
     enc = cfg.model.resolved()
     k = cfg.tokens_per_interaction()
     p = dense_params(cfg)
-    return k * encoder_flops_per_token(p.total - p.positions, enc.n_layers, enc.d_model, cfg.data.max_seq_len * k)
+    return k * encoder_flops_per_token(p.matmul, enc.n_layers, enc.d_model, cfg.interactions_per_sample() * k)
 
 
 def flops_per_interaction(cfg: "object", item_rows: int) -> float:

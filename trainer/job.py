@@ -7,16 +7,16 @@ the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from embeddings.tables import ItemEmbeddings
 from trainer.config import ConfigError
 from trainer.data.loader import ShardLoader
-from trainer.model.argus import HeadsConfig
-from trainer.model.encoder import Encoder
+from trainer.model.argus import HeadsConfig, ModelConfig
 from trainer.model.two_tower import FinetuneConfig
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -73,7 +73,7 @@ class EvalSection:
 @dataclass
 class JobConfig:
     data: ShardLoader.Config = field(default_factory=ShardLoader.Config)
-    model: Encoder.Config = field(default_factory=Encoder.Config)
+    model: ModelConfig = field(default_factory=ModelConfig)
     embeddings: ItemEmbeddings.Config = field(default_factory=ItemEmbeddings.Config)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -84,11 +84,34 @@ class JobConfig:
     out: str = ""
     resume: bool = False
 
+    # Keys that moved (old dotted key -> new one, or None: no longer used). Old configs and the
+    # config.yaml saved in old runs still load; trainer.config.from_dict prints one note per key.
+    MOVED_KEYS: ClassVar[dict[str, str | None]] = {
+        "embeddings.token_layout": "model.token_layout",
+        "embeddings.side_dim": "model.side_dim",
+        "embeddings.num_contexts": "model.num_contexts",
+        "embeddings.side_sharding": None,  # the side tables are dense parameters now, never sharded by TorchRec
+    }
+
     def tokens_per_interaction(self) -> int:
-        return 2 if self.embeddings.token_layout == "interleaved" else 1
+        return self.model.tokens_per_interaction
+
+    def interactions_per_sample(self) -> int:
+        """Interactions of a sample the model reads: ``data.max_seq_len``, or (0) all the context holds."""
+        return self.data.max_seq_len or self.model.resolved().max_seq_len // self.tokens_per_interaction()
+
+    def train_split(self) -> str:
+        """The split training reads: fine-tuning reads impressions unless data.split names another."""
+        if self.finetune.enabled and self.data.split == "train":
+            return self.finetune.split
+        return self.data.split
+
+    def loader_config(self) -> ShardLoader.Config:
+        """The training loader's config: ``data`` with the split and sample length resolved (a copy)."""
+        return dataclasses.replace(self.data, split=self.train_split(), max_seq_len=self.interactions_per_sample())
 
     def validate(self, world_size: int | None = None, device: str | None = None) -> None:
-        """Every check that needs no process group; raises ConfigError naming the key."""
+        """Every check that needs no process group; raises ConfigError naming the key. Changes nothing."""
         try:
             self._validate(world_size, device)
         except ConfigError:
@@ -107,13 +130,11 @@ class JobConfig:
         self.embeddings.validate("embeddings", device="cpu" if dev in ("cpu", "auto") and not _has_cuda() else "cuda")
         self.heads.validate("heads")
         self.finetune.validate("finetune")
-        if self.finetune.enabled and self.data.split == "train":
-            self.data.split = self.finetune.split  # fine-tuning reads impressions
         ctx = self.model.resolved().max_seq_len
         k = self.tokens_per_interaction()
-        if self.data.max_seq_len == 0:
-            self.data.max_seq_len = ctx // k
-        if self.data.max_seq_len * k > ctx:
+        if ctx < k:
+            raise ConfigError(f"model.max_seq_len: {ctx} tokens hold no interaction of {k} tokens")
+        if self.interactions_per_sample() * k > ctx:
             raise ConfigError(f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed "
                               f"model.max_seq_len {ctx}")
         t = self.train

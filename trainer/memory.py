@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from embeddings.interaction import FEEDBACK_SIDE, ITEM_SIDE
 from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType
+from trainer.model.interaction import FEEDBACK_SIDE, ITEM_SIDE, SIDE_FEATURES, side_table_rows
 
 FEEDBACK_OUTPUTS = len(EventType) + NUM_PLAYED_BUCKETS
 
@@ -33,32 +33,41 @@ class DenseParams:
 
     encoder: int  # blocks + final LayerNorm (the preset's size)
     positions: int
+    side_tables: int  # the small side tables (context, event, played, hour, gap): lookups, not matmuls
     interaction: int  # the MLP(s) turning looked-up embeddings into tokens
     heads: int  # projection to item space + feedback head
     largest_layer: int  # the most parameters one module owns directly (DeepSpeed's ZeRO-3 term)
 
     @property
     def total(self) -> int:
-        return self.encoder + self.positions + self.interaction + self.heads
+        return self.encoder + self.positions + self.side_tables + self.interaction + self.heads
+
+    @property
+    def matmul(self) -> int:
+        """Parameters that are matmul weights (FLOPs count these; tables are lookups)."""
+        return self.total - self.positions - self.side_tables
 
 
 def dense_params(cfg: Any) -> DenseParams:
-    """Counts for ``ArgusModel(cfg.model, cfg.embeddings, cfg.heads)`` from the sizes alone."""
+    """Counts for ``build_dense(cfg)`` (pre-training's ``ArgusModel``) from the sizes alone."""
     from trainer.model.encoder import encoder_param_count
 
-    enc, emb = cfg.model.resolved(), cfg.embeddings
-    d, f = enc.d_model, enc.d_ff
+    model, emb = cfg.model, cfg.embeddings
+    enc = model.resolved()
+    d, f, side = enc.d_model, enc.d_ff, model.side_dim
     hidden = d  # InteractionEmbedding's default hidden width
-    if emb.token_layout == "merged":
-        d_ins = [emb.item_dim + emb.side_dim * (len(ITEM_SIDE) + len(FEEDBACK_SIDE))]
+    if model.token_layout == "merged":
+        d_ins = [emb.item_dim + side * (len(ITEM_SIDE) + len(FEEDBACK_SIDE))]
     else:
-        d_ins = [emb.item_dim + emb.side_dim * len(ITEM_SIDE), emb.side_dim * len(FEEDBACK_SIDE)]
+        d_ins = [emb.item_dim + side * len(ITEM_SIDE), side * len(FEEDBACK_SIDE)]
     fb_hidden = cfg.heads.feedback.hidden or d
+    tables = [rows * side for rows in side_table_rows(model.num_contexts).values()]
     interaction = [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)] * len(d_ins)
     heads = [_linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
     block = [_linear(d, 3 * d), _linear(d, d), _linear(d, f), _linear(f, d)]
-    return DenseParams(encoder=encoder_param_count(enc), positions=enc.max_seq_len * d, interaction=sum(interaction),
-                       heads=sum(heads), largest_layer=max(interaction + heads + block + [enc.max_seq_len * d]))
+    return DenseParams(encoder=encoder_param_count(enc), positions=enc.max_seq_len * d, side_tables=sum(tables),
+                       interaction=sum(interaction), heads=sum(heads),
+                       largest_layer=max(interaction + heads + block + tables + [enc.max_seq_len * d]))
 
 
 def weight_bytes(precision: str) -> int:
@@ -135,17 +144,17 @@ def activations(cfg: Any, batch_size: int | None = None) -> Activations:
     w = weight_bytes(cfg.deepspeed.precision)
     d, f = enc.d_model, enc.d_ff
     k = cfg.tokens_per_interaction()
-    tokens = (batch_size or cfg.data.batch_size) * cfg.data.max_seq_len * k
+    tokens = (batch_size or cfg.data.batch_size) * cfg.interactions_per_sample() * k
     targets = tokens // k
     per_layer_token = block_saved_bytes_per_token(d, f, enc.n_heads, w)
     if enc.activation_checkpointing:
         layers = enc.n_layers * tokens * d * w
     else:
         layers = enc.n_layers * tokens * per_layer_token
-    d_in = emb.item_dim + emb.side_dim * (len(ITEM_SIDE) + len(FEEDBACK_SIDE))
     candidates = 1 + (ni.uniform_negatives + ni.in_batch_negatives if not ni.full_softmax else 0)
     fb_hidden = cfg.heads.feedback.hidden or d
-    other = (tokens // k * d_in * 4  # looked-up embeddings (fp32, from TorchRec)
+    other = (targets * (emb.item_dim * 4  # looked-up item vectors (fp32, from TorchRec)
+                        + cfg.model.side_dim * len(SIDE_FEATURES) * w)  # side-table rows, in the training dtype
              + tokens * (2 * d + d + 2 * d) * w  # interaction MLP hidden + GELU, tokens + positions, final norm
              + targets * (d + emb.item_dim) * 4  # state rows, projected user vectors (fp32)
              + targets * candidates * 4 * 3  # logits, softmax, their gradient (fp32)
@@ -212,4 +221,4 @@ def embedding_lookups(cfg: Any) -> tuple[float, float]:
     context: training and the planner size TorchRec's buffers for the worst case)."""
     ni = cfg.heads.next_item
     negatives = 0 if ni.full_softmax else ni.uniform_negatives
-    return float(cfg.data.max_seq_len), negatives / cfg.data.batch_size
+    return float(cfg.interactions_per_sample()), negatives / cfg.data.batch_size

@@ -15,12 +15,13 @@ from embeddings.sharding import plan_summary
 from trainer import checkpoint
 from trainer.config import save_config
 from trainer.data.manifest import Manifest
-from trainer.dist import DistInfo, init_distributed
 from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType
-from trainer.engine import Engine, StepOutput, ne_from_stats
+from trainer.dist import DistInfo, init_distributed
+from trainer.engine import Engine, StepOutput
 from trainer.flops import detect_gpu, mfu
 from trainer.job import JobConfig
 from trainer.logger import MetricsLogger, StepTimer, peak_memory_bytes
+from trainer.model.heads import ne_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Trainer:
         cfg.validate(self.info.world_size, self.info.device.type)
         self.run_dir = Path(cfg.out)
         self.manifest = Manifest.load(cfg.data.path)
-        self.loader = cfg.data.build(self.info.rank, self.info.world_size, self.manifest)
+        self.loader = cfg.loader_config().build(self.info.rank, self.info.world_size, self.manifest)
         self.engine = self.engine_class(cfg, self.info, self.manifest)
         self.step = 0
         if self.info.rank == 0:
@@ -158,17 +159,3 @@ class Trainer:
         if m is not None:
             out["mfu(%)"] = m
         return out
-
-
-def build_trainer(cfg: JobConfig, info: DistInfo | None = None) -> Trainer:
-    """Pre-training, or fine-tuning when ``finetune.init`` names a pre-training run."""
-    if cfg.finetune.enabled:
-        from trainer.finetune import FinetuneTrainer
-
-        return FinetuneTrainer(cfg, info)
-    return Trainer(cfg, info)
-
-
-def train(cfg: JobConfig) -> dict[str, Any]:
-    """Run a whole training (or fine-tuning) job in this process (one rank of it)."""
-    return build_trainer(cfg).run()

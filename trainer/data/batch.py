@@ -21,6 +21,11 @@ BATCH_DTYPES: dict[str, np.dtype] = {
 }
 
 
+def sample_starts(lengths: torch.Tensor) -> torch.Tensor:
+    """Flat index of each sample's first row in a jagged layout (exclusive prefix sum of ``lengths``)."""
+    return torch.cumsum(lengths, 0) - lengths
+
+
 @dataclass
 class Batch:
     """A batch of user-history chunks.

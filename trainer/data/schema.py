@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMA_VERSION = 1
+# Time constants (seconds, hours): one definition for synth, features and fine-tuning.
+DAY = 86_400
+HOURS_PER_WEEK = 168
 MEMBER_EXT = "msg"  # webdataset's stock .decode() understands .msg/.mp
 
 

@@ -65,15 +65,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from trainer.data.manifest import MANIFEST_NAME, Manifest
-from trainer.data.schema import FIELDS, IMPRESSION_FIELDS, PLAYED_NA, SHOWN_FIELDS, EventType
+from trainer.data.schema import DAY, FIELDS, HOURS_PER_WEEK, IMPRESSION_FIELDS, PLAYED_NA, SHOWN_FIELDS, EventType
 from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize
 
 GENERATOR = "argus-synth"
 GENERATOR_VERSION = 1
 
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z, a Monday: hour of week = (t - T0) // 3600 % 168
-HOURS_PER_WEEK = 168
-DAY = 86_400
 
 # World
 ZIPF_EXPONENT = 1.1  # item popularity within a cluster (rank r has weight ~ (r+1)^-a)

@@ -17,10 +17,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from embeddings.interaction import InteractionEmbedding, jagged_to_padded
 from embeddings.tables import ItemEmbeddings
+from trainer.data.batch import sample_starts
 from trainer.model.encoder import Encoder
 from trainer.model.heads import FeedbackHead, NextItemLossConfig, sampled_softmax_loss
+from trainer.model.interaction import TOKEN_LAYOUTS, InteractionEmbedding, jagged_to_padded
+
+
+@dataclass
+class ModelConfig(Encoder.Config):
+    """The ``model`` section: the encoder's sizes (``Encoder.Config``) plus the interaction token."""
+
+    token_layout: str = "merged"  # merged (one token per interaction) | interleaved (item token + feedback token)
+    side_dim: int = 16  # width of the small side tables (context, event, played, hour, gap)
+    num_contexts: int = 64  # rows of the context table (larger context ids hash to id mod rows)
+
+    def validate(self, where: str = "model") -> None:
+        super().validate(where)
+        if self.token_layout not in TOKEN_LAYOUTS:
+            raise ValueError(f"{where}.token_layout: must be 'merged' or 'interleaved', got {self.token_layout!r}")
+        for key in ("side_dim", "num_contexts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}.{key}: must be >= 1, got {getattr(self, key)}")
+
+    @property
+    def tokens_per_interaction(self) -> int:
+        return 2 if self.token_layout == "interleaved" else 1
 
 
 @dataclass
@@ -40,8 +62,8 @@ class HeadsConfig:
 
 def target_index(lengths: torch.Tensor, target_start: torch.Tensor | None = None) -> torch.Tensor:
     """Flat indices of target interactions: not the first of their sample, and >= target_start."""
-    starts = torch.cumsum(lengths, 0) - lengths
-    pos = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(starts, lengths)
+    pos = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(sample_starts(lengths),
+                                                                                             lengths)
     first_target = torch.ones_like(lengths)
     if target_start is not None:
         first_target = target_start.clamp_min(1)
@@ -50,20 +72,23 @@ def target_index(lengths: torch.Tensor, target_start: torch.Tensor | None = None
 
 
 class ArgusModel(nn.Module):
-    def __init__(self, encoder: Encoder.Config, emb: ItemEmbeddings.Config, heads: HeadsConfig) -> None:
+    def __init__(self, model: ModelConfig, emb: ItemEmbeddings.Config, heads: HeadsConfig) -> None:
         super().__init__()
-        enc = encoder.resolved()
+        enc = model.resolved()
         self.heads_cfg = heads
-        self.interaction = InteractionEmbedding(emb, enc.d_model)
+        self.interaction = InteractionEmbedding(model.token_layout, emb.item_dim, model.side_dim, model.num_contexts,
+                                                enc.d_model, init_std=emb.init_std)
         self.encoder = enc.build()
         self.proj = nn.Linear(enc.d_model, emb.item_dim)  # user state -> item space, for dot-product scoring
         self.feedback = heads.feedback.build(enc.d_model, emb.item_dim)
-        self.interleaved = emb.token_layout == "interleaved"
+        self.interleaved = model.token_layout == "interleaved"
 
     def states(self, item: torch.Tensor, side: dict[str, torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
-        """Encoder states of every token, flat (sum(lengths) * tokens_per_interaction, d_model)."""
-        dtype = self.proj.weight.dtype  # bf16 engines: embeddings arrive in fp32
-        tokens = self.interaction(item.to(dtype), {k: v.to(dtype) for k, v in side.items()})
+        """Encoder states of every token, flat (sum(lengths) * tokens_per_interaction, d_model).
+
+        ``item``: looked-up item vectors (fp32 from TorchRec); ``side``: side-feature ids
+        (:func:`trainer.model.interaction.side_features`)."""
+        tokens = self.interaction(item.to(self.proj.weight.dtype), side)  # bf16 engines: cast the lookups
         tok_lengths = lengths * self.interaction.tokens_per_interaction
         padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths)
         return self.encoder(padded, mask)[row, col]
@@ -104,7 +129,7 @@ class ArgusModel(nn.Module):
 
     def user_vectors(self, states: torch.Tensor, lengths: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Item-space user state after interaction ``last[b]`` of each sample (for ranking), from :meth:`states`."""
-        rows = torch.cumsum(lengths, 0) - lengths + last
+        rows = sample_starts(lengths) + last
         if self.interleaved:
             rows = 2 * rows + 1
         return self.proj(states[rows]).float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,14 +28,35 @@ def score(h: Tensor, item_emb: Tensor, normalize: bool, temperature: float) -> T
     return (h @ item_emb.transpose(0, 1)) / temperature
 
 
-def mixed_log_q(ids: Tensor, item_freq: Tensor, num_in_batch: int, num_uniform: int, num_items: int) -> Tensor:
-    """log of the expected count of each item of ``ids`` in a candidate set of
-    ``num_in_batch`` draws proportional to ``item_freq`` plus ``num_uniform`` uniform draws."""
-    freq = item_freq.to(ids.device)
-    # Index before widening: the catalog can have millions of entries and this runs every step.
-    p = freq[ids].to(torch.float64) / freq.sum(dtype=torch.float64).clamp_min(1e-300)
-    expected = num_in_batch * p + num_uniform / num_items
+def mixed_log_q(ids: Tensor, item_freq: Tensor | np.ndarray, num_in_batch: int, num_uniform: int, num_items: int,
+                total: float | None = None) -> Tensor:
+    """log of the expected count of each item of ``ids`` in a candidate set of ``num_in_batch`` draws
+    proportional to ``item_freq`` plus ``num_uniform`` uniform draws over ``num_items`` items.
+
+    ``item_freq``: a tensor, or a (memory-mapped) numpy array of which only the counts of ``ids`` are
+    read, so a 10^9-item catalog costs no memory per rank; ``total``: its sum, when already known.
+    """
+    if isinstance(item_freq, Tensor):
+        counts = item_freq.to(ids.device)[ids].to(torch.float64)  # index before widening: the table is large
+    else:
+        idx = np.clip(ids.detach().cpu().numpy(), 0, len(item_freq) - 1)
+        counts = torch.from_numpy(np.asarray(item_freq[idx], np.float64)).to(ids.device)
+    if total is None:
+        total = float(item_freq.sum(dtype=torch.float64) if isinstance(item_freq, Tensor)
+                      else np.asarray(item_freq, np.float64).sum())
+    expected = num_in_batch * counts / max(total, 1e-300) + num_uniform / num_items
     return expected.clamp_min(LOG_Q_FLOOR).log().to(torch.float32)
+
+
+class CandidateLogQ:
+    """:func:`mixed_log_q` bound to the training item counts (a memory-mapped table) and the catalog size."""
+
+    def __init__(self, counts: np.ndarray, rows: int) -> None:
+        self.counts, self.rows = counts, rows
+        self.total = float(np.asarray(counts, np.float64).sum()) or 1.0
+
+    def __call__(self, ids: Tensor, k_in_batch: int, k_uniform: int) -> Tensor:
+        return mixed_log_q(ids, self.counts, k_in_batch, k_uniform, self.rows, self.total)
 
 
 class NextItemHead:
@@ -43,7 +65,7 @@ class NextItemHead:
     Holds no parameters: the loss is :func:`sampled_softmax_loss`. Candidates are
     drawn by ``trainer.engine.Engine.inputs`` (their vectors come from the sharded
     item table, their frequencies from a memory-mapped count table), with
-    ``trainer.engine.CandidateLogQ`` computing :func:`mixed_log_q` for them.
+    :class:`CandidateLogQ` computing :func:`mixed_log_q` for them.
     """
 
     @dataclass
@@ -142,18 +164,28 @@ class FeedbackHead(nn.Module):
         return 0.5 * (ce_event + ce_played)
 
 
-@torch.no_grad()
-def normalized_entropy(logits: Tensor, targets: Tensor, prior: Tensor | None = None) -> float:
-    """Model cross-entropy / entropy of the class prior (He et al. 2014, any number of classes).
+def ne_stats(logits: Tensor, targets: Tensor) -> tuple[float, Tensor]:
+    """Sufficient statistics of normalized entropy: (summed cross-entropy, class counts). Summed over
+    steps and ranks they give the exact NE of the whole window (:func:`ne_from_stats`)."""
+    with torch.no_grad():
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        ce = F.cross_entropy(wide, targets.to(device=logits.device, dtype=torch.int64), reduction="sum")
+        return float(ce), torch.bincount(targets.to(torch.int64).cpu(), minlength=logits.shape[-1]).double()
 
-    ``prior`` defaults to the class frequencies of ``targets``. Below 1 means
-    better than always predicting the base rate; NaN when the prior has zero entropy.
+
+def ne_from_stats(ce_sum: float, counts: Tensor, prior: Tensor | None = None) -> float:
+    """Mean cross-entropy / entropy of the class prior (He et al. 2014, any number of classes).
+
+    ``prior`` defaults to the class frequencies ``counts``. Below 1 means better than always
+    predicting the base rate; NaN when the prior has zero entropy or there are no targets.
     """
-    logits, targets = logits.double(), targets.to(torch.int64)
-    ce = F.cross_entropy(logits, targets).item()
-    if prior is None:
-        prior = torch.bincount(targets, minlength=logits.shape[-1]).double()
-    prior = prior.double() / prior.double().sum()
-    nz = prior[prior > 0]
-    h = -(nz * nz.log()).sum().item()
-    return ce / h if h > 0 else math.nan
+    n = float(counts.sum())
+    prior = (counts if prior is None else prior).double()
+    p = prior[prior > 0] / prior.sum()
+    h = float(-(p * p.log()).sum())
+    return (ce_sum / n) / h if n and h > 0 else math.nan
+
+
+def normalized_entropy(logits: Tensor, targets: Tensor, prior: Tensor | None = None) -> float:
+    """NE of ``logits`` on ``targets`` in one call (see :func:`ne_from_stats`)."""
+    return ne_from_stats(*ne_stats(logits.double(), targets), prior)

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from embeddings.tables import ItemEmbeddings
-from trainer.model.argus import ArgusModel, HeadsConfig
-from trainer.model.encoder import Encoder
-
-DAY = 86_400
+from trainer.data.batch import sample_starts
+from trainer.data.schema import DAY
+from trainer.model.argus import ArgusModel, HeadsConfig, ModelConfig
 
 
 @dataclass
@@ -66,10 +65,10 @@ class ItemTower(nn.Module):
 class TwoTower(nn.Module):
     """Dense part of the fine-tuned ranker (the tables stay sharded in TorchRec)."""
 
-    def __init__(self, encoder: Encoder.Config, emb: ItemEmbeddings.Config, heads: HeadsConfig,
+    def __init__(self, model: ModelConfig, emb: ItemEmbeddings.Config, heads: HeadsConfig,
                  ft: FinetuneConfig) -> None:
         super().__init__()
-        self.argus = ArgusModel(encoder, emb, heads)
+        self.argus = ArgusModel(model, emb, heads)
         self.item_tower = ItemTower(emb.item_dim, ft.item_mlp)
         # Score like the pre-trained next-item head (cosine / temperature, or a plain dot product), so
         # fine-tuning starts from the pre-trained ranking and exported vectors reproduce scores exactly.
@@ -110,7 +109,7 @@ def pairs_of(grades: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
     if m == 0 or grades.numel() == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     width = int(sizes.max())
-    starts = torch.cumsum(sizes, 0) - sizes
+    starts = sample_starts(sizes)
     col = torch.arange(width)
     valid = col[None, :] < sizes[:, None]  # (impressions, slate)
     flat = (starts[:, None] + col[None, :]).clamp_max(grades.numel() - 1)

@@ -1,0 +1,23 @@
+"""The one place a dense model is built from a run config (training, fine-tuning, eval, export, tests)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from trainer.model.argus import ArgusModel
+from trainer.model.two_tower import TwoTower
+
+if TYPE_CHECKING:
+    from trainer.job import JobConfig
+
+
+def build_dense(cfg: JobConfig) -> nn.Module:
+    """The module DeepSpeed trains for ``cfg``: ``ArgusModel``, or ``TwoTower`` for a fine-tuning run.
+
+    Weights are freshly initialised from torch's global RNG (seed it first for identical ranks);
+    :func:`trainer.checkpoint.load_weights` fills them from a checkpoint."""
+    if cfg.finetune.enabled:
+        return TwoTower(cfg.model, cfg.embeddings, cfg.heads, cfg.finetune)
+    return ArgusModel(cfg.model, cfg.embeddings, cfg.heads)

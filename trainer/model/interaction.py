@@ -1,0 +1,136 @@
+"""The ARGUS interaction token: (context, item, feedback, time) of one interaction -> transformer token(s).
+
+The item vector comes from the catalog-sized item table (TorchRec, ``embeddings/``). Everything else
+about an interaction takes a handful of values — context, event type, played bucket, hour of week,
+time-gap bucket: 6 to 168 rows — and is embedded here by plain ``nn.Embedding`` tables that belong to
+the dense model: DeepSpeed trains them with the encoder (AdamW, partitioned by ZeRO like any dense
+weight), and no TorchRec sharding or all-to-all is spent on them.
+
+``merged`` (the ARGUS default): one token per interaction, an MLP over the concatenated item, context,
+feedback (event, played bucket) and time (hour of week, gap) embeddings. ``interleaved``: two tokens
+per interaction — an item token (item, context, time) followed by a feedback token (event, played) —
+so the state after the item token can predict that item's feedback and the state after the feedback
+token the next item.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.data.batch import Batch, sample_starts
+from trainer.data.schema import HOURS_PER_WEEK, NUM_PLAYED_BUCKETS, EventType, played_bucket
+
+TOKEN_LAYOUTS = ("merged", "interleaved")
+ITEM_SIDE = ("context", "hour", "gap")
+FEEDBACK_SIDE = ("event", "played")
+SIDE_FEATURES = ITEM_SIDE + FEEDBACK_SIDE
+GAP_BUCKETS = 32  # log2(seconds since previous interaction), 0 = first in sample
+EPOCH_HOUR_OF_WEEK = 72  # 1970-01-01 00:00 UTC was a Thursday: hour 72 of a week starting on Monday
+
+
+def side_table_rows(num_contexts: int) -> dict[str, int]:
+    """Rows of each small side table (the planner counts them as dense parameters)."""
+    return {"context": num_contexts, "hour": HOURS_PER_WEEK, "gap": GAP_BUCKETS, "event": len(EventType),
+            "played": NUM_PLAYED_BUCKETS}
+
+
+def hour_of_week(ts: torch.Tensor) -> torch.Tensor:
+    return torch.remainder(torch.div(ts, 3600, rounding_mode="floor") + EPOCH_HOUR_OF_WEEK, HOURS_PER_WEEK)
+
+
+def gap_bucket(ts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """log2 bucket of seconds since the previous interaction of the same sample; 0 for a sample's first."""
+    gap = torch.zeros_like(ts)
+    if ts.numel() > 1:
+        gap[1:] = (ts[1:] - ts[:-1]).clamp_min(0)
+    first = torch.zeros(ts.numel(), dtype=torch.bool, device=ts.device)
+    first[sample_starts(lengths)[lengths > 0]] = True
+    bucket = (torch.log2(gap.double() + 1).floor().long() + 1).clamp(1, GAP_BUCKETS - 1)
+    return torch.where(first, torch.zeros_like(bucket), bucket)
+
+
+def side_features(batch: Batch, num_contexts: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Row ids into the side tables, one per interaction of a jagged batch (contexts beyond the table hash
+    to id mod rows)."""
+    v = batch.values
+    event = v["event"].to(device).long()
+    if event.numel() and int(event.max()) >= len(EventType):
+        raise ValueError(f"feature 'event': value {int(event.max())} is not an EventType")
+    ts = v["timestamp"].to(device)
+    return {"context": torch.remainder(v["context"].to(device).long(), num_contexts),
+            "hour": hour_of_week(ts), "gap": gap_bucket(ts, batch.lengths.to(device)),
+            "event": event, "played": played_bucket(v["played"].to(device)).long()}
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
+class SideTable(nn.Embedding):
+    """A small side table; N(0, std) rows set in its own ``reset_parameters`` (ZeRO-3 ``zero.Init`` safe)."""
+
+    def __init__(self, rows: int, dim: int, std: float) -> None:
+        self.init_std = std  # read by reset_parameters, which nn.Embedding.__init__ calls
+        super().__init__(rows, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.init_std)
+
+
+class InteractionEmbedding(nn.Module):
+    def __init__(self, layout: str, item_dim: int, side_dim: int, num_contexts: int, d_model: int,
+                 hidden: int = 0, init_std: float = 0.05) -> None:
+        super().__init__()
+        self.layout = layout
+        hidden = hidden or d_model
+        self.side = nn.ModuleDict({name: SideTable(rows, side_dim, init_std)
+                                   for name, rows in side_table_rows(num_contexts).items()})
+        if layout == "merged":
+            self.merged = _mlp(item_dim + side_dim * len(SIDE_FEATURES), hidden, d_model)
+        else:
+            self.item_token = _mlp(item_dim + side_dim * len(ITEM_SIDE), hidden, d_model)
+            self.feedback_token = _mlp(side_dim * len(FEEDBACK_SIDE), hidden, d_model)
+
+    @property
+    def tokens_per_interaction(self) -> int:
+        return 1 if self.layout == "merged" else 2
+
+    def forward(self, item: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, item_dim) item vectors + side-feature ids of N interactions -> (N * tokens_per_interaction,
+        d_model) tokens, in sequence order."""
+        emb = {k: self.side[k](side[k]) for k in SIDE_FEATURES}
+        item_part = torch.cat([item.to(emb["event"].dtype)] + [emb[k] for k in ITEM_SIDE], dim=-1)
+        feedback_part = torch.cat([emb[k] for k in FEEDBACK_SIDE], dim=-1)
+        if self.layout == "merged":
+            return self.merged(torch.cat([item_part, feedback_part], dim=-1))
+        it, fb = self.item_token(item_part), self.feedback_token(feedback_part)
+        return torch.stack([it, fb], dim=1).reshape(-1, it.shape[-1])  # item_0, fb_0, item_1, fb_1, ...
+
+
+def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(N, d) jagged rows -> (B, T, d) right-padded, the (B, T) mask, and each row's (b, t) index."""
+    b = lengths.numel()
+    t = int(lengths.max()) if b and max_len is None else (max_len or 0)
+    row = torch.repeat_interleave(torch.arange(b, device=values.device), lengths)
+    col = torch.arange(values.shape[0], device=values.device) - torch.repeat_interleave(sample_starts(lengths),
+                                                                                        lengths)
+    out = values.new_zeros(b, t, values.shape[-1])
+    out = out.index_put((row, col), values)
+    mask = torch.zeros(b, t, dtype=torch.bool, device=values.device)
+    mask[row, col] = True
+    return out, mask, (row, col)
+
+
+def lookup_interactions(tables: Any, batch: Batch, cfg: Any, item_rows: int, extra_ids: torch.Tensor,
+                        device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """What the dense model reads for a jagged batch: (item vectors of the history, side-feature ids,
+    item vectors of ``extra_ids``). ``tables``: the DMP-sharded or a plain ``SparseArch``; ``cfg``: the
+    JobConfig. Under DMP this is a collective: every rank must call it the same number of times."""
+    from embeddings.features import lookup_batch
+
+    item, extra = lookup_batch(tables, batch, cfg.embeddings, item_rows, extra_ids, device)
+    return item, side_features(batch, cfg.model.num_contexts, device), extra
