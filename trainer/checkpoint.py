@@ -31,6 +31,7 @@ from trainer.job import JobConfig
 
 if TYPE_CHECKING:
     from embeddings.tables import SparseArch
+    from trainer.engine import Engine
 
 LATEST = "latest"
 DENSE_TAG = "state"
@@ -81,7 +82,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Any, loader: ShardLoader, step: int, cfg: Any, run_dir: str | Path, rank: int,
+def save(engine: Engine, loader: ShardLoader, step: int, cfg: JobConfig, run_dir: str | Path, rank: int,
          extra: dict[str, Any] | None = None, mid_write: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory.
 
@@ -118,7 +119,7 @@ def save(engine: Any, loader: ShardLoader, step: int, cfg: Any, run_dir: str | P
     return final
 
 
-def load(engine: Any, loader: ShardLoader, path: Path, rank: int) -> dict[str, Any]:
+def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str, Any]:
     """Collective: resume training — dense with its optimizer (DeepSpeed), tables with their fused
     optimizer state, loader, RNG; returns meta.json (with the step)."""
     meta = json.loads((path / "meta.json").read_text())

@@ -24,13 +24,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from trainer import checkpoint
+
+if TYPE_CHECKING:
+    from trainer.data.batch import Batch
+    from trainer.job import JobConfig
 
 FORMAT = "argus-export"
 FORMAT_VERSION = 1
@@ -48,7 +52,7 @@ class History(NamedTuple):
     last: torch.Tensor  # (users,) flat row index
 
 
-def served_vectors(cfg: Any, dense: torch.nn.Module, history: History | None = None,
+def served_vectors(cfg: JobConfig, dense: torch.nn.Module, history: History | None = None,
                    item_emb: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(user vectors, item vectors) whose dot products are the model's scores; either part may be skipped.
 
@@ -85,10 +89,10 @@ class UserRows:
     kept: torch.Tensor  # indices (into the batch) of samples with at least one history row
     next_item: torch.Tensor  # (batch,) item of the first row the state did not see; -1 if none
     history_len: torch.Tensor  # (batch,) rows the state is computed from (<= context)
-    context: Any  # trainer.data.batch.Batch of the kept samples' context rows (None if none kept)
+    context: Batch | None  # the kept samples' context rows (None if none kept)
 
 
-def context_rows(batch: Any, context: int, at: int | None = None, targets_held_out: bool = True) -> UserRows:
+def context_rows(batch: Batch, context: int, at: int | None = None, targets_held_out: bool = True) -> UserRows:
     """The most recent ``context`` history rows of each sample of a jagged (untruncated) batch.
 
     History = the leading rows before ``target_start`` (``targets_held_out``: eval splits) with
@@ -129,7 +133,7 @@ def context_rows(batch: Any, context: int, at: int | None = None, targets_held_o
 Lookup = Callable[[Any], Any]  # items KJT -> outputs: a DMP or an unsharded SparseArch
 
 
-def encode_users(batch: Any, cfg: Any, dense: torch.nn.Module, lookup: Lookup, item_rows: int, context: int,
+def encode_users(batch: Batch, cfg: JobConfig, dense: torch.nn.Module, lookup: Lookup, item_rows: int, context: int,
                  at: int | None, targets_held_out: bool, device: torch.device) -> tuple[UserRows, torch.Tensor]:
     """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call, even
     for an empty batch or one whose users all lack history: under DMP that call is a collective."""
@@ -151,7 +155,7 @@ def encode_users(batch: Any, cfg: Any, dense: torch.nn.Module, lookup: Lookup, i
     return rows, users.cpu()
 
 
-def encode_items(ids: torch.Tensor, cfg: Any, dense: torch.nn.Module, lookup: Lookup,
+def encode_items(ids: torch.Tensor, cfg: JobConfig, dense: torch.nn.Module, lookup: Lookup,
                  device: torch.device) -> torch.Tensor:
     """Served vectors of item table rows ``ids`` (may be empty: the lookup still runs, as a collective)."""
     from embeddings.features import lookup_ids

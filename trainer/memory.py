@@ -15,10 +15,13 @@ Sources:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType
 from trainer.model.interaction import FEEDBACK_SIDE, ITEM_SIDE, SIDE_FEATURES, side_table_rows
+
+if TYPE_CHECKING:
+    from trainer.job import JobConfig
 
 FEEDBACK_OUTPUTS = len(EventType) + NUM_PLAYED_BUCKETS
 
@@ -48,7 +51,7 @@ class DenseParams:
         return self.total - self.positions - self.side_tables
 
 
-def dense_params(cfg: Any) -> DenseParams:
+def dense_params(cfg: JobConfig) -> DenseParams:
     """Counts for ``build_dense(cfg)`` (pre-training's ``ArgusModel``) from the sizes alone."""
     from trainer.model.encoder import encoder_param_count
 
@@ -130,7 +133,7 @@ class Activations:
         return self.layers + self.other + self.working
 
 
-def activations(cfg: Any, batch_size: int | None = None) -> Activations:
+def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     """Bytes of activations for a micro-batch of ``batch_size`` samples, each filling the whole context.
 
     Per block and token, autograd keeps (elements, in the training dtype): LN1 input d, LN1 output
@@ -202,7 +205,7 @@ def headroom(capacity: int, fraction: float = HEADROOM_FRACTION) -> int:
     return int(max(capacity * fraction, HEADROOM_MIN))
 
 
-def non_embedding_bytes(cfg: Any, world: int, gpus_per_node: int = 1) -> int:
+def non_embedding_bytes(cfg: JobConfig, world: int, gpus_per_node: int = 1) -> int:
     """Everything on a GPU except the embedding shards: dense states + activations + DeepSpeed buckets."""
     p = dense_params(cfg)
     ds = cfg.deepspeed
@@ -210,13 +213,13 @@ def non_embedding_bytes(cfg: Any, world: int, gpus_per_node: int = 1) -> int:
     return states.gpu + activations(cfg).total + ds_buffers(cfg.deepspeed_config(world), ds.precision)
 
 
-def embedding_hbm_budget(cfg: Any, world: int, capacity: int, gpus_per_node: int = 1,
+def embedding_hbm_budget(cfg: JobConfig, world: int, capacity: int, gpus_per_node: int = 1,
                          headroom_fraction: float = HEADROOM_FRACTION) -> int:
     """HBM per GPU that TorchRec may plan embedding shards into (its ``Topology.hbm_cap``)."""
     return max(capacity - headroom(capacity, headroom_fraction) - non_embedding_bytes(cfg, world, gpus_per_node), 0)
 
 
-def embedding_lookups(cfg: Any) -> tuple[float, float]:
+def embedding_lookups(cfg: JobConfig) -> tuple[float, float]:
     """(item lookups, uniform negatives) per sample: TorchRec's pooling factors for our features (a full
     context: training and the planner size TorchRec's buffers for the worst case)."""
     ni = cfg.heads.next_item

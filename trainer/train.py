@@ -14,6 +14,7 @@ import torch
 from embeddings.sharding import plan_summary
 from trainer import checkpoint
 from trainer.config import save_config
+from trainer.data.batch import Batch
 from trainer.data.manifest import Manifest
 from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType
 from trainer.dist import DistInfo, init_distributed
@@ -113,7 +114,7 @@ class Trainer:
                 self.save()
         return last
 
-    def step_fn(self, batch: Any) -> Any:
+    def step_fn(self, batch: Batch) -> Any:
         """One optimizer step on one batch; its result goes to :meth:`_metrics`."""
         return self.engine.train_step(batch, self.step)
 

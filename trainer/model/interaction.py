@@ -15,13 +15,16 @@ token the next item.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from trainer.data.batch import Batch, sample_starts
 from trainer.data.schema import HOURS_PER_WEEK, NUM_PLAYED_BUCKETS, EventType, played_bucket
+
+if TYPE_CHECKING:
+    from trainer.job import JobConfig
 
 TOKEN_LAYOUTS = ("merged", "interleaved")
 ITEM_SIDE = ("context", "hour", "gap")
@@ -125,7 +128,7 @@ def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int |
     return out, mask, (row, col)
 
 
-def lookup_interactions(tables: Any, batch: Batch, cfg: Any, item_rows: int, extra_ids: torch.Tensor,
+def lookup_interactions(tables: Any, batch: Batch, cfg: JobConfig, item_rows: int, extra_ids: torch.Tensor,
                         device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """What the dense model reads for a jagged batch: (item vectors of the history, side-feature ids,
     item vectors of ``extra_ids``). ``tables``: the DMP-sharded or a plain ``SparseArch``; ``cfg``: the
