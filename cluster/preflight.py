@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.ray_local import check_resources
+from cluster.ray_local import InsufficientResources, check_resources
 
 if TYPE_CHECKING:
     from trainer.job import JobConfig
@@ -96,7 +96,7 @@ def run_checks(job: JobConfig | None, *, num_workers: int, cpus_per_worker: floa
     try:
         check_resources(ray.cluster_resources(), num_workers, cpus_per_worker, gpus_per_worker)
         fits = True
-    except RuntimeError as e:
+    except InsufficientResources as e:
         problems.append(f"resources: {e}")
         fits = False
     probe: dict[str, Any] = {}

@@ -9,14 +9,19 @@ import tempfile
 from typing import Any, Iterator
 
 
+class InsufficientResources(RuntimeError):
+    """The requested Ray workers do not fit the cluster's CPUs/GPUs; the message says what is missing."""
+
+
 def check_resources(available: dict[str, float], workers: int, cpus: float, gpus: float) -> None:
-    """Ray retries "worker group startup timed out" forever when a request can't fit: refuse up front."""
+    """Ray retries "worker group startup timed out" forever when a request can't fit: refuse up front
+    (InsufficientResources)."""
     need = {"CPU": workers * cpus, "GPU": workers * gpus}
     for res, amount in need.items():
         if amount > available.get(res, 0.0) + 1e-9:
-            raise RuntimeError(f"--num-workers {workers} x --{res.lower()}s-per-worker "
-                               f"{cpus if res == 'CPU' else gpus:g} needs {amount:g} {res}, the cluster has "
-                               f"{available.get(res, 0.0):g}")
+            raise InsufficientResources(f"--num-workers {workers} x --{res.lower()}s-per-worker "
+                                        f"{cpus if res == 'CPU' else gpus:g} needs {amount:g} {res}, the cluster "
+                                        f"has {available.get(res, 0.0):g}")
 
 
 def start_local_cluster(num_cpus: int) -> Any:

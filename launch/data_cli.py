@@ -125,7 +125,8 @@ def cmd_data_stream(a: argparse.Namespace) -> int:
         print_json(rep)
     else:
         t = Table("rank", "batches", "samples", "interactions", "skipped", "truncated",
-                  title=f"{a.split}: world_size={a.world_size} x num_workers={a.num_workers}, batch_size={a.batch_size}")
+                  title=f"{a.split}: world_size={a.world_size} x num_workers={a.num_workers}, "
+                        f"batch_size={a.batch_size}")
         for r in ranks:
             t.add_row(*(str(r[k]) for k in ("rank", "batches", "samples", "interactions", "skipped", "truncated")))
         console.print(t)

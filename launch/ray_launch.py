@@ -145,7 +145,8 @@ def launch(a: argparse.Namespace) -> int:
             run_config=RunConfig(name=a.name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=a.max_failures)))
         result = trainer.fit()
-        console.print(f"done: {a.name}: {result.metrics}; checkpoint {result.checkpoint.path if result.checkpoint else '-'}")
+        ckpt = result.checkpoint.path if result.checkpoint else "-"
+        console.print(f"done: {a.name}: {result.metrics}; checkpoint {ckpt}")
         return 0
 
 
