@@ -1,21 +1,25 @@
-"""`argus cluster check`: can this Ray cluster run this config? Nodes, resources, collectives, disk.
+"""Preflight logic behind `argus cluster check` (launch/cluster_cli.py): can this Ray cluster run this config?
 
-Runs before a long job is queued: lists alive nodes with their CPUs/GPUs/memory, checks that the
+Runs before a long job is queued: lists the nodes with their CPUs/GPUs/memory, checks that the
 requested workers fit, measures all-reduce bus bandwidth across exactly those workers (the backend
-training will use: gloo on CPU, NCCL on GPUs), checks free disk at the storage path, and validates
-the run config for that world size (batch sizes, DeepSpeed JSON). Exit 1 with the reasons when any
-check fails.
+training will use: gloo on CPU, NCCL on GPUs), compares the planner's memory per rank with the
+smallest worker's, and checks free disk at the storage path. Returns data; the CLI prints it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from cluster.ray_local import InsufficientResources, check_resources
+
+if TYPE_CHECKING:
+    from trainer.job import JobConfig
 
 
 def allreduce_probe(config: dict[str, Any]) -> None:
@@ -54,129 +58,98 @@ def allreduce_probe(config: dict[str, Any]) -> None:
     ray.train.report(result)
 
 
-def check(a: argparse.Namespace) -> int:
+def nodes() -> list[dict[str, Any]]:
+    """The connected Ray cluster's nodes: address, alive, CPUs, GPUs, memory (bytes)."""
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        out.append({"address": node.get("NodeManagerAddress", "?"), "alive": bool(node.get("Alive")),
+                    "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0), "memory": res.get("memory", 0)})
+    return out
+
+
+@dataclass
+class PreflightResult:
+    """What `run_checks` found; ``problems`` is empty when every check passed."""
+
+    fits: bool  # the requested workers fit the cluster's resources
+    storage: Path
+    free_bytes: int  # free disk at ``storage``
+    probe: dict[str, Any] = field(default_factory=dict)  # the all-reduce probe's report ({} if it did not run)
+    memory: dict[str, Any] | None = None  # memory_check's report (None without a config or a catalog size)
+    problems: list[str] = field(default_factory=list)
+
+
+def run_checks(job: JobConfig | None, *, num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
+               storage_path: str | Path, probe_mb: float = 64.0, probe_iters: int = 5, min_busbw_gbps: float = 0.0,
+               min_free_gb: float = 10.0, items: float = 0) -> PreflightResult:
+    """Resources, all-reduce (correctness and bus bandwidth), memory per rank and disk, on the connected Ray
+    cluster (see ``cluster.ray_local.ray_session``). ``job`` (validated for ``num_workers``) enables the
+    memory check."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from rich.table import Table
-
-    from launch.cli import console, load_job
-    from launch.ray_launch import check_resources, start_local_cluster
 
     problems: list[str] = []
-    job = None
-    if a.config:
-        try:
-            job = load_job(a.config, list(a.overrides) + ([] if any(o.startswith("out=") for o in a.overrides)
-                                                         else ["out=/preflight"]), world_size=a.num_workers)
-        except ValueError as e:
-            problems.append(f"config: {e}")
-    local = start_local_cluster(int(a.num_workers * a.cpus_per_worker)) if a.local else None
-    if local is None:
-        ray.init(address=a.address)
     try:
-        nodes = Table("node", "alive", "CPUs", "GPUs", "memory GiB", title="Ray nodes")
-        for node in ray.nodes():
-            res = node.get("Resources", {})
-            nodes.add_row(node.get("NodeManagerAddress", "?"), "yes" if node.get("Alive") else "NO",
-                          f"{res.get('CPU', 0):g}", f"{res.get('GPU', 0):g}", f"{res.get('memory', 0) / 2**30:.1f}")
-        console.print(nodes)
-        try:
-            check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
-            fits = True
-        except RuntimeError as e:
-            problems.append(f"resources: {e}")
-            fits = False
-        probe: dict[str, Any] = {}
-        storage = Path(a.storage_path).resolve()
-        storage.mkdir(parents=True, exist_ok=True)
-        result_file = storage / f"allreduce-{int(time.time() * 1000)}.json"
-        if fits:
-            trainer = TorchTrainer(
-                allreduce_probe, train_loop_config={"mb": a.probe_mb, "iters": a.probe_iters,
-                                                    "result": str(result_file),
-                                                    "per_node": max(1, a.num_workers // max(len(ray.nodes()), 1))},
-                torch_config=TorchConfig(backend="nccl" if a.gpus_per_worker else "gloo"),
-                scaling_config=ScalingConfig(num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0,
-                                             resources_per_worker={"CPU": a.cpus_per_worker,
-                                                                   **({"GPU": a.gpus_per_worker}
-                                                                      if a.gpus_per_worker else {})}),
-                run_config=RunConfig(name=f"preflight-{int(time.time())}", storage_path=str(storage)))
-            trainer.fit()
-            probe = json.loads(result_file.read_text()) if result_file.is_file() else {}
-            if not probe.get("correct", False):
-                problems.append("all-reduce: wrong result (check the network interface: GLOO_SOCKET_IFNAME / "
-                                "NCCL_SOCKET_IFNAME)")
-            elif probe["busbw_gbps"] < a.min_busbw_gbps:
-                problems.append(f"all-reduce: {probe['busbw_gbps']:.2f} GB/s bus bandwidth < --min-busbw-gbps "
-                                f"{a.min_busbw_gbps}")
-        memory = memory_check(job, a, probe) if job is not None and probe else None
-        if memory and not memory["fits"]:
-            problems.append(f"memory: the planner predicts {memory['need'] / 1e9:.1f} GB per rank (+ "
-                            f"{memory['headroom'] / 1e9:.1f} GB headroom) but the smallest worker has "
-                            f"{memory['capacity'] / 1e9:.1f} GB ({memory['device']}); see `argus plan`")
-        free = shutil.disk_usage(storage).free
-        if free < a.min_free_gb * 2**30:
-            problems.append(f"disk: {free / 2**30:.1f} GiB free at {storage} < --min-free-gb {a.min_free_gb}")
-        t = Table("check", "result", title="preflight")
-        t.add_row("workers", f"{a.num_workers} x ({a.cpus_per_worker:g} CPU, {a.gpus_per_worker:g} GPU): "
-                             f"{'fit' if fits else 'DO NOT FIT'}")
-        if probe:
-            t.add_row("all-reduce", f"{probe.get('backend')} over {probe.get('world_size')} workers, "
-                                    f"{a.probe_mb} MiB: {probe.get('busbw_gbps', 0):.2f} GB/s bus bandwidth")
-        t.add_row("disk", f"{free / 2**30:.1f} GiB free at {storage}")
-        if memory:
-            t.add_row("memory / rank", f"planned {memory['need'] / 1e9:.2f} GB + {memory['headroom'] / 1e9:.2f} GB "
-                                       f"headroom vs {memory['capacity'] / 1e9:.2f} GB: "
-                                       f"{'fits' if memory['fits'] else 'DOES NOT FIT'} ({memory['items']:,} items)")
-        t.add_row("config", "ok" if a.config and not any(p.startswith("config") for p in problems)
-                  else ("not given" if not a.config else "FAILED"))
-        console.print(t)
-    finally:
-        ray.shutdown()
-        if local is not None:
-            local.shutdown()
-    for p in problems:
-        print(f"argus cluster check: {p}")
-    return 1 if problems else 0
+        check_resources(ray.cluster_resources(), num_workers, cpus_per_worker, gpus_per_worker)
+        fits = True
+    except InsufficientResources as e:
+        problems.append(f"resources: {e}")
+        fits = False
+    probe: dict[str, Any] = {}
+    storage = Path(storage_path).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    result_file = storage / f"allreduce-{int(time.time() * 1000)}.json"
+    if fits:
+        trainer = TorchTrainer(
+            allreduce_probe, train_loop_config={"mb": probe_mb, "iters": probe_iters, "result": str(result_file),
+                                                "per_node": max(1, num_workers // max(len(ray.nodes()), 1))},
+            torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
+                                         resources_per_worker={"CPU": cpus_per_worker,
+                                                               **({"GPU": gpus_per_worker}
+                                                                  if gpus_per_worker else {})}),
+            run_config=RunConfig(name=f"preflight-{int(time.time())}", storage_path=str(storage)))
+        trainer.fit()
+        probe = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        if not probe.get("correct", False):
+            problems.append("all-reduce: wrong result (check the network interface: GLOO_SOCKET_IFNAME / "
+                            "NCCL_SOCKET_IFNAME)")
+        elif probe["busbw_gbps"] < min_busbw_gbps:
+            problems.append(f"all-reduce: {probe['busbw_gbps']:.2f} GB/s bus bandwidth < --min-busbw-gbps "
+                            f"{min_busbw_gbps}")
+    memory = (memory_check(job, probe, num_workers=num_workers, gpus_per_worker=gpus_per_worker, items=items)
+              if job is not None and probe else None)
+    if memory and not memory["fits"]:
+        problems.append(f"memory: the planner predicts {memory['need'] / 1e9:.1f} GB per rank (+ "
+                        f"{memory['headroom'] / 1e9:.1f} GB headroom) but the smallest worker has "
+                        f"{memory['capacity'] / 1e9:.1f} GB ({memory['device']}); see `argus plan`")
+    free = shutil.disk_usage(storage).free
+    if free < min_free_gb * 2**30:
+        problems.append(f"disk: {free / 2**30:.1f} GiB free at {storage} < --min-free-gb {min_free_gb}")
+    return PreflightResult(fits=fits, storage=storage, free_bytes=free, probe=probe, memory=memory,
+                           problems=problems)
 
 
-def memory_check(job: Any, a: argparse.Namespace, probe: dict[str, Any]) -> dict[str, Any] | None:
+def memory_check(job: JobConfig, probe: dict[str, Any], *, num_workers: int, gpus_per_worker: float,
+                 items: float = 0) -> dict[str, Any] | None:
     """The capacity planner's per-rank memory for this config and world size vs the smallest worker's."""
     from cluster.hardware import Hardware
     from cluster.planner import PlanRequest, plan
     from trainer.data.manifest import Manifest
     from trainer.flops import match_gpu_name
 
-    items = a.items
     if not items and job.data.path and (Path(job.data.path) / "manifest.json").is_file():
         items = job.embeddings.item_rows or Manifest.load(job.data.path).num_items
     if not items:
         return None
     spec = match_gpu_name(probe["device_name"])
-    hw = Hardware(gpu=spec.name if spec else "h100", nodes=1, gpus_per_node=a.num_workers,
+    hw = Hardware(gpu=spec.name if spec else "h100", nodes=1, gpus_per_node=num_workers,
                   memory_gb=probe["memory_bytes"] / 1e9)
-    r = plan(job, PlanRequest(items=int(items), hardware=hw, torchrec=bool(a.gpus_per_worker)))
+    r = plan(job, PlanRequest(items=int(items), hardware=hw, torchrec=bool(gpus_per_worker)))
     m = r["memory"]
     return {"need": m["total"], "headroom": m["headroom"], "capacity": m["capacity"], "items": int(items),
             "fits": m["total"] + m["headroom"] <= m["capacity"], "device": probe["device_name"]}
-
-
-def add_cluster_check(cluster_sub: Any) -> None:
-    c = cluster_sub.add_parser("check", help="preflight: nodes, resources, all-reduce bandwidth, disk, config fit")
-    c.add_argument("config", nargs="?", help="run config to validate for this world size (optional)")
-    c.add_argument("overrides", nargs="*")
-    where = c.add_mutually_exclusive_group(required=True)
-    where.add_argument("--address", help="Ray cluster address (auto, HEAD:6379)")
-    where.add_argument("--local", action="store_true", help="a throw-away local cluster (laptop rehearsal)")
-    c.add_argument("--num-workers", type=int, default=2)
-    c.add_argument("--cpus-per-worker", type=float, default=1.0)
-    c.add_argument("--gpus-per-worker", type=float, default=0.0)
-    c.add_argument("--storage-path", default="/tmp/argus-preflight")
-    c.add_argument("--probe-mb", type=float, default=64.0)
-    c.add_argument("--probe-iters", type=int, default=5)
-    c.add_argument("--min-busbw-gbps", type=float, default=0.0)
-    c.add_argument("--min-free-gb", type=float, default=10.0)
-    c.add_argument("--items", type=float, default=0, help="catalog size for the memory check (default: the "
-                                                           "data manifest's)")
-    c.set_defaults(func=check)

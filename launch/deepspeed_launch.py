@@ -1,4 +1,5 @@
-"""`argus launch deepspeed` and `argus cluster hostfile`: run `argus train` under the stock deepspeed launcher.
+"""`argus launch deepspeed`: run `argus train` under the stock deepspeed launcher (`argus cluster hostfile`,
+in launch/cluster_cli.py, writes its hostfile).
 
 The launcher is used as is; argus adds what it leaves to the user: the config is validated (for the world size
 the launch will have) before anything starts, OMP_NUM_THREADS is set, and a `.deepspeed_env` carries it, the
@@ -210,7 +211,7 @@ def launch(config: str, overrides: Sequence[str] = (), *, hostfile: str | None =
     elsewhere, DS_ENV_FILE points the launcher at it. Ranks run in the current working directory.
     """
     from cluster.hostfile import parse_hostfile
-    from launch.cli import load_job
+    from trainer.job import load_job
 
     overrides = list(overrides)
     if hostfile is not None:
@@ -255,19 +256,6 @@ def cmd_launch_deepspeed(a: argparse.Namespace) -> int:
                   env_dir=a.env_dir, dry_run=a.dry_run)
 
 
-def cmd_cluster_hostfile(a: argparse.Namespace) -> int:
-    from cluster.hostfile import hosts_from_nodes_file, hosts_from_ray, write_hostfile
-
-    if a.slots is not None and a.slots < 1:
-        raise ValueError(f"--slots must be >= 1, got {a.slots}")
-    hosts = (hosts_from_nodes_file(a.nodes_file, a.slots) if a.nodes_file
-             else hosts_from_ray(a.address, a.slots))
-    path = write_hostfile(hosts, a.out)
-    print(f"wrote {path}: {len(hosts)} host(s), {sum(s for _, s in hosts)} slots: "
-          + ", ".join(f"{h} slots={s}" for h, s in hosts))
-    return 0
-
-
 def add_launch_deepspeed(launch_sub: Any) -> None:
     """Add `deepspeed` to the sub-parsers of `argus launch`."""
     p = launch_sub.add_parser("deepspeed", help="run `argus train` under the deepspeed launcher (one or more nodes)")
@@ -283,14 +271,3 @@ def add_launch_deepspeed(launch_sub: Any) -> None:
     p.add_argument("--env-dir", help=f"where to write {ENV_FILE} (default: the working directory)")
     p.add_argument("--dry-run", action="store_true", help=f"print the command and {ENV_FILE}; run nothing")
     p.set_defaults(func=cmd_launch_deepspeed)
-
-
-def add_cluster_hostfile(cluster_sub: Any) -> None:
-    """Add `hostfile` to the sub-parsers of `argus cluster`."""
-    p = cluster_sub.add_parser("hostfile", help="write a deepspeed hostfile from a running Ray cluster or a node list")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or this machine's cluster)")
-    src.add_argument("--nodes-file", help="one host per line: 'host', 'host slots=N' or 'host:N'; '#' comments")
-    p.add_argument("--slots", type=int, help="slots per host (default: each Ray node's GPUs, else CPUs)")
-    p.add_argument("--out", default="hostfile", help="output path (default: ./hostfile)")
-    p.set_defaults(func=cmd_cluster_hostfile)

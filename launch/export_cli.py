@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import sys
 from typing import Any
+
+from launch.console import console, print_json
 
 
 def parse_time(value: str) -> int:
@@ -40,12 +41,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     if a.json:
-        sys.stdout.write(json.dumps(m, indent=1, sort_keys=True) + "\n")
+        print_json(m)
         return 0
-    from rich.console import Console
-
     t = m["timing"]
-    Console().print(f"exported {a.out}: {m['users']:,} users ({m['users_skipped']:,} without history before the "
+    console.print(f"exported {a.out}: {m['users']:,} users ({m['users_skipped']:,} without history before the "
                     f"cutoff: skipped), {m['items']:,} items, dim {m['dim']} {m['dtype']}, {m['world_size']} "
                     f"rank(s); {t['users_per_s']:,.0f} users/s, {t['items_per_s']:,.0f} items/s")
     return 0
@@ -56,9 +55,8 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
 
     rep = retrieve(a.export_dir, k=a.k, users=a.users, batch=a.batch_size)
     if a.json:
-        sys.stdout.write(json.dumps(rep, indent=1, sort_keys=True) + "\n")
+        print_json(rep)
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table("K", "Recall@K (= HR@K)", title=f"{a.export_dir}: brute-force top-{rep['k']} over {rep['items']:,} "
@@ -66,9 +64,8 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
     for key, value in rep.items():
         if key.startswith("recall@"):
             t.add_row(key.split("@")[1], f"{value:.4f}")
-    c = Console()
-    c.print(t)
-    c.print(f"{rep['users_without_next']:,} users without a next item (not scored); {rep['seconds']:.2f} s, "
+    console.print(t)
+    console.print(f"{rep['users_without_next']:,} users without a next item (not scored); {rep['seconds']:.2f} s, "
             f"{rep['users_per_s']:,.0f} users/s")
     return 0
 

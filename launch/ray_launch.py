@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import signal
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from cluster.ray_local import check_resources, ray_session
+from launch.console import console
 from trainer.config import to_dict
 
 
@@ -115,39 +116,12 @@ def fault_drill(trainer: Any, rank: int) -> None:
     trainer.mid_checkpoint = lambda tr, tmp: fire("checkpoint", tr.step, f"; latest={latest(tr)}; writing={tmp.name}")
 
 
-def check_resources(available: dict[str, float], workers: int, cpus: float, gpus: float) -> None:
-    """Ray retries "worker group startup timed out" forever when a request can't fit: refuse up front."""
-    need = {"CPU": workers * cpus, "GPU": workers * gpus}
-    for res, amount in need.items():
-        if amount > available.get(res, 0.0) + 1e-9:
-            raise RuntimeError(f"--num-workers {workers} x --{res.lower()}s-per-worker "
-                               f"{cpus if res == 'CPU' else gpus:g} needs {amount:g} {res}, the cluster has "
-                               f"{available.get(res, 0.0):g}")
-
-
-def start_local_cluster(num_cpus: int) -> Any:
-    """A throw-away single-machine cluster on loopback, no dashboard (no token: nothing else can reach it).
-
-    ``ray.init()`` ignores a node address for a fresh local instance and advertises the machine's IP,
-    so the head is started the way Ray's own ``cluster_utils.Cluster`` does it, at 127.0.0.2 (still
-    the loopback network; Ray maps 127.0.0.1 back to the machine's IP).
-    """
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    tmp = tempfile.mkdtemp(prefix="argus-ray-", dir="/tmp")  # Ray's socket paths must stay short
-    os.environ["RAY_TMPDIR"] = tmp
-    os.makedirs(os.path.join(tmp, "ray"), exist_ok=True)
-    return Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": num_cpus, "node_ip_address": "127.0.0.2", "include_dashboard": False})
-
-
 def launch(a: argparse.Namespace) -> int:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from launch.cli import console, load_job
+    from trainer.job import load_job
 
     overrides = list(a.overrides)
     storage = str(Path(a.storage_path).resolve())
@@ -158,10 +132,7 @@ def launch(a: argparse.Namespace) -> int:
     cfg.data.path, cfg.out = str(Path(cfg.data.path).resolve()), str(Path(cfg.out).resolve())
     if cfg.finetune.init:
         cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
-    local = start_local_cluster(int(a.num_workers * a.cpus_per_worker)) if a.local else None
-    if local is None:
-        ray.init(address=a.address)
-    try:
+    with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
         check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
         resources = {"CPU": a.cpus_per_worker, **({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})}
         trainer = TorchTrainer(
@@ -174,12 +145,9 @@ def launch(a: argparse.Namespace) -> int:
             run_config=RunConfig(name=a.name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=a.max_failures)))
         result = trainer.fit()
-        console.print(f"done: {a.name}: {result.metrics}; checkpoint {result.checkpoint.path if result.checkpoint else '-'}")
+        ckpt = result.checkpoint.path if result.checkpoint else "-"
+        console.print(f"done: {a.name}: {result.metrics}; checkpoint {ckpt}")
         return 0
-    finally:
-        ray.shutdown()
-        if local is not None:
-            local.shutdown()
 
 
 def add_launch_ray(launch_sub: Any) -> None:

@@ -23,6 +23,7 @@ from cluster.hostfile import hosts_from_nodes_file, hosts_from_ray, parse_hostfi
 from launch import deepspeed_launch as dl
 from launch.cli import build_parser
 from launch.cli import main as argus_main
+from launch.cluster_cli import cmd_cluster_hostfile
 
 REPO = Path(__file__).resolve().parents[1]
 DS = str(Path(sys.executable).parent / "deepspeed")
@@ -332,7 +333,7 @@ def test_hosts_from_a_running_ray_cluster(tmp_path, monkeypatch):
         assert hosts_from_ray(None, 4) == [(ip, 4)]
         assert ray.is_initialized(), "an existing connection is left alone"
         a = argparse.Namespace(address=None, nodes_file=None, slots=None, out=str(tmp_path / "hf"))
-        assert dl.cmd_cluster_hostfile(a) == 0
+        assert cmd_cluster_hostfile(a) == 0
         assert parse_hostfile(tmp_path / "hf") == [(ip, 2)]
     finally:
         ray.shutdown()

@@ -12,8 +12,9 @@ import pytest
 from helpers import TINY_MODEL
 import yaml
 
+from cluster.ray_local import check_resources
 from launch.cli import build_parser
-from launch.ray_launch import check_resources, pick_restore
+from launch.ray_launch import pick_restore
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [*TINY_MODEL, "data.num_workers=0", "train.steps=3"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `argus --help` lists GPU_SPECS without it
+    import torch
 
 _GB = 10**9
 _TB = 10**12
@@ -60,11 +62,6 @@ GPU_SPECS: dict[str, GpuSpec] = {s.name: s for s in (
     GpuSpec("a10", 24 * _GB, 125e12, 31.2e12, 62.5e12, 0.6 * _TB),
 )}
 
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    name: {"bf16": s.bf16_flops, "fp16": s.bf16_flops, "tf32": s.tf32_flops, "fp32": s.fp32_flops}
-    for name, s in GPU_SPECS.items()
-}
-
 # First match wins, so the specific variants precede the generic names. Word
 # boundaries keep "GH200" from matching h200 and "A100" from matching a10.
 _NAME_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -109,6 +106,8 @@ def detect_gpu(device: torch.device) -> GpuSpec | None:
     memory_bytes is replaced by what the driver reports, which is what a
     capacity plan can actually use (datasheet GB and usable bytes differ).
     """
+    import torch
+
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None

@@ -1,4 +1,7 @@
-"""`argus plan`: parse, plan, print a rich report (or --json), sweep GPU counts and plot."""
+"""`argus plan`: parse, plan, print a rich report (or --json), sweep GPU counts and plot.
+
+The arithmetic is cluster/planner.py's (and cluster/hardware.py's table); this module only turns flags into a
+config and a request and prints what comes back."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launch.console import console
 from trainer.config import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -201,8 +205,6 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
 def cmd_plan(a: argparse.Namespace) -> int:
     import warnings
 
-    from rich.console import Console
-
     from cluster.hardware import Hardware
     from cluster.planner import PlanRequest, full_plan, sweep
     from trainer.logger import quiet_library_logs
@@ -232,7 +234,6 @@ def cmd_plan(a: argparse.Namespace) -> int:
                              "step": r["step"], "time": r["time"]} for r in rows]
         print(json.dumps(out, indent=1, default=float))
         return 0
-    console = Console()
     render(result, console)
     if rows:
         render_sweep(rows, console)

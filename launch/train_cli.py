@@ -1,0 +1,118 @@
+"""`argus train`, `argus finetune`, `argus eval`: parsers and commands (wired into launch/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from launch.console import console, print_json
+
+
+# ---- argus train / finetune ----------------------------------------------------------------------------------
+def cmd_train(a: argparse.Namespace) -> int:
+    from trainer.job import load_job
+    from trainer.logger import quiet_library_logs
+    from trainer.train import train
+
+    quiet_library_logs()
+    cfg = load_job(a.config, a.overrides)
+    last = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        console.print(f"done: {cfg.out} step {cfg.train.steps}; " +
+                      ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith(("loss/", "ne/")) or
+                                k in ("interactions_per_s", "tps")))
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    a.overrides = [*a.overrides, f"finetune.init={a.init}"]
+    return cmd_train(a)
+
+
+def _is_finetune_run(run: str) -> bool:
+    import yaml
+
+    cfg = Path(run) / "config.yaml"
+    return cfg.is_file() and bool((yaml.safe_load(cfg.read_text()) or {}).get("finetune", {}).get("init"))
+
+
+def cmd_eval_finetune(a: argparse.Namespace) -> int:
+    from trainer.finetune import evaluate_finetune
+
+    with contextlib.redirect_stdout(sys.stderr):
+        rep = evaluate_finetune(a.run, a.data, split=a.split)
+    if a.json:
+        print_json(rep)
+        return 0
+    t = Table("scorer", "pairwise accuracy", "NDCG within impressions",
+              title=f"{a.run} on {rep['split']}: {rep['impressions']:,} impressions, {rep['pairs']:,} pairs, "
+                    f"lag {rep['lag_seconds']} s ({rep['impressions_no_history']} without history: skipped)")
+    for name in ("model", "pretrained", "data", "popularity"):
+        if name in rep:
+            t.add_row(name, f"{rep[name]['pairwise_acc']:.4f}", f"{rep[name]['ndcg']:.4f}")
+    console.print(t)
+    console.print(", ".join(f"{k} {v:+.4f}" for k, v in rep["model"].items() if k.startswith("pau_")))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate
+    from trainer.logger import quiet_library_logs
+
+    quiet_library_logs()
+    if _is_finetune_run(a.run):
+        return cmd_eval_finetune(a)
+    ks = [int(k) for k in a.ks.split(",")] if a.ks else None
+    with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
+        rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users)
+    if a.json:
+        print_json(rep)
+        return 0
+    t = Table("metric", "model", "popularity", "lift",
+              title=f"{rep['checkpoint']} on {rep['split']} ({rep['users']:,} users, {rep['ranking']} ranking)")
+    for k, v in rep["model"].items():
+        if "@" in k:
+            lift = rep["lift"].get(k)
+            t.add_row(k, f"{v:.4f}", f"{rep['popularity'][k]:.4f}", f"{lift:.2f}x" if lift else "-")
+    console.print(t)
+    for k in ("ne/event", "ne/played"):
+        if k in rep:
+            console.print(f"{k} = {rep[k]:.4f}")
+    metrics = Path(a.run) / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        last = json.loads(metrics.read_text().splitlines()[-1])
+        console.print(f"training: step {last['step']}, loss/total {last.get('loss/total', float('nan')):.3f}, "
+                      f"{last.get('interactions_per_s', 0):,.0f} interactions/s over all ranks (last window)")
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------------------------
+def add_train(sub: Any) -> None:
+    """Add `train`, `finetune` and `eval` to the sub-parsers of `argus`."""
+    tr = sub.add_parser("train", help="pre-train (next-item + feedback) on shards; plain, torchrun or deepspeed")
+    tr.add_argument("config", help="YAML run config, e.g. configs/mini.yaml")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides: data.path=DIR out=RUN train.steps=N resume=true")
+    tr.set_defaults(func=cmd_train)
+
+    ft = sub.add_parser("finetune", help="fine-tune a pre-trained run as a two-tower ranker on impressions")
+    ft.add_argument("config", help="YAML run config (the pre-training one, or one with the same model)")
+    ft.add_argument("--init", required=True, help="the pre-training run directory (or one of its checkpoints)")
+    ft.add_argument("overrides", nargs="*", help="key=value overrides, as for train (finetune.lag_seconds=86400 ...)")
+    ft.set_defaults(func=cmd_finetune, overrides_anywhere=True)
+
+    ev = sub.add_parser("eval", help="HR/NDCG/Recall@K of a run's latest checkpoint vs the popularity baseline "
+                                     "(fine-tuning runs: pairwise accuracy, PAU, NDCG within impressions)")
+    ev.add_argument("run", help="run directory (or one checkpoint directory)")
+    ev.add_argument("--data", required=True, help="dataset directory (its eval split and train item counts)")
+    ev.add_argument("--split", default=None, help="default: the run config's eval.split (test)")
+    ev.add_argument("--ks", default="", help="comma-separated cutoffs, default: eval.ks")
+    ev.add_argument("--max-users", type=int, default=None)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
