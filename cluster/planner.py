@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.hardware import Hardware
 from embeddings.tables import table_rows
@@ -29,6 +29,9 @@ from trainer.config import ConfigError
 from trainer.flops import encoder_flops_per_interaction, flops_per_interaction
 from trainer.memory import (HEADROOM_FRACTION, activations, dense_params, dense_states, ds_buffers,
                             embedding_hbm_budget, embedding_lookups, headroom, weight_bytes)
+
+if TYPE_CHECKING:
+    from trainer.job import JobConfig
 
 DEFAULT_INTERACTIONS = 3e11
 ASSUMED_MFU = 0.40  # used when no GPU measurement of ours exists for the chosen GPU
@@ -72,7 +75,7 @@ def measured_mfu(gpu: str, path: Path | None = None) -> tuple[float, str] | None
     return (float(entry["mfu"]), str(entry.get("source", path.name))) if entry else None
 
 
-def plan_config(cfg: Any, world: int) -> Any:
+def plan_config(cfg: JobConfig, world: int) -> JobConfig:
     """A validated copy of ``cfg`` for planning: no data directory or run directory needed."""
     cfg = copy.deepcopy(cfg)
     cfg.out = cfg.out or "(plan)"
@@ -81,14 +84,14 @@ def plan_config(cfg: Any, world: int) -> Any:
     return cfg
 
 
-def embedding_tables(cfg: Any, items: int) -> dict[str, dict[str, int]]:
+def embedding_tables(cfg: JobConfig, items: int) -> dict[str, dict[str, int]]:
     """table -> rows, dim, weight bytes and fused-optimizer state bytes (fp32 tables)."""
     state = OPTIMIZER_STATE_BYTES_PER_ROW[cfg.embeddings.optimizer]
     return {name: {"rows": rows, "dim": dim, "weight_bytes": rows * dim * 4, "optimizer_bytes": rows * state(dim)}
             for name, (rows, dim) in table_rows(cfg.embeddings, items).items()}
 
 
-def analytic_embedding_bytes(cfg: Any, items: int, world: int) -> int:
+def analytic_embedding_bytes(cfg: JobConfig, items: int, world: int) -> int:
     """Per-rank embedding bytes without TorchRec: the item table split evenly, any other TorchRec table
     whole on one rank (an upper bound for the busiest rank)."""
     tables = embedding_tables(cfg, items)
@@ -97,7 +100,7 @@ def analytic_embedding_bytes(cfg: Any, items: int, world: int) -> int:
         t["weight_bytes"] + t["optimizer_bytes"] for t in tables.values())
 
 
-def torchrec_plan(cfg: Any, items: int, hw: Hardware, hbm_cap: int | None, compute_device: str = "cuda"
+def torchrec_plan(cfg: JobConfig, items: int, hw: Hardware, hbm_cap: int | None, compute_device: str = "cuda"
                   ) -> dict[str, Any]:
     """TorchRec's plan for this world: per-table rows and per-rank HBM / host bytes (max over ranks).
 
@@ -131,7 +134,7 @@ def torchrec_plan(cfg: Any, items: int, hw: Hardware, hbm_cap: int | None, compu
             "seconds_per_step": max(perf), "plan": plan_summary(plan)}
 
 
-def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
+def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     """The whole plan as a JSON-ready dict (bytes, seconds, FLOPs; see docs/capacity-planning.md)."""
     req.validate()
     hw = req.hardware
@@ -250,7 +253,7 @@ def plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
 
 
 # ---- searches: the smallest GPU count that fits, and the smallest change that makes a config fit ----
-def _fits_fast(cfg: Any, req: PlanRequest, scale: float = 1.0) -> dict[str, Any] | None:
+def _fits_fast(cfg: JobConfig, req: PlanRequest, scale: float = 1.0) -> dict[str, Any] | None:
     """Plan without TorchRec; ``scale`` corrects the analytic embedding bytes toward TorchRec's."""
     r = dataclasses.replace(req, torchrec=False)
     try:
@@ -269,7 +272,7 @@ def _scale(result: dict[str, Any]) -> float:
     return 1.0
 
 
-def min_gpus(cfg: Any, req: PlanRequest, scale: float = 1.0, limit: int = 1 << 16) -> int | None:
+def min_gpus(cfg: JobConfig, req: PlanRequest, scale: float = 1.0, limit: int = 1 << 16) -> int | None:
     """Fewest GPUs (whole nodes past one node) with which ``cfg`` fits, or None up to ``limit``."""
     hw = req.hardware
     counts = [g for g in (1, 2, 4) if g < hw.gpus_per_node] + [hw.gpus_per_node * n for n in range(1, limit + 1)]
@@ -292,7 +295,7 @@ def min_gpus(cfg: Any, req: PlanRequest, scale: float = 1.0, limit: int = 1 << 1
     return counts[hi]
 
 
-def suggestions(cfg: Any, req: PlanRequest, result: dict[str, Any], fewest_gpus: int | None
+def suggestions(cfg: JobConfig, req: PlanRequest, result: dict[str, Any], fewest_gpus: int | None
                 ) -> list[dict[str, Any]]:
     """Single changes that make a config fit, each with its days to train (fewest days first).
 
@@ -334,14 +337,14 @@ def suggestions(cfg: Any, req: PlanRequest, result: dict[str, Any], fewest_gpus:
     return sorted(out, key=lambda s: s["days"])
 
 
-def _with_batch(cfg: Any, batch: int) -> Any:
+def _with_batch(cfg: JobConfig, batch: int) -> JobConfig:
     c = copy.deepcopy(cfg)
     c.data.batch_size = batch
     c.train.global_batch_size = 0
     return c
 
 
-def full_plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
+def full_plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     """plan() plus the minimum GPU count that fits and, when it doesn't fit, what would."""
     result = plan(cfg, req)
     result["min_gpus"] = min_gpus(cfg, req, _scale(result))
@@ -349,6 +352,6 @@ def full_plan(cfg: Any, req: PlanRequest) -> dict[str, Any]:
     return result
 
 
-def sweep(cfg: Any, req: PlanRequest, gpus: list[int]) -> list[dict[str, Any]]:
+def sweep(cfg: JobConfig, req: PlanRequest, gpus: list[int]) -> list[dict[str, Any]]:
     """One plan per GPU count (same nodes' shape)."""
     return [plan(cfg, dataclasses.replace(req, hardware=req.hardware.with_world(g))) for g in gpus]

@@ -18,7 +18,7 @@ def cmd_cluster_check(a: argparse.Namespace) -> int:
 
     from cluster.preflight import nodes, run_checks
     from cluster.ray_local import ray_session
-    from trainer.job import load_job
+    from trainer.run import load_job
 
     problems: list[str] = []
     job = None

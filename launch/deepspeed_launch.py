@@ -211,7 +211,7 @@ def launch(config: str, overrides: Sequence[str] = (), *, hostfile: str | None =
     elsewhere, DS_ENV_FILE points the launcher at it. Ranks run in the current working directory.
     """
     from cluster.hostfile import parse_hostfile
-    from trainer.job import load_job
+    from trainer.run import load_job
 
     overrides = list(overrides)
     if hostfile is not None:

@@ -35,7 +35,8 @@ def train_worker(config: dict[str, Any]) -> None:
     from trainer.config import from_dict
     from trainer.job import JobConfig
     from trainer.logger import quiet_library_logs
-    from trainer.train import Trainer, build_trainer
+    from trainer.run import build_trainer
+    from trainer.train import Trainer
 
     quiet_library_logs()
     ctx = ray.train.get_context()
@@ -121,7 +122,7 @@ def launch(a: argparse.Namespace) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.job import load_job
+    from trainer.run import load_job
 
     overrides = list(a.overrides)
     storage = str(Path(a.storage_path).resolve())

@@ -17,9 +17,8 @@ from launch.console import console, print_json
 
 # ---- argus train / finetune ----------------------------------------------------------------------------------
 def cmd_train(a: argparse.Namespace) -> int:
-    from trainer.job import load_job
     from trainer.logger import quiet_library_logs
-    from trainer.train import train
+    from trainer.run import load_job, train
 
     quiet_library_logs()
     cfg = load_job(a.config, a.overrides)

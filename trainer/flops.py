@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: `argus --help` lists GPU_SPECS without it
     import torch
 
+    from trainer.job import JobConfig
+
 _GB = 10**9
 _TB = 10**12
 
@@ -108,6 +110,8 @@ def detect_gpu(device: torch.device) -> GpuSpec | None:
     """
     import torch
 
+    from trainer.job import JobConfig
+
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
@@ -140,7 +144,7 @@ def head_flops_per_token(d_model: int, num_candidates: int, training: bool = Tru
     return 3.0 * fwd if training else fwd
 
 
-def encoder_flops_per_interaction(cfg: "object") -> float:
+def encoder_flops_per_interaction(cfg: JobConfig) -> float:
     """Training FLOPs of the encoder tokens of one interaction of a JobConfig (6N + causal attention at
     the configured context); N is the dense matmul weights (the position and side tables are lookups)."""
     from trainer.memory import dense_params
@@ -151,7 +155,7 @@ def encoder_flops_per_interaction(cfg: "object") -> float:
     return k * encoder_flops_per_token(p.matmul, enc.n_layers, enc.d_model, cfg.interactions_per_sample() * k)
 
 
-def flops_per_interaction(cfg: "object", item_rows: int) -> float:
+def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:
     """Training FLOPs per interaction of a JobConfig: the encoder's tokens plus the next-item head against
     its candidates. Embedding lookups are excluded.
 

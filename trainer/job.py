@@ -202,25 +202,3 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def load_job(config: str | Path | None, overrides: list[str] | tuple[str, ...],
-             world_size: int | None = None) -> JobConfig:
-    """The run config from YAML + key=value overrides, validated for ``world_size`` (default: $WORLD_SIZE).
-
-    A fine-tuning run also checks the pre-trained run and the impression split, before any process group.
-    Raises ConfigError (a ValueError) or OSError naming the key or file at fault.
-    """
-    import os
-
-    from trainer.config import load_config
-
-    cfg = load_config(JobConfig, config, list(overrides))
-    cfg.validate(world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1)))
-    if cfg.finetune.enabled:  # the pre-trained model and the impression split, checked before any process group
-        from trainer.data.manifest import Manifest
-        from trainer.finetune import check_against_init
-
-        check_against_init(cfg)
-        Manifest.load(cfg.data.path).split(cfg.data.split)
-    return cfg
