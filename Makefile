@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= demo
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-fast demo bench bench-train clean
+.PHONY: install lint format test test-fast demo bench bench-train clean
 
 $(STAMP): requirements.txt requirements-torchrec.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,14 @@ $(STAMP): requirements.txt requirements-torchrec.txt pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -135,7 +135,7 @@ def init_sparse_weights(module: nn.Module, cfg: ItemEmbeddings.Config, seed: int
 def gather_full_tables(module: nn.Module) -> dict[str, torch.Tensor]:
     """Full tables on every rank (for tests and small-model evaluation; collective when sharded)."""
     out = {}
-    for key, table, value in _named_tables(module.state_dict()):
+    for _key, table, value in _named_tables(module.state_dict()):
         if not hasattr(value, "local_shards"):
             out[table] = value.detach().clone()
             continue
@@ -147,7 +147,6 @@ def gather_full_tables(module: nn.Module) -> dict[str, torch.Tensor]:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(full)  # shards are disjoint: a sum assembles the table
         out[table] = full
-    del key
     return out
 
 

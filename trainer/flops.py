@@ -110,8 +110,6 @@ def detect_gpu(device: torch.device) -> GpuSpec | None:
     """
     import torch
 
-    from trainer.job import JobConfig
-
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
