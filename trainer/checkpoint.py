@@ -151,8 +151,9 @@ def load_tables(path: Path, tables: Any, optimizer: Any = None) -> None:
     state = {"tables": tables.state_dict()}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
-    with warnings.catch_warnings():  # DCP's ShardedTensor deprecation notice: TorchRec's tables are ShardedTensors
-        warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # DCP's ShardedTensor notice: TorchRec's tables are ShardedTensors
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process loading: what we want
         dcp.load(state, checkpoint_id=str(path / "sparse"))
     tables.load_state_dict(state["tables"])
     if optimizer is not None:
