@@ -80,7 +80,7 @@ def render(result: dict[str, Any], console: Any) -> None:
     params = Table(title="Parameters", title_justify="left")
     params.add_column("part")
     params.add_column("count", justify="right")
-    for key in ("encoder", "positions", "interaction", "heads", "dense_total", "embedding"):
+    for key in ("encoder", "positions", "side_tables", "interaction", "heads", "dense_total", "embedding"):
         params.add_row(key, f"{p[key]:,}")
     console.print(params)
 
