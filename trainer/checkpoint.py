@@ -177,7 +177,29 @@ def load_weights(path: Path, tables: Any, dense: torch.nn.Module) -> None:
     """Checkpoint ``path``'s weights into ``tables`` (see :func:`load_tables`) and into ``dense``, a module not
     yet handed to DeepSpeed (the pre-trained ``ArgusModel`` inside a ``TwoTower`` for fine-tuning init)."""
     load_tables(path, tables)
-    dense.load_state_dict(dense_weights(path))
+    weights = dense_weights(path)
+    missing = set(dense.state_dict()) - set(weights)
+    if missing:
+        weights.update(_side_tables_of_old_checkpoint(path, missing))
+    dense.load_state_dict(weights)
+
+
+def _side_tables_of_old_checkpoint(path: Path, missing: set[str]) -> dict[str, torch.Tensor]:
+    """Checkpoints written before the small side tables became dense weights (argus 0.1) hold them in the
+    TorchRec part (``side.embeddings.<name>.weight``): read the ones ``missing`` from the dense model there,
+    so old runs still evaluate, export and initialise fine-tuning."""
+    saved = dcp.FileSystemReader(str(path / "sparse")).read_metadata().state_dict_metadata
+    want = {}
+    for key in missing:
+        parts = key.split(".")
+        old = f"side.embeddings.{parts[-2]}.weight"
+        if parts[-4:-2] == ["interaction", "side"] and f"tables.{old}" in saved:
+            want[key] = (old, torch.empty(tuple(saved[f"tables.{old}"].size)))
+    if want:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load({"tables": {old: t for old, t in want.values()}}, checkpoint_id=str(path / "sparse"))
+    return {key: t for key, (_old, t) in want.items()}
 
 
 def load_model(checkpoint_or_run: str | Path, num_items: int) -> tuple[JobConfig, SparseArch, torch.nn.Module]:
