@@ -59,3 +59,35 @@ def imp_data(tmp_path_factory) -> Path:
     synthesize(root, users=120, items=150, mean_len=40, shards=3, seed=3, holdout="loo", workers=1, days=40,
                impressions=4, slate=6)
     return root
+
+
+# ---- trained runs shared between test files (read-only: copy one into tmp_path before changing it) -----------
+@pytest.fixture(scope="session")
+def imp_pretrained(imp_data, tmp_path_factory) -> Path:
+    """One 2-rank pre-training run on `imp_data` (ZeRO-2, 3 steps): fine-tuning's init, export's model."""
+    from helpers import TINY_MODEL, argus_ranks
+
+    run = tmp_path_factory.mktemp("imp_pre") / "run"
+    argus_ranks("train", "configs/mini.yaml", f"data.path={imp_data}", *TINY_MODEL, "data.num_workers=0",
+                "optim.warmup_steps=2", f"out={run}", "train.steps=3", "deepspeed.stage=2", nproc=2)
+    return run
+
+
+@pytest.fixture(scope="session")
+def torchrun_run(data, tmp_path_factory) -> Path:
+    """`torchrun --nproc_per_node=2 -m launch.cli train` (the real launcher, 3 steps on `data`): the reference the
+    other launchers (deepspeed's, `argus launch deepspeed`) must reproduce."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, TINY_MODEL, free_port
+
+    run = tmp_path_factory.mktemp("torchrun") / "tr2"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "launch.cli", "train", "configs/mini.yaml",
+                          f"data.path={data}", *TINY_MODEL, "data.num_workers=1", "optim.warmup_steps=2",
+                          "train.steps=3", f"out={run}"], cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
