@@ -51,12 +51,13 @@ def assert_training_plan_matches(run: Path, data: Path, world: int) -> None:
 # environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The server is a fresh interpreter, so
 # whatever this pytest process did before (Ray, a process group) is not inherited.
 REPO = Path(__file__).resolve().parents[1]
-PRELOAD = ["launch.cli", "launch.deepspeed_launch", "launch.export_cli", "trainer.train", "trainer.finetune",
-           "trainer.export", "trainer.evaluate", "trainer.memory", "deepspeed", "torchrec", "helpers",
+PRELOAD = ["launch.cli", "launch.train_cli", "launch.data_cli", "launch.export_cli", "launch.deepspeed_launch",
+           "trainer.run", "trainer.train", "trainer.finetune", "trainer.export", "trainer.evaluate", "trainer.memory",
+           "deepspeed", "torchrec", "helpers",
            # imported lazily by a run's first step: DeepSpeed's optimizer check pulls in torch.compile (~10 s)
            "deepspeed.runtime.zero.muon.muon_optimizer", "torch._inductor.compile_fx", "torch._dynamo",
-           "torch.distributed.optim", "torch.distributed.checkpoint", "torch.utils.tensorboard", "torch.ao.quantization",
-           "networkx", "setuptools", "distutils.ccompiler"]
+           "torch.distributed.optim", "torch.distributed.checkpoint", "torch.utils.tensorboard",
+           "torch.ao.quantization", "networkx", "setuptools", "distutils.ccompiler"]
 
 
 def mp_context():
