@@ -91,3 +91,49 @@ def torchrun_run(data, tmp_path_factory) -> Path:
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return run
+
+
+# ---- the suite's one long single-rank run, trained in the background from the start of the session ----------------
+MINI_RUN = "test_short_mini_run_beats_popularity"
+_background: dict = {}
+
+
+def _start_mini_run(root: Path):
+    """`argus train configs/mini.yaml` for 150 steps on a planted-structure dataset (test_train_cli's quality check)."""
+    from helpers import BackgroundRun
+
+    from trainer.data.synth import synthesize
+
+    data, run = root / "data", root / "run"
+    synthesize(data, users=600, items=800, mean_len=60, shards=2, seed=5, holdout="loo", workers=1)
+    job = BackgroundRun(["train", "configs/mini.yaml", f"data.path={data}", f"out={run}", "model.max_seq_len=32",
+                         "data.batch_size=16", "train.steps=150", "train.log_every=50", "train.checkpoint_every=0",
+                         "train.device=cpu"], root)
+    return data, run, job
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly or not any(i.name == MINI_RUN for i in session.items):
+        return
+    import tempfile
+
+    _background["mini"] = _start_mini_run(Path(tempfile.mkdtemp(prefix="argus_mini_")))
+
+
+def pytest_sessionfinish(session):
+    if "mini" in _background:
+        import shutil
+
+        data, _, job = _background.pop("mini")
+        job.stop()
+        shutil.rmtree(data.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mini_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run) of the background mini run, once it has finished (started here if the session did not)."""
+    if "mini" not in _background:
+        _background["mini"] = _start_mini_run(tmp_path_factory.mktemp("mini"))
+    data, run, job = _background["mini"]
+    job.result()
+    return data, run

@@ -156,3 +156,30 @@ def argus_inproc(capsys, *argv: str) -> tuple[int, str, str]:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+class BackgroundRun:
+    """`argus ARGV` on one rank, forked from the fork server now and joined later (`result`): a long single-rank
+    run started when the session starts uses the core the rest of the suite leaves idle."""
+
+    def __init__(self, argv: list[str], log_dir: Path):
+        import os
+
+        self.argv, self.log = argv, str(log_dir / "background")
+        self.proc = mp_context().Process(target=_argus_rank, args=(0, 1, argv, free_port(), dict(os.environ),
+                                                                    self.log))
+        self.proc.start()
+
+    def result(self, timeout: float = 900) -> None:
+        self.proc.join(timeout)
+        log = Path(f"{self.log}.rank0")
+        if self.proc.is_alive():
+            self.stop()
+            raise AssertionError(f"argus {' '.join(self.argv)} still running after {timeout} s")
+        assert self.proc.exitcode == 0, (f"argus {' '.join(self.argv)} exited with {self.proc.exitcode}:\n" +
+                                         (log.read_text()[-3000:] if log.is_file() else ""))
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()

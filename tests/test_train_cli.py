@@ -128,15 +128,12 @@ def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_short_mini_run_beats_popularity(tmp_path, capsys):
-    """Planted structure (synth): a short `mini` run must clearly beat the most-popular baseline on HR@10."""
-    from trainer.data.synth import synthesize
+def test_short_mini_run_beats_popularity(mini_run, capsys):
+    """Planted structure (synth): a short `mini` run must clearly beat the most-popular baseline on HR@10.
 
-    data = tmp_path / "data"
-    synthesize(data, users=600, items=800, mean_len=60, shards=2, seed=5, holdout="loo", workers=1)
-    run = tmp_path / "run"
-    train_ranks("configs/mini.yaml", f"data.path={data}", f"out={run}", "model.max_seq_len=32", "data.batch_size=16",
-                "train.steps=150", "train.log_every=50", "train.checkpoint_every=0", "train.device=cpu", nproc=1)
+    The run (conftest.mini_run: 600 users, 150 steps of configs/mini.yaml on 1 rank) trains in the background
+    from the start of the session."""
+    data, run = mini_run
     code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
     assert code == 0, err[-2000:]
     rep = json.loads(out)
