@@ -132,6 +132,7 @@ def argus_ranks(*argv: str, nproc: int = 2, env: dict[str, str] | None = None, l
     import os
     import tempfile
 
+    own_dir = log_dir is None
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="argus_ranks"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log = str(log_dir / f"ranks_{free_port()}")
@@ -142,7 +143,12 @@ def argus_ranks(*argv: str, nproc: int = 2, env: dict[str, str] | None = None, l
         out = "\n".join(f"--- rank {r}\n" + Path(f"{log}.rank{r}").read_text()[-3000:]
                         for r in range(nproc) if Path(f"{log}.rank{r}").is_file())
         raise AssertionError(f"argus {' '.join(argv)} on {nproc} rank(s) failed: {e}\n{out}") from e
-    return [Path(f"{log}.rank{r}").read_text() for r in range(nproc)]
+    out = [Path(f"{log}.rank{r}").read_text() for r in range(nproc)]
+    if own_dir:
+        import shutil
+
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return out
 
 
 def argus_inproc(capsys, *argv: str) -> tuple[int, str, str]:
