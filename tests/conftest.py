@@ -59,3 +59,81 @@ def imp_data(tmp_path_factory) -> Path:
     synthesize(root, users=120, items=150, mean_len=40, shards=3, seed=3, holdout="loo", workers=1, days=40,
                impressions=4, slate=6)
     return root
+
+
+# ---- trained runs shared between test files (read-only: copy one into tmp_path before changing it) -----------
+@pytest.fixture(scope="session")
+def imp_pretrained(imp_data, tmp_path_factory) -> Path:
+    """One 2-rank pre-training run on `imp_data` (ZeRO-2, 3 steps): fine-tuning's init, export's model."""
+    from helpers import TINY_MODEL, argus_ranks
+
+    run = tmp_path_factory.mktemp("imp_pre") / "run"
+    argus_ranks("train", "configs/mini.yaml", f"data.path={imp_data}", *TINY_MODEL, "data.num_workers=0",
+                "optim.warmup_steps=2", f"out={run}", "train.steps=3", "deepspeed.stage=2", nproc=2)
+    return run
+
+
+@pytest.fixture(scope="session")
+def torchrun_run(data, tmp_path_factory) -> Path:
+    """`torchrun --nproc_per_node=2 -m launch.cli train` (the real launcher, 3 steps on `data`): the reference the
+    other launchers (deepspeed's, `argus launch deepspeed`) must reproduce."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, TINY_MODEL, free_port
+
+    run = tmp_path_factory.mktemp("torchrun") / "tr2"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "launch.cli", "train", "configs/mini.yaml",
+                          f"data.path={data}", *TINY_MODEL, "data.num_workers=1", "optim.warmup_steps=2",
+                          "train.steps=3", f"out={run}"], cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+# ---- the suite's one long single-rank run, trained in the background from the start of the session ----------------
+MINI_RUN = "test_short_mini_run_beats_popularity"
+_background: dict = {}
+
+
+def _start_mini_run(root: Path):
+    """`argus train configs/mini.yaml` for 150 steps on a planted-structure dataset (test_train_cli's quality check)."""
+    from helpers import BackgroundRun
+
+    from trainer.data.synth import synthesize
+
+    data, run = root / "data", root / "run"
+    synthesize(data, users=600, items=800, mean_len=60, shards=2, seed=5, holdout="loo", workers=1)
+    job = BackgroundRun(["train", "configs/mini.yaml", f"data.path={data}", f"out={run}", "model.max_seq_len=32",
+                         "data.batch_size=16", "train.steps=150", "train.log_every=50", "train.checkpoint_every=0",
+                         "train.device=cpu"], root)
+    return data, run, job
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly or not any(i.name == MINI_RUN for i in session.items):
+        return
+    import tempfile
+
+    _background["mini"] = _start_mini_run(Path(tempfile.mkdtemp(prefix="argus_mini_")))
+
+
+def pytest_sessionfinish(session):
+    if "mini" in _background:
+        import shutil
+
+        data, _, job = _background.pop("mini")
+        job.stop()
+        shutil.rmtree(data.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mini_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run) of the background mini run, once it has finished (started here if the session did not)."""
+    if "mini" not in _background:
+        _background["mini"] = _start_mini_run(tmp_path_factory.mktemp("mini"))
+    data, run, job = _background["mini"]
+    job.result()
+    return data, run

@@ -42,3 +42,150 @@ def assert_training_plan_matches(run: Path, data: Path, world: int) -> None:
     num_items = json.loads((data / "manifest.json").read_text())["num_items"]
     offline = torchrec_plan(cfg, num_items, Hardware("h100", nodes=1, gpus_per_node=world), None, "cpu")
     assert offline["plan"] == built
+
+
+# ---- ranks started in-process (torch.multiprocessing + gloo) -----------------------------------------------------
+# `torchrun -m launch.cli ...` costs a fresh interpreter per rank plus torchrun's own: ~10 s of imports each on
+# 2 cores. Where the launcher is not what a test is about, the ranks are forked from a fork server that has the
+# project already imported (one start per session), and each runs `launch.cli.main(argv)` with torchrun's
+# environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The server is a fresh interpreter, so
+# whatever this pytest process did before (Ray, a process group) is not inherited.
+REPO = Path(__file__).resolve().parents[1]
+PRELOAD = ["launch.cli", "launch.train_cli", "launch.data_cli", "launch.export_cli", "launch.deepspeed_launch",
+           "trainer.run", "trainer.train", "trainer.finetune", "trainer.export", "trainer.evaluate", "trainer.memory",
+           "deepspeed", "torchrec", "helpers",
+           # imported lazily by a run's first step: DeepSpeed's optimizer check pulls in torch.compile (~10 s)
+           "deepspeed.runtime.zero.muon.muon_optimizer", "torch._inductor.compile_fx", "torch._dynamo",
+           "torch.distributed.optim", "torch.distributed.checkpoint", "torch.utils.tensorboard",
+           "torch.ao.quantization", "networkx", "setuptools", "distutils.ccompiler"]
+
+
+def mp_context():
+    """The fork-server context every in-process multi-rank test uses (sharded runs, loaders, `argus` ranks)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # no effect once the server runs: it is the same for every caller
+    return ctx
+
+
+def start_ranks(fn, args: tuple, nprocs: int, timeout: float = 600) -> None:
+    """torch.multiprocessing.start_processes(fn, args, nprocs) on the fork server, with a deadline."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    mp_context()
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks still running after {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _argus_rank(rank: int, world: int, argv: list[str], port: int, env: dict[str, str], log: str) -> None:
+    import os
+    import sys
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      PYTHONUNBUFFERED="1")
+    os.chdir(REPO)
+    fd = os.open(f"{log}.rank{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from launch.cli import main
+
+    try:
+        rc = main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if rc != 0:
+        raise SystemExit(rc)
+
+
+def argus_ranks(*argv: str, nproc: int = 2, env: dict[str, str] | None = None, log_dir: Path | None = None,
+                timeout: float = 600) -> list[str]:
+    """`torchrun --nproc_per_node=NPROC -m launch.cli ARGV`, the ranks forked in-process; -> each rank's output.
+
+    nproc=1 is `argus ARGV` in a process of its own (WORLD_SIZE=1). Fails with the ranks' output on a non-zero
+    exit or an exception in any rank."""
+    import os
+    import tempfile
+
+    own_dir = log_dir is None
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="argus_ranks"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = str(log_dir / f"ranks_{free_port()}")
+    env = {**os.environ, **(env or {})}
+    try:
+        start_ranks(_argus_rank, (nproc, list(argv), free_port(), env, log), nproc, timeout)
+    except Exception as e:
+        out = "\n".join(f"--- rank {r}\n" + Path(f"{log}.rank{r}").read_text()[-3000:]
+                        for r in range(nproc) if Path(f"{log}.rank{r}").is_file())
+        raise AssertionError(f"argus {' '.join(argv)} on {nproc} rank(s) failed: {e}\n{out}") from e
+    out = [Path(f"{log}.rank{r}").read_text() for r in range(nproc)]
+    if own_dir:
+        import shutil
+
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return out
+
+
+def argus_inproc(capsys, *argv: str) -> tuple[int, str, str]:
+    """`argus ARGV` in this process (for commands that make no process group): -> (exit code, stdout, stderr)."""
+    from launch.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's usage errors: what the process would exit with
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+class BackgroundRun:
+    """`argus ARGV` on one rank, forked from the fork server now and joined later (`result`): a long single-rank
+    run started when the session starts uses the core the rest of the suite leaves idle."""
+
+    def __init__(self, argv: list[str], log_dir: Path):
+        import os
+
+        self.argv, self.log = argv, str(log_dir / "background")
+        self.proc = mp_context().Process(target=_argus_rank, args=(0, 1, argv, free_port(), dict(os.environ),
+                                                                    self.log))
+        self.proc.start()
+
+    def result(self, timeout: float = 900) -> None:
+        self.proc.join(timeout)
+        log = Path(f"{self.log}.rank0")
+        if self.proc.is_alive():
+            self.stop()
+            raise AssertionError(f"argus {' '.join(self.argv)} still running after {timeout} s")
+        assert self.proc.exitcode == 0, (f"argus {' '.join(self.argv)} exited with {self.proc.exitcode}:\n" +
+                                         (log.read_text()[-3000:] if log.is_file() else ""))
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()

@@ -9,13 +9,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, read_samples as samples
+from helpers import TINY_MODEL, argus_ranks, read_samples as samples
 
 from trainer.data.batch import BATCH_DTYPES, Batch, collate
 from trainer.data.manifest import Manifest
@@ -34,17 +33,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(module: str, *args: str, nproc: int = 0, ok: bool = True) -> subprocess.CompletedProcess:
-    """A plain process (nproc=0) or torchrun with nproc ranks."""
-    cmd = [sys.executable, "-m", module, *args]
-    if nproc:
-        port = str(29500 + os.getpid() % 97 + int(time.time() * 10) % 11)
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-               "-m", module, *args]
-    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+def _run(module: str, *args: str, nproc: int = 0, ok: bool = True) -> subprocess.CompletedProcess | None:
+    """`argus ARGS` in a process of its own (nproc=0), or on nproc ranks: both forked in-process
+    (helpers.argus_ranks, torchrun's environment), with ok=True. ok=False: a real plain process, its exit code."""
     if ok:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
+        assert module == CLI
+        argus_ranks(*args, nproc=nproc or 1)
+        return None
+    assert not nproc
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
 
 
 def _sorted(export: Path) -> tuple[np.ndarray, ...]:
@@ -55,11 +53,9 @@ def _sorted(export: Path) -> tuple[np.ndarray, ...]:
 
 # ---- fixtures: one pre-trained run, its exports --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pre(imp_data, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("export_pre") / "run"
-    _run("launch.cli", "train", "configs/mini.yaml", f"data.path={imp_data}", *TINY, f"out={run}", "train.steps=3",
-         "deepspeed.stage=2", nproc=2)
-    return run
+def pre(imp_pretrained) -> Path:
+    """2 ranks, ZeRO-2, 3 steps on imp_data (shared with test_finetune)."""
+    return imp_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,17 @@
 """Fine-tuning: impression data, the lag, pairs and metrics against brute force, and the whole
-pre-train -> fine-tune -> eval path through the real CLI."""
+pre-train -> fine-tune -> eval path through the real CLI (ranks forked in-process: helpers.argus_ranks; the
+pre-trained run is the session's `imp_pretrained`)."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, read_samples as samples
+from helpers import TINY_MODEL, argus_inproc, argus_ranks, read_samples as samples
 
 from trainer.data.batch import collate
 from trainer.data.manifest import Manifest
@@ -23,11 +20,10 @@ from trainer.finetune import impression_inputs, ndcg_within, pairwise_accuracy
 from trainer.model.two_tower import pairs_of
 
 REPO = Path(__file__).resolve().parents[1]
-ARGUS = [sys.executable, "-m", "launch.cli"]
 TINY = [*TINY_MODEL, "data.num_workers=0", "optim.warmup_steps=2"]
 
 
-def test_impression_splits_hold_history_before_each_request(imp_data):
+def test_impression_splits_hold_history_before_each_request(imp_data, capsys):
     m = Manifest.load(imp_data)
     assert m.split("impressions").kind == m.split("impressions_test").kind == "impressions"
     test_start = m.source["t_end"] - int(m.source["imp_test_days"] * 86400)
@@ -43,8 +39,8 @@ def test_impression_splits_hold_history_before_each_request(imp_data):
             assert np.all(np.diff(c["imp_time"]) >= 0)
             assert (c["imp_time"] >= test_start).all() if split == "impressions_test" else (c["imp_time"] < test_start).all()
             assert s.n == 0 or c["timestamp"].max() < c["imp_time"][-1]  # nothing at or after the last request
-    out = subprocess.run([*ARGUS, "data", "verify", str(imp_data)], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    code, out, err = argus_inproc(capsys, "data", "verify", str(imp_data))
+    assert code == 0, out + err
 
 
 def test_synth_impressions_deterministic_and_histories_unchanged(tmp_path):
@@ -198,24 +194,30 @@ def test_impression_inputs_cut_histories_like_a_brute_force_loop(imp_data):
         assert int(inp["no_history"]) == imp["time"].numel() - len(want)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _torchrun(command: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    port = str(29700 + os.getpid() % 90 + int(time.time() * 10) % 7)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                          f"--master_port={port}", "-m", "launch.cli", command, *args], cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+def _torchrun(command: str, *args: str, nproc: int = 2) -> None:
+    """`torchrun --nproc_per_node=NPROC -m launch.cli COMMAND ARGS`, the ranks forked in-process."""
+    argus_ranks(command, *args, nproc=nproc)
 
 
 @pytest.fixture(scope="module")
-def pretrained(imp_data, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("pre") / "run"
-    _torchrun("train", "configs/mini.yaml", f"data.path={imp_data}", *TINY, f"out={run}", "train.steps=4")
-    return run
+def pretrained(imp_pretrained) -> Path:
+    return imp_pretrained
+
+
+@pytest.fixture
+def pretrained_config(imp_data, tmp_path) -> Path:
+    """What the checks before any process group read of a pre-training run: its checkpoint's config (TINY)."""
+    from trainer.config import load_config, save_config
+    from trainer.job import JobConfig
+
+    ckpt = tmp_path / "pre" / "checkpoints" / "step_00000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("{}")
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    save_config(load_config(JobConfig, REPO / "configs" / "mini.yaml",
+                            [*TINY, f"data.path={imp_data}", f"out={tmp_path / 'pre'}", "train.steps=3"]),
+                ckpt / "config.yaml")
+    return tmp_path / "pre"
 
 
 def _pairwise_losses(run: Path) -> dict[int, float]:
@@ -223,7 +225,7 @@ def _pairwise_losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path):
+def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, capsys):
     common = ["configs/mini.yaml", "--init", str(pretrained), f"data.path={imp_data}", *TINY,
               "finetune.item_mlp=16", "deepspeed.stage=2"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -233,10 +235,9 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path):
     lf, lp = _pairwise_losses(full), _pairwise_losses(part)
     assert sorted(lf) == sorted(lp) == [1, 2, 3, 4, 5, 6]
     assert [lf[s] for s in lf] == [lp[s] for s in lf], "bitwise equal loss curve"
-    out = subprocess.run([*ARGUS, "eval", str(full), "--data", str(imp_data), "--json"], cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rep = json.loads(out.stdout)
+    code, out, err = argus_inproc(capsys, "eval", str(full), "--data", str(imp_data), "--json")
+    assert code == 0, err[-2000:]
+    rep = json.loads(out)
     assert rep["split"] == "impressions_test" and rep["pairs"] > 0
     for who in ("model", "pretrained", "data", "popularity"):
         assert 0.0 <= rep[who]["pairwise_acc"] <= 1.0 and 0.0 < rep[who]["ndcg"] <= 1.0
@@ -245,8 +246,7 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path):
     # before any fine-tuning step the two-tower model ranks exactly like the pre-trained one
     zero = tmp_path / "zero"
     _torchrun("finetune", *common, f"out={zero}", "train.steps=1", "optim.lr=1e-12", "embeddings.lr=1e-12", nproc=1)
-    rep0 = json.loads(subprocess.run([*ARGUS, "eval", str(zero), "--data", str(imp_data), "--json"], cwd=REPO,
-                                     env=_env(), capture_output=True, text=True, timeout=300).stdout)
+    rep0 = json.loads(argus_inproc(capsys, "eval", str(zero), "--data", str(imp_data), "--json")[1])
     assert rep0["model"]["pairwise_acc"] == pytest.approx(rep0["pretrained"]["pairwise_acc"], abs=2e-3)
 
 
@@ -254,15 +254,16 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path):
     (["model.d_model=48", "model.n_heads=2"], "model.d_model: 48 differs from the pre-trained model's 32"),
     (["finetune.split=nope"], "no split 'nope'"),
 ])
-def test_finetune_bad_setup_is_one_line(imp_data, pretrained, tmp_path, args, message):
-    out = subprocess.run([*ARGUS, "finetune", "configs/mini.yaml", "--init", str(pretrained), f"data.path={imp_data}",
-                          *TINY, f"out={tmp_path / 'r'}", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+def test_finetune_bad_setup_is_one_line(imp_data, pretrained_config, tmp_path, args, message, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    code, _, err = argus_inproc(capsys, "finetune", "configs/mini.yaml", "--init", str(pretrained_config),
+                                f"data.path={imp_data}", *TINY, f"out={tmp_path / 'r'}", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists() and not torch.distributed.is_initialized()
 
 
-def test_finetune_init_without_checkpoint_is_refused(imp_data, tmp_path):
-    out = subprocess.run([*ARGUS, "finetune", "configs/mini.yaml", "--init", str(tmp_path), f"data.path={imp_data}",
-                          *TINY, f"out={tmp_path / 'r'}"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2 and "finetune.init" in out.stderr and "no checkpoint" in out.stderr
+def test_finetune_init_without_checkpoint_is_refused(imp_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    code, _, err = argus_inproc(capsys, "finetune", "configs/mini.yaml", "--init", str(tmp_path),
+                                f"data.path={imp_data}", *TINY, f"out={tmp_path / 'r'}")
+    assert code == 2 and "finetune.init" in err and "no checkpoint" in err

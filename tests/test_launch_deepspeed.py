@@ -294,7 +294,8 @@ def test_sigterm_reaches_the_launchers_children(tmp_path):
 
 # ---- a real run ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_real_run_on_two_cpu_ranks_matches_torchrun(data, tmp_path, monkeypatch, capfd):
+def test_real_run_on_two_cpu_ranks_matches_torchrun(data, tmp_path, monkeypatch, capfd, torchrun_run):
+    """`argus launch deepspeed` on 2 CPU ranks == the real torchrun (the session's 2-rank run, same config)."""
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the env argus builds must supply it
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
@@ -307,13 +308,7 @@ def test_real_run_on_two_cpu_ranks_matches_torchrun(data, tmp_path, monkeypatch,
     assert log.out.splitlines()[0].startswith(f"{DS} --num_gpus 2 --master_port ")
     assert read_env(tmp_path / ".deepspeed_env")["OMP_NUM_THREADS"] == "1"
     assert (REPO / ".deepspeed_env").exists() == stray, "nothing left in the repository"
-
-    tr = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                         f"--master_port={free_port()}", "-m", "launch.cli", "train", *common,
-                         f"out={tmp_path / 'tr'}"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                        capture_output=True, text=True, timeout=300)
-    assert tr.returncode == 0, tr.stderr[-3000:]
-    ds, ref = losses(tmp_path / "ds"), losses(tmp_path / "tr")
+    ds, ref = losses(tmp_path / "ds"), losses(torchrun_run)
     assert sorted(ds) == [1, 2, 3]
     assert ds == ref
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, argus_inproc, argus_ranks
 import yaml
 
 from cluster.ray_local import check_resources
@@ -52,7 +52,8 @@ def test_kuberay_entrypoint_is_a_valid_argus_command():
 
 
 @pytest.mark.slow
-def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path):
+def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path, capsys):
+    """`argus launch ray --local` (a real process) == 2 ranks under torchrun's environment (forked in-process)."""
     from trainer.data.synth import synthesize
 
     data = tmp_path / "data"
@@ -63,15 +64,11 @@ def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path):
                               "--num-workers", "2", "--storage-path", str(tmp_path / "store"), "--name", "loc"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert ray_out.returncode == 0, ray_out.stderr[-3000:]
-    tr = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                         f"--master_port={29400 + os.getpid() % 300}", "-m", "launch.cli", "train", *common,
-                         f"out={tmp_path / 'tr'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert tr.returncode == 0, tr.stderr[-3000:]
-    evals = [subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(run), "--data", str(data), "--json"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    argus_ranks("train", *common, f"out={tmp_path / 'tr'}", nproc=2, env={"RAY_AUTH_MODE": "disabled"})
+    evals = [argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
              for run in (tmp_path / "store" / "loc" / "run", tmp_path / "tr")]
-    assert all(e.returncode == 0 for e in evals), evals[0].stderr[-2000:]
-    assert evals[0].stdout == evals[1].stdout
+    assert all(e[0] == 0 for e in evals), evals[0][2][-2000:]
+    assert evals[0][1] == evals[1][1]
 
 
 @pytest.mark.slow

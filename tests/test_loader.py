@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import free_port, start_ranks
 
 from trainer.data.batch import collate
 from trainer.data.layout import buffer_order, split_intervals
@@ -66,9 +66,7 @@ def test_exactly_once_equal_counts_gloo(dataset_factory, tmp_path, shards):
     m = dataset_factory(shards, users=5 * shards + 2, seed=shards)
     expected = all_keys(m)
     out = tmp_path / "result.json"
-    port = 29500 + shards * 7 + os.getpid() % 500
-    mp.start_processes(_dist_worker, args=(2, str(m.root), port, str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    start_ranks(_dist_worker, (2, str(m.root), free_port(), str(out)), nprocs=2)  # forked from the fork server
     res = json.loads(out.read_text())
     per_rank = [r["keys"] for r in res["ranks"]]
     got = [k for ks in per_rank for k in ks]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import argus_inproc
 
 from cluster.hardware import Hardware
 from cluster.planner import PlanRequest, full_plan, min_gpus, plan, plan_config
@@ -166,7 +167,8 @@ def test_too_big_config_gets_changes_that_fit():
     assert not plan(cfg, dataclasses.replace(req, hardware=req.hardware.with_world(g - 8)))["memory"]["fits"]
 
 
-def test_plan_cli_json_sweep_and_plot(tmp_path):
+def test_plan_cli_json_sweep_and_plot(tmp_path, capsys):
+    # --json from a real process: nothing printed at import time may corrupt stdout
     png = tmp_path / "plan.png"
     out = subprocess.run([*ARGUS, "plan", "--preset", "medium", "--items", "1e8", "--interactions", "1e10",
                           "--gpu", "h200", "--nodes", "1", "--gpus-per-node", "8", "--price", "3",
@@ -180,9 +182,8 @@ def test_plan_cli_json_sweep_and_plot(tmp_path):
     days = [s["time"]["days"] for s in r["sweep"]]
     assert [s["gpus"] for s in r["sweep"]] == [2, 4, 8, 16] and days == sorted(days, reverse=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = subprocess.run([*ARGUS, "plan", "--preset", "mini", "--items", "1e6"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert text.returncode == 0 and "Memory per rank" in text.stdout and "days" in text.stdout
+    code, text, _ = argus_inproc(capsys, "plan", "--preset", "mini", "--items", "1e6")
+    assert code == 0 and "Memory per rank" in text and "days" in text
 
 
 @pytest.mark.parametrize("args, message", [
@@ -193,10 +194,11 @@ def test_plan_cli_json_sweep_and_plot(tmp_path):
     (["--preset", "mini", "model.n_heads=7"], "model.d_model"),
     ([], "CONFIG file or --preset"),
 ])
-def test_plan_bad_input_is_one_line(args, message):
-    out = subprocess.run([*ARGUS, "plan", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+def test_plan_bad_input_is_one_line(args, message, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    code, _, err = argus_inproc(capsys, "plan", *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_plan_config_needs_no_data_or_run_directory():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import free_port, start_ranks
 
 from trainer.config import from_dict, to_dict
 from trainer.job import JobConfig
@@ -147,9 +147,8 @@ def reference(cfg: JobConfig, world: int) -> dict:
 def test_two_ranks_equal_unsharded_reference(small_data, tmp_path, sharding):
     jobs = [tiny_job(small_data, tmp_path / f"run{s}", sharding, s) for s in (1, 2, 3)]
     out = tmp_path / "sharded.json"
-    port = 29800 + (0 if sharding == "row_wise" else 17) + os.getpid() % 300
-    mp.start_processes(_sharded_worker, args=(2, [to_dict(j) for j in jobs], port, str(out)), nprocs=2,
-                       join=True, start_method="spawn")
+    # both ranks forked from the session's fork server (helpers.start_ranks: project modules already imported)
+    start_ranks(_sharded_worker, (2, [to_dict(j) for j in jobs], free_port(), str(out)), nprocs=2)
     results = json.loads(out.read_text())
     ref = reference(jobs[0], world=2)  # the reference has no ZeRO: the same for every stage
     assert ref["losses"][-1] != ref["losses"][0]

@@ -1,4 +1,8 @@
-"""`argus train` / `argus eval` through the real CLI: torchrun, bitwise resume, deterministic eval, bad configs."""
+"""`argus train` / `argus eval` through the real CLI: torchrun, bitwise resume, deterministic eval, bad configs.
+
+The launchers themselves (plain process, torchrun, deepspeed) are under test in
+test_plain_torchrun_and_deepspeed_launcher_give_the_same_curve; elsewhere the ranks run `launch.cli.main` forked
+in-process (helpers.argus_ranks: torchrun's environment, none of its start-up) and eval runs in this process."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL, assert_training_plan_matches, losses
+from helpers import TINY_MODEL, argus_inproc, argus_ranks, assert_training_plan_matches, free_port, losses
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +28,8 @@ def env() -> dict[str, str]:
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    port = str(29900 + os.getpid() % 90 + int(time.time() * 10) % 7)
+    """The real `torchrun -m launch.cli train ARGS` (for the launcher test)."""
+    port = str(free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            "-m", "launch.cli", "train", *args]
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
@@ -32,17 +37,20 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return out
 
 
+def train_ranks(*args: str, nproc: int = 2) -> None:
+    """`argus train ARGS` on nproc ranks, forked in-process."""
+    argus_ranks("train", *args, nproc=nproc)
 
 
 @pytest.mark.slow
-def test_torchrun_resume_is_bitwise_identical_and_eval_deterministic(data, tmp_path):
+def test_torchrun_resume_is_bitwise_identical_and_eval_deterministic(data, tmp_path, capsys):
     from trainer.checkpoint import load_model
 
     common = ["configs/mini.yaml", f"data.path={data}", *TINY, "deepspeed.stage=2"]
     full, part = tmp_path / "full", tmp_path / "part"
-    torchrun(*common, f"out={full}", "train.steps=6")
-    torchrun(*common, f"out={part}", "train.steps=3")
-    torchrun(*common, f"out={part}", "train.steps=6", "resume=true")
+    train_ranks(*common, f"out={full}", "train.steps=6")
+    train_ranks(*common, f"out={part}", "train.steps=3")
+    train_ranks(*common, f"out={part}", "train.steps=6", "resume=true")
     lf, lp = losses(full), losses(part)
     assert sorted(lf) == [1, 2, 3, 4, 5, 6] and sorted(lp) == [1, 2, 3, 4, 5, 6]
     assert [lf[s] for s in range(1, 7)] == [lp[s] for s in range(1, 7)], "bitwise equal loss curve"
@@ -58,11 +66,10 @@ def test_torchrun_resume_is_bitwise_identical_and_eval_deterministic(data, tmp_p
     assert not torch.equal(s3.state_dict()["items.embeddings.item.weight"],
                            s_part.state_dict()["items.embeddings.item.weight"])
     # eval: one JSON object with model and popularity metrics; twice -> identical bytes
-    runs = [subprocess.run([*ARGUS, "eval", str(full), "--data", str(data), "--json"], cwd=REPO, env=env(),
-                           capture_output=True, text=True, timeout=300) for _ in range(2)]
-    assert runs[0].returncode == 0, runs[0].stderr[-2000:]
-    assert runs[0].stdout == runs[1].stdout
-    rep = json.loads(runs[0].stdout)
+    runs = [argus_inproc(capsys, "eval", str(full), "--data", str(data), "--json") for _ in range(2)]
+    assert runs[0][0] == 0, runs[0][2][-2000:]
+    assert runs[0][1] == runs[1][1]
+    rep = json.loads(runs[0][1])
     for who in ("model", "popularity"):
         for key in ("hr@10", "ndcg@10", "recall@10"):
             assert 0.0 <= rep[who][key] <= 1.0
@@ -73,13 +80,13 @@ def test_interrupted_checkpoint_write_leaves_previous_loadable(data, tmp_path):
     from trainer import checkpoint
 
     run = tmp_path / "run"
-    torchrun("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=2", nproc=1)
+    train_ranks("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=2", nproc=1)
     good = checkpoint.latest_checkpoint(run)
     # a writer killed mid-way leaves only a .tmp directory (and never flips `latest`)
     shutil.copytree(good, run / "checkpoints" / "step_00000004.tmp")
     (run / "checkpoints" / "step_00000004.tmp" / "meta.json").unlink()
     assert checkpoint.latest_checkpoint(run) == good
-    torchrun("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=3", "resume=true", nproc=1)
+    train_ranks("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=3", "resume=true", nproc=1)
     assert checkpoint.latest_checkpoint(run).name == "step_00000003"
     assert sorted(losses(run)) == [1, 2, 3]
 
@@ -94,45 +101,42 @@ def test_interrupted_checkpoint_write_leaves_previous_loadable(data, tmp_path):
     (["deepspeed.stage=5"], "deepspeed.stage: must be 0, 1, 2 or 3"),
     (["train.steps=abc"], "train.steps: expected an integer"),
 ])
-def test_bad_config_fails_before_any_process_group(data, tmp_path, override, message):
+def test_bad_config_fails_before_any_process_group(data, tmp_path, override, message, monkeypatch, capsys):
+    """In this process, as rank 0 of 2 (the exit code of a real process: test_missing_config_file_and_bad_yaml)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     t0 = time.perf_counter()
-    out = subprocess.run([*ARGUS, "train", "configs/mini.yaml", f"data.path={data}", f"out={tmp_path / 'r'}",
-                          *override], cwd=REPO, env={**env(), "WORLD_SIZE": "2"}, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
+    code, _, err = argus_inproc(capsys, "train", "configs/mini.yaml", f"data.path={data}", f"out={tmp_path / 'r'}",
+                                *override)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "r").exists(), "nothing written"
+    assert not torch.distributed.is_initialized(), "no process group"
     assert time.perf_counter() - t0 < 60
 
 
-def test_missing_config_file_and_bad_yaml(tmp_path):
+def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
+    # a real process: its exit status and its one line on stderr
     out = subprocess.run([*ARGUS, "train", str(tmp_path / "nope.yaml")], cwd=REPO, env=env(), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "nope.yaml: config file not found" in out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
-    out = subprocess.run([*ARGUS, "train", str(bad)], cwd=REPO, env=env(), capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 2 and "bad.yaml: invalid YAML" in out.stderr
+    code, _, err = argus_inproc(capsys, "train", str(bad))
+    assert code == 2 and "bad.yaml: invalid YAML" in err
 
 
 @pytest.mark.slow
-def test_short_mini_run_beats_popularity(tmp_path):
-    """Planted structure (synth): a short `mini` run must clearly beat the most-popular baseline on HR@10."""
-    from trainer.data.synth import synthesize
+def test_short_mini_run_beats_popularity(mini_run, capsys):
+    """Planted structure (synth): a short `mini` run must clearly beat the most-popular baseline on HR@10.
 
-    data = tmp_path / "data"
-    synthesize(data, users=600, items=800, mean_len=60, shards=2, seed=5, holdout="loo", workers=1)
-    run = tmp_path / "run"
-    out = subprocess.run([*ARGUS, "train", "configs/mini.yaml", f"data.path={data}", f"out={run}",
-                          "model.max_seq_len=32", "data.batch_size=16", "train.steps=150", "train.log_every=50",
-                          "train.checkpoint_every=0", "train.device=cpu"], cwd=REPO, env=env(),
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ev = subprocess.run([*ARGUS, "eval", str(run), "--data", str(data), "--json"], cwd=REPO, env=env(),
-                        capture_output=True, text=True, timeout=300)
-    rep = json.loads(ev.stdout)
+    The run (conftest.mini_run: 600 users, 150 steps of configs/mini.yaml on 1 rank) trains in the background
+    from the start of the session."""
+    data, run = mini_run
+    code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
+    assert code == 0, err[-2000:]
+    rep = json.loads(out)
     model, pop = rep["model"]["hr@10"], rep["popularity"]["hr@10"]
     assert model > 1.5 * pop and model - pop > 0.05, rep
 
@@ -144,43 +148,43 @@ def test_short_mini_run_beats_popularity(tmp_path):
     ["deepspeed.stage=3", "deepspeed.precision=bf16", "embeddings.sharding=table_wise",
      "heads.next_item.weight=0", "embeddings.optimizer=sgd"],
 ], ids=["interleaved-colwise-zero0-ckpt-nextonly", "bf16-zero3-tablewise-feedbackonly-sgd"])
-def test_options_train_and_evaluate(data, tmp_path, options):
+def test_options_train_and_evaluate(data, tmp_path, options, capsys):
     run = tmp_path / "run"
-    torchrun("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=3", *options, nproc=2)
+    train_ranks("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=3", *options, nproc=2)
     assert_training_plan_matches(run, data, world=2)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["loss/total"] == r["loss/total"] and r["loss/total"] > 0 for r in rows)  # finite, not NaN
     head = "loss/next_item" if "heads.feedback.weight=0" in options else "loss/feedback"
     assert all(r[head] > 0 for r in rows)
-    ev = subprocess.run([*ARGUS, "eval", str(run), "--data", str(data), "--json"], cwd=REPO, env=env(),
-                        capture_output=True, text=True, timeout=300)
-    assert ev.returncode == 0, ev.stderr[-2000:]
-    assert json.loads(ev.stdout)["users"] > 0
+    code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
+    assert code == 0, err[-2000:]
+    assert json.loads(out)["users"] > 0
 
 
 @pytest.mark.slow
-def test_plain_torchrun_and_deepspeed_launcher_give_the_same_curve(data, tmp_path):
-    """One config, three launchers: identical loss curves (1 rank plain vs torchrun; 2 ranks torchrun vs deepspeed)."""
+def test_plain_torchrun_and_deepspeed_launcher_give_the_same_curve(data, tmp_path, torchrun_run):
+    """One config, three launchers: identical loss curves (1 rank plain vs torchrun; 2 ranks torchrun vs deepspeed).
+
+    Every run here is a real launcher process; the 2-rank torchrun run is shared with test_launch_deepspeed."""
     common = ["configs/mini.yaml", f"data.path={data}", *TINY, "train.steps=3"]
     plain = subprocess.run([*ARGUS, "train", *common, f"out={tmp_path / 'plain'}"], cwd=REPO, env=env(),
                            capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0, plain.stderr[-2000:]
     torchrun(*common, f"out={tmp_path / 'tr1'}", nproc=1)
-    torchrun(*common, f"out={tmp_path / 'tr2'}", nproc=2)
-    port = str(29700 + os.getpid() % 200)
+    port = str(free_port())
     ds = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--num_nodes", "1",
                          "--master_port", port, str(Path(sys.executable).parent / "argus"), "train", *common,
                          f"out={tmp_path / 'ds2'}"], cwd=REPO, env=env(), capture_output=True, text=True,
                         timeout=600)
     assert ds.returncode == 0, ds.stderr[-3000:]
     assert losses(tmp_path / "plain") == losses(tmp_path / "tr1")
-    assert losses(tmp_path / "tr2") == losses(tmp_path / "ds2")
-    assert losses(tmp_path / "tr1") != losses(tmp_path / "tr2")  # 2 ranks see twice the data per step
+    assert losses(torchrun_run) == losses(tmp_path / "ds2")
+    assert losses(tmp_path / "tr1") != losses(torchrun_run)  # 2 ranks see twice the data per step
 
 
 @pytest.mark.slow
-def test_eval_on_temporal_split_ranks_every_target(tmp_path):
+def test_eval_on_temporal_split_ranks_every_target(tmp_path, capsys):
     """Temporal holdout: several targets per user; recall@K <= hr@K, users counted once."""
     from trainer.data.manifest import Manifest
     from trainer.data.synth import synthesize
@@ -189,13 +193,10 @@ def test_eval_on_temporal_split_ranks_every_target(tmp_path):
     synthesize(data, users=80, items=120, mean_len=40, shards=2, seed=4, holdout="temporal", days=60,
                val_days=5, test_days=10, workers=1)
     run = tmp_path / "run"
-    out = subprocess.run([*ARGUS, "train", "configs/mini.yaml", f"data.path={data}", f"out={run}", *TINY,
-                          "train.steps=2"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    ev = subprocess.run([*ARGUS, "eval", str(run), "--data", str(data), "--json", "--ks", "5,50"], cwd=REPO,
-                        env=env(), capture_output=True, text=True, timeout=300)
-    assert ev.returncode == 0, ev.stderr[-2000:]
-    rep = json.loads(ev.stdout)
+    train_ranks("configs/mini.yaml", f"data.path={data}", f"out={run}", *TINY, "train.steps=2", nproc=1)
+    code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json", "--ks", "5,50")
+    assert code == 0, err[-2000:]
+    rep = json.loads(out)
     test = Manifest.load(data).splits["test"]
     assert rep["users"] + rep["users_without_history"] == sum(s.users for s in test.shards)
     assert test.shards and sum(s.targets for s in test.shards) > rep["users"]  # really several targets per user
