@@ -181,7 +181,7 @@ def worker(preset: str, overrides: list[str], report_dir: Path) -> None:
     # contention as training (the ranks leave the last collective together); after the peak is read,
     # so its buffers are not billed to training.
     enc = cfg.model.resolved()  # FF1 at this micro-batch: a step's biggest matmul shape
-    flops_s = matmul_flops(cfg.data.batch_size * cfg.data.max_seq_len, enc.d_model, enc.d_ff)
+    flops_s = matmul_flops(cfg.data.batch_size * cfg.interactions_per_sample(), enc.d_model, enc.d_ff)
     report = {"rank": info.rank, "baseline": baseline, "peak_before": peak_before, "after_build": after_build,
               "peak": peak, "end": end, "interactions": interactions, "cpu_s": cpu_s, "saved": saved,
               "matmul_flops_s": flops_s}

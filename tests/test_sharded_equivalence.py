@@ -64,7 +64,7 @@ def _sharded_worker(rank: int, world: int, jobs: list[dict], port: int, out: str
         cfg = from_dict(JobConfig, job)
         cfg.validate(world, "cpu")
         manifest = Manifest.load(cfg.data.path)
-        loader = cfg.data.build(rank, world, manifest)
+        loader = cfg.loader_config().build(rank, world, manifest)
         engine = Engine(cfg, info, manifest)
         losses = []
         for step, batch in zip(range(STEPS), loader):
@@ -102,7 +102,7 @@ def reference(cfg: JobConfig, world: int) -> dict:
                             weight_decay=cfg.optim.weight_decay)
     state = {name: torch.zeros(p.shape[0]) for name, p in sparse.named_parameters()}
     log_q = CandidateLogQ(manifest.item_counts("train"), sparse.item_rows)
-    loaders = [cfg.data.build(r, world, manifest) for r in range(world)]
+    loaders = [cfg.loader_config().build(r, world, manifest) for r in range(world)]
     iters = [iter(ld) for ld in loaders]
     ni = cfg.heads.next_item
     losses = []
