@@ -49,17 +49,28 @@ def main() -> int:
         times = []
         for _ in range(a.repeat):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "launch.cli", *path, "--help"], cwd=REPO, check=True,
-                           stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+            subprocess.run(
+                [sys.executable, "-m", "launch.cli", *path, "--help"],
+                cwd=REPO,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
             times.append(time.perf_counter() - t0)
-        rows.append({"command": " ".join(["argus", *path, "--help"]), "median_s": statistics.median(times),
-                     "max_s": max(times)})
+        rows.append(
+            {"command": " ".join(["argus", *path, "--help"]), "median_s": statistics.median(times), "max_s": max(times)}
+        )
         if not a.json:
-            print(f"{rows[-1]['command']:<45} median {rows[-1]['median_s']:.2f} s   max {rows[-1]['max_s']:.2f} s",
-                  flush=True)
+            print(
+                f"{rows[-1]['command']:<45} median {rows[-1]['median_s']:.2f} s   max {rows[-1]['max_s']:.2f} s",
+                flush=True,
+            )
     if a.json:
-        json.dump({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "repeat": a.repeat, "results": rows},
-                  sys.stdout, indent=1)
+        json.dump(
+            {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "repeat": a.repeat, "results": rows},
+            sys.stdout,
+            indent=1,
+        )
         print()
     return 0
 

@@ -36,20 +36,39 @@ def _run(cmd: list[str]) -> float:
 
 
 def export(run: Path, data: Path, out: Path, ranks: int, batch: int, dtype: str) -> dict:
-    args = ["-m", CLI, "export", str(run), "--data", str(data), "--out", str(out), "--batch-size", str(batch),
-            "--dtype", dtype]
+    args = [
+        "-m",
+        CLI,
+        "export",
+        str(run),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(batch),
+        "--dtype",
+        dtype,
+    ]
     if ranks == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=29653",
-               *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=29653", *args]
     wall = _run(cmd)
     m = json.loads((out / "manifest.json").read_text())
     t = m["timing"]
-    return {"ranks": ranks, "dtype": dtype, "users": m["users"], "items": m["items"],
-            "users_per_s": t["users_per_s"], "items_per_s": t["items_per_s"],
-            "users_s": t["users_s"], "items_s": t["items_s"],
-            "startup_s": round(wall - t["users_s"] - t["items_s"], 2), "wall_s": round(wall, 2)}
+    return {
+        "ranks": ranks,
+        "dtype": dtype,
+        "users": m["users"],
+        "items": m["items"],
+        "users_per_s": t["users_per_s"],
+        "items_per_s": t["items_per_s"],
+        "users_s": t["users_s"],
+        "items_s": t["items_s"],
+        "startup_s": round(wall - t["users_s"] - t["items_s"], 2),
+        "wall_s": round(wall, 2),
+    }
 
 
 def main() -> None:
@@ -66,16 +85,59 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data, run = Path(tmp) / "data", Path(tmp) / "run"
-        _run([sys.executable, "-m", "launch.cli", "data", "synth", "--out", str(data), "--users", str(a.users),
-              "--items", str(a.items), "--mean-len", str(a.mean_len), "--shards", "4", "--seed", "1",
-              "--holdout", "loo", "--workers", "1"])
-        _run([sys.executable, "-m", "launch.cli", "train", "configs/mini.yaml", f"data.path={data}", f"out={run}",
-              f"model.preset={a.preset}", f"model.max_seq_len={a.context}", "data.batch_size=8", "train.steps=1",
-              "train.checkpoint_every=0", "train.device=cpu", "data.num_workers=0"])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "launch.cli",
+                "data",
+                "synth",
+                "--out",
+                str(data),
+                "--users",
+                str(a.users),
+                "--items",
+                str(a.items),
+                "--mean-len",
+                str(a.mean_len),
+                "--shards",
+                "4",
+                "--seed",
+                "1",
+                "--holdout",
+                "loo",
+                "--workers",
+                "1",
+            ]
+        )
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "launch.cli",
+                "train",
+                "configs/mini.yaml",
+                f"data.path={data}",
+                f"out={run}",
+                f"model.preset={a.preset}",
+                f"model.max_seq_len={a.context}",
+                "data.batch_size=8",
+                "train.steps=1",
+                "train.checkpoint_every=0",
+                "train.device=cpu",
+                "data.num_workers=0",
+            ]
+        )
         rows = [export(run, data, Path(tmp) / f"out{r}", int(r), a.batch_size, a.dtype) for r in a.ranks.split(",")]
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-            "preset": a.preset, "context": a.context, "users": a.users, "items": a.items, "mean_len": a.mean_len,
-            "batch_size": a.batch_size}
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "preset": a.preset,
+        "context": a.context,
+        "users": a.users,
+        "items": a.items,
+        "mean_len": a.mean_len,
+        "batch_size": a.batch_size,
+    }
     if a.json:
         print(json.dumps({"config": meta, "rows": rows}, indent=1))
         return
@@ -83,8 +145,10 @@ def main() -> None:
     print("| ranks | dtype | users | users/s | items | items/s | user phase s | item phase s | start-up s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['ranks']} | {r['dtype']} | {r['users']:,} | {r['users_per_s']:,.0f} | {r['items']:,} | "
-              f"{r['items_per_s']:,.0f} | {r['users_s']:.1f} | {r['items_s']:.2f} | {r['startup_s']:.1f} |")
+        print(
+            f"| {r['ranks']} | {r['dtype']} | {r['users']:,} | {r['users_per_s']:,.0f} | {r['items']:,} | "
+            f"{r['items_per_s']:,.0f} | {r['users_s']:.1f} | {r['items_s']:.2f} | {r['startup_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

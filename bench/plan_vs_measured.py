@@ -42,12 +42,22 @@ REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 
-def job_overrides(data: Path, out: Path, preset: str, batch: int, ctx: int, steps: int, log_every: int,
-                  extra: Sequence[str] = ()) -> list[str]:
+def job_overrides(
+    data: Path, out: Path, preset: str, batch: int, ctx: int, steps: int, log_every: int, extra: Sequence[str] = ()
+) -> list[str]:
     """The run: fp32, ZeRO-2 and sampled softmax are the presets' defaults and are left as they are."""
-    return [f"data.path={data}", f"out={out}", f"model.preset={preset}", f"model.max_seq_len={ctx}",
-            f"data.batch_size={batch}", f"train.steps={steps}", f"train.log_every={log_every}",
-            "train.checkpoint_every=0", "train.device=cpu", *extra]
+    return [
+        f"data.path={data}",
+        f"out={out}",
+        f"model.preset={preset}",
+        f"model.max_seq_len={ctx}",
+        f"data.batch_size={batch}",
+        f"train.steps={steps}",
+        f"train.log_every={log_every}",
+        "train.checkpoint_every=0",
+        "train.device=cpu",
+        *extra,
+    ]
 
 
 def load(preset: str, overrides: list[str]) -> Any:
@@ -77,11 +87,19 @@ def predict(preset: str, overrides: list[str], world: int, items: int) -> dict[s
     # On CPU TorchRec keeps the tables in "ddr"; nothing should be planned into HBM.
     embeddings = emb["host_per_rank"] + emb["hbm_per_rank"]
     total = states.gpu + act.total + buffers + embeddings
-    return {"dense_params": p.total, "states": states.gpu, "activations": act.total,
-            "activations_layers": act.layers, "activations_other": act.other, "activations_working": act.working,
-            "ds_buffers": buffers, "embeddings": embeddings,
-            "embeddings_analytic": analytic_embedding_bytes(cfg, items, world), "total": total,
-            "flops_per_interaction": flops_per_interaction(cfg, items)}
+    return {
+        "dense_params": p.total,
+        "states": states.gpu,
+        "activations": act.total,
+        "activations_layers": act.layers,
+        "activations_other": act.other,
+        "activations_working": act.working,
+        "ds_buffers": buffers,
+        "embeddings": embeddings,
+        "embeddings_analytic": analytic_embedding_bytes(cfg, items, world),
+        "total": total,
+        "flops_per_interaction": flops_per_interaction(cfg, items),
+    }
 
 
 def matmul_flops(m: int, k: int, n: int, repeats: int = 10) -> float:
@@ -151,8 +169,9 @@ def worker(preset: str, overrides: list[str], report_dir: Path) -> None:
     eng = trainer.engine
     step = eng.train_step
     # weights autograd saves for backward (dense parameters, embedding tables) are states, not activations
-    weights = {t.untyped_storage().data_ptr() for t in (*eng.ds.module.parameters(), *eng.dmp.parameters(),
-                                                          *eng.dmp.buffers())}
+    weights = {
+        t.untyped_storage().data_ptr() for t in (*eng.ds.module.parameters(), *eng.dmp.parameters(), *eng.dmp.buffers())
+    }
 
     def counted(batch: Any, i: int) -> Any:
         """Records the interactions each step really had (histories vary), the bytes autograd saved
@@ -182,28 +201,52 @@ def worker(preset: str, overrides: list[str], report_dir: Path) -> None:
     # so its buffers are not billed to training.
     enc = cfg.model.resolved()  # FF1 at this micro-batch: a step's biggest matmul shape
     flops_s = matmul_flops(cfg.data.batch_size * cfg.interactions_per_sample(), enc.d_model, enc.d_ff)
-    report = {"rank": info.rank, "baseline": baseline, "peak_before": peak_before, "after_build": after_build,
-              "peak": peak, "end": end, "interactions": interactions, "cpu_s": cpu_s, "saved": saved,
-              "matmul_flops_s": flops_s}
+    report = {
+        "rank": info.rank,
+        "baseline": baseline,
+        "peak_before": peak_before,
+        "after_build": after_build,
+        "peak": peak,
+        "end": end,
+        "interactions": interactions,
+        "cpu_s": cpu_s,
+        "saved": saved,
+        "matmul_flops_s": flops_s,
+    }
     (report_dir / f"rank{info.rank}.json").write_text(json.dumps(report))
 
 
 # ---- one measured run ------------------------------------------------------------------------------------------
-def measure(preset: str, overrides: list[str], ranks: int, out: Path, port: int, mmap_threshold: int = 0
-            ) -> dict[str, Any]:
+def measure(
+    preset: str, overrides: list[str], ranks: int, out: Path, port: int, mmap_threshold: int = 0
+) -> dict[str, Any]:
     """Launch the worker(s); peak minus baseline RSS (max over ranks) and rank 0's compute time per step.
 
     ``mmap_threshold`` > 0 fixes glibc's M_MMAP_THRESHOLD (a diagnostic, off by default): large blocks
     are then always mmapped and go back to the OS when freed, instead of staying in the heap."""
     reports = out / "bench"
     reports.mkdir(parents=True)
-    args = [str(Path(__file__).resolve()), "--worker", "--preset", preset, "--report-dir", str(reports),
-            "--overrides", json.dumps(overrides)]
+    args = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--preset",
+        preset,
+        "--report-dir",
+        str(reports),
+        "--overrides",
+        json.dumps(overrides),
+    ]
     if ranks == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}",
-               *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            f"--master_port={port}",
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
@@ -223,29 +266,59 @@ def measure(preset: str, overrides: list[str], ranks: int, out: Path, port: int,
     inter = per_rank[0]["interactions"][first_timed:]  # the steps whose time is measured, rank 0
     cpu = per_rank[0]["cpu_s"][first_timed:]
     added = [r["peak"] - r["baseline"] for r in per_rank]
-    return {"added": max(added), "added_per_rank": added, "baseline": max(r["baseline"] for r in per_rank),
-            "peak": max(r["peak"] for r in per_rank), "peak_before": max(r["peak_before"] for r in per_rank),
-            "after_build": max(r["after_build"] - r["baseline"] for r in per_rank),
-            "compute_s": compute_s, "compute_s_per_window": window_s, "timed_steps": sum(steps),
-            "cpu_s": statistics.mean(cpu), "cpu_s_range": [min(cpu), max(cpu)],
-            "matmul_flops_s": statistics.mean(r["matmul_flops_s"] for r in per_rank),
-            "interactions_per_step": statistics.mean(inter),
-            "max_interactions_per_step": max(max(r["interactions"]) for r in per_rank), "wall_s": wall,
-            "autograd_saved": max(max(r["saved"]) for r in per_rank),
-            "loadavg_1min_at_start": load}
+    return {
+        "added": max(added),
+        "added_per_rank": added,
+        "baseline": max(r["baseline"] for r in per_rank),
+        "peak": max(r["peak"] for r in per_rank),
+        "peak_before": max(r["peak_before"] for r in per_rank),
+        "after_build": max(r["after_build"] - r["baseline"] for r in per_rank),
+        "compute_s": compute_s,
+        "compute_s_per_window": window_s,
+        "timed_steps": sum(steps),
+        "cpu_s": statistics.mean(cpu),
+        "cpu_s_range": [min(cpu), max(cpu)],
+        "matmul_flops_s": statistics.mean(r["matmul_flops_s"] for r in per_rank),
+        "interactions_per_step": statistics.mean(inter),
+        "max_interactions_per_step": max(max(r["interactions"]) for r in per_rank),
+        "wall_s": wall,
+        "autograd_saved": max(max(r["saved"]) for r in per_rank),
+        "loadavg_1min_at_start": load,
+    }
 
 
-def run_one(preset: str, ranks: int, data: Path, out: Path, items: int, batch: int, ctx: int, steps: int,
-            log_every: int, port: int, mmap_threshold: int = 0, extra: Sequence[str] = ()) -> dict[str, Any]:
+def run_one(
+    preset: str,
+    ranks: int,
+    data: Path,
+    out: Path,
+    items: int,
+    batch: int,
+    ctx: int,
+    steps: int,
+    log_every: int,
+    port: int,
+    mmap_threshold: int = 0,
+    extra: Sequence[str] = (),
+) -> dict[str, Any]:
     ov = job_overrides(data, out, preset, batch, ctx, steps, log_every, extra)
     pred = predict(preset, ov, ranks, items)
     meas = measure(preset, ov, ranks, out, port, mmap_threshold)
     flops_s = meas["matmul_flops_s"]
     pred_s = pred["flops_per_interaction"] * meas["interactions_per_step"] / flops_s
-    return {"preset": preset, "ranks": ranks, "batch_size": batch, "context": ctx, "predicted": pred,
-            "measured": meas, "memory_ratio": meas["added"] / pred["total"], "matmul_flops_s": flops_s,
-            "predicted_compute_s": pred_s, "compute_ratio": meas["compute_s"] / pred_s,
-            "cpu_ratio": meas["cpu_s"] / pred_s}
+    return {
+        "preset": preset,
+        "ranks": ranks,
+        "batch_size": batch,
+        "context": ctx,
+        "predicted": pred,
+        "measured": meas,
+        "memory_ratio": meas["added"] / pred["total"],
+        "matmul_flops_s": flops_s,
+        "predicted_compute_s": pred_s,
+        "compute_ratio": meas["compute_s"] / pred_s,
+        "cpu_ratio": meas["cpu_s"] / pred_s,
+    }
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -253,30 +326,64 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    mem = Table("preset", "ranks", "states", "activations", "DS buffers", "embeddings", "predicted", "measured",
-                "measured / predicted", "measured / (predicted - DS buffers)", "autograd-saved (layers + other)",
-                title="Memory per rank, MiB (measured = peak RSS - baseline, max over ranks; autograd-saved: "
-                      "the largest step's saved activations, max over ranks)")
+    mem = Table(
+        "preset",
+        "ranks",
+        "states",
+        "activations",
+        "DS buffers",
+        "embeddings",
+        "predicted",
+        "measured",
+        "measured / predicted",
+        "measured / (predicted - DS buffers)",
+        "autograd-saved (layers + other)",
+        title="Memory per rank, MiB (measured = peak RSS - baseline, max over ranks; autograd-saved: "
+        "the largest step's saved activations, max over ranks)",
+    )
     for r in rows:
         p, m = r["predicted"], r["measured"]
         saved_pred = p["activations_layers"] + p["activations_other"]  # what autograd holds; not the working set
-        mem.add_row(r["preset"], str(r["ranks"]), *(f"{p[k] / MiB:,.0f}" for k in
-                    ("states", "activations", "ds_buffers", "embeddings", "total")),
-                    f"{m['added'] / MiB:,.0f}", f"{r['memory_ratio']:.2f}",
-                    f"{m['added'] / (p['total'] - p['ds_buffers']):.2f}",
-                    f"{m['autograd_saved'] / MiB:,.0f} ({saved_pred / MiB:,.0f})")
-    step = Table("preset", "ranks", "interactions / rank / step", "FLOPs / step", "matmul GFLOP/s", "predicted s",
-                 "CPU s (min-max)", "CPU / predicted", "wall s (windows)", "wall / predicted", "load",
-                 title="Compute time per step, rank 0, first logging window discarded (CPU: process time; "
-                       "wall: the trainer's time/step_s x time/compute_share; load: 1-min load average at launch)")
+        mem.add_row(
+            r["preset"],
+            str(r["ranks"]),
+            *(f"{p[k] / MiB:,.0f}" for k in ("states", "activations", "ds_buffers", "embeddings", "total")),
+            f"{m['added'] / MiB:,.0f}",
+            f"{r['memory_ratio']:.2f}",
+            f"{m['added'] / (p['total'] - p['ds_buffers']):.2f}",
+            f"{m['autograd_saved'] / MiB:,.0f} ({saved_pred / MiB:,.0f})",
+        )
+    step = Table(
+        "preset",
+        "ranks",
+        "interactions / rank / step",
+        "FLOPs / step",
+        "matmul GFLOP/s",
+        "predicted s",
+        "CPU s (min-max)",
+        "CPU / predicted",
+        "wall s (windows)",
+        "wall / predicted",
+        "load",
+        title="Compute time per step, rank 0, first logging window discarded (CPU: process time; "
+        "wall: the trainer's time/step_s x time/compute_share; load: 1-min load average at launch)",
+    )
     for r in rows:
         m = r["measured"]
         n, w, c = m["interactions_per_step"], m["compute_s_per_window"], m["cpu_s_range"]
-        step.add_row(r["preset"], str(r["ranks"]), f"{n:,.0f}", f"{r['predicted']['flops_per_interaction'] * n:.3g}",
-                     f"{r['matmul_flops_s'] / 1e9:.1f}", f"{r['predicted_compute_s']:.2f}",
-                     f"{m['cpu_s']:.2f} ({c[0]:.2f}-{c[1]:.2f})", f"{r['cpu_ratio']:.2f}",
-                     f"{m['compute_s']:.2f} ({min(w):.2f}-{max(w):.2f})", f"{r['compute_ratio']:.2f}",
-                     f"{m['loadavg_1min_at_start']:.1f}")
+        step.add_row(
+            r["preset"],
+            str(r["ranks"]),
+            f"{n:,.0f}",
+            f"{r['predicted']['flops_per_interaction'] * n:.3g}",
+            f"{r['matmul_flops_s'] / 1e9:.1f}",
+            f"{r['predicted_compute_s']:.2f}",
+            f"{m['cpu_s']:.2f} ({c[0]:.2f}-{c[1]:.2f})",
+            f"{r['cpu_ratio']:.2f}",
+            f"{m['compute_s']:.2f} ({min(w):.2f}-{max(w):.2f})",
+            f"{r['compute_ratio']:.2f}",
+            f"{m['loadavg_1min_at_start']:.1f}",
+        )
     console = Console(width=max(Console().width, 150))  # log files: don't squeeze the columns
     console.print(mem)
     console.print(step)
@@ -292,12 +399,26 @@ def main() -> int:
     p.add_argument("--log-every", type=int, default=4)
     p.add_argument("--items", type=int, default=20000)
     p.add_argument("--users", type=int, default=600)
-    p.add_argument("--mean-len", type=float, default=1500.0,
-                   help="lognormal (sigma 1.1) history lengths: at 1500 about 85%% fill a 256 context")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=0, metavar="BYTES",
-                   help="diagnostic: set glibc's MALLOC_MMAP_THRESHOLD_ in the workers (0 = glibc's dynamic default)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="one more config override for every run (repeatable), e.g. deepspeed.config=PATH")
+    p.add_argument(
+        "--mean-len",
+        type=float,
+        default=1500.0,
+        help="lognormal (sigma 1.1) history lengths: at 1500 about 85%% fill a 256 context",
+    )
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="diagnostic: set glibc's MALLOC_MMAP_THRESHOLD_ in the workers (0 = glibc's dynamic default)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more config override for every run (repeatable), e.g. deepspeed.config=PATH",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
@@ -322,18 +443,42 @@ def main() -> int:
         for preset, batch in zip(presets, batches):
             for ranks in map(int, a.ranks.split(",")):
                 out = Path(tmp) / f"{preset}-{ranks}"
-                rows.append(run_one(preset, ranks, data, out, a.items, batch, a.context, a.steps, a.log_every,
-                                    29652, a.malloc_mmap_threshold, a.set))
+                rows.append(
+                    run_one(
+                        preset,
+                        ranks,
+                        data,
+                        out,
+                        a.items,
+                        batch,
+                        a.context,
+                        a.steps,
+                        a.log_every,
+                        29652,
+                        a.malloc_mmap_threshold,
+                        a.set,
+                    )
+                )
                 if not a.json:
                     r = rows[-1]
-                    print(f"{preset} x{ranks}: memory {r['measured']['added'] / MiB:,.0f} MiB measured vs "
-                          f"{r['predicted']['total'] / MiB:,.0f} predicted; compute {r['measured']['cpu_s']:.2f} "
-                          f"CPU s vs {r['predicted_compute_s']:.2f} s ({r['measured']['wall_s']:.0f} s run)",
-                          flush=True)
-    rep = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-           "items": a.items, "context": a.context, "steps": a.steps, "log_every": a.log_every, "users": a.users,
-           "mean_len": a.mean_len, "malloc_mmap_threshold": a.malloc_mmap_threshold,
-           "overrides": a.set, "results": rows}
+                    print(
+                        f"{preset} x{ranks}: memory {r['measured']['added'] / MiB:,.0f} MiB measured vs "
+                        f"{r['predicted']['total'] / MiB:,.0f} predicted; compute {r['measured']['cpu_s']:.2f} "
+                        f"CPU s vs {r['predicted_compute_s']:.2f} s ({r['measured']['wall_s']:.0f} s run)",
+                        flush=True,
+                    )
+    rep = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "items": a.items,
+        "context": a.context,
+        "steps": a.steps,
+        "log_every": a.log_every,
+        "users": a.users,
+        "mean_len": a.mean_len,
+        "malloc_mmap_threshold": a.malloc_mmap_threshold,
+        "overrides": a.set,
+        "results": rows,
+    }
     if a.json:
         json.dump(rep, sys.stdout, indent=1)
         print()

@@ -60,8 +60,7 @@ def stock_webdataset(m: Manifest, split: str) -> tuple[int, int]:
 
 
 def argus_loader(m: Manifest, split: str, batch_size: int, fmt: str) -> tuple[int, int]:
-    cfg = ShardLoader.Config(path=str(m.root), split=split, batch_size=batch_size, num_workers=0,
-                             batch_format=fmt)
+    cfg = ShardLoader.Config(path=str(m.root), split=split, batch_size=batch_size, num_workers=0, batch_format=fmt)
     loader = cfg.build(0, 1, manifest=m)
     samples = inter = 0
     for b in loader:
@@ -98,22 +97,40 @@ def main() -> int:
     rows = []
     for name, fn in readers.items():
         best = min(timed(fn)[0] for _ in range(a.repeats))
-        rows.append({"reader": name, "seconds": round(best, 4), "interactions_per_s": total / best,
-                     "samples_per_s": info.samples / best})
-    rep = {"dir": str(m.root), "split": a.split, "shards": len(info.shards), "samples": info.samples,
-           "interactions": total, "mean_sample_len": total / max(info.samples, 1),
-           "bytes": sum(s.bytes for s in info.shards), "batch_size": a.batch_size,
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
-                      f"{platform.python_version()}", "results": rows}
+        rows.append(
+            {
+                "reader": name,
+                "seconds": round(best, 4),
+                "interactions_per_s": total / best,
+                "samples_per_s": info.samples / best,
+            }
+        )
+    rep = {
+        "dir": str(m.root),
+        "split": a.split,
+        "shards": len(info.shards),
+        "samples": info.samples,
+        "interactions": total,
+        "mean_sample_len": total / max(info.samples, 1),
+        "bytes": sum(s.bytes for s in info.shards),
+        "batch_size": a.batch_size,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}",
+        "results": rows,
+    }
     if a.json:
         json.dump(rep, sys.stdout, indent=1)
         print()
     else:
-        print(f"{rep['dir']} [{a.split}]: {rep['shards']} shards, {rep['samples']:,} samples, "
-              f"{total:,} interactions (mean {rep['mean_sample_len']:.0f}/sample), {rep['bytes'] / 2**20:.1f} MiB")
+        print(
+            f"{rep['dir']} [{a.split}]: {rep['shards']} shards, {rep['samples']:,} samples, "
+            f"{total:,} interactions (mean {rep['mean_sample_len']:.0f}/sample), {rep['bytes'] / 2**20:.1f} MiB"
+        )
         for r in rows:
-            print(f"  {r['reader']:<42} {r['interactions_per_s'] / 1e6:8.2f} M interactions/s/core "
-                  f"{r['samples_per_s']:>10,.0f} samples/s")
+            print(
+                f"  {r['reader']:<42} {r['interactions_per_s'] / 1e6:8.2f} M interactions/s/core "
+                f"{r['samples_per_s']:>10,.0f} samples/s"
+            )
     return 0
 
 

@@ -25,27 +25,63 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(data: Path, out: Path, preset: str, ranks: int, full: bool, steps: int, batch: int, ctx: int,
-        device: str, precision: str) -> dict:
-    args = ["configs/mini.yaml", f"data.path={data}", f"out={out}", f"model.preset={preset}",
-            f"model.max_seq_len={ctx}", f"data.batch_size={batch}", f"train.steps={steps}",
-            f"train.log_every={steps // 2}", "train.checkpoint_every=0", f"train.device={device}",
-            f"deepspeed.precision={precision}", f"deepspeed.stage={3 if preset == 'large' else 2}",
-            f"heads.next_item.full_softmax={'true' if full else 'false'}"]
+def run(
+    data: Path,
+    out: Path,
+    preset: str,
+    ranks: int,
+    full: bool,
+    steps: int,
+    batch: int,
+    ctx: int,
+    device: str,
+    precision: str,
+) -> dict:
+    args = [
+        "configs/mini.yaml",
+        f"data.path={data}",
+        f"out={out}",
+        f"model.preset={preset}",
+        f"model.max_seq_len={ctx}",
+        f"data.batch_size={batch}",
+        f"train.steps={steps}",
+        f"train.log_every={steps // 2}",
+        "train.checkpoint_every=0",
+        f"train.device={device}",
+        f"deepspeed.precision={precision}",
+        f"deepspeed.stage={3 if preset == 'large' else 2}",
+        f"heads.next_item.full_softmax={'true' if full else 'false'}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if ranks == 1:
         cmd = [sys.executable, "-m", "launch.cli", "train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=29651",
-               "-m", "launch.cli", "train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            "--master_port=29651",
+            "-m",
+            "launch.cli",
+            "train",
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"preset": preset, "ranks": ranks, "softmax": "full" if full else "sampled",
-            "interactions_per_s": last["interactions_per_s"], "tflops": last["tflops"],
-            "data_share": last.get("time/data_share"), "peak_gb": last.get("memory/peak_gb"),
-            "tps": last.get("tps"), "mfu": last.get("mfu(%)")}
+    return {
+        "preset": preset,
+        "ranks": ranks,
+        "softmax": "full" if full else "sampled",
+        "interactions_per_s": last["interactions_per_s"],
+        "tflops": last["tflops"],
+        "data_share": last.get("time/data_share"),
+        "peak_gb": last.get("memory/peak_gb"),
+        "tps": last.get("tps"),
+        "mfu": last.get("mfu(%)"),
+    }
 
 
 def record_mfu(rows: list[dict], a: argparse.Namespace) -> None:
@@ -65,8 +101,11 @@ def record_mfu(rows: list[dict], a: argparse.Namespace) -> None:
     path = REPO / "bench" / "results" / "mfu.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text()) if path.is_file() else {}
-    table[spec.name] = {"mfu": best["mfu"] / 100, "source": f"bench/train_throughput.py: {best['preset']}, "
-                        f"context {a.context}, {a.precision}, {best['ranks']} rank(s)"}
+    table[spec.name] = {
+        "mfu": best["mfu"] / 100,
+        "source": f"bench/train_throughput.py: {best['preset']}, "
+        f"context {a.context}, {a.precision}, {best['ranks']} rank(s)",
+    }
     path.write_text(json.dumps(table, indent=1) + "\n")
 
 
@@ -94,16 +133,26 @@ def main() -> int:
             for ranks in map(int, a.ranks.split(",")):
                 for full in modes:
                     out = Path(tmp) / f"{preset}-{ranks}-{full}"
-                    rows.append(run(data, out, preset, ranks, full, a.steps, a.batch_size, a.context, a.device,
-                                    a.precision))
+                    rows.append(
+                        run(data, out, preset, ranks, full, a.steps, a.batch_size, a.context, a.device, a.precision)
+                    )
                     if not a.json:
                         r = rows[-1]
-                        print(f"{r['preset']:<6} ranks={r['ranks']} {r['softmax']:<7} "
-                              f"{r['interactions_per_s']:>9,.0f} interactions/s  {r['tflops'] * 1e3:7.1f} GFLOP/s "
-                              f"data {r['data_share'] or 0:.0%}"
-                              + (f"  MFU {r['mfu']:.1f}%" if r.get("mfu") is not None else ""), flush=True)
-    rep = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "items": a.items, "context": a.context,
-           "batch_size_per_rank": a.batch_size, "steps": a.steps, "results": rows}
+                        print(
+                            f"{r['preset']:<6} ranks={r['ranks']} {r['softmax']:<7} "
+                            f"{r['interactions_per_s']:>9,.0f} interactions/s  {r['tflops'] * 1e3:7.1f} GFLOP/s "
+                            f"data {r['data_share'] or 0:.0%}"
+                            + (f"  MFU {r['mfu']:.1f}%" if r.get("mfu") is not None else ""),
+                            flush=True,
+                        )
+    rep = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "items": a.items,
+        "context": a.context,
+        "batch_size_per_rank": a.batch_size,
+        "steps": a.steps,
+        "results": rows,
+    }
     record_mfu(rows, a)
     if a.json:
         json.dump(rep, sys.stdout, indent=1)

@@ -88,7 +88,7 @@ def hosts_from_nodes_file(path: str | Path, default_slots: int | None) -> Hosts:
         where = f"{path}:{no}"
         parts = line.split()
         if len(parts) == 2 and parts[1].startswith("slots="):
-            host, slots = parts[0], _slots(parts[1][len("slots="):], where)
+            host, slots = parts[0], _slots(parts[1][len("slots=") :], where)
         elif len(parts) == 1 and ":" in parts[0]:
             host, n = parts[0].split(":", 1)
             slots = _slots(n, where)

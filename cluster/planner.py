@@ -27,8 +27,17 @@ from cluster.hardware import Hardware
 from embeddings.tables import table_rows
 from trainer.config import ConfigError
 from trainer.flops import encoder_flops_per_interaction, flops_per_interaction
-from trainer.memory import (HEADROOM_FRACTION, activations, dense_params, dense_states, ds_buffers,
-                            embedding_hbm_budget, embedding_lookups, headroom, weight_bytes)
+from trainer.memory import (
+    HEADROOM_FRACTION,
+    activations,
+    dense_params,
+    dense_states,
+    ds_buffers,
+    embedding_hbm_budget,
+    embedding_lookups,
+    headroom,
+    weight_bytes,
+)
 
 if TYPE_CHECKING:
     from trainer.job import JobConfig
@@ -36,8 +45,12 @@ if TYPE_CHECKING:
 DEFAULT_INTERACTIONS = 3e11
 ASSUMED_MFU = 0.40  # used when no GPU measurement of ours exists for the chosen GPU
 MEASURED_MFU_FILE = Path(__file__).resolve().parents[1] / "bench" / "results" / "mfu.json"
-OPTIMIZER_STATE_BYTES_PER_ROW = {"rowwise_adagrad": lambda dim: 4, "adagrad": lambda dim: 4 * dim,
-                                 "adam": lambda dim: 8 * dim, "sgd": lambda dim: 0}
+OPTIMIZER_STATE_BYTES_PER_ROW = {
+    "rowwise_adagrad": lambda dim: 4,
+    "adagrad": lambda dim: 4 * dim,
+    "adam": lambda dim: 8 * dim,
+    "sgd": lambda dim: 0,
+}
 
 
 @dataclass
@@ -87,8 +100,10 @@ def plan_config(cfg: JobConfig, world: int) -> JobConfig:
 def embedding_tables(cfg: JobConfig, items: int) -> dict[str, dict[str, int]]:
     """table -> rows, dim, weight bytes and fused-optimizer state bytes (fp32 tables)."""
     state = OPTIMIZER_STATE_BYTES_PER_ROW[cfg.embeddings.optimizer]
-    return {name: {"rows": rows, "dim": dim, "weight_bytes": rows * dim * 4, "optimizer_bytes": rows * state(dim)}
-            for name, (rows, dim) in table_rows(cfg.embeddings, items).items()}
+    return {
+        name: {"rows": rows, "dim": dim, "weight_bytes": rows * dim * 4, "optimizer_bytes": rows * state(dim)}
+        for name, (rows, dim) in table_rows(cfg.embeddings, items).items()
+    }
 
 
 def analytic_embedding_bytes(cfg: JobConfig, items: int, world: int) -> int:
@@ -97,11 +112,13 @@ def analytic_embedding_bytes(cfg: JobConfig, items: int, world: int) -> int:
     tables = embedding_tables(cfg, items)
     item = tables.pop("item")
     return math.ceil((item["weight_bytes"] + item["optimizer_bytes"]) / world) + sum(
-        t["weight_bytes"] + t["optimizer_bytes"] for t in tables.values())
+        t["weight_bytes"] + t["optimizer_bytes"] for t in tables.values()
+    )
 
 
-def torchrec_plan(cfg: JobConfig, items: int, hw: Hardware, hbm_cap: int | None, compute_device: str = "cuda"
-                  ) -> dict[str, Any]:
+def torchrec_plan(
+    cfg: JobConfig, items: int, hw: Hardware, hbm_cap: int | None, compute_device: str = "cuda"
+) -> dict[str, Any]:
     """TorchRec's plan for this world: per-table rows and per-rank HBM / host bytes (max over ranks).
 
     The call is the one `argus train` makes (same constraints, batch size, lookups, HBM budget and
@@ -111,9 +128,16 @@ def torchrec_plan(cfg: JobConfig, items: int, hw: Hardware, hbm_cap: int | None,
     from embeddings.sharding import plan_offline, plan_summary
 
     try:
-        plan, options = plan_offline(cfg.embeddings, items, hw.world, compute_device, batch_size=cfg.data.batch_size,
-                                     local_world_size=hw.gpus_per_node if compute_device == "cuda" else None,
-                                     hbm_cap=hbm_cap, lookups=embedding_lookups(cfg))
+        plan, options = plan_offline(
+            cfg.embeddings,
+            items,
+            hw.world,
+            compute_device,
+            batch_size=cfg.data.batch_size,
+            local_world_size=hw.gpus_per_node if compute_device == "cuda" else None,
+            hbm_cap=hbm_cap,
+            lookups=embedding_lookups(cfg),
+        )
     except PlannerError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return {"error": f"TorchRec planner: {first}"}
@@ -126,12 +150,23 @@ def torchrec_plan(cfg: JobConfig, items: int, hw: Hardware, hbm_cap: int | None,
                 ddr[s.rank] += s.storage.ddr
             if s.rank is not None and s.perf is not None:
                 perf[s.rank] += s.perf.total / 1000  # TorchRec's perf model works in milliseconds
-        tables.append({"table": o.name, "sharding_type": o.sharding_type, "compute_kernel": o.compute_kernel,
-                       "shards": len(o.shards),
-                       "hbm_per_shard": max((s.storage.hbm for s in o.shards if s.storage), default=0),
-                       "host_per_shard": max((s.storage.ddr for s in o.shards if s.storage), default=0)})
-    return {"tables": sorted(tables, key=lambda t: t["table"]), "hbm_per_rank": max(hbm), "host_per_rank": max(ddr),
-            "seconds_per_step": max(perf), "plan": plan_summary(plan)}
+        tables.append(
+            {
+                "table": o.name,
+                "sharding_type": o.sharding_type,
+                "compute_kernel": o.compute_kernel,
+                "shards": len(o.shards),
+                "hbm_per_shard": max((s.storage.hbm for s in o.shards if s.storage), default=0),
+                "host_per_shard": max((s.storage.ddr for s in o.shards if s.storage), default=0),
+            }
+        )
+    return {
+        "tables": sorted(tables, key=lambda t: t["table"]),
+        "hbm_per_rank": max(hbm),
+        "host_per_rank": max(ddr),
+        "seconds_per_step": max(perf),
+        "plan": plan_summary(plan),
+    }
 
 
 def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
@@ -156,20 +191,31 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     dense_side = states.gpu + act.total + buffers
     # the HBM TorchRec may fill: the very function `argus train` gives TorchRec on GPUs
     emb_budget = embedding_hbm_budget(cfg, world, capacity, gpn, req.headroom_fraction)
-    emb: dict[str, Any] = {"analytic_per_rank": analytic_embedding_bytes(cfg, req.items, world),
-                           "budget_per_rank": emb_budget}
+    emb: dict[str, Any] = {
+        "analytic_per_rank": analytic_embedding_bytes(cfg, req.items, world),
+        "budget_per_rank": emb_budget,
+    }
     if req.torchrec:
         emb.update(torchrec_plan(cfg, req.items, hw, emb_budget))
     emb_hbm = emb.get("hbm_per_rank", emb["analytic_per_rank"])
     total = emb_hbm + dense_side
     fits = "error" not in emb and total + reserve <= capacity
     memory = {
-        "embeddings": emb_hbm, "embeddings_host": emb.get("host_per_rank", 0),
-        "dense_params": states.params, "dense_grads": states.grads, "dense_optimizer": states.optimizer,
+        "embeddings": emb_hbm,
+        "embeddings_host": emb.get("host_per_rank", 0),
+        "dense_params": states.params,
+        "dense_grads": states.grads,
+        "dense_optimizer": states.optimizer,
         "dense_host_offload": states.host,
-        "activations": act.total, "activations_layers": act.layers, "activations_other": act.other,
-        "activations_working": act.working, "comm_buffers": buffers, "headroom": reserve,
-        "total": total, "capacity": capacity, "fits": fits,
+        "activations": act.total,
+        "activations_layers": act.layers,
+        "activations_other": act.other,
+        "activations_working": act.working,
+        "comm_buffers": buffers,
+        "headroom": reserve,
+        "total": total,
+        "capacity": capacity,
+        "fits": fits,
     }
 
     # ---- FLOPs and bytes per step, per rank
@@ -195,8 +241,13 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     # dense weights read by forward and twice by backward; optimizer states read and written once;
     # saved activations written and read once.
     w = weight_bytes(ds.precision)
-    hbm_bytes = (3 * lookup_bytes + 2 * item_lookups * opt_row(item_dim)
-                 + 3 * p.total * w + 2 * (states.optimizer + states.grads) + 2 * act.layers)
+    hbm_bytes = (
+        3 * lookup_bytes
+        + 2 * item_lookups * opt_row(item_dim)
+        + 3 * p.total * w
+        + 2 * (states.optimizer + states.grads)
+        + 2 * act.layers
+    )
     memory_s = hbm_bytes / spec.hbm_bytes_per_s
 
     intra, inter = hw.bandwidths()
@@ -220,34 +271,78 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     gpu_hours = seconds / 3600 * world
     out: dict[str, Any] = {
         "inputs": {
-            "preset": cfg.model.preset, "d_model": enc.d_model, "n_layers": enc.n_layers, "n_heads": enc.n_heads,
-            "d_ff": enc.d_ff, "context": cfg.interactions_per_sample() * k, "tokens_per_interaction": k,
-            "micro_batch": cfg.data.batch_size, "zero_stage": ds.stage, "offload": ds.offload,
-            "precision": ds.precision, "activation_checkpointing": enc.activation_checkpointing,
-            "item_dim": item_dim, "embedding_optimizer": cfg.embeddings.optimizer,
-            "negatives": ni.uniform_negatives + ni.in_batch_negatives, "items": req.items,
-            "interactions": req.interactions, "fill": req.fill, "gpu": hw.gpu, "nodes": hw.nodes,
-            "gpus_per_node": gpn, "world": world, "gpu_memory": capacity, "peak_flops": peak,
-            "hbm_bytes_per_s": spec.hbm_bytes_per_s, "intra_node_bytes_per_s": intra,
-            "inter_node_bytes_per_s": inter, "mfu": mfu, "mfu_source": mfu_source,
+            "preset": cfg.model.preset,
+            "d_model": enc.d_model,
+            "n_layers": enc.n_layers,
+            "n_heads": enc.n_heads,
+            "d_ff": enc.d_ff,
+            "context": cfg.interactions_per_sample() * k,
+            "tokens_per_interaction": k,
+            "micro_batch": cfg.data.batch_size,
+            "zero_stage": ds.stage,
+            "offload": ds.offload,
+            "precision": ds.precision,
+            "activation_checkpointing": enc.activation_checkpointing,
+            "item_dim": item_dim,
+            "embedding_optimizer": cfg.embeddings.optimizer,
+            "negatives": ni.uniform_negatives + ni.in_batch_negatives,
+            "items": req.items,
+            "interactions": req.interactions,
+            "fill": req.fill,
+            "gpu": hw.gpu,
+            "nodes": hw.nodes,
+            "gpus_per_node": gpn,
+            "world": world,
+            "gpu_memory": capacity,
+            "peak_flops": peak,
+            "hbm_bytes_per_s": spec.hbm_bytes_per_s,
+            "intra_node_bytes_per_s": intra,
+            "inter_node_bytes_per_s": inter,
+            "mfu": mfu,
+            "mfu_source": mfu_source,
             "price_per_gpu_hour": hw.price_per_gpu_hour,
         },
-        "params": {"encoder": p.encoder, "positions": p.positions, "side_tables": p.side_tables,
-                   "interaction": p.interaction, "heads": p.heads,
-                   "dense_total": p.total, "largest_layer": p.largest_layer,
-                   "embedding": sum(t["rows"] * t["dim"] for t in tables.values()), "tables": tables},
+        "params": {
+            "encoder": p.encoder,
+            "positions": p.positions,
+            "side_tables": p.side_tables,
+            "interaction": p.interaction,
+            "heads": p.heads,
+            "dense_total": p.total,
+            "largest_layer": p.largest_layer,
+            "embedding": sum(t["rows"] * t["dim"] for t in tables.values()),
+            "tables": tables,
+        },
         "memory": memory,
         "embedding_plan": emb,
-        "flops": {"per_interaction": f_int, "encoder_per_interaction": f_enc,
-                  "head_per_interaction": f_int - f_enc, "recompute_per_interaction": recompute,
-                  "per_step_per_rank": flops_step, "embedding_bytes_per_interaction": lookup_bytes / interactions_rank},
-        "step": {"interactions_per_rank": interactions_rank, "interactions": interactions_step,
-                 "compute_s": compute_s, "memory_s": memory_s, "zero_comm_s": zero_s, "embedding_comm_s": a2a_s,
-                 "embedding_s": emb_s,
-                 "zero_comm_bytes": zero_bytes, "embedding_comm_bytes": a2a_bytes, "hbm_bytes": hbm_bytes,
-                 "seconds": step_s, "bound": max(parts, key=parts.get)},
-        "time": {"steps": steps, "days": seconds / 86400, "gpu_hours": gpu_hours,
-                 "cost": gpu_hours * hw.price_per_gpu_hour if hw.price_per_gpu_hour else None},
+        "flops": {
+            "per_interaction": f_int,
+            "encoder_per_interaction": f_enc,
+            "head_per_interaction": f_int - f_enc,
+            "recompute_per_interaction": recompute,
+            "per_step_per_rank": flops_step,
+            "embedding_bytes_per_interaction": lookup_bytes / interactions_rank,
+        },
+        "step": {
+            "interactions_per_rank": interactions_rank,
+            "interactions": interactions_step,
+            "compute_s": compute_s,
+            "memory_s": memory_s,
+            "zero_comm_s": zero_s,
+            "embedding_comm_s": a2a_s,
+            "embedding_s": emb_s,
+            "zero_comm_bytes": zero_bytes,
+            "embedding_comm_bytes": a2a_bytes,
+            "hbm_bytes": hbm_bytes,
+            "seconds": step_s,
+            "bound": max(parts, key=parts.get),
+        },
+        "time": {
+            "steps": steps,
+            "days": seconds / 86400,
+            "gpu_hours": gpu_hours,
+            "cost": gpu_hours * hw.price_per_gpu_hour if hw.price_per_gpu_hour else None,
+        },
     }
     return out
 
@@ -295,8 +390,9 @@ def min_gpus(cfg: JobConfig, req: PlanRequest, scale: float = 1.0, limit: int = 
     return counts[hi]
 
 
-def suggestions(cfg: JobConfig, req: PlanRequest, result: dict[str, Any], fewest_gpus: int | None
-                ) -> list[dict[str, Any]]:
+def suggestions(
+    cfg: JobConfig, req: PlanRequest, result: dict[str, Any], fewest_gpus: int | None
+) -> list[dict[str, Any]]:
     """Single changes that make a config fit, each with its days to train (fewest days first).
 
     ``fewest_gpus``: :func:`min_gpus` for this config, already computed by the caller."""
@@ -310,17 +406,28 @@ def suggestions(cfg: JobConfig, req: PlanRequest, result: dict[str, Any], fewest
 
     candidates: list[tuple[str, Any, PlanRequest]] = []
     if not enc.activation_checkpointing:
-        candidates.append(("model.activation_checkpointing=true",
-                           variant(lambda c: setattr(c.model, "activation_checkpointing", True)), req))
+        candidates.append(
+            (
+                "model.activation_checkpointing=true",
+                variant(lambda c: setattr(c.model, "activation_checkpointing", True)),
+                req,
+            )
+        )
     if ds.stage < 3:
         candidates.append(("deepspeed.stage=3", variant(lambda c: setattr(c.deepspeed, "stage", 3)), req))
     if not ds.offload:
-        candidates.append(("deepspeed.stage=3 deepspeed.offload=true", variant(
-            lambda c: (setattr(c.deepspeed, "stage", 3), setattr(c.deepspeed, "offload", True))), req))
+        candidates.append(
+            (
+                "deepspeed.stage=3 deepspeed.offload=true",
+                variant(lambda c: (setattr(c.deepspeed, "stage", 3), setattr(c.deepspeed, "offload", True))),
+                req,
+            )
+        )
     if fewest_gpus is not None and fewest_gpus > hw.world:
         nodes = f" ({fewest_gpus // hw.gpus_per_node} nodes)" if fewest_gpus >= hw.gpus_per_node else ""
-        candidates.append((f"--gpus {fewest_gpus}{nodes}", cfg,
-                           dataclasses.replace(req, hardware=hw.with_world(fewest_gpus))))
+        candidates.append(
+            (f"--gpus {fewest_gpus}{nodes}", cfg, dataclasses.replace(req, hardware=hw.with_world(fewest_gpus)))
+        )
     out = []
     for change, c, r in candidates:
         fitted = _fits_fast(c, r, scale)
@@ -330,8 +437,13 @@ def suggestions(cfg: JobConfig, req: PlanRequest, result: dict[str, Any], fewest
     while b >= 1:
         fitted = _fits_fast(_with_batch(cfg, b), req, scale)
         if fitted:
-            out.append({"change": f"data.batch_size={b}", "days": fitted["time"]["days"],
-                        "memory_per_rank": fitted["memory"]["total"]})
+            out.append(
+                {
+                    "change": f"data.batch_size={b}",
+                    "days": fitted["time"]["days"],
+                    "memory_per_rank": fitted["memory"]["total"],
+                }
+            )
             break
         b //= 2
     return sorted(out, key=lambda s: s["days"])

@@ -51,8 +51,15 @@ def allreduce_probe(config: dict[str, Any]) -> None:
         name = "cpu"
     smallest = torch.tensor([mem], dtype=torch.int64, device=device)
     dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-    result = {"busbw_gbps": busbw, "seconds": seconds, "correct": ok, "world_size": n, "backend": dist.get_backend(),
-              "memory_bytes": int(smallest.item()), "device_name": name}
+    result = {
+        "busbw_gbps": busbw,
+        "seconds": seconds,
+        "correct": ok,
+        "world_size": n,
+        "backend": dist.get_backend(),
+        "memory_bytes": int(smallest.item()),
+        "device_name": name,
+    }
     if dist.get_rank() == 0:  # Ray V2 keeps no metrics without a checkpoint: hand the result over in a file
         Path(config["result"]).write_text(json.dumps(result))
     ray.train.report(result)
@@ -65,8 +72,15 @@ def nodes() -> list[dict[str, Any]]:
     out = []
     for node in ray.nodes():
         res = node.get("Resources", {})
-        out.append({"address": node.get("NodeManagerAddress", "?"), "alive": bool(node.get("Alive")),
-                    "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0), "memory": res.get("memory", 0)})
+        out.append(
+            {
+                "address": node.get("NodeManagerAddress", "?"),
+                "alive": bool(node.get("Alive")),
+                "cpus": res.get("CPU", 0),
+                "gpus": res.get("GPU", 0),
+                "memory": res.get("memory", 0),
+            }
+        )
     return out
 
 
@@ -82,9 +96,19 @@ class PreflightResult:
     problems: list[str] = field(default_factory=list)
 
 
-def run_checks(job: JobConfig | None, *, num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
-               storage_path: str | Path, probe_mb: float = 64.0, probe_iters: int = 5, min_busbw_gbps: float = 0.0,
-               min_free_gb: float = 10.0, items: float = 0) -> PreflightResult:
+def run_checks(
+    job: JobConfig | None,
+    *,
+    num_workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    storage_path: str | Path,
+    probe_mb: float = 64.0,
+    probe_iters: int = 5,
+    min_busbw_gbps: float = 0.0,
+    min_free_gb: float = 10.0,
+    items: float = 0,
+) -> PreflightResult:
     """Resources, all-reduce (correctness and bus bandwidth), memory per rank and disk, on the connected Ray
     cluster (see ``cluster.ray_local.ray_session``). ``job`` (validated for ``num_workers``) enables the
     memory check."""
@@ -105,37 +129,51 @@ def run_checks(job: JobConfig | None, *, num_workers: int, cpus_per_worker: floa
     result_file = storage / f"allreduce-{int(time.time() * 1000)}.json"
     if fits:
         trainer = TorchTrainer(
-            allreduce_probe, train_loop_config={"mb": probe_mb, "iters": probe_iters, "result": str(result_file),
-                                                "per_node": max(1, num_workers // max(len(ray.nodes()), 1))},
+            allreduce_probe,
+            train_loop_config={
+                "mb": probe_mb,
+                "iters": probe_iters,
+                "result": str(result_file),
+                "per_node": max(1, num_workers // max(len(ray.nodes()), 1)),
+            },
             torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
-                                         resources_per_worker={"CPU": cpus_per_worker,
-                                                               **({"GPU": gpus_per_worker}
-                                                                  if gpus_per_worker else {})}),
-            run_config=RunConfig(name=f"preflight-{int(time.time())}", storage_path=str(storage)))
+            scaling_config=ScalingConfig(
+                num_workers=num_workers,
+                use_gpu=gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+            ),
+            run_config=RunConfig(name=f"preflight-{int(time.time())}", storage_path=str(storage)),
+        )
         trainer.fit()
         probe = json.loads(result_file.read_text()) if result_file.is_file() else {}
         if not probe.get("correct", False):
-            problems.append("all-reduce: wrong result (check the network interface: GLOO_SOCKET_IFNAME / "
-                            "NCCL_SOCKET_IFNAME)")
+            problems.append(
+                "all-reduce: wrong result (check the network interface: GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)"
+            )
         elif probe["busbw_gbps"] < min_busbw_gbps:
-            problems.append(f"all-reduce: {probe['busbw_gbps']:.2f} GB/s bus bandwidth < --min-busbw-gbps "
-                            f"{min_busbw_gbps}")
-    memory = (memory_check(job, probe, num_workers=num_workers, gpus_per_worker=gpus_per_worker, items=items)
-              if job is not None and probe else None)
+            problems.append(
+                f"all-reduce: {probe['busbw_gbps']:.2f} GB/s bus bandwidth < --min-busbw-gbps {min_busbw_gbps}"
+            )
+    memory = (
+        memory_check(job, probe, num_workers=num_workers, gpus_per_worker=gpus_per_worker, items=items)
+        if job is not None and probe
+        else None
+    )
     if memory and not memory["fits"]:
-        problems.append(f"memory: the planner predicts {memory['need'] / 1e9:.1f} GB per rank (+ "
-                        f"{memory['headroom'] / 1e9:.1f} GB headroom) but the smallest worker has "
-                        f"{memory['capacity'] / 1e9:.1f} GB ({memory['device']}); see `argus plan`")
+        problems.append(
+            f"memory: the planner predicts {memory['need'] / 1e9:.1f} GB per rank (+ "
+            f"{memory['headroom'] / 1e9:.1f} GB headroom) but the smallest worker has "
+            f"{memory['capacity'] / 1e9:.1f} GB ({memory['device']}); see `argus plan`"
+        )
     free = shutil.disk_usage(storage).free
     if free < min_free_gb * 2**30:
         problems.append(f"disk: {free / 2**30:.1f} GiB free at {storage} < --min-free-gb {min_free_gb}")
-    return PreflightResult(fits=fits, storage=storage, free_bytes=free, probe=probe, memory=memory,
-                           problems=problems)
+    return PreflightResult(fits=fits, storage=storage, free_bytes=free, probe=probe, memory=memory, problems=problems)
 
 
-def memory_check(job: JobConfig, probe: dict[str, Any], *, num_workers: int, gpus_per_worker: float,
-                 items: float = 0) -> dict[str, Any] | None:
+def memory_check(
+    job: JobConfig, probe: dict[str, Any], *, num_workers: int, gpus_per_worker: float, items: float = 0
+) -> dict[str, Any] | None:
     """The capacity planner's per-rank memory for this config and world size vs the smallest worker's."""
     from cluster.hardware import Hardware
     from cluster.planner import PlanRequest, plan
@@ -147,9 +185,16 @@ def memory_check(job: JobConfig, probe: dict[str, Any], *, num_workers: int, gpu
     if not items:
         return None
     spec = match_gpu_name(probe["device_name"])
-    hw = Hardware(gpu=spec.name if spec else "h100", nodes=1, gpus_per_node=num_workers,
-                  memory_gb=probe["memory_bytes"] / 1e9)
+    hw = Hardware(
+        gpu=spec.name if spec else "h100", nodes=1, gpus_per_node=num_workers, memory_gb=probe["memory_bytes"] / 1e9
+    )
     r = plan(job, PlanRequest(items=int(items), hardware=hw, torchrec=bool(gpus_per_worker)))
     m = r["memory"]
-    return {"need": m["total"], "headroom": m["headroom"], "capacity": m["capacity"], "items": int(items),
-            "fits": m["total"] + m["headroom"] <= m["capacity"], "device": probe["device_name"]}
+    return {
+        "need": m["total"],
+        "headroom": m["headroom"],
+        "capacity": m["capacity"],
+        "items": int(items),
+        "fits": m["total"] + m["headroom"] <= m["capacity"],
+        "device": probe["device_name"],
+    }

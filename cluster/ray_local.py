@@ -19,9 +19,11 @@ def check_resources(available: dict[str, float], workers: int, cpus: float, gpus
     need = {"CPU": workers * cpus, "GPU": workers * gpus}
     for res, amount in need.items():
         if amount > available.get(res, 0.0) + 1e-9:
-            raise InsufficientResources(f"--num-workers {workers} x --{res.lower()}s-per-worker "
-                                        f"{cpus if res == 'CPU' else gpus:g} needs {amount:g} {res}, the cluster "
-                                        f"has {available.get(res, 0.0):g}")
+            raise InsufficientResources(
+                f"--num-workers {workers} x --{res.lower()}s-per-worker "
+                f"{cpus if res == 'CPU' else gpus:g} needs {amount:g} {res}, the cluster "
+                f"has {available.get(res, 0.0):g}"
+            )
 
 
 def start_local_cluster(num_cpus: int) -> Any:
@@ -37,8 +39,11 @@ def start_local_cluster(num_cpus: int) -> Any:
     tmp = tempfile.mkdtemp(prefix="argus-ray-", dir="/tmp")  # Ray's socket paths must stay short
     os.environ["RAY_TMPDIR"] = tmp
     os.makedirs(os.path.join(tmp, "ray"), exist_ok=True)
-    return Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": num_cpus, "node_ip_address": "127.0.0.2", "include_dashboard": False})
+    return Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={"num_cpus": num_cpus, "node_ip_address": "127.0.0.2", "include_dashboard": False},
+    )
 
 
 @contextlib.contextmanager

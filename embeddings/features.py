@@ -19,13 +19,16 @@ def apply_oov(ids: torch.Tensor, rows: int, policy: str, feature: str) -> torch.
     if not bool(bad.any()):
         return ids
     if policy == "error":
-        raise ValueError(f"feature {feature!r}: id {int(ids[bad][0])} outside the table's {rows} rows "
-                         f"(set embeddings.oov=hash to map ids beyond the table by id mod rows)")
+        raise ValueError(
+            f"feature {feature!r}: id {int(ids[bad][0])} outside the table's {rows} rows "
+            f"(set embeddings.oov=hash to map ids beyond the table by id mod rows)"
+        )
     return torch.remainder(ids, rows)
 
 
-def featurize(batch: Batch, cfg: ItemEmbeddings.Config, item_rows: int, neg_ids: torch.Tensor,
-              device: torch.device) -> KeyedJaggedTensor:
+def featurize(
+    batch: Batch, cfg: ItemEmbeddings.Config, item_rows: int, neg_ids: torch.Tensor, device: torch.device
+) -> KeyedJaggedTensor:
     """The items KJT (features ``item`` and ``neg_item``) of one jagged batch.
 
     Sampled negatives ride in the ``neg_item`` feature of the first sample, so they are looked up
@@ -42,18 +45,21 @@ def featurize(batch: Batch, cfg: ItemEmbeddings.Config, item_rows: int, neg_ids:
     if b == 0:  # an empty padding batch still takes part in the collectives
         lengths = torch.zeros(1, dtype=torch.int64, device=device)
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(ITEM_FEATURES), values=torch.cat([item, neg]), lengths=torch.cat([lengths, neg_lengths]))
+        keys=list(ITEM_FEATURES), values=torch.cat([item, neg]), lengths=torch.cat([lengths, neg_lengths])
+    )
 
 
 def lookup_ids(tables: Any, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Vectors of item table rows ``ids`` (may be empty: the lookup still runs, as a collective)."""
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(ITEM_FEATURES), values=ids.to(device),
-                                              lengths=torch.tensor([ids.numel(), 0], device=device))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(ITEM_FEATURES), values=ids.to(device), lengths=torch.tensor([ids.numel(), 0], device=device)
+    )
     return jagged_values(tables(kjt))[ITEM_FEATURES[0]]
 
 
-def lookup_batch(tables: Any, batch: Batch, cfg: ItemEmbeddings.Config, item_rows: int, extra_ids: torch.Tensor,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def lookup_batch(
+    tables: Any, batch: Batch, cfg: ItemEmbeddings.Config, item_rows: int, extra_ids: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Look a batch up in the item table (a DMP-sharded or a plain SparseArch: anything taking the KJT).
 
     Returns (item vectors of the history, vectors of ``extra_ids``: sampled negatives in training,

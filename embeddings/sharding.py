@@ -16,8 +16,9 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from embeddings.tables import ItemEmbeddings, SparseArch, optimizer_class
 
 
-def constraints(cfg: ItemEmbeddings.Config, lookups: tuple[float, float] | None = None
-                ) -> dict[str, ParameterConstraints]:
+def constraints(
+    cfg: ItemEmbeddings.Config, lookups: tuple[float, float] | None = None
+) -> dict[str, ParameterConstraints]:
     """Per-table planner constraints from the config.
 
     ``lookups`` = (interactions per sample, negatives per sample): TorchRec sizes its I/O buffers and
@@ -33,21 +34,40 @@ def constraints(cfg: ItemEmbeddings.Config, lookups: tuple[float, float] | None 
     return out
 
 
-def make_planner(cfg: ItemEmbeddings.Config, world_size: int, compute_device: str, batch_size: int | None = None,
-                 local_world_size: int | None = None, hbm_cap: int | None = None,
-                 lookups: tuple[float, float] | None = None) -> EmbeddingShardingPlanner:
+def make_planner(
+    cfg: ItemEmbeddings.Config,
+    world_size: int,
+    compute_device: str,
+    batch_size: int | None = None,
+    local_world_size: int | None = None,
+    hbm_cap: int | None = None,
+    lookups: tuple[float, float] | None = None,
+) -> EmbeddingShardingPlanner:
     """TorchRec's planner for our tables. ``hbm_cap`` given = the HBM left for embeddings after the dense
     side (computed by ``trainer.memory``), so TorchRec's own 15% dense reservation is turned off."""
-    topology = Topology(world_size=world_size, compute_device=compute_device, local_world_size=local_world_size,
-                        hbm_cap=hbm_cap)
+    topology = Topology(
+        world_size=world_size, compute_device=compute_device, local_world_size=local_world_size, hbm_cap=hbm_cap
+    )
     reservation = FixedPercentageStorageReservation(percentage=0.0) if hbm_cap is not None else None
-    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints(cfg, lookups),
-                                    storage_reservation=reservation, debug=False)
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=constraints(cfg, lookups),
+        storage_reservation=reservation,
+        debug=False,
+    )
 
 
-def plan_offline(cfg: ItemEmbeddings.Config, num_items: int, world_size: int, compute_device: str,
-                 batch_size: int | None = None, local_world_size: int | None = None, hbm_cap: int | None = None,
-                 lookups: tuple[float, float] | None = None) -> tuple[ShardingPlan, list[Any]]:
+def plan_offline(
+    cfg: ItemEmbeddings.Config,
+    num_items: int,
+    world_size: int,
+    compute_device: str,
+    batch_size: int | None = None,
+    local_world_size: int | None = None,
+    hbm_cap: int | None = None,
+    lookups: tuple[float, float] | None = None,
+) -> tuple[ShardingPlan, list[Any]]:
     """The plan ``shard()`` would make, without a process group: tables on the meta device, a
     hypothetical topology. Returns the plan and TorchRec's sharding options (with their storage)."""
     sparse = SparseArch(cfg, num_items, device="meta")
@@ -64,8 +84,10 @@ def plan_summary(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             shards = []
             if ps.sharding_spec is not None:
-                shards = [[int(str(m.placement).split("/")[0].split(":")[1]), list(m.shard_offsets),
-                           list(m.shard_sizes)] for m in ps.sharding_spec.shards]
+                shards = [
+                    [int(str(m.placement).split("/")[0].split(":")[1]), list(m.shard_offsets), list(m.shard_sizes)]
+                    for m in ps.sharding_spec.shards
+                ]
             else:
                 shards = [[r, None, None] for r in (ps.ranks or [])]
             out[table] = {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel, "shards": shards}
@@ -82,18 +104,31 @@ def attach_fused_optimizer(sparse: SparseArch, cfg: ItemEmbeddings.Config) -> No
     apply_optimizer_in_backward(cls, sparse.parameters(), dict(kwargs))
 
 
-def shard(sparse: SparseArch, cfg: ItemEmbeddings.Config, device: torch.device, batch_size: int | None = None,
-          group: dist.ProcessGroup | None = None, hbm_cap: int | None = None,
-          lookups: tuple[float, float] | None = None) -> tuple[DistributedModelParallel, ShardingPlan]:
+def shard(
+    sparse: SparseArch,
+    cfg: ItemEmbeddings.Config,
+    device: torch.device,
+    batch_size: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    hbm_cap: int | None = None,
+    lookups: tuple[float, float] | None = None,
+) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan (on rank 0, broadcast) and shard ``sparse`` over the default process group."""
     group = group or dist.GroupMember.WORLD
     world = dist.get_world_size(group)
     attach_fused_optimizer(sparse, cfg)
     sharders = [EmbeddingCollectionSharder()]
-    planner = make_planner(cfg, world, device.type, batch_size=batch_size,
-                           local_world_size=torch.cuda.device_count() if device.type == "cuda" else None,
-                           hbm_cap=hbm_cap, lookups=lookups)
+    planner = make_planner(
+        cfg,
+        world,
+        device.type,
+        batch_size=batch_size,
+        local_world_size=torch.cuda.device_count() if device.type == "cuda" else None,
+        hbm_cap=hbm_cap,
+        lookups=lookups,
+    )
     plan = planner.collective_plan(sparse, sharders, group)
-    dmp = DistributedModelParallel(sparse, env=ShardingEnv.from_process_group(group), device=device, plan=plan,
-                                   sharders=sharders)
+    dmp = DistributedModelParallel(
+        sparse, env=ShardingEnv.from_process_group(group), device=device, plan=plan, sharders=sharders
+    )
     return dmp, plan

@@ -60,9 +60,12 @@ class ItemEmbeddings:
             if self.optimizer not in OPTIMIZERS:
                 raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
             if self.optimizer == "adam" and device == "cpu":
-                raise bad("optimizer", "adam is not supported by TorchRec's fused optimizers on CPU "
-                                       "('Optimizer adam is not supported in CPU mode'); use rowwise_adagrad, "
-                                       "adagrad or sgd, or train on GPU")
+                raise bad(
+                    "optimizer",
+                    "adam is not supported by TorchRec's fused optimizers on CPU "
+                    "('Optimizer adam is not supported in CPU mode'); use rowwise_adagrad, "
+                    "adagrad or sgd, or train on GPU",
+                )
             if self.lr <= 0:
                 raise bad("lr", f"must be > 0, got {self.lr}")
 
@@ -76,9 +79,17 @@ class SparseArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.item_rows = cfg.item_rows or num_items
-        self.items = EmbeddingCollection(tables=[EmbeddingConfig(
-            num_embeddings=self.item_rows, embedding_dim=cfg.item_dim, name="item",
-            feature_names=list(ITEM_FEATURES))], device=torch.device(device))
+        self.items = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    num_embeddings=self.item_rows,
+                    embedding_dim=cfg.item_dim,
+                    name="item",
+                    feature_names=list(ITEM_FEATURES),
+                )
+            ],
+            device=torch.device(device),
+        )
 
     def forward(self, items: Any) -> Any:
         """Items KJT (features ``item``, ``neg_item``) -> the collection's output."""
@@ -91,12 +102,13 @@ def table_rows(cfg: ItemEmbeddings.Config, num_items: int) -> dict[str, tuple[in
 
 
 # ---- deterministic, sharding-independent initialisation --------------------------------------------------------
-def init_rows(table: str, start: int, end: int, dim: int, seed: int, std: float,
-              col_start: int = 0, col_end: int | None = None) -> torch.Tensor:
+def init_rows(
+    table: str, start: int, end: int, dim: int, seed: int, std: float, col_start: int = 0, col_end: int | None = None
+) -> torch.Tensor:
     """Rows [start, end) (columns [col_start, col_end)) of a table's initial weights."""
     col_end = dim if col_end is None else col_end
     out = torch.empty(end - start, col_end - col_start)
-    salt = sum(ord(c) * 131 ** i for i, c in enumerate(table)) % (2**31)
+    salt = sum(ord(c) * 131**i for i, c in enumerate(table)) % (2**31)
     first, last = start // INIT_BLOCK_ROWS, (end - 1) // INIT_BLOCK_ROWS if end > start else -1
     for block in range(first, last + 1):
         b0 = block * INIT_BLOCK_ROWS
@@ -104,7 +116,7 @@ def init_rows(table: str, start: int, end: int, dim: int, seed: int, std: float,
         g = torch.Generator().manual_seed((seed * 1_000_003 + salt * 7919 + block) % (2**63))
         full = torch.randn(INIT_BLOCK_ROWS, dim, generator=g)[:rows] * std
         lo, hi = max(start, b0), min(end, b0 + rows)
-        out[lo - start: hi - start] = full[lo - b0: hi - b0, col_start:col_end]
+        out[lo - start : hi - start] = full[lo - b0 : hi - b0, col_start:col_end]
     return out
 
 
@@ -143,7 +155,7 @@ def gather_full_tables(module: nn.Module) -> dict[str, torch.Tensor]:
         for shard in value.local_shards():
             r0, c0 = shard.metadata.shard_offsets
             rows, cols = shard.metadata.shard_sizes
-            full[r0:r0 + rows, c0:c0 + cols] = shard.tensor.detach().cpu()
+            full[r0 : r0 + rows, c0 : c0 + cols] = shard.tensor.detach().cpu()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(full)  # shards are disjoint: a sum assembles the table
         out[table] = full
@@ -170,4 +182,3 @@ def optimizer_class(name: str) -> tuple[type, dict[str, Any]]:
     if name == "adam":
         return torch.optim.Adam, {}
     raise ValueError(f"embeddings.optimizer: unknown {name!r}")
-

@@ -22,8 +22,11 @@ from launch.train_cli import add_train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="argus", description="Train billion-parameter transformer recommenders "
-                                "(ARGUS recipe): data, training, launch, capacity planning.")
+    p = argparse.ArgumentParser(
+        prog="argus",
+        description="Train billion-parameter transformer recommenders "
+        "(ARGUS recipe): data, training, launch, capacity planning.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_data(sub)
     add_train(sub)  # train, finetune, eval

@@ -24,35 +24,64 @@ def cmd_cluster_check(a: argparse.Namespace) -> int:
     job = None
     if a.config:
         try:
-            job = load_job(a.config, list(a.overrides) + ([] if any(o.startswith("out=") for o in a.overrides)
-                                                         else ["out=/preflight"]), world_size=a.num_workers)
+            job = load_job(
+                a.config,
+                list(a.overrides) + ([] if any(o.startswith("out=") for o in a.overrides) else ["out=/preflight"]),
+                world_size=a.num_workers,
+            )
         except ValueError as e:
             problems.append(f"config: {e}")
     with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
         t = Table("node", "alive", "CPUs", "GPUs", "memory GiB", title="Ray nodes")
         for n in nodes():
-            t.add_row(n["address"], "yes" if n["alive"] else "NO", f"{n['cpus']:g}", f"{n['gpus']:g}",
-                      f"{n['memory'] / 2**30:.1f}")
+            t.add_row(
+                n["address"],
+                "yes" if n["alive"] else "NO",
+                f"{n['cpus']:g}",
+                f"{n['gpus']:g}",
+                f"{n['memory'] / 2**30:.1f}",
+            )
         console.print(t)
-        r = run_checks(job, num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker,
-                       gpus_per_worker=a.gpus_per_worker, storage_path=a.storage_path, probe_mb=a.probe_mb,
-                       probe_iters=a.probe_iters, min_busbw_gbps=a.min_busbw_gbps, min_free_gb=a.min_free_gb,
-                       items=a.items)
+        r = run_checks(
+            job,
+            num_workers=a.num_workers,
+            cpus_per_worker=a.cpus_per_worker,
+            gpus_per_worker=a.gpus_per_worker,
+            storage_path=a.storage_path,
+            probe_mb=a.probe_mb,
+            probe_iters=a.probe_iters,
+            min_busbw_gbps=a.min_busbw_gbps,
+            min_free_gb=a.min_free_gb,
+            items=a.items,
+        )
         problems += r.problems
         probe, memory = r.probe, r.memory
         t = Table("check", "result", title="preflight")
-        t.add_row("workers", f"{a.num_workers} x ({a.cpus_per_worker:g} CPU, {a.gpus_per_worker:g} GPU): "
-                             f"{'fit' if r.fits else 'DO NOT FIT'}")
+        t.add_row(
+            "workers",
+            f"{a.num_workers} x ({a.cpus_per_worker:g} CPU, {a.gpus_per_worker:g} GPU): "
+            f"{'fit' if r.fits else 'DO NOT FIT'}",
+        )
         if probe:
-            t.add_row("all-reduce", f"{probe.get('backend')} over {probe.get('world_size')} workers, "
-                                    f"{a.probe_mb} MiB: {probe.get('busbw_gbps', 0):.2f} GB/s bus bandwidth")
+            t.add_row(
+                "all-reduce",
+                f"{probe.get('backend')} over {probe.get('world_size')} workers, "
+                f"{a.probe_mb} MiB: {probe.get('busbw_gbps', 0):.2f} GB/s bus bandwidth",
+            )
         t.add_row("disk", f"{r.free_bytes / 2**30:.1f} GiB free at {r.storage}")
         if memory:
-            t.add_row("memory / rank", f"planned {memory['need'] / 1e9:.2f} GB + {memory['headroom'] / 1e9:.2f} GB "
-                                       f"headroom vs {memory['capacity'] / 1e9:.2f} GB: "
-                                       f"{'fits' if memory['fits'] else 'DOES NOT FIT'} ({memory['items']:,} items)")
-        t.add_row("config", "ok" if a.config and not any(p.startswith("config") for p in problems)
-                  else ("not given" if not a.config else "FAILED"))
+            t.add_row(
+                "memory / rank",
+                f"planned {memory['need'] / 1e9:.2f} GB + {memory['headroom'] / 1e9:.2f} GB "
+                f"headroom vs {memory['capacity'] / 1e9:.2f} GB: "
+                f"{'fits' if memory['fits'] else 'DOES NOT FIT'} ({memory['items']:,} items)",
+            )
+        t.add_row(
+            "config",
+            "ok"
+            if a.config and not any(p.startswith("config") for p in problems)
+            else ("not given" if not a.config else "FAILED"),
+        )
         console.print(t)
     for p in problems:
         print(f"argus cluster check: {p}")
@@ -65,11 +94,12 @@ def cmd_cluster_hostfile(a: argparse.Namespace) -> int:
 
     if a.slots is not None and a.slots < 1:
         raise ValueError(f"--slots must be >= 1, got {a.slots}")
-    hosts = (hosts_from_nodes_file(a.nodes_file, a.slots) if a.nodes_file
-             else hosts_from_ray(a.address, a.slots))
+    hosts = hosts_from_nodes_file(a.nodes_file, a.slots) if a.nodes_file else hosts_from_ray(a.address, a.slots)
     path = write_hostfile(hosts, a.out)
-    print(f"wrote {path}: {len(hosts)} host(s), {sum(s for _, s in hosts)} slots: "
-          + ", ".join(f"{h} slots={s}" for h, s in hosts))
+    print(
+        f"wrote {path}: {len(hosts)} host(s), {sum(s for _, s in hosts)} slots: "
+        + ", ".join(f"{h} slots={s}" for h, s in hosts)
+    )
     return 0
 
 
@@ -93,8 +123,9 @@ def add_cluster(sub: Any) -> None:
     c.add_argument("--probe-iters", type=int, default=5)
     c.add_argument("--min-busbw-gbps", type=float, default=0.0)
     c.add_argument("--min-free-gb", type=float, default=10.0)
-    c.add_argument("--items", type=float, default=0, help="catalog size for the memory check (default: the "
-                                                           "data manifest's)")
+    c.add_argument(
+        "--items", type=float, default=0, help="catalog size for the memory check (default: the data manifest's)"
+    )
     c.set_defaults(func=cmd_cluster_check)
 
     h = csub.add_parser("hostfile", help="write a deepspeed hostfile from a running Ray cluster or a node list")

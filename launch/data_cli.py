@@ -17,14 +17,31 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
     from trainer.data.synth import synthesize
 
     t0 = time.perf_counter()
-    m = synthesize(a.out, users=a.users, items=a.items, mean_len=a.mean_len, shards=a.shards, seed=a.seed,
-                   holdout=a.holdout, max_len=a.max_len, workers=a.workers, days=a.days, val_days=a.val_days,
-                   test_days=a.test_days, gap_seconds=a.gap_seconds, impressions=a.impressions, slate=a.slate,
-                   imp_days=a.imp_days, imp_test_days=a.imp_test_days)
+    m = synthesize(
+        a.out,
+        users=a.users,
+        items=a.items,
+        mean_len=a.mean_len,
+        shards=a.shards,
+        seed=a.seed,
+        holdout=a.holdout,
+        max_len=a.max_len,
+        workers=a.workers,
+        days=a.days,
+        val_days=a.val_days,
+        test_days=a.test_days,
+        gap_seconds=a.gap_seconds,
+        impressions=a.impressions,
+        slate=a.slate,
+        imp_days=a.imp_days,
+        imp_test_days=a.imp_test_days,
+    )
     dt = time.perf_counter() - t0
     n = sum(s.interactions for s in m.splits.values())
-    console.print(f"wrote {a.out}: {', '.join(f'{k} {v.samples} samples' for k, v in m.splits.items())}; "
-                  f"{n:,} interactions in {dt:.1f}s ({n / max(dt, 1e-9):,.0f}/s)")
+    console.print(
+        f"wrote {a.out}: {', '.join(f'{k} {v.samples} samples' for k, v in m.splits.items())}; "
+        f"{n:,} interactions in {dt:.1f}s ({n / max(dt, 1e-9):,.0f}/s)"
+    )
     return 0
 
 
@@ -32,17 +49,37 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
 def cmd_data_convert(a: argparse.Namespace) -> int:
     from trainer.data.convert import ColumnMap, convert
 
-    cols = ColumnMap(user=a.user_col, item=a.item_col, timestamp=a.timestamp_col,
-                     rating=None if a.rating_col in ("", "none") else a.rating_col)
-    m = convert(a.input, a.out, fmt=a.format, columns=cols, holdout=a.holdout, val_seconds=a.val_seconds,
-                test_seconds=a.test_seconds, gap_seconds=a.gap_seconds, shards=a.shards, max_len=a.max_len,
-                like_threshold=a.like_threshold, dislike_threshold=a.dislike_threshold,
-                timestamp_unit=a.timestamp_unit, on_error=a.on_error, workers=a.workers,
-                impressions=a.impressions, impressions_test_seconds=a.impressions_test_seconds)
+    cols = ColumnMap(
+        user=a.user_col,
+        item=a.item_col,
+        timestamp=a.timestamp_col,
+        rating=None if a.rating_col in ("", "none") else a.rating_col,
+    )
+    m = convert(
+        a.input,
+        a.out,
+        fmt=a.format,
+        columns=cols,
+        holdout=a.holdout,
+        val_seconds=a.val_seconds,
+        test_seconds=a.test_seconds,
+        gap_seconds=a.gap_seconds,
+        shards=a.shards,
+        max_len=a.max_len,
+        like_threshold=a.like_threshold,
+        dislike_threshold=a.dislike_threshold,
+        timestamp_unit=a.timestamp_unit,
+        on_error=a.on_error,
+        workers=a.workers,
+        impressions=a.impressions,
+        impressions_test_seconds=a.impressions_test_seconds,
+    )
     skipped = m.source.get("skipped_rows", {})
-    console.print(f"wrote {a.out}: {m.num_items:,} items; "
-                  + ", ".join(f"{k} {v.samples} samples / {v.interactions:,} interactions" for k, v in m.splits.items())
-                  + (f"; skipped rows: {skipped}" if skipped else ""))
+    console.print(
+        f"wrote {a.out}: {m.num_items:,} items; "
+        + ", ".join(f"{k} {v.samples} samples / {v.interactions:,} interactions" for k, v in m.splits.items())
+        + (f"; skipped rows: {skipped}" if skipped else "")
+    )
     return 0
 
 
@@ -54,17 +91,37 @@ def cmd_data_inspect(a: argparse.Namespace) -> int:
     if a.json:
         print_json(rep)
         return 0
-    console.print(f"[bold]{rep['root']}[/]  source={rep['source']}  items={rep['num_items']:,}  "
-                  f"max_len={rep['max_len']}")
+    console.print(
+        f"[bold]{rep['root']}[/]  source={rep['source']}  items={rep['num_items']:,}  max_len={rep['max_len']}"
+    )
     t = Table("split", "shards", "users", "samples", "interactions", "targets", "items seen", title="counts")
-    h = Table("split", "p50", "p90", "p99", "max", "mean", "shard interactions min..max (cv)",
-              title="interactions per user, and shard balance")
+    h = Table(
+        "split",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+        "mean",
+        "shard interactions min..max (cv)",
+        title="interactions per user, and shard balance",
+    )
     for name, s in rep["splits"].items():
         hl, b = s["history_length"], s["shard_balance"]
-        t.add_row(name, str(s["shards"]), f"{s['users']:,}", f"{s['samples']:,}", f"{s['interactions']:,}",
-                  f"{s['targets']:,}", f"{s['items_seen']:,}")
-        h.add_row(name, *(f"{hl[k]:.0f}" for k in ("p50", "p90", "p99", "p100")), f"{hl.get('mean', 0):.1f}",
-                  f"{b['interactions_min']:,}..{b['interactions_max']:,} ({b['interactions_cv']:.2f})")
+        t.add_row(
+            name,
+            str(s["shards"]),
+            f"{s['users']:,}",
+            f"{s['samples']:,}",
+            f"{s['interactions']:,}",
+            f"{s['targets']:,}",
+            f"{s['items_seen']:,}",
+        )
+        h.add_row(
+            name,
+            *(f"{hl[k]:.0f}" for k in ("p50", "p90", "p99", "p100")),
+            f"{hl.get('mean', 0):.1f}",
+            f"{b['interactions_min']:,}..{b['interactions_max']:,} ({b['interactions_cv']:.2f})",
+        )
     console.print(t)
     console.print(h)
     ev = Table("split", *[k for k in next(iter(rep["splits"].values()))["events"]], title="event mix")
@@ -86,8 +143,10 @@ def cmd_data_verify(a: argparse.Namespace) -> int:
     if a.json:
         print_json(rep)
     elif rep["ok"]:
-        console.print(f"OK {rep['root']}: {rep['shards']} shards, {rep['samples']:,} samples, "
-                      f"{rep['interactions']:,} interactions match the manifest")
+        console.print(
+            f"OK {rep['root']}: {rep['shards']} shards, {rep['samples']:,} samples, "
+            f"{rep['interactions']:,} interactions match the manifest"
+        )
     else:
         for e in rep["errors"]:
             print(f"BAD {e}", file=sys.stderr)
@@ -100,8 +159,15 @@ def cmd_data_stream(a: argparse.Namespace) -> int:
     """Dry-run the exactly-once layout: every rank's loader, one after another, in this process."""
     from trainer.data.loader import ShardLoader
 
-    cfg = ShardLoader.Config(path=a.dir, split=a.split, batch_size=a.batch_size, num_workers=a.num_workers,
-                             max_seq_len=a.max_seq_len, seed=a.seed, batch_format=a.batch_format)
+    cfg = ShardLoader.Config(
+        path=a.dir,
+        split=a.split,
+        batch_size=a.batch_size,
+        num_workers=a.num_workers,
+        max_seq_len=a.max_seq_len,
+        seed=a.seed,
+        batch_format=a.batch_format,
+    )
     cfg.validate()
     seen: dict[str, int] = {}
     ranks = []
@@ -118,21 +184,35 @@ def cmd_data_stream(a: argparse.Namespace) -> int:
     total = loader.table.num_samples
     dup = sum(1 for v in seen.values() if v > 1)
     inter = sum(r["interactions"] for r in ranks)
-    rep = {"samples_expected": total, "samples_seen": len(seen), "duplicates": dup,
-           "exactly_once": len(seen) == total and dup == 0, "ranks": ranks, "seconds": dt,
-           "interactions_per_s": inter / max(dt, 1e-9)}
+    rep = {
+        "samples_expected": total,
+        "samples_seen": len(seen),
+        "duplicates": dup,
+        "exactly_once": len(seen) == total and dup == 0,
+        "ranks": ranks,
+        "seconds": dt,
+        "interactions_per_s": inter / max(dt, 1e-9),
+    }
     if a.json:
         print_json(rep)
     else:
-        t = Table("rank", "batches", "samples", "interactions", "skipped", "truncated",
-                  title=f"{a.split}: world_size={a.world_size} x num_workers={a.num_workers}, "
-                        f"batch_size={a.batch_size}")
+        t = Table(
+            "rank",
+            "batches",
+            "samples",
+            "interactions",
+            "skipped",
+            "truncated",
+            title=f"{a.split}: world_size={a.world_size} x num_workers={a.num_workers}, batch_size={a.batch_size}",
+        )
         for r in ranks:
             t.add_row(*(str(r[k]) for k in ("rank", "batches", "samples", "interactions", "skipped", "truncated")))
         console.print(t)
-        console.print(f"{len(seen):,} of {total:,} samples, {dup} duplicates -> "
-                      f"{'exactly once' if rep['exactly_once'] else '[red]NOT exactly once[/]'}; "
-                      f"{rep['interactions_per_s']:,.0f} interactions/s in this process")
+        console.print(
+            f"{len(seen):,} of {total:,} samples, {dup} duplicates -> "
+            f"{'exactly once' if rep['exactly_once'] else '[red]NOT exactly once[/]'}; "
+            f"{rep['interactions_per_s']:,.0f} interactions/s in this process"
+        )
     return 0 if rep["exactly_once"] else 1
 
 
@@ -156,8 +236,12 @@ def add_data(sub: Any) -> None:
     s.add_argument("--val-days", type=float, default=7.0)
     s.add_argument("--test-days", type=float, default=7.0)
     s.add_argument("--gap-seconds", type=int, default=0)
-    s.add_argument("--impressions", type=int, default=0,
-                   help="impressions per active user in the last --imp-days: writes the fine-tuning splits")
+    s.add_argument(
+        "--impressions",
+        type=int,
+        default=0,
+        help="impressions per active user in the last --imp-days: writes the fine-tuning splits",
+    )
     s.add_argument("--slate", type=int, default=10, help="items shown per impression")
     s.add_argument("--imp-days", type=float, default=7.0)
     s.add_argument("--imp-test-days", type=float, default=1.0, help="the last days of impressions: impressions_test")
@@ -180,14 +264,25 @@ def add_data(sub: Any) -> None:
     c.add_argument("--gap-seconds", type=int, default=0)
     c.add_argument("--shards", type=int, default=8)
     c.add_argument("--max-len", type=int, default=8192)
-    c.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="bad rows: stop with the file/row/column, or skip and count them in the manifest")
+    c.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="bad rows: stop with the file/row/column, or skip and count them in the manifest",
+    )
     c.add_argument("--workers", type=int, default=1, help="processes writing shards")
-    c.add_argument("--impressions", default=None,
-                   help="impression log (parquet/CSV/TSV: uid, item_id, timestamp, event_type [, played_ratio_pct, "
-                        "score, impression_id]): adds the fine-tuning splits")
-    c.add_argument("--impressions-test-seconds", type=int, default=86400,
-                   help="impressions in the last N seconds form impressions_test")
+    c.add_argument(
+        "--impressions",
+        default=None,
+        help="impression log (parquet/CSV/TSV: uid, item_id, timestamp, event_type [, played_ratio_pct, "
+        "score, impression_id]): adds the fine-tuning splits",
+    )
+    c.add_argument(
+        "--impressions-test-seconds",
+        type=int,
+        default=86400,
+        help="impressions in the last N seconds form impressions_test",
+    )
     c.set_defaults(func=cmd_data_convert)
 
     i = dsub.add_parser("inspect", help="users, interactions, items, length percentiles, event mix, shard balance")

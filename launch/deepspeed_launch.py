@@ -56,8 +56,13 @@ def _parse_filter(spec: str, hosts: Mapping[str, list[int]], flag: str) -> dict[
     return out
 
 
-def resolve_resources(hosts: Sequence[tuple[str, int]], include: str | None, exclude: str | None,
-                      num_nodes: int | None, num_gpus: int | None) -> dict[str, list[int]]:
+def resolve_resources(
+    hosts: Sequence[tuple[str, int]],
+    include: str | None,
+    exclude: str | None,
+    num_nodes: int | None,
+    num_gpus: int | None,
+) -> dict[str, list[int]]:
     """host -> the slots the launcher will use, by its rules (checked here so errors come before any spawn)."""
     if include and exclude:
         raise ValueError("--include and --exclude are mutually exclusive")
@@ -96,8 +101,9 @@ def _local_devices() -> tuple[int, bool]:
 
 
 # ---- the environment every rank gets -----------------------------------------------------------------------
-def deepspeed_env(slots_per_node: int, gpu: bool, environ: Mapping[str, str] | None = None,
-                  cores: int | None = None) -> dict[str, str]:
+def deepspeed_env(
+    slots_per_node: int, gpu: bool, environ: Mapping[str, str] | None = None, cores: int | None = None
+) -> dict[str, str]:
     """What `.deepspeed_env` should export: OMP_NUM_THREADS, PYTHONPATH, NCCL_*/GLOO_SOCKET_IFNAME.
 
     OMP_NUM_THREADS is taken from ``environ`` if set, else 1 per rank on CPU hosts (the ranks already use
@@ -107,7 +113,8 @@ def deepspeed_env(slots_per_node: int, gpu: bool, environ: Mapping[str, str] | N
     cores = cores or len(os.sched_getaffinity(0))
     env = {MARKER: "1"}
     env["OMP_NUM_THREADS"] = environ.get("OMP_NUM_THREADS") or str(
-        max(1, cores // max(1, slots_per_node)) if gpu else 1)
+        max(1, cores // max(1, slots_per_node)) if gpu else 1
+    )
     root = str(package_root())
     # Remote nodes start `python -m launch.cli` in the same directory, which need not be the repository.
     paths = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
@@ -152,9 +159,18 @@ def write_deepspeed_env(path: Path, env: Mapping[str, str]) -> Path:
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
-def deepspeed_command(config: str, overrides: list[str], hostfile: str | None, include: str | None,
-                      exclude: str | None, num_gpus: int | None, num_nodes: int | None, master_addr: str | None,
-                      master_port: int, python: str) -> list[str]:
+def deepspeed_command(
+    config: str,
+    overrides: list[str],
+    hostfile: str | None,
+    include: str | None,
+    exclude: str | None,
+    num_gpus: int | None,
+    num_nodes: int | None,
+    master_addr: str | None,
+    master_port: int,
+    python: str,
+) -> list[str]:
     """The stock launcher line: `deepspeed [...] --master_port P --module launch.cli train CONFIG overrides...`.
 
     ``deepspeed`` is the console script next to ``python`` (else ``python -m deepspeed.launcher.runner``,
@@ -162,8 +178,14 @@ def deepspeed_command(config: str, overrides: list[str], hostfile: str | None, i
     """
     script = Path(python).parent / "deepspeed"
     cmd = [str(script)] if script.is_file() else [python, "-m", "deepspeed.launcher.runner"]
-    for flag, value in (("--hostfile", hostfile), ("--include", include), ("--exclude", exclude),
-                        ("--num_nodes", num_nodes), ("--num_gpus", num_gpus), ("--master_addr", master_addr)):
+    for flag, value in (
+        ("--hostfile", hostfile),
+        ("--include", include),
+        ("--exclude", exclude),
+        ("--num_nodes", num_nodes),
+        ("--num_gpus", num_gpus),
+        ("--master_addr", master_addr),
+    ):
         if value not in (None, ""):
             cmd += [flag, str(value)]
     # The launcher appends --local_rank=N after our arguments; `argus train` accepts and drops it.
@@ -201,10 +223,21 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
             signal.signal(signal.SIGTERM, old)
 
 
-def launch(config: str, overrides: Sequence[str] = (), *, hostfile: str | None = None, include: str | None = None,
-           exclude: str | None = None, num_gpus: int | None = None, num_nodes: int | None = None,
-           master_addr: str | None = None, master_port: int = 29500, python: str = sys.executable,
-           env_dir: str | Path | None = None, dry_run: bool = False) -> int:
+def launch(
+    config: str,
+    overrides: Sequence[str] = (),
+    *,
+    hostfile: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    num_gpus: int | None = None,
+    num_nodes: int | None = None,
+    master_addr: str | None = None,
+    master_port: int = 29500,
+    python: str = sys.executable,
+    env_dir: str | Path | None = None,
+    dry_run: bool = False,
+) -> int:
     """Validate the config, write the env file, run the deepspeed launcher; returns its exit code.
 
     ``env_dir`` (default: the working directory, where the launcher looks) receives `.deepspeed_env`;
@@ -229,8 +262,9 @@ def launch(config: str, overrides: Sequence[str] = (), *, hostfile: str | None =
     world = sum(len(s) for s in pool.values())
     load_job(config, overrides, world_size=world)  # a one-line ConfigError naming the key, before any spawn
 
-    cmd = deepspeed_command(config, overrides, hostfile, include, exclude, num_gpus, num_nodes, master_addr,
-                            master_port, python)
+    cmd = deepspeed_command(
+        config, overrides, hostfile, include, exclude, num_gpus, num_nodes, master_addr, master_port, python
+    )
     env = deepspeed_env(max(len(s) for s in pool.values()), gpu)
     env_file = (Path(env_dir) if env_dir is not None else Path.cwd()) / ENV_FILE
     held = sorted(k for k in os.environ if _passes_through(k) and SECRET.search(k))
@@ -238,8 +272,7 @@ def launch(config: str, overrides: Sequence[str] = (), *, hostfile: str | None =
         print(f"not exported to other nodes (names look like secrets): {', '.join(held)}", file=sys.stderr)
     print(shlex.join(cmd), flush=True)
     if dry_run:
-        print(f"# {env_file} ({world} ranks on {len(pool)} node(s))\n{format_deepspeed_env(env)}", end="",
-              flush=True)
+        print(f"# {env_file} ({world} ranks on {len(pool)} node(s))\n{format_deepspeed_env(env)}", end="", flush=True)
         return 0
     write_deepspeed_env(env_file, env)
     proc_env = {**os.environ, **env}  # the file only reaches other nodes; ranks on this one inherit this env
@@ -251,9 +284,19 @@ def launch(config: str, overrides: Sequence[str] = (), *, hostfile: str | None =
 
 # ---- CLI -----------------------------------------------------------------------------------------------------
 def cmd_launch_deepspeed(a: argparse.Namespace) -> int:
-    return launch(a.config, a.overrides, hostfile=a.hostfile, include=a.include, exclude=a.exclude,
-                  num_gpus=a.num_gpus, num_nodes=a.num_nodes, master_addr=a.master_addr, master_port=a.master_port,
-                  env_dir=a.env_dir, dry_run=a.dry_run)
+    return launch(
+        a.config,
+        a.overrides,
+        hostfile=a.hostfile,
+        include=a.include,
+        exclude=a.exclude,
+        num_gpus=a.num_gpus,
+        num_nodes=a.num_nodes,
+        master_addr=a.master_addr,
+        master_port=a.master_port,
+        env_dir=a.env_dir,
+        dry_run=a.dry_run,
+    )
 
 
 def add_launch_deepspeed(launch_sub: Any) -> None:

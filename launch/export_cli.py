@@ -21,8 +21,9 @@ def parse_time(value: str) -> int:
     try:
         t = datetime.datetime.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"--at: expected unix seconds or an ISO-8601 time (2024-02-01T00:00:00), "
-                         f"got {value!r}") from None
+        raise ValueError(
+            f"--at: expected unix seconds or an ISO-8601 time (2024-02-01T00:00:00), got {value!r}"
+        ) from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=datetime.timezone.utc)
     return int(t.timestamp())
@@ -36,17 +37,29 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     at = None if a.at is None else parse_time(a.at)
     with contextlib.redirect_stdout(sys.stderr):  # library banners must not corrupt --json
-        m = export(a.checkpoint, a.data, a.out, split=a.split, at=at, dtype=a.dtype, batch_size=a.batch_size,
-                   context=a.context, num_workers=a.num_workers, device=a.device)
+        m = export(
+            a.checkpoint,
+            a.data,
+            a.out,
+            split=a.split,
+            at=at,
+            dtype=a.dtype,
+            batch_size=a.batch_size,
+            context=a.context,
+            num_workers=a.num_workers,
+            device=a.device,
+        )
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     if a.json:
         print_json(m)
         return 0
     t = m["timing"]
-    console.print(f"exported {a.out}: {m['users']:,} users ({m['users_skipped']:,} without history before the "
-                    f"cutoff: skipped), {m['items']:,} items, dim {m['dim']} {m['dtype']}, {m['world_size']} "
-                    f"rank(s); {t['users_per_s']:,.0f} users/s, {t['items_per_s']:,.0f} items/s")
+    console.print(
+        f"exported {a.out}: {m['users']:,} users ({m['users_skipped']:,} without history before the "
+        f"cutoff: skipped), {m['items']:,} items, dim {m['dim']} {m['dtype']}, {m['world_size']} "
+        f"rank(s); {t['users_per_s']:,.0f} users/s, {t['items_per_s']:,.0f} items/s"
+    )
     return 0
 
 
@@ -59,31 +72,52 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    t = Table("K", "Recall@K (= HR@K)", title=f"{a.export_dir}: brute-force top-{rep['k']} over {rep['items']:,} "
-                                              f"items, {rep['users']:,} users with a next item")
+    t = Table(
+        "K",
+        "Recall@K (= HR@K)",
+        title=f"{a.export_dir}: brute-force top-{rep['k']} over {rep['items']:,} "
+        f"items, {rep['users']:,} users with a next item",
+    )
     for key, value in rep.items():
         if key.startswith("recall@"):
             t.add_row(key.split("@")[1], f"{value:.4f}")
     console.print(t)
-    console.print(f"{rep['users_without_next']:,} users without a next item (not scored); {rep['seconds']:.2f} s, "
-            f"{rep['users_per_s']:,.0f} users/s")
+    console.print(
+        f"{rep['users_without_next']:,} users without a next item (not scored); {rep['seconds']:.2f} s, "
+        f"{rep['users_per_s']:,.0f} users/s"
+    )
     return 0
 
 
 def add_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="user-state and item vectors of a checkpoint to sharded parquet "
-                                      "(score = dot product); plain, torchrun or deepspeed")
+    p = sub.add_parser(
+        "export",
+        help="user-state and item vectors of a checkpoint to sharded parquet "
+        "(score = dot product); plain, torchrun or deepspeed",
+    )
     p.add_argument("checkpoint", help="run directory (its latest checkpoint) or one checkpoint directory")
     p.add_argument("--data", required=True, help="dataset directory (the split's histories, the catalog size)")
     p.add_argument("--out", required=True, help="output directory (users/, items/, manifest.json)")
-    p.add_argument("--split", default="test", help="whose histories: an eval split holds each user's whole "
-                                                   "history before the held-out target (default: test)")
-    p.add_argument("--at", default=None, metavar="TIMESTAMP",
-                   help="cutoff: only interactions strictly before it are history (unix seconds or ISO-8601, UTC)")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="whose histories: an eval split holds each user's whole "
+        "history before the held-out target (default: test)",
+    )
+    p.add_argument(
+        "--at",
+        default=None,
+        metavar="TIMESTAMP",
+        help="cutoff: only interactions strictly before it are history (unix seconds or ISO-8601, UTC)",
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="stored vector type")
     p.add_argument("--batch-size", type=int, default=256, help="users per rank per forward pass")
-    p.add_argument("--context", type=int, default=None,
-                   help="most recent history interactions a state is computed from (default: data.max_seq_len - 1)")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="most recent history interactions a state is computed from (default: data.max_seq_len - 1)",
+    )
     p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print the manifest")
@@ -91,8 +125,9 @@ def add_export(sub: Any) -> None:
 
 
 def add_retrieve(sub: Any) -> None:
-    p = sub.add_parser("retrieve", help="brute-force top-K over an export's item vectors; Recall@K against each "
-                                        "user's next item")
+    p = sub.add_parser(
+        "retrieve", help="brute-force top-K over an export's item vectors; Recall@K against each user's next item"
+    )
     p.add_argument("export_dir")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--users", type=int, default=None, help="only the first N users (by id) with a next item")

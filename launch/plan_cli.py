@@ -39,8 +39,12 @@ def load_plan_config(a: argparse.Namespace) -> Any:
         path = str(CONFIG_DIR / f"{a.preset}.yaml")
     if a.preset:
         overrides.append(f"model.preset={a.preset}")
-    flag_keys = {"zero_stage": "deepspeed.stage", "precision": "deepspeed.precision", "micro_batch": "data.batch_size",
-                 "context": "model.max_seq_len"}
+    flag_keys = {
+        "zero_stage": "deepspeed.stage",
+        "precision": "deepspeed.precision",
+        "micro_batch": "data.batch_size",
+        "context": "model.max_seq_len",
+    }
     for flag, key in flag_keys.items():
         if getattr(a, flag) is not None:
             overrides.append(f"{key}={getattr(a, flag)}")
@@ -71,11 +75,13 @@ def render(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     i, p, m, s, t = result["inputs"], result["params"], result["memory"], result["step"], result["time"]
-    console.print(f"[bold]{i['preset']}[/]: d_model {i['d_model']}, {i['n_layers']} layers, context {i['context']}, "
-                  f"micro-batch {i['micro_batch']}, ZeRO-{i['zero_stage']}{' + offload' if i['offload'] else ''}, "
-                  f"{i['precision']}, activation checkpointing {'on' if i['activation_checkpointing'] else 'off'}; "
-                  f"{_num(i['items'])} items, {_num(i['interactions'])} interactions; "
-                  f"{i['nodes']} x {i['gpus_per_node']} {i['gpu']} ({i['world']} GPUs)")
+    console.print(
+        f"[bold]{i['preset']}[/]: d_model {i['d_model']}, {i['n_layers']} layers, context {i['context']}, "
+        f"micro-batch {i['micro_batch']}, ZeRO-{i['zero_stage']}{' + offload' if i['offload'] else ''}, "
+        f"{i['precision']}, activation checkpointing {'on' if i['activation_checkpointing'] else 'off'}; "
+        f"{_num(i['items'])} items, {_num(i['interactions'])} interactions; "
+        f"{i['nodes']} x {i['gpus_per_node']} {i['gpu']} ({i['world']} GPUs)"
+    )
 
     params = Table(title="Parameters", title_justify="left")
     params.add_column("part")
@@ -87,20 +93,26 @@ def render(result: dict[str, Any], console: Any) -> None:
     mem = Table(title="Memory per rank", title_justify="left")
     mem.add_column("term")
     mem.add_column("bytes", justify="right")
-    rows = [("embedding shards + optimizer state (TorchRec)", m["embeddings"]),
-            ("dense parameters", m["dense_params"]), ("dense gradients", m["dense_grads"]),
-            ("dense optimizer states", m["dense_optimizer"]),
-            ("activations: saved by the blocks", m["activations_layers"]),
-            ("activations: embeddings, heads, logits", m["activations_other"]),
-            ("activations: one block's backward", m["activations_working"]),
-            ("DeepSpeed communication buckets", m["comm_buffers"]),
-            ("[bold]total[/]", m["total"]), ("headroom (context, NCCL, fragmentation)", m["headroom"]),
-            ("GPU memory", m["capacity"])]
+    rows = [
+        ("embedding shards + optimizer state (TorchRec)", m["embeddings"]),
+        ("dense parameters", m["dense_params"]),
+        ("dense gradients", m["dense_grads"]),
+        ("dense optimizer states", m["dense_optimizer"]),
+        ("activations: saved by the blocks", m["activations_layers"]),
+        ("activations: embeddings, heads, logits", m["activations_other"]),
+        ("activations: one block's backward", m["activations_working"]),
+        ("DeepSpeed communication buckets", m["comm_buffers"]),
+        ("[bold]total[/]", m["total"]),
+        ("headroom (context, NCCL, fragmentation)", m["headroom"]),
+        ("GPU memory", m["capacity"]),
+    ]
     for name, value in rows:
         mem.add_row(name, _gb(value))
     if m["embeddings_host"]:
-        console.print(f"[yellow]TorchRec keeps part of the embedding rows in host memory (UVM caching): "
-                      f"{_gb(m['embeddings_host'])} per rank; lookups that miss the HBM cache cross PCIe.[/]")
+        console.print(
+            f"[yellow]TorchRec keeps part of the embedding rows in host memory (UVM caching): "
+            f"{_gb(m['embeddings_host'])} per rank; lookups that miss the HBM cache cross PCIe.[/]"
+        )
     if m["embeddings_host"] or m["dense_host_offload"]:
         mem.add_row("host memory: UVM embedding rows", _gb(m["embeddings_host"]))
         mem.add_row("host memory per node: offloaded dense states", _gb(m["dense_host_offload"]))
@@ -112,8 +124,14 @@ def render(result: dict[str, Any], console: Any) -> None:
         for col in ("table", "sharding", "kernel", "shards", "HBM / shard", "host / shard"):
             tab.add_column(col, justify="right" if col not in ("table", "sharding", "kernel") else "left")
         for row in emb["tables"]:
-            tab.add_row(row["table"], row["sharding_type"], row["compute_kernel"], str(row["shards"]),
-                        _gb(row["hbm_per_shard"]), _gb(row["host_per_shard"]))
+            tab.add_row(
+                row["table"],
+                row["sharding_type"],
+                row["compute_kernel"],
+                str(row["shards"]),
+                _gb(row["hbm_per_shard"]),
+                _gb(row["host_per_shard"]),
+            )
         console.print(tab)
     elif "error" in emb:
         console.print(f"[red]{emb['error']}[/]")
@@ -122,47 +140,71 @@ def render(result: dict[str, Any], console: Any) -> None:
     step.add_column("term")
     step.add_column("value", justify="right")
     f = result["flops"]
-    step.add_row("FLOPs / interaction (encoder + head)",
-                 f"{_num(f['per_interaction'])} ({_num(f['encoder_per_interaction'])} + "
-                 f"{_num(f['head_per_interaction'])})")
+    step.add_row(
+        "FLOPs / interaction (encoder + head)",
+        f"{_num(f['per_interaction'])} ({_num(f['encoder_per_interaction'])} + {_num(f['head_per_interaction'])})",
+    )
     step.add_row("embedding bytes / interaction (lookups)", f"{f['embedding_bytes_per_interaction']:,.0f}")
     step.add_row("interactions / step (all ranks)", f"{s['interactions']:,.0f}")
     step.add_row(f"compute at MFU {i['mfu']:.0%} ({i['mfu_source']})", f"{s['compute_s']:.3f} s")
     step.add_row("HBM traffic", f"{s['memory_s']:.3f} s ({_gb(s['hbm_bytes'])})")
     step.add_row("ZeRO collectives (overlapped)", f"{s['zero_comm_s']:.3f} s ({_gb(s['zero_comm_bytes'])})")
-    step.add_row("embedding all-to-all (bandwidth)",
-                 f"{s['embedding_comm_s']:.3f} s ({_gb(s['embedding_comm_bytes'])})")
+    step.add_row(
+        "embedding all-to-all (bandwidth)", f"{s['embedding_comm_s']:.3f} s ({_gb(s['embedding_comm_bytes'])})"
+    )
     step.add_row("embeddings (TorchRec's cost model; in the step)", f"{s['embedding_s']:.3f} s")
     step.add_row("[bold]step[/]", f"{s['seconds']:.3f} s, {s['bound']}-bound")
     console.print(step)
 
     verdict = "[green]fits[/]" if m["fits"] else "[red]does NOT fit[/]"
     cost = f", ${t['cost']:,.0f}" if t["cost"] is not None else ""
-    console.print(f"{verdict}: {_gb(m['total'])} + {_gb(m['headroom'])} headroom of {_gb(m['capacity'])} per GPU. "
-                  f"[bold]{t['days']:.2f} days[/] ({t['steps']:,} steps), {t['gpu_hours']:,.0f} GPU-hours{cost}. "
-                  f"Fewest GPUs with every table in HBM: "
-                  f"{result.get('min_gpus') or 'none (more GPUs do not shrink what is left)'}.")
+    console.print(
+        f"{verdict}: {_gb(m['total'])} + {_gb(m['headroom'])} headroom of {_gb(m['capacity'])} per GPU. "
+        f"[bold]{t['days']:.2f} days[/] ({t['steps']:,} steps), {t['gpu_hours']:,.0f} GPU-hours{cost}. "
+        f"Fewest GPUs with every table in HBM: "
+        f"{result.get('min_gpus') or 'none (more GPUs do not shrink what is left)'}."
+    )
     for sug in result.get("suggestions", []):
-        console.print(f"  would fit with {sug['change']}: {_gb(sug['memory_per_rank'])} per rank, "
-                      f"{sug['days']:.2f} days")
+        console.print(
+            f"  would fit with {sug['change']}: {_gb(sug['memory_per_rank'])} per rank, {sug['days']:.2f} days"
+        )
     if not m["fits"] and not result.get("suggestions"):
-        console.print("  no single change (activation checkpointing, ZeRO-3, smaller micro-batch, offload, more GPUs) "
-                      "fits")
+        console.print(
+            "  no single change (activation checkpointing, ZeRO-3, smaller micro-batch, offload, more GPUs) fits"
+        )
 
 
 def render_sweep(rows: list[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
     tab = Table(title="Sweep", title_justify="left")
-    for col in ("GPUs", "nodes", "GPU mem / rank", "host mem / rank", "fits", "step", "bound", "days", "GPU-hours",
-                "cost"):
+    for col in (
+        "GPUs",
+        "nodes",
+        "GPU mem / rank",
+        "host mem / rank",
+        "fits",
+        "step",
+        "bound",
+        "days",
+        "GPU-hours",
+        "cost",
+    ):
         tab.add_column(col, justify="right")
     for r in rows:
         i, m, s, t = r["inputs"], r["memory"], r["step"], r["time"]
-        tab.add_row(str(i["world"]), str(i["nodes"]), _gb(m["total"]), _gb(m["embeddings_host"]),
-                    "yes" if m["fits"] else "[red]no[/]",
-                    f"{s['seconds']:.3f} s", s["bound"], f"{t['days']:.2f}", f"{t['gpu_hours']:,.0f}",
-                    f"${t['cost']:,.0f}" if t["cost"] is not None else "-")
+        tab.add_row(
+            str(i["world"]),
+            str(i["nodes"]),
+            _gb(m["total"]),
+            _gb(m["embeddings_host"]),
+            "yes" if m["fits"] else "[red]no[/]",
+            f"{s['seconds']:.3f} s",
+            s["bound"],
+            f"{t['days']:.2f}",
+            f"{t['gpu_hours']:,.0f}",
+            f"${t['cost']:,.0f}" if t["cost"] is not None else "-",
+        )
     console.print(tab)
 
 
@@ -182,10 +224,19 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     ax1.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="days to train", title="Time to train")
     ax2.plot(gpus, [r["memory"]["total"] / 1e9 for r in rows], marker="o", label="GPU memory per rank")
     if any(r["memory"]["embeddings_host"] for r in rows):
-        ax2.plot(gpus, [r["memory"]["embeddings_host"] / 1e9 for r in rows], marker="s", linestyle=":",
-                 label="host memory per rank (UVM rows)")
-    ax2.axhline((rows[0]["memory"]["capacity"] - rows[0]["memory"]["headroom"]) / 1e9, color="red", linestyle="--",
-                label="usable per GPU")
+        ax2.plot(
+            gpus,
+            [r["memory"]["embeddings_host"] / 1e9 for r in rows],
+            marker="s",
+            linestyle=":",
+            label="host memory per rank (UVM rows)",
+        )
+    ax2.axhline(
+        (rows[0]["memory"]["capacity"] - rows[0]["memory"]["headroom"]) / 1e9,
+        color="red",
+        linestyle="--",
+        label="usable per GPU",
+    )
     ax2.set(xscale="log", xlabel="GPUs", ylabel="GB", title="Memory per rank")
     ax2.legend()
     for ax in (ax1, ax2):
@@ -214,15 +265,33 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.config is None and a.preset is None:
         raise ConfigError("argus plan: give a CONFIG file or --preset (mini, small, medium, large)")
     cfg = load_plan_config(a)
-    hw = Hardware(gpu=a.gpu, nodes=a.nodes, gpus_per_node=a.gpus_per_node, intra_node_gbps=a.intra_node_gbps,
-                  inter_node_gbps=a.inter_node_gbps, memory_gb=a.memory_gb, price_per_gpu_hour=a.price)
-    req = PlanRequest(items=int(float(a.items)), interactions=float(a.interactions), hardware=hw, mfu=a.mfu,
-                      fill=a.fill, headroom_fraction=a.headroom)
+    hw = Hardware(
+        gpu=a.gpu,
+        nodes=a.nodes,
+        gpus_per_node=a.gpus_per_node,
+        intra_node_gbps=a.intra_node_gbps,
+        inter_node_gbps=a.inter_node_gbps,
+        memory_gb=a.memory_gb,
+        price_per_gpu_hour=a.price,
+    )
+    req = PlanRequest(
+        items=int(float(a.items)),
+        interactions=float(a.interactions),
+        hardware=hw,
+        mfu=a.mfu,
+        fill=a.fill,
+        headroom_fraction=a.headroom,
+    )
     req.validate()
     gpus = parse_sweep(a.sweep) if a.sweep else None
     if gpus is None and a.plot:
-        gpus = sorted({g for g in (hw.world // 4, hw.world // 2, hw.world, hw.world * 2, hw.world * 4)
-                       if g >= 1 and (g < hw.gpus_per_node or g % hw.gpus_per_node == 0)})
+        gpus = sorted(
+            {
+                g
+                for g in (hw.world // 4, hw.world // 2, hw.world, hw.world * 2, hw.world * 4)
+                if g >= 1 and (g < hw.gpus_per_node or g % hw.gpus_per_node == 0)
+            }
+        )
     result = full_plan(cfg, req)
     rows = sweep(cfg, req, gpus) if gpus else []
     if a.plot and rows:
@@ -230,8 +299,16 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.json:
         out = dict(result)
         if rows:
-            out["sweep"] = [{"gpus": r["inputs"]["world"], "nodes": r["inputs"]["nodes"], "memory": r["memory"],
-                             "step": r["step"], "time": r["time"]} for r in rows]
+            out["sweep"] = [
+                {
+                    "gpus": r["inputs"]["world"],
+                    "nodes": r["inputs"]["nodes"],
+                    "memory": r["memory"],
+                    "step": r["step"],
+                    "time": r["time"],
+                }
+                for r in rows
+            ]
         print(json.dumps(out, indent=1, default=float))
         return 0
     render(result, console)

@@ -40,8 +40,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     quiet_library_logs()
     ctx = ray.train.get_context()
-    os.environ.update(RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()),
-                      LOCAL_RANK=str(ctx.get_local_rank()))
+    os.environ.update(
+        RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()), LOCAL_RANK=str(ctx.get_local_rank())
+    )
     os.environ.setdefault("OMP_NUM_THREADS", str(config["omp_threads"]))
     trainer = build_trainer(from_dict(JobConfig, config["job"]))
 
@@ -57,8 +58,12 @@ def train_worker(config: dict[str, Any]) -> None:
         path, source = pick_restore(Path(ray_dir) if ray_dir else None, latest_checkpoint(trainer.run_dir))
         if trainer.info.rank == 0:  # one line per attempt: what an operator asks after a restart
             with open(trainer.run_dir / "ray_attempts.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.time(), "restored_from": source,
-                                    "step": checkpoint_step(path) if path else 0}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"time": time.time(), "restored_from": source, "step": checkpoint_step(path) if path else 0}
+                    )
+                    + "\n"
+                )
         if path is not None:
             trainer.restore(path)
     trainer.run()
@@ -74,8 +79,9 @@ def pick_restore(ray_dir: Path | None, own: Path | None) -> tuple[Path | None, s
     newer of the two wins and no finished checkpoint is wasted; a tie goes to Ray's copy. Both are
     complete checkpoints, so exactly-once holds either way.
     """
-    candidates = [(checkpoint_step(p), src == "ray", p, src) for p, src in ((ray_dir, "ray"), (own, "run_dir"))
-                  if p is not None]
+    candidates = [
+        (checkpoint_step(p), src == "ray", p, src) for p, src in ((ray_dir, "ray"), (own, "run_dir")) if p is not None
+    ]
     if not candidates:
         return None, None
     _, _, path, source = max(candidates, key=lambda c: (c[0], c[1]))
@@ -139,12 +145,16 @@ def launch(a: argparse.Namespace) -> int:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"job": to_dict(cfg), "omp_threads": max(1, int(a.cpus_per_worker))},
-            torch_config=TorchConfig(backend="nccl" if a.gpus_per_worker else "gloo",
-                                     timeout_s=int(cfg.train.timeout_s)),
-            scaling_config=ScalingConfig(num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=a.name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=a.max_failures)))
+            torch_config=TorchConfig(
+                backend="nccl" if a.gpus_per_worker else "gloo", timeout_s=int(cfg.train.timeout_s)
+            ),
+            scaling_config=ScalingConfig(
+                num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=a.name, storage_path=storage, failure_config=FailureConfig(max_failures=a.max_failures)
+            ),
+        )
         result = trainer.fit()
         ckpt = result.checkpoint.path if result.checkpoint else "-"
         console.print(f"done: {a.name}: {result.metrics}; checkpoint {ckpt}")

@@ -24,9 +24,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = load_job(a.config, a.overrides)
     last = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
-        console.print(f"done: {cfg.out} step {cfg.train.steps}; " +
-                      ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith(("loss/", "ne/")) or
-                                k in ("interactions_per_s", "tps")))
+        console.print(
+            f"done: {cfg.out} step {cfg.train.steps}; "
+            + ", ".join(
+                f"{k}={v:.4g}"
+                for k, v in last.items()
+                if k.startswith(("loss/", "ne/")) or k in ("interactions_per_s", "tps")
+            )
+        )
     return 0
 
 
@@ -50,9 +55,13 @@ def cmd_eval_finetune(a: argparse.Namespace) -> int:
     if a.json:
         print_json(rep)
         return 0
-    t = Table("scorer", "pairwise accuracy", "NDCG within impressions",
-              title=f"{a.run} on {rep['split']}: {rep['impressions']:,} impressions, {rep['pairs']:,} pairs, "
-                    f"lag {rep['lag_seconds']} s ({rep['impressions_no_history']} without history: skipped)")
+    t = Table(
+        "scorer",
+        "pairwise accuracy",
+        "NDCG within impressions",
+        title=f"{a.run} on {rep['split']}: {rep['impressions']:,} impressions, {rep['pairs']:,} pairs, "
+        f"lag {rep['lag_seconds']} s ({rep['impressions_no_history']} without history: skipped)",
+    )
     for name in ("model", "pretrained", "data", "popularity"):
         if name in rep:
             t.add_row(name, f"{rep[name]['pairwise_acc']:.4f}", f"{rep[name]['ndcg']:.4f}")
@@ -74,8 +83,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.json:
         print_json(rep)
         return 0
-    t = Table("metric", "model", "popularity", "lift",
-              title=f"{rep['checkpoint']} on {rep['split']} ({rep['users']:,} users, {rep['ranking']} ranking)")
+    t = Table(
+        "metric",
+        "model",
+        "popularity",
+        "lift",
+        title=f"{rep['checkpoint']} on {rep['split']} ({rep['users']:,} users, {rep['ranking']} ranking)",
+    )
     for k, v in rep["model"].items():
         if "@" in k:
             lift = rep["lift"].get(k)
@@ -87,8 +101,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     metrics = Path(a.run) / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         last = json.loads(metrics.read_text().splitlines()[-1])
-        console.print(f"training: step {last['step']}, loss/total {last.get('loss/total', float('nan')):.3f}, "
-                      f"{last.get('interactions_per_s', 0):,.0f} interactions/s over all ranks (last window)")
+        console.print(
+            f"training: step {last['step']}, loss/total {last.get('loss/total', float('nan')):.3f}, "
+            f"{last.get('interactions_per_s', 0):,.0f} interactions/s over all ranks (last window)"
+        )
     return 0
 
 
@@ -106,8 +122,11 @@ def add_train(sub: Any) -> None:
     ft.add_argument("overrides", nargs="*", help="key=value overrides, as for train (finetune.lag_seconds=86400 ...)")
     ft.set_defaults(func=cmd_finetune, overrides_anywhere=True)
 
-    ev = sub.add_parser("eval", help="HR/NDCG/Recall@K of a run's latest checkpoint vs the popularity baseline "
-                                     "(fine-tuning runs: pairwise accuracy, PAU, NDCG within impressions)")
+    ev = sub.add_parser(
+        "eval",
+        help="HR/NDCG/Recall@K of a run's latest checkpoint vs the popularity baseline "
+        "(fine-tuning runs: pairwise accuracy, PAU, NDCG within impressions)",
+    )
     ev.add_argument("run", help="run directory (or one checkpoint directory)")
     ev.add_argument("--data", required=True, help="dataset directory (its eval split and train item counts)")
     ev.add_argument("--split", default=None, help="default: the run config's eval.split (test)")

@@ -14,8 +14,9 @@ from trainer.data.manifest import Manifest  # noqa: E402
 from trainer.data.writer import Holdout, ShardSetWriter, finalize  # noqa: E402
 
 
-def make_dataset(root: Path, shards: int, users: int, seed: int = 0, max_len: int = 16, num_items: int = 100,
-                 max_hist: int = 40) -> Manifest:
+def make_dataset(
+    root: Path, shards: int, users: int, seed: int = 0, max_len: int = 16, num_items: int = 100, max_hist: int = 40
+) -> Manifest:
     """Random histories, users split into contiguous ranges per shard; returns the manifest."""
     rng = np.random.default_rng(seed)
     results = []
@@ -24,10 +25,17 @@ def make_dataset(root: Path, shards: int, users: int, seed: int = 0, max_len: in
         w = ShardSetWriter(root, i, holdout, max_len=max_len)
         for u in us:
             n = int(rng.integers(1, max_hist))
-            w.add_user(int(u), {
-                "item": rng.integers(0, num_items, n), "timestamp": np.sort(rng.integers(0, 10**6, n)),
-                "event": rng.integers(0, 6, n).astype(np.uint8), "played": rng.integers(0, 101, n).astype(np.uint16),
-                "organic": rng.integers(0, 2, n).astype(np.uint8), "context": rng.integers(0, 4, n).astype(np.int32)})
+            w.add_user(
+                int(u),
+                {
+                    "item": rng.integers(0, num_items, n),
+                    "timestamp": np.sort(rng.integers(0, 10**6, n)),
+                    "event": rng.integers(0, 6, n).astype(np.uint8),
+                    "played": rng.integers(0, 101, n).astype(np.uint16),
+                    "organic": rng.integers(0, 2, n).astype(np.uint8),
+                    "context": rng.integers(0, 4, n).astype(np.int32),
+                },
+            )
         results.append(w.close())
     return finalize(root, results, holdout, num_items=num_items, max_len=max_len, source={"kind": "test"})
 
@@ -37,6 +45,7 @@ def dataset_factory(tmp_path: Path):
     def factory(shards: int, users: int, **kw) -> Manifest:
         root = tmp_path / f"ds{shards}_{users}_{kw.get('seed', 0)}"
         return make_dataset(root, shards, users, **kw)
+
     return factory
 
 
@@ -56,8 +65,19 @@ def imp_data(tmp_path_factory) -> Path:
     from trainer.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth_imp") / "data"
-    synthesize(root, users=120, items=150, mean_len=40, shards=3, seed=3, holdout="loo", workers=1, days=40,
-               impressions=4, slate=6)
+    synthesize(
+        root,
+        users=120,
+        items=150,
+        mean_len=40,
+        shards=3,
+        seed=3,
+        holdout="loo",
+        workers=1,
+        days=40,
+        impressions=4,
+        slate=6,
+    )
     return root
 
 
@@ -68,8 +88,18 @@ def imp_pretrained(imp_data, tmp_path_factory) -> Path:
     from helpers import TINY_MODEL, argus_ranks
 
     run = tmp_path_factory.mktemp("imp_pre") / "run"
-    argus_ranks("train", "configs/mini.yaml", f"data.path={imp_data}", *TINY_MODEL, "data.num_workers=0",
-                "optim.warmup_steps=2", f"out={run}", "train.steps=3", "deepspeed.stage=2", nproc=2)
+    argus_ranks(
+        "train",
+        "configs/mini.yaml",
+        f"data.path={imp_data}",
+        *TINY_MODEL,
+        "data.num_workers=0",
+        "optim.warmup_steps=2",
+        f"out={run}",
+        "train.steps=3",
+        "deepspeed.stage=2",
+        nproc=2,
+    )
     return run
 
 
@@ -83,12 +113,30 @@ def torchrun_run(data, tmp_path_factory) -> Path:
     from helpers import REPO, TINY_MODEL, free_port
 
     run = tmp_path_factory.mktemp("torchrun") / "tr2"
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "-m", "launch.cli", "train", "configs/mini.yaml",
-                          f"data.path={data}", *TINY_MODEL, "data.num_workers=1", "optim.warmup_steps=2",
-                          "train.steps=3", f"out={run}"], cwd=REPO,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "launch.cli",
+            "train",
+            "configs/mini.yaml",
+            f"data.path={data}",
+            *TINY_MODEL,
+            "data.num_workers=1",
+            "optim.warmup_steps=2",
+            "train.steps=3",
+            f"out={run}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return run
 
@@ -106,9 +154,21 @@ def _start_mini_run(root: Path):
 
     data, run = root / "data", root / "run"
     synthesize(data, users=600, items=800, mean_len=60, shards=2, seed=5, holdout="loo", workers=1)
-    job = BackgroundRun(["train", "configs/mini.yaml", f"data.path={data}", f"out={run}", "model.max_seq_len=32",
-                         "data.batch_size=16", "train.steps=150", "train.log_every=50", "train.checkpoint_every=0",
-                         "train.device=cpu"], root)
+    job = BackgroundRun(
+        [
+            "train",
+            "configs/mini.yaml",
+            f"data.path={data}",
+            f"out={run}",
+            "model.max_seq_len=32",
+            "data.batch_size=16",
+            "train.steps=150",
+            "train.log_every=50",
+            "train.checkpoint_every=0",
+            "train.device=cpu",
+        ],
+        root,
+    )
     return data, run, job
 
 

@@ -3,10 +3,22 @@
 import json
 from pathlib import Path
 
-TINY_MODEL = ["model.preset=custom", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
-              "model.max_seq_len=32", "embeddings.item_dim=16", "model.side_dim=8", "data.batch_size=4",
-              "heads.next_item.uniform_negatives=16", "heads.next_item.in_batch_negatives=16",
-              "train.log_every=1", "train.device=cpu", "train.timeout_s=120"]
+TINY_MODEL = [
+    "model.preset=custom",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.d_ff=64",
+    "model.max_seq_len=32",
+    "embeddings.item_dim=16",
+    "model.side_dim=8",
+    "data.batch_size=4",
+    "heads.next_item.uniform_negatives=16",
+    "heads.next_item.in_batch_negatives=16",
+    "train.log_every=1",
+    "train.device=cpu",
+    "train.timeout_s=120",
+]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -51,13 +63,33 @@ def assert_training_plan_matches(run: Path, data: Path, world: int) -> None:
 # environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The server is a fresh interpreter, so
 # whatever this pytest process did before (Ray, a process group) is not inherited.
 REPO = Path(__file__).resolve().parents[1]
-PRELOAD = ["launch.cli", "launch.train_cli", "launch.data_cli", "launch.export_cli", "launch.deepspeed_launch",
-           "trainer.run", "trainer.train", "trainer.finetune", "trainer.export", "trainer.evaluate", "trainer.memory",
-           "deepspeed", "torchrec", "helpers",
-           # imported lazily by a run's first step: DeepSpeed's optimizer check pulls in torch.compile (~10 s)
-           "deepspeed.runtime.zero.muon.muon_optimizer", "torch._inductor.compile_fx", "torch._dynamo",
-           "torch.distributed.optim", "torch.distributed.checkpoint", "torch.utils.tensorboard",
-           "torch.ao.quantization", "networkx", "setuptools", "distutils.ccompiler"]
+PRELOAD = [
+    "launch.cli",
+    "launch.train_cli",
+    "launch.data_cli",
+    "launch.export_cli",
+    "launch.deepspeed_launch",
+    "trainer.run",
+    "trainer.train",
+    "trainer.finetune",
+    "trainer.export",
+    "trainer.evaluate",
+    "trainer.memory",
+    "deepspeed",
+    "torchrec",
+    "helpers",
+    # imported lazily by a run's first step: DeepSpeed's optimizer check pulls in torch.compile (~10 s)
+    "deepspeed.runtime.zero.muon.muon_optimizer",
+    "torch._inductor.compile_fx",
+    "torch._dynamo",
+    "torch.distributed.optim",
+    "torch.distributed.checkpoint",
+    "torch.utils.tensorboard",
+    "torch.ao.quantization",
+    "networkx",
+    "setuptools",
+    "distutils.ccompiler",
+]
 
 
 def mp_context():
@@ -103,9 +135,17 @@ def _argus_rank(rank: int, world: int, argv: list[str], port: int, env: dict[str
 
     os.environ.clear()
     os.environ.update(env)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                      PYTHONUNBUFFERED="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        GROUP_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     os.chdir(REPO)
     fd = os.open(f"{log}.rank{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
@@ -123,8 +163,9 @@ def _argus_rank(rank: int, world: int, argv: list[str], port: int, env: dict[str
         raise SystemExit(rc)
 
 
-def argus_ranks(*argv: str, nproc: int = 2, env: dict[str, str] | None = None, log_dir: Path | None = None,
-                timeout: float = 600) -> list[str]:
+def argus_ranks(
+    *argv: str, nproc: int = 2, env: dict[str, str] | None = None, log_dir: Path | None = None, timeout: float = 600
+) -> list[str]:
     """`torchrun --nproc_per_node=NPROC -m launch.cli ARGV`, the ranks forked in-process; -> each rank's output.
 
     nproc=1 is `argus ARGV` in a process of its own (WORLD_SIZE=1). Fails with the ranks' output on a non-zero
@@ -140,8 +181,11 @@ def argus_ranks(*argv: str, nproc: int = 2, env: dict[str, str] | None = None, l
     try:
         start_ranks(_argus_rank, (nproc, list(argv), free_port(), env, log), nproc, timeout)
     except Exception as e:
-        out = "\n".join(f"--- rank {r}\n" + Path(f"{log}.rank{r}").read_text()[-3000:]
-                        for r in range(nproc) if Path(f"{log}.rank{r}").is_file())
+        out = "\n".join(
+            f"--- rank {r}\n" + Path(f"{log}.rank{r}").read_text()[-3000:]
+            for r in range(nproc)
+            if Path(f"{log}.rank{r}").is_file()
+        )
         raise AssertionError(f"argus {' '.join(argv)} on {nproc} rank(s) failed: {e}\n{out}") from e
     out = [Path(f"{log}.rank{r}").read_text() for r in range(nproc)]
     if own_dir:
@@ -172,8 +216,7 @@ class BackgroundRun:
         import os
 
         self.argv, self.log = argv, str(log_dir / "background")
-        self.proc = mp_context().Process(target=_argus_rank, args=(0, 1, argv, free_port(), dict(os.environ),
-                                                                    self.log))
+        self.proc = mp_context().Process(target=_argus_rank, args=(0, 1, argv, free_port(), dict(os.environ), self.log))
         self.proc.start()
 
     def result(self, timeout: float = 900) -> None:
@@ -182,8 +225,9 @@ class BackgroundRun:
         if self.proc.is_alive():
             self.stop()
             raise AssertionError(f"argus {' '.join(self.argv)} still running after {timeout} s")
-        assert self.proc.exitcode == 0, (f"argus {' '.join(self.argv)} exited with {self.proc.exitcode}:\n" +
-                                         (log.read_text()[-3000:] if log.is_file() else ""))
+        assert self.proc.exitcode == 0, f"argus {' '.join(self.argv)} exited with {self.proc.exitcode}:\n" + (
+            log.read_text()[-3000:] if log.is_file() else ""
+        )
 
     def stop(self) -> None:
         if self.proc.is_alive():

@@ -40,6 +40,7 @@ Graph = Mapping[str, Collection[str]]
 
 # ----------------------------------------------------------------------------------------------- parsing
 
+
 @dataclass(frozen=True)
 class Import:
     target: str  # project file, e.g. "trainer/checkpoint.py"
@@ -62,7 +63,8 @@ def module_files(root: Path = ROOT, packages: Iterable[str] = PACKAGES) -> dict[
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _walk(tree: ast.AST):
@@ -140,6 +142,7 @@ def graphs(imports: Mapping[str, list[Import]]) -> tuple[dict[str, set[str]], di
 
 
 # ----------------------------------------------------------------------------------------------- rules
+
 
 def _sccs(graph: Graph) -> list[list[str]]:
     """Strongly connected components (iterative Tarjan), each sorted, in sorted order."""
@@ -240,8 +243,7 @@ def layer_violations(graph: Graph) -> list[str]:
             if _in(dst, "launch") and not _in(src, "launch"):
                 out.append(f"{src} imports {dst}: nothing outside launch/ may import launch/")
             if _in(src, "trainer/data") and not _in(dst, "trainer/data"):
-                out.append(f"{src} imports {dst}: trainer/data/ is the leaf, it imports nothing else "
-                           "from the project")
+                out.append(f"{src} imports {dst}: trainer/data/ is the leaf, it imports nothing else from the project")
             if _in(src, "embeddings") and not (_in(dst, "embeddings") or _in(dst, "trainer/data")):
                 out.append(f"{src} imports {dst}: embeddings/ may import only trainer/data/ and itself")
     return out
@@ -258,44 +260,63 @@ def _report(found: list[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------- synthetic graphs
 
+
 def test_train_finetune_cycle_is_reported():
-    g = {"trainer/train.py": {"trainer/finetune.py", "trainer/engine.py"},
-         "trainer/finetune.py": {"trainer/train.py"}, "trainer/engine.py": set()}
+    g = {
+        "trainer/train.py": {"trainer/finetune.py", "trainer/engine.py"},
+        "trainer/finetune.py": {"trainer/train.py"},
+        "trainer/engine.py": set(),
+    }
     assert find_cycles(g) == [["trainer/finetune.py", "trainer/train.py", "trainer/finetune.py"]]
     assert layer_violations(g) == []
 
 
 def test_preflight_launch_cycle_and_layer_breach_are_reported():
-    g = {"cluster/preflight.py": {"launch/cli.py", "launch/ray_launch.py", "cluster/planner.py"},
-         "launch/cli.py": {"cluster/preflight.py"}, "launch/ray_launch.py": {"cluster/preflight.py"},
-         "cluster/planner.py": set()}
-    assert find_cycles(g) == [["cluster/preflight.py", "launch/cli.py", "cluster/preflight.py"],
-                              ["cluster/preflight.py", "launch/ray_launch.py", "cluster/preflight.py"]]
+    g = {
+        "cluster/preflight.py": {"launch/cli.py", "launch/ray_launch.py", "cluster/planner.py"},
+        "launch/cli.py": {"cluster/preflight.py"},
+        "launch/ray_launch.py": {"cluster/preflight.py"},
+        "cluster/planner.py": set(),
+    }
+    assert find_cycles(g) == [
+        ["cluster/preflight.py", "launch/cli.py", "cluster/preflight.py"],
+        ["cluster/preflight.py", "launch/ray_launch.py", "cluster/preflight.py"],
+    ]
     found = layer_violations(g)
     assert found == [
         "cluster/preflight.py imports launch/cli.py: nothing outside launch/ may import launch/",
-        "cluster/preflight.py imports launch/ray_launch.py: nothing outside launch/ may import launch/"]
+        "cluster/preflight.py imports launch/ray_launch.py: nothing outside launch/ may import launch/",
+    ]
 
 
 def test_todays_launch_tangle_names_every_import_on_a_cycle():
     # the shape on main before issue #10: preflight reaches ray_launch, which reaches back only through cli
-    g = {"cluster/preflight.py": {"launch/cli.py", "launch/ray_launch.py"},
-         "launch/cli.py": {"cluster/preflight.py", "launch/ray_launch.py", "launch/deepspeed_launch.py"},
-         "launch/ray_launch.py": {"launch/cli.py", "trainer/train.py"},
-         "launch/deepspeed_launch.py": {"launch/cli.py", "cluster/hostfile.py"},
-         "trainer/train.py": set(), "cluster/hostfile.py": set()}
+    g = {
+        "cluster/preflight.py": {"launch/cli.py", "launch/ray_launch.py"},
+        "launch/cli.py": {"cluster/preflight.py", "launch/ray_launch.py", "launch/deepspeed_launch.py"},
+        "launch/ray_launch.py": {"launch/cli.py", "trainer/train.py"},
+        "launch/deepspeed_launch.py": {"launch/cli.py", "cluster/hostfile.py"},
+        "trainer/train.py": set(),
+        "cluster/hostfile.py": set(),
+    }
     assert find_cycles(g) == [
         ["cluster/preflight.py", "launch/cli.py", "cluster/preflight.py"],
         ["cluster/preflight.py", "launch/ray_launch.py", "launch/cli.py", "cluster/preflight.py"],
         ["launch/cli.py", "launch/deepspeed_launch.py", "launch/cli.py"],
-        ["launch/cli.py", "launch/ray_launch.py", "launch/cli.py"]]
+        ["launch/cli.py", "launch/ray_launch.py", "launch/cli.py"],
+    ]
 
 
 def test_launcher_cli_cycle_inside_launch_is_reported():
-    g = {"launch/cli.py": {"launch/ray_launch.py", "launch/deepspeed_launch.py"},
-         "launch/ray_launch.py": {"launch/cli.py"}, "launch/deepspeed_launch.py": {"launch/cli.py"}}
-    assert find_cycles(g) == [["launch/cli.py", "launch/deepspeed_launch.py", "launch/cli.py"],
-                              ["launch/cli.py", "launch/ray_launch.py", "launch/cli.py"]]
+    g = {
+        "launch/cli.py": {"launch/ray_launch.py", "launch/deepspeed_launch.py"},
+        "launch/ray_launch.py": {"launch/cli.py"},
+        "launch/deepspeed_launch.py": {"launch/cli.py"},
+    }
+    assert find_cycles(g) == [
+        ["launch/cli.py", "launch/deepspeed_launch.py", "launch/cli.py"],
+        ["launch/cli.py", "launch/ray_launch.py", "launch/cli.py"],
+    ]
     assert layer_violations(g) == []  # launch/ importing launch/ is fine; the cycle is not
 
 
@@ -305,22 +326,31 @@ def test_longer_cycle_reports_its_path():
 
 
 def test_embeddings_importing_model_is_reported():
-    g = {"embeddings/interaction.py": {"trainer/model/encoder.py", "trainer/data/schema.py"},
-         "embeddings/tables.py": {"embeddings/interaction.py", "trainer/data/batch.py"},
-         "trainer/model/encoder.py": set(), "trainer/data/schema.py": set(), "trainer/data/batch.py": set()}
+    g = {
+        "embeddings/interaction.py": {"trainer/model/encoder.py", "trainer/data/schema.py"},
+        "embeddings/tables.py": {"embeddings/interaction.py", "trainer/data/batch.py"},
+        "trainer/model/encoder.py": set(),
+        "trainer/data/schema.py": set(),
+        "trainer/data/batch.py": set(),
+    }
     assert find_cycles(g) == []
     assert layer_violations(g) == [
         "embeddings/interaction.py imports trainer/model/encoder.py: embeddings/ may import only trainer/data/ "
-        "and itself"]
+        "and itself"
+    ]
 
 
 def test_data_importing_engine_is_reported():
-    g = {"trainer/data/loader.py": {"trainer/engine.py", "trainer/data/schema.py"},
-         "trainer/data/schema.py": set(), "trainer/engine.py": {"trainer/data/loader.py"}}
+    g = {
+        "trainer/data/loader.py": {"trainer/engine.py", "trainer/data/schema.py"},
+        "trainer/data/schema.py": set(),
+        "trainer/engine.py": {"trainer/data/loader.py"},
+    }
     assert find_cycles(g) == [["trainer/data/loader.py", "trainer/engine.py", "trainer/data/loader.py"]]
     assert layer_violations(g) == [
         "trainer/data/loader.py imports trainer/engine.py: trainer/data/ is the leaf, it imports nothing else "
-        "from the project"]
+        "from the project"
+    ]
 
 
 def test_trainer_and_embeddings_importing_launch_are_reported():
@@ -328,38 +358,53 @@ def test_trainer_and_embeddings_importing_launch_are_reported():
     assert layer_violations(g) == [
         "embeddings/tables.py imports launch/cli.py: nothing outside launch/ may import launch/",
         "embeddings/tables.py imports launch/cli.py: embeddings/ may import only trainer/data/ and itself",
-        "trainer/job.py imports launch/cli.py: nothing outside launch/ may import launch/"]
+        "trainer/job.py imports launch/cli.py: nothing outside launch/ may import launch/",
+    ]
 
 
 def test_graph_following_the_rules_passes():
-    g = {"launch/cli.py": {"launch/train_cmd.py", "cluster/planner.py", "trainer/job.py"},
-         "launch/train_cmd.py": {"trainer/run.py", "trainer/job.py"},
-         "cluster/planner.py": {"trainer/job.py", "trainer/model/build.py", "embeddings/sharding.py"},
-         "trainer/run.py": {"trainer/train.py", "trainer/finetune.py"},
-         "trainer/train.py": {"trainer/engine.py", "trainer/checkpoint.py"},
-         "trainer/finetune.py": {"trainer/engine.py", "trainer/checkpoint.py"},
-         "trainer/engine.py": {"trainer/model/build.py", "embeddings/tables.py", "trainer/data/loader.py"},
-         "trainer/checkpoint.py": {"trainer/model/build.py"},
-         "trainer/model/build.py": {"trainer/job.py", "trainer/model/interaction.py"},
-         "trainer/model/interaction.py": {"trainer/data/schema.py"},
-         "trainer/job.py": {"trainer/data/schema.py"},
-         "embeddings/tables.py": {"embeddings/sharding.py", "trainer/data/schema.py"},
-         "embeddings/sharding.py": set(),
-         "trainer/data/loader.py": {"trainer/data/schema.py"}, "trainer/data/schema.py": set()}
+    g = {
+        "launch/cli.py": {"launch/train_cmd.py", "cluster/planner.py", "trainer/job.py"},
+        "launch/train_cmd.py": {"trainer/run.py", "trainer/job.py"},
+        "cluster/planner.py": {"trainer/job.py", "trainer/model/build.py", "embeddings/sharding.py"},
+        "trainer/run.py": {"trainer/train.py", "trainer/finetune.py"},
+        "trainer/train.py": {"trainer/engine.py", "trainer/checkpoint.py"},
+        "trainer/finetune.py": {"trainer/engine.py", "trainer/checkpoint.py"},
+        "trainer/engine.py": {"trainer/model/build.py", "embeddings/tables.py", "trainer/data/loader.py"},
+        "trainer/checkpoint.py": {"trainer/model/build.py"},
+        "trainer/model/build.py": {"trainer/job.py", "trainer/model/interaction.py"},
+        "trainer/model/interaction.py": {"trainer/data/schema.py"},
+        "trainer/job.py": {"trainer/data/schema.py"},
+        "embeddings/tables.py": {"embeddings/sharding.py", "trainer/data/schema.py"},
+        "embeddings/sharding.py": set(),
+        "trainer/data/loader.py": {"trainer/data/schema.py"},
+        "trainer/data/schema.py": set(),
+    }
     assert problems(g, g) == []
 
 
 # ----------------------------------------------------------------------------------------------- parsing
 
-_MODULES = {name: name.replace(".", "/") + ".py" for name in (
-    "trainer.train", "trainer.finetune", "trainer.checkpoint", "trainer.job", "trainer.data.schema",
-    "trainer.data.batch", "launch.cli", "cluster.preflight")}
-_MODULES.update({"trainer": "trainer/__init__.py", "trainer.data": "trainer/data/__init__.py",
-                 "launch": "launch/__init__.py"})
+_MODULES = {
+    name: name.replace(".", "/") + ".py"
+    for name in (
+        "trainer.train",
+        "trainer.finetune",
+        "trainer.checkpoint",
+        "trainer.job",
+        "trainer.data.schema",
+        "trainer.data.batch",
+        "launch.cli",
+        "cluster.preflight",
+    )
+}
+_MODULES.update(
+    {"trainer": "trainer/__init__.py", "trainer.data": "trainer/data/__init__.py", "launch": "launch/__init__.py"}
+)
 
 
 def test_imports_are_resolved_to_files():
-    src = '''
+    src = """
 from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
@@ -382,35 +427,56 @@ def run():
         from trainer.data.nothing_here import x   # resolves to trainer/data/__init__.py
     except ImportError:
         pass
-'''
+"""
     got = {(i.target, i.type_checking) for i in imports_of(src, "trainer.train", False, _MODULES)}
-    assert got == {("trainer/data/schema.py", False), ("trainer/checkpoint.py", False), ("trainer/job.py", False),
-                   ("trainer/finetune.py", False), ("trainer/data/batch.py", False), ("launch/cli.py", True),
-                   ("launch/cli.py", False), ("trainer/data/__init__.py", False)}
+    assert got == {
+        ("trainer/data/schema.py", False),
+        ("trainer/checkpoint.py", False),
+        ("trainer/job.py", False),
+        ("trainer/finetune.py", False),
+        ("trainer/data/batch.py", False),
+        ("launch/cli.py", True),
+        ("launch/cli.py", False),
+        ("trainer/data/__init__.py", False),
+    }
 
 
 def test_type_checking_imports_count_for_layers_not_cycles():
-    imports = {"trainer/train.py": imports_of("import typing\nif typing.TYPE_CHECKING:\n    import trainer.finetune\n",
-                                              "trainer.train", False, _MODULES),
-               "trainer/finetune.py": imports_of("def f():\n    from trainer import train\n",
-                                                 "trainer.finetune", False, _MODULES),
-               "trainer/job.py": imports_of("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                            "    from launch.cli import X\n", "trainer.job", False, _MODULES)}
+    imports = {
+        "trainer/train.py": imports_of(
+            "import typing\nif typing.TYPE_CHECKING:\n    import trainer.finetune\n", "trainer.train", False, _MODULES
+        ),
+        "trainer/finetune.py": imports_of(
+            "def f():\n    from trainer import train\n", "trainer.finetune", False, _MODULES
+        ),
+        "trainer/job.py": imports_of(
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from launch.cli import X\n",
+            "trainer.job",
+            False,
+            _MODULES,
+        ),
+    }
     runtime, full = graphs(imports)
     assert find_cycles(runtime) == []
     assert find_cycles(full) == [["trainer/finetune.py", "trainer/train.py", "trainer/finetune.py"]]
-    assert layer_violations(full) == ["trainer/job.py imports launch/cli.py: nothing outside launch/ may import "
-                                      "launch/"]
+    assert layer_violations(full) == [
+        "trainer/job.py imports launch/cli.py: nothing outside launch/ may import launch/"
+    ]
 
 
 def test_relative_import_in_package_init():
-    mods = {"trainer.data": "trainer/data/__init__.py", "trainer.data.schema": "trainer/data/schema.py",
-            "trainer": "trainer/__init__.py", "trainer.job": "trainer/job.py"}
+    mods = {
+        "trainer.data": "trainer/data/__init__.py",
+        "trainer.data.schema": "trainer/data/schema.py",
+        "trainer": "trainer/__init__.py",
+        "trainer.job": "trainer/job.py",
+    }
     got = [i.target for i in imports_of("from . import schema\nfrom ..job import X\n", "trainer.data", True, mods)]
     assert got == ["trainer/data/schema.py", "trainer/job.py"]
 
 
 # ----------------------------------------------------------------------------------------------- the real tree
+
 
 def test_project_tree_follows_the_import_rules():
     imports = project_imports()
@@ -421,14 +487,19 @@ def test_project_tree_follows_the_import_rules():
         for src, imps in imports.items():
             for i in imps:
                 where.setdefault((src, i.target), set()).add(i.line)
-        detail = [f"{s} line {','.join(map(str, sorted(ls)))} -> {t}" for (s, t), ls in sorted(where.items())
-                  if any(f"{s} -> {t}" in p or p.startswith(f"{s} imports {t}:")
-                  for p in found)]
+        detail = [
+            f"{s} line {','.join(map(str, sorted(ls)))} -> {t}"
+            for (s, t), ls in sorted(where.items())
+            if any(f"{s} -> {t}" in p or p.startswith(f"{s} imports {t}:") for p in found)
+        ]
         raise AssertionError(_report(found) + "\nthe imports involved:\n  " + "\n  ".join(detail))
 
 
 def test_package_inits_import_nothing_from_the_project():
     # why importing trainer/data/schema.py need not count as importing trainer/__init__.py and trainer/data/__init__.py
-    busy = {f: sorted({i.target for i in imps}) for f, imps in project_imports().items()
-            if f.endswith("__init__.py") and imps}
+    busy = {
+        f: sorted({i.target for i in imps})
+        for f, imps in project_imports().items()
+        if f.endswith("__init__.py") and imps
+    }
     assert busy == {}, f"package __init__.py files that import project modules: {busy}"

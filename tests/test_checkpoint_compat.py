@@ -22,9 +22,23 @@ SIDE = ("context", "hour", "gap", "event", "played")
 
 def old_layout_checkpoint(path: Path, items: int, with_side: bool = True) -> dict[str, torch.Tensor]:
     """A stage-0 checkpoint as the previous layout wrote it; returns the weights it holds, by new dense name."""
-    new = from_dict(JobConfig, {"model": {"preset": "custom", "d_model": 16, "n_layers": 1, "n_heads": 2,
-                                          "d_ff": 32, "max_seq_len": 16, "side_dim": 4},
-                                "embeddings": {"item_dim": 8}, "deepspeed": {"stage": 0}, "out": "x"})
+    new = from_dict(
+        JobConfig,
+        {
+            "model": {
+                "preset": "custom",
+                "d_model": 16,
+                "n_layers": 1,
+                "n_heads": 2,
+                "d_ff": 32,
+                "max_seq_len": 16,
+                "side_dim": 4,
+            },
+            "embeddings": {"item_dim": 8},
+            "deepspeed": {"stage": 0},
+            "out": "x",
+        },
+    )
     torch.manual_seed(0)
     dense = build_dense(new).state_dict()
     side = {k: torch.randn_like(v) for k, v in dense.items() if k.startswith("interaction.side.")}
@@ -33,8 +47,12 @@ def old_layout_checkpoint(path: Path, items: int, with_side: bool = True) -> dic
     torch.save({"module": module}, path / "dense" / DENSE_TAG / "mp_rank_00_model_states.pt")
     old_cfg = to_dict(new)
     model = old_cfg["model"]
-    old_cfg["embeddings"].update(side_dim=model.pop("side_dim"), num_contexts=model.pop("num_contexts"),
-                                 token_layout=model.pop("token_layout"), side_sharding="table_wise")
+    old_cfg["embeddings"].update(
+        side_dim=model.pop("side_dim"),
+        num_contexts=model.pop("num_contexts"),
+        token_layout=model.pop("token_layout"),
+        side_sharding="table_wise",
+    )
     (path / "config.yaml").write_text(yaml.safe_dump(old_cfg))
     (path / "meta.json").write_text(json.dumps({"step": 1, "world_size": 1}))
     item = torch.randn(items, 8)

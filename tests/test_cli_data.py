@@ -54,7 +54,7 @@ def test_verify_ok_then_names_each_bad_shard(dataset_factory, capsys):
     with tarfile.open(shards[0]) as t:
         mem = t.getmembers()[1]
     data = bytearray(shards[0].read_bytes())
-    data[mem.offset_data: mem.offset_data + 4] = b"\xc1\xc1\xc1\xc1"
+    data[mem.offset_data : mem.offset_data + 4] = b"\xc1\xc1\xc1\xc1"
     shards[0].write_bytes(bytes(data))
     with tarfile.open(shards[1]) as t:
         cut = t.getmembers()[-1].offset  # drop the last member entirely: still a valid tar
@@ -71,8 +71,10 @@ def test_verify_ok_then_names_each_bad_shard(dataset_factory, capsys):
 
 def test_stream_reports_exactly_once(dataset_factory, capsys):
     m = dataset_factory(3, users=17, seed=7)
-    assert main(["data", "stream", str(m.root), "--world-size", "3", "--num-workers", "0",
-                 "--batch-size", "4", "--json"]) == 0
+    assert (
+        main(["data", "stream", str(m.root), "--world-size", "3", "--num-workers", "0", "--batch-size", "4", "--json"])
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert rep["exactly_once"] and rep["samples_seen"] == m.splits["train"].samples
     counts = [r["samples"] for r in rep["ranks"]]

@@ -10,8 +10,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "deepspeed", "torchrec", "fbgemm_gpu", "ray", "pyarrow", "pandas", "matplotlib", "webdataset",
-         "numpy")
+HEAVY = (
+    "torch",
+    "deepspeed",
+    "torchrec",
+    "fbgemm_gpu",
+    "ray",
+    "pyarrow",
+    "pandas",
+    "matplotlib",
+    "webdataset",
+    "numpy",
+)
 
 # Runs in a fresh interpreter (the test session itself has imported torch long before): build the parser, print
 # every subcommand's help in-process, then report which heavy modules got imported and each help's exit code.
@@ -43,8 +53,9 @@ print(json.dumps({"after_build": loaded_after_build, "after_help": sorted(m for 
 
 
 def _probe() -> dict:
-    out = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}\n{_PROBE}"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", f"HEAVY = {HEAVY!r}\n{_PROBE}"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.splitlines()[-1])
 
@@ -55,9 +66,27 @@ def test_building_the_parser_and_every_help_import_nothing_heavy():
     assert rep["after_help"] == [], f"printing help imported {rep['after_help']}"
     codes = rep["codes"]
     # every command group and command is covered (the walk found them all)
-    for cmd in ("", "data", "data synth", "data convert", "data inspect", "data verify", "data stream", "train",
-                "finetune", "eval", "launch", "launch ray", "launch deepspeed", "cluster", "cluster check",
-                "cluster hostfile", "plan", "export", "retrieve"):
+    for cmd in (
+        "",
+        "data",
+        "data synth",
+        "data convert",
+        "data inspect",
+        "data verify",
+        "data stream",
+        "train",
+        "finetune",
+        "eval",
+        "launch",
+        "launch ray",
+        "launch deepspeed",
+        "cluster",
+        "cluster check",
+        "cluster hostfile",
+        "plan",
+        "export",
+        "retrieve",
+    ):
         assert cmd in codes, f"`argus {cmd}` is missing"
     for cmd, (code, text) in codes.items():
         assert code == 0 and "usage: argus" in text, (cmd, code, text)
@@ -65,8 +94,9 @@ def test_building_the_parser_and_every_help_import_nothing_heavy():
 
 def test_help_from_the_command_line_is_fast():
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     seconds = time.perf_counter() - t0
     assert out.returncode == 0 and "usage: argus" in out.stdout, out.stderr
     for cmd in ("data", "train", "finetune", "eval", "launch", "cluster", "plan", "export", "retrieve"):

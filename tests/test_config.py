@@ -30,12 +30,14 @@ class Outer:
 
 def test_types_are_checked_and_keys_named():
     assert from_dict(Outer, {"inner": {"n": 3, "x": 2, "ks": [5]}}).inner == Inner(n=3, x=2.0, ks=[5])
-    for bad, msg in [({"inner": {"n": "3"}}, "inner.n: expected an integer"),
-                     ({"inner": {"n": True}}, "inner.n: expected an integer"),
-                     ({"inner": {"flag": "yes"}}, "inner.flag: expected true/false"),
-                     ({"inner": {"ks": [1, "b"]}}, r"inner.ks\[1\]: expected an integer"),
-                     ({"inner": {"typo": 1}}, "unknown config key inner.typo"),
-                     ({"inner": 5}, "inner: expected a mapping")]:
+    for bad, msg in [
+        ({"inner": {"n": "3"}}, "inner.n: expected an integer"),
+        ({"inner": {"n": True}}, "inner.n: expected an integer"),
+        ({"inner": {"flag": "yes"}}, "inner.flag: expected true/false"),
+        ({"inner": {"ks": [1, "b"]}}, r"inner.ks\[1\]: expected an integer"),
+        ({"inner": {"typo": 1}}, "unknown config key inner.typo"),
+        ({"inner": 5}, "inner: expected a mapping"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             from_dict(Outer, bad)
     assert from_dict(Outer, {"inner": {"maybe": None}}).inner.maybe is None
@@ -85,10 +87,15 @@ def test_validation_changes_nothing(tmp_path):
     from trainer.job import JobConfig
 
     init = tmp_path / "pre"
-    cfg = load_config(JobConfig, REPO / "configs" / "mini.yaml",
-                      ["data.path=/d", "out=/r", "data.max_seq_len=0", "model.token_layout=interleaved"], validate=False)
-    ft = load_config(JobConfig, REPO / "configs" / "mini.yaml", ["data.path=/d", "out=/r", f"finetune.init={init}"],
-                     validate=False)
+    cfg = load_config(
+        JobConfig,
+        REPO / "configs" / "mini.yaml",
+        ["data.path=/d", "out=/r", "data.max_seq_len=0", "model.token_layout=interleaved"],
+        validate=False,
+    )
+    ft = load_config(
+        JobConfig, REPO / "configs" / "mini.yaml", ["data.path=/d", "out=/r", f"finetune.init={init}"], validate=False
+    )
     for c in (cfg, ft):
         before = to_dict(c)
         c.validate(world_size=2, device="cpu")
@@ -105,19 +112,29 @@ def test_moved_keys_still_load_with_one_note(tmp_path, capsys):
     import trainer.config as config
     from trainer.job import JobConfig
 
-    old = {"embeddings": {"item_dim": 32, "token_layout": "interleaved", "side_dim": 8, "num_contexts": 7,
-                          "side_sharding": "row_wise"}, "data": {"path": "/d"}, "out": "/r"}
+    old = {
+        "embeddings": {
+            "item_dim": 32,
+            "token_layout": "interleaved",
+            "side_dim": 8,
+            "num_contexts": 7,
+            "side_sharding": "row_wise",
+        },
+        "data": {"path": "/d"},
+        "out": "/r",
+    }
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
     config._noted.clear()
     cfg = load_config(JobConfig, tmp_path / "old.yaml")
     assert (cfg.model.token_layout, cfg.model.side_dim, cfg.model.num_contexts) == ("interleaved", 8, 7)
     assert cfg.embeddings.item_dim == 32 and "side_sharding" not in to_dict(cfg.embeddings)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["argus: note: config key embeddings.token_layout is deprecated: use model.token_layout",
-                   "argus: note: config key embeddings.side_dim is deprecated: use model.side_dim",
-                   "argus: note: config key embeddings.num_contexts is deprecated: use model.num_contexts",
-                   "argus: note: config key embeddings.side_sharding is deprecated: it is no longer used and is "
-                   "ignored"]
+    assert err == [
+        "argus: note: config key embeddings.token_layout is deprecated: use model.token_layout",
+        "argus: note: config key embeddings.side_dim is deprecated: use model.side_dim",
+        "argus: note: config key embeddings.num_contexts is deprecated: use model.num_contexts",
+        "argus: note: config key embeddings.side_sharding is deprecated: it is no longer used and is ignored",
+    ]
     assert old["embeddings"]["side_dim"] == 8  # the caller's mapping is not changed
     load_config(JobConfig, tmp_path / "old.yaml")
     assert capsys.readouterr().err == ""  # once per process

@@ -31,8 +31,14 @@ TSV_KW = dict(columns=TSV_COLS, timestamp_unit="ms")
 
 LISTEN, LIKE, DISLIKE, UNLIKE, UNDISLIKE = 0, 1, 2, 3, 4  # written out, not taken from EventType
 NA = 0xFFFF
-assert (LISTEN, LIKE, DISLIKE, UNLIKE, UNDISLIKE, NA) == (EventType.LISTEN, EventType.LIKE, EventType.DISLIKE,
-                                                          EventType.UNLIKE, EventType.UNDISLIKE, PLAYED_NA)
+assert (LISTEN, LIKE, DISLIKE, UNLIKE, UNDISLIKE, NA) == (
+    EventType.LISTEN,
+    EventType.LIKE,
+    EventType.DISLIKE,
+    EventType.UNLIKE,
+    EventType.UNDISLIKE,
+    PLAYED_NA,
+)
 
 # ------------------------------------------------------------------------- independent expectations
 
@@ -43,8 +49,9 @@ def parquet_rows(path: Path = PARQUET) -> list[dict]:
     for r in pq.read_table(path).to_pylist():
         ev = names[r["event_type"]]
         played = r["played_ratio_pct"] if ev == LISTEN and r["played_ratio_pct"] is not None else NA
-        rows.append(dict(user=r["uid"], item=r["item_id"], ts=r["timestamp"], event=ev, played=played,
-                         organic=r["is_organic"]))
+        rows.append(
+            dict(user=r["uid"], item=r["item_id"], ts=r["timestamp"], event=ev, played=played, organic=r["is_organic"])
+        )
     return rows
 
 
@@ -54,8 +61,17 @@ def rating_event(rating: float) -> int:
 
 def csv_rows(path: Path = CSV) -> list[dict]:
     with open(path, newline="") as f:
-        return [dict(user=r["user"], item=r["item"], ts=int(r["timestamp"]), event=rating_event(float(r["rating"])),
-                     played=NA, organic=1) for r in csv.DictReader(f)]
+        return [
+            dict(
+                user=r["user"],
+                item=r["item"],
+                ts=int(r["timestamp"]),
+                event=rating_event(float(r["rating"])),
+                played=NA,
+                organic=1,
+            )
+            for r in csv.DictReader(f)
+        ]
 
 
 def tsv_rows(path: Path = TSV) -> list[dict]:
@@ -64,8 +80,16 @@ def tsv_rows(path: Path = TSV) -> list[dict]:
     rows = []
     for line in lines[1:]:
         d = dict(zip(header, line.split("\t")))
-        rows.append(dict(user=int(d["user_id"]), item=int(d["item_id"]), ts=int(d["ts"]) // 1000, event=LISTEN,
-                         played=NA, organic=1))
+        rows.append(
+            dict(
+                user=int(d["user_id"]),
+                item=int(d["item_id"]),
+                ts=int(d["ts"]) // 1000,
+                event=LISTEN,
+                played=NA,
+                organic=1,
+            )
+        )
     return rows
 
 
@@ -102,8 +126,17 @@ def read_split(root: Path, split: str) -> list[tuple[int, Sample]]:
 
 def sample_rows(s: Sample) -> list[tuple]:
     c = s.cols
-    return [(int(c["item"][i]), int(c["timestamp"][i]), int(c["event"][i]), int(c["played"][i]),
-             int(c["organic"][i]), int(c["context"][i])) for i in range(len(s))]
+    return [
+        (
+            int(c["item"][i]),
+            int(c["timestamp"][i]),
+            int(c["event"][i]),
+            int(c["played"][i]),
+            int(c["organic"][i]),
+            int(c["context"][i]),
+        )
+        for i in range(len(s))
+    ]
 
 
 def train_histories(root: Path) -> dict[int, list[tuple]]:
@@ -219,8 +252,16 @@ def test_temporal_split_with_gap(tmp_path, name):
         rows, kw, val_s, test_s, gap = parquet_rows(), {}, 20, 20, 10
     else:
         rows, kw, val_s, test_s, gap = tsv_rows(), TSV_KW, 1, 1, 1
-    m = convert(PARQUET if name == "parquet" else TSV, out, shards=2, holdout="temporal", val_seconds=val_s,
-                test_seconds=test_s, gap_seconds=gap, **kw)
+    m = convert(
+        PARQUET if name == "parquet" else TSV,
+        out,
+        shards=2,
+        holdout="temporal",
+        val_seconds=val_s,
+        test_seconds=test_s,
+        gap_seconds=gap,
+        **kw,
+    )
     max_ts = max(r["ts"] for r in rows)
     test_start = max_ts + 1 - test_s
     val_start = test_start - val_s
@@ -228,8 +269,7 @@ def test_temporal_split_with_gap(tmp_path, name):
     exp, _ = expected(rows, remap_users=False)
 
     def part(ts: int) -> str:
-        return ("test" if ts >= test_start else "val" if ts >= val_start else "gap" if ts >= val_start - gap
-                else "train")
+        return "test" if ts >= test_start else "val" if ts >= val_start else "gap" if ts >= val_start - gap else "train"
 
     train, val, test = train_histories(out), eval_samples(out, "val"), eval_samples(out, "test")
     n_gap = 0
@@ -246,7 +286,7 @@ def test_temporal_split_with_gap(tmp_path, name):
             end = h.index(targets[-1]) + 1 if split == "val" else len(h)
             # Context = everything before the targets (gap rows included); targets at the end.
             assert sample_rows(s) == h[:end] and s.offset == 0
-            assert sample_rows(s)[s.target_start:] == targets
+            assert sample_rows(s)[s.target_start :] == targets
     assert n_gap > 0 and m.split("train").stats.get("gap_interactions", 0) == n_gap
     assert val and test  # the fixture exercises both eval splits
 
@@ -271,24 +311,31 @@ def test_chunking_small_max_len(tmp_path):
         for u, s in eval_samples(out, split).items():
             h = exp[u][: len(exp[u]) - drop]
             assert len(s) == min(max_len, len(h)) and s.offset == len(h) - len(s)
-            assert sample_rows(s) == h[s.offset:] and s.target_start == len(s) - 1
+            assert sample_rows(s) == h[s.offset :] and s.target_start == len(s) - 1
 
 
-@pytest.mark.parametrize("case", [
-    ("parquet", dict(holdout="loo", max_len=3)),
-    ("parquet", dict(holdout="temporal", val_seconds=20, test_seconds=30, gap_seconds=10, max_len=1)),
-    ("csv", dict(holdout="loo")),
-    ("csv", dict(holdout="none")),
-    ("tsv", dict(holdout="temporal", val_seconds=1, test_seconds=1, gap_seconds=1, **TSV_KW)),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("parquet", dict(holdout="loo", max_len=3)),
+        ("parquet", dict(holdout="temporal", val_seconds=20, test_seconds=30, gap_seconds=10, max_len=1)),
+        ("csv", dict(holdout="loo")),
+        ("csv", dict(holdout="none")),
+        ("tsv", dict(holdout="temporal", val_seconds=1, test_seconds=1, gap_seconds=1, **TSV_KW)),
+    ],
+)
 def test_row_accounting(tmp_path, case):
     name, kw = case
     src, rows = {"parquet": (PARQUET, parquet_rows), "csv": (CSV, csv_rows), "tsv": (TSV, tsv_rows)}[name]
     m = convert(src, tmp_path / "out", shards=3, **kw)
     n_input = len(rows())
     train = sum(len(s) for _, s in read_split(tmp_path / "out", "train"))
-    targets = sum(len(s) - s.target_start for split in m.splits if split != "train"
-                  for _, s in read_split(tmp_path / "out", split))
+    targets = sum(
+        len(s) - s.target_start
+        for split in m.splits
+        if split != "train"
+        for _, s in read_split(tmp_path / "out", split)
+    )
     stats = [st for sp in m.splits.values() for st in [sp.stats]]
     cut = sum(st.get("targets_cut_to_max_len", 0) for st in stats)
     gap = sum(st.get("gap_interactions", 0) for st in stats)
@@ -332,12 +379,14 @@ def test_batching_and_directory_input_do_not_change_output(tmp_path):
 
 def test_iso_timestamps(tmp_path):
     f = tmp_path / "iso.csv"
-    f.write_text("user,item,timestamp\n"
-                 "1,a,2020-01-01T00:00:00Z\n"
-                 "1,b,2020-01-01 00:00:01\n"
-                 "1,c,2020-01-01T01:00:02+01:00\n"
-                 "1,d,2020-01-02\n"
-                 "1,e,1577836803\n")
+    f.write_text(
+        "user,item,timestamp\n"
+        "1,a,2020-01-01T00:00:00Z\n"
+        "1,b,2020-01-01 00:00:01\n"
+        "1,c,2020-01-01T01:00:02+01:00\n"
+        "1,d,2020-01-02\n"
+        "1,e,1577836803\n"
+    )
     convert(f, tmp_path / "out", holdout="none", shards=1)
     (h,) = train_histories(tmp_path / "out").values()
     assert [r[1] for r in h] == [1577836800, 1577836801, 1577836802, 1577836803, 1577923200]
@@ -365,8 +414,14 @@ def test_parquet_timestamp_units(tmp_path):
 
 
 def write_parquet(path: Path, rows: list[tuple], drop: tuple[str, ...] = ()) -> Path:
-    spec = {"uid": pa.int64(), "item_id": pa.int64(), "timestamp": pa.int64(), "is_organic": pa.uint8(),
-            "played_ratio_pct": pa.int64(), "event_type": pa.string()}
+    spec = {
+        "uid": pa.int64(),
+        "item_id": pa.int64(),
+        "timestamp": pa.int64(),
+        "is_organic": pa.uint8(),
+        "played_ratio_pct": pa.int64(),
+        "event_type": pa.string(),
+    }
     cols = {k: pa.array([r[i] for r in rows], t) for i, (k, t) in enumerate(spec.items()) if k not in drop}
     pq.write_table(pa.table(cols), path)
     return path
@@ -378,8 +433,11 @@ GOOD = [(1, 10, 100, 1, 50, "listen"), (1, 11, 101, 0, None, "like"), (2, 10, 10
 def test_missing_columns(tmp_path):
     f = tmp_path / "noitem.csv"
     f.write_text("user,timestamp,rating\na,1,5\n")
-    with pytest.raises(ConvertError, match=r"noitem\.csv: missing required item column 'item'.*columns found.*"
-                                           r"'user', 'timestamp', 'rating'"):
+    with pytest.raises(
+        ConvertError,
+        match=r"noitem\.csv: missing required item column 'item'.*columns found.*"
+        r"'user', 'timestamp', 'rating'",
+    ):
         convert(f, tmp_path / "o1")
     p = write_parquet(tmp_path / "noevent.parquet", GOOD, drop=("event_type",))
     with pytest.raises(ConvertError, match=r"noevent\.parquet: missing required column 'event_type'.*columns found"):
@@ -413,16 +471,18 @@ def test_unknown_event_type_raises(tmp_path):
 
 def test_skip_counts_bad_rows_and_keeps_the_rest(tmp_path):
     f = tmp_path / "bad.csv"
-    f.write_text("user,item,rating,timestamp\n"
-                 "a,x,5,10\n"
-                 ",y,5,11\n"          # null user
-                 "a,,5,12\n"          # null item
-                 "a,y,five,13\n"      # bad rating
-                 "a,y,,13\n"          # null rating
-                 "b,y,1,noon\n"       # bad timestamp
-                 "b,y,1,14,extra\n"   # malformed line
-                 "b,x,3,15\n"
-                 "a,z,1,9\n")
+    f.write_text(
+        "user,item,rating,timestamp\n"
+        "a,x,5,10\n"
+        ",y,5,11\n"  # null user
+        "a,,5,12\n"  # null item
+        "a,y,five,13\n"  # bad rating
+        "a,y,,13\n"  # null rating
+        "b,y,1,noon\n"  # bad timestamp
+        "b,y,1,14,extra\n"  # malformed line
+        "b,x,3,15\n"
+        "a,z,1,9\n"
+    )
     # The reader parses a block before values are checked, so the malformed line is reported first.
     with pytest.raises(ConvertError, match=r"bad\.csv: malformed CSV line .*'b,y,1,14,extra'"):
         convert(f, tmp_path / "o0")
@@ -431,32 +491,50 @@ def test_skip_counts_bad_rows_and_keeps_the_rest(tmp_path):
     with pytest.raises(ConvertError, match=r"bad_value\.csv: row 1, column 'user'"):
         convert(g, tmp_path / "o0")
     m = convert(f, tmp_path / "out", on_error="skip", holdout="none", shards=2)
-    expect_skipped = {"null_user": 1, "null_item": 1, "bad_rating": 1, "null_rating": 1, "bad_timestamp": 1,
-                      "malformed_row": 1}
+    expect_skipped = {
+        "null_user": 1,
+        "null_item": 1,
+        "bad_rating": 1,
+        "null_rating": 1,
+        "bad_timestamp": 1,
+        "malformed_row": 1,
+    }
     assert m.source["skipped_rows"] == expect_skipped
     assert m.source["rows"] == {"read": 9, "written": 3, "skipped": 6}
     assert Manifest.load(tmp_path / "out").source["skipped_rows"] == expect_skipped
-    good = [dict(user=u, item=i, ts=t, event=rating_event(r), played=NA, organic=1)
-            for u, i, r, t in (("a", "x", 5, 10), ("b", "x", 3, 15), ("a", "z", 1, 9))]
+    good = [
+        dict(user=u, item=i, ts=t, event=rating_event(r), played=NA, organic=1)
+        for u, i, r, t in (("a", "x", 5, 10), ("b", "x", 3, 15), ("a", "z", 1, 9))
+    ]
     exp, items = expected(good, remap_users=True)
     assert train_histories(tmp_path / "out") == exp and m.num_items == len(items) == 2  # 'y' only in bad rows
     assert m.split("train").interactions + sum(expect_skipped.values()) == 9
 
-    p = write_parquet(tmp_path / "bad.parquet", GOOD + [
-        (2, 12, 104, 1, 5, "play"),                  # unknown event type
-        (2, 12, 105, 1, PLAYED_MAX + 1, "listen"),   # played ratio out of range (never clipped)
-        (2, 12, 106, 1, PLAYED_MAX + 1, "like"),     # ...but ignored on a non-listen event: kept
-        (None, 12, 107, 1, 5, "listen"),             # null uid
-        (2, 12, None, 1, 5, "listen"),               # null timestamp
-        (2, 12, 108, 1, 5, None),                    # null event type
-        (2, 13, 109, 1, 5, "LIKE"),                  # case-insensitive: kept
-    ])
+    p = write_parquet(
+        tmp_path / "bad.parquet",
+        GOOD
+        + [
+            (2, 12, 104, 1, 5, "play"),  # unknown event type
+            (2, 12, 105, 1, PLAYED_MAX + 1, "listen"),  # played ratio out of range (never clipped)
+            (2, 12, 106, 1, PLAYED_MAX + 1, "like"),  # ...but ignored on a non-listen event: kept
+            (None, 12, 107, 1, 5, "listen"),  # null uid
+            (2, 12, None, 1, 5, "listen"),  # null timestamp
+            (2, 12, 108, 1, 5, None),  # null event type
+            (2, 13, 109, 1, 5, "LIKE"),  # case-insensitive: kept
+        ],
+    )
     m = convert(p, tmp_path / "pout", on_error="skip", holdout="loo", shards=2, batch_rows=3)
-    assert m.source["skipped_rows"] == {"unknown_event_type": 1, "bad_played_ratio_pct": 1, "null_user": 1,
-                                        "null_timestamp": 1, "null_event_type": 1}
+    assert m.source["skipped_rows"] == {
+        "unknown_event_type": 1,
+        "bad_played_ratio_pct": 1,
+        "null_user": 1,
+        "null_timestamp": 1,
+        "null_event_type": 1,
+    }
     assert m.source["rows"] == {"read": 10, "written": 5, "skipped": 5}
-    total = (m.split("train").interactions + sum(sh.targets for n, sp in m.splits.items() if n != "train"
-                                                 for sh in sp.shards))
+    total = m.split("train").interactions + sum(
+        sh.targets for n, sp in m.splits.items() if n != "train" for sh in sp.shards
+    )
     assert total == 5
     h2 = sample_rows(eval_samples(tmp_path / "pout", "test")[2])  # user 2's whole history
     assert [(r[1], r[2], r[3]) for r in h2] == [(102, LISTEN, 99), (106, LIKE, NA), (109, LIKE, NA)]
@@ -500,14 +578,23 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def test_convert_impressions_every_row_once_history_before_request(tmp_path):
-    hist = _write_csv(tmp_path / "h.csv", ["user", "item", "timestamp"],
-                      [[u, 100 + (u * 7 + k) % 9, 1000 * k + u] for u in range(1, 6) for k in range(12)])
+    hist = _write_csv(
+        tmp_path / "h.csv",
+        ["user", "item", "timestamp"],
+        [[u, 100 + (u * 7 + k) % 9, 1000 * k + u] for u in range(1, 6) for k in range(12)],
+    )
     imp_rows = [
-        [1, 101, 5500, "listen", 80, 0.5, ""], [1, 102, 5500, "skip", 5, 0.1, ""], [1, 999, 5500, "like", "", 0.9, ""],
-        [2, 103, 9000, "listen", 20, "", 1], [2, 104, 9000, "skip", 1, "", 1],
-        [2, 105, 9000, "listen", 100, "", 2], [2, 106, 9000, "dislike", "", "", 2],  # two impressions, same time
-        [3, 107, 11_950, "listen", 60, 0.2, ""], [3, 108, 11_950, "like", "", 0.3, ""],
-        [77, 101, 11_990, "listen", 90, 0.7, ""], [77, 102, 11_990, "skip", 3, 0.6, ""],  # a user without history
+        [1, 101, 5500, "listen", 80, 0.5, ""],
+        [1, 102, 5500, "skip", 5, 0.1, ""],
+        [1, 999, 5500, "like", "", 0.9, ""],
+        [2, 103, 9000, "listen", 20, "", 1],
+        [2, 104, 9000, "skip", 1, "", 1],
+        [2, 105, 9000, "listen", 100, "", 2],
+        [2, 106, 9000, "dislike", "", "", 2],  # two impressions, same time
+        [3, 107, 11_950, "listen", 60, 0.2, ""],
+        [3, 108, 11_950, "like", "", 0.3, ""],
+        [77, 101, 11_990, "listen", 90, 0.7, ""],
+        [77, 102, 11_990, "skip", 3, 0.6, ""],  # a user without history
     ]
     header = ["uid", "item_id", "timestamp", "event_type", "played_ratio_pct", "score", "impression_id"]
     imps = _write_csv(tmp_path / "imp.csv", header, imp_rows)
@@ -523,8 +610,10 @@ def test_convert_impressions_every_row_once_history_before_request(tmp_path):
             for t, it, ev in zip(times, c["imp_item"], c["imp_event"]):
                 got.append((split, s.user, int(item_ids[it]), int(t), int(ev)))
     names = {"listen": LISTEN, "like": LIKE, "dislike": DISLIKE, "skip": int(EventType.SKIP)}
-    want = [("impressions_test" if r[2] >= 11_990 + 1 - 100 else "impressions", r[0], r[1], r[2], names[r[3]])
-            for r in imp_rows]
+    want = [
+        ("impressions_test" if r[2] >= 11_990 + 1 - 100 else "impressions", r[0], r[1], r[2], names[r[3]])
+        for r in imp_rows
+    ]
     assert sorted(got) == sorted(want)  # every impression row exactly once, in the right split
     user2 = next(s for s in read_samples(out, "impressions") if s.user == 2)
     assert user2.cols["imp_size"].tolist() == [2, 2]  # impression ids split one request into two impressions
@@ -534,8 +623,11 @@ def test_convert_impressions_every_row_once_history_before_request(tmp_path):
 
 def test_convert_impressions_bad_row_named_or_counted(tmp_path):
     hist = _write_csv(tmp_path / "h.csv", ["user", "item", "timestamp"], [[1, 5, 10], [1, 6, 20]])
-    imps = _write_csv(tmp_path / "imp.csv", ["uid", "item_id", "timestamp", "event_type"],
-                      [[1, 5, 30, "listen"], [1, 6, 30, "shrug"], [1, 7, 30, "skip"]])
+    imps = _write_csv(
+        tmp_path / "imp.csv",
+        ["uid", "item_id", "timestamp", "event_type"],
+        [[1, 5, 30, "listen"], [1, 6, 30, "shrug"], [1, 7, 30, "skip"]],
+    )
     with pytest.raises(ConvertError, match=r"imp\.csv: row 1, column 'event_type': unknown event type"):
         convert(hist, tmp_path / "a", holdout="none", shards=1, impressions=imps)
     m = convert(hist, tmp_path / "b", holdout="none", shards=1, impressions=imps, on_error="skip")

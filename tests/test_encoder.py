@@ -81,10 +81,10 @@ def test_causality() -> None:
     y = e(x, mask)
     for t in (0, 7, 18):
         x2 = x.clone()
-        x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:]) * 5
+        x2[:, t + 1 :] = torch.randn_like(x2[:, t + 1 :]) * 5
         y2 = e(x2, mask)
         torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-6)
-        assert (y2[:, t + 1:] - y[:, t + 1:]).abs().max() > 1e-3  # the future does change the future
+        assert (y2[:, t + 1 :] - y[:, t + 1 :]).abs().max() > 1e-3  # the future does change the future
 
 
 def test_padding_invariance() -> None:
@@ -138,7 +138,7 @@ def naive_forward(e: Encoder, x: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     for blk in e.blocks:
         a = _layer_norm(h, blk.ln1)
         qkv = a @ blk.attn.qkv.weight.T + blk.attn.qkv.bias
-        q, k, v = qkv[..., :D], qkv[..., D: 2 * D], qkv[..., 2 * D:]
+        q, k, v = qkv[..., :D], qkv[..., D : 2 * D], qkv[..., 2 * D :]
         heads = []
         for i in range(H):
             sl = slice(i * dh, (i + 1) * dh)
@@ -217,15 +217,18 @@ def test_too_long_input_rejected() -> None:
         e(torch.randn(1, 9, 32), torch.ones(1, 9, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("kw, key", [
-    (dict(max_seq_len=MAX_CONTEXT + 808), "model.max_seq_len: 9000 exceeds the longest context 8192"),
-    (dict(max_seq_len=0), "model.max_seq_len"),
-    (dict(preset="mini", d_model=250), "model.d_model"),
-    (dict(preset="huge"), "model.preset"),
-    (dict(preset="custom", d_model=64, n_heads=4, d_ff=128), "model.n_layers"),
-    (dict(preset="mini", n_heads=-2), "model.n_heads"),
-    (dict(dropout=1.0), "model.dropout"),
-])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(max_seq_len=MAX_CONTEXT + 808), "model.max_seq_len: 9000 exceeds the longest context 8192"),
+        (dict(max_seq_len=0), "model.max_seq_len"),
+        (dict(preset="mini", d_model=250), "model.d_model"),
+        (dict(preset="huge"), "model.preset"),
+        (dict(preset="custom", d_model=64, n_heads=4, d_ff=128), "model.n_layers"),
+        (dict(preset="mini", n_heads=-2), "model.n_heads"),
+        (dict(dropout=1.0), "model.dropout"),
+    ],
+)
 def test_validate_names_key(kw: dict, key: str) -> None:
     cfg = Encoder.Config(**kw)
     with pytest.raises(ValueError, match=key):

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, argus_ranks, read_samples as samples
+from helpers import TINY_MODEL, argus_ranks
+from helpers import read_samples as samples
 
 from trainer.data.batch import BATCH_DTYPES, Batch, collate
 from trainer.data.manifest import Manifest
@@ -41,8 +42,9 @@ def _run(module: str, *args: str, nproc: int = 0, ok: bool = True) -> subprocess
         argus_ranks(*args, nproc=nproc or 1)
         return None
     assert not nproc
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
+    )
 
 
 def _sorted(export: Path) -> tuple[np.ndarray, ...]:
@@ -79,8 +81,8 @@ def exports(pre, imp_data, at_time, tmp_path_factory) -> dict[str, Path]:
 def reference(ckpt: Path, data: Path, split: str, at: int | None, context: int = CONTEXT) -> dict[int, dict]:
     """user -> {scores over the item table, next_item, history_len}, by brute force (cut, then window)."""
     from trainer.checkpoint import load_model
-    from trainer.model.interaction import lookup_interactions
     from trainer.model.heads import score
+    from trainer.model.interaction import lookup_interactions
     from trainer.model.two_tower import TwoTower
 
     cfg, sparse, dense = load_model(ckpt, Manifest.load(data).num_items)
@@ -97,17 +99,32 @@ def reference(ckpt: Path, data: Path, split: str, at: int | None, context: int =
         if cut == 0:
             continue
         lo = max(0, cut - context)
-        b = Batch(keys=[s.key], users=torch.tensor([s.user]), offsets=torch.tensor([lo]),
-                  lengths=torch.tensor([cut - lo]), target_start=torch.zeros(1, dtype=torch.long), padded=False,
-                  values={k: torch.from_numpy(s.cols[k][lo:cut].astype(BATCH_DTYPES[k])) for k in FIELDS})
-        item, side, _ = lookup_interactions(sparse, b, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long),
-                                            torch.device("cpu"))
+        b = Batch(
+            keys=[s.key],
+            users=torch.tensor([s.user]),
+            offsets=torch.tensor([lo]),
+            lengths=torch.tensor([cut - lo]),
+            target_start=torch.zeros(1, dtype=torch.long),
+            padded=False,
+            values={k: torch.from_numpy(s.cols[k][lo:cut].astype(BATCH_DTYPES[k])) for k in FIELDS},
+        )
+        item, side, _ = lookup_interactions(
+            sparse, b, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long), torch.device("cpu")
+        )
         lengths = b.lengths
         with torch.no_grad():
             if isinstance(dense, TwoTower):  # the ranker's forward: every item of the table as a shown item
                 m = table.shape[0]
-                row["scores"] = dense(item, side, lengths, lengths - 1, table, torch.zeros(m, dtype=torch.long),
-                                      torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))["scores"]
+                row["scores"] = dense(
+                    item,
+                    side,
+                    lengths,
+                    lengths - 1,
+                    table,
+                    torch.zeros(m, dtype=torch.long),
+                    torch.zeros(0, dtype=torch.long),
+                    torch.zeros(0, dtype=torch.long),
+                )["scores"]
             else:  # what `argus eval` ranks by: the next-item head's logits
                 h = dense.user_vectors(dense.states(item, side, lengths), lengths, lengths - 1)
                 ni = cfg.heads.next_item
@@ -152,12 +169,15 @@ def test_sharded_export_equals_one_process_export(exports):
 def test_every_user_and_item_exactly_once(exports, imp_data, at_time, which):
     export = exports[which]
     m = json.loads((export / "manifest.json").read_text())
-    assert m["files"] == {"users": ["users/part-00000.parquet", "users/part-00001.parquet"],
-                          "items": ["items/part-00000.parquet", "items/part-00001.parquet"]}
+    assert m["files"] == {
+        "users": ["users/part-00000.parquet", "users/part-00001.parquet"],
+        "items": ["items/part-00000.parquet", "items/part-00001.parquet"],
+    }
     files = sorted(str(p.relative_to(export)) for p in export.rglob("*") if p.is_file())
     assert files == sorted(["manifest.json", *m["files"]["items"], *m["files"]["users"]])  # no *.tmp left
-    per_file = {f: load_part(export / f, "user" if f.startswith("users") else "item") for fs in m["files"].values()
-                for f in fs}
+    per_file = {
+        f: load_part(export / f, "user" if f.startswith("users") else "item") for fs in m["files"].values() for f in fs
+    }
     assert {f: len(v) for f, v in per_file.items()} == m["counts"]
     users = np.concatenate([per_file[f] for f in m["files"]["users"]])
     items = np.concatenate([per_file[f] for f in m["files"]["items"]])
@@ -165,8 +185,9 @@ def test_every_user_and_item_exactly_once(exports, imp_data, at_time, which):
     assert np.array_equal(items, np.arange(150))  # rank r: one contiguous id range, ranks in order
     # users: unique, and exactly those of the split with history before the cutoff
     at = at_time if which == "at" else None
-    want = {s.user for s in samples(imp_data, "test")
-            if s.target_start > 0 and (at is None or s.cols["timestamp"][0] < at)}
+    want = {
+        s.user for s in samples(imp_data, "test") if s.target_start > 0 and (at is None or s.cols["timestamp"][0] < at)
+    }
     assert len(set(users.tolist())) == len(users) and set(users.tolist()) == want
     assert m["users"] + m["users_skipped"] == Manifest.load(imp_data).split("test").samples
     assert (m["users_skipped"] > 0) == (which == "at")
@@ -191,8 +212,10 @@ def test_bf16_export_is_fp32_rounded(exports):
     assert m["dtype"] == "bf16" and "uint16" in m["vector_encoding"]
     import pyarrow.parquet as pq
 
-    assert str(pq.read_schema(exports["bf16"] / m["files"]["users"][0]).field("vector").type) == \
-        "fixed_size_list<element: uint16>[16]"
+    assert (
+        str(pq.read_schema(exports["bf16"] / m["files"]["users"][0]).field("vector").type)
+        == "fixed_size_list<element: uint16>[16]"
+    )
     for a, b in zip(_sorted(exports["bf16"]), _sorted(exports["plain"])):
         if a.dtype == np.float32:
             assert np.all(np.abs(a - b) <= 2.0**-8 * np.abs(b))  # round to nearest: half a bf16 ulp
@@ -235,8 +258,9 @@ def test_events_at_or_after_the_cutoff_cannot_change_a_user_vector(pre, imp_data
 
     def encode(batch: Batch) -> tuple:
         with torch.no_grad():
-            return encode_users(batch, cfg, dense, sparse, sparse.item_rows, CONTEXT, at_time, True,
-                                torch.device("cpu"))
+            return encode_users(
+                batch, cfg, dense, sparse, sparse.item_rows, CONTEXT, at_time, True, torch.device("cpu")
+            )
 
     def batch() -> Batch:
         return collate(samples(imp_data, "test"), padded=False)
@@ -267,10 +291,15 @@ def test_context_rows_match_a_brute_force_loop():
     lengths = torch.randint(0, 12, (40,), generator=g)
     n = int(lengths.sum())
     ts = torch.cat([torch.sort(torch.randint(0, 100, (int(k),), generator=g)).values for k in lengths])
-    b = Batch(keys=[str(i) for i in range(40)], users=torch.arange(40), offsets=torch.zeros(40, dtype=torch.long),
-              lengths=lengths, target_start=(lengths - torch.randint(0, 3, (40,), generator=g)).clamp_min(0),
-              values={"item": torch.arange(n), "timestamp": ts, "event": torch.zeros(n, dtype=torch.uint8)},
-              padded=False)
+    b = Batch(
+        keys=[str(i) for i in range(40)],
+        users=torch.arange(40),
+        offsets=torch.zeros(40, dtype=torch.long),
+        lengths=lengths,
+        target_start=(lengths - torch.randint(0, 3, (40,), generator=g)).clamp_min(0),
+        values={"item": torch.arange(n), "timestamp": ts, "event": torch.zeros(n, dtype=torch.uint8)},
+        padded=False,
+    )
     starts = (torch.cumsum(lengths, 0) - lengths).tolist()
     for at, context, held in [(None, 5, True), (50, 3, True), (50, 100, False), (0, 4, True)]:
         r = context_rows(b, context, at, held)
@@ -339,8 +368,18 @@ def test_finetuned_export_reproduces_the_rankers_scores(pre, imp_data, tmp_path)
     from trainer.checkpoint import resolve_checkpoint
 
     run, out = tmp_path / "ft", tmp_path / "export"
-    _run("launch.cli", "finetune", "configs/mini.yaml", "--init", str(pre), f"data.path={imp_data}", *TINY,
-         f"out={run}", "train.steps=2", "finetune.item_mlp=8")
+    _run(
+        "launch.cli",
+        "finetune",
+        "configs/mini.yaml",
+        "--init",
+        str(pre),
+        f"data.path={imp_data}",
+        *TINY,
+        f"out={run}",
+        "train.steps=2",
+        "finetune.item_mlp=8",
+    )
     _run(CLI, "export", str(run), "--data", str(imp_data), "--out", str(out), "--split", "impressions_test")
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"] == "two_tower" and m["split_kind"] == "impressions"
@@ -359,17 +398,21 @@ def config_only_checkpoint(tmp_path) -> Path:
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text("{}")
     (ckpt.parent / "latest").write_text(ckpt.name)
-    save_config(load_config(JobConfig, REPO / "configs" / "mini.yaml", [*TINY, "out=x", "data.path=x"]),
-                ckpt / "config.yaml")
+    save_config(
+        load_config(JobConfig, REPO / "configs" / "mini.yaml", [*TINY, "out=x", "data.path=x"]), ckpt / "config.yaml"
+    )
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["/nonexistent/run"], "/nonexistent/run: no checkpoint (expected a run directory"),
-    (["{run}", "--split", "nope"], "no split 'nope'"),
-    (["{run}", "--at", "yesterday"], "--at: expected unix seconds or an ISO-8601 time"),
-    (["{run}", "--context", "40"], "context: must be in [1, 32]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent/run"], "/nonexistent/run: no checkpoint (expected a run directory"),
+        (["{run}", "--split", "nope"], "no split 'nope'"),
+        (["{run}", "--at", "yesterday"], "--at: expected unix seconds or an ISO-8601 time"),
+        (["{run}", "--context", "40"], "context: must be in [1, 32]"),
+    ],
+)
 def test_bad_export_input_is_one_line(args, message, config_only_checkpoint, tmp_path, imp_data, capsys):
     args = [a.replace("{run}", str(config_only_checkpoint)) for a in args]
     code, _, err = cli(capsys, "export", *args, "--data", str(imp_data), "--out", str(tmp_path / "o"))
@@ -385,8 +428,9 @@ def test_bad_retrieve_and_dtype_input(tmp_path, capsys):
     code, _, err = cli(capsys, "retrieve", str(tmp_path))
     assert code == 2 and err.count("\n") == 1 and "no manifest.json" in err, err
     # a plain process, end to end: `--dtype` is checked by the parser, one usage line + one error line
-    out = _run(CLI, "export", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--dtype", "fp16",
-               ok=False)
+    out = _run(
+        CLI, "export", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--dtype", "fp16", ok=False
+    )
     assert out.returncode == 2 and "argument --dtype: invalid choice: 'fp16'" in out.stderr
 
 

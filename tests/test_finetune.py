@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, argus_inproc, argus_ranks, read_samples as samples
+from helpers import TINY_MODEL, argus_inproc, argus_ranks
+from helpers import read_samples as samples
 
 from trainer.data.batch import collate
 from trainer.data.manifest import Manifest
@@ -37,7 +38,11 @@ def test_impression_splits_hold_history_before_each_request(imp_data, capsys):
             c = s.cols
             assert c["imp_size"].sum() == s.shown == c["imp_item"].size == c["imp_event"].size
             assert np.all(np.diff(c["imp_time"]) >= 0)
-            assert (c["imp_time"] >= test_start).all() if split == "impressions_test" else (c["imp_time"] < test_start).all()
+            assert (
+                (c["imp_time"] >= test_start).all()
+                if split == "impressions_test"
+                else (c["imp_time"] < test_start).all()
+            )
             assert s.n == 0 or c["timestamp"].max() < c["imp_time"][-1]  # nothing at or after the last request
     code, out, err = argus_inproc(capsys, "data", "verify", str(imp_data))
     assert code == 0, out + err
@@ -60,8 +65,9 @@ def test_impression_feedback_follows_the_planted_taste(tmp_path):
     from trainer.data.synth import load_truth, synthesize
 
     root = tmp_path / "d"
-    synthesize(root, users=400, items=2000, mean_len=30, shards=1, seed=7, holdout="none", days=30, impressions=8,
-               workers=1)
+    synthesize(
+        root, users=400, items=2000, mean_len=30, shards=1, seed=7, holdout="none", days=30, impressions=8, workers=1
+    )
     items, users = load_truth(root)
     support = {int(u): set(s.tolist()) for u, s in zip(users["user"], users["taste_support"])}
     in_taste, grades = [], []
@@ -76,8 +82,10 @@ def test_impression_feedback_follows_the_planted_taste(tmp_path):
 
 
 def test_relevance_grades():
-    ev = np.array([EventType.LIKE, EventType.LISTEN, EventType.LISTEN, EventType.LISTEN, EventType.SKIP,
-                   EventType.DISLIKE], np.uint8)
+    ev = np.array(
+        [EventType.LIKE, EventType.LISTEN, EventType.LISTEN, EventType.LISTEN, EventType.SKIP, EventType.DISLIKE],
+        np.uint8,
+    )
     played = np.array([10, 80, 40, PLAYED_NA, 5, 90], np.uint16)
     assert relevance(ev, played).tolist() == [3, 2, 1, 2, 0, 0]
 
@@ -103,11 +111,11 @@ def test_pairs_and_metrics_equal_brute_force(seed):
     s, gr, sz = np.random.default_rng(seed).random(int(sizes.sum())), grades.numpy(), sizes.numpy()
     per, start = [], 0
     for size in sz.tolist():
-        gg, ss = gr[start:start + size].astype(float), s[start:start + size]
+        gg, ss = gr[start : start + size].astype(float), s[start : start + size]
         start += size
         if gg.max() > 0:
             dcg = sum((2 ** gg[k] - 1) / np.log2(r + 2) for r, k in enumerate(np.argsort(-ss)))
-            idcg = sum((2 ** v - 1) / np.log2(r + 2) for r, v in enumerate(sorted(gg, reverse=True)))
+            idcg = sum((2**v - 1) / np.log2(r + 2) for r, v in enumerate(sorted(gg, reverse=True)))
             per.append(dcg / idcg)
     if per:
         assert ndcg_within(s, gr, sz) == pytest.approx(np.mean(per))
@@ -119,8 +127,12 @@ def _tiny_two_tower(lag_layout: str = "merged"):
     from trainer.job import JobConfig
     from trainer.model.two_tower import TwoTower
 
-    cfg = load_config(JobConfig, REPO / "configs" / "mini.yaml",
-                      [*TINY_MODEL, f"model.token_layout={lag_layout}", "finetune.item_mlp=8"], validate=False)
+    cfg = load_config(
+        JobConfig,
+        REPO / "configs" / "mini.yaml",
+        [*TINY_MODEL, f"model.token_layout={lag_layout}", "finetune.item_mlp=8"],
+        validate=False,
+    )
     torch.manual_seed(0)
     return cfg, TwoTower(cfg.model, cfg.embeddings, cfg.heads, cfg.finetune).eval()
 
@@ -186,7 +198,7 @@ def test_impression_inputs_cut_histories_like_a_brute_force_loop(imp_data):
         want = []
         for k in range(imp["time"].numel()):
             b = int(imp["sample"][k])
-            ts = batch.values["timestamp"][starts[b]:starts[b] + lengths[b]].tolist()
+            ts = batch.values["timestamp"][starts[b] : starts[b] + lengths[b]].tolist()
             c = sum(t < int(imp["time"][k]) - lag for t in ts)
             if c:
                 want.append(int(starts[b]) + c - 1)
@@ -214,9 +226,14 @@ def pretrained_config(imp_data, tmp_path) -> Path:
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text("{}")
     (ckpt.parent / "latest").write_text(ckpt.name)
-    save_config(load_config(JobConfig, REPO / "configs" / "mini.yaml",
-                            [*TINY, f"data.path={imp_data}", f"out={tmp_path / 'pre'}", "train.steps=3"]),
-                ckpt / "config.yaml")
+    save_config(
+        load_config(
+            JobConfig,
+            REPO / "configs" / "mini.yaml",
+            [*TINY, f"data.path={imp_data}", f"out={tmp_path / 'pre'}", "train.steps=3"],
+        ),
+        ckpt / "config.yaml",
+    )
     return tmp_path / "pre"
 
 
@@ -226,8 +243,15 @@ def _pairwise_losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, capsys):
-    common = ["configs/mini.yaml", "--init", str(pretrained), f"data.path={imp_data}", *TINY,
-              "finetune.item_mlp=16", "deepspeed.stage=2"]
+    common = [
+        "configs/mini.yaml",
+        "--init",
+        str(pretrained),
+        f"data.path={imp_data}",
+        *TINY,
+        "finetune.item_mlp=16",
+        "deepspeed.stage=2",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     _torchrun("finetune", *common, f"out={full}", "train.steps=6")
     _torchrun("finetune", *common, f"out={part}", "train.steps=3")
@@ -242,7 +266,8 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, 
     for who in ("model", "pretrained", "data", "popularity"):
         assert 0.0 <= rep[who]["pairwise_acc"] <= 1.0 and 0.0 < rep[who]["ndcg"] <= 1.0
     assert rep["model"]["pau_vs_popularity"] == pytest.approx(
-        rep["model"]["pairwise_acc"] - rep["popularity"]["pairwise_acc"])
+        rep["model"]["pairwise_acc"] - rep["popularity"]["pairwise_acc"]
+    )
     # before any fine-tuning step the two-tower model ranks exactly like the pre-trained one
     zero = tmp_path / "zero"
     _torchrun("finetune", *common, f"out={zero}", "train.steps=1", "optim.lr=1e-12", "embeddings.lr=1e-12", nproc=1)
@@ -250,20 +275,40 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, 
     assert rep0["model"]["pairwise_acc"] == pytest.approx(rep0["pretrained"]["pairwise_acc"], abs=2e-3)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["model.d_model=48", "model.n_heads=2"], "model.d_model: 48 differs from the pre-trained model's 32"),
-    (["finetune.split=nope"], "no split 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model.d_model=48", "model.n_heads=2"], "model.d_model: 48 differs from the pre-trained model's 32"),
+        (["finetune.split=nope"], "no split 'nope'"),
+    ],
+)
 def test_finetune_bad_setup_is_one_line(imp_data, pretrained_config, tmp_path, args, message, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    code, _, err = argus_inproc(capsys, "finetune", "configs/mini.yaml", "--init", str(pretrained_config),
-                                f"data.path={imp_data}", *TINY, f"out={tmp_path / 'r'}", *args)
+    code, _, err = argus_inproc(
+        capsys,
+        "finetune",
+        "configs/mini.yaml",
+        "--init",
+        str(pretrained_config),
+        f"data.path={imp_data}",
+        *TINY,
+        f"out={tmp_path / 'r'}",
+        *args,
+    )
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists() and not torch.distributed.is_initialized()
 
 
 def test_finetune_init_without_checkpoint_is_refused(imp_data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    code, _, err = argus_inproc(capsys, "finetune", "configs/mini.yaml", "--init", str(tmp_path),
-                                f"data.path={imp_data}", *TINY, f"out={tmp_path / 'r'}")
+    code, _, err = argus_inproc(
+        capsys,
+        "finetune",
+        "configs/mini.yaml",
+        "--init",
+        str(tmp_path),
+        f"data.path={imp_data}",
+        *TINY,
+        f"out={tmp_path / 'r'}",
+    )
     assert code == 2 and "finetune.init" in err and "no checkpoint" in err

@@ -8,9 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.model.heads import (EVENT_CLASSES, NUM_PLAYED_BUCKETS, PLAYED_NA, FeedbackHead, NextItemHead,
-                                 NextItemLossConfig, mixed_log_q, normalized_entropy, played_bucket,
-                                 sampled_softmax_loss, score)
+from trainer.model.heads import (
+    EVENT_CLASSES,
+    NUM_PLAYED_BUCKETS,
+    PLAYED_NA,
+    FeedbackHead,
+    NextItemHead,
+    NextItemLossConfig,
+    mixed_log_q,
+    normalized_entropy,
+    played_bucket,
+    sampled_softmax_loss,
+    score,
+)
 
 
 def ref_loss_value(h, pos, pos_ids, cand, cand_ids, pos_lq, cand_lq, cfg) -> float:
@@ -27,8 +37,9 @@ def ref_loss_value(h, pos, pos_ids, cand, cand_ids, pos_lq, cand_lq, cfg) -> flo
     total = 0.0
     for i in range(len(h)):
         l0 = s(h[i], pos[i]) - (pos_lq[i] if cfg.logq and cfg.correct_positive else 0.0)
-        ls = [l0] + [s(h[i], cand[k]) - (cand_lq[k] if cfg.logq else 0.0)
-                     for k in range(len(cand)) if cand_ids[k] != pos_ids[i]]
+        ls = [l0] + [
+            s(h[i], cand[k]) - (cand_lq[k] if cfg.logq else 0.0) for k in range(len(cand)) if cand_ids[k] != pos_ids[i]
+        ]
         m = max(ls)
         total += m + math.log(sum(math.exp(v - m) for v in ls)) - l0
     return total / len(h)
@@ -38,21 +49,26 @@ def ref_loss_torch(h, pos, pos_ids, cand, cand_ids, pos_lq, cand_lq, cfg) -> tor
     """Same brute force on float64 scalars, differentiable."""
     total = h.new_zeros(())
     for i in range(h.shape[0]):
-        def s(b: torch.Tensor) -> torch.Tensor:
+
+        def s(b: torch.Tensor, i: int = i) -> torch.Tensor:
             dot = (h[i] * b).sum()
             if cfg.normalize:
                 dot = dot / (h[i].pow(2).sum().sqrt() * b.pow(2).sum().sqrt())
             return dot / cfg.temperature
 
         l0 = s(pos[i]) - (pos_lq[i] if cfg.logq and cfg.correct_positive else 0.0)
-        ls = [l0] + [s(cand[k]) - (cand_lq[k] if cfg.logq else 0.0)
-                     for k in range(cand.shape[0]) if int(cand_ids[k]) != int(pos_ids[i])]
+        ls = [l0] + [
+            s(cand[k]) - (cand_lq[k] if cfg.logq else 0.0)
+            for k in range(cand.shape[0])
+            if int(cand_ids[k]) != int(pos_ids[i])
+        ]
         total = total + torch.log(sum(torch.exp(v) for v in ls)) - l0
     return total / h.shape[0]
 
 
-CASES = [(logq, cp, norm) for logq in (False, True) for cp in (False, True) for norm in (False, True)
-         if logq or cp]  # correct_positive is moot without logq
+CASES = [
+    (logq, cp, norm) for logq in (False, True) for cp in (False, True) for norm in (False, True) if logq or cp
+]  # correct_positive is moot without logq
 
 
 def random_problem(seed: int, dtype=torch.float64):
@@ -73,8 +89,9 @@ def random_problem(seed: int, dtype=torch.float64):
 def test_sampled_softmax_matches_brute_force(logq: bool, correct_positive: bool, normalize: bool) -> None:
     hits = 0
     for seed in range(25):
-        cfg = NextItemLossConfig(logq=logq, correct_positive=correct_positive, normalize=normalize,
-                                 temperature=[0.05, 0.3, 1.0][seed % 3])
+        cfg = NextItemLossConfig(
+            logq=logq, correct_positive=correct_positive, normalize=normalize, temperature=[0.05, 0.3, 1.0][seed % 3]
+        )
         args = random_problem(seed)
         hits += int((args[4][None, :] == args[2][:, None]).sum())
         got = sampled_softmax_loss(*args, cfg)
@@ -102,15 +119,31 @@ def test_accidental_hit_is_masked_not_counted() -> None:
     h = torch.tensor([[1.0, 0.0]])
     e = torch.tensor([[2.0, 0.0]])
     # The same item as a candidate must not compete with itself: loss is log(1 + exp(0 - 2)).
-    loss = sampled_softmax_loss(h, e, torch.tensor([7]), torch.cat([e, torch.zeros(1, 2)]), torch.tensor([7, 3]),
-                                torch.zeros(1), torch.zeros(2), cfg)
+    loss = sampled_softmax_loss(
+        h,
+        e,
+        torch.tensor([7]),
+        torch.cat([e, torch.zeros(1, 2)]),
+        torch.tensor([7, 3]),
+        torch.zeros(1),
+        torch.zeros(2),
+        cfg,
+    )
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-6)
 
 
 def test_empty_rows_give_zero_with_grad() -> None:
     h = torch.zeros(0, 4, requires_grad=True)
-    loss = sampled_softmax_loss(h, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.randn(3, 4),
-                                torch.arange(3), torch.zeros(0), torch.zeros(3), NextItemLossConfig())
+    loss = sampled_softmax_loss(
+        h,
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.long),
+        torch.randn(3, 4),
+        torch.arange(3),
+        torch.zeros(0),
+        torch.zeros(3),
+        NextItemLossConfig(),
+    )
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
 
@@ -155,8 +188,9 @@ def test_full_catalog_equals_full_softmax() -> None:
         out = torch.empty(N, num_items, dtype=torch.float64)
         for i in range(N):
             for j in range(num_items):
-                loss = sampled_softmax_loss(h[i:i + 1], table[j:j + 1], torch.tensor([j]), table, all_ids,
-                                            lq[j:j + 1], lq, cfg)
+                loss = sampled_softmax_loss(
+                    h[i : i + 1], table[j : j + 1], torch.tensor([j]), table, all_ids, lq[j : j + 1], lq, cfg
+                )
                 out[i, j] = torch.exp(-loss)
         return out
 
@@ -172,8 +206,9 @@ def test_full_catalog_equals_full_softmax() -> None:
     # The mean loss over targets is the full-softmax cross-entropy.
     targets = torch.randint(0, num_items, (N,), generator=g)
     lq = mixed_log_q(all_ids, freq, 0, num_items, num_items).double()
-    loss = sampled_softmax_loss(h, table[targets], targets, table, all_ids, lq[targets], lq, NextItemLossConfig(
-        temperature=0.1))
+    loss = sampled_softmax_loss(
+        h, table[targets], targets, table, all_ids, lq[targets], lq, NextItemLossConfig(temperature=0.1)
+    )
     assert loss.item() == pytest.approx(F.cross_entropy(full, targets).item(), rel=1e-10)
 
 
@@ -205,8 +240,13 @@ def test_normalized_entropy_multiclass() -> None:
     logits = torch.randn(200, 4, generator=g)
     targets = torch.randint(0, 4, (200,), generator=g)
     targets[:3] = 3
-    ce = -sum(math.log(math.exp(logits[i, t]) / sum(math.exp(v) for v in logits[i].tolist()))
-              for i, t in enumerate(targets.tolist())) / 200
+    ce = (
+        -sum(
+            math.log(math.exp(logits[i, t]) / sum(math.exp(v) for v in logits[i].tolist()))
+            for i, t in enumerate(targets.tolist())
+        )
+        / 200
+    )
     counts = [targets.tolist().count(c) for c in range(4)]
     ent = -sum(c / 200 * math.log(c / 200) for c in counts if c)
     assert normalized_entropy(logits, targets) == pytest.approx(ce / ent, rel=1e-9)
@@ -296,8 +336,15 @@ def test_feedback_empty_batch() -> None:
 def test_logits_stay_float32_under_autocast() -> None:
     g = torch.Generator().manual_seed(7)
     ids = torch.arange(64)
-    args = [torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g), ids[:32], torch.randn(64, 64, generator=g),
-            ids, torch.zeros(32), torch.zeros(64)]
+    args = [
+        torch.randn(32, 64, generator=g),
+        torch.randn(32, 64, generator=g),
+        ids[:32],
+        torch.randn(64, 64, generator=g),
+        ids,
+        torch.zeros(32),
+        torch.zeros(64),
+    ]
     want = sampled_softmax_loss(*args, NextItemLossConfig())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = sampled_softmax_loss(*args, NextItemLossConfig())

@@ -36,8 +36,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 @pytest.fixture(scope="module")
 def runner():
     """The deepspeed launcher's own parsing code: what ours must agree with."""
@@ -68,18 +66,21 @@ def test_nodes_file_with_comments_slots_and_default(tmp_path):
         hosts_from_nodes_file(nodes, None)
 
 
-@pytest.mark.parametrize("kind,text,message", [
-    ("hostfile", "a slots=2\nb slots=x\n", ":2: slots must be an integer, got 'x'"),
-    ("hostfile", "a slots=2\n\nb\n", ":3: expected 'HOST slots=N', got 'b'"),
-    ("hostfile", "a slots=2\nb slots=0\n", ":2: slots must be >= 1, got 0"),
-    ("hostfile", "# only\n\n", ": no hosts"),
-    ("hostfile", "a slots=1\nb slots=1\na slots=2\n", ":3: host a listed twice"),
-    ("hostfile", "a/b slots=1\n", ":1: bad host name 'a/b'"),
-    ("nodes", "a\nb c d\n", ":2: expected 'HOST', 'HOST slots=N' or 'HOST:N', got 'b c d'"),
-    ("nodes", "a\n# x\nb:zero\n", ":3: slots must be an integer, got 'zero'"),
-    ("nodes", "a slots=-1\n", ":1: slots must be >= 1, got -1"),
-    ("nodes", "a\nb\na:4\n", ":3: host a listed twice"),
-])
+@pytest.mark.parametrize(
+    "kind,text,message",
+    [
+        ("hostfile", "a slots=2\nb slots=x\n", ":2: slots must be an integer, got 'x'"),
+        ("hostfile", "a slots=2\n\nb\n", ":3: expected 'HOST slots=N', got 'b'"),
+        ("hostfile", "a slots=2\nb slots=0\n", ":2: slots must be >= 1, got 0"),
+        ("hostfile", "# only\n\n", ": no hosts"),
+        ("hostfile", "a slots=1\nb slots=1\na slots=2\n", ":3: host a listed twice"),
+        ("hostfile", "a/b slots=1\n", ":1: bad host name 'a/b'"),
+        ("nodes", "a\nb c d\n", ":2: expected 'HOST', 'HOST slots=N' or 'HOST:N', got 'b c d'"),
+        ("nodes", "a\n# x\nb:zero\n", ":3: slots must be an integer, got 'zero'"),
+        ("nodes", "a slots=-1\n", ":1: slots must be >= 1, got -1"),
+        ("nodes", "a\nb\na:4\n", ":3: host a listed twice"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, kind, text, message):
     path = tmp_path / kind
     path.write_text(text)
@@ -97,59 +98,120 @@ def test_missing_files_are_named(tmp_path):
 TRAIN = ["--module", "launch.cli", "train", "configs/mini.yaml", "out=r", "train.steps=3"]
 
 
-@pytest.mark.parametrize("kw,expected", [
-    (dict(num_gpus=2), [DS, "--num_gpus", "2", "--master_port", "29500", *TRAIN]),
-    (dict(hostfile="hf", num_nodes=2, num_gpus=8, master_addr="10.0.0.1", master_port=29600),
-     [DS, "--hostfile", "hf", "--num_nodes", "2", "--num_gpus", "8", "--master_addr", "10.0.0.1",
-      "--master_port", "29600", *TRAIN]),
-    (dict(hostfile="hf", include="a@b:0,2"), [DS, "--hostfile", "hf", "--include", "a@b:0,2",
-                                              "--master_port", "29500", *TRAIN]),
-    (dict(hostfile="hf", exclude="b:1"), [DS, "--hostfile", "hf", "--exclude", "b:1", "--master_port", "29500",
-                                          *TRAIN]),
-    (dict(), [DS, "--master_port", "29500", *TRAIN]),
-], ids=["num_gpus", "hostfile-nodes-gpus-addr", "include", "exclude", "bare"])
+@pytest.mark.parametrize(
+    "kw,expected",
+    [
+        (dict(num_gpus=2), [DS, "--num_gpus", "2", "--master_port", "29500", *TRAIN]),
+        (
+            dict(hostfile="hf", num_nodes=2, num_gpus=8, master_addr="10.0.0.1", master_port=29600),
+            [
+                DS,
+                "--hostfile",
+                "hf",
+                "--num_nodes",
+                "2",
+                "--num_gpus",
+                "8",
+                "--master_addr",
+                "10.0.0.1",
+                "--master_port",
+                "29600",
+                *TRAIN,
+            ],
+        ),
+        (
+            dict(hostfile="hf", include="a@b:0,2"),
+            [DS, "--hostfile", "hf", "--include", "a@b:0,2", "--master_port", "29500", *TRAIN],
+        ),
+        (
+            dict(hostfile="hf", exclude="b:1"),
+            [DS, "--hostfile", "hf", "--exclude", "b:1", "--master_port", "29500", *TRAIN],
+        ),
+        (dict(), [DS, "--master_port", "29500", *TRAIN]),
+    ],
+    ids=["num_gpus", "hostfile-nodes-gpus-addr", "include", "exclude", "bare"],
+)
 def test_deepspeed_command(kw, expected, runner):
-    args = dict(hostfile=None, include=None, exclude=None, num_gpus=None, num_nodes=None, master_addr=None,
-                master_port=29500, python=sys.executable) | kw
+    args = (
+        dict(
+            hostfile=None,
+            include=None,
+            exclude=None,
+            num_gpus=None,
+            num_nodes=None,
+            master_addr=None,
+            master_port=29500,
+            python=sys.executable,
+        )
+        | kw
+    )
     cmd = dl.deepspeed_command("configs/mini.yaml", ["out=r", "train.steps=3"], **args)
     assert cmd == expected
     # the launcher itself reads it as intended (catches misspelt flags)
     a = runner.parse_args(cmd[1:])
-    assert a.module and a.user_script == "launch.cli" and a.user_args == ["train", "configs/mini.yaml", "out=r",
-                                                                          "train.steps=3"]
-    assert (a.hostfile, a.num_gpus, a.include) == (kw.get("hostfile", "/job/hostfile"), kw.get("num_gpus", -1),
-                                                   kw.get("include", ""))
+    assert (
+        a.module
+        and a.user_script == "launch.cli"
+        and a.user_args == ["train", "configs/mini.yaml", "out=r", "train.steps=3"]
+    )
+    assert (a.hostfile, a.num_gpus, a.include) == (
+        kw.get("hostfile", "/job/hostfile"),
+        kw.get("num_gpus", -1),
+        kw.get("include", ""),
+    )
 
 
 def test_deepspeed_command_without_console_script(tmp_path):
     py = str(tmp_path / "bin" / "python")
     assert dl.deepspeed_command("c.yaml", [], None, None, None, 2, None, None, 29501, py) == [
-        py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29501", "--module", "launch.cli",
-        "train", "c.yaml"]
+        py,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        "29501",
+        "--module",
+        "launch.cli",
+        "train",
+        "c.yaml",
+    ]
 
 
-@pytest.mark.parametrize("include,exclude,num_nodes,num_gpus", [
-    ("b@a:1", None, None, None), ("a:0,1@c", None, None, None), ("a:1@a:0", None, None, None),
-    (None, "b", None, None), (None, "a:0@c:1,2", None, None),
-    (None, None, 2, None), (None, None, None, 1), (None, None, 1, 3), (None, None, None, None),
-])
+@pytest.mark.parametrize(
+    "include,exclude,num_nodes,num_gpus",
+    [
+        ("b@a:1", None, None, None),
+        ("a:0,1@c", None, None, None),
+        ("a:1@a:0", None, None, None),
+        (None, "b", None, None),
+        (None, "a:0@c:1,2", None, None),
+        (None, None, 2, None),
+        (None, None, None, 1),
+        (None, None, 1, 3),
+        (None, None, None, None),
+    ],
+)
 def test_resources_match_the_launcher(runner, include, exclude, num_nodes, num_gpus):
     hosts = [("a", 2), ("b", 4), ("c", 3)]
     ours = dl.resolve_resources(hosts, include, exclude, num_nodes, num_gpus)
-    theirs = runner.apply_num_nodes_and_gpus(runner.parse_inclusion_exclusion(dict(hosts), include or "",
-                                                                              exclude or ""),
-                                             num_nodes or -1, num_gpus or -1)
+    theirs = runner.apply_num_nodes_and_gpus(
+        runner.parse_inclusion_exclusion(dict(hosts), include or "", exclude or ""), num_nodes or -1, num_gpus or -1
+    )
     assert list(ours.items()) == list(theirs.items())
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(include="a", exclude="b"), "mutually exclusive"),
-    (dict(include="a", num_gpus=1), "cannot be combined"),
-    (dict(include="z"), "host 'z' is not in the hostfile"),
-    (dict(include="a:5"), "a has slots 0..1, not [5]"),
-    (dict(num_nodes=4), "--num-nodes 4: only 2 host(s)"),
-    (dict(exclude="a@b"), "no hosts/slots left"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(include="a", exclude="b"), "mutually exclusive"),
+        (dict(include="a", num_gpus=1), "cannot be combined"),
+        (dict(include="z"), "host 'z' is not in the hostfile"),
+        (dict(include="a:5"), "a has slots 0..1, not [5]"),
+        (dict(num_nodes=4), "--num-nodes 4: only 2 host(s)"),
+        (dict(exclude="a@b"), "no hosts/slots left"),
+    ],
+)
 def test_bad_resource_requests(kw, message):
     args = dict(include=None, exclude=None, num_nodes=None, num_gpus=None) | kw
     with pytest.raises(ValueError) as e:
@@ -169,8 +231,14 @@ def test_deepspeed_env_content_and_no_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("NCCL_DEBUG", "WARN")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
     monkeypatch.setenv("PYTHONPATH", "/opt/extra")
-    secrets = {"NCCL_AUTH_TOKEN": "s3cr3t-1", "NCCL_IB_PKEY_SECRET": "s3cr3t-2", "RAY_AUTH_TOKEN": "s3cr3t-3",
-               "MY_PASSWORD": "s3cr3t-4", "AWS_SECRET_ACCESS_KEY": "s3cr3t-5", "NCCL_API_KEY": "s3cr3t-6"}
+    secrets = {
+        "NCCL_AUTH_TOKEN": "s3cr3t-1",
+        "NCCL_IB_PKEY_SECRET": "s3cr3t-2",
+        "RAY_AUTH_TOKEN": "s3cr3t-3",
+        "MY_PASSWORD": "s3cr3t-4",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-5",
+        "NCCL_API_KEY": "s3cr3t-6",
+    }
     for k, v in secrets.items():
         monkeypatch.setenv(k, v)
     path = dl.write_deepspeed_env(tmp_path, dl.deepspeed_env(2, gpu=False))
@@ -216,31 +284,46 @@ def run_cli(monkeypatch, capsys):
         rc = argus_main(["launch", "deepspeed", *args])
         out = capsys.readouterr()
         return argparse.Namespace(returncode=rc, stdout=out.out, stderr=out.err)
+
     return run
 
 
 def test_dry_run_prints_command_and_env(data, tmp_path, run_cli):
     run = tmp_path / "run"
     over = [f"data.path={data}", *TINY, f"out={run}"]
-    out = run_cli("configs/mini.yaml", *over, "--num-gpus", "2", "--master-port", "29611", "--dry-run",
-                  "--env-dir", str(tmp_path))
+    out = run_cli(
+        "configs/mini.yaml", *over, "--num-gpus", "2", "--master-port", "29611", "--dry-run", "--env-dir", str(tmp_path)
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == shlex.join([DS, "--num_gpus", "2", "--master_port", "29611", "--module", "launch.cli",
-                                   "train", "configs/mini.yaml", *over])
+    assert lines[0] == shlex.join(
+        [DS, "--num_gpus", "2", "--master_port", "29611", "--module", "launch.cli", "train", "configs/mini.yaml", *over]
+    )
     assert lines[1] == f"# {tmp_path / '.deepspeed_env'} (2 ranks on 1 node(s))"
     assert "ARGUS_DEEPSPEED_ENV=1" in lines and "OMP_NUM_THREADS=1" in lines
     assert not (tmp_path / ".deepspeed_env").exists() and not run.exists(), "a dry run writes nothing"
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["model.n_laers=3"], "unknown config key model.n_laers"),
-    # validated for the launch's world size (2 ranks): 4 x 2 = 8, not 4
-    (["train.global_batch_size=4"], "train.global_batch_size: 4 != data.batch_size"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["model.n_laers=3"], "unknown config key model.n_laers"),
+        # validated for the launch's world size (2 ranks): 4 x 2 = 8, not 4
+        (["train.global_batch_size=4"], "train.global_batch_size: 4 != data.batch_size"),
+    ],
+)
 def test_bad_config_fails_before_spawning(data, tmp_path, run_cli, extra, message):
-    out = run_cli("configs/mini.yaml", f"data.path={data}", *TINY, f"out={tmp_path / 'r'}", *extra,
-                  "--num-gpus", "2", "--env-dir", str(tmp_path))
+    out = run_cli(
+        "configs/mini.yaml",
+        f"data.path={data}",
+        *TINY,
+        f"out={tmp_path / 'r'}",
+        *extra,
+        "--num-gpus",
+        "2",
+        "--env-dir",
+        str(tmp_path),
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("argus: error: ") and message in lines[0], out.stderr
@@ -301,8 +384,9 @@ def test_real_run_on_two_cpu_ranks_matches_torchrun(data, tmp_path, monkeypatch,
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     stray = (REPO / ".deepspeed_env").exists()
     common = ["configs/mini.yaml", f"data.path={data}", *TINY, "train.steps=3"]
-    rc = dl.launch(common[0], [*common[1:], f"out={tmp_path / 'ds'}"], num_gpus=2, master_port=free_port(),
-                   env_dir=tmp_path)
+    rc = dl.launch(
+        common[0], [*common[1:], f"out={tmp_path / 'ds'}"], num_gpus=2, master_port=free_port(), env_dir=tmp_path
+    )
     log = capfd.readouterr()
     assert rc == 0, (log.out + log.err)[-3000:]
     assert log.out.splitlines()[0].startswith(f"{DS} --num_gpus 2 --master_port ")
@@ -361,8 +445,9 @@ def test_hosts_from_ray_connects_filters_and_orders(monkeypatch):
 def test_cluster_hostfile_from_nodes_file(tmp_path, capsys):
     p = build_parser()
     (tmp_path / "nodes").write_text("n1\nn2:4\n")
-    a = p.parse_args(["cluster", "hostfile", "--nodes-file", str(tmp_path / "nodes"), "--slots", "2",
-                      "--out", str(tmp_path / "hf")])
+    a = p.parse_args(
+        ["cluster", "hostfile", "--nodes-file", str(tmp_path / "nodes"), "--slots", "2", "--out", str(tmp_path / "hf")]
+    )
     assert a.func(a) == 0
     assert (tmp_path / "hf").read_text() == "n1 slots=2\nn2 slots=4\n"
     assert "2 host(s), 6 slots" in capsys.readouterr().out
@@ -397,35 +482,86 @@ def test_shell_scripts_parse():
 def test_torchrun_sh_under_slurm_and_outside(tmp_path):
     # a big allocation: scontrol keeps writing after `head -n1` has gone (SIGPIPE under pipefail)
     scontrol = '[ "$*" = "show hostnames gpu[01-02]" ] && printf "gpu%02d\\n" $(seq 1 20000)'
-    bin_ = fake_bin(tmp_path, torchrun=ECHO, scontrol=scontrol,
-                    **{"nvidia-smi": 'printf "GPU 0: H100\\nGPU 1: H100\\nGPU 2: H100\\nGPU 3: H100\\n"'})
+    bin_ = fake_bin(
+        tmp_path,
+        torchrun=ECHO,
+        scontrol=scontrol,
+        **{"nvidia-smi": 'printf "GPU 0: H100\\nGPU 1: H100\\nGPU 2: H100\\nGPU 3: H100\\n"'},
+    )
     base = {"PATH": f"{bin_}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    slurm = {**base, "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "77",
-             "SLURM_CPUS_PER_TASK": "32"}
-    out = subprocess.run([str(REPO / "launch/torchrun.sh"), "configs/medium.yaml", "out=r"], env=slurm,
-                         capture_output=True, text=True, cwd=tmp_path)
+    slurm = {
+        **base,
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "77",
+        "SLURM_CPUS_PER_TASK": "32",
+    }
+    out = subprocess.run(
+        [str(REPO / "launch/torchrun.sh"), "configs/medium.yaml", "out=r"],
+        env=slurm,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     head, *args = out.stdout.splitlines()
     assert head == f"OMP=8 PYTHONPATH={REPO}"
-    assert args == ["--nnodes", "2", "--nproc_per_node", "4", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                    "gpu01:29500", "--rdzv_id", "77", "-m", "launch.cli", "train", "configs/medium.yaml", "out=r"]
+    assert args == [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "4",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "gpu01:29500",
+        "--rdzv_id",
+        "77",
+        "-m",
+        "launch.cli",
+        "train",
+        "configs/medium.yaml",
+        "out=r",
+    ]
     # no SLURM, no GPUs: one node, one rank, this host; explicit settings win
     (bin_ / "nvidia-smi").unlink()
     (bin_ / "scontrol").unlink()
-    out = subprocess.run([str(REPO / "launch/torchrun.sh"), "c.yaml"], capture_output=True, text=True,
-                         env={**base, "MASTER_PORT": "29555", "OMP_NUM_THREADS": "3"}, cwd=tmp_path)
+    out = subprocess.run(
+        [str(REPO / "launch/torchrun.sh"), "c.yaml"],
+        capture_output=True,
+        text=True,
+        env={**base, "MASTER_PORT": "29555", "OMP_NUM_THREADS": "3"},
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     head, *args = out.stdout.splitlines()
     assert head.startswith("OMP=3 ")
-    assert args[:9] == ["--nnodes", "1", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                        f"{socket.gethostname()}:29555", "--rdzv_id"] and args[9] == "argus"
+    assert (
+        args[:9]
+        == [
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "1",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"{socket.gethostname()}:29555",
+            "--rdzv_id",
+        ]
+        and args[9] == "argus"
+    )
 
 
 def test_deepspeed_sh_passes_hostfile_and_sets_omp(tmp_path):
     hf = write_hostfile([("a", 1), ("b", 2)], tmp_path / "hostfile")
     base = {"PATH": f"{fake_bin(tmp_path, argus=ECHO)}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([str(REPO / "launch/deepspeed.sh"), str(hf), "configs/mini.yaml", "out=r", "--dry-run"],
-                         env=base, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(REPO / "launch/deepspeed.sh"), str(hf), "configs/mini.yaml", "out=r", "--dry-run"],
+        env=base,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     head, *args = out.stdout.splitlines()
     assert head.startswith(f"OMP={max(1, len(os.sched_getaffinity(0)) // 2)} ")
@@ -433,9 +569,21 @@ def test_deepspeed_sh_passes_hostfile_and_sets_omp(tmp_path):
     # no `argus` on PATH: the package through $PYTHON -m launch.cli, found via PYTHONPATH
     (tmp_path / "bin" / "argus").unlink()
     fake_bin(tmp_path, py=ECHO)
-    out = subprocess.run([str(REPO / "launch/deepspeed.sh"), str(hf), "c.yaml"], capture_output=True, text=True,
-                         env={**base, "PYTHON": str(tmp_path / "bin" / "py"), "OMP_NUM_THREADS": "5"})
+    out = subprocess.run(
+        [str(REPO / "launch/deepspeed.sh"), str(hf), "c.yaml"],
+        capture_output=True,
+        text=True,
+        env={**base, "PYTHON": str(tmp_path / "bin" / "py"), "OMP_NUM_THREADS": "5"},
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [f"OMP=5 PYTHONPATH={REPO}", "-m", "launch.cli", "launch", "deepspeed",
-                                       "c.yaml", "--hostfile", str(hf)]
+    assert out.stdout.splitlines() == [
+        f"OMP=5 PYTHONPATH={REPO}",
+        "-m",
+        "launch.cli",
+        "launch",
+        "deepspeed",
+        "c.yaml",
+        "--hostfile",
+        str(hf),
+    ]
     assert subprocess.run([str(REPO / "launch/deepspeed.sh"), str(hf)], capture_output=True).returncode == 2

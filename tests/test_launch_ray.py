@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL, argus_inproc, argus_ranks
 import yaml
+from helpers import TINY_MODEL, argus_inproc, argus_ranks
 
 from cluster.ray_local import check_resources
 from launch.cli import build_parser
@@ -60,13 +60,34 @@ def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path, capsys):
     synthesize(data, users=40, items=90, mean_len=20, shards=2, seed=6, holdout="loo", workers=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
     common = ["configs/mini.yaml", f"data.path={data}", *TINY]
-    ray_out = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "ray", *common, "--local",
-                              "--num-workers", "2", "--storage-path", str(tmp_path / "store"), "--name", "loc"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    ray_out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "launch",
+            "ray",
+            *common,
+            "--local",
+            "--num-workers",
+            "2",
+            "--storage-path",
+            str(tmp_path / "store"),
+            "--name",
+            "loc",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ray_out.returncode == 0, ray_out.stderr[-3000:]
     argus_ranks("train", *common, f"out={tmp_path / 'tr'}", nproc=2, env={"RAY_AUTH_MODE": "disabled"})
-    evals = [argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
-             for run in (tmp_path / "store" / "loc" / "run", tmp_path / "tr")]
+    evals = [
+        argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
+        for run in (tmp_path / "store" / "loc" / "run", tmp_path / "tr")
+    ]
     assert all(e[0] == 0 for e in evals), evals[0][2][-2000:]
     assert evals[0][1] == evals[1][1]
 
@@ -78,20 +99,65 @@ def test_cluster_check_probes_allreduce_and_reports_config_problems(tmp_path):
     data = tmp_path / "data"
     synthesize(data, users=20, items=30, mean_len=10, shards=1, seed=1, holdout="none", workers=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "cluster", "check", "configs/mini.yaml",
-                          f"data.path={data}", "train.global_batch_size=999", "--local", "--num-workers", "2",
-                          "--probe-mb", "4", "--min-free-gb", "0.01", "--storage-path", str(tmp_path / "pf")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "cluster",
+            "check",
+            "configs/mini.yaml",
+            f"data.path={data}",
+            "train.global_batch_size=999",
+            "--local",
+            "--num-workers",
+            "2",
+            "--probe-mb",
+            "4",
+            "--min-free-gb",
+            "0.01",
+            "--storage-path",
+            str(tmp_path / "pf"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     assert "gloo over 2 workers" in out.stdout
     assert "argus cluster check: config: train.global_batch_size: 999 != data.batch_size" in out.stdout
     assert "127.0.0.2" in out.stdout  # the throw-away cluster lives on loopback
     # a valid config whose catalog can't fit: the planner's per-rank memory vs each worker's share of RAM
     # (10^11 items x (64 fp32 + 1 Adagrad state) = 26 TB over 2 workers)
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "cluster", "check", "configs/mini.yaml",
-                          f"data.path={data}", "--local", "--num-workers", "2", "--items", "1e11",
-                          "--probe-mb", "4", "--min-free-gb", "0.01", "--storage-path", str(tmp_path / "pf")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "cluster",
+            "check",
+            "configs/mini.yaml",
+            f"data.path={data}",
+            "--local",
+            "--num-workers",
+            "2",
+            "--items",
+            "1e11",
+            "--probe-mb",
+            "4",
+            "--min-free-gb",
+            "0.01",
+            "--storage-path",
+            str(tmp_path / "pf"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     assert "argus cluster check: memory: the planner predicts 13001.2 GB per rank" in out.stdout
     assert "memory / rank" in out.stdout

@@ -187,7 +187,7 @@ def test_jagged_and_padded_batches_agree_and_truncate_recent(dataset_factory):
     pos = 0
     for b, s in enumerate(samples):
         n = min(len(s), 5)
-        assert jag.values["item"][pos:pos + n].tolist() == s.cols["item"][-n:].tolist()  # most recent kept
+        assert jag.values["item"][pos : pos + n].tolist() == s.cols["item"][-n:].tolist()  # most recent kept
         assert jag.offsets[b] == s.offset + len(s) - n
         pos += n
     assert jag.truncated == sum(max(0, len(s) - 5) for s in samples)
@@ -238,7 +238,7 @@ def test_corrupt_sample_and_missing_shard(dataset_factory):
     shard = m.root / m.splits["train"].shards[1].path
     mem = _second_member(shard)
     data = bytearray(shard.read_bytes())
-    data[mem.offset_data: mem.offset_data + 8] = b"\xc1" * 8  # 0xc1 is never valid msgpack
+    data[mem.offset_data : mem.offset_data + 8] = b"\xc1" * 8  # 0xc1 is never valid msgpack
     shard.write_bytes(bytes(data))
     key = mem.name.partition(".")[0]
     cfg = ShardLoader.Config(path=str(m.root), batch_size=2, num_workers=2)
@@ -282,4 +282,6 @@ def test_reader_handles_pax_and_long_names_from_stock_tar_writers(dataset_factor
             ti = tarfile.TarInfo("x" * 150 + "/" + name)  # GNU long-name member
             ti.size = len(data)
             out.addfile(ti, io.BytesIO(data))
-    assert [k for _, k, _ in iter_members(got_gnu, np.arange(len(members)))] == [n.partition(".")[0] for n, _ in members]
+    assert [k for _, k, _ in iter_members(got_gnu, np.arange(len(members)))] == [
+        n.partition(".")[0] for n, _ in members
+    ]

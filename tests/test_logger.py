@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -12,8 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.flops import (GPU_SPECS, detect_gpu, encoder_flops_per_token, head_flops_per_token,
-                           match_gpu_name, mfu)
+from trainer.flops import GPU_SPECS, detect_gpu, encoder_flops_per_token, head_flops_per_token, match_gpu_name, mfu
 from trainer.logger import STABLE_NAMES, MetricsLogger, StepTimer, peak_memory_bytes
 
 
@@ -129,11 +129,13 @@ def test_encoder_flops_match_counted_matmuls() -> None:
     n = sum(p.numel() for p in model.parameters())
     assert n == 3 * d * d + d * d + 2 * d * f
     # By hand, one sequence forward, 2 FLOPs per multiply-add:
-    hand = (2 * t * d * 3 * d      # QKV projection
-            + 2 * t * t * d        # QK^T
-            + 2 * t * t * d        # AV
-            + 2 * t * d * d        # output projection
-            + 2 * t * d * f * 2)   # FFN up and down
+    hand = (
+        2 * t * d * 3 * d  # QKV projection
+        + 2 * t * t * d  # QK^T
+        + 2 * t * t * d  # AV
+        + 2 * t * d * d  # output projection
+        + 2 * t * d * f * 2
+    )  # FFN up and down
     x = torch.randn(1, t, d, requires_grad=True)
     with FlopCounterMode(display=False) as fwd_counter:
         model(x)
@@ -163,17 +165,24 @@ def test_head_flops_match_counted_matmul() -> None:
 
 def test_peak_table_and_mfu() -> None:
     h100 = GPU_SPECS["h100"]
-    assert {k: h100.peak_flops(k) for k in ("bf16", "fp16", "tf32", "fp32")} == \
-        {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}
+    assert {k: h100.peak_flops(k) for k in ("bf16", "fp16", "tf32", "fp32")} == {
+        "bf16": 989e12,
+        "fp16": 989e12,
+        "tf32": 494.5e12,
+        "fp32": 66.9e12,
+    }
     assert GPU_SPECS["h200"].peak_flops("bf16") == h100.peak_flops("bf16")
-    assert (GPU_SPECS["a100"].bf16_flops, GPU_SPECS["a100"].tf32_flops, GPU_SPECS["a100"].fp32_flops) == \
-        (312e12, 156e12, 19.5e12)
+    assert (GPU_SPECS["a100"].bf16_flops, GPU_SPECS["a100"].tf32_flops, GPU_SPECS["a100"].fp32_flops) == (
+        312e12,
+        156e12,
+        19.5e12,
+    )
     assert (GPU_SPECS["b200"].bf16_flops, GPU_SPECS["b200"].tf32_flops) == (2.25e15, 1.1e15)
     for name in ("h100", "h200", "a100", "b200", "l40s", "a10g"):
         s = GPU_SPECS[name]
         assert s.name == name and s.memory_bytes > 0 and s.hbm_bytes_per_s > 0
         assert s.bf16_flops >= s.tf32_flops >= s.fp32_flops
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         GPU_SPECS["h100"].bf16_flops = 1.0  # frozen
 
     assert mfu(494.5e12, GPU_SPECS["h100"], "bf16") == pytest.approx(50.0)
@@ -185,24 +194,27 @@ def test_peak_table_and_mfu() -> None:
         mfu(1e12, GPU_SPECS["h100"], "int8")
 
 
-@pytest.mark.parametrize("device_name, key", [
-    ("NVIDIA H100 80GB HBM3", "h100"),
-    ("NVIDIA H100 PCIe", "h100_pcie"),
-    ("NVIDIA H100 NVL", "h100_nvl"),
-    ("NVIDIA H200", "h200"),
-    ("NVIDIA H200 NVL", "h200_nvl"),
-    ("NVIDIA GH200 480GB", "gh200"),
-    ("NVIDIA A100-SXM4-80GB", "a100"),
-    ("NVIDIA A100 80GB PCIe", "a100"),
-    ("NVIDIA A100-SXM4-40GB", "a100_40gb"),
-    ("NVIDIA B200", "b200"),
-    ("NVIDIA L40S", "l40s"),
-    ("NVIDIA L4", "l4"),
-    ("NVIDIA A10G", "a10g"),
-    ("NVIDIA A10", "a10"),
-    ("NVIDIA L40", None),
-    ("Tesla V100-SXM2-16GB", None),
-])
+@pytest.mark.parametrize(
+    "device_name, key",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", "h100_pcie"),
+        ("NVIDIA H100 NVL", "h100_nvl"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H200 NVL", "h200_nvl"),
+        ("NVIDIA GH200 480GB", "gh200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA A100 80GB PCIe", "a100"),
+        ("NVIDIA A100-SXM4-40GB", "a100_40gb"),
+        ("NVIDIA B200", "b200"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA L4", "l4"),
+        ("NVIDIA A10G", "a10g"),
+        ("NVIDIA A10", "a10"),
+        ("NVIDIA L40", None),
+        ("Tesla V100-SXM2-16GB", None),
+    ],
+)
 def test_gpu_name_matching(device_name: str, key: str | None) -> None:
     spec = match_gpu_name(device_name)
     assert (spec.name if spec else None) == key

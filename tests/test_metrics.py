@@ -8,20 +8,29 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.metrics import (RankingAccumulator, item_ranks, popularity_scores, ranking_metrics, ranks_of_targets,
-                             sampled_ranking_metrics, sampled_ranks)
+from trainer.metrics import (
+    RankingAccumulator,
+    item_ranks,
+    popularity_scores,
+    ranking_metrics,
+    ranks_of_targets,
+    sampled_ranking_metrics,
+    sampled_ranks,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 L3 = math.log2(3)  # DCG discount of rank 1
 
 
 def test_ranks_with_ties_by_hand() -> None:
-    scores = torch.tensor([
-        [0.1, 0.9, 0.5, 0.5, 0.2],   # target 3: item 1 higher, item 2 ties with a lower id -> 2
-        [1.0, 1.0, 1.0, 1.0, 1.0],   # target 4: all tie, ids 0..3 ahead -> 4
-        [0.3, 0.2, 0.1, 0.0, -1.0],  # target 0: best -> 0
-        [0.0, 0.0, 5.0, 0.0, 0.0],   # target 0: item 2 higher, tied items have higher ids -> 1
-    ])
+    scores = torch.tensor(
+        [
+            [0.1, 0.9, 0.5, 0.5, 0.2],  # target 3: item 1 higher, item 2 ties with a lower id -> 2
+            [1.0, 1.0, 1.0, 1.0, 1.0],  # target 4: all tie, ids 0..3 ahead -> 4
+            [0.3, 0.2, 0.1, 0.0, -1.0],  # target 0: best -> 0
+            [0.0, 0.0, 5.0, 0.0, 0.0],  # target 0: item 2 higher, tied items have higher ids -> 1
+        ]
+    )
     ranks = ranks_of_targets(scores, torch.tensor([3, 4, 0, 0]))
     assert ranks.tolist() == [2, 4, 0, 1]
     assert ranks.dtype == torch.long
@@ -90,11 +99,11 @@ def test_ndcg_is_one_for_a_perfect_multi_target_ranking() -> None:
 
 
 def test_multi_target_ranks_count_other_targets_ahead() -> None:
-    scores = torch.tensor([[0.9, 0.8, 0.1, 0.7],
-                           [0.0, 0.5, 0.5, 0.2]])
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.7], [0.0, 0.5, 0.5, 0.2]])
     for chunk_size in (None, 1, 3):
-        ranks = ranks_of_targets(scores, torch.tensor([0, 1, 3, 2]), user_index=torch.tensor([0, 0, 0, 1]),
-                                 chunk_size=chunk_size)
+        ranks = ranks_of_targets(
+            scores, torch.tensor([0, 1, 3, 2]), user_index=torch.tensor([0, 0, 0, 1]), chunk_size=chunk_size
+        )
         assert ranks.tolist() == [0, 1, 2, 1]
 
 
@@ -171,13 +180,23 @@ def test_sampled_metrics_prefix_and_bounds() -> None:
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(8, 50, generator=g)
     targets = torch.randint(0, 50, (8,), generator=g)
-    out = sampled_ranking_metrics(scores, targets, ks=(1, 10), num_negatives=20,
-                                  generator=torch.Generator().manual_seed(1))
-    assert set(out) == {"sampled_hr@1", "sampled_hr@10", "sampled_ndcg@1", "sampled_ndcg@10", "sampled_recall@1",
-                        "sampled_recall@10", "sampled_users", "sampled_negatives"}
+    out = sampled_ranking_metrics(
+        scores, targets, ks=(1, 10), num_negatives=20, generator=torch.Generator().manual_seed(1)
+    )
+    assert set(out) == {
+        "sampled_hr@1",
+        "sampled_hr@10",
+        "sampled_ndcg@1",
+        "sampled_ndcg@10",
+        "sampled_recall@1",
+        "sampled_recall@10",
+        "sampled_users",
+        "sampled_negatives",
+    }
     assert out["sampled_users"] == 8 and out["sampled_negatives"] == 20
-    again = sampled_ranking_metrics(scores, targets, ks=(1, 10), num_negatives=20,
-                                    generator=torch.Generator().manual_seed(1))
+    again = sampled_ranking_metrics(
+        scores, targets, ks=(1, 10), num_negatives=20, generator=torch.Generator().manual_seed(1)
+    )
     assert again == out
     ranks = sampled_ranks(scores, targets, 20, torch.Generator().manual_seed(2))
     assert ((ranks >= 0) & (ranks <= 20)).all()

@@ -42,8 +42,12 @@ def test_param_counts_equal_the_instantiated_model(preset, layout):
         model = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
     p = dense_params(cfg)
     assert p.total == sum(x.numel() for x in model.parameters())
-    assert p.encoder == encoder_param_count(cfg.model) == sum(x.numel() for x in model.encoder.blocks.parameters()) \
+    assert (
+        p.encoder
+        == encoder_param_count(cfg.model)
+        == sum(x.numel() for x in model.encoder.blocks.parameters())
         + sum(x.numel() for x in model.encoder.norm.parameters())
+    )
     assert p.positions == model.encoder.pos.weight.numel()
     assert p.side_tables == sum(x.numel() for x in model.interaction.side.parameters())
     assert p.interaction + p.side_tables == sum(x.numel() for x in model.interaction.parameters())
@@ -74,16 +78,22 @@ def test_block_activation_bytes_equal_what_autograd_saves(seed, dtype):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         block(x)
     # (CPU keeps LayerNorm statistics in the input dtype; CUDA in fp32, the planner's default)
-    assert sum(saved.values()) == b * t * block_saved_bytes_per_token(d, f, heads, x.element_size(),
-                                                                      ln_stat_bytes=x.element_size())
+    assert sum(saved.values()) == b * t * block_saved_bytes_per_token(
+        d, f, heads, x.element_size(), ln_stat_bytes=x.element_size()
+    )
 
 
 @pytest.mark.parametrize("preset", ["small", "medium"])
 def test_dense_states_equal_deepspeeds_estimators(preset):
-    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
-                                               estimate_zero3_model_states_mem_needs_all_live, model_to_params)
-    from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
-                                                      estimate_zero2_model_states_mem_needs_all_live)
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        estimate_zero3_model_states_mem_needs_all_live,
+        model_to_params,
+    )
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+        estimate_zero2_model_states_mem_needs_all_live,
+    )
 
     from trainer.model.argus import ArgusModel
 
@@ -99,13 +109,19 @@ def test_dense_states_equal_deepspeeds_estimators(preset):
         ours3 = dense_states(p.total, p.largest_layer, 3, "bf16", False, world, gpn)
         assert ours3.gpu == estimate_zero3_model_states_mem_needs(total, largest, gpn, nodes, cpu_offload=False)[1]
         off = dense_states(p.total, p.largest_layer, 3, "bf16", True, world, gpn)
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpn, nodes, cpu_offload=True,
-                                                            cpu_offload_params=True, zero_init=True)
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total, largest, gpn, nodes, cpu_offload=True, cpu_offload_params=True, zero_init=True
+        )
         assert (off.host, off.gpu) == (cpu, gpu)
         # and the same numbers as DeepSpeed's printed tables for the live model
-        for estimate, ours, option in ((estimate_zero2_model_states_mem_needs_all_live, ours2, "offload_optimizer=none"),
-                                       (estimate_zero3_model_states_mem_needs_all_live, ours3,
-                                        "offload_param=none, offload_optimizer=none, zero_init=1")):
+        for estimate, ours, option in (
+            (estimate_zero2_model_states_mem_needs_all_live, ours2, "offload_optimizer=none"),
+            (
+                estimate_zero3_model_states_mem_needs_all_live,
+                ours3,
+                "offload_param=none, offload_optimizer=none, zero_init=1",
+            ),
+        ):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 estimate(model, num_gpus_per_node=gpn, num_nodes=nodes)
@@ -133,7 +149,9 @@ def test_large_plan_terms_add_up():
     assert s["seconds"] >= s["compute_s"] > 0 and s["bound"] == "compute"
     assert r["flops"]["per_interaction"] == pytest.approx(
         6 * (r["params"]["dense_total"] - r["params"]["positions"] - r["params"]["side_tables"])
-        + 6 * 20 * 8192 * 2048 + 6 * 256 * 16385)
+        + 6 * 20 * 8192 * 2048
+        + 6 * 256 * 16385
+    )
 
 
 def test_too_big_config_gets_changes_that_fit():
@@ -149,8 +167,13 @@ def test_too_big_config_gets_changes_that_fit():
                 continue
             key, value = change.split("=")
             section, field = key.split(".")
-            setattr(getattr(c, section), field, type(getattr(getattr(c, section), field))(
-                value == "true" if value in ("true", "false") else int(value)))
+            setattr(
+                getattr(c, section),
+                field,
+                type(getattr(getattr(c, section), field))(
+                    value == "true" if value in ("true", "false") else int(value)
+                ),
+            )
         if s["change"].startswith("--gpus"):
             rq = dataclasses.replace(req, hardware=req.hardware.with_world(int(s["change"].split()[1])))
         assert plan(c, rq)["memory"]["fits"], s
@@ -170,10 +193,35 @@ def test_too_big_config_gets_changes_that_fit():
 def test_plan_cli_json_sweep_and_plot(tmp_path, capsys):
     # --json from a real process: nothing printed at import time may corrupt stdout
     png = tmp_path / "plan.png"
-    out = subprocess.run([*ARGUS, "plan", "--preset", "medium", "--items", "1e8", "--interactions", "1e10",
-                          "--gpu", "h200", "--nodes", "1", "--gpus-per-node", "8", "--price", "3",
-                          "--sweep", "gpus=2,4,8,16", "--plot", str(png), "--json"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            *ARGUS,
+            "plan",
+            "--preset",
+            "medium",
+            "--items",
+            "1e8",
+            "--interactions",
+            "1e10",
+            "--gpu",
+            "h200",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "8",
+            "--price",
+            "3",
+            "--sweep",
+            "gpus=2,4,8,16",
+            "--plot",
+            str(png),
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["inputs"]["gpu"] == "h200" and r["inputs"]["world"] == 8
@@ -186,14 +234,17 @@ def test_plan_cli_json_sweep_and_plot(tmp_path, capsys):
     assert code == 0 and "Memory per rank" in text and "days" in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "mini", "--mfu", "2"], "--mfu"),
-    (["--preset", "mini", "--sweep", "gpus=a"], "--sweep"),
-    (["--preset", "mini", "--sweep", "gpus=12"], "whole number of 8-GPU nodes"),
-    (["--preset", "mini", "--zero-stage", "2", "--offload"], "deepspeed.offload"),
-    (["--preset", "mini", "model.n_heads=7"], "model.d_model"),
-    ([], "CONFIG file or --preset"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "mini", "--mfu", "2"], "--mfu"),
+        (["--preset", "mini", "--sweep", "gpus=a"], "--sweep"),
+        (["--preset", "mini", "--sweep", "gpus=12"], "whole number of 8-GPU nodes"),
+        (["--preset", "mini", "--zero-stage", "2", "--offload"], "deepspeed.offload"),
+        (["--preset", "mini", "model.n_heads=7"], "model.d_model"),
+        ([], "CONFIG file or --preset"),
+    ],
+)
 def test_plan_bad_input_is_one_line(args, message, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     code, _, err = argus_inproc(capsys, "plan", *args)
@@ -228,8 +279,15 @@ def test_mfu_comes_from_our_measurement_when_there_is_one(tmp_path, monkeypatch)
 def test_deepspeed_buckets_are_what_zero_allocates():
     from trainer.memory import ds_buffers
 
-    z2 = {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
-                                "reduce_bucket_size": 3e7, "allgather_bucket_size": 9e8}}
+    z2 = {
+        "zero_optimization": {
+            "stage": 2,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 3e7,
+            "allgather_bucket_size": 9e8,
+        }
+    }
     assert ds_buffers(z2, "bf16") == 2 * 3e7 * 2  # double-buffered reduce bucket; no all-gather bucket
     z2["zero_optimization"]["overlap_comm"] = False
     assert ds_buffers(z2, "fp32") == 3e7 * 4

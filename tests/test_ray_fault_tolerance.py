@@ -12,12 +12,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL, argus_ranks
 import torch
+from helpers import TINY_MODEL, argus_ranks
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [*TINY_MODEL, "data.num_workers=0", "optim.warmup_steps=2", "train.checkpoint_every=2",
-        "train.log_sample_keys=true"]
+TINY = [
+    *TINY_MODEL,
+    "data.num_workers=0",
+    "optim.warmup_steps=2",
+    "train.checkpoint_every=2",
+    "train.log_sample_keys=true",
+]
 
 
 def committed_keys(run: Path) -> dict[int, list[str]]:
@@ -38,8 +43,8 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
     from launch.ray_launch import launch
-    from trainer.data.synth import synthesize
     from trainer.checkpoint import load_model
+    from trainer.data.synth import synthesize
 
     data = tmp_path / "data"
     synthesize(data, users=48, items=100, mean_len=25, shards=3, seed=2, holdout="none", workers=1)
@@ -57,19 +62,31 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     marker, marker_ckpt = tmp_path / "killed", tmp_path / "killed_in_checkpoint"
-    monkeypatch.setenv("ARGUS_FAULT_INJECT", f"rank=1,step=3,delay=6,once={marker};"
-                                             f"rank=0,step=4,phase=checkpoint,once={marker_ckpt}")
+    monkeypatch.setenv(
+        "ARGUS_FAULT_INJECT", f"rank=1,step=3,delay=6,once={marker};rank=0,step=4,phase=checkpoint,once={marker_ckpt}"
+    )
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)  # nothing lands in /tmp/ray
     os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.2",
-                                                            "temp_dir": ray_tmp, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.2", "temp_dir": ray_tmp, "include_dashboard": False},
+    )
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.3")
     run = tmp_path / "ray_run"
     try:
-        args = argparse.Namespace(config=common[0], overrides=common[1:] + [f"out={run}"], address=cluster.address,
-                                  local=False, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=0.0,
-                                  storage_path=str(tmp_path / "storage"), max_failures=2, name="ft")
+        args = argparse.Namespace(
+            config=common[0],
+            overrides=common[1:] + [f"out={run}"],
+            address=cluster.address,
+            local=False,
+            num_workers=2,
+            cpus_per_worker=1.0,
+            gpus_per_worker=0.0,
+            storage_path=str(tmp_path / "storage"),
+            max_failures=2,
+            name="ft",
+        )
         assert {n.node_ip_address for n in cluster.list_all_nodes()} == {"127.0.0.2", "127.0.0.3"}
         assert launch(args) == 0
     finally:
@@ -78,14 +95,17 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
     assert marker.is_file(), "the step fault was injected"
     # (3) the kill inside save() hit a half-written step-4 checkpoint while `latest` named step 2
     assert marker_ckpt.read_text().strip() == (
-        "rank 0 killed at checkpoint 4; latest=step_00000002; writing=step_00000004.tmp")
+        "rank 0 killed at checkpoint 4; latest=step_00000002; writing=step_00000004.tmp"
+    )
 
     # (1) final weights equal the uninterrupted run's, bit for bit
     num_items = json.loads((data / "manifest.json").read_text())["num_items"]
     _, s_ref, d_ref = load_model(ref / "checkpoints" / f"step_{steps:08d}", num_items)
     _, s_run, d_run = load_model(run / "checkpoints" / f"step_{steps:08d}", num_items)
-    for (name, a), (_, b) in zip(sorted({**s_ref.state_dict(), **d_ref.state_dict()}.items()),
-                                 sorted({**s_run.state_dict(), **d_run.state_dict()}.items())):
+    for (name, a), (_, b) in zip(
+        sorted({**s_ref.state_dict(), **d_ref.state_dict()}.items()),
+        sorted({**s_run.state_dict(), **d_run.state_dict()}.items()),
+    ):
         assert torch.equal(a, b), name
     # (2) every sample exactly once over the committed steps, equal to the uninterrupted run's per rank
     got, want = committed_keys(run), committed_keys(ref)
@@ -96,7 +116,9 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
     # both restarts resumed from the step-2 checkpoint: step 3 ran in all three attempts, step 4 in the
     # last two (the half-written step-4 checkpoint was never used), steps 5-6 once
     for rank in (0, 1):
-        logged = [json.loads(x)["step"] for x in (run / "sample_keys" / f"rank{rank:05d}.jsonl").read_text().splitlines()]
+        logged = [
+            json.loads(x)["step"] for x in (run / "sample_keys" / f"rank{rank:05d}.jsonl").read_text().splitlines()
+        ]
         assert [logged.count(s) for s in range(1, steps + 1)] == [1, 1, 3, 2, 1, 1], (rank, logged)
     attempts = [json.loads(x) for x in (run / "ray_attempts.jsonl").read_text().splitlines()]
     assert [(a["restored_from"], a["step"]) for a in attempts] == [(None, 0), ("ray", 2), ("ray", 2)]

@@ -24,18 +24,30 @@ STEPS = 3
 
 
 def tiny_job(data: Path, out: Path, sharding: str = "row_wise", stage: int = 2) -> JobConfig:
-    cfg = from_dict(JobConfig, {
-        "data": {"path": str(data), "batch_size": 4, "num_workers": 0, "shuffle_buffer": 16},
-        "model": {"preset": "custom", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 24,
-                  "side_dim": 8},
-        "embeddings": {"item_dim": 16, "sharding": sharding, "lr": 0.1},
-        "heads": {"next_item": {"uniform_negatives": 16, "in_batch_negatives": 16, "temperature": 0.2},
-                  "feedback": {"weight": 0.5}},
-        "optim": {"lr": 0.01, "warmup_steps": 0},
-        "deepspeed": {"stage": stage, "gradient_clipping": 0.5},
-        "train": {"steps": STEPS, "seed": 3, "device": "cpu", "timeout_s": 120},
-        "out": str(out),
-    })
+    cfg = from_dict(
+        JobConfig,
+        {
+            "data": {"path": str(data), "batch_size": 4, "num_workers": 0, "shuffle_buffer": 16},
+            "model": {
+                "preset": "custom",
+                "d_model": 32,
+                "n_layers": 2,
+                "n_heads": 2,
+                "d_ff": 64,
+                "max_seq_len": 24,
+                "side_dim": 8,
+            },
+            "embeddings": {"item_dim": 16, "sharding": sharding, "lr": 0.1},
+            "heads": {
+                "next_item": {"uniform_negatives": 16, "in_batch_negatives": 16, "temperature": 0.2},
+                "feedback": {"weight": 0.5},
+            },
+            "optim": {"lr": 0.01, "warmup_steps": 0},
+            "deepspeed": {"stage": stage, "gradient_clipping": 0.5},
+            "train": {"steps": STEPS, "seed": 3, "device": "cpu", "timeout_s": 120},
+            "out": str(out),
+        },
+    )
     cfg.validate(2, "cpu")
     return cfg
 
@@ -51,12 +63,18 @@ def small_data(tmp_path_factory) -> Path:
 
 # ---- the system under test: 2 gloo ranks -----------------------------------------------------------------------
 def _sharded_worker(rank: int, world: int, jobs: list[dict], port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
+    from embeddings.tables import gather_full_tables
+    from trainer.data.manifest import Manifest
     from trainer.dist import init_distributed
     from trainer.engine import Engine
-    from trainer.data.manifest import Manifest
-    from embeddings.tables import gather_full_tables
 
     info = init_distributed("cpu", timeout_s=120)
     results = []
@@ -98,8 +116,13 @@ def reference(cfg: JobConfig, world: int) -> dict:
     init_sparse_weights(sparse, cfg.embeddings, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     dense = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
-    opt = torch.optim.AdamW(dense.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(
+        dense.parameters(),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
     state = {name: torch.zeros(p.shape[0]) for name, p in sparse.named_parameters()}
     log_q = CandidateLogQ(manifest.item_counts("train"), sparse.item_rows)
     loaders = [cfg.loader_config().build(r, world, manifest) for r in range(world)]
@@ -114,8 +137,9 @@ def reference(cfg: JobConfig, world: int) -> dict:
             batch = next(iters[rank])
             g = _generator(cfg.train.seed, step, rank)
             neg_ids = torch.randint(0, sparse.item_rows, (ni.uniform_negatives,), generator=g)
-            iv = jagged_values(sparse.items(featurize(batch, cfg.embeddings, sparse.item_rows, neg_ids,
-                                                      torch.device("cpu"))))
+            iv = jagged_values(
+                sparse.items(featurize(batch, cfg.embeddings, sparse.item_rows, neg_ids, torch.device("cpu")))
+            )
             side = side_features(batch, cfg.model.num_contexts, torch.device("cpu"))
             lengths = batch.lengths
             tgt = target_index(lengths)
@@ -123,10 +147,20 @@ def reference(cfg: JobConfig, world: int) -> dict:
             sel = torch.randperm(int(tgt.numel()), generator=g)[:k_b]
             item_ids = batch.values["item"].long()
             pos = item_ids[tgt]
-            out = dense(iv[ITEM_FEATURES[0]], side, iv[ITEM_FEATURES[1]], lengths,
-                        tgt, sel, item_ids, neg_ids, batch.values["event"].long(),
-                        batch.values["played"].long(), log_q(pos, k_b, ni.uniform_negatives),
-                        log_q(torch.cat([pos[sel], neg_ids]), k_b, ni.uniform_negatives))
+            out = dense(
+                iv[ITEM_FEATURES[0]],
+                side,
+                iv[ITEM_FEATURES[1]],
+                lengths,
+                tgt,
+                sel,
+                item_ids,
+                neg_ids,
+                batch.values["event"].long(),
+                batch.values["played"].long(),
+                log_q(pos, k_b, ni.uniform_negatives),
+                log_q(torch.cat([pos[sel], neg_ids]), k_b, ni.uniform_negatives),
+            )
             (out["loss"] / world).backward()
             total += float(out["loss"]) / world
         losses.append(total)
@@ -156,8 +190,13 @@ def test_two_ranks_equal_unsharded_reference(small_data, tmp_path, sharding):
         where = f"{sharding}, ZeRO-{job.deepspeed.stage}"
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), where
         for name, table in ref["tables"].items():
-            torch.testing.assert_close(torch.tensor(got["tables"][name]), table, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{where}: table {name}: {m}")
+            torch.testing.assert_close(
+                torch.tensor(got["tables"][name]),
+                table,
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda m, where=where, name=name: f"{where}: table {name}: {m}",
+            )
         # Adam normalises each element's update (lr 0.01 per step), so elements whose gradient is ~0 can
         # differ by fp32 reduction order; 2e-5 is 0.2% of one step's update.
         # The key bias (middle third of qkv.bias) has an identically zero gradient (softmax is
@@ -166,12 +205,14 @@ def test_two_ranks_equal_unsharded_reference(small_data, tmp_path, sharding):
             g = torch.tensor(got["dense"][name])
             if name.endswith("attn.qkv.bias"):
                 d = p.shape[0] // 3
-                g, p = torch.cat([g[:d], g[2 * d:]]), torch.cat([p[:d], p[2 * d:]])
-            torch.testing.assert_close(g, p, rtol=1e-4, atol=2e-5,
-                                       msg=lambda m: f"{where}: dense {name}: {m}")
+                g, p = torch.cat([g[:d], g[2 * d :]]), torch.cat([p[:d], p[2 * d :]])
+            torch.testing.assert_close(
+                g, p, rtol=1e-4, atol=2e-5, msg=lambda m, where=where, name=name: f"{where}: dense {name}: {m}"
+            )
         # the tables really moved: a no-op optimizer would also "match" an un-stepped reference
         from embeddings.tables import init_rows
 
-        init = init_rows("item", 0, ref["tables"]["item"].shape[0], job.embeddings.item_dim, job.train.seed,
-                         job.embeddings.init_std)
+        init = init_rows(
+            "item", 0, ref["tables"]["item"].shape[0], job.embeddings.item_dim, job.train.seed, job.embeddings.init_std
+        )
         assert not torch.allclose(ref["tables"]["item"], init)

@@ -34,8 +34,11 @@ def read_split(root: Path, split: str) -> list[list]:
 
 
 def file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def flat_rows(samples: list) -> dict[str, np.ndarray]:
@@ -83,8 +86,20 @@ def test_deterministic_across_runs_and_workers(tmp_path, loo_ds):
     assert all(x[2] != y[2] for x, y in zip(sha(ma), sha(mc)))
     assert da["truth/items.npz"] != dc["truth/items.npz"]
     assert ma.source["kind"] == "synth" and "workers" not in ma.source
-    for k in ("users", "items", "mean_len", "shards", "seed", "holdout", "max_len", "clusters", "days",
-              "val_days", "test_days", "gap_seconds"):
+    for k in (
+        "users",
+        "items",
+        "mean_len",
+        "shards",
+        "seed",
+        "holdout",
+        "max_len",
+        "clusters",
+        "days",
+        "val_days",
+        "test_days",
+        "gap_seconds",
+    ):
         assert k in ma.source, k
     assert ma.source["seed"] == SMALL["seed"] and mc.source["seed"] == SMALL["seed"] + 1
 
@@ -154,7 +169,7 @@ def test_loo_splits_chunks_and_order(loo_ds):
         for s in train:
             assert s.offset == pos and s.target_start == 0 and len(s) <= max_len
             for k in FIELDS:
-                np.testing.assert_array_equal(s.cols[k], h[k][pos:pos + len(s)])
+                np.testing.assert_array_equal(s.cols[k], h[k][pos : pos + len(s)])
             pos += len(s)
         assert pos == n_train
         n_chunked += len(train) > 1
@@ -167,14 +182,26 @@ def test_loo_splits_chunks_and_order(loo_ds):
             assert s.offset == max(0, end - max_len) and s.offset + len(s) == end
             assert s.target_start == len(s) - 1  # exactly one target: the second-to-last / last interaction
             for k in FIELDS:
-                np.testing.assert_array_equal(s.cols[k], h[k][s.offset:end])
+                np.testing.assert_array_equal(s.cols[k], h[k][s.offset : end])
     assert n_chunked > 5  # histories longer than max_len exist and were chunked
 
 
 def test_temporal_holdout(tmp_path):
     root = tmp_path / "t"
-    m = synth.synthesize(root, users=150, items=300, mean_len=80, shards=2, seed=1, holdout="temporal", days=30,
-                         val_days=3, test_days=4, gap_seconds=3600, workers=1)
+    m = synth.synthesize(
+        root,
+        users=150,
+        items=300,
+        mean_len=80,
+        shards=2,
+        seed=1,
+        holdout="temporal",
+        days=30,
+        val_days=3,
+        test_days=4,
+        gap_seconds=3600,
+        workers=1,
+    )
     t_end = synth.T0 + 30 * 86400
     test_start, val_start = t_end - 4 * 86400, t_end - 7 * 86400
     assert (m.source["val_start"], m.source["test_start"]) == (val_start, test_start)
@@ -185,9 +212,9 @@ def test_temporal_holdout(tmp_path):
         samples = [s for sh in read_split(root, split) for s in sh]
         assert samples
         for s in samples:
-            tgt = s.cols["timestamp"][s.target_start:]
+            tgt = s.cols["timestamp"][s.target_start :]
             assert tgt.size and tgt.min() >= lo and tgt.max() < hi
-            assert np.all(s.cols["timestamp"][:s.target_start] < lo)
+            assert np.all(s.cols["timestamp"][: s.target_start] < lo)
 
 
 # ---- history shape ---------------------------------------------------------------------------------------------------
@@ -209,8 +236,12 @@ def test_event_rows(big_ds):
     assert np.all(played[ev == EventType.SKIP] < synth.SKIP_BELOW)
     assert np.all(played[ev == EventType.LISTEN] >= synth.SKIP_BELOW)
     # LIKE/DISLIKE follow a play of the same item; UNLIKE/UNDISLIKE follow the LIKE/DISLIKE
-    for e, prev in ((EventType.LIKE, (EventType.LISTEN,)), (EventType.DISLIKE, (EventType.LISTEN, EventType.SKIP)),
-                    (EventType.UNLIKE, (EventType.LIKE,)), (EventType.UNDISLIKE, (EventType.DISLIKE,))):
+    for e, prev in (
+        (EventType.LIKE, (EventType.LISTEN,)),
+        (EventType.DISLIKE, (EventType.LISTEN, EventType.SKIP)),
+        (EventType.UNLIKE, (EventType.LIKE,)),
+        (EventType.UNDISLIKE, (EventType.DISLIKE,)),
+    ):
         i = np.flatnonzero(ev == e)
         assert np.all(i > 0)
         assert np.all(np.isin(ev[i - 1], prev)), e
@@ -253,8 +284,11 @@ def test_users_concentrate_on_their_taste(big_ds):
     assert user_share > 2.0 * base, (user_share, base)
     # a taste computed from the truth beats one computed from popularity alone at predicting a user's clusters
     taste = np.zeros((users["user"].size, C))
-    np.add.at(taste, (np.repeat(users["user"], users["taste_support"].shape[1]), users["taste_support"].ravel()),
-              users["taste"].ravel())
+    np.add.at(
+        taste,
+        (np.repeat(users["user"], users["taste_support"].shape[1]), users["taste_support"].ravel()),
+        users["taste"].ravel(),
+    )
     assert np.mean(np.log(taste[u, cl] + 1e-3)) > np.mean(np.log(global_share[cl] + 1e-3))
 
 
@@ -267,11 +301,15 @@ def test_feedback_follows_affinity(big_ds):
     disliked = (ev[nxt] == EventType.DISLIKE) & (item[nxt] == item[p]) & (user[nxt] == user[p]) & (nxt > p)
     C = items["cluster_pop"].shape[0]
     taste = np.zeros((users["user"].size, C))
-    np.add.at(taste, (np.repeat(users["user"], users["taste_support"].shape[1]), users["taste_support"].ravel()),
-              users["taste"].ravel())
+    np.add.at(
+        taste,
+        (np.repeat(users["user"], users["taste_support"].shape[1]), users["taste_support"].ravel()),
+        users["taste"].ravel(),
+    )
     cl = items["item_cluster"].astype(np.int64)[item[p]]
-    aff = np.log(taste[user[p], cl] * users["taste_support"].shape[1] + 0.05) \
-        + synth.user_item_noise(3, user[p], item[p])
+    aff = np.log(taste[user[p], cl] * users["taste_support"].shape[1] + 0.05) + synth.user_item_noise(
+        3, user[p], item[p]
+    )
     hi, lo = aff > 1.0, aff < -1.0
     assert hi.sum() > 1000 and lo.sum() > 1000
     listen = ev[p] == EventType.LISTEN  # likes only follow listens: compare like rates among listens
@@ -335,13 +373,25 @@ def test_truth_files(big_ds):
 
 
 # ---- arguments and output directory ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(users=0), "users"), (dict(items=0), "items"), (dict(shards=0), "shards"), (dict(shards=11), "shards"),
-    (dict(mean_len=0.5), "mean_len"), (dict(holdout="random"), "holdout"), (dict(max_len=0), "max_len"),
-    (dict(clusters=51), "clusters"), (dict(days=0), "days"), (dict(seed=-1), "seed"), (dict(workers=-1), "workers"),
-    (dict(holdout="temporal", val_days=60, test_days=60), "val_days"),
-    (dict(holdout="temporal", test_days=0), "test_days"), (dict(gap_seconds=-5), "gap_seconds"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(users=0), "users"),
+        (dict(items=0), "items"),
+        (dict(shards=0), "shards"),
+        (dict(shards=11), "shards"),
+        (dict(mean_len=0.5), "mean_len"),
+        (dict(holdout="random"), "holdout"),
+        (dict(max_len=0), "max_len"),
+        (dict(clusters=51), "clusters"),
+        (dict(days=0), "days"),
+        (dict(seed=-1), "seed"),
+        (dict(workers=-1), "workers"),
+        (dict(holdout="temporal", val_days=60, test_days=60), "val_days"),
+        (dict(holdout="temporal", test_days=0), "test_days"),
+        (dict(gap_seconds=-5), "gap_seconds"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs, name):
     args = dict(users=10, items=50, shards=2, days=100, **{"mean_len": 5.0})
     args.update(kwargs)
@@ -363,10 +413,12 @@ def test_refuses_foreign_directory_and_overwrites_a_dataset(tmp_path):
     assert (root / "val" / "shard-000002.tar").exists()
     m = synth.synthesize(root, users=30, items=40, mean_len=5, shards=2, holdout="none", workers=1)
     assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "train", "truth"]
-    assert sorted(p.name for p in (root / "train").iterdir()) == ["item_counts.npy", "shard-000000.tar",
-                                                                  "shard-000001.tar"]
-    assert sorted(p.name for p in (root / "truth").iterdir()) == ["items.npz", "users-000000.npz",
-                                                                  "users-000001.npz"]
+    assert sorted(p.name for p in (root / "train").iterdir()) == [
+        "item_counts.npy",
+        "shard-000000.tar",
+        "shard-000001.tar",
+    ]
+    assert sorted(p.name for p in (root / "truth").iterdir()) == ["items.npz", "users-000000.npz", "users-000001.npz"]
     assert json.loads((root / "manifest.json").read_text())["source"]["shards"] == 2 == len(m.split("train").shards)
 
 
@@ -380,6 +432,17 @@ def test_auto_clusters():
 def test_tiny_worlds(tmp_path):
     m = synth.synthesize(tmp_path / "one", users=1, items=1, mean_len=1, shards=1, workers=1)
     assert m.split("train").shards[0].users == 1 and m.item_counts("train").shape == (1,)
-    m = synth.synthesize(tmp_path / "few", users=5, items=3, mean_len=500, shards=5, max_len=16, workers=1,
-                         holdout="temporal", days=2, val_days=0.5, test_days=0.5)
+    m = synth.synthesize(
+        tmp_path / "few",
+        users=5,
+        items=3,
+        mean_len=500,
+        shards=5,
+        max_len=16,
+        workers=1,
+        holdout="temporal",
+        days=2,
+        val_days=0.5,
+        test_days=0.5,
+    )
     assert m.split("test").samples > 0

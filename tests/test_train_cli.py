@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL, argus_inproc, argus_ranks, assert_training_plan_matches, free_port, losses
 import torch
+from helpers import TINY_MODEL, argus_inproc, argus_ranks, assert_training_plan_matches, free_port, losses
 
 REPO = Path(__file__).resolve().parents[1]
 ARGUS = [sys.executable, "-m", "launch.cli"]
@@ -30,8 +30,17 @@ def env() -> dict[str, str]:
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """The real `torchrun -m launch.cli train ARGS` (for the launcher test)."""
     port = str(free_port())
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           "-m", "launch.cli", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        "-m",
+        "launch.cli",
+        "train",
+        *args,
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -59,12 +68,15 @@ def test_torchrun_resume_is_bitwise_identical_and_eval_deterministic(data, tmp_p
     num_items = json.loads((data / "manifest.json").read_text())["num_items"]
     _, s_full, d_full = load_model(full / "checkpoints" / "step_00000006", num_items)
     _, s_part, d_part = load_model(part / "checkpoints" / "step_00000006", num_items)
-    for (name, a), (_, b) in zip(sorted(s_full.state_dict().items()) + sorted(d_full.state_dict().items()),
-                                 sorted(s_part.state_dict().items()) + sorted(d_part.state_dict().items())):
+    for (name, a), (_, b) in zip(
+        sorted(s_full.state_dict().items()) + sorted(d_full.state_dict().items()),
+        sorted(s_part.state_dict().items()) + sorted(d_part.state_dict().items()),
+    ):
         assert torch.equal(a, b), name
     _, s3, _ = load_model(part / "checkpoints" / "step_00000003", num_items)
-    assert not torch.equal(s3.state_dict()["items.embeddings.item.weight"],
-                           s_part.state_dict()["items.embeddings.item.weight"])
+    assert not torch.equal(
+        s3.state_dict()["items.embeddings.item.weight"], s_part.state_dict()["items.embeddings.item.weight"]
+    )
     # eval: one JSON object with model and popularity metrics; twice -> identical bytes
     runs = [argus_inproc(capsys, "eval", str(full), "--data", str(data), "--json") for _ in range(2)]
     assert runs[0][0] == 0, runs[0][2][-2000:]
@@ -91,23 +103,27 @@ def test_interrupted_checkpoint_write_leaves_previous_loadable(data, tmp_path):
     assert sorted(losses(run)) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("override,message", [
-    (["model.max_seq_len=9000"], "model.max_seq_len: 9000 exceeds the longest context 8192"),
-    (["model.n_laers=3"], "unknown config key model.n_laers"),
-    (["embeddings.optimizer=adam", "train.device=cpu"], "embeddings.optimizer: adam is not supported"),
-    (["train.global_batch_size=100"], "train.global_batch_size: 100 != data.batch_size"),
-    (["train.gradient_accumulation_steps=2"], "train.gradient_accumulation_steps: must be 1"),
-    (["data.max_seq_len=400"], "data.max_seq_len: 400 interactions x 1 tokens exceed model.max_seq_len 256"),
-    (["deepspeed.stage=5"], "deepspeed.stage: must be 0, 1, 2 or 3"),
-    (["train.steps=abc"], "train.steps: expected an integer"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["model.max_seq_len=9000"], "model.max_seq_len: 9000 exceeds the longest context 8192"),
+        (["model.n_laers=3"], "unknown config key model.n_laers"),
+        (["embeddings.optimizer=adam", "train.device=cpu"], "embeddings.optimizer: adam is not supported"),
+        (["train.global_batch_size=100"], "train.global_batch_size: 100 != data.batch_size"),
+        (["train.gradient_accumulation_steps=2"], "train.gradient_accumulation_steps: must be 1"),
+        (["data.max_seq_len=400"], "data.max_seq_len: 400 interactions x 1 tokens exceed model.max_seq_len 256"),
+        (["deepspeed.stage=5"], "deepspeed.stage: must be 0, 1, 2 or 3"),
+        (["train.steps=abc"], "train.steps: expected an integer"),
+    ],
+)
 def test_bad_config_fails_before_any_process_group(data, tmp_path, override, message, monkeypatch, capsys):
     """In this process, as rank 0 of 2 (the exit code of a real process: test_missing_config_file_and_bad_yaml)."""
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WORLD_SIZE", "2")
     t0 = time.perf_counter()
-    code, _, err = argus_inproc(capsys, "train", "configs/mini.yaml", f"data.path={data}", f"out={tmp_path / 'r'}",
-                                *override)
+    code, _, err = argus_inproc(
+        capsys, "train", "configs/mini.yaml", f"data.path={data}", f"out={tmp_path / 'r'}", *override
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
@@ -118,8 +134,9 @@ def test_bad_config_fails_before_any_process_group(data, tmp_path, override, mes
 
 def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
     # a real process: its exit status and its one line on stderr
-    out = subprocess.run([*ARGUS, "train", str(tmp_path / "nope.yaml")], cwd=REPO, env=env(), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [*ARGUS, "train", str(tmp_path / "nope.yaml")], cwd=REPO, env=env(), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "nope.yaml: config file not found" in out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
@@ -142,12 +159,26 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [
-    ["model.token_layout=interleaved", "embeddings.sharding=column_wise", "deepspeed.stage=0",
-     "model.activation_checkpointing=true", "heads.feedback.weight=0"],
-    ["deepspeed.stage=3", "deepspeed.precision=bf16", "embeddings.sharding=table_wise",
-     "heads.next_item.weight=0", "embeddings.optimizer=sgd"],
-], ids=["interleaved-colwise-zero0-ckpt-nextonly", "bf16-zero3-tablewise-feedbackonly-sgd"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        [
+            "model.token_layout=interleaved",
+            "embeddings.sharding=column_wise",
+            "deepspeed.stage=0",
+            "model.activation_checkpointing=true",
+            "heads.feedback.weight=0",
+        ],
+        [
+            "deepspeed.stage=3",
+            "deepspeed.precision=bf16",
+            "embeddings.sharding=table_wise",
+            "heads.next_item.weight=0",
+            "embeddings.optimizer=sgd",
+        ],
+    ],
+    ids=["interleaved-colwise-zero0-ckpt-nextonly", "bf16-zero3-tablewise-feedbackonly-sgd"],
+)
 def test_options_train_and_evaluate(data, tmp_path, options, capsys):
     run = tmp_path / "run"
     train_ranks("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=3", *options, nproc=2)
@@ -168,15 +199,37 @@ def test_plain_torchrun_and_deepspeed_launcher_give_the_same_curve(data, tmp_pat
 
     Every run here is a real launcher process; the 2-rank torchrun run is shared with test_launch_deepspeed."""
     common = ["configs/mini.yaml", f"data.path={data}", *TINY, "train.steps=3"]
-    plain = subprocess.run([*ARGUS, "train", *common, f"out={tmp_path / 'plain'}"], cwd=REPO, env=env(),
-                           capture_output=True, text=True, timeout=600)
+    plain = subprocess.run(
+        [*ARGUS, "train", *common, f"out={tmp_path / 'plain'}"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert plain.returncode == 0, plain.stderr[-2000:]
     torchrun(*common, f"out={tmp_path / 'tr1'}", nproc=1)
     port = str(free_port())
-    ds = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--num_nodes", "1",
-                         "--master_port", port, str(Path(sys.executable).parent / "argus"), "train", *common,
-                         f"out={tmp_path / 'ds2'}"], cwd=REPO, env=env(), capture_output=True, text=True,
-                        timeout=600)
+    ds = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--num_nodes",
+            "1",
+            "--master_port",
+            port,
+            str(Path(sys.executable).parent / "argus"),
+            "train",
+            *common,
+            f"out={tmp_path / 'ds2'}",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ds.returncode == 0, ds.stderr[-3000:]
     assert losses(tmp_path / "plain") == losses(tmp_path / "tr1")
     assert losses(torchrun_run) == losses(tmp_path / "ds2")
@@ -190,8 +243,19 @@ def test_eval_on_temporal_split_ranks_every_target(tmp_path, capsys):
     from trainer.data.synth import synthesize
 
     data = tmp_path / "data"
-    synthesize(data, users=80, items=120, mean_len=40, shards=2, seed=4, holdout="temporal", days=60,
-               val_days=5, test_days=10, workers=1)
+    synthesize(
+        data,
+        users=80,
+        items=120,
+        mean_len=40,
+        shards=2,
+        seed=4,
+        holdout="temporal",
+        days=60,
+        val_days=5,
+        test_days=10,
+        workers=1,
+    )
     run = tmp_path / "run"
     train_ranks("configs/mini.yaml", f"data.path={data}", f"out={run}", *TINY, "train.steps=2", nproc=1)
     code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json", "--ks", "5,50")

@@ -59,8 +59,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     latest = latest_checkpoint(p) if (p / "checkpoints").is_dir() else None
     if latest is None:
-        raise FileNotFoundError(f"{path}: no checkpoint (expected a run directory with checkpoints/latest, "
-                                f"or a checkpoint directory with meta.json)")
+        raise FileNotFoundError(
+            f"{path}: no checkpoint (expected a run directory with checkpoints/latest, "
+            f"or a checkpoint directory with meta.json)"
+        )
     return latest
 
 
@@ -70,8 +72,12 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -82,8 +88,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Engine, loader: ShardLoader, step: int, cfg: JobConfig, run_dir: str | Path, rank: int,
-         extra: dict[str, Any] | None = None, mid_write: Callable[[Path], None] | None = None) -> Path:
+def save(
+    engine: Engine,
+    loader: ShardLoader,
+    step: int,
+    cfg: JobConfig,
+    run_dir: str | Path,
+    rank: int,
+    extra: dict[str, Any] | None = None,
+    mid_write: Callable[[Path], None] | None = None,
+) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory.
 
     ``mid_write(tmp)`` runs between the dense and the sparse writes (fault drills kill a rank there).
@@ -98,8 +112,10 @@ def save(engine: Engine, loader: ShardLoader, step: int, cfg: JobConfig, run_dir
     engine.ds.save_checkpoint(str(tmp / "dense"), tag=DENSE_TAG)
     if mid_write is not None:
         mid_write(tmp)
-    dcp.save({"tables": engine.dmp.state_dict(), "optimizer": engine.dmp.fused_optimizer.state_dict()},
-             checkpoint_id=str(tmp / "sparse"))
+    dcp.save(
+        {"tables": engine.dmp.state_dict(), "optimizer": engine.dmp.fused_optimizer.state_dict()},
+        checkpoint_id=str(tmp / "sparse"),
+    )
     states = gather_states(loader)
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
     if rank == 0:
@@ -123,8 +139,9 @@ def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str
     """Collective: resume training — dense with its optimizer (DeepSpeed), tables with their fused
     optimizer state, loader, RNG; returns meta.json (with the step)."""
     meta = json.loads((path / "meta.json").read_text())
-    engine.ds.load_checkpoint(str(path / "dense"), tag=DENSE_TAG, load_optimizer_states=True,
-                              load_lr_scheduler_states=True)
+    engine.ds.load_checkpoint(
+        str(path / "dense"), tag=DENSE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     load_tables(path, engine.dmp, engine.dmp.fused_optimizer)
     loader.load_state_dict(json.loads((path / "loader.json").read_text()))
     rng = path / "rng" / f"rank{rank:05d}.pt"
@@ -152,7 +169,9 @@ def load_tables(path: Path, tables: Any, optimizer: Any = None) -> None:
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # DCP's ShardedTensor notice: TorchRec's tables are ShardedTensors
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # DCP's ShardedTensor notice: TorchRec's tables are ShardedTensors
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process loading: what we want
         dcp.load(state, checkpoint_id=str(path / "sparse"))
     tables.load_state_dict(state["tables"])
@@ -213,4 +232,3 @@ def load_model(checkpoint_or_run: str | Path, num_items: int) -> tuple[JobConfig
     dense = build_dense(cfg)
     load_weights(path, sparse, dense)
     return cfg, sparse.eval(), dense.eval()
-

@@ -106,8 +106,10 @@ def migrate_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             for part in section.split(".") if section else []:
                 node = node.setdefault(part, {})
             if leaf in node and node[leaf] != value:
-                raise ConfigError(f"{old}: deprecated, and {new} is set to something else ({node[leaf]!r} vs "
-                                  f"{value!r}); keep only {new}")
+                raise ConfigError(
+                    f"{old}: deprecated, and {new} is set to something else ({node[leaf]!r} vs "
+                    f"{value!r}); keep only {new}"
+                )
             node[leaf] = value
         if old not in _noted:
             _noted.add(old)

@@ -36,8 +36,7 @@ def backend_for(device: torch.device) -> str:
 
 def env_rank() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by torchrun, the deepspeed launcher or Ray Train."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def init_distributed(preference: str = "auto", timeout_s: float = 600.0) -> DistInfo:

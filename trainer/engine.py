@@ -35,11 +35,18 @@ def _generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 def dummy_batch() -> Batch:
     """Two interactions of item 0: stands in for an empty padding batch so every collective still runs."""
-    values = {name: torch.zeros(2, dtype=torch.int64 if name in ("item", "timestamp") else torch.int32)
-              for name in FIELDS}
-    return Batch(keys=["<pad>"], users=torch.zeros(1, dtype=torch.int64), offsets=torch.zeros(1, dtype=torch.int64),
-                 lengths=torch.tensor([2]), target_start=torch.zeros(1, dtype=torch.int64), values=values,
-                 padded=False)
+    values = {
+        name: torch.zeros(2, dtype=torch.int64 if name in ("item", "timestamp") else torch.int32) for name in FIELDS
+    }
+    return Batch(
+        keys=["<pad>"],
+        users=torch.zeros(1, dtype=torch.int64),
+        offsets=torch.zeros(1, dtype=torch.int64),
+        lengths=torch.tensor([2]),
+        target_start=torch.zeros(1, dtype=torch.int64),
+        values=values,
+        padded=False,
+    )
 
 
 @dataclass
@@ -66,21 +73,40 @@ class Engine:
         self.item_rows = sparse.item_rows
         hbm_cap = None
         if info.device.type == "cuda":  # embeddings get what the dense side leaves (the planner's arithmetic)
-            hbm_cap = embedding_hbm_budget(cfg, info.world_size, torch.cuda.get_device_properties(info.device)
-                                           .total_memory, gpus_per_node=torch.cuda.device_count())
-        self.dmp, self.plan = shard(sparse, cfg.embeddings, info.device, batch_size=cfg.data.batch_size,
-                                    hbm_cap=hbm_cap, lookups=embedding_lookups(cfg))
+            hbm_cap = embedding_hbm_budget(
+                cfg,
+                info.world_size,
+                torch.cuda.get_device_properties(info.device).total_memory,
+                gpus_per_node=torch.cuda.device_count(),
+            )
+        self.dmp, self.plan = shard(
+            sparse,
+            cfg.embeddings,
+            info.device,
+            batch_size=cfg.data.batch_size,
+            hbm_cap=hbm_cap,
+            lookups=embedding_lookups(cfg),
+        )
 
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
         dense = build_dense(cfg)
         self.init_weights(dense)
-        optim = torch.optim.AdamW(dense.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        optim = torch.optim.AdamW(
+            dense.parameters(),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
         warmup = cfg.optim.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=dense, optimizer=optim, lr_scheduler=sched, config=cfg.deepspeed_config(info.world_size),
-            dist_init_required=False)
+            model=dense,
+            optimizer=optim,
+            lr_scheduler=sched,
+            config=cfg.deepspeed_config(info.world_size),
+            dist_init_required=False,
+        )
         self.bf16 = cfg.deepspeed.precision == "bf16"
         self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)
 
@@ -90,8 +116,7 @@ class Engine:
         init_sparse_weights(self.dmp, self.cfg.embeddings, self.cfg.train.seed)
 
     # ---- one step ----------------------------------------------------------------------------------------------
-    def lookup(self, batch: Batch, neg_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                     torch.Tensor]:
+    def lookup(self, batch: Batch, neg_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         return lookup_interactions(self.dmp, batch, self.cfg, self.item_rows, neg_ids, self.info.device)
 
     def inputs(self, batch: Batch, step: int) -> tuple[tuple[Any, ...], torch.Tensor]:
@@ -133,9 +158,13 @@ class Engine:
             ne["event"] = ne_stats(out["logits/event"], batch.values["event"].long()[t])
             ne["played"] = ne_stats(out["logits/played"], played_bucket(batch.values["played"])[t])
         return StepOutput(
-            loss=float(loss.detach()), next_item=float(out["loss/next_item"].detach()) if real else 0.0,
+            loss=float(loss.detach()),
+            next_item=float(out["loss/next_item"].detach()) if real else 0.0,
             feedback=float(out["loss/feedback"].detach()) if real else 0.0,
-            targets=int(tgt.numel()) if real else 0, interactions=batch.num_interactions if real else 0, ne=ne)
+            targets=int(tgt.numel()) if real else 0,
+            interactions=batch.num_interactions if real else 0,
+            ne=ne,
+        )
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def lr(self) -> float:
@@ -156,4 +185,3 @@ class Engine:
         from trainer.flops import flops_per_interaction
 
         return flops_per_interaction(self.cfg, self.item_rows)
-

@@ -30,8 +30,13 @@ from trainer.model.interaction import lookup_interactions
 
 
 @torch.no_grad()
-def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None,
-             ks: list[int] | None = None, max_users: int | None = None) -> dict[str, Any]:
+def evaluate(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    split: str | None = None,
+    ks: list[int] | None = None,
+    max_users: int | None = None,
+) -> dict[str, Any]:
     path = checkpoint.resolve_checkpoint(run_dir)
     manifest = Manifest.load(data_dir)
     cfg, sparse, dense = checkpoint.load_model(path, manifest.num_items)
@@ -39,8 +44,14 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None
     split = split or ev.split
     ks = list(ks or ev.ks)
     max_users = ev.max_users if max_users is None else max_users
-    loader = ShardLoader.Config(path=str(data_dir), split=split, batch_size=ev.batch_size, num_workers=0,
-                                shuffle=False, max_seq_len=cfg.interactions_per_sample()).build(0, 1, manifest)
+    loader = ShardLoader.Config(
+        path=str(data_dir),
+        split=split,
+        batch_size=ev.batch_size,
+        num_workers=0,
+        shuffle=False,
+        max_seq_len=cfg.interactions_per_sample(),
+    ).build(0, 1, manifest)
     items = sparse.items.embeddings["item"].weight
     full = manifest.num_items <= ev.full_ranking_max_items
     prefix = "" if full else "sampled_"
@@ -56,8 +67,9 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None
         no_context += int((~keep).sum())
         if batch.size == 0 or not bool(keep.any()):
             continue
-        item, side, _ = lookup_interactions(sparse, batch, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long),
-                                            torch.device("cpu"))
+        item, side, _ = lookup_interactions(
+            sparse, batch, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long), torch.device("cpu")
+        )
         lengths = batch.lengths
         states = dense.states(item, side, lengths)
         h = dense.user_vectors(states, lengths, (batch.target_start - 1).clamp_min(0))
@@ -72,8 +84,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None
             pranks = pop_rank[target_items]
         else:
             ranks = sampled_ranks(logits, target_items, ev.sampled_negatives, gen, owner)
-            pranks = sampled_ranks(pop_scores.expand(batch.size, -1), target_items, ev.sampled_negatives, gen,
-                                   owner)
+            pranks = sampled_ranks(pop_scores.expand(batch.size, -1), target_items, ev.sampled_negatives, gen, owner)
         # user indices local to the batch, compacted to users with targets
         _, local = torch.unique(owner, return_inverse=True)
         acc_model.add(ranks, local)
@@ -88,12 +99,19 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str | None = None
         if max_users and users >= max_users:
             break
     report: dict[str, Any] = {
-        "checkpoint": path.name, "split": split, "ranking": "full" if full else "sampled",
-        "users": users, "users_without_history": no_context,
-        "model": acc_model.compute(), "popularity": acc_pop.compute(),
+        "checkpoint": path.name,
+        "split": split,
+        "ranking": "full" if full else "sampled",
+        "users": users,
+        "users_without_history": no_context,
+        "model": acc_model.compute(),
+        "popularity": acc_pop.compute(),
     }
-    report["lift"] = {k: (v / report["popularity"][k] if report["popularity"][k] else None)
-                      for k, v in report["model"].items() if "@" in k}
+    report["lift"] = {
+        k: (v / report["popularity"][k] if report["popularity"][k] else None)
+        for k, v in report["model"].items()
+        if "@" in k
+    }
     if ev_logits:
         report["ne/event"] = normalized_entropy(torch.cat(ev_logits), torch.cat(ev_targets))
         report["ne/played"] = normalized_entropy(torch.cat(pl_logits), torch.cat(pl_targets))

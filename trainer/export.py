@@ -52,8 +52,9 @@ class History(NamedTuple):
     last: torch.Tensor  # (users,) flat row index
 
 
-def served_vectors(cfg: JobConfig, dense: torch.nn.Module, history: History | None = None,
-                   item_emb: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def served_vectors(
+    cfg: JobConfig, dense: torch.nn.Module, history: History | None = None, item_emb: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(user vectors, item vectors) whose dot products are the model's scores; either part may be skipped.
 
     TwoTower (fine-tuning): its own towers. ArgusModel (pre-training): the next-item head's scoring,
@@ -122,19 +123,37 @@ def context_rows(batch: Batch, context: int, at: int | None = None, targets_held
     if kept.numel():
         c = count[kept]
         first = starts[kept] + lo[kept]
-        rows = torch.repeat_interleave(first, c) + torch.arange(int(c.sum())) - torch.repeat_interleave(
-            sample_starts(c), c)
-        ctx = Batch(keys=[batch.keys[i] for i in kept.tolist()], users=batch.users[kept],
-                    offsets=batch.offsets[kept] + lo[kept], lengths=c, target_start=torch.zeros_like(c),
-                    values={k: v[rows] for k, v in batch.values.items()}, padded=False)
+        rows = (
+            torch.repeat_interleave(first, c)
+            + torch.arange(int(c.sum()))
+            - torch.repeat_interleave(sample_starts(c), c)
+        )
+        ctx = Batch(
+            keys=[batch.keys[i] for i in kept.tolist()],
+            users=batch.users[kept],
+            offsets=batch.offsets[kept] + lo[kept],
+            lengths=c,
+            target_start=torch.zeros_like(c),
+            values={k: v[rows] for k, v in batch.values.items()},
+            padded=False,
+        )
     return UserRows(kept=kept, next_item=next_item, history_len=count.to(torch.int32), context=ctx)
 
 
 Lookup = Callable[[Any], Any]  # items KJT -> outputs: a DMP or an unsharded SparseArch
 
 
-def encode_users(batch: Batch, cfg: JobConfig, dense: torch.nn.Module, lookup: Lookup, item_rows: int, context: int,
-                 at: int | None, targets_held_out: bool, device: torch.device) -> tuple[UserRows, torch.Tensor]:
+def encode_users(
+    batch: Batch,
+    cfg: JobConfig,
+    dense: torch.nn.Module,
+    lookup: Lookup,
+    item_rows: int,
+    context: int,
+    at: int | None,
+    targets_held_out: bool,
+    device: torch.device,
+) -> tuple[UserRows, torch.Tensor]:
     """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call, even
     for an empty batch or one whose users all lack history: under DMP that call is a collective."""
     from trainer.engine import dummy_batch
@@ -155,8 +174,9 @@ def encode_users(batch: Batch, cfg: JobConfig, dense: torch.nn.Module, lookup: L
     return rows, users.cpu()
 
 
-def encode_items(ids: torch.Tensor, cfg: JobConfig, dense: torch.nn.Module, lookup: Lookup,
-                 device: torch.device) -> torch.Tensor:
+def encode_items(
+    ids: torch.Tensor, cfg: JobConfig, dense: torch.nn.Module, lookup: Lookup, device: torch.device
+) -> torch.Tensor:
     """Served vectors of item table rows ``ids`` (may be empty: the lookup still runs, as a collective)."""
     from embeddings.features import lookup_ids
 
@@ -230,14 +250,29 @@ def load_export(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
         return flat.reshape(-1, m["dim"])
 
     users, items = read("users"), read("items")
-    return (users.column("user").to_numpy(), vectors(users), users.column("next_item").to_numpy(),
-            items.column("item").to_numpy(), vectors(items))
+    return (
+        users.column("user").to_numpy(),
+        vectors(users),
+        users.column("next_item").to_numpy(),
+        items.column("item").to_numpy(),
+        vectors(items),
+    )
 
 
 # ---- argus export ------------------------------------------------------------------------------------------------
-def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | Path, split: str = "test",
-           at: int | None = None, dtype: str = "fp32", batch_size: int = 256, items_chunk: int = 65536,
-           context: int | None = None, num_workers: int = 0, device: str = "auto") -> dict[str, Any]:
+def export(
+    checkpoint_or_run: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    split: str = "test",
+    at: int | None = None,
+    dtype: str = "fp32",
+    batch_size: int = 256,
+    items_chunk: int = 65536,
+    context: int | None = None,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
     """Export user vectors of ``split`` and item vectors of the whole table; collective (every rank calls it).
 
     ``at``: cutoff (unix seconds): only interactions strictly before it are history. ``context``: the most
@@ -285,30 +320,41 @@ def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | P
     item_rows = sparse.item_rows
     hbm_cap = None
     if dev.type == "cuda":
-        hbm_cap = embedding_hbm_budget(cfg, world, torch.cuda.get_device_properties(dev).total_memory,
-                                       gpus_per_node=torch.cuda.device_count())
-    dmp, _ = shard(sparse, cfg.embeddings, dev, batch_size=cfg.data.batch_size, hbm_cap=hbm_cap,
-                   lookups=embedding_lookups(cfg))
+        hbm_cap = embedding_hbm_budget(
+            cfg, world, torch.cuda.get_device_properties(dev).total_memory, gpus_per_node=torch.cuda.device_count()
+        )
+    dmp, _ = shard(
+        sparse, cfg.embeddings, dev, batch_size=cfg.data.batch_size, hbm_cap=hbm_cap, lookups=embedding_lookups(cfg)
+    )
     dense = build_dense(cfg)
     checkpoint.load_weights(path, dmp, dense)
     dmp.eval()
     dense = dense.to(dev).eval()
     dim = cfg.embeddings.item_dim
     vec_type = _vector_type(dtype, dim)
-    loader = ShardLoader.Config(path=str(data_dir), split=split, batch_size=batch_size, max_seq_len=0,
-                                num_workers=num_workers, shuffle=False).build(rank, world, manifest)
+    loader = ShardLoader.Config(
+        path=str(data_dir), split=split, batch_size=batch_size, max_seq_len=0, num_workers=num_workers, shuffle=False
+    ).build(rank, world, manifest)
     dist.barrier()
     t0 = time.perf_counter()
-    users = PartWriter(out / part_name("users", rank), {"user": pa.int64(), "next_item": pa.int64(),
-                                                        "history_len": pa.int32(), "vector": vec_type})
+    users = PartWriter(
+        out / part_name("users", rank),
+        {"user": pa.int64(), "next_item": pa.int64(), "history_len": pa.int32(), "vector": vec_type},
+    )
     skipped = 0
     with torch.no_grad():
         for batch in loader:  # the same number of batches on every rank (padding batches are empty)
             rows, vecs = encode_users(batch, cfg, dense, dmp, item_rows, context, at, kind == "eval", dev)
             skipped += batch.size - rows.kept.numel()
             k = rows.kept
-            users.write({"user": pa.array(batch.users[k].numpy()), "next_item": pa.array(rows.next_item[k].numpy()),
-                         "history_len": pa.array(rows.history_len[k].numpy()), "vector": vector_array(vecs, dtype)})
+            users.write(
+                {
+                    "user": pa.array(batch.users[k].numpy()),
+                    "next_item": pa.array(rows.next_item[k].numpy()),
+                    "history_len": pa.array(rows.history_len[k].numpy()),
+                    "vector": vector_array(vecs, dtype),
+                }
+            )
     users.close()
     dist.barrier()
     t1 = time.perf_counter()
@@ -331,21 +377,43 @@ def export(checkpoint_or_run: str | Path, data_dir: str | Path, out_dir: str | P
     n_users, n_items = sum(s["users"] for s in stats), sum(s["items"] for s in stats)
     ni = cfg.heads.next_item
     m = {
-        "format": FORMAT, "version": FORMAT_VERSION, "checkpoint": str(path.resolve()),
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "checkpoint": str(path.resolve()),
         "data": str(Path(data_dir).resolve()),
-        "split": split, "split_kind": kind, "at": at, "context": context,
-        "model": "two_tower" if cfg.finetune.enabled else "argus", "normalize": ni.normalize,
-        "temperature": ni.temperature, "score": "dot", "dim": dim, "dtype": dtype,
-        "vector_encoding": "float32" if dtype == "fp32" else
-        "bfloat16 bits as uint16 (float32 = bits << 16; round-to-nearest-even from float32)",
-        "item_rows": item_rows, "num_items": manifest.num_items, "world_size": world,
-        "users": n_users, "items": n_items, "users_skipped": sum(s["skipped"] for s in stats),
-        "files": {"users": [part_name("users", s["rank"]) for s in stats],
-                  "items": [part_name("items", s["rank"]) for s in stats]},
-        "counts": {**{part_name("users", s["rank"]): s["users"] for s in stats},
-                   **{part_name("items", s["rank"]): s["items"] for s in stats}},
-        "timing": {"users_s": round(t1 - t0, 4), "items_s": round(t2 - t1, 4),
-                   "users_per_s": n_users / max(t1 - t0, 1e-9), "items_per_s": n_items / max(t2 - t1, 1e-9)},
+        "split": split,
+        "split_kind": kind,
+        "at": at,
+        "context": context,
+        "model": "two_tower" if cfg.finetune.enabled else "argus",
+        "normalize": ni.normalize,
+        "temperature": ni.temperature,
+        "score": "dot",
+        "dim": dim,
+        "dtype": dtype,
+        "vector_encoding": "float32"
+        if dtype == "fp32"
+        else "bfloat16 bits as uint16 (float32 = bits << 16; round-to-nearest-even from float32)",
+        "item_rows": item_rows,
+        "num_items": manifest.num_items,
+        "world_size": world,
+        "users": n_users,
+        "items": n_items,
+        "users_skipped": sum(s["skipped"] for s in stats),
+        "files": {
+            "users": [part_name("users", s["rank"]) for s in stats],
+            "items": [part_name("items", s["rank"]) for s in stats],
+        },
+        "counts": {
+            **{part_name("users", s["rank"]): s["users"] for s in stats},
+            **{part_name("items", s["rank"]): s["items"] for s in stats},
+        },
+        "timing": {
+            "users_s": round(t1 - t0, 4),
+            "items_s": round(t2 - t1, 4),
+            "users_per_s": n_users / max(t1 - t0, 1e-9),
+            "items_per_s": n_items / max(t2 - t1, 1e-9),
+        },
     }
     if rank == 0:
         listed = {f for fs in m["files"].values() for f in fs}

@@ -48,12 +48,22 @@ def check_against_init(cfg: JobConfig) -> Path:
     for section in ("model", "embeddings"):
         want, got = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
         for key in sorted(want):
-            if key in ("lr", "eps", "optimizer", "extra_constraints", "sharding", "dropout",
-                       "activation_checkpointing", "oov"):
+            if key in (
+                "lr",
+                "eps",
+                "optimizer",
+                "extra_constraints",
+                "sharding",
+                "dropout",
+                "activation_checkpointing",
+                "oov",
+            ):
                 continue  # how it is trained or sharded may change; what it is may not
             if want[key] != got.get(key):
-                raise ConfigError(f"{section}.{key}: {got.get(key)!r} differs from the pre-trained model's "
-                                  f"{want[key]!r} ({path / 'config.yaml'})")
+                raise ConfigError(
+                    f"{section}.{key}: {got.get(key)!r} differs from the pre-trained model's "
+                    f"{want[key]!r} ({path / 'config.yaml'})"
+                )
     return path
 
 
@@ -93,10 +103,18 @@ def impression_inputs(batch: Batch, lag: int) -> dict[str, torch.Tensor]:
     remap[kept_imps] = torch.arange(kept_imps.numel())
     grades = torch.from_numpy(relevance(imp["event"].numpy(), imp["played"].numpy())).long()[shown_keep]
     hi, lo = pairs_of(grades, sizes[keep])
-    return {"last": (starts[b] + count - 1)[keep], "shown_item": imp["item"][shown_keep],
-            "shown_imp": remap[shown_imp[shown_keep]], "pair_hi": hi, "pair_lo": lo, "grades": grades,
-            "score": imp["score"][shown_keep], "no_history": (~keep).sum(), "impressions": keep.sum(),
-            "kept": kept_imps}
+    return {
+        "last": (starts[b] + count - 1)[keep],
+        "shown_item": imp["item"][shown_keep],
+        "shown_imp": remap[shown_imp[shown_keep]],
+        "pair_hi": hi,
+        "pair_lo": lo,
+        "grades": grades,
+        "score": imp["score"][shown_keep],
+        "no_history": (~keep).sum(),
+        "impressions": keep.sum(),
+        "kept": kept_imps,
+    }
 
 
 class FinetuneEngine(Engine):
@@ -110,8 +128,12 @@ class FinetuneEngine(Engine):
         if not real:  # an empty padding batch: still run every collective
             batch = dummy_batch()
             shown = torch.zeros(1, dtype=torch.long)
-            inp = {"last": torch.ones(1, dtype=torch.long), "shown_imp": torch.zeros(1, dtype=torch.long),
-                   "pair_hi": torch.zeros(0, dtype=torch.long), "pair_lo": torch.zeros(0, dtype=torch.long)}
+            inp = {
+                "last": torch.ones(1, dtype=torch.long),
+                "shown_imp": torch.zeros(1, dtype=torch.long),
+                "pair_hi": torch.zeros(0, dtype=torch.long),
+                "pair_lo": torch.zeros(0, dtype=torch.long),
+            }
         else:
             inp = impression_inputs(batch, self.cfg.finetune.lag_seconds)
             shown = torch.remainder(inp["shown_item"], self.item_rows)
@@ -120,20 +142,33 @@ class FinetuneEngine(Engine):
                 inp.update(last=torch.zeros(1, dtype=torch.long), shown_imp=torch.zeros(1, dtype=torch.long))
         item, side, shown_emb = self.lookup(batch, shown)
         dev = self.info.device
-        out = self.ds(item, side, batch.lengths.to(dev), inp["last"].to(dev), shown_emb, inp["shown_imp"].to(dev),
-                      inp["pair_hi"].to(dev), inp["pair_lo"].to(dev))
+        out = self.ds(
+            item,
+            side,
+            batch.lengths.to(dev),
+            inp["last"].to(dev),
+            shown_emb,
+            inp["shown_imp"].to(dev),
+            inp["pair_hi"].to(dev),
+            inp["pair_lo"].to(dev),
+        )
         loss = out["loss"] if real else out["loss"] * 0.0
         self.ds.backward(loss)
         self.ds.step()
         pairs, correct = 0, 0.0
         if real and inp["pair_hi"].numel():
             pairs = int(inp["pair_hi"].numel())
-            correct = pairs * pairwise_accuracy(out["scores"].cpu().numpy(), inp["pair_hi"].numpy(),
-                                                inp["pair_lo"].numpy())
-        return FinetuneStep(loss=float(loss.detach()), pairs=pairs, correct=correct,
-                            impressions=int(inp["impressions"]) if real else 0,
-                            no_history=int(inp["no_history"]) if real else 0,
-                            interactions=batch.num_interactions if real else 0)
+            correct = pairs * pairwise_accuracy(
+                out["scores"].cpu().numpy(), inp["pair_hi"].numpy(), inp["pair_lo"].numpy()
+            )
+        return FinetuneStep(
+            loss=float(loss.detach()),
+            pairs=pairs,
+            correct=correct,
+            impressions=int(inp["impressions"]) if real else 0,
+            no_history=int(inp["no_history"]) if real else 0,
+            interactions=batch.num_interactions if real else 0,
+        )
 
 
 class FinetuneTrainer(Trainer):
@@ -144,19 +179,34 @@ class FinetuneTrainer(Trainer):
 
     def _metrics(self, window: list[Any], seconds: float, timer: Any) -> dict[str, float]:
         n = max(len(window), 1)
-        sums = self.engine.all_reduce_sum(torch.tensor(
-            [sum(o.loss for o in window) / n, sum(o.pairs for o in window), sum(o.correct for o in window),
-             sum(o.impressions for o in window), sum(o.no_history for o in window),
-             sum(o.interactions for o in window)], dtype=torch.float64)).tolist()
+        sums = self.engine.all_reduce_sum(
+            torch.tensor(
+                [
+                    sum(o.loss for o in window) / n,
+                    sum(o.pairs for o in window),
+                    sum(o.correct for o in window),
+                    sum(o.impressions for o in window),
+                    sum(o.no_history for o in window),
+                    sum(o.interactions for o in window),
+                ],
+                dtype=torch.float64,
+            )
+        ).tolist()
         world = self.info.world_size
         seconds = max(seconds, 1e-9)
         from trainer.logger import peak_memory_bytes
 
-        return {"loss/pairwise": sums[0] / world, "pairwise_acc/train": sums[2] / max(sums[1], 1.0),
-                "impressions": sums[3], "impressions_no_history": sums[4],
-                "impressions_per_s": sums[3] / seconds, "interactions_per_s": sums[5] / seconds,
-                "memory/peak_gb": peak_memory_bytes(self.info.device) / 2**30, "lr": self.engine.lr(),
-                **timer.summary(len(window))}
+        return {
+            "loss/pairwise": sums[0] / world,
+            "pairwise_acc/train": sums[2] / max(sums[1], 1.0),
+            "impressions": sums[3],
+            "impressions_no_history": sums[4],
+            "impressions_per_s": sums[3] / seconds,
+            "interactions_per_s": sums[5] / seconds,
+            "memory/peak_gb": peak_memory_bytes(self.info.device) / 2**30,
+            "lr": self.engine.lr(),
+            **timer.summary(len(window)),
+        }
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------
@@ -169,7 +219,7 @@ def ndcg_within(scores: np.ndarray, grades: np.ndarray, sizes: np.ndarray) -> fl
     """Mean NDCG over impressions with at least one relevant (grade > 0) item; gain 2^grade - 1."""
     out, start = [], 0
     for size in sizes.tolist():
-        s, g = scores[start:start + size], grades[start:start + size].astype(np.float64)
+        s, g = scores[start : start + size], grades[start : start + size].astype(np.float64)
         start += size
         if g.max() <= 0:
             continue
@@ -196,8 +246,14 @@ def evaluate_finetune(run_dir: str | Path, data_dir: str | Path, split: str | No
         raise ValueError(f"{run_dir}: not a fine-tuning run (finetune.init is empty); use `argus eval`")
     _, init_sparse, init_dense = checkpoint.load_model(init_checkpoint(cfg.finetune.init), manifest.num_items)
     split = split or cfg.finetune.eval_split
-    loader = ShardLoader.Config(path=str(data_dir), split=split, batch_size=cfg.eval.batch_size, num_workers=0,
-                                shuffle=False, max_seq_len=cfg.interactions_per_sample()).build(0, 1, manifest)
+    loader = ShardLoader.Config(
+        path=str(data_dir),
+        split=split,
+        batch_size=cfg.eval.batch_size,
+        num_workers=0,
+        shuffle=False,
+        max_seq_len=cfg.interactions_per_sample(),
+    ).build(0, 1, manifest)
     counts = np.asarray(manifest.item_counts("train"), np.float64)
     scores: dict[str, list[np.ndarray]] = {"model": [], "pretrained": [], "popularity": [], "data": []}
     grades, sizes, his, los = [], [], [], []
@@ -229,9 +285,15 @@ def evaluate_finetune(run_dir: str | Path, data_dir: str | Path, split: str | No
         del flat["data"]
     else:
         flat["data"] = np.nan_to_num(flat["data"], nan=-np.inf)
-    report: dict[str, Any] = {"split": split, "impressions": impressions, "impressions_no_history": no_history,
-                              "shown": int(g.size), "pairs": int(hi.size), "lag_seconds": cfg.finetune.lag_seconds,
-                              "seconds": round(time.perf_counter() - t0, 3)}
+    report: dict[str, Any] = {
+        "split": split,
+        "impressions": impressions,
+        "impressions_no_history": no_history,
+        "shown": int(g.size),
+        "pairs": int(hi.size),
+        "lag_seconds": cfg.finetune.lag_seconds,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     for name, s in flat.items():
         report[name] = {"pairwise_acc": pairwise_accuracy(s, hi, lo), "ndcg": ndcg_within(s, g, sz)}
     for base in [b for b in ("data", "popularity", "pretrained") if b in report]:
@@ -240,8 +302,9 @@ def evaluate_finetune(run_dir: str | Path, data_dir: str | Path, split: str | No
     return report
 
 
-def _score(cfg: JobConfig, sparse: Any, model: Any, batch: Batch, inp: dict[str, torch.Tensor],
-           shown: torch.Tensor) -> torch.Tensor:
+def _score(
+    cfg: JobConfig, sparse: Any, model: Any, batch: Batch, inp: dict[str, torch.Tensor], shown: torch.Tensor
+) -> torch.Tensor:
     """Scores of the shown items by an unsharded model: the served user and item vectors' dot product
     (a pre-trained ArgusModel scores the way its next-item head does)."""
     from trainer.export import History, served_vectors

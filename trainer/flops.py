@@ -36,33 +36,35 @@ class GpuSpec:
     def peak_flops(self, dtype: str | torch.dtype) -> float:
         """Dense peak FLOP/s for matmuls in ``dtype`` (fp16 runs at the bf16 rate on all of these)."""
         key = _dtype_key(dtype)
-        return {"bf16": self.bf16_flops, "fp16": self.bf16_flops,
-                "tf32": self.tf32_flops, "fp32": self.fp32_flops}[key]
+        return {"bf16": self.bf16_flops, "fp16": self.bf16_flops, "tf32": self.tf32_flops, "fp32": self.fp32_flops}[key]
 
 
-GPU_SPECS: dict[str, GpuSpec] = {s.name: s for s in (
-    # Hopper, SXM5 (the "NVIDIA H100 80GB HBM3" of DGX/HGX H100).
-    GpuSpec("h100", 80 * _GB, 989e12, 66.9e12, 494.5e12, 3.35 * _TB),
-    GpuSpec("h100_pcie", 80 * _GB, 756.5e12, 51e12, 378e12, 2.0 * _TB),
-    GpuSpec("h100_nvl", 94 * _GB, 835.5e12, 60e12, 417.5e12, 3.9 * _TB),
-    # Same GH100 compute as H100 SXM, larger and faster HBM3e.
-    GpuSpec("h200", 141 * _GB, 989e12, 66.9e12, 494.5e12, 4.8 * _TB),
-    GpuSpec("h200_nvl", 141 * _GB, 835.5e12, 60e12, 417.5e12, 4.8 * _TB),
-    # Grace Hopper superchip, 96 GB HBM3 variant (the 144 GB HBM3e one is faster memory, same compute).
-    GpuSpec("gh200", 96 * _GB, 989e12, 66.9e12, 494.5e12, 4.0 * _TB),
-    # Ampere; the 80 GB SXM4 bandwidth (PCIe 80 GB: 1.935 TB/s).
-    GpuSpec("a100", 80 * _GB, 312e12, 19.5e12, 156e12, 2.039 * _TB),
-    GpuSpec("a100_40gb", 40 * _GB, 312e12, 19.5e12, 156e12, 1.555 * _TB),
-    # HGX/DGX B200: 1440 GB / 8 usable per GPU, 64 TB/s / 8.
-    GpuSpec("b200", 180 * _GB, 2.25e15, 80e12, 1.1e15, 8.0 * _TB),
-    # Ada, GDDR6 (not HBM; the field is the memory bandwidth either way).
-    GpuSpec("l40s", 48 * _GB, 362.05e12, 91.6e12, 183e12, 0.864 * _TB),
-    GpuSpec("l4", 24 * _GB, 121e12, 30.3e12, 60e12, 0.3 * _TB),
-    # AWS-only part without an NVIDIA datasheet: the commonly quoted dense rates
-    # (consistent with measured ~69 TFLOP/s bf16 GEMMs), well below the A10's 125.
-    GpuSpec("a10g", 24 * _GB, 70e12, 31.52e12, 35e12, 0.6 * _TB),
-    GpuSpec("a10", 24 * _GB, 125e12, 31.2e12, 62.5e12, 0.6 * _TB),
-)}
+GPU_SPECS: dict[str, GpuSpec] = {
+    s.name: s
+    for s in (
+        # Hopper, SXM5 (the "NVIDIA H100 80GB HBM3" of DGX/HGX H100).
+        GpuSpec("h100", 80 * _GB, 989e12, 66.9e12, 494.5e12, 3.35 * _TB),
+        GpuSpec("h100_pcie", 80 * _GB, 756.5e12, 51e12, 378e12, 2.0 * _TB),
+        GpuSpec("h100_nvl", 94 * _GB, 835.5e12, 60e12, 417.5e12, 3.9 * _TB),
+        # Same GH100 compute as H100 SXM, larger and faster HBM3e.
+        GpuSpec("h200", 141 * _GB, 989e12, 66.9e12, 494.5e12, 4.8 * _TB),
+        GpuSpec("h200_nvl", 141 * _GB, 835.5e12, 60e12, 417.5e12, 4.8 * _TB),
+        # Grace Hopper superchip, 96 GB HBM3 variant (the 144 GB HBM3e one is faster memory, same compute).
+        GpuSpec("gh200", 96 * _GB, 989e12, 66.9e12, 494.5e12, 4.0 * _TB),
+        # Ampere; the 80 GB SXM4 bandwidth (PCIe 80 GB: 1.935 TB/s).
+        GpuSpec("a100", 80 * _GB, 312e12, 19.5e12, 156e12, 2.039 * _TB),
+        GpuSpec("a100_40gb", 40 * _GB, 312e12, 19.5e12, 156e12, 1.555 * _TB),
+        # HGX/DGX B200: 1440 GB / 8 usable per GPU, 64 TB/s / 8.
+        GpuSpec("b200", 180 * _GB, 2.25e15, 80e12, 1.1e15, 8.0 * _TB),
+        # Ada, GDDR6 (not HBM; the field is the memory bandwidth either way).
+        GpuSpec("l40s", 48 * _GB, 362.05e12, 91.6e12, 183e12, 0.864 * _TB),
+        GpuSpec("l4", 24 * _GB, 121e12, 30.3e12, 60e12, 0.3 * _TB),
+        # AWS-only part without an NVIDIA datasheet: the commonly quoted dense rates
+        # (consistent with measured ~69 TFLOP/s bf16 GEMMs), well below the A10's 125.
+        GpuSpec("a10g", 24 * _GB, 70e12, 31.52e12, 35e12, 0.6 * _TB),
+        GpuSpec("a10", 24 * _GB, 125e12, 31.2e12, 62.5e12, 0.6 * _TB),
+    )
+}
 
 # First match wins, so the specific variants precede the generic names. Word
 # boundaries keep "GH200" from matching h200 and "A100" from matching a10.
@@ -84,9 +86,20 @@ _NAME_PATTERNS: tuple[tuple[str, str], ...] = (
 
 
 def _dtype_key(dtype: str | torch.dtype) -> str:
-    aliases = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
-               "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
-               "tf32": "tf32", "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32"}
+    aliases = {
+        "bf16": "bf16",
+        "bfloat16": "bf16",
+        "torch.bfloat16": "bf16",
+        "fp16": "fp16",
+        "float16": "fp16",
+        "half": "fp16",
+        "torch.float16": "fp16",
+        "tf32": "tf32",
+        "fp32": "fp32",
+        "float32": "fp32",
+        "float": "fp32",
+        "torch.float32": "fp32",
+    }
     key = aliases.get(str(dtype).lower())
     if key is None:
         raise ValueError(f"unknown dtype for peak FLOPs: {dtype!r} (expected bf16, fp16, tf32 or fp32)")
@@ -119,8 +132,9 @@ def detect_gpu(device: torch.device) -> GpuSpec | None:
     return dataclasses.replace(spec, memory_bytes=int(torch.cuda.get_device_properties(device).total_memory))
 
 
-def encoder_flops_per_token(n_params_dense: int, n_layers: int, d_model: int, context: int,
-                            training: bool = True, causal: bool = True) -> float:
+def encoder_flops_per_token(
+    n_params_dense: int, n_layers: int, d_model: int, context: int, training: bool = True, causal: bool = True
+) -> float:
     """Matmul FLOPs per token of a transformer encoder (one multiply-add = 2 FLOPs).
 
     Weights: 2*N forward, 6*N with backward (grads w.r.t. activations and weights).
@@ -161,8 +175,9 @@ def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:
     """
     ni = cfg.heads.next_item
     candidates = item_rows if ni.full_softmax else ni.uniform_negatives + ni.in_batch_negatives
-    return encoder_flops_per_interaction(cfg) + head_flops_per_token(cfg.embeddings.item_dim, 1 + candidates,
-                                                                      training=True)
+    return encoder_flops_per_interaction(cfg) + head_flops_per_token(
+        cfg.embeddings.item_dim, 1 + candidates, training=True
+    )
 
 
 def mfu(achieved_flops_per_s: float, spec: GpuSpec | None, dtype: str | torch.dtype) -> float | None:

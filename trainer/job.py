@@ -135,24 +135,32 @@ class JobConfig:
         if ctx < k:
             raise ConfigError(f"model.max_seq_len: {ctx} tokens hold no interaction of {k} tokens")
         if self.interactions_per_sample() * k > ctx:
-            raise ConfigError(f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed "
-                              f"model.max_seq_len {ctx}")
+            raise ConfigError(
+                f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed model.max_seq_len {ctx}"
+            )
         t = self.train
         if t.steps < 1:
             raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
         if t.gradient_accumulation_steps != 1:
-            raise ConfigError("train.gradient_accumulation_steps: must be 1 — the TorchRec fused optimizer updates "
-                              "embeddings on every micro-batch, so accumulation would apply sparse updates "
-                              "early; raise data.batch_size or the world size instead")
+            raise ConfigError(
+                "train.gradient_accumulation_steps: must be 1 — the TorchRec fused optimizer updates "
+                "embeddings on every micro-batch, so accumulation would apply sparse updates "
+                "early; raise data.batch_size or the world size instead"
+            )
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device: must be auto, cpu or cuda, got {t.device!r}")
         if t.log_every < 1 or t.checkpoint_every < 0:
             raise ConfigError("train.log_every must be >= 1 and train.checkpoint_every >= 0")
-        if world_size is not None and t.global_batch_size and \
-                t.global_batch_size != self.data.batch_size * t.gradient_accumulation_steps * world_size:
-            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} != data.batch_size "
-                              f"{self.data.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps}"
-                              f" x world size {world_size}")
+        if (
+            world_size is not None
+            and t.global_batch_size
+            and t.global_batch_size != self.data.batch_size * t.gradient_accumulation_steps * world_size
+        ):
+            raise ConfigError(
+                f"train.global_batch_size: {t.global_batch_size} != data.batch_size "
+                f"{self.data.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps}"
+                f" x world size {world_size}"
+            )
         ds = self.deepspeed
         if ds.stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.stage: must be 0, 1, 2 or 3, got {ds.stage}")
@@ -178,18 +186,23 @@ class JobConfig:
             ds = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON ({e})") from None
-        want = {"train_micro_batch_size_per_gpu": self.data.batch_size,
-                "gradient_accumulation_steps": self.train.gradient_accumulation_steps,
-                "train_batch_size": self.data.batch_size * self.train.gradient_accumulation_steps * world_size}
+        want = {
+            "train_micro_batch_size_per_gpu": self.data.batch_size,
+            "gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+            "train_batch_size": self.data.batch_size * self.train.gradient_accumulation_steps * world_size,
+        }
         for key, value in want.items():
             if key in ds and ds[key] not in (value, "auto"):
-                raise ConfigError(f"{path}: {key}={ds[key]} contradicts the run config ({value}); "
-                                  f"remove it from the JSON, the trainer fills it")
+                raise ConfigError(
+                    f"{path}: {key}={ds[key]} contradicts the run config ({value}); "
+                    f"remove it from the JSON, the trainer fills it"
+                )
             ds[key] = value
         stage_in_json = ds.get("zero_optimization", {}).get("stage", 0)
         if self.deepspeed.config and stage_in_json != self.deepspeed.stage:
-            raise ConfigError(f"{path}: zero_optimization.stage={stage_in_json} but deepspeed.stage="
-                              f"{self.deepspeed.stage}")
+            raise ConfigError(
+                f"{path}: zero_optimization.stage={stage_in_json} but deepspeed.stage={self.deepspeed.stage}"
+            )
         ds.setdefault("zero_optimization", {})["stage"] = self.deepspeed.stage
         ds["gradient_clipping"] = self.deepspeed.gradient_clipping
         ds["bf16"] = {"enabled": self.deepspeed.precision == "bf16"}

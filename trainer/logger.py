@@ -37,10 +37,25 @@ from typing import Any, Iterator
 import torch
 
 STABLE_NAMES: tuple[str, ...] = (
-    "loss/total", "loss/next_item", "loss/feedback", "ne/event", "ne/played", "ne/next_item",
-    "tps", "interactions_per_s", "tflops", "mfu(%)", "memory/peak_gb", "time/data_share", "lr",
+    "loss/total",
+    "loss/next_item",
+    "loss/feedback",
+    "ne/event",
+    "ne/played",
+    "ne/next_item",
+    "tps",
+    "interactions_per_s",
+    "tflops",
+    "mfu(%)",
+    "memory/peak_gb",
+    "time/data_share",
+    "lr",
     # fine-tuning
-    "loss/pairwise", "pairwise_acc/train", "impressions", "impressions_no_history", "impressions_per_s",
+    "loss/pairwise",
+    "pairwise_acc/train",
+    "impressions",
+    "impressions_no_history",
+    "impressions_per_s",
 )
 STABLE_PREFIXES: tuple[str, ...] = ("loss/", "ne/", "memory/", "time/", "eval/")
 _RESERVED = ("step", "time")
@@ -78,8 +93,14 @@ class MetricsLogger:
     does (``NaN``/``Infinity``), None as ``null`` (and skipped in TensorBoard).
     """
 
-    def __init__(self, out_dir: str | Path, rank: int = 0, total_steps: int | None = None,
-                 enabled_tensorboard: bool = True, progress: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        rank: int = 0,
+        total_steps: int | None = None,
+        enabled_tensorboard: bool = True,
+        progress: bool = True,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.rank = rank
         self.total_steps = total_steps
@@ -98,15 +119,23 @@ class MetricsLogger:
         if enabled_tensorboard:
             # Imported here: tensorboard is slow to import and unused off rank 0.
             from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
         if progress:
             from rich.console import Console
+
             self._console = Console(stderr=True)
             if self._console.is_terminal:
                 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-                self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                          TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                          console=self._console)
+
+                self._progress = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
+                    TextColumn("{task.fields[info]}"),
+                    console=self._console,
+                )
                 self._progress.start()
                 self._task = self._progress.add_task(self._step_text(0), total=total_steps, info="")
 
@@ -135,8 +164,11 @@ class MetricsLogger:
                 raise ValueError(f"metric name {key!r} is reserved for the record itself")
             if not is_stable_name(key) and key not in self._warned:
                 self._warned.add(key)
-                warnings.warn(f"metric {key!r} is not a stable name (trainer.logger.STABLE_NAMES or a prefix "
-                              f"in {STABLE_PREFIXES}); dashboards will not pick it up", stacklevel=2)
+                warnings.warn(
+                    f"metric {key!r} is not a stable name (trainer.logger.STABLE_NAMES or a prefix "
+                    f"in {STABLE_PREFIXES}); dashboards will not pick it up",
+                    stacklevel=2,
+                )
             values[key] = _scalar(key, value)
         record = {"step": int(step), "time": time.time(), **values}
         assert self._file is not None

@@ -68,9 +68,14 @@ def dense_params(cfg: JobConfig) -> DenseParams:
     interaction = [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)] * len(d_ins)
     heads = [_linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
     block = [_linear(d, 3 * d), _linear(d, d), _linear(d, f), _linear(f, d)]
-    return DenseParams(encoder=encoder_param_count(enc), positions=enc.max_seq_len * d, side_tables=sum(tables),
-                       interaction=sum(interaction), heads=sum(heads),
-                       largest_layer=max(interaction + heads + block + tables + [enc.max_seq_len * d]))
+    return DenseParams(
+        encoder=encoder_param_count(enc),
+        positions=enc.max_seq_len * d,
+        side_tables=sum(tables),
+        interaction=sum(interaction),
+        heads=sum(heads),
+        largest_layer=max(interaction + heads + block + tables + [enc.max_seq_len * d]),
+    )
 
 
 def weight_bytes(precision: str) -> int:
@@ -91,8 +96,16 @@ class DenseStates:
         return self.params + self.grads + self.optimizer
 
 
-def dense_states(n: int, largest_layer: int, stage: int, precision: str, offload: bool, world: int,
-                 gpus_per_node: int = 1, buffer_factor: float = 1.5) -> DenseStates:
+def dense_states(
+    n: int,
+    largest_layer: int,
+    stage: int,
+    precision: str,
+    offload: bool,
+    world: int,
+    gpus_per_node: int = 1,
+    buffer_factor: float = 1.5,
+) -> DenseStates:
     """Per-rank dense model states for ZeRO ``stage`` with AdamW.
 
     bf16 (DeepSpeed's mixed precision): 2-byte weights and gradients, fp32 master weights, fp32
@@ -107,15 +120,19 @@ def dense_states(n: int, largest_layer: int, stage: int, precision: str, offload
         host = int(n * 18 / nodes * buffer_factor) if precision == "bf16" else int(n * 20 / nodes * buffer_factor)
         return DenseStates(params=4 * largest_layer, grads=0, optimizer=0, host=host)
     if precision == "bf16":
-        per = {0: (2 * n, 2 * n, 16 * n),  # BF16_Optimizer: fp32 master + fp32 grads + m + v, unpartitioned
-               1: (2 * n, 2 * n, 16 * n // g),
-               2: (2 * n, 0, 18 * n // g),  # DeepSpeed: 2 params + 18/G (2 grad16 + 4 grad32 + 4 master + 8 m,v)
-               3: (4 * largest_layer, 0, 18 * n // g)}[stage]
+        per = {
+            0: (2 * n, 2 * n, 16 * n),  # BF16_Optimizer: fp32 master + fp32 grads + m + v, unpartitioned
+            1: (2 * n, 2 * n, 16 * n // g),
+            2: (2 * n, 0, 18 * n // g),  # DeepSpeed: 2 params + 18/G (2 grad16 + 4 grad32 + 4 master + 8 m,v)
+            3: (4 * largest_layer, 0, 18 * n // g),
+        }[stage]
     else:
-        per = {0: (4 * n, 4 * n, 8 * n),  # torch AdamW: weights, grads, m, v
-               1: (4 * n, 4 * n, 12 * n // g),  # + the fp32 partition ZeRO steps
-               2: (4 * n, 0, 16 * n // g),  # grads partitioned as they are reduced
-               3: (4 * largest_layer, 0, 20 * n // g)}[stage]  # weights, grads, copy, m, v all partitioned
+        per = {
+            0: (4 * n, 4 * n, 8 * n),  # torch AdamW: weights, grads, m, v
+            1: (4 * n, 4 * n, 12 * n // g),  # + the fp32 partition ZeRO steps
+            2: (4 * n, 0, 16 * n // g),  # grads partitioned as they are reduced
+            3: (4 * largest_layer, 0, 20 * n // g),
+        }[stage]  # weights, grads, copy, m, v all partitioned
     return DenseStates(params=per[0], grads=per[1], optimizer=per[2], host=0)
 
 
@@ -156,20 +173,24 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
         layers = enc.n_layers * tokens * per_layer_token
     candidates = 1 + (ni.uniform_negatives + ni.in_batch_negatives if not ni.full_softmax else 0)
     fb_hidden = cfg.heads.feedback.hidden or d
-    other = (targets * (emb.item_dim * 4  # looked-up item vectors (fp32, from TorchRec)
-                        + cfg.model.side_dim * len(SIDE_FEATURES) * w)  # side-table rows, in the training dtype
-             + tokens * (2 * d + d + 2 * d) * w  # interaction MLP hidden + GELU, tokens + positions, final norm
-             + targets * (d + emb.item_dim) * 4  # state rows, projected user vectors (fp32)
-             + targets * candidates * 4 * 3  # logits, softmax, their gradient (fp32)
-             + targets * (d + emb.item_dim + 2 * fb_hidden) * w)  # feedback head
+    other = (
+        targets
+        * (
+            emb.item_dim * 4  # looked-up item vectors (fp32, from TorchRec)
+            + cfg.model.side_dim * len(SIDE_FEATURES) * w
+        )  # side-table rows, in the training dtype
+        + tokens * (2 * d + d + 2 * d) * w  # interaction MLP hidden + GELU, tokens + positions, final norm
+        + targets * (d + emb.item_dim) * 4  # state rows, projected user vectors (fp32)
+        + targets * candidates * 4 * 3  # logits, softmax, their gradient (fp32)
+        + targets * (d + emb.item_dim + 2 * fb_hidden) * w
+    )  # feedback head
     # backward of one block: its activation gradients (same size as what it saved), plus, when
     # checkpointed, the block's recomputed activations
     working = tokens * per_layer_token * (2 if enc.activation_checkpointing else 1)
     return Activations(per_layer_token=per_layer_token, layers=layers, other=other, working=working)
 
 
-def block_saved_bytes_per_token(d_model: int, d_ff: int, n_heads: int, dtype_bytes: int, ln_stat_bytes: int = 4
-                                ) -> int:
+def block_saved_bytes_per_token(d_model: int, d_ff: int, n_heads: int, dtype_bytes: int, ln_stat_bytes: int = 4) -> int:
     """What one encoder block's autograd graph holds per token (see :func:`activations`).
 
     LayerNorm statistics are fp32 on CUDA for any input dtype (``ln_stat_bytes``); CPU keeps them in
@@ -213,8 +234,9 @@ def non_embedding_bytes(cfg: JobConfig, world: int, gpus_per_node: int = 1) -> i
     return states.gpu + activations(cfg).total + ds_buffers(cfg.deepspeed_config(world), ds.precision)
 
 
-def embedding_hbm_budget(cfg: JobConfig, world: int, capacity: int, gpus_per_node: int = 1,
-                         headroom_fraction: float = HEADROOM_FRACTION) -> int:
+def embedding_hbm_budget(
+    cfg: JobConfig, world: int, capacity: int, gpus_per_node: int = 1, headroom_fraction: float = HEADROOM_FRACTION
+) -> int:
     """HBM per GPU that TorchRec may plan embedding shards into (its ``Topology.hbm_cap``)."""
     return max(capacity - headroom(capacity, headroom_fraction) - non_embedding_bytes(cfg, world, gpus_per_node), 0)
 

@@ -32,8 +32,9 @@ def _ahead_count(scores: Tensor, target_scores: Tensor, targets: Tensor, col0: i
     return ahead.sum(dim=1)
 
 
-def ranks_of_targets(scores: Tensor, targets: Tensor, user_index: Tensor | None = None,
-                     chunk_size: int | None = None) -> Tensor:
+def ranks_of_targets(
+    scores: Tensor, targets: Tensor, user_index: Tensor | None = None, chunk_size: int | None = None
+) -> Tensor:
     """0-based rank of each target in its user's score row (ties: lower item id ranks ahead).
 
     scores: (U, M) over the full catalog. targets: (P,) item ids. user_index: (P,)
@@ -60,7 +61,7 @@ def ranks_of_targets(scores: Tensor, targets: Tensor, user_index: Tensor | None 
     step = m if chunk_size is None else max(1, int(chunk_size))
     ranks = torch.zeros(targets.numel(), dtype=torch.long, device=device)
     for c0 in range(0, m, step):
-        block = scores[:, c0:c0 + step]
+        block = scores[:, c0 : c0 + step]
         # Rows are repeated per target only one column block at a time.
         block = block if user_index is None else block.index_select(0, user_index)
         ranks += _ahead_count(block, target_scores, targets, c0)
@@ -74,8 +75,7 @@ def _ideal_dcg(n: Tensor, k: int) -> Tensor:
     return table[n.clamp(max=k)]
 
 
-def _metric_sums(ranks: Tensor, ks: Sequence[int], num_targets: Tensor | None,
-                 user_index: Tensor | None) -> Tensor:
+def _metric_sums(ranks: Tensor, ks: Sequence[int], num_targets: Tensor | None, user_index: Tensor | None) -> Tensor:
     """Per-batch sums ``[users, hr@k..., ndcg@k..., recall@k...]`` as a float64 tensor.
 
     Sums (not means) so that batches and ranks can be added before dividing.
@@ -93,7 +93,8 @@ def _metric_sums(ranks: Tensor, ks: Sequence[int], num_targets: Tensor | None,
             raise ValueError("user_index and ranks must have the same length")
         n_users = int(user_index.max()) + 1 if user_index.numel() else 0
     counts = torch.zeros(n_users, dtype=torch.long, device=device).index_add_(
-        0, user_index, torch.ones_like(user_index))
+        0, user_index, torch.ones_like(user_index)
+    )
     if num_targets is None:
         n = counts
     else:
@@ -132,8 +133,9 @@ def _sums_to_dict(sums: Tensor, ks: Sequence[int], prefix: str = "") -> dict[str
     return out
 
 
-def ranking_metrics(ranks: Tensor, ks: Sequence[int] = (10, 100), num_targets: Tensor | None = None,
-                    user_index: Tensor | None = None) -> dict[str, float]:
+def ranking_metrics(
+    ranks: Tensor, ks: Sequence[int] = (10, 100), num_targets: Tensor | None = None, user_index: Tensor | None = None
+) -> dict[str, float]:
     """HR@K, NDCG@K and Recall@K averaged over users, plus ``users`` (their count).
 
     ranks: flat 0-based ranks of all (user, target) pairs; user_index: (P,) user of
@@ -155,8 +157,7 @@ class RankingAccumulator:
         self.prefix = prefix
         self._sums: Tensor | None = None
 
-    def add(self, ranks: Tensor, user_index_local: Tensor | None = None,
-            num_targets: Tensor | None = None) -> None:
+    def add(self, ranks: Tensor, user_index_local: Tensor | None = None, num_targets: Tensor | None = None) -> None:
         """One batch; ``user_index_local`` numbers this batch's users from 0."""
         sums = _metric_sums(ranks, self.ks, num_targets, user_index_local)
         self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
@@ -173,8 +174,11 @@ class RankingAccumulator:
         sums = self._sums
         if sums is None:
             if device is None:
-                device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                device = (
+                    torch.device("cuda", torch.cuda.current_device())
+                    if torch.cuda.is_available()
                     else torch.device("cpu")
+                )
             sums = torch.zeros(1 + 3 * len(self.ks), dtype=torch.float64, device=device)
         if all_reduce and dist.is_available() and dist.is_initialized():
             sums = sums.clone()
@@ -207,8 +211,13 @@ def item_ranks(scores: Tensor) -> Tensor:
     return ranks
 
 
-def sampled_ranks(scores: Tensor, targets: Tensor, num_negatives: int, generator: torch.Generator | None = None,
-                  user_index: Tensor | None = None) -> Tensor:
+def sampled_ranks(
+    scores: Tensor,
+    targets: Tensor,
+    num_negatives: int,
+    generator: torch.Generator | None = None,
+    user_index: Tensor | None = None,
+) -> Tensor:
     """Rank of each target among ``num_negatives`` sampled items (0..num_negatives), same tie rule.
 
     Negatives are drawn uniformly with replacement from the catalog minus the
@@ -234,10 +243,15 @@ def sampled_ranks(scores: Tensor, targets: Tensor, num_negatives: int, generator
     return torch.where(torch.isnan(ts.squeeze(1)), torch.full_like(ranks, num_negatives), ranks)
 
 
-def sampled_ranking_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int] = (10, 100),
-                            num_negatives: int = 100, generator: torch.Generator | None = None,
-                            user_index: Tensor | None = None,
-                            num_targets: Tensor | None = None) -> dict[str, float]:
+def sampled_ranking_metrics(
+    scores: Tensor,
+    targets: Tensor,
+    ks: Sequence[int] = (10, 100),
+    num_negatives: int = 100,
+    generator: torch.Generator | None = None,
+    user_index: Tensor | None = None,
+    num_targets: Tensor | None = None,
+) -> dict[str, float]:
     """:func:`ranking_metrics` over :func:`sampled_ranks`; every key is prefixed ``sampled_``.
 
     Also returns ``sampled_negatives``. K >= num_negatives + 1 is a trivial 1.0.

@@ -29,8 +29,9 @@ def _keys(scores: torch.Tensor, col0: int) -> torch.Tensor:
     return (ordered << 32) | (_LOW - ids)[None, :]
 
 
-def top_k(users: torch.Tensor, items: torch.Tensor, k: int, batch: int = 1024,
-          item_chunk: int = 1 << 16) -> torch.Tensor:
+def top_k(
+    users: torch.Tensor, items: torch.Tensor, k: int, batch: int = 1024, item_chunk: int = 1 << 16
+) -> torch.Tensor:
     """(U, min(k, M)) item ids of the best-scoring items (dot product) per user, best first; ties: lower id."""
     m = items.shape[0]
     if m >= 1 << 32:
@@ -38,17 +39,18 @@ def top_k(users: torch.Tensor, items: torch.Tensor, k: int, batch: int = 1024,
     k = min(k, m)
     out = torch.empty(users.shape[0], k, dtype=torch.long)
     for u0 in range(0, users.shape[0], batch):
-        u = users[u0:u0 + batch]
+        u = users[u0 : u0 + batch]
         best = torch.empty(u.shape[0], 0, dtype=torch.long)
         for c0 in range(0, m, item_chunk):  # bounded (batch, chunk) temporaries for large catalogs
-            keys = _keys(u @ items[c0:c0 + item_chunk].T, c0)
+            keys = _keys(u @ items[c0 : c0 + item_chunk].T, c0)
             best = torch.cat([best, keys], dim=1).topk(min(k, best.shape[1] + keys.shape[1]), dim=1).values
-        out[u0:u0 + batch] = _LOW - (best & _LOW)
+        out[u0 : u0 + batch] = _LOW - (best & _LOW)
     return out
 
 
-def retrieve(export_dir: str | Path, k: int = 100, users: int | None = None, batch: int = 1024,
-             ks: list[int] | None = None) -> dict[str, Any]:
+def retrieve(
+    export_dir: str | Path, k: int = 100, users: int | None = None, batch: int = 1024, ks: list[int] | None = None
+) -> dict[str, Any]:
     """Recall@K (= HR@K: one next item per user) of an export's top-K over users with a next item.
 
     ``users``: only the first N of them by user id. ``ks``: the cutoffs reported (default 10 and ``k``).
@@ -61,8 +63,9 @@ def retrieve(export_dir: str | Path, k: int = 100, users: int | None = None, bat
         raise ValueError(f"users: must be >= 1, got {users}")
     path = Path(export_dir)
     if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(f"{export_dir}: no manifest.json (not an `argus export` directory, or the "
-                                f"export did not finish)")
+        raise FileNotFoundError(
+            f"{export_dir}: no manifest.json (not an `argus export` directory, or the export did not finish)"
+        )
     user_ids, user_vecs, next_items, item_ids, item_vecs = load_export(path)
     order = np.argsort(item_ids, kind="stable")
     if not np.array_equal(item_ids[order], np.arange(item_ids.size)):
@@ -79,9 +82,15 @@ def retrieve(export_dir: str | Path, k: int = 100, users: int | None = None, bat
     hit = top == target[:, None]
     seconds = time.perf_counter() - t0
     n = int(sel.size)
-    report: dict[str, Any] = {"export": str(path), "k": k, "users": n,
-                              "users_without_next": int((~has_next).sum()), "items": int(items.shape[0]),
-                              "seconds": round(seconds, 4), "users_per_s": n / max(seconds, 1e-9)}
+    report: dict[str, Any] = {
+        "export": str(path),
+        "k": k,
+        "users": n,
+        "users_without_next": int((~has_next).sum()),
+        "items": int(items.shape[0]),
+        "seconds": round(seconds, 4),
+        "users_per_s": n / max(seconds, 1e-9),
+    }
     for c in ks:
         report[f"recall@{c}"] = float(hit[:, :c].any(1).double().mean()) if n else float("nan")
     return report

@@ -71,10 +71,16 @@ class Trainer:
         self.restore(path)
 
     def save(self) -> Path:
-        path = checkpoint.save(self.engine, self.loader, self.step, self.cfg, self.run_dir, self.info.rank,
-                               extra={"epoch": self.loader.epoch},
-                               mid_write=None if self.mid_checkpoint is None else
-                               lambda tmp: self.mid_checkpoint(self, tmp))
+        path = checkpoint.save(
+            self.engine,
+            self.loader,
+            self.step,
+            self.cfg,
+            self.run_dir,
+            self.info.rank,
+            extra={"epoch": self.loader.epoch},
+            mid_write=None if self.mid_checkpoint is None else lambda tmp: self.mid_checkpoint(self, tmp),
+        )
         if self.on_checkpoint is not None:
             self.on_checkpoint(self, path)
         return path
@@ -148,14 +154,16 @@ class Trainer:
         seconds = max(seconds, 1e-9)
         k = self.cfg.tokens_per_interaction()
         flops = self.engine.flops_per_interaction() * interactions / seconds
-        out.update({
-            "interactions_per_s": interactions / seconds,
-            "tps": k * interactions / seconds,
-            "tflops": flops / 1e12,
-            "memory/peak_gb": peak_memory_bytes(self.info.device) / 2**30,
-            "lr": self.engine.lr(),
-            **timer.summary(len(window)),
-        })
+        out.update(
+            {
+                "interactions_per_s": interactions / seconds,
+                "tps": k * interactions / seconds,
+                "tflops": flops / 1e12,
+                "memory/peak_gb": peak_memory_bytes(self.info.device) / 2**30,
+                "lr": self.engine.lr(),
+                **timer.summary(len(window)),
+            }
+        )
         m = mfu(flops / self.info.world_size, self.gpu, self.cfg.deepspeed.precision)
         if m is not None:
             out["mfu(%)"] = m

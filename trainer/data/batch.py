@@ -79,12 +79,12 @@ def _column(samples: Sequence[Sample], name: str, starts: np.ndarray) -> np.ndar
     if all(s.raw[name][0] == dtype for s in samples):
         size = np.dtype(dtype).itemsize
         if starts.any():
-            parts = [memoryview(s.raw[name][1])[int(c) * size:] for s, c in zip(samples, starts)]
+            parts = [memoryview(s.raw[name][1])[int(c) * size :] for s, c in zip(samples, starts)]
         else:
             parts = [s.raw[name][1] for s in samples]
         flat = np.frombuffer(bytearray().join(parts), dtype=dtype)  # one copy, writable
     else:  # a dataset written with other column dtypes: convert sample by sample
-        flat = np.concatenate([s.cols[name][int(c):] for s, c in zip(samples, starts)] or [np.zeros(0, dtype)])
+        flat = np.concatenate([s.cols[name][int(c) :] for s, c in zip(samples, starts)] or [np.zeros(0, dtype)])
     return flat.astype(BATCH_DTYPES[name], copy=False)
 
 
@@ -94,12 +94,15 @@ def collate_impressions(samples: Sequence[Sample]) -> dict[str, torch.Tensor] | 
         return None
     cols = {k: np.concatenate([s.cols[k] for s in samples]) for k in (*IMPRESSION_FIELDS, *SHOWN_FIELDS)}
     rows = np.repeat(np.arange(len(samples), dtype=np.int64), [s.imps for s in samples])
-    return {"sample": torch.from_numpy(rows), "time": torch.from_numpy(cols["imp_time"].astype(np.int64)),
-            "size": torch.from_numpy(cols["imp_size"].astype(np.int64)),
-            "item": torch.from_numpy(cols["imp_item"].astype(np.int64)),
-            "event": torch.from_numpy(cols["imp_event"].astype(np.int64)),
-            "played": torch.from_numpy(cols["imp_played"].astype(np.int32)),
-            "score": torch.from_numpy(cols["imp_score"].astype(np.float32))}
+    return {
+        "sample": torch.from_numpy(rows),
+        "time": torch.from_numpy(cols["imp_time"].astype(np.int64)),
+        "size": torch.from_numpy(cols["imp_size"].astype(np.int64)),
+        "item": torch.from_numpy(cols["imp_item"].astype(np.int64)),
+        "event": torch.from_numpy(cols["imp_event"].astype(np.int64)),
+        "played": torch.from_numpy(cols["imp_played"].astype(np.int32)),
+        "score": torch.from_numpy(cols["imp_score"].astype(np.float32)),
+    }
 
 
 def collate(samples: Sequence[Sample], padded: bool, max_seq_len: int = 0, pad_to: int = 0) -> Batch:

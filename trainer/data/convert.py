@@ -110,13 +110,24 @@ _TZ_SUFFIX = r"[0-9]:[0-9][0-9].*(Z|z|[+-][0-9][0-9](:?[0-9][0-9])?)$"
 _UNKNOWN = 255  # event code sentinel for unparsable event types
 
 # Spill record: one valid row, dense ids, everything the shards need except context (always 0).
-_SPILL = np.dtype([("user", "<i8"), ("item", "<i8"), ("timestamp", "<i8"), ("event", "u1"),
-                   ("played", "<u2"), ("organic", "u1")])
+_SPILL = np.dtype(
+    [("user", "<i8"), ("item", "<i8"), ("timestamp", "<i8"), ("event", "u1"), ("played", "<u2"), ("organic", "u1")]
+)
 
 
 # Impression spill record: one shown item, with its input position (ties keep input order).
-_IMP_SPILL = np.dtype([("user", "<i8"), ("impression", "<i8"), ("timestamp", "<i8"), ("item", "<i8"),
-                       ("event", "u1"), ("played", "<u2"), ("score", "<f4"), ("order", "<i8")])
+_IMP_SPILL = np.dtype(
+    [
+        ("user", "<i8"),
+        ("impression", "<i8"),
+        ("timestamp", "<i8"),
+        ("item", "<i8"),
+        ("event", "u1"),
+        ("played", "<u2"),
+        ("score", "<f4"),
+        ("order", "<i8"),
+    ]
+)
 
 
 class ConvertError(ValueError):
@@ -217,8 +228,11 @@ class _Checker:
                 if raw is not None:
                     v = repr(raw[i].as_py())
                     value = f" (value {v[:80] + '...' if len(v) > 80 else v})"
-                self._first = (i, f"{self.path}: row {self.row0 + i}, column {column!r}: {problem}{value} "
-                                  f"[{reason}]; pass on_error='skip' to drop and count such rows")
+                self._first = (
+                    i,
+                    f"{self.path}: row {self.row0 + i}, column {column!r}: {problem}{value} "
+                    f"[{reason}]; pass on_error='skip' to drop and count such rows",
+                )
         elif self.counts is not None:
             self.counts[reason] = self.counts.get(reason, 0) + int(mask.sum())
         self.bad |= mask
@@ -258,8 +272,9 @@ def _parse_timestamp(arr: pa.Array, column: str, chk: _Checker, divisor: int) ->
         unit_div = _UNIT_DIVISOR[arr.type.unit]
         return _int_values(pc.cast(arr, pa.int64())) // unit_div
     if not _is_str(arr.type):
-        raise ConvertError(f"{chk.path}: column {column!r} has type {arr.type}, "
-                           f"expected integer, timestamp, date or ISO-8601 string")
+        raise ConvertError(
+            f"{chk.path}: column {column!r} has type {arr.type}, expected integer, timestamp, date or ISO-8601 string"
+        )
     out = np.zeros(n, np.int64)
     is_int = _mask(pc.match_substring_regex(arr, _ANY_INT))
     if is_int.any():
@@ -276,8 +291,9 @@ def _parse_timestamp(arr: pa.Array, column: str, chk: _Checker, divisor: int) ->
             parsed, bad = _try_cast(arr.take(pa.array(idx)), typ)
             out[idx] = _int_values(pc.cast(parsed, pa.int64())) // 1_000_000_000
             failed[idx[bad]] = True
-        chk.flag(failed, "bad_timestamp", column,
-                 "not an integer or an ISO-8601 timestamp (or outside years 1677-2262)", arr)
+        chk.flag(
+            failed, "bad_timestamp", column, "not an integer or an ISO-8601 timestamp (or outside years 1677-2262)", arr
+        )
     return out
 
 
@@ -299,8 +315,15 @@ class _Parsed:
         return int(self.timestamp.shape[0])
 
 
-def _keep(chk: _Checker, user: pa.Array, item: pa.Array, ts: np.ndarray, event: np.ndarray,
-          played: np.ndarray, organic: np.ndarray) -> _Parsed:
+def _keep(
+    chk: _Checker,
+    user: pa.Array,
+    item: pa.Array,
+    ts: np.ndarray,
+    event: np.ndarray,
+    played: np.ndarray,
+    organic: np.ndarray,
+) -> _Parsed:
     bad = chk.done()
     if not bad.any():
         return _Parsed(user, item, ts, event, played, organic)
@@ -322,8 +345,14 @@ class _YambdaReader:
         self._event_cache: dict[str, int] = {}
 
     def column_map(self) -> dict[str, str]:
-        return {"user": "uid", "item": "item_id", "timestamp": "timestamp", "event": "event_type",
-                "organic": "is_organic", "played": "played_ratio_pct"}
+        return {
+            "user": "uid",
+            "item": "item_id",
+            "timestamp": "timestamp",
+            "event": "event_type",
+            "organic": "is_organic",
+            "played": "played_ratio_pct",
+        }
 
     def batches(self, path: Path, on_error: str, counts: dict[str, int] | None) -> Iterator[tuple[int, _Parsed]]:
         try:
@@ -333,13 +362,15 @@ class _YambdaReader:
         with pf:
             yield from self._batches(pf, path, on_error, counts)
 
-    def _batches(self, pf: pq.ParquetFile, path: Path, on_error: str,
-                 counts: dict[str, int] | None) -> Iterator[tuple[int, _Parsed]]:
+    def _batches(
+        self, pf: pq.ParquetFile, path: Path, on_error: str, counts: dict[str, int] | None
+    ) -> Iterator[tuple[int, _Parsed]]:
         names = pf.schema_arrow.names
         for col in self.REQUIRED:
             if col not in names:
-                raise ConvertError(f"{path}: missing required column {col!r} (Yambda parquet input); "
-                                   f"columns found: {names}")
+                raise ConvertError(
+                    f"{path}: missing required column {col!r} (Yambda parquet input); columns found: {names}"
+                )
         present = [c for c in self.OPTIONAL if c in names]
         self.defaulted.update(c for c in self.OPTIONAL if c not in names)
         self.dropped.update(c for c in self.DROPPED if c in names)
@@ -355,8 +386,13 @@ class _YambdaReader:
         if _is_int(arr.type):
             codes = _int_values(pc.cast(arr, pa.int64()))
             known = np.isin(codes, [int(e) for e in EventType])
-            chk.flag(~known & ~_mask(arr.is_null()), "unknown_event_type", "event_type",
-                     f"unknown event type code (expected one of {[int(e) for e in EventType]})", arr)
+            chk.flag(
+                ~known & ~_mask(arr.is_null()),
+                "unknown_event_type",
+                "event_type",
+                f"unknown event type code (expected one of {[int(e) for e in EventType]})",
+                arr,
+            )
             return np.where(known, codes, _UNKNOWN).astype(np.uint8)
         if not _is_str(arr.type):
             raise ConvertError(f"{chk.path}: column 'event_type' has type {arr.type}, expected string or integer")
@@ -374,8 +410,13 @@ class _YambdaReader:
         idx = np.asarray(pc.fill_null(enc.indices, len(names)).to_numpy(zero_copy_only=False), np.int64)
         codes = lut[idx]
         expected = [e.name.lower() for e in EventType]
-        chk.flag((codes == _UNKNOWN) & ~_mask(arr.is_null()), "unknown_event_type", "event_type",
-                 f"unknown event type (expected one of {expected})", arr)
+        chk.flag(
+            (codes == _UNKNOWN) & ~_mask(arr.is_null()),
+            "unknown_event_type",
+            "event_type",
+            f"unknown event type (expected one of {expected})",
+            arr,
+        )
         return codes
 
     def _organic(self, batch: pa.RecordBatch, chk: _Checker) -> np.ndarray:
@@ -413,8 +454,13 @@ class _YambdaReader:
         bad = failed | (vals < 0) | (vals > PLAYED_MAX)
         mask = np.zeros(n, bool)
         mask[idx[bad]] = True
-        chk.flag(mask, "bad_played_ratio_pct", "played_ratio_pct",
-                 f"played ratio must be an integer in [0, {PLAYED_MAX}] (not clipped)", arr)
+        chk.flag(
+            mask,
+            "bad_played_ratio_pct",
+            "played_ratio_pct",
+            f"played ratio must be an integer in [0, {PLAYED_MAX}] (not clipped)",
+            arr,
+        )
         played[idx[~bad]] = vals[~bad].astype(np.uint16)
         return played
 
@@ -456,8 +502,12 @@ class _ImpressionReader(_YambdaReader):
     OPTIONAL = ("played_ratio_pct", "score", "impression_id")
     DROPPED = ()
 
-    def batches(self, path: Path, on_error: str, counts: dict[str, int] | None  # type: ignore[override]
-                ) -> Iterator[tuple[int, _ImpParsed]]:
+    def batches(
+        self,
+        path: Path,
+        on_error: str,
+        counts: dict[str, int] | None,  # type: ignore[override]
+    ) -> Iterator[tuple[int, _ImpParsed]]:
         fmt = detect_format(path)
         if fmt == "yambda":
             yield from super().batches(path, on_error, counts)  # type: ignore[misc]
@@ -465,14 +515,18 @@ class _ImpressionReader(_YambdaReader):
         delimiter = "\t" if fmt == "tsv" else ","
         try:
             with pa.input_stream(str(path), compression="detect") as f:
-                table = pv.read_csv(f, parse_options=pv.ParseOptions(delimiter=delimiter),
-                                    convert_options=pv.ConvertOptions(strings_can_be_null=True, null_values=[""]))
+                table = pv.read_csv(
+                    f,
+                    parse_options=pv.ParseOptions(delimiter=delimiter),
+                    convert_options=pv.ConvertOptions(strings_can_be_null=True, null_values=[""]),
+                )
         except pa.ArrowInvalid as e:
             raise ConvertError(f"{path}: cannot read the impressions file ({e})") from None
         for col in self.REQUIRED:
             if col not in table.column_names:
-                raise ConvertError(f"{path}: missing required column {col!r} (impressions); "
-                                   f"columns found: {table.column_names}")
+                raise ConvertError(
+                    f"{path}: missing required column {col!r} (impressions); columns found: {table.column_names}"
+                )
         row0 = 0
         for batch in table.to_batches(max_chunksize=self.batch_rows):
             chk = _Checker(path, row0, batch.num_rows, on_error, counts)
@@ -491,8 +545,9 @@ class _ImpressionReader(_YambdaReader):
             arr = _plain(batch.column("score"))
             if not (pa.types.is_floating(arr.type) or _is_int(arr.type)):
                 raise ConvertError(f"{chk.path}: column 'score' has type {arr.type}, expected a number")
-            score = np.asarray(pc.fill_null(pc.cast(arr, pa.float32()), np.nan).to_numpy(zero_copy_only=False),
-                               np.float32)
+            score = np.asarray(
+                pc.fill_null(pc.cast(arr, pa.float32()), np.nan).to_numpy(zero_copy_only=False), np.float32
+            )
         imp = np.full(n, -1, np.int64)
         if "impression_id" in batch.schema.names:
             arr = _plain(batch.column("impression_id"))  # empty = no id: grouped by request time alone
@@ -503,13 +558,15 @@ class _ImpressionReader(_YambdaReader):
         bad = chk.done()
         good = ~bad
         sel = pa.array(good)
-        return _ImpParsed(user.filter(sel), item.filter(sel), ts[good], event[good], played[good], score[good],
-                          imp[good])
+        return _ImpParsed(
+            user.filter(sel), item.filter(sel), ts[good], event[good], played[good], score[good], imp[good]
+        )
 
 
 class _CsvReader:
-    def __init__(self, fmt: str, columns: ColumnMap, like: float, dislike: float, divisor: int,
-                 batch_rows: int) -> None:
+    def __init__(
+        self, fmt: str, columns: ColumnMap, like: float, dislike: float, divisor: int, batch_rows: int
+    ) -> None:
         self.fmt, self.columns, self.like, self.dislike = fmt, columns, like, dislike
         self.divisor, self.batch_rows = divisor, batch_rows
         self.delimiter = "\t" if fmt == "tsv" else ","
@@ -520,17 +577,20 @@ class _CsvReader:
         return dataclasses.asdict(self.columns)
 
     def _parse_options(self, handler: Any = None) -> pv.ParseOptions:
-        return pv.ParseOptions(delimiter=self.delimiter, quote_char=False if self.fmt == "tsv" else '"',
-                               invalid_row_handler=handler)
+        return pv.ParseOptions(
+            delimiter=self.delimiter, quote_char=False if self.fmt == "tsv" else '"', invalid_row_handler=handler
+        )
 
     def _header(self, path: Path) -> list[str] | None:
         """Column names, or None for an empty (0-byte) file."""
         try:
             with pa.input_stream(str(path), compression="detect") as f:
-                reader = pv.open_csv(f, read_options=pv.ReadOptions(block_size=1 << 20),
-                                     parse_options=self._parse_options(lambda row: "skip"),
-                                     convert_options=pv.ConvertOptions(
-                                         column_types={}, strings_can_be_null=True, null_values=[""]))
+                reader = pv.open_csv(
+                    f,
+                    read_options=pv.ReadOptions(block_size=1 << 20),
+                    parse_options=self._parse_options(lambda row: "skip"),
+                    convert_options=pv.ConvertOptions(column_types={}, strings_can_be_null=True, null_values=[""]),
+                )
                 names = reader.schema.names
             return names
         except pa.ArrowInvalid as e:
@@ -551,8 +611,10 @@ class _CsvReader:
         rating = cm.rating
         if rating is not None and rating not in names:
             if rating != _DEFAULT_RATING:
-                raise ConvertError(f"{path}: missing rating column {rating!r}; columns found: {names}{hint} "
-                                   f"(rating=None reads every row as a listen)")
+                raise ConvertError(
+                    f"{path}: missing rating column {rating!r}; columns found: {names}{hint} "
+                    f"(rating=None reads every row as a listen)"
+                )
             rating = None
             self.defaulted.add("rating")
         wanted = list(dict.fromkeys([cm.user, cm.item, cm.timestamp] + ([rating] if rating else [])))
@@ -572,11 +634,16 @@ class _CsvReader:
         with pa.input_stream(str(path), compression="detect") as f:
             try:
                 reader = pv.open_csv(
-                    f, read_options=pv.ReadOptions(block_size=block),
+                    f,
+                    read_options=pv.ReadOptions(block_size=block),
                     parse_options=self._parse_options(on_invalid),
-                    convert_options=pv.ConvertOptions(include_columns=wanted,
-                                                      column_types={c: pa.string() for c in wanted},
-                                                      strings_can_be_null=True, null_values=[""]))
+                    convert_options=pv.ConvertOptions(
+                        include_columns=wanted,
+                        column_types={c: pa.string() for c in wanted},
+                        strings_can_be_null=True,
+                        null_values=[""],
+                    ),
+                )
                 for big in reader:
                     for start in range(0, big.num_rows, self.batch_rows):
                         batch = big.slice(start, self.batch_rows)
@@ -585,11 +652,14 @@ class _CsvReader:
                         row0 += batch.num_rows
             except pa.ArrowInvalid as e:
                 if malformed:
-                    raise ConvertError(f"{path}: malformed {self.fmt.upper()} line in the block starting at data "
-                                       f"row {row0} ({malformed[0]}) [malformed_row]; pass on_error='skip' to drop "
-                                       f"and count such rows") from None
-                raise ConvertError(f"{path}: cannot parse {self.fmt.upper()} in the block starting at data row "
-                                   f"{row0}: {e}") from None
+                    raise ConvertError(
+                        f"{path}: malformed {self.fmt.upper()} line in the block starting at data "
+                        f"row {row0} ({malformed[0]}) [malformed_row]; pass on_error='skip' to drop "
+                        f"and count such rows"
+                    ) from None
+                raise ConvertError(
+                    f"{path}: cannot parse {self.fmt.upper()} in the block starting at data row {row0}: {e}"
+                ) from None
 
     def _parse(self, batch: pa.RecordBatch, rating: str | None, chk: _Checker) -> _Parsed:
         cm = self.columns
@@ -709,14 +779,18 @@ def _list_inputs(input: Path, fmt: str) -> tuple[list[Path], str, list[str]]:
         if f is None:
             raise ConvertError(f"{input}: cannot tell the format from the extension; pass fmt= one of {list(FORMATS)}")
         return [input], f, []
-    files = sorted(p for p in input.rglob("*")
-                   if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(input).parts))
+    files = sorted(
+        p
+        for p in input.rglob("*")
+        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(input).parts)
+    )
     detected = {p: detect_format(p) for p in files}
     if fmt == "auto":
         kinds = sorted({k for k in detected.values() if k})
         if not kinds:
-            raise ConvertError(f"{input}: empty input: no .parquet/.csv/.tsv files in the directory "
-                               f"({len(files)} other files)")
+            raise ConvertError(
+                f"{input}: empty input: no .parquet/.csv/.tsv files in the directory ({len(files)} other files)"
+            )
         if len(kinds) > 1:
             raise ConvertError(f"{input}: files of several formats {kinds}; a directory must hold one format")
         fmt = kinds[0]
@@ -727,12 +801,27 @@ def _list_inputs(input: Path, fmt: str) -> tuple[list[Path], str, list[str]]:
     return chosen, fmt, ignored
 
 
-def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", columns: ColumnMap | None = None,
-            holdout: str = "loo", val_seconds: int = 86400, test_seconds: int = 86400, gap_seconds: int = 0,
-            shards: int = 8, max_len: int = 8192, like_threshold: float = 4.0, dislike_threshold: float = 2.0,
-            timestamp_unit: str = "s", on_error: str = "raise", batch_rows: int = 1_000_000,
-            workers: int = 1, impressions: str | os.PathLike | None = None,
-            impressions_test_seconds: int = 86400) -> Manifest:
+def convert(
+    input: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    fmt: str = "auto",
+    columns: ColumnMap | None = None,
+    holdout: str = "loo",
+    val_seconds: int = 86400,
+    test_seconds: int = 86400,
+    gap_seconds: int = 0,
+    shards: int = 8,
+    max_len: int = 8192,
+    like_threshold: float = 4.0,
+    dislike_threshold: float = 2.0,
+    timestamp_unit: str = "s",
+    on_error: str = "raise",
+    batch_rows: int = 1_000_000,
+    workers: int = 1,
+    impressions: str | os.PathLike | None = None,
+    impressions_test_seconds: int = 86400,
+) -> Manifest:
     """Convert an interaction log (file or directory) into shards + manifest under ``out``.
 
     ``holdout``: ``loo``, ``temporal`` (test targets are the last ``test_seconds``
@@ -758,8 +847,9 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     if timestamp_unit not in _UNIT_DIVISOR:
         raise ValueError(f"timestamp_unit {timestamp_unit!r}: expected one of {list(_UNIT_DIVISOR)}")
     if min(shards, max_len, batch_rows, workers) < 1:
-        raise ValueError(f"shards, max_len, batch_rows and workers must be >= 1 "
-                         f"(got {shards}, {max_len}, {batch_rows}, {workers})")
+        raise ValueError(
+            f"shards, max_len, batch_rows and workers must be >= 1 (got {shards}, {max_len}, {batch_rows}, {workers})"
+        )
     if min(val_seconds, test_seconds, gap_seconds) < 0:
         raise ValueError("val_seconds, test_seconds and gap_seconds must be >= 0")
     if not dislike_threshold < like_threshold:
@@ -769,8 +859,10 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     files, fmt, ignored = _list_inputs(input_path, fmt)
     default_names = (ColumnMap.user, ColumnMap.item, ColumnMap.timestamp)
     if fmt == "yambda" and columns is not None and (columns.user, columns.item, columns.timestamp) != default_names:
-        raise ValueError(f"columns={columns} applies to csv/tsv input; Yambda parquet has fixed column names "
-                         f"(uid, item_id, timestamp, event_type, ...)")
+        raise ValueError(
+            f"columns={columns} applies to csv/tsv input; Yambda parquet has fixed column names "
+            f"(uid, item_id, timestamp, event_type, ...)"
+        )
     divisor = _UNIT_DIVISOR[timestamp_unit]
     reader: _YambdaReader | _CsvReader
     if fmt == "yambda":
@@ -876,8 +968,10 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
                 spill_by_user(rec, "bucket")
                 n_spilled += n
         if n_spilled != n_valid:
-            raise ConvertError(f"{input_path}: pass 2 read {n_spilled} valid rows, pass 1 {n_valid} "
-                               f"(was the input modified during conversion?)")
+            raise ConvertError(
+                f"{input_path}: pass 2 read {n_spilled} valid rows, pass 1 {n_valid} "
+                f"(was the input modified during conversion?)"
+            )
         order = 0
         for path in imp_files:
             for _, ip in imp_reader.batches(path, "skip", None):
@@ -896,8 +990,7 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
             raise ConvertError(f"{impressions}: pass 2 read {order} valid impression rows, pass 1 {imp_valid}")
 
         # Pass 3: per bucket, stable sort by (user, timestamp) and write whole histories.
-        jobs = [(str(out), b, str(spill / f"bucket-{b:06d}.bin"), hold, max_len, imp_test_start)
-                for b in range(shards)]
+        jobs = [(str(out), b, str(spill / f"bucket-{b:06d}.bin"), hold, max_len, imp_test_start) for b in range(shards)]
         if workers > 1 and shards > 1:
             ctx = multiprocessing.get_context("spawn")  # no fork after arrow's threads have started
             with ProcessPoolExecutor(max_workers=min(workers, shards), mp_context=ctx) as pool:
@@ -909,8 +1002,9 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
 
     accounted = _accounted(results, hold)
     if accounted != n_valid:
-        raise ConvertError(f"internal error: {n_valid} valid rows but {accounted} written (train + targets + "
-                           f"cut targets + gap)")
+        raise ConvertError(
+            f"internal error: {n_valid} valid rows but {accounted} written (train + targets + cut targets + gap)"
+        )
     shown = sum(st.get("shown", 0) for r in results for sp, st in r.stats.items() if sp.startswith("impressions"))
     if shown != imp_valid:
         raise ConvertError(f"internal error: {imp_valid} valid impression rows but {shown} shown items written")
@@ -918,8 +1012,10 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     source: dict[str, Any] = {
         "kind": "convert",
         "input": str(input_path),
-        "files": [{"path": str(p.relative_to(input_path)) if p != input_path else p.name, "rows": r}
-                  for p, r in zip(files, file_rows)],
+        "files": [
+            {"path": str(p.relative_to(input_path)) if p != input_path else p.name, "rows": r}
+            for p, r in zip(files, file_rows)
+        ],
         "ignored_files": ignored,
         "format": fmt,
         "columns": reader.column_map(),
@@ -930,9 +1026,18 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
         "timestamp_unit": timestamp_unit,
         "timestamp_min": ts_min,
         "timestamp_max": ts_max,
-        "holdout": ({"kind": hold.kind, "val_start": int(hold.val_start), "test_start": int(hold.test_start),
-                     "gap": int(hold.gap), "val_seconds": int(val_seconds), "test_seconds": int(test_seconds)}
-                    if hold.kind == "temporal" else {"kind": hold.kind}),
+        "holdout": (
+            {
+                "kind": hold.kind,
+                "val_start": int(hold.val_start),
+                "test_start": int(hold.test_start),
+                "gap": int(hold.gap),
+                "val_seconds": int(val_seconds),
+                "test_seconds": int(test_seconds),
+            }
+            if hold.kind == "temporal"
+            else {"kind": hold.kind}
+        ),
         "rows": {"read": n_read, "written": n_valid, "skipped": n_read - n_valid},
         "skipped_rows": dict(sorted(skipped.items())),
         "on_error": on_error,
@@ -944,15 +1049,19 @@ def convert(input: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     }
     if impressions is not None:
         source["impressions"] = {
-            "input": str(impressions), "files": [str(p) for p in imp_files], "test_start": imp_test_start,
+            "input": str(impressions),
+            "files": [str(p) for p in imp_files],
+            "test_start": imp_test_start,
             "test_seconds": int(impressions_test_seconds),
-            "rows": {"read": imp_read, "written": imp_valid, "skipped": imp_read - imp_valid}}
+            "rows": {"read": imp_read, "written": imp_valid, "skipped": imp_read - imp_valid},
+        }
         source["impression_skipped_rows"] = dict(sorted(imp_skipped.items()))
     return finalize(out, results, hold, len(item_map), max_len, source)
 
 
-def _write_bucket(out: str, index: int, part: str, hold: Holdout, max_len: int,
-                  imp_test_start: int | None = None) -> ShardResult:
+def _write_bucket(
+    out: str, index: int, part: str, hold: Holdout, max_len: int, imp_test_start: int | None = None
+) -> ShardResult:
     """Pass 3 for one bucket: load, stable-sort by (user, timestamp), write shard ``index``; delete the bucket."""
     path = Path(part)
     rec = np.fromfile(path, _SPILL) if path.exists() else np.empty(0, _SPILL)
@@ -980,8 +1089,11 @@ def _bucket_impressions(path: Path) -> dict[int, dict[str, np.ndarray]]:
     path.unlink()
     rec = rec[np.lexsort((rec["order"], rec["impression"], rec["timestamp"], rec["user"]))]
     key_change = np.ones(rec.shape[0], bool)
-    key_change[1:] = ((rec["user"][1:] != rec["user"][:-1]) | (rec["timestamp"][1:] != rec["timestamp"][:-1])
-                      | (rec["impression"][1:] != rec["impression"][:-1]))
+    key_change[1:] = (
+        (rec["user"][1:] != rec["user"][:-1])
+        | (rec["timestamp"][1:] != rec["timestamp"][:-1])
+        | (rec["impression"][1:] != rec["impression"][:-1])
+    )
     starts = np.flatnonzero(key_change)
     sizes = np.diff(np.append(starts, rec.shape[0]))
     imp_user = rec["user"][starts]
@@ -991,9 +1103,13 @@ def _bucket_impressions(path: Path) -> dict[int, dict[str, np.ndarray]]:
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         r0, r1 = int(starts[a]), int(starts[b]) if b < starts.shape[0] else rec.shape[0]
         out[int(imp_user[a])] = {
-            "imp_time": rec["timestamp"][starts[a:b]], "imp_size": sizes[a:b].astype(np.int32),
-            "imp_item": rec["item"][r0:r1], "imp_event": rec["event"][r0:r1], "imp_played": rec["played"][r0:r1],
-            "imp_score": rec["score"][r0:r1]}
+            "imp_time": rec["timestamp"][starts[a:b]],
+            "imp_size": sizes[a:b].astype(np.int32),
+            "imp_item": rec["item"][r0:r1],
+            "imp_event": rec["event"][r0:r1],
+            "imp_played": rec["played"][r0:r1],
+            "imp_score": rec["score"][r0:r1],
+        }
     return out
 
 

@@ -107,8 +107,9 @@ def _scan_job(args: tuple[Path, ShardInfo, bool, int, bool]) -> ShardScan:
     return scan_shard(*args)
 
 
-def scan_dataset(root: str | Path, check_hash: bool = True, workers: int = 1,
-                 max_shards: int = 0) -> tuple[Manifest, dict[str, list[ShardScan]]]:
+def scan_dataset(
+    root: str | Path, check_hash: bool = True, workers: int = 1, max_shards: int = 0
+) -> tuple[Manifest, dict[str, list[ShardScan]]]:
     """Scan every shard of every split (or the first ``max_shards`` per split)."""
     manifest = Manifest.load(root)
     scans: dict[str, list[ShardScan]] = {}
@@ -145,10 +146,14 @@ def verify(root: str | Path, workers: int = 1) -> dict[str, Any]:
                     np.add.at(recount, sc.items, sc.item_counts)
             if table.shape != recount.shape or not np.array_equal(table, recount):
                 errors.append(f"{info.item_counts}: item counts differ from the shards' contents")
-    return {"root": str(manifest.root), "ok": not errors, "errors": errors,
-            "shards": sum(len(v) for v in scans.values()),
-            "samples": sum(sc.samples for v in scans.values() for sc in v),
-            "interactions": sum(sc.interactions for v in scans.values() for sc in v)}
+    return {
+        "root": str(manifest.root),
+        "ok": not errors,
+        "errors": errors,
+        "shards": sum(len(v) for v in scans.values()),
+        "samples": sum(sc.samples for v in scans.values() for sc in v),
+        "interactions": sum(sc.interactions for v in scans.values() for sc in v),
+    }
 
 
 def _percentiles(values: list[int]) -> dict[str, float]:
@@ -161,8 +166,13 @@ def _percentiles(values: list[int]) -> dict[str, float]:
 def inspect(root: str | Path, max_shards: int = 0, workers: int = 1) -> dict[str, Any]:
     """Summary of a dataset: counts from the manifest, distributions from reading the shards."""
     manifest, scans = scan_dataset(root, check_hash=False, workers=workers, max_shards=max_shards)
-    out: dict[str, Any] = {"root": str(manifest.root), "num_items": manifest.num_items, "max_len": manifest.max_len,
-                           "source": manifest.source.get("kind", "?"), "splits": {}}
+    out: dict[str, Any] = {
+        "root": str(manifest.root),
+        "num_items": manifest.num_items,
+        "max_len": manifest.max_len,
+        "source": manifest.source.get("kind", "?"),
+        "splits": {},
+    }
     for split, info in manifest.splits.items():
         sc = scans[split]
         counts = [s.samples for s in info.shards]
@@ -183,11 +193,12 @@ def inspect(root: str | Path, max_shards: int = 0, workers: int = 1) -> dict[str
             "sample_length": _percentiles([n for s in sc for n in s.sample_lengths]),
             "events": {e.name.lower(): round(int(events[e.value]) / total_ev, 4) for e in EventType},
             "shard_balance": {
-                "samples_min": min(counts, default=0), "samples_max": max(counts, default=0),
-                "interactions_min": min(inter, default=0), "interactions_max": max(inter, default=0),
+                "samples_min": min(counts, default=0),
+                "samples_max": max(counts, default=0),
+                "interactions_min": min(inter, default=0),
+                "interactions_max": max(inter, default=0),
                 "interactions_cv": float(np.std(inter) / np.mean(inter)) if inter and np.mean(inter) else 0.0,
             },
             "stats": info.stats,
         }
     return out
-

@@ -61,7 +61,7 @@ def buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarr
         out[t] = buf[j]
         buf[j] = s + t
     rng.shuffle(buf)
-    out[n - s:] = buf
+    out[n - s :] = buf
     return out
 
 
@@ -88,8 +88,11 @@ def split_intervals(intervals: Sequence[Interval], parts: int) -> list[list[Inte
 
 def split_two_level(intervals: Sequence[Interval], world_size: int, num_workers: int) -> list[list[Interval]]:
     """Split by rank first, then by worker, so per-rank totals (not only per-part) differ by at most one."""
-    return [piece for rank_piece in split_intervals(intervals, world_size)
-            for piece in split_intervals(rank_piece, num_workers)]
+    return [
+        piece
+        for rank_piece in split_intervals(intervals, world_size)
+        for piece in split_intervals(rank_piece, num_workers)
+    ]
 
 
 def merge_intervals(idx: np.ndarray) -> list[Interval]:
@@ -126,7 +129,7 @@ class Part:
 
     def remaining(self, buffer_size: int) -> np.ndarray:
         """Sorted global indices not yet consumed."""
-        pos = np.sort(self.order(buffer_size)[self.consumed:])
+        pos = np.sort(self.order(buffer_size)[self.consumed :])
         return self.indices()[pos]
 
 
@@ -149,8 +152,15 @@ class EpochLayout:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EpochLayout":
         d = dict(d)
-        d["parts"] = [Part(intervals=[tuple(iv) for iv in p["intervals"]], seed=p["seed"], consumed=p["consumed"],
-                           batches=p["batches"]) for p in d["parts"]]
+        d["parts"] = [
+            Part(
+                intervals=[tuple(iv) for iv in p["intervals"]],
+                seed=p["seed"],
+                consumed=p["consumed"],
+                batches=p["batches"],
+            )
+            for p in d["parts"]
+        ]
         return cls(**d)
 
 
@@ -158,17 +168,18 @@ def _part_seed(seed: int, epoch: int, generation: int, index: int) -> int:
     return int(_seed(seed, epoch, generation, index).integers(2**62))
 
 
-def new_layout(num_samples: int, epoch: int, world_size: int, num_workers: int, batch_size: int,
-               seed: int) -> EpochLayout:
+def new_layout(
+    num_samples: int, epoch: int, world_size: int, num_workers: int, batch_size: int, seed: int
+) -> EpochLayout:
     """Fresh epoch: equal contiguous parts of ``0..num_samples-1``."""
     pieces = split_two_level([(0, num_samples)] if num_samples else [], world_size, num_workers)
     parts = [Part(intervals=p, seed=_part_seed(seed, epoch, 0, i)) for i, p in enumerate(pieces)]
-    return EpochLayout(epoch, world_size, num_workers, num_samples, parts, 0,
-                       _batches_per_part(parts, batch_size))
+    return EpochLayout(epoch, world_size, num_workers, num_samples, parts, 0, _batches_per_part(parts, batch_size))
 
 
-def relayout(old: EpochLayout, world_size: int, num_workers: int, batch_size: int, buffer_size: int,
-             seed: int) -> EpochLayout:
+def relayout(
+    old: EpochLayout, world_size: int, num_workers: int, batch_size: int, buffer_size: int, seed: int
+) -> EpochLayout:
     """Redistribute every not-yet-consumed sample of ``old`` over a new world size."""
     remaining = [old_part.remaining(buffer_size) for old_part in old.parts]
     pooled = np.sort(np.concatenate(remaining)) if remaining else np.zeros(0, np.int64)
@@ -177,8 +188,9 @@ def relayout(old: EpochLayout, world_size: int, num_workers: int, batch_size: in
     gen = old.generation + 1
     pieces = split_two_level(merge_intervals(pooled), world_size, num_workers)
     parts = [Part(intervals=p, seed=_part_seed(seed, old.epoch, gen, i)) for i, p in enumerate(pieces)]
-    return EpochLayout(old.epoch, world_size, num_workers, old.num_samples, parts, gen,
-                       _batches_per_part(parts, batch_size))
+    return EpochLayout(
+        old.epoch, world_size, num_workers, old.num_samples, parts, gen, _batches_per_part(parts, batch_size)
+    )
 
 
 def _batches_per_part(parts: list[Part], batch_size: int) -> int:
@@ -205,5 +217,14 @@ def merge_rank_states(states: Sequence[dict[str, Any]]) -> EpochLayout:
     return base
 
 
-__all__ = ["EpochLayout", "Part", "buffer_order", "merge_rank_states", "new_layout", "relayout",
-           "shard_permutation", "split_intervals", "merge_intervals"]
+__all__ = [
+    "EpochLayout",
+    "Part",
+    "buffer_order",
+    "merge_rank_states",
+    "new_layout",
+    "relayout",
+    "shard_permutation",
+    "split_intervals",
+    "merge_intervals",
+]

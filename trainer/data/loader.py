@@ -44,8 +44,15 @@ class ShardDataset(IterableDataset):
     previous one stopped.
     """
 
-    def __init__(self, table: ShardTable, layout: EpochLayout, rank: int, rotation: int, cfg: "ShardLoader.Config",
-                 shuffle_seed: int) -> None:
+    def __init__(
+        self,
+        table: ShardTable,
+        layout: EpochLayout,
+        rank: int,
+        rotation: int,
+        cfg: "ShardLoader.Config",
+        shuffle_seed: int,
+    ) -> None:
         self.table, self.layout, self.rank, self.rotation, self.cfg = table, layout, rank, rotation, cfg
         self.perm = shard_permutation(len(table.paths), shuffle_seed, layout.epoch, cfg.shuffle)
 
@@ -60,7 +67,7 @@ class ShardDataset(IterableDataset):
         cfg, part = self.cfg, self.layout.parts[p]
         # Snapshot: without workers the loader updates this same Part while we iterate.
         first_batch = part.batches
-        order = part.order(cfg.shuffle_buffer if cfg.shuffle else 0)[part.consumed:]
+        order = part.order(cfg.shuffle_buffer if cfg.shuffle else 0)[part.consumed :]
         indices = part.indices()
         want = np.sort(indices[order])
         reader = SampleReader(self.table, self.perm, cfg.on_error)
@@ -70,7 +77,7 @@ class ShardDataset(IterableDataset):
         n_errors = 0
         for b in range(first_batch, self.layout.batches_per_part):
             lo = (b - first_batch) * cfg.batch_size
-            targets = indices[order[lo: lo + cfg.batch_size]].tolist()
+            targets = indices[order[lo : lo + cfg.batch_size]].tolist()
             samples: list[Sample] = []
             skipped = 0
             for g in targets:
@@ -143,8 +150,9 @@ class ShardLoader:
         self.errors: list[str] = []
 
     def _fresh(self, epoch: int) -> EpochLayout:
-        return new_layout(self.table.num_samples, epoch, self.world_size, self.workers, self.cfg.batch_size,
-                          self.cfg.seed)
+        return new_layout(
+            self.table.num_samples, epoch, self.world_size, self.workers, self.cfg.batch_size, self.cfg.seed
+        )
 
     @property
     def epoch(self) -> int:
@@ -159,8 +167,9 @@ class ShardLoader:
         return self.batches_per_epoch() - self.batches_seen
 
     def _dataset(self) -> ShardDataset:
-        return ShardDataset(self.table, self.layout, self.rank, self.batches_seen % self.workers, self.cfg,
-                            self.cfg.seed)
+        return ShardDataset(
+            self.table, self.layout, self.rank, self.batches_seen % self.workers, self.cfg, self.cfg.seed
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; the next call starts the next epoch."""
@@ -170,14 +179,21 @@ class ShardLoader:
         if self.cfg.num_workers == 0:
             source: Any = self._dataset()
         else:
-            source = StatefulDataLoader(self._dataset(), batch_size=None, num_workers=self.cfg.num_workers,
-                                        prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+            source = StatefulDataLoader(
+                self._dataset(),
+                batch_size=None,
+                num_workers=self.cfg.num_workers,
+                prefetch_factor=self.cfg.prefetch_factor,
+                persistent_workers=False,
+            )
         for batch in source:
             self._account(batch)
             yield batch
         if len(self) != 0:
-            raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after {self.batches_seen} of "
-                               f"{self.batches_per_epoch()} batches")
+            raise RuntimeError(
+                f"rank {self.rank}: epoch {self.epoch} ended after {self.batches_seen} of "
+                f"{self.batches_per_epoch()} batches"
+            )
 
     def _account(self, batch: Batch) -> None:
         part = self.layout.parts[batch.part]
@@ -195,9 +211,16 @@ class ShardLoader:
     # ---- checkpointing -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's position (and the whole layout). Save every rank's state to resume on a new world size."""
-        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                "split": self.cfg.split, "num_samples": self.table.num_samples, "batches_seen": self.batches_seen,
-                "layout": self.layout.to_dict(), "stats": dict(self.stats)}
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "split": self.cfg.split,
+            "num_samples": self.table.num_samples,
+            "batches_seen": self.batches_seen,
+            "layout": self.layout.to_dict(),
+            "stats": dict(self.stats),
+        }
 
     def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
         """Resume from this rank's own state (same world size), or from all ranks' states (any world size)."""
@@ -206,10 +229,11 @@ class ShardLoader:
             if s.get("version") != STATE_VERSION:
                 raise ValueError(f"data-loader state version {s.get('version')} is not {STATE_VERSION}")
             if s["num_samples"] != self.table.num_samples or s["split"] != self.cfg.split:
-                raise ValueError(f"data-loader state is for split {s['split']!r} with {s['num_samples']} samples; "
-                                 f"this dataset's {self.cfg.split!r} has {self.table.num_samples}")
-        same_shape = states[0]["world_size"] == self.world_size and \
-            states[0]["layout"]["num_workers"] == self.workers
+                raise ValueError(
+                    f"data-loader state is for split {s['split']!r} with {s['num_samples']} samples; "
+                    f"this dataset's {self.cfg.split!r} has {self.table.num_samples}"
+                )
+        same_shape = states[0]["world_size"] == self.world_size and states[0]["layout"]["num_workers"] == self.workers
         if same_shape:
             own = [s for s in states if s["rank"] == self.rank]
             if not own:
@@ -219,11 +243,19 @@ class ShardLoader:
             self.stats = dict(own[0]["stats"])
         else:
             if len(states) < states[0]["world_size"]:
-                raise ValueError(f"resuming on a different world size needs the states of all "
-                                 f"{states[0]['world_size']} ranks, got {len(states)}")
+                raise ValueError(
+                    f"resuming on a different world size needs the states of all "
+                    f"{states[0]['world_size']} ranks, got {len(states)}"
+                )
             merged = merge_rank_states(states)
-            self.layout = relayout(merged, self.world_size, self.workers, self.cfg.batch_size,
-                                   self.cfg.shuffle_buffer if self.cfg.shuffle else 0, self.cfg.seed)
+            self.layout = relayout(
+                merged,
+                self.world_size,
+                self.workers,
+                self.cfg.batch_size,
+                self.cfg.shuffle_buffer if self.cfg.shuffle else 0,
+                self.cfg.seed,
+            )
             self.batches_seen = 0
 
 

@@ -117,7 +117,9 @@ class Manifest:
         if d.get("format") != FORMAT_NAME:
             raise ManifestError(f"{path}: key format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
         if need(d, "schema_version", "") != SCHEMA_VERSION:
-            raise ManifestError(f"{path}: schema_version {d['schema_version']} is not supported (this build reads {SCHEMA_VERSION})")
+            raise ManifestError(
+                f"{path}: schema_version {d['schema_version']} is not supported (this build reads {SCHEMA_VERSION})"
+            )
         splits = {}
         for name, s in need(d, "splits", "").items():
             shard_fields = {f.name for f in dataclasses.fields(ShardInfo)}
@@ -129,15 +131,27 @@ class Manifest:
                 for k in ("path", "samples", "interactions", "users"):
                     need(sh, k, f"splits.{name}.shards[{i}].")
                 shards.append(ShardInfo(**sh))
-            splits[name] = SplitInfo(kind=need(s, "kind", f"splits.{name}."), shards=shards,
-                                     item_counts=s.get("item_counts", ""),
-                                     item_counts_sha256=s.get("item_counts_sha256", ""),
-                                     stats=dict(s.get("stats", {})))
+            splits[name] = SplitInfo(
+                kind=need(s, "kind", f"splits.{name}."),
+                shards=shards,
+                item_counts=s.get("item_counts", ""),
+                item_counts_sha256=s.get("item_counts_sha256", ""),
+                stats=dict(s.get("stats", {})),
+            )
         canonical = ("train", "val", "test")
-        splits = dict(sorted(splits.items(), key=lambda kv: (canonical.index(kv[0]) if kv[0] in canonical else 9, kv[0])))
-        return cls(num_items=int(need(d, "num_items", "")), max_len=int(need(d, "max_len", "")), splits=splits,
-                   source=d.get("source", {}), fields=need(d, "fields", ""), schema_version=d["schema_version"],
-                   format=d["format"], root=root)
+        splits = dict(
+            sorted(splits.items(), key=lambda kv: (canonical.index(kv[0]) if kv[0] in canonical else 9, kv[0]))
+        )
+        return cls(
+            num_items=int(need(d, "num_items", "")),
+            max_len=int(need(d, "max_len", "")),
+            splits=splits,
+            source=d.get("source", {}),
+            fields=need(d, "fields", ""),
+            schema_version=d["schema_version"],
+            format=d["format"],
+            root=root,
+        )
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:

@@ -53,8 +53,8 @@ def _octal(field: bytes) -> int:
 def _pax_records(data: bytes) -> dict[str, str]:
     out, pos = {}, 0
     while pos < len(data):
-        length = int(data[pos: data.index(b" ", pos)])
-        key, _, value = data[pos: pos + length].partition(b" ")[2].rstrip(b"\n").partition(b"=")
+        length = int(data[pos : data.index(b" ", pos)])
+        key, _, value = data[pos : pos + length].partition(b" ")[2].rstrip(b"\n").partition(b"=")
         out[key.decode()] = value.decode()
         pos += length
     return out
@@ -87,19 +87,23 @@ def iter_members(path: Path, wanted: np.ndarray) -> Iterator[tuple[int, str, byt
     yield from _walk(path, memoryview(mm), size, wanted, last)
 
 
-def _walk(path: Path, view: memoryview, size: int, wanted: np.ndarray, last: int
-          ) -> Iterator[tuple[int, str, bytes | memoryview]]:
+def _walk(
+    path: Path, view: memoryview, size: int, wanted: np.ndarray, last: int
+) -> Iterator[tuple[int, str, bytes | memoryview]]:
     off, k, local = 0, 0, -1
     key = "<start of shard>"
     override: dict[str, str] = {}
     while True:
         if off + _BLOCK > size:
-            raise ShardReadError(f"shard {path}: ends after {local + 1} samples but sample #{last} was expected "
-                                 f"(truncated? last key {key!r})")
-        header = bytes(view[off: off + _BLOCK])
+            raise ShardReadError(
+                f"shard {path}: ends after {local + 1} samples but sample #{last} was expected "
+                f"(truncated? last key {key!r})"
+            )
+        header = bytes(view[off : off + _BLOCK])
         if header == bytes(_BLOCK):  # end-of-archive marker
-            raise ShardReadError(f"shard {path}: holds {local + 1} samples but sample #{last} was expected "
-                                 f"(last key {key!r})")
+            raise ShardReadError(
+                f"shard {path}: holds {local + 1} samples but sample #{last} was expected (last key {key!r})"
+            )
         if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
             raise ShardReadError(f"shard {path}: bad tar header checksum after key {key!r} (corrupt or truncated)")
         msize = int(override.get("size", _octal(header[124:136])))
@@ -109,13 +113,15 @@ def _walk(path: Path, view: memoryview, size: int, wanted: np.ndarray, last: int
         regular = kind in _REGULAR
         if regular:
             prefix = header[345:500].rstrip(b"\0") if header[257:263] == b"ustar\0" else b""
-            name = override.get("path") or (prefix.decode() + "/" if prefix else "") + header[:100].rstrip(b"\0").decode()
+            name = (
+                override.get("path") or (prefix.decode() + "/" if prefix else "") + header[:100].rstrip(b"\0").decode()
+            )
             key, _, ext = name.rpartition("/")[2].partition(".")
         if data_at + msize > size:
             what = f"sample {key!r}" if regular else f"header after key {key!r}"
             raise ShardReadError(f"shard {path}: {what} is cut short (truncated tar)")
         if kind in (b"x", b"L"):  # pax extended header / GNU long name: applies to the next member
-            data = bytes(view[data_at: data_at + msize])
+            data = bytes(view[data_at : data_at + msize])
             override = _pax_records(data) if kind == b"x" else {"path": data.rstrip(b"\0").decode()}
             continue
         override = {}
@@ -125,7 +131,7 @@ def _walk(path: Path, view: memoryview, size: int, wanted: np.ndarray, last: int
         if ext != MEMBER_EXT:
             raise ShardReadError(f"shard {path}: member {name!r} is not a .{MEMBER_EXT} sample")
         if local == wanted[k]:
-            yield local, key, view[data_at: data_at + msize]
+            yield local, key, view[data_at : data_at + msize]
             k += 1
             if local == last:
                 return

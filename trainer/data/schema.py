@@ -115,8 +115,17 @@ class Sample:
 
     __slots__ = ("key", "user", "offset", "target_start", "n", "raw", "_cols", "imps", "shown")
 
-    def __init__(self, key: str, user: int, offset: int, target_start: int, n: int,
-                 raw: dict[str, tuple[str, bytes]], imps: int = 0, shown: int = 0) -> None:
+    def __init__(
+        self,
+        key: str,
+        user: int,
+        offset: int,
+        target_start: int,
+        n: int,
+        raw: dict[str, tuple[str, bytes]],
+        imps: int = 0,
+        shown: int = 0,
+    ) -> None:
         self.key, self.user, self.offset, self.target_start, self.n, self.raw = key, user, offset, target_start, n, raw
         self.imps, self.shown = imps, shown  # impressions and shown items (impression splits only)
         self._cols: dict[str, np.ndarray] | None = None
@@ -136,8 +145,9 @@ def make_key(user: int, offset: int) -> str:
     return f"u{user:012d}-o{offset:08d}"
 
 
-def _pack_columns(user: int, cols: Mapping[str, np.ndarray], spec: Mapping[str, str], fields: dict[str, list[Any]]
-                  ) -> int:
+def _pack_columns(
+    user: int, cols: Mapping[str, np.ndarray], spec: Mapping[str, str], fields: dict[str, list[Any]]
+) -> int:
     n = None
     for name, dtype in spec.items():
         arr = np.ascontiguousarray(cols[name], dtype=dtype)
@@ -149,22 +159,35 @@ def _pack_columns(user: int, cols: Mapping[str, np.ndarray], spec: Mapping[str, 
     return int(n or 0)
 
 
-def encode_sample(user: int, offset: int, cols: Mapping[str, np.ndarray], target_start: int = 0,
-                  impressions: Mapping[str, np.ndarray] | None = None) -> bytes:
+def encode_sample(
+    user: int,
+    offset: int,
+    cols: Mapping[str, np.ndarray],
+    target_start: int = 0,
+    impressions: Mapping[str, np.ndarray] | None = None,
+) -> bytes:
     """Serialise one sample (all FIELDS present, equal lengths) to the member payload.
 
     ``impressions`` (impression splits): IMPRESSION_FIELDS (one row per impression) and SHOWN_FIELDS
     (one row per shown item; ``imp_size`` must add up to their length)."""
     fields: dict[str, list[Any]] = {}
     n = _pack_columns(user, cols, FIELDS, fields)
-    header = {"v": SCHEMA_VERSION, "user": int(user), "offset": int(offset), "n": n,
-              "target_start": int(target_start), "fields": fields}
+    header = {
+        "v": SCHEMA_VERSION,
+        "user": int(user),
+        "offset": int(offset),
+        "n": n,
+        "target_start": int(target_start),
+        "fields": fields,
+    }
     if impressions is not None:
         m = _pack_columns(user, impressions, IMPRESSION_FIELDS, fields)
         shown = _pack_columns(user, impressions, SHOWN_FIELDS, fields)
         if int(np.asarray(impressions["imp_size"], np.int64).sum()) != shown:
-            raise SampleError(f"user {user}: imp_size adds up to {int(np.sum(impressions['imp_size']))}, "
-                              f"but {shown} shown items are given")
+            raise SampleError(
+                f"user {user}: imp_size adds up to {int(np.sum(impressions['imp_size']))}, "
+                f"but {shown} shown items are given"
+            )
         header.update(imps=m, shown=shown)
     return msgpack.packb(header, use_bin_type=True)
 
@@ -188,7 +211,9 @@ def decode_sample(key: str, payload: bytes | memoryview) -> Sample:
         if len(raw) < len(FIELDS) and FIELDS.keys() - raw.keys():
             raise SampleError(f"missing columns {sorted(FIELDS.keys() - raw.keys())}")
         if "imps" in obj and (IMPRESSION_FIELDS.keys() | SHOWN_FIELDS.keys()) - raw.keys():
-            raise SampleError(f"missing impression columns {sorted((IMPRESSION_FIELDS.keys() | SHOWN_FIELDS.keys()) - raw.keys())}")
+            raise SampleError(
+                f"missing impression columns {sorted((IMPRESSION_FIELDS.keys() | SHOWN_FIELDS.keys()) - raw.keys())}"
+            )
         return Sample(key, int(obj["user"]), int(obj["offset"]), int(obj.get("target_start", 0)), n, raw, m, shown)
     except SampleError as e:
         raise SampleError(f"sample {key!r}: {e}") from None

@@ -176,15 +176,34 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
 
 
 def _check_float(name: str, value: Any, lo: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or value < lo:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+        or value < lo
+    ):
         raise ValueError(f"{name} must be a finite number >= {lo} (got {value!r})")
 
 
-def make_config(*, users: int, items: int, mean_len: float = 200.0, shards: int = 8, seed: int = 0,
-                holdout: str = "loo", max_len: int = 8192, clusters: int = 0, days: int = 120,
-                val_days: float = 7.0, test_days: float = 7.0, gap_seconds: int = 0, impressions: int = 0,
-                slate: int = 10, imp_days: float = 7.0, imp_test_days: float = 1.0) -> SynthConfig:
+def make_config(
+    *,
+    users: int,
+    items: int,
+    mean_len: float = 200.0,
+    shards: int = 8,
+    seed: int = 0,
+    holdout: str = "loo",
+    max_len: int = 8192,
+    clusters: int = 0,
+    days: int = 120,
+    val_days: float = 7.0,
+    test_days: float = 7.0,
+    gap_seconds: int = 0,
+    impressions: int = 0,
+    slate: int = 10,
+    imp_days: float = 7.0,
+    imp_test_days: float = 1.0,
+) -> SynthConfig:
     """Validate arguments (one ValueError line naming the bad one) and resolve defaults."""
     _check_int("users", users, 1)
     _check_int("items", items, 1, 2**62)
@@ -206,20 +225,35 @@ def make_config(*, users: int, items: int, mean_len: float = 200.0, shards: int 
     _check_float("imp_days", imp_days, 0.0)
     _check_float("imp_test_days", imp_test_days, 0.0)
     if impressions and not 0 < imp_test_days < imp_days <= days:
-        raise ValueError(f"impressions need 0 < imp_test_days ({imp_test_days:g}) < imp_days ({imp_days:g}) "
-                         f"<= days ({days})")
+        raise ValueError(
+            f"impressions need 0 < imp_test_days ({imp_test_days:g}) < imp_days ({imp_days:g}) <= days ({days})"
+        )
     if holdout == "temporal":
         if test_days <= 0:
             raise ValueError(f"test_days must be > 0 for a temporal holdout (got {test_days})")
         if val_days + test_days + gap_seconds / DAY >= days:
-            raise ValueError(f"val_days + test_days + gap_seconds/86400 ({val_days + test_days + gap_seconds / DAY:g})"
-                             f" must be < days ({days}) for a temporal holdout")
-    return SynthConfig(users=int(users), items=int(items), mean_len=float(mean_len), shards=int(shards),
-                       seed=int(seed), holdout=holdout, max_len=int(max_len),
-                       clusters=int(clusters) or auto_clusters(int(items)), days=int(days),
-                       val_days=float(val_days), test_days=float(test_days), gap_seconds=int(gap_seconds),
-                       impressions=int(impressions), slate=int(slate), imp_days=float(imp_days),
-                       imp_test_days=float(imp_test_days))
+            raise ValueError(
+                f"val_days + test_days + gap_seconds/86400 ({val_days + test_days + gap_seconds / DAY:g})"
+                f" must be < days ({days}) for a temporal holdout"
+            )
+    return SynthConfig(
+        users=int(users),
+        items=int(items),
+        mean_len=float(mean_len),
+        shards=int(shards),
+        seed=int(seed),
+        holdout=holdout,
+        max_len=int(max_len),
+        clusters=int(clusters) or auto_clusters(int(items)),
+        days=int(days),
+        val_days=float(val_days),
+        test_days=float(test_days),
+        gap_seconds=int(gap_seconds),
+        impressions=int(impressions),
+        slate=int(slate),
+        imp_days=float(imp_days),
+        imp_test_days=float(imp_test_days),
+    )
 
 
 # ---- the world -----------------------------------------------------------------------------------------------
@@ -267,18 +301,23 @@ class World:
         phase = rng.uniform(0.0, 24.0, C)
         how = np.arange(HOURS_PER_WEEK)
         dow, hod = how // 24, how % 24
-        lm = weekend[:, None] * (dow >= 5)[None, :] \
-            + daily[:, None] * np.cos(2 * np.pi * (hod[None, :] - phase[:, None]) / 24.0)
+        lm = weekend[:, None] * (dow >= 5)[None, :] + daily[:, None] * np.cos(
+            2 * np.pi * (hod[None, :] - phase[:, None]) / 24.0
+        )
         self.logmod = (lm - lm.mean(axis=1, keepdims=True)).astype(np.float64)  # [C, 168]
         # popularity-driven cluster draws per hour of week: cluster_pop x modulation
         self.expmod_flat = np.exp(self.logmod).ravel()  # [C * 168]
         self.pop_flat = _flat_cdf(self.cluster_pop[None, :] * np.exp(self.logmod.T))  # 168 rows of C
         # when sessions start: hour-of-day profile per day of week (evenings, lunch, commute; later on weekends)
         h = np.arange(24.0)
-        wd = 0.25 + np.exp(-((h - 20.5) / 2.5) ** 2) + 0.6 * np.exp(-((h - 8.0) / 1.2) ** 2) \
-            + 0.4 * np.exp(-((h - 13.0) / 1.5) ** 2) + 0.05 * (h >= 7)
-        we = 0.2 + 1.1 * np.exp(-((h - 21.0) / 3.0) ** 2) + 0.8 * np.exp(-((h - 14.0) / 3.0) ** 2) \
-            + 0.05 * (h >= 9)
+        wd = (
+            0.25
+            + np.exp(-(((h - 20.5) / 2.5) ** 2))
+            + 0.6 * np.exp(-(((h - 8.0) / 1.2) ** 2))
+            + 0.4 * np.exp(-(((h - 13.0) / 1.5) ** 2))
+            + 0.05 * (h >= 7)
+        )
+        we = 0.2 + 1.1 * np.exp(-(((h - 21.0) / 3.0) ** 2)) + 0.8 * np.exp(-(((h - 14.0) / 3.0) ** 2)) + 0.05 * (h >= 9)
         self.activity = np.stack([wd] * 5 + [we] * 2)  # [7, 24]
         self.activity_flat = _flat_cdf(self.activity)
         # item ids: position (cluster-major, rank order) -> item id
@@ -576,13 +615,21 @@ def _gen_batch(world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int
         "active_end": act_end,
         "length": out_n.astype(np.int64),  # interactions written for the user (all splits together)
     }
-    return _Batch(users=truth["user"], ptr=np.concatenate([[0], np.cumsum(out_n)]), cols=cols, truth=truth,
-                  imps=imps)
+    return _Batch(users=truth["user"], ptr=np.concatenate([[0], np.cumsum(out_n)]), cols=cols, truth=truth, imps=imps)
 
 
-def _gen_impressions(world: World, cfg: SynthConfig, u0: int, act_start: np.ndarray, act_end: np.ndarray,
-                     sess_user: np.ndarray, start: np.ndarray, u_first_sess: np.ndarray, p_taste: np.ndarray,
-                     support: np.ndarray) -> dict[str, np.ndarray]:
+def _gen_impressions(
+    world: World,
+    cfg: SynthConfig,
+    u0: int,
+    act_start: np.ndarray,
+    act_end: np.ndarray,
+    sess_user: np.ndarray,
+    start: np.ndarray,
+    u_first_sess: np.ndarray,
+    p_taste: np.ndarray,
+    support: np.ndarray,
+) -> dict[str, np.ndarray]:
     """``cfg.impressions`` impressions per user active in the last ``imp_days``, at uniform times.
 
     A slate mixes items from the user's taste at that moment (the taste of their latest session) and
@@ -608,14 +655,14 @@ def _gen_impressions(world: World, cfg: SynthConfig, u0: int, act_start: np.ndar
     sup = support[who]  # [U*m, K]
     slot = (rng.random((U * m, L, 1)) > np.cumsum(p, axis=1)[:, None, :]).sum(axis=2).clip(0, K - 1)
     c_taste = np.take_along_axis(sup, slot, axis=1)
-    c_pop = np.minimum(np.searchsorted(world.cluster_cdf, rng.random((U * m, L)), side="right"),
-                       world.num_clusters - 1)
+    c_pop = np.minimum(np.searchsorted(world.cluster_cdf, rng.random((U * m, L)), side="right"), world.num_clusters - 1)
     cluster = np.where(rng.random((U * m, L)) < IMPRESSION_TASTE_P, c_taste, c_pop)
     rank = world.zipf_rank(cluster.ravel(), rng.random(U * m * L)).reshape(U * m, L)
     item = world.item_id(cluster, rank)
     p_c = (p[:, :, None] * (sup[:, :, None] == cluster[:, None, :])).sum(axis=1)  # [U*m, L]
-    aff = np.log(p_c * K + 0.05) + _noise(world.noise_salt, np.repeat(u0 + who, L).astype(np.int64), item.ravel()
-                                          ).reshape(U * m, L)
+    aff = np.log(p_c * K + 0.05) + _noise(
+        world.noise_salt, np.repeat(u0 + who, L).astype(np.int64), item.ravel()
+    ).reshape(U * m, L)
     q = _sigmoid(1.2 * aff + 0.4 + 0.9 * rng.normal(0.0, 1.0, aff.shape))
     played = np.rint(100.0 * q).astype(np.int64)
     skip = played < SKIP_BELOW
@@ -627,18 +674,21 @@ def _gen_impressions(world: World, cfg: SynthConfig, u0: int, act_start: np.ndar
     event[dislike] = EventType.DISLIKE
     score = np.log(world.cluster_pop[cluster] * world.rank_pmf(cluster, rank))
     per_user = np.bincount(users, minlength=B) * m
-    return {"user_ptr": np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64),
-            "imp_time": t.ravel().astype(IMPRESSION_FIELDS["imp_time"]),
-            "imp_size": np.full(U * m, L, IMPRESSION_FIELDS["imp_size"]),
-            "imp_item": item.ravel().astype(SHOWN_FIELDS["imp_item"]),
-            "imp_event": event.ravel().astype(SHOWN_FIELDS["imp_event"]),
-            "imp_played": played.ravel().astype(SHOWN_FIELDS["imp_played"]),
-            "imp_score": score.ravel().astype(SHOWN_FIELDS["imp_score"])}
+    return {
+        "user_ptr": np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64),
+        "imp_time": t.ravel().astype(IMPRESSION_FIELDS["imp_time"]),
+        "imp_size": np.full(U * m, L, IMPRESSION_FIELDS["imp_size"]),
+        "imp_item": item.ravel().astype(SHOWN_FIELDS["imp_item"]),
+        "imp_event": event.ravel().astype(SHOWN_FIELDS["imp_event"]),
+        "imp_played": played.ravel().astype(SHOWN_FIELDS["imp_played"]),
+        "imp_score": score.ravel().astype(SHOWN_FIELDS["imp_score"]),
+    }
 
 
 # ---- shards ----------------------------------------------------------------------------------------------------
-def iter_histories(cfg: SynthConfig, index: int, world: World | None = None,
-                   truth: dict[str, list[np.ndarray]] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+def iter_histories(
+    cfg: SynthConfig, index: int, world: World | None = None, truth: dict[str, list[np.ndarray]] | None = None
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yield ``(user, columns)`` for every user of shard ``index``, in id order (full, time-ordered histories).
 
     This is exactly what :func:`synthesize` writes; if ``truth`` is given, per-user truth arrays are appended to it.
@@ -647,9 +697,9 @@ def iter_histories(cfg: SynthConfig, index: int, world: World | None = None,
         yield user, cols
 
 
-def iter_users_with_impressions(cfg: SynthConfig, index: int, world: World | None = None,
-                                truth: dict[str, list[np.ndarray]] | None = None
-                                ) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
+def iter_users_with_impressions(
+    cfg: SynthConfig, index: int, world: World | None = None, truth: dict[str, list[np.ndarray]] | None = None
+) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
     """Like :func:`iter_histories`, plus each user's impressions (None without ``cfg.impressions``)."""
     if not 0 <= index < cfg.shards:
         raise ValueError(f"shard index {index} outside [0, {cfg.shards})")
@@ -670,7 +720,7 @@ def iter_users_with_impressions(cfg: SynthConfig, index: int, world: World | Non
             if imps is not None:
                 a, b = int(imps["user_ptr"][i]), int(imps["user_ptr"][i + 1])
                 user_imps = {k: imps[k][a:b] for k in IMPRESSION_FIELDS}
-                user_imps.update({k: imps[k][shown_ptr[a]:shown_ptr[b]] for k in SHOWN_FIELDS})
+                user_imps.update({k: imps[k][shown_ptr[a] : shown_ptr[b]] for k in SHOWN_FIELDS})
             yield user, {k: v[s:e] for k, v in cols.items()}, user_imps
 
 
@@ -716,10 +766,16 @@ def load_truth(root: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file() \
-            and not (out / _WRITING_MARKER).is_file():
-        raise ValueError(f"out {out}: directory is not empty and holds no argus dataset (no {MANIFEST_NAME}); "
-                         "refusing to write into it")
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and not (out / MANIFEST_NAME).is_file()
+        and not (out / _WRITING_MARKER).is_file()
+    ):
+        raise ValueError(
+            f"out {out}: directory is not empty and holds no argus dataset (no {MANIFEST_NAME}); "
+            "refusing to write into it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / _WRITING_MARKER).touch()
 
@@ -747,11 +803,27 @@ def _remove_stale(out: Path, manifest: Manifest, shards: int) -> None:
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------
-def synthesize(out: str | os.PathLike, *, users: int, items: int, mean_len: float = 200.0, shards: int = 8,
-               seed: int = 0, holdout: str = "loo", max_len: int = 8192, workers: int = 0,
-               clusters: int = 0, days: int = 120, val_days: float = 7.0, test_days: float = 7.0,
-               gap_seconds: int = 0, impressions: int = 0, slate: int = 10, imp_days: float = 7.0,
-               imp_test_days: float = 1.0) -> Manifest:
+def synthesize(
+    out: str | os.PathLike,
+    *,
+    users: int,
+    items: int,
+    mean_len: float = 200.0,
+    shards: int = 8,
+    seed: int = 0,
+    holdout: str = "loo",
+    max_len: int = 8192,
+    workers: int = 0,
+    clusters: int = 0,
+    days: int = 120,
+    val_days: float = 7.0,
+    test_days: float = 7.0,
+    gap_seconds: int = 0,
+    impressions: int = 0,
+    slate: int = 10,
+    imp_days: float = 7.0,
+    imp_test_days: float = 1.0,
+) -> Manifest:
     """Write a synthetic dataset with planted structure to ``out`` and return its manifest.
 
     ``impressions > 0`` also writes the fine-tuning splits ``impressions`` / ``impressions_test``.
@@ -759,10 +831,24 @@ def synthesize(out: str | os.PathLike, *, users: int, items: int, mean_len: floa
     ``workers=0`` uses min(shards, cpu count) processes; the output does not depend on ``workers``.
     ``clusters=0`` picks max(4, round(sqrt(items)/4)) (at most 2048). See the module docstring.
     """
-    cfg = make_config(users=users, items=items, mean_len=mean_len, shards=shards, seed=seed, holdout=holdout,
-                      max_len=max_len, clusters=clusters, days=days, val_days=val_days, test_days=test_days,
-                      gap_seconds=gap_seconds, impressions=impressions, slate=slate, imp_days=imp_days,
-                      imp_test_days=imp_test_days)
+    cfg = make_config(
+        users=users,
+        items=items,
+        mean_len=mean_len,
+        shards=shards,
+        seed=seed,
+        holdout=holdout,
+        max_len=max_len,
+        clusters=clusters,
+        days=days,
+        val_days=val_days,
+        test_days=test_days,
+        gap_seconds=gap_seconds,
+        impressions=impressions,
+        slate=slate,
+        imp_days=imp_days,
+        imp_test_days=imp_test_days,
+    )
     _check_int("workers", workers, 0)
     n_workers = min(cfg.shards, workers or os.cpu_count() or 1)
     root = Path(out)
@@ -780,8 +866,16 @@ def synthesize(out: str | os.PathLike, *, users: int, items: int, mean_len: floa
         with mp.get_context("spawn").Pool(n_workers) as pool:
             results = pool.map(_write_shard, jobs, chunksize=1)
 
-    source = {"kind": "synth", "generator": GENERATOR, "generator_version": GENERATOR_VERSION, **asdict(cfg),
-              "clusters_requested": int(clusters), "t0": T0, "t_end": cfg.t_end, "truth": TRUTH_DIR}
+    source = {
+        "kind": "synth",
+        "generator": GENERATOR,
+        "generator_version": GENERATOR_VERSION,
+        **asdict(cfg),
+        "clusters_requested": int(clusters),
+        "t0": T0,
+        "t_end": cfg.t_end,
+        "truth": TRUTH_DIR,
+    }
     if hold.kind == "temporal":
         source.update(val_start=hold.val_start, test_start=hold.test_start)
     manifest = finalize(root, results, hold, num_items=cfg.items, max_len=cfg.max_len, source=source)

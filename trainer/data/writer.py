@@ -173,7 +173,7 @@ class UstarWriter:
         if len(raw) > 100:
             raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
         h = self._template[:]
-        h[0:len(raw)] = raw
+        h[0 : len(raw)] = raw
         h[124:136] = b"%011o\0" % len(payload)
         h[148:156] = b"        "
         h[148:156] = b"%06o\0 " % sum(h)
@@ -201,8 +201,9 @@ class ShardSink:
         self.counter = ItemCounter()
         self._last_user: int | None = None
 
-    def write(self, user: int, offset: int, cols: Columns, target_start: int = 0,
-              impressions: Columns | None = None) -> None:
+    def write(
+        self, user: int, offset: int, cols: Columns, target_start: int = 0, impressions: Columns | None = None
+    ) -> None:
         payload = encode_sample(user, offset, cols, target_start, impressions)
         self._tar.add(f"{make_key(user, offset)}.{MEMBER_EXT}", payload)
         n = int(cols["item"].shape[0])
@@ -256,8 +257,14 @@ class ShardSetWriter:
     impressions. Fine-tuning cuts each impression's history at request time minus a lag itself.
     """
 
-    def __init__(self, root: str | os.PathLike, index: int, holdout: Holdout, max_len: int,
-                 impressions_test_start: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        index: int,
+        holdout: Holdout,
+        max_len: int,
+        impressions_test_start: int | None = None,
+    ) -> None:
         self.root, self.index, self.holdout, self.max_len = Path(root), index, holdout, max_len
         self.imp_test_start = impressions_test_start
         splits = holdout.splits + (IMPRESSION_SPLITS if impressions_test_start is not None else ())
@@ -309,8 +316,14 @@ class ShardSetWriter:
         return ShardResult(self.index, shards, counts, self.stats)
 
 
-def finalize(root: str | os.PathLike, results: list[ShardResult], holdout: Holdout, num_items: int,
-             max_len: int, source: dict[str, Any]) -> Manifest:
+def finalize(
+    root: str | os.PathLike,
+    results: list[ShardResult],
+    holdout: Holdout,
+    num_items: int,
+    max_len: int,
+    source: dict[str, Any],
+) -> Manifest:
     """Merge per-shard summaries into item-count tables and the manifest (written last)."""
     root = Path(root)
     results = sorted(results, key=lambda r: r.index)
@@ -328,9 +341,13 @@ def finalize(root: str | os.PathLike, results: list[ShardResult], holdout: Holdo
                 stats[k] = stats.get(k, 0) + v
         rel = f"{split}/item_counts.npy"
         np.save(root / rel, counts)
-        splits[split] = SplitInfo(kind=split_kind(split),
-                                  shards=[r.shards[split] for r in results], item_counts=rel,
-                                  item_counts_sha256=sha256_file(root / rel), stats=stats)
+        splits[split] = SplitInfo(
+            kind=split_kind(split),
+            shards=[r.shards[split] for r in results],
+            item_counts=rel,
+            item_counts_sha256=sha256_file(root / rel),
+            stats=stats,
+        )
     manifest = Manifest(num_items=num_items, max_len=max_len, splits=splits, source=source, root=root)
     manifest.save(root)
     return manifest

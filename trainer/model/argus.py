@@ -62,8 +62,9 @@ class HeadsConfig:
 
 def target_index(lengths: torch.Tensor, target_start: torch.Tensor | None = None) -> torch.Tensor:
     """Flat indices of target interactions: not the first of their sample, and >= target_start."""
-    pos = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(sample_starts(lengths),
-                                                                                             lengths)
+    pos = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(
+        sample_starts(lengths), lengths
+    )
     first_target = torch.ones_like(lengths)
     if target_start is not None:
         first_target = target_start.clamp_min(1)
@@ -76,8 +77,9 @@ class ArgusModel(nn.Module):
         super().__init__()
         enc = model.resolved()
         self.heads_cfg = heads
-        self.interaction = InteractionEmbedding(model.token_layout, emb.item_dim, model.side_dim, model.num_contexts,
-                                                enc.d_model, init_std=emb.init_std)
+        self.interaction = InteractionEmbedding(
+            model.token_layout, emb.item_dim, model.side_dim, model.num_contexts, enc.d_model, init_std=emb.init_std
+        )
         self.encoder = enc.build()
         self.proj = nn.Linear(enc.d_model, emb.item_dim)  # user state -> item space, for dot-product scoring
         self.feedback = heads.feedback.build(enc.d_model, emb.item_dim)
@@ -100,10 +102,21 @@ class ArgusModel(nn.Module):
             return 2 * src + 1, 2 * tgt  # feedback token of j-1; item token of j
         return src, src
 
-    def forward(self, item: torch.Tensor, side: dict[str, torch.Tensor], neg: torch.Tensor, lengths: torch.Tensor,
-                tgt: torch.Tensor, sel: torch.Tensor, item_ids: torch.Tensor, neg_ids: torch.Tensor,
-                event: torch.Tensor, played: torch.Tensor, pos_log_q: torch.Tensor, cand_log_q: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        item: torch.Tensor,
+        side: dict[str, torch.Tensor],
+        neg: torch.Tensor,
+        lengths: torch.Tensor,
+        tgt: torch.Tensor,
+        sel: torch.Tensor,
+        item_ids: torch.Tensor,
+        neg_ids: torch.Tensor,
+        event: torch.Tensor,
+        played: torch.Tensor,
+        pos_log_q: torch.Tensor,
+        cand_log_q: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Losses for one micro-batch; ``sel`` picks in-batch candidates among the targets."""
         h = self.states(item, side, lengths)
         ni, fb = self.heads_cfg.next_item, self.heads_cfg.feedback
@@ -115,12 +128,14 @@ class ArgusModel(nn.Module):
             pos = item[tgt].float()
             cand = torch.cat([pos[sel], neg.float()])
             cand_ids = torch.cat([item_ids[tgt][sel], neg_ids])
-            out["loss/next_item"] = sampled_softmax_loss(user, pos, item_ids[tgt], cand, cand_ids, pos_log_q,
-                                                         cand_log_q, ni)
+            out["loss/next_item"] = sampled_softmax_loss(
+                user, pos, item_ids[tgt], cand, cand_ids, pos_log_q, cand_log_q, ni
+            )
         if fb.weight > 0:
             logits = self.feedback(h[fb_rows], item[tgt].to(h.dtype))
-            out["loss/feedback"] = self.feedback.loss({k: v.float() for k, v in logits.items()}, event[tgt],
-                                                      played[tgt])
+            out["loss/feedback"] = self.feedback.loss(
+                {k: v.float() for k, v in logits.items()}, event[tgt], played[tgt]
+            )
             out["logits/event"] = logits["event"].detach().float()
             out["logits/played"] = logits["played"].detach().float()
         out["loss"] = ni.weight * out["loss/next_item"] + fb.weight * out["loss/feedback"]

@@ -106,7 +106,9 @@ class Encoder(nn.Module):
                 return ValueError(f"{where}.{key}: {msg}")
 
             if self.preset != "custom" and self.preset not in PRESETS:
-                raise bad("preset", f"unknown preset {self.preset!r}; expected one of {', '.join([*PRESETS, 'custom'])}")
+                raise bad(
+                    "preset", f"unknown preset {self.preset!r}; expected one of {', '.join([*PRESETS, 'custom'])}"
+                )
             r = self.resolved()
             for k in SIZE_KEYS:
                 v = getattr(r, k)
@@ -134,7 +136,8 @@ class Encoder(nn.Module):
         self.pos = _Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, out_std) for _ in range(cfg.n_layers))
+            Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, out_std) for _ in range(cfg.n_layers)
+        )
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def reset_parameters(self) -> None:
@@ -168,10 +171,14 @@ def encoder_param_count(cfg: Encoder.Config, include_positions: bool = False) ->
     d, f = r.d_model, r.d_ff
     per_block = (
         2 * d  # ln1
-        + 3 * d * d + 3 * d  # qkv
-        + d * d + d  # attention output
+        + 3 * d * d
+        + 3 * d  # qkv
+        + d * d
+        + d  # attention output
         + 2 * d  # ln2
-        + d * f + f  # ff1
-        + f * d + d  # ff2
+        + d * f
+        + f  # ff1
+        + f * d
+        + d  # ff2
     )
     return r.n_layers * per_block + 2 * d + (r.max_seq_len * d if include_positions else 0)

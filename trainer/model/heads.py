@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType, played_bucket
-from trainer.data.schema import PLAYED_BUCKET_EDGES as PLAYED_BUCKETS, PLAYED_NA  # noqa: F401  re-exported
+from trainer.data.schema import PLAYED_BUCKET_EDGES as PLAYED_BUCKETS  # noqa: F401  re-exported
 
 EVENT_CLASSES = len(EventType)  # listen, like, dislike, unlike, undislike, skip
 LOG_Q_FLOOR = 1e-12  # expected counts below this are clamped before the log
@@ -28,8 +28,14 @@ def score(h: Tensor, item_emb: Tensor, normalize: bool, temperature: float) -> T
     return (h @ item_emb.transpose(0, 1)) / temperature
 
 
-def mixed_log_q(ids: Tensor, item_freq: Tensor | np.ndarray, num_in_batch: int, num_uniform: int, num_items: int,
-                total: float | None = None) -> Tensor:
+def mixed_log_q(
+    ids: Tensor,
+    item_freq: Tensor | np.ndarray,
+    num_in_batch: int,
+    num_uniform: int,
+    num_items: int,
+    total: float | None = None,
+) -> Tensor:
     """log of the expected count of each item of ``ids`` in a candidate set of ``num_in_batch`` draws
     proportional to ``item_freq`` plus ``num_uniform`` uniform draws over ``num_items`` items.
 
@@ -42,8 +48,11 @@ def mixed_log_q(ids: Tensor, item_freq: Tensor | np.ndarray, num_in_batch: int, 
         idx = np.clip(ids.detach().cpu().numpy(), 0, len(item_freq) - 1)
         counts = torch.from_numpy(np.asarray(item_freq[idx], np.float64)).to(ids.device)
     if total is None:
-        total = float(item_freq.sum(dtype=torch.float64) if isinstance(item_freq, Tensor)
-                      else np.asarray(item_freq, np.float64).sum())
+        total = float(
+            item_freq.sum(dtype=torch.float64)
+            if isinstance(item_freq, Tensor)
+            else np.asarray(item_freq, np.float64).sum()
+        )
     expected = num_in_batch * counts / max(total, 1e-300) + num_uniform / num_items
     return expected.clamp_min(LOG_Q_FLOOR).log().to(torch.float32)
 
@@ -96,8 +105,16 @@ class NextItemHead:
 NextItemLossConfig = NextItemHead.Config
 
 
-def sampled_softmax_loss(h: Tensor, pos_emb: Tensor, pos_ids: Tensor, cand_emb: Tensor, cand_ids: Tensor,
-                         pos_log_q: Tensor, cand_log_q: Tensor, cfg: NextItemHead.Config) -> Tensor:
+def sampled_softmax_loss(
+    h: Tensor,
+    pos_emb: Tensor,
+    pos_ids: Tensor,
+    cand_emb: Tensor,
+    cand_ids: Tensor,
+    pos_log_q: Tensor,
+    cand_log_q: Tensor,
+    cfg: NextItemHead.Config,
+) -> Tensor:
     """Mean cross-entropy of each row's positive (column 0) against the shared candidates.
 
     ``h``/``pos_emb``: (N, d); ``pos_ids``/``pos_log_q``: (N,); ``cand_emb``: (K, d);

@@ -36,8 +36,13 @@ EPOCH_HOUR_OF_WEEK = 72  # 1970-01-01 00:00 UTC was a Thursday: hour 72 of a wee
 
 def side_table_rows(num_contexts: int) -> dict[str, int]:
     """Rows of each small side table (the planner counts them as dense parameters)."""
-    return {"context": num_contexts, "hour": HOURS_PER_WEEK, "gap": GAP_BUCKETS, "event": len(EventType),
-            "played": NUM_PLAYED_BUCKETS}
+    return {
+        "context": num_contexts,
+        "hour": HOURS_PER_WEEK,
+        "gap": GAP_BUCKETS,
+        "event": len(EventType),
+        "played": NUM_PLAYED_BUCKETS,
+    }
 
 
 def hour_of_week(ts: torch.Tensor) -> torch.Tensor:
@@ -63,9 +68,13 @@ def side_features(batch: Batch, num_contexts: int, device: torch.device) -> dict
     if event.numel() and int(event.max()) >= len(EventType):
         raise ValueError(f"feature 'event': value {int(event.max())} is not an EventType")
     ts = v["timestamp"].to(device)
-    return {"context": torch.remainder(v["context"].to(device).long(), num_contexts),
-            "hour": hour_of_week(ts), "gap": gap_bucket(ts, batch.lengths.to(device)),
-            "event": event, "played": played_bucket(v["played"].to(device)).long()}
+    return {
+        "context": torch.remainder(v["context"].to(device).long(), num_contexts),
+        "hour": hour_of_week(ts),
+        "gap": gap_bucket(ts, batch.lengths.to(device)),
+        "event": event,
+        "played": played_bucket(v["played"].to(device)).long(),
+    }
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -84,13 +93,22 @@ class SideTable(nn.Embedding):
 
 
 class InteractionEmbedding(nn.Module):
-    def __init__(self, layout: str, item_dim: int, side_dim: int, num_contexts: int, d_model: int,
-                 hidden: int = 0, init_std: float = 0.05) -> None:
+    def __init__(
+        self,
+        layout: str,
+        item_dim: int,
+        side_dim: int,
+        num_contexts: int,
+        d_model: int,
+        hidden: int = 0,
+        init_std: float = 0.05,
+    ) -> None:
         super().__init__()
         self.layout = layout
         hidden = hidden or d_model
-        self.side = nn.ModuleDict({name: SideTable(rows, side_dim, init_std)
-                                   for name, rows in side_table_rows(num_contexts).items()})
+        self.side = nn.ModuleDict(
+            {name: SideTable(rows, side_dim, init_std) for name, rows in side_table_rows(num_contexts).items()}
+        )
         if layout == "merged":
             self.merged = _mlp(item_dim + side_dim * len(SIDE_FEATURES), hidden, d_model)
         else:
@@ -113,14 +131,14 @@ class InteractionEmbedding(nn.Module):
         return torch.stack([it, fb], dim=1).reshape(-1, it.shape[-1])  # item_0, fb_0, item_1, fb_1, ...
 
 
-def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+def jagged_to_padded(
+    values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """(N, d) jagged rows -> (B, T, d) right-padded, the (B, T) mask, and each row's (b, t) index."""
     b = lengths.numel()
     t = int(lengths.max()) if b and max_len is None else (max_len or 0)
     row = torch.repeat_interleave(torch.arange(b, device=values.device), lengths)
-    col = torch.arange(values.shape[0], device=values.device) - torch.repeat_interleave(sample_starts(lengths),
-                                                                                        lengths)
+    col = torch.arange(values.shape[0], device=values.device) - torch.repeat_interleave(sample_starts(lengths), lengths)
     out = values.new_zeros(b, t, values.shape[-1])
     out = out.index_put((row, col), values)
     mask = torch.zeros(b, t, dtype=torch.bool, device=values.device)
@@ -128,8 +146,9 @@ def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int |
     return out, mask, (row, col)
 
 
-def lookup_interactions(tables: Any, batch: Batch, cfg: JobConfig, item_rows: int, extra_ids: torch.Tensor,
-                        device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+def lookup_interactions(
+    tables: Any, batch: Batch, cfg: JobConfig, item_rows: int, extra_ids: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """What the dense model reads for a jagged batch: (item vectors of the history, side-feature ids,
     item vectors of ``extra_ids``). ``tables``: the DMP-sharded or a plain ``SparseArch``; ``cfg``: the
     JobConfig. Under DMP this is a collective: every rank must call it the same number of times."""

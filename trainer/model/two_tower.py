@@ -65,8 +65,7 @@ class ItemTower(nn.Module):
 class TwoTower(nn.Module):
     """Dense part of the fine-tuned ranker (the tables stay sharded in TorchRec)."""
 
-    def __init__(self, model: ModelConfig, emb: ItemEmbeddings.Config, heads: HeadsConfig,
-                 ft: FinetuneConfig) -> None:
+    def __init__(self, model: ModelConfig, emb: ItemEmbeddings.Config, heads: HeadsConfig, ft: FinetuneConfig) -> None:
         super().__init__()
         self.argus = ArgusModel(model, emb, heads)
         self.item_tower = ItemTower(emb.item_dim, ft.item_mlp)
@@ -87,8 +86,17 @@ class TwoTower(nn.Module):
         v = self.item_tower(emb.to(self.argus.proj.weight.dtype)).float()
         return F.normalize(v, dim=-1) if self.normalize else v
 
-    def forward(self, item: Tensor, side: dict[str, Tensor], lengths: Tensor, last: Tensor, shown_emb: Tensor,
-                shown_imp: Tensor, pair_hi: Tensor, pair_lo: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self,
+        item: Tensor,
+        side: dict[str, Tensor],
+        lengths: Tensor,
+        last: Tensor,
+        shown_emb: Tensor,
+        shown_imp: Tensor,
+        pair_hi: Tensor,
+        pair_lo: Tensor,
+    ) -> dict[str, Tensor]:
         """Scores of the shown items and the pairwise loss.
 
         ``last[k]``: flat history row the user state of impression k is taken after; ``shown_imp[s]``:
