@@ -8,16 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.data.schema import NUM_PLAYED_BUCKETS, PLAYED_NA, played_bucket
 from trainer.model.heads import (
     EVENT_CLASSES,
-    NUM_PLAYED_BUCKETS,
-    PLAYED_NA,
     FeedbackHead,
     NextItemHead,
     NextItemLossConfig,
     mixed_log_q,
     normalized_entropy,
-    played_bucket,
     sampled_softmax_loss,
     score,
 )

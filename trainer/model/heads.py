@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType, played_bucket
-from trainer.data.schema import PLAYED_BUCKET_EDGES as PLAYED_BUCKETS  # noqa: F401  re-exported
 
 EVENT_CLASSES = len(EventType)  # listen, like, dislike, unlike, undislike, skip
 LOG_Q_FLOOR = 1e-12  # expected counts below this are clamped before the log
