@@ -175,6 +175,8 @@ def _start_mini_run(root: Path):
 def pytest_collection_finish(session):
     if session.config.option.collectonly or not any(i.name == MINI_RUN for i in session.items):
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every xdist worker collects every test: mini_run starts it lazily
+        return
     import tempfile
 
     _background["mini"] = _start_mini_run(Path(tempfile.mkdtemp(prefix="argus_mini_")))
@@ -197,3 +199,20 @@ def mini_run(tmp_path_factory) -> tuple[Path, Path]:
     data, run, job = _background["mini"]
     job.result()
     return data, run
+
+
+# ---- pytest-xdist (`make test` runs 2 workers): tests that share a session run, or a Ray cluster, stay together -------
+_GROUPS = {"torchrun_run": "torchrun_run", "imp_pretrained": "imp_pretrained", "mini_run": "mini_run"}
+_RAY = ("test_launch_ray.py", "test_ray_fault_tolerance.py", "test_hosts_from_a_running_ray_cluster")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``--dist loadgroup`` keeps each group on one worker: a shared session fixture is built once, and only one
+    local Ray cluster (loopback addresses, fixed node IPs) runs at a time."""
+    for item in items:
+        if any(name in item.nodeid for name in _RAY):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+            continue
+        group = next((g for f, g in _GROUPS.items() if f in getattr(item, "fixturenames", ())), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
