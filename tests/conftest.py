@@ -201,7 +201,7 @@ def mini_run(tmp_path_factory) -> tuple[Path, Path]:
     return data, run
 
 
-# ---- pytest-xdist (`make test` runs 2 workers): tests that share a session run, or a Ray cluster, stay together -------
+# ---- pytest-xdist (`make test` runs 2 workers): tests sharing a session run, or a Ray cluster, stay together ----
 _GROUPS = {"torchrun_run": "torchrun_run", "imp_pretrained": "imp_pretrained", "mini_run": "mini_run"}
 _RAY = ("test_launch_ray.py", "test_ray_fault_tolerance.py", "test_hosts_from_a_running_ray_cluster")
 
