@@ -208,7 +208,9 @@ _RAY = ("test_launch_ray.py", "test_ray_fault_tolerance.py", "test_hosts_from_a_
 
 def pytest_collection_modifyitems(config, items):
     """``--dist loadgroup`` keeps each group on one worker: a shared session fixture is built once, and only one
-    local Ray cluster (loopback addresses, fixed node IPs) runs at a time."""
+    local Ray cluster (loopback addresses, fixed node IPs) runs at a time. The Ray group, the longest chain, goes
+    first so that one worker starts on it while the other takes everything else."""
+    items.sort(key=lambda item: not any(name in item.nodeid for name in _RAY))  # stable: order otherwise kept
     for item in items:
         if any(name in item.nodeid for name in _RAY):
             item.add_marker(pytest.mark.xdist_group("ray"))
