@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launch.console import console
 from trainer.config import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.job import JobConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -27,7 +30,7 @@ def _num(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def load_plan_config(a: argparse.Namespace) -> Any:
+def load_plan_config(a: argparse.Namespace) -> JobConfig:
     """CONFIG (or configs/PRESET.yaml) + the flags and key=value overrides, not yet validated."""
     from trainer.config import load_config
     from trainer.job import JobConfig
