@@ -210,27 +210,11 @@ def pytest_collection_modifyitems(config, items):
     """``--dist loadgroup`` keeps each group on one worker: a shared session fixture is built once, and only one
     local Ray cluster (loopback addresses, fixed node IPs) runs at a time. The Ray group, the longest chain, goes
     first so that one worker starts on it while the other takes everything else."""
-    items.sort(key=lambda item: not _is_ray(item))  # stable: order otherwise kept
+    items.sort(key=lambda item: not any(name in item.nodeid for name in _RAY))  # stable: order otherwise kept
     for item in items:
-        if _is_ray(item):
+        if any(name in item.nodeid for name in _RAY):
             item.add_marker(pytest.mark.xdist_group("ray"))
             continue
         group = next((g for f, g in _GROUPS.items() if f in getattr(item, "fixturenames", ())), None)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
-
-
-def _is_ray(item) -> bool:
-    return any(name in item.nodeid for name in _RAY)
-
-
-def pytest_runtest_setup(item):
-    """Under xdist the Ray chain is the suite's critical path (its tests run one after another on one worker):
-    every other test runs at a lower CPU priority, and the processes it starts inherit it, so the two workers
-    share the cores without slowing that chain. A hint only: skipped where priorities cannot be raised back."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0 if _is_ray(item) else 10)
-    except (OSError, AttributeError):
-        pass
