@@ -98,6 +98,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     for k in ("ne/event", "ne/played"):
         if k in rep:
             console.print(f"{k} = {rep[k]:.4f}")
+    for note in rep.get("notes", []):
+        console.print(f"note: {note}")
     metrics = Path(a.run) / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         last = json.loads(metrics.read_text().splitlines()[-1])

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from trainer.engine import Engine
 
 LATEST = "latest"
+BEST = "best"  # the checkpoint validation selected (eval.every / eval.select), when the run validates
 DENSE_TAG = "state"
 
 
@@ -41,9 +42,9 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def _pointer(run_dir: str | Path, name: str) -> Path | None:
     root = checkpoint_root(run_dir)
-    pointer = root / LATEST
+    pointer = root / name
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
@@ -52,18 +53,38 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (has meta.json), or a run directory's latest checkpoint."""
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    return _pointer(run_dir, LATEST)
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint validation selected, or None when the run kept no ``best``."""
+    return _pointer(run_dir, BEST)
+
+
+def set_pointer(run_dir: str | Path, name: str, checkpoint_dir: Path) -> None:
+    """Atomically point ``checkpoints/<name>`` (``latest``, ``best``) at ``checkpoint_dir``."""
+    root = checkpoint_root(run_dir)
+    tmp = root / f"{name}.tmp"
+    tmp.write_text(checkpoint_dir.name + "\n")
+    os.replace(tmp, root / name)
+
+
+def resolve_checkpoint(path: str | Path, prefer_best: bool = False) -> Path:
+    """A checkpoint directory (has meta.json), or a run directory's ``best`` (when ``prefer_best`` and the run
+    kept one) or ``latest`` checkpoint."""
     p = Path(path)
     if (p / "meta.json").is_file():
         return p
-    latest = latest_checkpoint(p) if (p / "checkpoints").is_dir() else None
-    if latest is None:
+    found = None
+    if (p / "checkpoints").is_dir():
+        found = (best_checkpoint(p) if prefer_best else None) or latest_checkpoint(p)
+    if found is None:
         raise FileNotFoundError(
             f"{path}: no checkpoint (expected a run directory with checkpoints/latest, "
             f"or a checkpoint directory with meta.json)"
         )
-    return latest
+    return found
 
 
 def _barrier() -> None:
@@ -128,9 +149,7 @@ def save(
         if final.exists():  # re-saving a step (e.g. after a restart): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer_tmp = root / f"{LATEST}.tmp"
-        pointer_tmp.write_text(name + "\n")
-        os.replace(pointer_tmp, root / LATEST)  # the flip: last, atomic
+        set_pointer(run_dir, LATEST, final)  # the flip: last, atomic
     _barrier()
     return final
 

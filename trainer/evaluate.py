@@ -7,26 +7,121 @@ is ranked (full ranking when the catalog has at most
 reported under ``sampled_`` names). The most-popular baseline (training item
 counts) is ranked on the same targets, so every report shows the lift. The
 feedback head's normalized entropy is computed on the targets, teacher-forced
-(the state before each target, the target's item given).
+(the state before each target, the target's item given); a feedback target the
+data never varies (no played ratio, no likes) is left out with a note.
+
+:func:`rank_split` is the ranking core, shared with the reference SASRec
+(``bench/reference_sasrec.py``): any model that maps a batch to catalog scores
+is scored by exactly the same code.
 
 Deterministic: the same checkpoint and data give byte-identical JSON.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from trainer import checkpoint
+from trainer.data.batch import Batch
 from trainer.data.loader import ShardLoader
 from trainer.data.manifest import Manifest
 from trainer.data.schema import played_bucket
 from trainer.metrics import RankingAccumulator, item_ranks, popularity_scores, ranks_of_targets, sampled_ranks
 from trainer.model.argus import target_index
-from trainer.model.heads import normalized_entropy, score
+from trainer.model.heads import ne_from_stats, ne_stats, score
 from trainer.model.interaction import lookup_interactions
+
+
+@dataclass
+class EvalTargets:
+    """The held-out targets of one batch that have a context to rank from."""
+
+    flat: torch.Tensor  # flat interaction index of each target in the batch
+    owner: torch.Tensor  # its sample (row of the batch)
+    items: torch.Tensor  # its item id
+    local: torch.Tensor  # its user, numbered 0.. within the batch's users with targets
+    users: int = 0  # users with targets in this batch
+
+
+@dataclass
+class SplitRanking:
+    ranking: str  # "full" | "sampled"
+    users: int = 0
+    users_without_history: int = 0
+    model: dict[str, float] = field(default_factory=dict)
+    popularity: dict[str, float] = field(default_factory=dict)
+
+
+def eval_loader(data_dir: str | Path, manifest: Manifest, split: str, batch_size: int, max_seq_len: int) -> ShardLoader:
+    """The evaluation loader: one process, fixed order, the training sample length."""
+    return ShardLoader.Config(
+        path=str(data_dir), split=split, batch_size=batch_size, num_workers=0, shuffle=False, max_seq_len=max_seq_len
+    ).build(0, 1, manifest)
+
+
+def batch_targets(batch: Batch, num_items: int, max_users: int = 0) -> EvalTargets:
+    """Targets at or after ``target_start`` of samples with a context; at most ``max_users`` users (0 = all)."""
+    lengths = batch.lengths
+    tgt = target_index(lengths, batch.target_start)
+    owner = torch.repeat_interleave(torch.arange(batch.size), lengths)[tgt]
+    kept = batch.target_start[owner] > 0  # a user with no history before the window has no state to rank from
+    tgt, owner = tgt[kept], owner[kept]
+    users, local = torch.unique(owner, return_inverse=True)
+    if max_users and users.numel() > max_users:
+        keep = local < max_users
+        tgt, owner, local, users = tgt[keep], owner[keep], local[keep], users[:max_users]
+    items = torch.remainder(batch.values["item"][tgt], num_items)
+    return EvalTargets(tgt, owner, items, local, int(users.numel()))
+
+
+def rank_split(
+    loader: ShardLoader,
+    scores_fn: Callable[[Batch, EvalTargets], torch.Tensor],
+    item_counts: Any,
+    ks: list[int],
+    full: bool = True,
+    sampled_negatives: int = 1000,
+    seed: int = 0,
+    max_users: int = 0,
+) -> SplitRanking:
+    """Ranks every held-out target of ``loader``'s split under ``scores_fn`` and under popularity.
+
+    ``scores_fn(batch, targets)`` returns (batch.size, num_items) scores from each sample's state after
+    its last context interaction (rows of samples without targets are ignored). ``max_users``: exactly
+    that many users (the first ones in the loader's fixed order; 0 = all).
+    """
+    num_items = len(item_counts)
+    prefix = "" if full else "sampled_"
+    pop_scores = popularity_scores(item_counts)  # once: the same for every user and batch
+    pop_rank = item_ranks(pop_scores)
+    acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
+    gen = torch.Generator().manual_seed(seed)
+    out = SplitRanking("full" if full else "sampled")
+    for batch in loader:
+        if batch.size == 0:
+            continue
+        out.users_without_history += int((batch.target_start == 0).sum())
+        t = batch_targets(batch, num_items, max_users - out.users if max_users else 0)
+        if t.users == 0:
+            continue
+        logits = scores_fn(batch, t)
+        if full:
+            ranks = ranks_of_targets(logits, t.items, t.owner)
+            pranks = pop_rank[t.items]
+        else:
+            ranks = sampled_ranks(logits, t.items, sampled_negatives, gen, t.owner)
+            pranks = sampled_ranks(pop_scores.expand(batch.size, -1), t.items, sampled_negatives, gen, t.owner)
+        acc_model.add(ranks, t.local)
+        acc_pop.add(pranks, t.local)
+        out.users += t.users
+        if max_users and out.users >= max_users:
+            break
+    out.model, out.popularity = acc_model.compute(), acc_pop.compute()
+    return out
 
 
 @torch.no_grad()
@@ -36,83 +131,60 @@ def evaluate(
     split: str | None = None,
     ks: list[int] | None = None,
     max_users: int | None = None,
+    checkpoint_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    path = checkpoint.resolve_checkpoint(run_dir)
+    """The report of ``argus eval``: the run's selected checkpoint (``best`` when the run kept one, else
+    ``latest``), or ``checkpoint_path``."""
+    path = checkpoint.resolve_checkpoint(checkpoint_path or run_dir, prefer_best=checkpoint_path is None)
     manifest = Manifest.load(data_dir)
     cfg, sparse, dense = checkpoint.load_model(path, manifest.num_items)
     ev = cfg.eval
     split = split or ev.split
     ks = list(ks or ev.ks)
     max_users = ev.max_users if max_users is None else max_users
-    loader = ShardLoader.Config(
-        path=str(data_dir),
-        split=split,
-        batch_size=ev.batch_size,
-        num_workers=0,
-        shuffle=False,
-        max_seq_len=cfg.interactions_per_sample(),
-    ).build(0, 1, manifest)
+    loader = eval_loader(data_dir, manifest, split, ev.batch_size, cfg.interactions_per_sample())
     items = sparse.items.embeddings["item"].weight
-    full = manifest.num_items <= ev.full_ranking_max_items
-    prefix = "" if full else "sampled_"
-    pop_scores = popularity_scores(manifest.item_counts("train"))  # once: the same for every user and batch
-    pop_rank = item_ranks(pop_scores)
-    acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    ev_logits, ev_targets, pl_logits, pl_targets = [], [], [], []
-    users = no_context = 0
     ni = cfg.heads.next_item
-    for batch in loader:
-        keep = batch.target_start > 0  # a user with no history before the window has no state to rank from
-        no_context += int((~keep).sum())
-        if batch.size == 0 or not bool(keep.any()):
-            continue
+    feedback = cfg.heads.feedback.weight > 0
+    stats: dict[str, list[tuple[float, torch.Tensor]]] = {"event": [], "played": []}
+
+    def scores_fn(batch: Batch, t: EvalTargets) -> torch.Tensor:
         item, side, _ = lookup_interactions(
             sparse, batch, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long), torch.device("cpu")
         )
-        lengths = batch.lengths
-        states = dense.states(item, side, lengths)
-        h = dense.user_vectors(states, lengths, (batch.target_start - 1).clamp_min(0))
-        tgt = target_index(lengths, batch.target_start)
-        owner = torch.repeat_interleave(torch.arange(batch.size), lengths)[tgt]
-        target_items = torch.remainder(batch.values["item"][tgt], sparse.item_rows)
-        kept = keep[owner]
-        tgt, owner, target_items = tgt[kept], owner[kept], target_items[kept]
-        logits = score(h, items, ni.normalize, ni.temperature)
-        if full:
-            ranks = ranks_of_targets(logits, target_items, owner)
-            pranks = pop_rank[target_items]
-        else:
-            ranks = sampled_ranks(logits, target_items, ev.sampled_negatives, gen, owner)
-            pranks = sampled_ranks(pop_scores.expand(batch.size, -1), target_items, ev.sampled_negatives, gen, owner)
-        # user indices local to the batch, compacted to users with targets
-        _, local = torch.unique(owner, return_inverse=True)
-        acc_model.add(ranks, local)
-        acc_pop.add(pranks, local)
-        users += int(local.max()) + 1 if local.numel() else 0
-        if cfg.heads.feedback.weight > 0:
-            out = dense.feedback(states[dense.state_rows(tgt)[1]], item[tgt])
-            ev_logits.append(out["event"].float())
-            ev_targets.append(batch.values["event"].long()[tgt])
-            pl_logits.append(out["played"].float())
-            pl_targets.append(played_bucket(batch.values["played"])[tgt].long())
-        if max_users and users >= max_users:
-            break
+        states = dense.states(item, side, batch.lengths)
+        h = dense.user_vectors(states, batch.lengths, (batch.target_start - 1).clamp_min(0))
+        if feedback:
+            fb = dense.feedback(states[dense.state_rows(t.flat)[1]], item[t.flat])
+            stats["event"].append(ne_stats(fb["event"].float(), batch.values["event"].long()[t.flat]))
+            stats["played"].append(ne_stats(fb["played"].float(), played_bucket(batch.values["played"])[t.flat]))
+        return score(h, items, ni.normalize, ni.temperature)
+
+    full = manifest.num_items <= ev.full_ranking_max_items
+    r = rank_split(
+        loader, scores_fn, manifest.item_counts("train"), ks, full, ev.sampled_negatives, cfg.train.seed, max_users
+    )
     report: dict[str, Any] = {
         "checkpoint": path.name,
         "split": split,
-        "ranking": "full" if full else "sampled",
-        "users": users,
-        "users_without_history": no_context,
-        "model": acc_model.compute(),
-        "popularity": acc_pop.compute(),
+        "ranking": r.ranking,
+        "users": r.users,
+        "users_without_history": r.users_without_history,
+        "model": r.model,
+        "popularity": r.popularity,
     }
     report["lift"] = {
-        k: (v / report["popularity"][k] if report["popularity"][k] else None)
-        for k, v in report["model"].items()
-        if "@" in k
+        k: (v / report["popularity"][k] if report["popularity"][k] else None) for k, v in r.model.items() if "@" in k
     }
-    if ev_logits:
-        report["ne/event"] = normalized_entropy(torch.cat(ev_logits), torch.cat(ev_targets))
-        report["ne/played"] = normalized_entropy(torch.cat(pl_logits), torch.cat(pl_targets))
+    notes = []
+    for head, parts in stats.items():
+        if not parts:
+            continue
+        counts = sum(c for _, c in parts)
+        if int((counts > 0).sum()) < 2:  # one class only: the prior has no entropy, NE is undefined
+            notes.append(f"ne/{head} left out: every {head} target in this split has the same value")
+            continue
+        report[f"ne/{head}"] = ne_from_stats(sum(ce for ce, _ in parts), counts)
+    if notes:
+        report["notes"] = notes
     return report

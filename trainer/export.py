@@ -287,7 +287,7 @@ def export(
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1 or items_chunk < 1:
         raise ValueError(f"batch_size and items_chunk must be >= 1, got {batch_size} and {items_chunk}")
-    path = checkpoint.resolve_checkpoint(checkpoint_or_run)
+    path = checkpoint.resolve_checkpoint(checkpoint_or_run, prefer_best=True)
     cfg = checkpoint.saved_job(path)
     manifest = Manifest.load(data_dir)
     kind = manifest.split(split).kind

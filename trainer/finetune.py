@@ -30,9 +30,9 @@ _KEY_BITS = 40  # (sample << 40) + seconds since the batch's first event: sortab
 
 
 def init_checkpoint(init: str) -> Path:
-    """The checkpoint directory ``finetune.init`` names: a run directory (its latest) or a checkpoint."""
+    """The checkpoint directory ``finetune.init`` names: a run directory (its best, else latest) or a checkpoint."""
     try:
-        return checkpoint.resolve_checkpoint(init)
+        return checkpoint.resolve_checkpoint(init, prefer_best=True)
     except FileNotFoundError as e:
         raise ConfigError(f"finetune.init: {e}") from None
 
