@@ -136,7 +136,7 @@ def torchrec_plan(
             batch_size=cfg.data.batch_size,
             local_world_size=hw.gpus_per_node if compute_device == "cuda" else None,
             hbm_cap=hbm_cap,
-            lookups=embedding_lookups(cfg),
+            lookups=embedding_lookups(cfg, items),
         )
     except PlannerError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -233,7 +233,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     compute_s = flops_step / (peak * mfu)
 
     item_dim = cfg.embeddings.item_dim
-    item_lookups = interactions_rank + (ni.uniform_negatives if not ni.full_softmax else 0)
+    item_lookups = interactions_rank + (req.items if ni.full(req.items) else ni.uniform_negatives)
     # the side tables are dense weights now: their reads are in the dense term below
     lookup_bytes = item_lookups * item_dim * 4
     opt_row = OPTIMIZER_STATE_BYTES_PER_ROW[cfg.embeddings.optimizer]

@@ -24,14 +24,18 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = load_job(a.config, a.overrides)
     last = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
-        console.print(
-            f"done: {cfg.out} step {cfg.train.steps}; "
-            + ", ".join(
-                f"{k}={v:.4g}"
-                for k, v in last.items()
-                if k.startswith(("loss/", "ne/")) or k in ("interactions_per_s", "tps")
-            )
+        from trainer.checkpoint import best_checkpoint, latest_checkpoint
+
+        shown = ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in last.items()
+            if k.startswith(("loss/", "ne/", "eval/")) or k in ("interactions_per_s", "tps")
         )
+        latest = latest_checkpoint(cfg.out)
+        console.print(f"done: {cfg.out} {latest.name if latest else ''}; {shown}")
+        best = best_checkpoint(cfg.out)
+        if best is not None:
+            console.print(f"selected by validation ({cfg.eval.select}): {best.name}; eval and export use it")
     return 0
 
 

@@ -23,7 +23,8 @@ TINY_MODEL = [
 
 def losses(run: Path) -> dict[int, float]:
     """step -> loss/total from a run's metrics.jsonl."""
-    return {r["step"]: r["loss/total"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss/total"] for r in records if "loss/total" in r}  # not the validation records
 
 
 def read_samples(root: Path, split: str) -> list:

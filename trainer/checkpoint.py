@@ -183,7 +183,11 @@ def saved_job(path: Path) -> JobConfig:
 # ---- weights of a checkpoint into a model: resume, fine-tuning init, eval and export share these ------------------
 def load_tables(path: Path, tables: Any, optimizer: Any = None) -> None:
     """Checkpoint ``path``'s item tables (and fused optimizer state) into ``tables``: a DMP, sharded any way
-    for any world size (DCP reshards), or a plain ``SparseArch``. Collective under DMP."""
+    for any world size (DCP reshards), or a plain ``SparseArch``. Collective under DMP; a plain
+    ``SparseArch`` loads in this process alone, even inside a process group (validation on rank 0)."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    local = not isinstance(tables, DistributedModelParallel)
     state = {"tables": tables.state_dict()}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
@@ -192,7 +196,7 @@ def load_tables(path: Path, tables: Any, optimizer: Any = None) -> None:
             "ignore", FutureWarning
         )  # DCP's ShardedTensor notice: TorchRec's tables are ShardedTensors
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process loading: what we want
-        dcp.load(state, checkpoint_id=str(path / "sparse"))
+        dcp.load(state, checkpoint_id=str(path / "sparse"), no_dist=local)
     tables.load_state_dict(state["tables"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -206,7 +210,8 @@ def dense_weights(path: Path) -> dict[str, torch.Tensor]:
     if saved_job(path).deepspeed.stage == 0:  # no ZeRO partitions: the full weights are in the model-states file
         weights = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     else:
-        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress
+        # DeepSpeed prints its progress (and a tqdm bar on stderr) for every load: eval, export, validation
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             weights = get_fp32_state_dict_from_zero_checkpoint(str(path / "dense"), tag=DENSE_TAG)
     return {k: v.float() for k, v in weights.items()}
 
@@ -236,7 +241,7 @@ def _side_tables_of_old_checkpoint(path: Path, missing: set[str]) -> dict[str, t
     if want:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load({"tables": {old: t for old, t in want.values()}}, checkpoint_id=str(path / "sparse"))
+            dcp.load({"tables": {old: t for old, t in want.values()}}, checkpoint_id=str(path / "sparse"), no_dist=True)
     return {key: t for key, (_old, t) in want.items()}
 
 

@@ -27,6 +27,7 @@ from trainer.model.argus import target_index
 from trainer.model.build import build_dense
 from trainer.model.heads import CandidateLogQ, ne_stats
 from trainer.model.interaction import lookup_interactions
+from trainer.optim import decay_groups, lr_multiplier
 
 
 def _generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -62,7 +63,8 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, cfg: JobConfig, info: DistInfo, manifest: Manifest) -> None:
+    def __init__(self, cfg: JobConfig, info: DistInfo, manifest: Manifest, total_steps: int | None = None) -> None:
+        """``total_steps``: where the learning-rate schedule ends (default ``train.steps``)."""
         import deepspeed
 
         # DeepSpeed builds a shared-memory comm op (~30 s) on first init on a new machine; gloo/nccl suffice.
@@ -85,21 +87,17 @@ class Engine:
             info.device,
             batch_size=cfg.data.batch_size,
             hbm_cap=hbm_cap,
-            lookups=embedding_lookups(cfg),
+            lookups=embedding_lookups(cfg, self.item_rows),
         )
 
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
         dense = build_dense(cfg)
         self.init_weights(dense)
+        o = cfg.optim
         optim = torch.optim.AdamW(
-            dense.parameters(),
-            lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
+            decay_groups(dense, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps
         )
-        warmup = cfg.optim.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_multiplier(o, total_steps or cfg.train.steps))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=dense,
             optimizer=optim,
@@ -108,6 +106,7 @@ class Engine:
             dist_init_required=False,
         )
         self.bf16 = cfg.deepspeed.precision == "bf16"
+        self.full_softmax = cfg.heads.next_item.full(self.item_rows)
         self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)
 
     def init_weights(self, dense: torch.nn.Module) -> None:
@@ -124,14 +123,14 @@ class Engine:
         ni = self.cfg.heads.next_item
         dev = self.info.device
         g = _generator(self.cfg.train.seed, step, self.info.rank)
-        if ni.full_softmax:  # every item once: expected count 1, logQ = 0
+        if self.full_softmax:  # every item once: expected count 1, logQ = 0
             neg_ids, k_u = torch.arange(self.item_rows), self.item_rows
         else:
             neg_ids, k_u = torch.randint(0, self.item_rows, (ni.uniform_negatives,), generator=g), ni.uniform_negatives
         item, side, neg = self.lookup(batch, neg_ids)
         lengths = batch.lengths.to(dev)
         tgt = target_index(lengths)
-        k_b = 0 if ni.full_softmax else min(ni.in_batch_negatives, int(tgt.numel()))
+        k_b = 0 if self.full_softmax else min(ni.in_batch_negatives, int(tgt.numel()))
         sel = torch.randperm(int(tgt.numel()), generator=g)[:k_b].to(dev)
         item_ids = torch.remainder(batch.values["item"].to(dev), self.item_rows)
         neg_ids = neg_ids.to(dev)
@@ -174,6 +173,13 @@ class Engine:
         if self.info.world_size > 1:
             t = t.to(self.info.device, torch.float64)
             dist.all_reduce(t)
+        return t.cpu()
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``t`` on every rank (collective)."""
+        if self.info.world_size > 1:
+            t = t.to(self.info.device, torch.float64)
+            dist.broadcast(t, src)
         return t.cpu()
 
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from trainer import checkpoint
@@ -96,7 +97,7 @@ def rank_split(
     """
     num_items = len(item_counts)
     prefix = "" if full else "sampled_"
-    pop_scores = popularity_scores(item_counts)  # once: the same for every user and batch
+    pop_scores = popularity_scores(np.array(item_counts))  # a copy: the counts may be a read-only memmap
     pop_rank = item_ranks(pop_scores)
     acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
     gen = torch.Generator().manual_seed(seed)

@@ -174,7 +174,7 @@ def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:
     The trainer's tflops/mfu(%) and the capacity planner both use this.
     """
     ni = cfg.heads.next_item
-    candidates = item_rows if ni.full_softmax else ni.uniform_negatives + ni.in_batch_negatives
+    candidates = item_rows if ni.full(item_rows) else ni.uniform_negatives + ni.in_batch_negatives
     return encoder_flops_per_interaction(cfg) + head_flops_per_token(
         cfg.embeddings.item_dim, 1 + candidates, training=True
     )

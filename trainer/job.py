@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,19 +19,9 @@ from trainer.config import ConfigError
 from trainer.data.loader import ShardLoader
 from trainer.model.argus import HeadsConfig, ModelConfig
 from trainer.model.two_tower import FinetuneConfig
+from trainer.optim import OptimConfig
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-
-
-@dataclass
-class OptimConfig:
-    """Dense optimizer (AdamW, a plain torch optimizer: DeepSpeed compiles nothing for it)."""
-
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
-    warmup_steps: int = 0
 
 
 @dataclass
@@ -50,6 +41,7 @@ class DeepSpeedSection:
 @dataclass
 class TrainSection:
     steps: int = 100
+    epochs: float = 0  # > 0: train this many passes over the training split instead of `steps`
     gradient_accumulation_steps: int = 1
     global_batch_size: int = 0  # 0 = data.batch_size x world size; set it to have the world size checked
     log_every: int = 10
@@ -68,6 +60,27 @@ class EvalSection:
     max_users: int = 0  # 0 = all
     full_ranking_max_items: int = 5_000_000  # larger catalogs use sampled ranking (labelled "sampled_")
     sampled_negatives: int = 1000
+    # Validation during training (model selection): every `every` steps the run writes a checkpoint, ranks
+    # the `val_split` with it (trainer/evaluate.py, the code `argus eval` runs) and points checkpoints/best at
+    # the best one by `select`; `patience` validations without improvement stop the run (0 = never).
+    every: int = 0  # steps; 0 = no validation
+    select: str = "ndcg@10"  # hr@K | ndcg@K | recall@K, K in eval.ks
+    patience: int = 0
+    val_split: str = "val"
+    val_max_users: int = 0  # 0 = every validation user
+
+    def validate(self, where: str = "eval") -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"{where}.ks: expected positive cutoffs, got {self.ks}")
+        if self.every < 0 or self.patience < 0 or self.val_max_users < 0 or self.max_users < 0:
+            raise ValueError(f"{where}.every, patience, max_users and val_max_users must be >= 0")
+        name, _, k = self.select.partition("@")
+        if name not in ("hr", "ndcg", "recall") or not k.isdigit() or int(k) not in self.ks:
+            raise ValueError(
+                f"{where}.select: expected hr@K, ndcg@K or recall@K with K in {where}.ks {self.ks}, got {self.select!r}"
+            )
+        if self.patience and not self.every:
+            raise ValueError(f"{where}.patience: needs {where}.every > 0 (early stopping watches validation)")
 
 
 @dataclass
@@ -92,6 +105,12 @@ class JobConfig:
         "embeddings.num_contexts": "model.num_contexts",
         "embeddings.side_sharding": None,  # the side tables are dense parameters now, never sharded by TorchRec
     }
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` passes of ``batches_per_epoch``."""
+        if self.train.epochs > 0:
+            return max(1, math.ceil(self.train.epochs * batches_per_epoch))
+        return self.train.steps
 
     def tokens_per_interaction(self) -> int:
         return self.model.tokens_per_interaction
@@ -141,6 +160,9 @@ class JobConfig:
         t = self.train
         if t.steps < 1:
             raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
+        if t.epochs < 0:
+            raise ConfigError(f"train.epochs: must be >= 0, got {t.epochs}")
+        self.eval.validate("eval")
         if t.gradient_accumulation_steps != 1:
             raise ConfigError(
                 "train.gradient_accumulation_steps: must be 1 — the TorchRec fused optimizer updates "
@@ -170,8 +192,7 @@ class JobConfig:
             raise ConfigError("deepspeed.offload: needs deepspeed.stage=3")
         if ds.gradient_clipping < 0:
             raise ConfigError(f"deepspeed.gradient_clipping: must be >= 0, got {ds.gradient_clipping}")
-        if len(self.optim.betas) != 2:
-            raise ConfigError("optim.betas: expected two numbers")
+        self.optim.validate("optim")
         self.deepspeed_config(world_size or 1)  # the JSON must agree with the run
 
     def deepspeed_config(self, world_size: int) -> dict[str, Any]:

@@ -171,7 +171,8 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
         layers = enc.n_layers * tokens * d * w
     else:
         layers = enc.n_layers * tokens * per_layer_token
-    candidates = 1 + (ni.uniform_negatives + ni.in_batch_negatives if not ni.full_softmax else 0)
+    rows = emb.item_rows or None  # the catalog, when the config pins it (a full softmax scores all of it)
+    candidates = 1 + ((rows or 0) if ni.full(rows) else ni.uniform_negatives + ni.in_batch_negatives)
     fb_hidden = cfg.heads.feedback.hidden or d
     other = (
         targets
@@ -241,9 +242,11 @@ def embedding_hbm_budget(
     return max(capacity - headroom(capacity, headroom_fraction) - non_embedding_bytes(cfg, world, gpus_per_node), 0)
 
 
-def embedding_lookups(cfg: JobConfig) -> tuple[float, float]:
-    """(item lookups, uniform negatives) per sample: TorchRec's pooling factors for our features (a full
-    context: training and the planner size TorchRec's buffers for the worst case)."""
+def embedding_lookups(cfg: JobConfig, num_items: int | None = None) -> tuple[float, float]:
+    """(item lookups, negative lookups) per sample: TorchRec's pooling factors for our features (a full
+    context: training and the planner size TorchRec's buffers for the worst case). A full softmax looks up
+    the whole catalog of ``num_items`` once per batch."""
     ni = cfg.heads.next_item
-    negatives = 0 if ni.full_softmax else ni.uniform_negatives
+    rows = num_items or cfg.embeddings.item_rows or None
+    negatives = rows if ni.full(rows) and rows else ni.uniform_negatives
     return float(cfg.interactions_per_sample()), negatives / cfg.data.batch_size

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +15,7 @@ import torch
 
 from embeddings.sharding import plan_summary
 from trainer import checkpoint
-from trainer.config import save_config
+from trainer.config import ConfigError, save_config
 from trainer.data.batch import Batch
 from trainer.data.manifest import Manifest
 from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType
@@ -25,6 +27,78 @@ from trainer.logger import MetricsLogger, StepTimer, peak_memory_bytes
 from trainer.model.heads import ne_from_stats
 
 log = logging.getLogger(__name__)
+
+
+class Validation:
+    """Model selection state: the best validation value so far, its checkpoint (``checkpoints/best``), and
+    early stopping. Kept in ``RUN/validation.jsonl`` (one record per validation), so a resumed run picks up
+    where it stopped; every rank holds the same state (the values are broadcast from rank 0)."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path) -> None:
+        self.select, self.patience = cfg.eval.select, cfg.eval.patience
+        self.keep_every = cfg.train.checkpoint_every
+        self.run_dir = run_dir
+        self.path = run_dir / "validation.jsonl"
+        self.best = float("-inf")
+        self.best_step = -1
+        self.since_best = 0
+        self.stop = False
+        self._prunable: list[Path] = []  # validation checkpoints to remove once neither best nor newest
+
+    def restore(self, step: int) -> None:
+        """Replay the records of validations up to ``step`` (a resumed run)."""
+        if not self.path.is_file():
+            return
+        for line in self.path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["step"] <= step:
+                self._update(rec["step"], rec[self.select])
+
+    def _update(self, step: int, value: float) -> bool:
+        better = value > self.best  # NaN (no validation users) is never better
+        if better:
+            self.best, self.best_step, self.since_best = value, step, 0
+        else:
+            self.since_best += 1
+        self.stop = bool(self.patience) and self.since_best >= self.patience
+        return better
+
+    def add(self, step: int, value: float, path: Path, elapsed_s: float, rank: int) -> None:
+        better = self._update(step, value)
+        if rank != 0:
+            return
+        if better:
+            checkpoint.set_pointer(self.run_dir, checkpoint.BEST, path)
+        # Validation checkpoints that are neither best nor the newest are removed, unless train.checkpoint_every
+        # asked for them: validating every few steps must not fill the disk.
+        best = checkpoint.best_checkpoint(self.run_dir)
+        keep = self.keep_every and step % self.keep_every == 0
+        candidates = self._prunable + ([] if keep else [path])
+        for old in candidates:
+            if old not in (path, best):
+                shutil.rmtree(old, ignore_errors=True)
+        self._prunable = [p for p in candidates if p in (path, best)]
+        rec = {
+            "step": step,
+            self.select: value,
+            "best": self.best,
+            "best_step": self.best_step,
+            "checkpoint": path.name,
+            "elapsed_s": round(elapsed_s, 3),
+            "time": time.time(),
+            "stop": self.stop,
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.stop:
+            log.warning(
+                "early stop at step %d: %s has not improved for %d validations (best %.4f at step %d)",
+                step,
+                self.select,
+                self.patience,
+                self.best,
+                self.best_step,
+            )
 
 
 class Trainer:
@@ -39,8 +113,16 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.manifest = Manifest.load(cfg.data.path)
         self.loader = cfg.loader_config().build(self.info.rank, self.info.world_size, self.manifest)
-        self.engine = self.engine_class(cfg, self.info, self.manifest)
+        self.total_steps = cfg.total_steps(self.loader.batches_per_epoch())
+        if cfg.eval.every and cfg.eval.val_split not in self.manifest.splits:
+            raise ConfigError(
+                f"eval.val_split: {cfg.data.path} has no split {cfg.eval.val_split!r} to validate on "
+                f"(splits: {', '.join(self.manifest.splits)}); write one with --holdout, or set eval.every=0"
+            )
+        self.engine = self.engine_class(cfg, self.info, self.manifest, self.total_steps)
         self.step = 0
+        self.validation = Validation(cfg, self.run_dir)
+        self.t_start = time.time()
         if self.info.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -53,6 +135,7 @@ class Trainer:
         self.mid_checkpoint: Callable[["Trainer", Path], None] | None = None
         self.on_checkpoint: Callable[["Trainer", Path], None] | None = None
         self._restored = False
+        self._ne_noted: set[str] = set()
 
     def restore(self, path: Path) -> None:
         """Continue from checkpoint directory ``path`` (collective)."""
@@ -87,16 +170,19 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         cfg = self.cfg
+        total = self.total_steps
         self.maybe_resume()
+        self.validation.restore(self.step)
         start = self.step
         timer = StepTimer(self.info.device)
         window: list[StepOutput] = []
         last: dict[str, float] = {}
         t_window = time.perf_counter()
-        with MetricsLogger(self.run_dir, rank=self.info.rank, total_steps=cfg.train.steps) as logger:
-            while self.step < cfg.train.steps:
+        saved_at = -1
+        with MetricsLogger(self.run_dir, rank=self.info.rank, total_steps=total) as logger:
+            while self.step < total and not self.validation.stop:
                 batches = iter(self.loader)  # the rest of this epoch, then the next
-                while self.step < cfg.train.steps:
+                while self.step < total and not self.validation.stop:
                     with timer.data():
                         batch = next(batches, None)
                     if batch is None:
@@ -106,19 +192,50 @@ class Trainer:
                     self.step += 1
                     if cfg.train.log_sample_keys:
                         self._log_keys(batch.keys)
-                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    if self.step % cfg.train.log_every == 0 or self.step == total:
                         last = self._metrics(window, time.perf_counter() - t_window, timer)
                         logger.log(self.step, last)
                         window, t_window = [], time.perf_counter()
                         timer.reset()
-                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                        self.save()
+                    validate = cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == total)
+                    if validate or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
+                        path = self.save()
+                        saved_at = self.step
+                        if validate:
+                            last.update(self.validate(path, logger))
                     if self.after_step is not None:
                         self.after_step(self, self.step)
-            saved = cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0
-            if self.step > start and not saved:
+            if self.step > start and saved_at != self.step:
                 self.save()
         return last
+
+    def validate(self, path: Path, logger: MetricsLogger) -> dict[str, float]:
+        """Rank the validation split with checkpoint ``path`` (rank 0; the others wait), keep ``best``, decide
+        on early stopping; the same decision on every rank. Returns the ``eval/`` metrics."""
+        ev = self.cfg.eval
+        values = torch.full((1 + 2 * len(ev.ks),), float("nan"), dtype=torch.float64)
+        if self.info.rank == 0:
+            from trainer.evaluate import evaluate  # it imports checkpoint loading; training may never validate
+
+            rep = evaluate(
+                self.run_dir,
+                self.cfg.data.path,
+                split=ev.val_split,
+                ks=ev.ks,
+                max_users=ev.val_max_users,
+                checkpoint_path=path,
+            )["model"]
+            keys = [ev.select] + [f"{m}@{k}" for m in ("hr", "ndcg") for k in ev.ks]
+            values = torch.tensor([rep[k] for k in keys], dtype=torch.float64)
+        values = self.engine.broadcast(values)
+        metrics = {
+            f"eval/{m}@{k}": float(v)
+            for (m, k), v in zip([(m, k) for m in ("hr", "ndcg") for k in ev.ks], values[1:].tolist())
+        }
+        self.validation.add(self.step, float(values[0]), path, time.time() - self.t_start, self.info.rank)
+        metrics[f"eval/best_{ev.select}"] = self.validation.best
+        logger.log(self.step, metrics)
+        return metrics
 
     def step_fn(self, batch: Batch) -> Any:
         """One optimizer step on one batch; its result goes to :meth:`_metrics`."""
@@ -149,7 +266,12 @@ class Trainer:
                         stats[0] += o.ne[head][0]
                         stats[1:] += o.ne[head][1]
                 stats = self.engine.all_reduce_sum(stats)
-                out[f"ne/{head}"] = ne_from_stats(float(stats[0]), stats[1:])
+                ne = ne_from_stats(float(stats[0]), stats[1:])
+                if not math.isnan(ne):
+                    out[f"ne/{head}"] = ne
+                elif head not in self._ne_noted and self.info.rank == 0 and int((stats[1:] > 0).sum()) < 2:
+                    self._ne_noted.add(head)  # a target the data never varies (no played ratio, no likes)
+                    log.warning("ne/%s left out: every %s target so far has the same value", head, head)
         interactions = out.pop("interactions") * self.info.world_size
         seconds = max(seconds, 1e-9)
         k = self.cfg.tokens_per_interaction()

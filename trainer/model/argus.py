@@ -56,7 +56,7 @@ class HeadsConfig:
         self.feedback.validate(f"{where}.feedback")
         if ni.weight == 0 and self.feedback.weight == 0:
             raise ValueError(f"{where}: next_item.weight and feedback.weight are both 0: nothing to train")
-        if ni.weight > 0 and ni.uniform_negatives == 0 and ni.in_batch_negatives == 0 and not ni.full_softmax:
+        if ni.weight > 0 and ni.uniform_negatives == 0 and ni.in_batch_negatives == 0 and ni.full_softmax is False:
             raise ValueError(f"{where}.next_item: needs uniform_negatives > 0 or in_batch_negatives > 0")
 
 

@@ -20,12 +20,16 @@ from torch.utils.checkpoint import checkpoint
 
 # Sizes the encoder presets are named by: blocks + final LayerNorm, position table excluded.
 PRESETS: dict[str, dict[str, int]] = {
+    "nano": {"d_model": 64, "n_layers": 4, "n_heads": 2, "d_ff": 256},  # ~0.2M: small public datasets
     "mini": {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 1024},  # ~3.2M
     "small": {"d_model": 512, "n_layers": 4, "n_heads": 8, "d_ff": 2048},  # ~12.6M
     "medium": {"d_model": 1024, "n_layers": 8, "n_heads": 16, "d_ff": 4096},  # ~100M
     "large": {"d_model": 2048, "n_layers": 20, "n_heads": 16, "d_ff": 8192},  # ~1.0B
 }
 SIZE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
+# Residual and embedding dropout by preset: the small presets meet small datasets, which they overfit
+# within a few epochs (issue #11); the paper-scale presets see each interaction about once.
+PRESET_DROPOUT: dict[str, float] = {"nano": 0.2, "mini": 0.1, "small": 0.1, "medium": 0.0, "large": 0.0}
 MAX_CONTEXT = 8192
 INIT_STD = 0.02
 
@@ -48,7 +52,7 @@ class _Embedding(nn.Embedding):
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention: fused qkv projection + SDPA."""
+    """Multi-head causal self-attention: fused qkv projection + SDPA (``dropout``: on attention probabilities)."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float, out_std: float) -> None:
         super().__init__()
@@ -68,10 +72,12 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, out_std: float) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, d_ff: int, dropout: float, out_std: float, attn_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads, dropout, out_std)
+        self.attn = Attention(d_model, n_heads, attn_dropout, out_std)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff1 = _Linear(d_model, d_ff)
         self.ff2 = _Linear(d_ff, d_model, std=out_std)
@@ -93,13 +99,17 @@ class Encoder(nn.Module):
         n_heads: int = 0
         d_ff: int = 0
         max_seq_len: int = 512  # positions (context length), <= MAX_CONTEXT
-        dropout: float = 0.0
+        dropout: float | None = None  # residual + embedding dropout; None = the preset's (PRESET_DROPOUT)
+        attn_dropout: float = 0.0  # on attention probabilities (SDPA's dropout_p)
         activation_checkpointing: bool = False
 
         def resolved(self) -> "Encoder.Config":
-            """A copy with the preset's sizes filled in where this config leaves them 0."""
+            """A copy with the preset's sizes (where this config leaves them 0) and dropout (None) filled in."""
             base = PRESETS.get(self.preset, {})
-            return dataclasses.replace(self, **{k: getattr(self, k) or base.get(k, 0) for k in SIZE_KEYS})
+            dropout = PRESET_DROPOUT.get(self.preset, 0.0) if self.dropout is None else self.dropout
+            return dataclasses.replace(
+                self, dropout=dropout, **{k: getattr(self, k) or base.get(k, 0) for k in SIZE_KEYS}
+            )
 
         def validate(self, where: str = "model") -> None:
             def bad(key: str, msg: str) -> ValueError:
@@ -122,8 +132,9 @@ class Encoder(nn.Module):
                 raise bad("max_seq_len", f"must be >= 1, got {self.max_seq_len}")
             if self.max_seq_len > MAX_CONTEXT:
                 raise bad("max_seq_len", f"{self.max_seq_len} exceeds the longest context {MAX_CONTEXT}")
-            if not 0.0 <= self.dropout < 1.0:
-                raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+            for key in ("dropout", "attn_dropout"):
+                if not 0.0 <= getattr(r, key) < 1.0:
+                    raise bad(key, f"must be in [0, 1), got {getattr(r, key)}")
 
         def build(self) -> "Encoder":
             return Encoder(self)
@@ -136,7 +147,8 @@ class Encoder(nn.Module):
         self.pos = _Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, out_std) for _ in range(cfg.n_layers)
+            Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, out_std, cfg.attn_dropout)
+            for _ in range(cfg.n_layers)
         )
         self.norm = nn.LayerNorm(cfg.d_model)
 

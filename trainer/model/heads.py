@@ -18,6 +18,10 @@ from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType, played_bucket
 
 EVENT_CLASSES = len(EventType)  # listen, like, dislike, unlike, undislike, skip
 LOG_Q_FLOOR = 1e-12  # expected counts below this are clamped before the log
+# `full_softmax: auto` scores the whole catalog when it has at most this many times the sampled candidates
+# (uniform + in-batch): below it a full softmax costs about what sampling costs and is exact (no sampling
+# noise, no logQ). Measured by bench/full_softmax_threshold.py (docs/benchmarks.md).
+FULL_SOFTMAX_MULTIPLE = 8
 
 
 def score(h: Tensor, item_emb: Tensor, normalize: bool, temperature: float) -> Tensor:
@@ -85,7 +89,9 @@ class NextItemHead:
         temperature: float = 0.05
         normalize: bool = True  # cosine (L2-normalised) vs raw dot product
         weight: float = 1.0
-        full_softmax: bool = False  # score against the whole catalog (small catalogs, ablations)
+        # true: score against the whole catalog; false: sampled + logQ; auto: full when the catalog has at most
+        # FULL_SOFTMAX_MULTIPLE x (uniform_negatives + in_batch_negatives) items
+        full_softmax: bool | str = "auto"
 
         def validate(self, where: str = "loss.next_item") -> None:
             def bad(key: str, msg: str) -> ValueError:
@@ -99,6 +105,15 @@ class NextItemHead:
                 raise bad("temperature", f"must be > 0, got {self.temperature}")
             if self.weight < 0:
                 raise bad("weight", f"must be >= 0, got {self.weight}")
+            if self.full_softmax not in (True, False, "auto"):
+                raise bad("full_softmax", f"must be true, false or auto, got {self.full_softmax!r}")
+
+        def full(self, num_items: int | None) -> bool:
+            """Whether training scores the whole catalog of ``num_items`` (None: unknown, so only when forced)."""
+            if self.full_softmax != "auto":
+                return bool(self.full_softmax)
+            sampled = self.uniform_negatives + self.in_batch_negatives
+            return num_items is not None and (sampled == 0 or num_items <= FULL_SOFTMAX_MULTIPLE * sampled)
 
 
 NextItemLossConfig = NextItemHead.Config
