@@ -11,8 +11,9 @@ feedback head's normalized entropy is computed on the targets, teacher-forced
 data never varies (no played ratio, no likes) is left out with a note.
 
 :func:`rank_split` is the ranking core, shared with the reference SASRec
-(``bench/reference_sasrec.py``): any model that maps a batch to catalog scores
-is scored by exactly the same code.
+(``bench/reference_sasrec.py``) and the oracle of synthetic data
+(:func:`oracle_report`, the ceiling for ``model / oracle`` NDCG): any model
+that maps a batch to catalog scores is scored by exactly the same code.
 
 Deterministic: the same checkpoint and data give byte-identical JSON.
 """
@@ -30,6 +31,7 @@ from trainer import checkpoint
 from trainer.data.batch import Batch
 from trainer.data.loader import ShardLoader
 from trainer.data.manifest import Manifest
+from trainer.data.oracle import SynthOracle
 from trainer.data.schema import played_bucket
 from trainer.metrics import RankingAccumulator, item_ranks, popularity_scores, ranks_of_targets, sampled_ranks
 from trainer.model.argus import target_index
@@ -123,6 +125,59 @@ def rank_split(
             break
     out.model, out.popularity = acc_model.compute(), acc_pop.compute()
     return out
+
+
+def oracle_report(
+    data_dir: str | Path,
+    split: str = "test",
+    ks: list[int] | None = None,
+    batch_size: int = 0,
+    max_users: int = 0,
+    taste: str = "drifted",
+) -> dict[str, Any]:
+    """Ranking metrics of the oracle of a synthetic ``loo`` dataset (``trainer.data.oracle``), next to popularity.
+
+    The oracle ranks each user's catalog by their true distribution of the held-out row; it goes through
+    :func:`rank_split` like any model, on the same targets and with the same tie rule, so ``model / oracle``
+    of the same metric is meaningful. ``expected`` holds HR@K and NDCG@K averaged over the oracle's own
+    distribution (what the realised targets estimate, without their sampling noise). ``taste="initial"``
+    ranks with the users' initial instead of drifted taste (a diagnostic). Always full ranking.
+    """
+    ks = list(ks or [10, 100])
+    oracle = SynthOracle(data_dir, taste=taste)
+    manifest = oracle.manifest
+    batch_size = batch_size or max(1, min(256, (1 << 24) // max(1, manifest.num_items)))
+    loader = eval_loader(data_dir, manifest, split, batch_size, 2)  # the oracle needs no context beyond the last row
+    expected = {f"{m}@{k}": 0.0 for m in ("hr", "ndcg") for k in ks}
+    gains = 1.0 / torch.log2(torch.arange(max(ks), dtype=torch.float64) + 2.0)
+    target_p: list[torch.Tensor] = []
+
+    def scores_fn(batch: Batch, t: EvalTargets) -> torch.Tensor:
+        probs = torch.from_numpy(oracle.probs(batch.users.numpy(), split))
+        prev = batch.values["item"][t.flat - 1]  # the row before each target (one target per sample under loo)
+        if not torch.equal(prev, torch.from_numpy(oracle.state(batch.users[t.owner].numpy(), split)["prev_item"])):
+            raise ValueError(f"{data_dir}: the truth files do not match the {split} shards (previous items differ)")
+        top = probs[t.owner].topk(max(ks), dim=1).values
+        for k in ks:
+            expected[f"hr@{k}"] += float(top[:, :k].sum())
+            expected[f"ndcg@{k}"] += float((top[:, :k] * gains[:k]).sum())
+        target_p.append(probs[t.owner, t.items])
+        return probs
+
+    r = rank_split(loader, scores_fn, np.array(manifest.item_counts("train")), ks, max_users=max_users)
+    tp = torch.cat(target_p) if target_p else torch.zeros(0, dtype=torch.float64)
+    return {
+        "split": split,
+        "ranking": r.ranking,
+        "taste": taste,
+        "users": r.users,
+        "users_without_history": r.users_without_history,
+        "oracle": r.model,
+        "popularity": r.popularity,
+        "lift": {k: (v / r.popularity[k] if r.popularity[k] else None) for k, v in r.model.items() if "@" in k},
+        "expected": {k: v / max(1, int(tp.numel())) for k, v in expected.items()},
+        "mean_target_p": float(tp.mean()) if tp.numel() else float("nan"),
+    }
 
 
 @torch.no_grad()

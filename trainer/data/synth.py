@@ -48,7 +48,15 @@ or one user's history when that is longer), never a whole shard.
 
 Ground truth goes to ``truth/items.npz`` (written by the parent) and
 ``truth/users-{index:06d}.npz`` (one per shard, written by its worker); see
-:func:`load_truth`.
+:func:`load_truth`. Since generator version 2 the user truth also holds the
+**oracle state** (``oracle_*`` arrays, ``[users, 2, ...]``): the generator's
+state right before each user's second-to-last and last row (the ``loo``
+validation and test targets): the drifted taste of the previous play's session,
+that session's hour of the week and surface, the previous play's item and the
+probability that the row repeats it as a LIKE/DISLIKE/UN* row.
+:mod:`trainer.data.oracle` turns it into the true next-item distribution;
+``trainer.evaluate.oracle_report`` ranks with it. Version 2 changed no history:
+the shards are byte-identical to version 1's.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ from trainer.data.schema import DAY, FIELDS, HOURS_PER_WEEK, IMPRESSION_FIELDS, 
 from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize
 
 GENERATOR = "argus-synth"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: truth/users-*.npz hold the oracle state (histories unchanged since 1)
 
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z, a Monday: hour of week = (t - T0) // 3600 % 168
 
@@ -425,9 +433,12 @@ class _Batch:
     cols: dict[str, np.ndarray]  # FIELDS columns, storage dtypes
     truth: dict[str, np.ndarray]  # per-user truth rows
     imps: dict[str, np.ndarray] | None = None  # impression columns + "user_ptr" [B+1] into imp_time
+    probe: dict[str, np.ndarray] | None = None  # oracle state before every row (``probe=True``; tests)
 
 
-def _gen_batch(world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int, u1: int) -> _Batch:
+def _gen_batch(
+    world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int, u1: int, probe: bool = False
+) -> _Batch:
     B = u1 - u0
     C = world.num_clusters
     K = TASTE_SUPPORT
@@ -515,7 +526,8 @@ def _gen_batch(world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int
     sel_cum = np.cumsum(e * world.expmod_flat[sup_s * HOURS_PER_WEEK + how[None, :]], axis=0)
 
     # -- events: surface, organic, cluster, item ------------------------------------------------------------------
-    ctx = CONTEXTS[np.searchsorted(_CONTEXT_CDF, rng.random(S), side="right").clip(0, 3)][sess_id]
+    sess_ctx = CONTEXTS[np.searchsorted(_CONTEXT_CDF, rng.random(S), side="right").clip(0, 3)]
+    ctx = sess_ctx[sess_id]
     other = np.flatnonzero(rng.random(N) >= CONTEXT_KEEP)
     ctx[other] = CONTEXTS[np.searchsorted(_CONTEXT_CDF, rng.random(other.shape[0]), side="right").clip(0, 3)]
     organic = rng.random(N) < ORGANIC_P[ctx]
@@ -606,6 +618,40 @@ def _gen_batch(world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int
     imps = None
     if cfg.impressions:
         imps = _gen_impressions(world, cfg, u0, act_start, act_end, sess_user, start, u_first_sess, p_taste, support)
+
+    # -- the oracle's state before each user's last two rows (the loo validation and test targets) ---------------------
+    def oracle_state(rows: np.ndarray) -> dict[str, np.ndarray]:
+        """What the distribution of output row ``rows`` depends on, fixed before it (each row has a predecessor
+        of the same user). Computed from the draws above: no extra random numbers, the stream is unchanged."""
+        j = src[rows - 1]  # the play the previous row belongs to
+        prev_event = event[rows - 1]
+        p_like = np.where(skip[j], 0.0, _sigmoid(1.5 * aff[j] - 4.5))
+        p_dislike = _sigmoid(-1.0 * aff[j] - 5.5 + 1.0 * skip[j])
+        repeat = np.where(
+            played_out[rows - 1] != PLAYED_NA,
+            p_like + (1.0 - p_like) * p_dislike,  # a LIKE/DISLIKE row follows the play
+            np.where((prev_event == EventType.LIKE) | (prev_event == EventType.DISLIKE), UNDO_P, 0.0),
+        )
+        s = sess_id[j]
+        return {
+            "taste": p_taste[:, s].T,
+            "how": how[s],
+            "context": sess_ctx[s],
+            "prev_item": item[j],
+            "repeat_p": repeat,
+        }
+
+    out_ptr = np.concatenate([[0], np.cumsum(out_n)])
+    held = out_ptr[1:, None] - np.array([2, 1])[None, :]  # [B, 2]: second-to-last, last row
+    has = held > out_ptr[:-1, None]  # the row exists and has a predecessor
+    st = {k: v.reshape((B, 2) + v.shape[1:]) for k, v in oracle_state(np.where(has, held, 1).ravel()).items()}
+    ostate = {  # [B, 2, ...]: (second-to-last, last row); -1 / 0 where the user has no such row
+        "oracle_taste": np.where(has[:, :, None], st["taste"], 0.0).astype(np.float32),  # [B, 2, K] drifted taste
+        "oracle_how": np.where(has, st["how"], -1).astype(np.int16),  # hour of week of the previous play's session
+        "oracle_context": np.where(has, st["context"], -1).astype(np.int8),  # that session's surface
+        "oracle_prev_item": np.where(has, st["prev_item"], -1).astype(world.perm.dtype),  # the previous play's item
+        "oracle_repeat_p": np.where(has, st["repeat_p"], 0.0).astype(np.float32),  # P(row repeats prev_item)
+    }
     truth = {
         "user": np.arange(u0, u1, dtype=np.int64),
         "taste_support": support.astype(np.int32),  # [B, K] cluster of each taste slot
@@ -614,8 +660,22 @@ def _gen_batch(world: World, cfg: SynthConfig, rng: np.random.Generator, u0: int
         "active_start": act_start,
         "active_end": act_end,
         "length": out_n.astype(np.int64),  # interactions written for the user (all splits together)
+        **ostate,
     }
-    return _Batch(users=truth["user"], ptr=np.concatenate([[0], np.cumsum(out_n)]), cols=cols, truth=truth, imps=imps)
+    probe_rows = None
+    if probe:  # every row with a predecessor (for tests): the oracle state before it, and the row's item
+        out_user = np.repeat(np.arange(B), out_n)
+        rows = np.flatnonzero(out_user[1:] == out_user[:-1]) + 1
+        probe_rows = {
+            **oracle_state(rows),
+            "user": u0 + out_user[rows],
+            "pos": rows - out_ptr[out_user[rows]],  # the row's position in the user's history
+            "item": cols["item"][rows].astype(np.int64),
+            "support": support[out_user[rows]],
+            "initial_taste": taste[out_user[rows]],
+            "drift_step": drift[out_user[rows]],
+        }
+    return _Batch(users=truth["user"], ptr=out_ptr, cols=cols, truth=truth, imps=imps, probe=probe_rows)
 
 
 def _gen_impressions(
@@ -724,6 +784,24 @@ def iter_users_with_impressions(
             yield user, {k: v[s:e] for k, v in cols.items()}, user_imps
 
 
+def probe_states(cfg: SynthConfig, index: int) -> dict[str, np.ndarray]:
+    """The oracle state before every row of shard ``index`` that has a predecessor, with the row's item.
+
+    For checking the oracle away from the end of histories (tests): the same state as the truth files
+    store for the held-out rows, at every position. Holds the whole shard in memory.
+    """
+    world = World(cfg.items, cfg.clusters, cfg.seed)
+    rng = np.random.default_rng([cfg.seed, _TAG_SHARD, index])
+    lo, hi = cfg.user_range(index)
+    parts: dict[str, list[np.ndarray]] = {}
+    for b0 in range(lo, hi, cfg.batch_users):
+        batch = _gen_batch(world, cfg, rng, b0, min(hi, b0 + cfg.batch_users), probe=True)
+        assert batch.probe is not None
+        for k, v in batch.probe.items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
 def _write_shard(args: tuple[str, int, SynthConfig]) -> ShardResult:
     out, index, cfg = args
     writer = ShardSetWriter(out, index, cfg.holdout_spec(), cfg.max_len, impressions_test_start=cfg.imp_test_start)
@@ -748,7 +826,12 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def load_truth(root: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(item/world truth, per-user truth concatenated over shards in user order) of a synth dataset."""
+    """(item/world truth, per-user truth concatenated over shards in user order) of a synth dataset.
+
+    Per user: ``user``, ``taste_support`` / ``taste`` (initial), ``drift_step``, ``active_start`` /
+    ``active_end``, ``length``, and (version >= 2) the oracle state ``oracle_taste``, ``oracle_how``,
+    ``oracle_context``, ``oracle_prev_item``, ``oracle_repeat_p`` (see the module docstring).
+    """
     root = Path(root)
     m = Manifest.load(root)
     if m.source.get("kind") != "synth":
