@@ -75,6 +75,7 @@ class RefConfig:
     # No early stop before this many epochs: with few steps per epoch (small data, big batches) val can dip
     # while the model moves past popularity, and patience alone then stops below the popularity baseline.
     min_epochs: int = 0
+    max_seconds: float = 0  # stop after the first evaluation past this many seconds of training (0 = no cap)
     select: str = "ndcg@10"  # the val metric that picks the best state
     ks: list[int] = field(default_factory=lambda: [10, 100])
     eval_batch_size: int = 256
@@ -281,7 +282,7 @@ def _run(data_dir: Path, cfg: RefConfig, say: Callable[[str], None]) -> dict[str
     history: list[dict[str, Any]] = []
     losses: list[float] = []  # mean training loss of every epoch
     best: dict[str, Any] = {"value": -math.inf, "epoch": None, "step": 0, "val": None, "time": None, "state": None}
-    step, stale = 0, 0
+    step, stale, capped = 0, 0, False
     val_popularity: dict[str, float] = {}
     model.train()
     for epoch in range(cfg.epochs):
@@ -330,12 +331,17 @@ def _run(data_dir: Path, cfg: RefConfig, say: Callable[[str], None]) -> dict[str
         )
         if cfg.patience > 0 and stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
             break
+        if cfg.max_seconds and time.time() - t_start > cfg.max_seconds:
+            capped = True
+            break
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     test = evaluate(model, data_dir, manifest, "test", cfg) if "test" in manifest.splits else None
     t_end = time.time()
     notes = []
+    if capped:
+        notes.append(f"stopped by the time cap (--max-seconds {cfg.max_seconds:g}) after {len(losses)} epochs")
     if best["val"] and not best["val"][cfg.select] > val_popularity.get(cfg.select, math.inf):
         notes.append(
             f"the selected state is not better than popularity on val ({cfg.select} {best['val'][cfg.select]:.4f} vs "
@@ -414,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every-epochs", type=int, default=d.eval_every_epochs)
     p.add_argument("--patience", type=int, default=d.patience, help="evaluations without improvement (0 = off)")
     p.add_argument("--min-epochs", type=int, default=d.min_epochs, help="no early stop before this many epochs")
+    p.add_argument("--max-seconds", type=float, default=d.max_seconds, help="time cap on training (0 = none)")
     p.add_argument("--select", default=d.select, help="val metric that selects the best state")
     p.add_argument("--ks", default=",".join(map(str, d.ks)), help="cutoffs, comma-separated")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)

@@ -87,7 +87,13 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
 def cmd_data_inspect(a: argparse.Namespace) -> int:
     from trainer.data.inspect import inspect
 
+    from trainer.recommend import recommend
+
     rep = inspect(a.dir, max_shards=a.max_shards, workers=a.workers)
+    train = rep["splits"].get("train")
+    if train is not None:
+        r = recommend(int(train["interactions"]))
+        rep["recommended"] = {"preset": r.preset, "config": r.config, "note": r.note, "command": r.command(a.dir)}
     if a.json:
         print_json(rep)
         return 0
@@ -133,6 +139,12 @@ def cmd_data_inspect(a: argparse.Namespace) -> int:
             console.print(f"{name}: {s['stats']}")
         if s["shards_read"] < s["shards"]:
             console.print(f"{name}: distributions from {s['shards_read']} of {s['shards']} shards (--max-shards)")
+    if "recommended" in rep:
+        r = rep["recommended"]
+        console.print(
+            f"recommended for {train['interactions']:,} training interactions: preset {r['preset']} "
+            f"({r['note']})\n  {r['command']}"
+        )
     return 0
 
 

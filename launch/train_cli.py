@@ -106,7 +106,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         console.print(f"note: {note}")
     metrics = Path(a.run) / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
-        last = json.loads(metrics.read_text().splitlines()[-1])
+        records = [json.loads(x) for x in metrics.read_text().splitlines()]
+        last = next((r for r in reversed(records) if "loss/total" in r), records[-1])  # not a validation record
         console.print(
             f"training: step {last['step']}, loss/total {last.get('loss/total', float('nan')):.3f}, "
             f"{last.get('interactions_per_s', 0):,.0f} interactions/s over all ranks (last window)"

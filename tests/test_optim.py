@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,40 @@ def test_full_softmax_auto_picks_each_side_of_the_threshold(uniform: int, in_bat
     assert not NextItemHead.Config(full_softmax=False).full(10)
     with pytest.raises(ValueError, match="full_softmax"):
         NextItemHead.Config(full_softmax="yes").validate()
+
+
+def test_epochs_and_every_epochs_become_steps() -> None:
+    from trainer.job import JobConfig
+
+    cfg = JobConfig()
+    assert cfg.total_steps(7) == cfg.train.steps and cfg.eval_every(7) == 0
+    cfg.train.epochs, cfg.eval.every_epochs = 2.5, 1
+    assert cfg.total_steps(8) == 20 and cfg.eval_every(8) == 8
+    cfg.train.epochs = 0.01
+    assert cfg.total_steps(8) == 1, "at least one step"
+
+
+def test_eval_section_errors_name_the_key() -> None:
+    from trainer.job import EvalSection
+
+    for kw, key in [
+        (dict(select="auc"), "eval.select"),
+        (dict(select="ndcg@5"), "eval.select"),  # 5 is not in eval.ks
+        (dict(every=2, every_epochs=1), "eval.every"),
+        (dict(patience=3), "eval.patience"),
+        (dict(every=-1), "eval.every"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            EvalSection(**kw).validate()
+    EvalSection(every=5, patience=2, select="hr@100").validate()
+
+
+def test_recommendation_by_dataset_size() -> None:
+    from trainer.recommend import TIERS, recommend
+
+    assert recommend(100_000).preset == "nano" and recommend(100_000).config == "configs/nano.yaml"
+    assert [recommend(int(limit)).preset for limit, *_ in TIERS[:-1]] == [t[1] for t in TIERS[:-1]]
+    assert recommend(int(TIERS[0][0]) + 1).preset == "mini"
+    assert recommend(10**12).preset == "large"
+    for _, _, config, _ in TIERS:
+        assert (Path(__file__).resolve().parents[1] / config).is_file(), config

@@ -42,6 +42,7 @@ class DeepSpeedSection:
 class TrainSection:
     steps: int = 100
     epochs: float = 0  # > 0: train this many passes over the training split instead of `steps`
+    max_seconds: float = 0  # > 0: stop (with a checkpoint) at the first log step past this much training time
     gradient_accumulation_steps: int = 1
     global_batch_size: int = 0  # 0 = data.batch_size x world size; set it to have the world size checked
     log_every: int = 10
@@ -64,6 +65,7 @@ class EvalSection:
     # the `val_split` with it (trainer/evaluate.py, the code `argus eval` runs) and points checkpoints/best at
     # the best one by `select`; `patience` validations without improvement stop the run (0 = never).
     every: int = 0  # steps; 0 = no validation
+    every_epochs: float = 0  # or in passes over the training split (set one of the two)
     select: str = "ndcg@10"  # hr@K | ndcg@K | recall@K, K in eval.ks
     patience: int = 0
     val_split: str = "val"
@@ -79,7 +81,11 @@ class EvalSection:
             raise ValueError(
                 f"{where}.select: expected hr@K, ndcg@K or recall@K with K in {where}.ks {self.ks}, got {self.select!r}"
             )
-        if self.patience and not self.every:
+        if self.every and self.every_epochs:
+            raise ValueError(f"{where}.every and {where}.every_epochs: set one of the two")
+        if self.every_epochs < 0:
+            raise ValueError(f"{where}.every_epochs: must be >= 0, got {self.every_epochs}")
+        if self.patience and not (self.every or self.every_epochs):
             raise ValueError(f"{where}.patience: needs {where}.every > 0 (early stopping watches validation)")
 
 
@@ -111,6 +117,12 @@ class JobConfig:
         if self.train.epochs > 0:
             return max(1, math.ceil(self.train.epochs * batches_per_epoch))
         return self.train.steps
+
+    def eval_every(self, batches_per_epoch: int) -> int:
+        """Steps between validations (0 = none): ``eval.every``, or ``eval.every_epochs`` passes."""
+        if self.eval.every_epochs > 0:
+            return max(1, math.ceil(self.eval.every_epochs * batches_per_epoch))
+        return self.eval.every
 
     def tokens_per_interaction(self) -> int:
         return self.model.tokens_per_interaction
@@ -160,9 +172,14 @@ class JobConfig:
         t = self.train
         if t.steps < 1:
             raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
-        if t.epochs < 0:
-            raise ConfigError(f"train.epochs: must be >= 0, got {t.epochs}")
+        if t.epochs < 0 or t.max_seconds < 0:
+            raise ConfigError(f"train.epochs and train.max_seconds: must be >= 0, got {t.epochs}, {t.max_seconds}")
         self.eval.validate("eval")
+        if self.finetune.enabled and (self.eval.every or self.eval.every_epochs):
+            raise ConfigError(
+                "eval.every: validation during fine-tuning is not supported yet (it ranks next items); "
+                "evaluate fine-tuning runs with `argus eval RUN`"
+            )
         if t.gradient_accumulation_steps != 1:
             raise ConfigError(
                 "train.gradient_accumulation_steps: must be 1 — the TorchRec fused optimizer updates "

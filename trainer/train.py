@@ -114,7 +114,8 @@ class Trainer:
         self.manifest = Manifest.load(cfg.data.path)
         self.loader = cfg.loader_config().build(self.info.rank, self.info.world_size, self.manifest)
         self.total_steps = cfg.total_steps(self.loader.batches_per_epoch())
-        if cfg.eval.every and cfg.eval.val_split not in self.manifest.splits:
+        self.eval_every = cfg.eval_every(self.loader.batches_per_epoch())
+        if self.eval_every and cfg.eval.val_split not in self.manifest.splits:
             raise ConfigError(
                 f"eval.val_split: {cfg.data.path} has no split {cfg.eval.val_split!r} to validate on "
                 f"(splits: {', '.join(self.manifest.splits)}); write one with --holdout, or set eval.every=0"
@@ -123,6 +124,7 @@ class Trainer:
         self.step = 0
         self.validation = Validation(cfg, self.run_dir)
         self.t_start = time.time()
+        self.time_up = False
         if self.info.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -180,9 +182,9 @@ class Trainer:
         t_window = time.perf_counter()
         saved_at = -1
         with MetricsLogger(self.run_dir, rank=self.info.rank, total_steps=total) as logger:
-            while self.step < total and not self.validation.stop:
+            while self.step < total and not self.stopping:
                 batches = iter(self.loader)  # the rest of this epoch, then the next
-                while self.step < total and not self.validation.stop:
+                while self.step < total and not self.stopping:
                     with timer.data():
                         batch = next(batches, None)
                     if batch is None:
@@ -197,42 +199,67 @@ class Trainer:
                         logger.log(self.step, last)
                         window, t_window = [], time.perf_counter()
                         timer.reset()
-                    validate = cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == total)
+                        self._check_time_cap()
+                    every = self.eval_every
+                    validate = every and (self.step % every == 0 or self.step == total)
                     if validate or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                         path = self.save()
                         saved_at = self.step
                         if validate:
+                            t_val = time.perf_counter()
                             last.update(self.validate(path, logger))
+                            t_window += time.perf_counter() - t_val  # not training time: keep tps honest
                     if self.after_step is not None:
                         self.after_step(self, self.step)
-            if self.step > start and saved_at != self.step:
-                self.save()
+            if self.step > start and saved_at != self.step:  # stopped by the time cap (or the last step)
+                path = self.save()
+                if self.eval_every:
+                    last.update(self.validate(path, logger))
         return last
+
+    @property
+    def stopping(self) -> bool:
+        return self.validation.stop or self.time_up
+
+    def _check_time_cap(self) -> None:
+        """``train.max_seconds``: rank 0's clock decides, for every rank (a broadcast at log steps)."""
+        cap = self.cfg.train.max_seconds
+        if not cap or self.time_up:
+            return
+        over = torch.tensor([float(time.time() - self.t_start > cap)], dtype=torch.float64)
+        self.time_up = bool(self.engine.broadcast(over)[0])
+        if self.time_up and self.info.rank == 0:
+            log.warning("train.max_seconds=%g reached at step %d: stopping with a checkpoint", cap, self.step)
 
     def validate(self, path: Path, logger: MetricsLogger) -> dict[str, float]:
         """Rank the validation split with checkpoint ``path`` (rank 0; the others wait), keep ``best``, decide
         on early stopping; the same decision on every rank. Returns the ``eval/`` metrics."""
         ev = self.cfg.eval
-        values = torch.full((1 + 2 * len(ev.ks),), float("nan"), dtype=torch.float64)
+        keys = [ev.select] + [f"{m}@{k}" for m in ("hr", "ndcg") for k in ev.ks]
+        values = torch.zeros(1 + len(keys), dtype=torch.float64)  # [failed, select, hr@K..., ndcg@K...]
+        error: Exception | None = None
         if self.info.rank == 0:
             from trainer.evaluate import evaluate  # it imports checkpoint loading; training may never validate
 
-            rep = evaluate(
-                self.run_dir,
-                self.cfg.data.path,
-                split=ev.val_split,
-                ks=ev.ks,
-                max_users=ev.val_max_users,
-                checkpoint_path=path,
-            )["model"]
-            keys = [ev.select] + [f"{m}@{k}" for m in ("hr", "ndcg") for k in ev.ks]
-            values = torch.tensor([rep[k] for k in keys], dtype=torch.float64)
+            try:
+                rep = evaluate(
+                    self.run_dir,
+                    self.cfg.data.path,
+                    split=ev.val_split,
+                    ks=ev.ks,
+                    max_users=ev.val_max_users,
+                    checkpoint_path=path,
+                )["model"]
+                values[1:] = torch.tensor([rep[k] for k in keys], dtype=torch.float64)
+            except Exception as e:  # tell the other ranks instead of leaving them in the broadcast
+                error, values[0] = e, 1.0
         values = self.engine.broadcast(values)
-        metrics = {
-            f"eval/{m}@{k}": float(v)
-            for (m, k), v in zip([(m, k) for m in ("hr", "ndcg") for k in ev.ks], values[1:].tolist())
-        }
-        self.validation.add(self.step, float(values[0]), path, time.time() - self.t_start, self.info.rank)
+        if error is not None:
+            raise error
+        if values[0]:
+            raise RuntimeError(f"validation of {path.name} failed on rank 0 (see its log)")
+        metrics = {f"eval/{k}": float(v) for k, v in zip(keys[1:], values[2:].tolist())}
+        self.validation.add(self.step, float(values[1]), path, time.time() - self.t_start, self.info.rank)
         metrics[f"eval/best_{ev.select}"] = self.validation.best
         logger.log(self.step, metrics)
         return metrics
