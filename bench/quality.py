@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 data, base / f"reference-{stamp}", seed, shlex.split(a.ref_args), a.max_seconds
             )
         if not a.csv:
-            r["oracle"] = oracle_report(data, "test", [10, 100])["model"]
+            r["oracle"] = oracle_report(data, "test", [10, 100])["oracle"]
         results.append(r)
         print(json.dumps(r), flush=True)
     table = Table(
