@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import trainer.model.encoder as enc
 from trainer.model.encoder import MAX_CONTEXT, PRESETS, Encoder, encoder_param_count
 
-NOMINAL = {"mini": 3.2e6, "small": 12.6e6, "medium": 100e6, "large": 1.0e9}
+NOMINAL = {"nano": 0.2e6, "mini": 3.2e6, "small": 12.6e6, "medium": 100e6, "large": 1.0e9}
 
 
 def small_cfg(**kw) -> Encoder.Config:

@@ -36,6 +36,10 @@ def test_cosine_with_warmup_hand_computed() -> None:
     assert want[2] == pytest.approx(0.1 + 0.9 * (2 + math.sqrt(2)) / 4)  # the formula spelled out once
 
 
+def test_min_lr_above_lr_is_the_lr() -> None:
+    assert lrs(OptimConfig(lr=1e-6, min_lr=1e-5, schedule="cosine"), total=3, steps=3) == pytest.approx([1e-6] * 3)
+
+
 def test_linear_and_constant() -> None:
     lin = lrs(OptimConfig(lr=2.0, min_lr=0.0, warmup_steps=0, schedule="linear"), total=4, steps=4)
     assert lin == pytest.approx([1.5, 1.0, 0.5, 0.0])
@@ -46,7 +50,7 @@ def test_linear_and_constant() -> None:
 def test_optim_config_errors_name_the_key() -> None:
     for kw, key in [
         (dict(schedule="step"), "optim.schedule"),
-        (dict(min_lr=1.0, lr=0.1), "optim.min_lr"),
+        (dict(min_lr=-1.0), "optim.min_lr"),
         (dict(warmup_steps=-1), "optim.warmup_steps"),
         (dict(betas=[0.9]), "optim.betas"),
     ]:

@@ -39,10 +39,16 @@ def tiny_job(data: Path, out: Path, sharding: str = "row_wise", stage: int = 2) 
             },
             "embeddings": {"item_dim": 16, "sharding": sharding, "lr": 0.1},
             "heads": {
-                "next_item": {"uniform_negatives": 16, "in_batch_negatives": 16, "temperature": 0.2},
+                # sampled + logQ (auto would pick a full softmax for 120 items)
+                "next_item": {
+                    "uniform_negatives": 16,
+                    "in_batch_negatives": 16,
+                    "temperature": 0.2,
+                    "full_softmax": False,
+                },
                 "feedback": {"weight": 0.5},
             },
-            "optim": {"lr": 0.01, "warmup_steps": 0},
+            "optim": {"lr": 0.01, "warmup_steps": 0, "schedule": "constant"},
             "deepspeed": {"stage": stage, "gradient_clipping": 0.5},
             "train": {"steps": STEPS, "seed": 3, "device": "cpu", "timeout_s": 120},
             "out": str(out),
@@ -116,13 +122,13 @@ def reference(cfg: JobConfig, world: int) -> dict:
     init_sparse_weights(sparse, cfg.embeddings, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     dense = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
-    opt = torch.optim.AdamW(
-        dense.parameters(),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
+    # weight decay on the weight matrices of linear layers only, written out here independently of trainer/optim.py
+    linear = {id(m.weight) for m in dense.modules() if isinstance(m, torch.nn.Linear)}
+    groups = [
+        {"params": [p for p in dense.parameters() if id(p) in linear], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in dense.parameters() if id(p) not in linear], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     state = {name: torch.zeros(p.shape[0]) for name, p in sparse.named_parameters()}
     log_q = CandidateLogQ(manifest.item_counts("train"), sparse.item_rows)
     loaders = [cfg.loader_config().build(r, world, manifest) for r in range(world)]

@@ -27,13 +27,13 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
     schedule: str = "cosine"  # after warmup: cosine | linear decay to min_lr at the last step, or constant
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5  # the decay's floor (an lr below it is not raised: the floor is min(min_lr, lr))
 
     def validate(self, where: str = "optim") -> None:
         if self.lr <= 0:
             raise ValueError(f"{where}.lr: must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"{where}.min_lr: must be in [0, {where}.lr={self.lr}], got {self.min_lr}")
+        if self.min_lr < 0:
+            raise ValueError(f"{where}.min_lr: must be >= 0, got {self.min_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
@@ -58,7 +58,7 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """The schedule as a multiple of ``cfg.lr`` for ``LambdaLR``: ``f(s)`` is the lr of optimizer step ``s + 1``
     (0-based ``s``). Warmup ramps linearly to 1 over ``warmup_steps``; the decay reaches ``min_lr`` at the
     last step (``total_steps``) and stays there if a run goes on."""
-    floor = cfg.min_lr / cfg.lr
+    floor = min(cfg.min_lr / cfg.lr, 1.0)
     warmup = cfg.warmup_steps
 
     def f(s: int) -> float:
