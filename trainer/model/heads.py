@@ -19,9 +19,10 @@ from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType, played_bucket
 EVENT_CLASSES = len(EventType)  # listen, like, dislike, unlike, undislike, skip
 LOG_Q_FLOOR = 1e-12  # expected counts below this are clamped before the log
 # `full_softmax: auto` scores the whole catalog when it has at most this many times the sampled candidates
-# (uniform + in-batch): below it a full softmax costs about what sampling costs and is exact (no sampling
-# noise, no logQ). Measured by bench/full_softmax_threshold.py (docs/benchmarks.md).
-FULL_SOFTMAX_MULTIPLE = 8
+# (uniform + in-batch): up to there a full-softmax step costs at most 1.5x a sampled one (measured on CPU, nano:
+# 1.17x at 2x, 1.48x at 4x, 1.85x at 8x; bench/full_softmax_threshold.py, docs/benchmarks.md) and is exact
+# (no sampling noise, no logQ).
+FULL_SOFTMAX_MULTIPLE = 4
 
 
 def score(h: Tensor, item_emb: Tensor, normalize: bool, temperature: float) -> Tensor:
