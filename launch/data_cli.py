@@ -86,7 +86,6 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
 # ---- argus data inspect / verify -----------------------------------------------------------------------------
 def cmd_data_inspect(a: argparse.Namespace) -> int:
     from trainer.data.inspect import inspect
-
     from trainer.recommend import recommend
 
     rep = inspect(a.dir, max_shards=a.max_shards, workers=a.workers)
