@@ -56,6 +56,7 @@ def check_against_init(cfg: JobConfig) -> Path:
                 "sharding",
                 "dropout",
                 "activation_checkpointing",
+                "attention",
                 "oov",
             ):
                 continue  # how it is trained or sharded may change; what it is may not

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 # Sizes the encoder presets are named by: blocks + final LayerNorm, position table excluded.
@@ -33,6 +35,15 @@ SIZE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
 PRESET_DROPOUT: dict[str, float] = {"nano": 0.2, "mini": 0.1, "small": 0.0, "medium": 0.0, "large": 0.0}
 MAX_CONTEXT = 8192
 INIT_STD = 0.02
+# How packed rows (``segments`` given) are attended; see ``Encoder.Config.attention`` and ``AttnLayout``.
+ATTENTION_MODES = ("auto", "mask", "segments", "flex")
+# `auto` off CUDA. Forward+backward ms/step, d_model 256, 4 heads, 2 layers, lognormal lengths of mean ~T/4, by
+# `OMP_NUM_THREADS=N python bench/packed_attention.py --context T --rows R` (2 shared cores, medians):
+#   T=512  R=8, 1 thread: mask 1238, segments 980, padded 4258;  2 threads: mask 715, segments 607, padded 2568
+#   T=2048 R=4, 1 thread: mask 6236, segments 2872, padded 12112; 2 threads: mask 3557, segments 1970, padded 7840
+#   T=64 / T=128 (~4k tokens): mask 1036 / 1050, segments 1040 / 1044 (a tie: linear layers dominate)
+# segments never loses, so one choice for every T.
+AUTO_CPU_ATTENTION = "segments"
 
 
 class _Linear(nn.Linear):
@@ -52,6 +63,93 @@ class _Embedding(nn.Embedding):
         nn.init.normal_(self.weight, 0.0, INIT_STD)
 
 
+_compiled_flex: Callable[..., Tensor] | None = None
+
+
+def _flex(device: torch.device) -> Callable[..., Tensor]:
+    """``flex_attention``, compiled once on CUDA: eager flex materialises every score and is slow there."""
+    global _compiled_flex
+    if device.type != "cuda":
+        return flex_attention  # eager; on CPU it runs the forward only (torch 2.13 has no CPU backward)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+@dataclass
+class AttnLayout:
+    """Where the histories of packed rows lie, built once per forward from ``segments`` and shared by every block.
+
+    A query may attend to a key of its own history at or before it; padding queries attend to themselves only, so
+    no row of scores is empty (no NaN). Which field is set depends on ``mode``:
+
+    - ``mask``: ``mask`` (R, 1, T, T) bool, True = allowed, for SDPA.
+    - ``flex``: ``block_mask``, the same rule for ``flex_attention``.
+    - ``segments``: exact per-history attention, sum(L^2) instead of T^2 per row. ``gather`` (real tokens,) the
+      flat (R*T) token indices ordered by history length, then history; ``shapes``: (n, L) per length, n
+      histories of length L, in that order; ``inverse`` (R*T,) each token's row in the gathered order (one past
+      the end, an appended zero row, for padding). Building it reads the lengths on the host (a sync on CUDA).
+    """
+
+    mode: str
+    mask: Tensor | None = None
+    block_mask: BlockMask | None = None
+    shapes: tuple[tuple[int, int], ...] = ()
+    gather: Tensor | None = None
+    inverse: Tensor | None = None
+
+    @staticmethod
+    def build(segments: Tensor, mode: str) -> AttnLayout:
+        """``segments``: (R, T) int, history id per token (increasing along a row), -1 for padding."""
+        R, T = segments.shape
+        if mode in ("mask", "flex"):
+
+            def allowed(b: Tensor, h: Tensor | None, q: Tensor, k: Tensor) -> Tensor:
+                same = (segments[b, q] == segments[b, k]) & (segments[b, k] >= 0)
+                return (same & (k <= q)) | (q == k)
+
+            if mode == "flex":
+                return AttnLayout(mode, block_mask=create_block_mask(allowed, R, None, T, T, device=segments.device))
+            i = torch.arange(T, device=segments.device)
+            b = torch.arange(R, device=segments.device)
+            return AttnLayout(mode, mask=allowed(b[:, None, None], None, i[None, :, None], i[None, None, :])[:, None])
+        real = (segments >= 0).reshape(-1)
+        boundary = torch.ones(R, T, dtype=torch.bool, device=segments.device)
+        boundary[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        tokens = real.nonzero().squeeze(1)  # flat indices of real tokens, history after history
+        history = (real & boundary.reshape(-1)).cumsum(0)[tokens] - 1
+        lengths = torch.bincount(history)
+        # Histories of one length form one batched SDPA call; a stable sort keeps each history's tokens together and
+        # in order. Padding histories up to length buckets (fewer, larger calls; causal keeps it exact) was slower:
+        # attention fwd+bwd at T=512 (bench/packed_attention.py's lengths) 166 ms exact vs 187-312 ms bucketed.
+        gather = tokens[torch.argsort(lengths[history], stable=True)]
+        sizes, counts = torch.unique(lengths, return_counts=True)
+        inverse = torch.full((R * T,), gather.numel(), dtype=torch.long, device=segments.device)
+        inverse[gather] = torch.arange(gather.numel(), device=segments.device)
+        shapes = tuple(zip(counts.tolist(), sizes.tolist()))
+        return AttnLayout(mode, shapes=shapes, gather=gather, inverse=inverse)
+
+    def attend(self, qkv: Tensor, dropout_p: float) -> Tensor:
+        """``qkv``: (R, T, 3, heads, head_dim) -> attention output (R, T, heads, head_dim)."""
+        R, T, _, H, Dh = qkv.shape
+        if self.mode != "segments":
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            if self.mode == "flex":  # no dropout: Config.validate refuses attn_dropout with flex
+                y = _flex(qkv.device)(q, k, v, block_mask=self.block_mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout_p)
+            return y.transpose(1, 2)
+        # One gather and one scatter for all groups: per-group index_select would zero a full-size gradient each.
+        chunks = qkv.reshape(R * T, 3 * H * Dh).index_select(0, self.gather).split([n * L for n, L in self.shapes])
+        ys = []
+        for (n, L), chunk in zip(self.shapes, chunks):
+            q, k, v = chunk.view(n, L, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            ys.append(y.transpose(1, 2).reshape(n * L, H * Dh))
+        ys.append(qkv.new_zeros(1, H * Dh))
+        return torch.cat(ys).index_select(0, self.inverse).view(R, T, H, Dh)
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention: fused qkv projection + SDPA (``dropout``: on attention probabilities)."""
 
@@ -61,12 +159,17 @@ class Attention(nn.Module):
         self.qkv = _Linear(d_model, 3 * d_model)
         self.out = _Linear(d_model, d_model, std=out_std)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, layout: AttnLayout | None = None) -> Tensor:
+        """``layout``: how packed histories attend (``AttnLayout``); None = one history per row."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.dropout if self.training else 0.0
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads)
+        if layout is not None:
+            return self.out(layout.attend(qkv, dropout_p).reshape(B, T, D))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         # Causal alone is exact for right-padded rows: every key a real query can see
         # is real. It also keeps the flash kernel available and needs no (B,T,T) mask.
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -84,8 +187,8 @@ class Block(nn.Module):
         self.ff2 = _Linear(d_ff, d_model, std=out_std)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(self, x: Tensor, layout: AttnLayout | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), layout))
         return x + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(x)))))
 
 
@@ -103,6 +206,9 @@ class Encoder(nn.Module):
         dropout: float | None = None  # residual + embedding dropout; None = the preset's (PRESET_DROPOUT)
         attn_dropout: float = 0.0  # on attention probabilities (SDPA's dropout_p)
         activation_checkpointing: bool = False
+        # Attention of packed rows (forward given ``segments``): auto | mask | segments | flex; see AttnLayout.
+        # auto = flex on CUDA (mask there if attn_dropout > 0: flex has none), AUTO_CPU_ATTENTION elsewhere.
+        attention: str = "auto"
 
         def resolved(self) -> "Encoder.Config":
             """A copy with the preset's sizes (where this config leaves them 0) and dropout (None) filled in."""
@@ -136,6 +242,10 @@ class Encoder(nn.Module):
             for key in ("dropout", "attn_dropout"):
                 if not 0.0 <= getattr(r, key) < 1.0:
                     raise bad(key, f"must be in [0, 1), got {getattr(r, key)}")
+            if self.attention not in ATTENTION_MODES:
+                raise bad("attention", f"unknown {self.attention!r}; expected one of {', '.join(ATTENTION_MODES)}")
+            if self.attention == "flex" and self.attn_dropout > 0:
+                raise bad("attention", f"'flex' has no attention dropout; {where}.attn_dropout must be 0 with it")
 
         def build(self) -> "Encoder":
             return Encoder(self)
@@ -159,23 +269,39 @@ class Encoder(nn.Module):
             if m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``x``: (B, T, d_model); ``mask``: (B, T) bool, True = real token, a prefix of each row.
+    def forward(
+        self, x: Tensor, mask: Tensor, positions: Tensor | None = None, segments: Tensor | None = None
+    ) -> Tensor:
+        """``x``: (R, T, d_model); ``mask``: (R, T) bool, True = real token, a prefix of each row.
 
-        Returns (B, T, d_model). Real positions never see padding (causality plus
-        right padding); padded positions come out as zeros.
+        ``positions``: (R, T) int64, each token's position in its own history (None = ``arange(T)``).
+        ``segments``: (R, T) int64, each token's history (ids increasing along a row, -1 = padding) for rows that
+        pack several histories: attention stays causal within a history and never crosses to another one
+        (``cfg.attention`` says how). None = one history per row, plain causal attention.
+
+        Returns (R, T, d_model). Real positions never see padding; padded positions come out as zeros.
         """
         T = x.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
         # Through the module call (not .weight) so ZeRO-3 gathers the table.
-        x = self.drop(x + self.pos(torch.arange(T, device=x.device)))
+        x = self.drop(x + self.pos(torch.arange(T, device=x.device) if positions is None else positions))
+        layout = None if segments is None else AttnLayout.build(segments, self.attention_mode(x.device))
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+            x = checkpoint(block, x, layout, use_reentrant=False) if ckpt else block(x, layout)
         x = self.norm(x)
         # Padded outputs are finite but depend on pad contents; zero them so nothing can leak.
         return x.masked_fill(~mask.to(torch.bool).unsqueeze(-1), 0.0)
+
+    def attention_mode(self, device: torch.device) -> str:
+        """``cfg.attention`` with ``auto`` resolved for ``device``."""
+        mode = self.cfg.attention
+        if mode != "auto":
+            return mode
+        if device.type == "cuda":
+            return "flex" if self.cfg.attn_dropout == 0 else "mask"
+        return AUTO_CPU_ATTENTION
 
 
 def encoder_param_count(cfg: Encoder.Config, include_positions: bool = False) -> int:
