@@ -1,6 +1,9 @@
 """Training throughput (interactions/s over all ranks) of `argus train` on this machine.
 
     python bench/train_throughput.py [--presets mini,small] [--ranks 1,2] [--steps 40] [--json]
+    # packed (token-budget) vs padded batches on heavy-tailed histories (mean 1,000, max 8,192)
+    python bench/train_throughput.py --presets mini,small --ranks 1 --contexts 2048,8192 --batching both \
+        --mean-len 1000 --max-len 8192 --softmax sampled --steps 12
     # on a GPU machine (one GPU): medium and large at context 2048, bf16, sampled softmax only
     python bench/train_throughput.py --presets medium,large --ranks 1 --context 2048 --batch-size 8 \
         --device cuda --precision bf16 --softmax sampled
@@ -9,6 +12,10 @@ Each configuration runs the real CLI (torchrun for 2+ ranks: TorchRec row-wise i
 ZeRO-2, fp32) on a synthetic dataset, with the sampled softmax (256 uniform + 256 in-batch negatives)
 and with the full softmax over the catalog. The rate is the last logging window's (the first window
 holds start-up and is discarded).
+
+``--batching``: ``padded`` is ``--batch-size`` users per step, each row padded to the longest;
+``packed`` is the same grid (``data.batch_tokens = batch size x context``) filled first-fit with several
+users' histories. Both report real interactions/s, the padding share of the grid and the data-loading share.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ def run(
     ctx: int,
     device: str,
     precision: str,
+    packed: bool = False,
 ) -> dict:
     args = [
         "configs/mini.yaml",
@@ -51,6 +59,7 @@ def run(
         f"deepspeed.precision={precision}",
         f"deepspeed.stage={3 if preset == 'large' else 2}",
         f"heads.next_item.full_softmax={'true' if full else 'false'}",
+        f"data.batch_tokens={batch * ctx if packed else 0}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if ranks == 1:
@@ -75,6 +84,9 @@ def run(
         "preset": preset,
         "ranks": ranks,
         "softmax": "full" if full else "sampled",
+        "context": ctx,
+        "batching": "packed" if packed else "padded",
+        "padding_share": last.get("tokens/padding_share"),
         "interactions_per_s": last["interactions_per_s"],
         "tflops": last["tflops"],
         "data_share": last.get("time/data_share"),
@@ -104,7 +116,7 @@ def record_mfu(rows: list[dict], a: argparse.Namespace) -> None:
     table[spec.name] = {
         "mfu": best["mfu"] / 100,
         "source": f"bench/train_throughput.py: {best['preset']}, "
-        f"context {a.context}, {a.precision}, {best['ranks']} rank(s)",
+        f"context {best['context']}, {a.precision}, {best['ranks']} rank(s)",
     }
     path.write_text(json.dumps(table, indent=1) + "\n")
 
@@ -115,7 +127,11 @@ def main() -> int:
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--contexts", "--context", default="128", help="comma-separated context lengths")
+    p.add_argument("--batching", default="padded", choices=["padded", "packed", "both"])
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--mean-len", type=int, default=0, help="mean history length (default: max(200, context))")
+    p.add_argument("--max-len", type=int, default=0, help="longest history kept by the synthesizer (default: its own)")
     p.add_argument("--items", type=int, default=20000)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -123,32 +139,52 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     modes = {"both": (False, True), "sampled": (False,), "full": (True,)}[a.softmax]
+    batchings = {"both": (False, True), "padded": (False,), "packed": (True,)}[a.batching]
+    contexts = [int(c) for c in a.contexts.split(",")]
     from trainer.data.synth import synthesize
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        synthesize(data, users=2000, items=a.items, mean_len=max(200, a.context), shards=4, seed=0, holdout="none")
+        kw = {"max_len": a.max_len} if a.max_len else {}
+        mean = a.mean_len or max(200, max(contexts))
+        synthesize(data, users=a.users, items=a.items, mean_len=mean, shards=4, seed=0, holdout="none", **kw)
         for preset in a.presets.split(","):
-            for ranks in map(int, a.ranks.split(",")):
-                for full in modes:
-                    out = Path(tmp) / f"{preset}-{ranks}-{full}"
-                    rows.append(
-                        run(data, out, preset, ranks, full, a.steps, a.batch_size, a.context, a.device, a.precision)
-                    )
-                    if not a.json:
-                        r = rows[-1]
-                        print(
-                            f"{r['preset']:<6} ranks={r['ranks']} {r['softmax']:<7} "
-                            f"{r['interactions_per_s']:>9,.0f} interactions/s  {r['tflops'] * 1e3:7.1f} GFLOP/s "
-                            f"data {r['data_share'] or 0:.0%}"
-                            + (f"  MFU {r['mfu']:.1f}%" if r.get("mfu") is not None else ""),
-                            flush=True,
-                        )
+            for ctx in contexts:
+                for ranks in map(int, a.ranks.split(",")):
+                    for full in modes:
+                        for packed in batchings:
+                            out = Path(tmp) / f"{preset}-{ctx}-{ranks}-{full}-{packed}"
+                            rows.append(
+                                run(
+                                    data,
+                                    out,
+                                    preset,
+                                    ranks,
+                                    full,
+                                    a.steps,
+                                    a.batch_size,
+                                    ctx,
+                                    a.device,
+                                    a.precision,
+                                    packed,
+                                )
+                            )
+                            if not a.json:
+                                r = rows[-1]
+                                print(
+                                    f"{r['preset']:<6} ctx={ctx:<5} ranks={r['ranks']} {r['softmax']:<7} "
+                                    f"{r['batching']:<6} {r['interactions_per_s']:>9,.0f} interactions/s  "
+                                    f"{r['tflops'] * 1e3:7.1f} GFLOP/s padding {r['padding_share'] or 0:.0%} "
+                                    f"data {r['data_share'] or 0:.0%}"
+                                    + (f"  MFU {r['mfu']:.1f}%" if r.get("mfu") is not None else ""),
+                                    flush=True,
+                                )
     rep = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "items": a.items,
-        "context": a.context,
+        "contexts": contexts,
+        "mean_len": mean,
         "batch_size_per_rank": a.batch_size,
         "steps": a.steps,
         "results": rows,

@@ -133,7 +133,7 @@ def torchrec_plan(
             items,
             hw.world,
             compute_device,
-            batch_size=cfg.data.batch_size,
+            batch_size=cfg.rows_per_batch(),
             local_world_size=hw.gpus_per_node if compute_device == "cuda" else None,
             hbm_cap=hbm_cap,
             lookups=embedding_lookups(cfg, items),
@@ -220,7 +220,10 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
 
     # ---- FLOPs and bytes per step, per rank
     k = cfg.tokens_per_interaction()
-    interactions_rank = cfg.data.batch_size * cfg.interactions_per_sample() * req.fill
+    # Packed (token-budget) rows are full; padded ones hold req.fill of the context on average.
+    interactions_rank = (
+        cfg.rows_per_batch() * cfg.interactions_per_sample() * (1.0 if cfg.data.batch_tokens else req.fill)
+    )
     f_int = flops_per_interaction(cfg, req.items)
     f_enc = encoder_flops_per_interaction(cfg)
     recompute = f_enc / 3 if enc.activation_checkpointing else 0.0  # one more forward of the encoder
@@ -278,7 +281,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "d_ff": enc.d_ff,
             "context": cfg.interactions_per_sample() * k,
             "tokens_per_interaction": k,
-            "micro_batch": cfg.data.batch_size,
+            "micro_batch": cfg.rows_per_batch(),
             "zero_stage": ds.stage,
             "offload": ds.offload,
             "precision": ds.precision,
@@ -433,13 +436,18 @@ def suggestions(
         fitted = _fits_fast(c, r, scale)
         if fitted:
             out.append({"change": change, "days": fitted["time"]["days"], "memory_per_rank": fitted["memory"]["total"]})
-    b = cfg.data.batch_size // 2  # the largest micro-batch that fits
+    b = cfg.rows_per_batch() // 2  # the largest micro-batch that fits
     while b >= 1:
         fitted = _fits_fast(_with_batch(cfg, b), req, scale)
         if fitted:
+            key, value = (
+                ("data.batch_tokens", b * cfg.interactions_per_sample())
+                if cfg.data.batch_tokens
+                else ("data.batch_size", b)
+            )
             out.append(
                 {
-                    "change": f"data.batch_size={b}",
+                    "change": f"{key}={value}",
                     "days": fitted["time"]["days"],
                     "memory_per_rank": fitted["memory"]["total"],
                 }
@@ -451,7 +459,10 @@ def suggestions(
 
 def _with_batch(cfg: JobConfig, batch: int) -> JobConfig:
     c = copy.deepcopy(cfg)
-    c.data.batch_size = batch
+    if c.data.batch_tokens:
+        c.data.batch_tokens = batch * c.interactions_per_sample()
+    else:
+        c.data.batch_size = batch
     c.train.global_batch_size = 0
     return c
 

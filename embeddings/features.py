@@ -12,15 +12,16 @@ from trainer.data.batch import Batch
 
 
 def apply_oov(ids: torch.Tensor, rows: int, policy: str, feature: str) -> torch.Tensor:
-    """Ids outside [0, rows): 'hash' maps them to id mod rows (documented, deterministic); 'error' refuses."""
+    """Ids outside [0, rows): 'hash' maps them to id mod rows (documented, deterministic); 'error' refuses.
+    ``ids``: a host tensor (checked through numpy: no device round trip)."""
     if ids.numel() == 0:
         return ids
-    bad = (ids < 0) | (ids >= rows)
-    if not bool(bad.any()):
+    bad = ((ids < 0) | (ids >= rows)).numpy()
+    if not bad.any():
         return ids
     if policy == "error":
         raise ValueError(
-            f"feature {feature!r}: id {int(ids[bad][0])} outside the table's {rows} rows "
+            f"feature {feature!r}: id {ids.numpy()[bad][0]} outside the table's {rows} rows "
             f"(set embeddings.oov=hash to map ids beyond the table by id mod rows)"
         )
     return torch.remainder(ids, rows)
@@ -32,21 +33,24 @@ def featurize(
     """The items KJT (features ``item`` and ``neg_item``) of one jagged batch.
 
     Sampled negatives ride in the ``neg_item`` feature of the first sample, so they are looked up
-    in the same sharded item table in the same all-to-all.
+    in the same sharded item table in the same all-to-all. Built where the batch is (the host, from the
+    loader), checked there, then copied without waiting: no device-to-host sync.
     """
     if batch.padded:
         raise ValueError("featurize needs jagged batches (data.batch_format=jagged)")
-    lengths = batch.lengths.to(device)
+    host = batch.lengths.device
+    lengths = batch.lengths
     b = lengths.numel()
-    item = apply_oov(batch.values["item"].to(device), item_rows, cfg.oov, "item")
-    neg = apply_oov(neg_ids.to(device=device, dtype=torch.int64), item_rows, cfg.oov, "neg_item")
-    neg_lengths = torch.zeros(max(b, 1), dtype=torch.int64, device=device)
+    item = apply_oov(batch.values["item"].to(torch.int64), item_rows, cfg.oov, "item")
+    neg = apply_oov(neg_ids.to(device=host, dtype=torch.int64), item_rows, cfg.oov, "neg_item")
+    neg_lengths = torch.zeros(max(b, 1), dtype=torch.int64, device=host)
     neg_lengths[0] = neg.numel()
     if b == 0:  # an empty padding batch still takes part in the collectives
-        lengths = torch.zeros(1, dtype=torch.int64, device=device)
-    return KeyedJaggedTensor.from_lengths_sync(
+        lengths = torch.zeros(1, dtype=torch.int64, device=host)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=list(ITEM_FEATURES), values=torch.cat([item, neg]), lengths=torch.cat([lengths, neg_lengths])
     )
+    return kjt.to(device, non_blocking=True)
 
 
 def lookup_ids(tables: Any, ids: torch.Tensor, device: torch.device) -> torch.Tensor:

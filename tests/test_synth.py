@@ -415,7 +415,9 @@ def test_refuses_foreign_directory_and_overwrites_a_dataset(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "train", "truth"]
     assert sorted(p.name for p in (root / "train").iterdir()) == [
         "item_counts.npy",
+        "shard-000000.lengths.npy",
         "shard-000000.tar",
+        "shard-000001.lengths.npy",
         "shard-000001.tar",
     ]
     assert sorted(p.name for p in (root / "truth").iterdir()) == ["items.npz", "users-000000.npz", "users-000001.npz"]

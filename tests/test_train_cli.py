@@ -174,6 +174,7 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
             "deepspeed.stage=0",
             "model.activation_checkpointing=true",
             "heads.feedback.weight=0",
+            "data.batch_tokens=48",  # packed rows of 16 interactions (32 tokens)
         ],
         [
             "deepspeed.stage=3",
@@ -181,9 +182,11 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
             "embeddings.sharding=table_wise",
             "heads.next_item.weight=0",
             "embeddings.optimizer=sgd",
+            "data.batch_tokens=64",
+            "model.attention=mask",
         ],
     ],
-    ids=["interleaved-colwise-zero0-ckpt-nextonly", "bf16-zero3-tablewise-feedbackonly-sgd"],
+    ids=["interleaved-colwise-zero0-ckpt-nextonly-packed", "bf16-zero3-tablewise-feedbackonly-sgd-packed-mask"],
 )
 def test_options_train_and_evaluate(data, tmp_path, options, capsys):
     run = tmp_path / "run"
@@ -194,6 +197,7 @@ def test_options_train_and_evaluate(data, tmp_path, options, capsys):
     assert all(r["loss/total"] == r["loss/total"] and r["loss/total"] > 0 for r in rows)  # finite, not NaN
     head = "loss/next_item" if "heads.feedback.weight=0" in options else "loss/feedback"
     assert all(r[head] > 0 for r in rows)
+    assert all(0 <= r["tokens/padding_share"] < 1 and r["tokens/rank_skew"] >= 0 for r in rows)
     code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
     assert code == 0, err[-2000:]
     assert json.loads(out)["users"] > 0

@@ -52,14 +52,19 @@ def dummy_batch() -> Batch:
 
 @dataclass
 class StepOutput:
-    loss: float
-    next_item: float
-    feedback: float
+    """One step's results. Losses and NE statistics stay on the device (0-d / 1-d tensors): the trainer sums
+    them over a logging window and reads them back once per ``train.log_every`` steps, so a step never waits
+    for the device. Counts come from the host-side batch."""
+
+    loss: torch.Tensor
+    next_item: torch.Tensor
+    feedback: torch.Tensor
     targets: int
     interactions: int
+    slots: int  # interaction positions the encoder ran over, padding included (Batch.slots)
     # Normalized-entropy sufficient statistics per feedback target (heads.ne_stats); summed over steps
     # and ranks they give the exact NE of the whole window.
-    ne: dict[str, tuple[float, torch.Tensor]]
+    ne: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class Engine:
@@ -85,7 +90,7 @@ class Engine:
             sparse,
             cfg.embeddings,
             info.device,
-            batch_size=cfg.data.batch_size,
+            batch_size=cfg.rows_per_batch(),
             hbm_cap=hbm_cap,
             lookups=embedding_lookups(cfg, self.item_rows),
         )
@@ -119,7 +124,13 @@ class Engine:
         return lookup_interactions(self.dmp, batch, self.cfg, self.item_rows, neg_ids, self.info.device)
 
     def inputs(self, batch: Batch, step: int) -> tuple[tuple[Any, ...], torch.Tensor]:
-        """Everything the dense forward takes, for one micro-batch."""
+        """Everything the dense forward takes, for one micro-batch, and the (host) target indices.
+
+        Index bookkeeping runs on the host, where the batch and the sampled ids are born: the log-counts
+        logQ needs are gathered there from the memory-mapped count table (only the batch's ids, so a 10^9-item
+        catalog costs no device memory) and every tensor goes to the device with a non-blocking copy;
+        nothing here reads a device tensor back.
+        """
         ni = self.cfg.heads.next_item
         dev = self.info.device
         g = _generator(self.cfg.train.seed, step, self.info.rank)
@@ -128,18 +139,23 @@ class Engine:
         else:
             neg_ids, k_u = torch.randint(0, self.item_rows, (ni.uniform_negatives,), generator=g), ni.uniform_negatives
         item, side, neg = self.lookup(batch, neg_ids)
-        lengths = batch.lengths.to(dev)
-        tgt = target_index(lengths)
+        tgt = target_index(batch.lengths, total=batch.num_interactions)
         k_b = 0 if self.full_softmax else min(ni.in_batch_negatives, int(tgt.numel()))
-        sel = torch.randperm(int(tgt.numel()), generator=g)[:k_b].to(dev)
-        item_ids = torch.remainder(batch.values["item"].to(dev), self.item_rows)
-        neg_ids = neg_ids.to(dev)
+        sel = torch.randperm(int(tgt.numel()), generator=g)[:k_b]
+        item_ids = torch.remainder(batch.values["item"].to(torch.int64), self.item_rows)
         pos_ids = item_ids[tgt]
         pos_log_q = self.log_q(pos_ids, k_b, k_u)
         cand_log_q = self.log_q(torch.cat([pos_ids[sel], neg_ids]), k_b, k_u)
-        event = batch.values["event"].to(dev).long()
-        played = batch.values["played"].to(dev).long()  # raw percent: the feedback head buckets it
-        args = (item, side, neg, lengths, tgt, sel, item_ids, neg_ids, event, played, pos_log_q, cand_log_q)
+        pack = batch.grid()
+
+        def to(t: Any) -> Any:
+            if isinstance(t, tuple):
+                return tuple(to(x) for x in t)
+            return t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) else t
+
+        host = (batch.lengths, tgt, sel, item_ids, neg_ids)
+        fb = (batch.values["event"].long(), batch.values["played"].long())  # raw percent: the head buckets it
+        args = (item, side, neg, *to(host), *to(fb), to(pos_log_q), to(cand_log_q), to(pack))
         return args, tgt
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
@@ -153,15 +169,17 @@ class Engine:
         self.ds.step()
         ne = {}
         if real and "logits/event" in out and tgt.numel():
-            t = tgt.cpu()
-            ne["event"] = ne_stats(out["logits/event"], batch.values["event"].long()[t])
-            ne["played"] = ne_stats(out["logits/played"], played_bucket(batch.values["played"])[t])
+            _, _, _, _, t, _, _, _, event, played, *_ = args  # on the device already
+            ne["event"] = ne_stats(out["logits/event"], event[t])
+            ne["played"] = ne_stats(out["logits/played"], played_bucket(played[t]))
+        zero = loss.detach() * 0.0
         return StepOutput(
-            loss=float(loss.detach()),
-            next_item=float(out["loss/next_item"].detach()) if real else 0.0,
-            feedback=float(out["loss/feedback"].detach()) if real else 0.0,
+            loss=loss.detach(),
+            next_item=out["loss/next_item"].detach() if real else zero,
+            feedback=out["loss/feedback"].detach() if real else zero,
             targets=int(tgt.numel()) if real else 0,
             interactions=batch.num_interactions if real else 0,
+            slots=batch.slots if real else 0,
             ne=ne,
         )
 

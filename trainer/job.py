@@ -131,6 +131,13 @@ class JobConfig:
         """Interactions of a sample the model reads: ``data.max_seq_len``, or (0) all the context holds."""
         return self.data.max_seq_len or self.model.resolved().max_seq_len // self.tokens_per_interaction()
 
+    def rows_per_batch(self) -> int:
+        """Rows of a micro-batch the encoder runs over: ``data.batch_size`` samples, or, with token-budget
+        batches, ``data.batch_tokens // interactions_per_sample()`` packed rows (each nearly full)."""
+        if self.data.batch_tokens:
+            return max(1, self.data.batch_tokens // self.interactions_per_sample())
+        return self.data.batch_size
+
     def train_split(self) -> str:
         """The split training reads: fine-tuning reads impressions unless data.split names another."""
         if self.finetune.enabled and self.data.split == "train":
@@ -168,6 +175,16 @@ class JobConfig:
         if self.interactions_per_sample() * k > ctx:
             raise ConfigError(
                 f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed model.max_seq_len {ctx}"
+            )
+        if self.data.batch_tokens and self.data.batch_tokens < self.interactions_per_sample():
+            raise ConfigError(
+                f"data.batch_tokens: {self.data.batch_tokens} is less than one row of "
+                f"{self.interactions_per_sample()} interactions (model.max_seq_len / tokens per interaction)"
+            )
+        if self.data.batch_tokens and self.finetune.enabled:
+            raise ConfigError(
+                "data.batch_tokens: fine-tuning builds one history per impression and does not pack them yet; "
+                "use data.batch_size"
             )
         t = self.train
         if t.steps < 1:

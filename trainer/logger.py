@@ -49,6 +49,8 @@ STABLE_NAMES: tuple[str, ...] = (
     "mfu(%)",
     "memory/peak_gb",
     "time/data_share",
+    "tokens/padding_share",
+    "tokens/rank_skew",
     "lr",
     # fine-tuning
     "loss/pairwise",
@@ -57,7 +59,7 @@ STABLE_NAMES: tuple[str, ...] = (
     "impressions_no_history",
     "impressions_per_s",
 )
-STABLE_PREFIXES: tuple[str, ...] = ("loss/", "ne/", "memory/", "time/", "eval/")
+STABLE_PREFIXES: tuple[str, ...] = ("loss/", "ne/", "memory/", "time/", "eval/", "tokens/")
 _RESERVED = ("step", "time")
 
 
@@ -225,13 +227,14 @@ class StepTimer:
     ``with timer.data(): batch = next(it)`` / ``with timer.compute(): step(batch)``;
     ``summary()`` returns the window's numbers and starts a new window. The
     window opens at the first block after a reset, so setup time is not counted;
-    time outside both blocks lowers both shares. On CUDA the clock is read after
-    a synchronize, otherwise queued kernels would be billed to whatever block
-    happens to wait for them; that sync costs some CPU/GPU overlap (``sync=False``
-    turns it off).
+    time outside both blocks lowers both shares. The blocks read the host clock
+    only: on CUDA the data share is the time the host waited for the loader, and
+    the device is synchronised once per window, in ``summary()``, so a step never
+    waits for its kernels (``sync=True`` syncs every block instead, to bill queued
+    kernels to the block that launched them, at the cost of the CPU/GPU overlap).
     """
 
-    def __init__(self, device: torch.device | None = None, sync: bool = True) -> None:
+    def __init__(self, device: torch.device | None = None, sync: bool = False) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.sync = sync
         self.reset()
@@ -242,8 +245,8 @@ class StepTimer:
         self._compute_s = 0.0
         self._steps = 0
 
-    def _now(self) -> float:
-        if self.sync and self.device.type == "cuda":
+    def _now(self, sync: bool | None = None) -> float:
+        if (self.sync if sync is None else sync) and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
@@ -271,7 +274,7 @@ class StepTimer:
 
     def summary(self, steps: int | None = None) -> dict[str, float]:
         """``time/step_s``, ``time/data_share``, ``time/compute_share`` for the window; then resets."""
-        now = self._now()
+        now = self._now(sync=True)
         wall = now - self._start if self._start is not None else 0.0
         n = steps if steps is not None else self._steps
         out = {

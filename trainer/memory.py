@@ -151,7 +151,8 @@ class Activations:
 
 
 def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
-    """Bytes of activations for a micro-batch of ``batch_size`` samples, each filling the whole context.
+    """Bytes of activations for a micro-batch of ``batch_size`` rows (default: the config's samples, or
+    packed rows of a token budget), each filling the whole context.
 
     Per block and token, autograd keeps (elements, in the training dtype): LN1 input d, LN1 output
     d, qkv 3d (q, k, v are views of it), attention output d (the head merge is a view of it), LN2
@@ -164,7 +165,7 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     w = weight_bytes(cfg.deepspeed.precision)
     d, f = enc.d_model, enc.d_ff
     k = cfg.tokens_per_interaction()
-    tokens = (batch_size or cfg.data.batch_size) * cfg.interactions_per_sample() * k
+    tokens = (batch_size or cfg.rows_per_batch()) * cfg.interactions_per_sample() * k
     targets = tokens // k
     per_layer_token = block_saved_bytes_per_token(d, f, enc.n_heads, w)
     if enc.activation_checkpointing:
@@ -249,4 +250,4 @@ def embedding_lookups(cfg: JobConfig, num_items: int | None = None) -> tuple[flo
     ni = cfg.heads.next_item
     rows = num_items or cfg.embeddings.item_rows or None
     negatives = rows if ni.full(rows) and rows else ni.uniform_negatives
-    return float(cfg.interactions_per_sample()), negatives / cfg.data.batch_size
+    return float(cfg.interactions_per_sample()), negatives / cfg.rows_per_batch()

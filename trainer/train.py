@@ -275,23 +275,42 @@ class Trainer:
         with open(path, "a") as f:
             f.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
 
+    def _token_balance(self, window: list[StepOutput]) -> dict[str, float]:
+        """``tokens/padding_share``: of the positions the encoder ran over, the share that was padding (all
+        ranks); ``tokens/rank_skew``: the busiest rank's real interactions over the mean, minus 1 (what a
+        synchronous step waits for)."""
+        w, r = self.info.world_size, self.info.rank
+        t = torch.zeros(w + 1, dtype=torch.float64)
+        t[r] = sum(o.interactions for o in window)
+        t[w] = sum(o.slots for o in window)
+        t = self.engine.all_reduce_sum(t)
+        real, slots = t[:w], float(t[w])
+        out = {"tokens/padding_share": 1.0 - float(real.sum()) / slots if slots else 0.0}
+        if w > 1 and float(real.sum()) > 0:
+            out["tokens/rank_skew"] = float(real.max() / real.mean()) - 1.0
+        return out
+
     def _metrics(self, window: list[StepOutput], seconds: float, timer: StepTimer) -> dict[str, float]:
         """Window averages, reduced over ranks; stable names (see trainer/logger.py)."""
         n = max(len(window), 1)
+        # The window's one read-back of device values (steps never wait for the device).
+        losses = torch.zeros(3, dtype=torch.float64)
+        if window:
+            losses = torch.stack([torch.stack([o.loss, o.next_item, o.feedback]) for o in window]).double().sum(0).cpu()
         local = {
-            "loss/total": sum(o.loss for o in window) / n,
-            "loss/next_item": sum(o.next_item for o in window) / n,
-            "loss/feedback": sum(o.feedback for o in window) / n,
+            "loss/total": float(losses[0]) / n,
+            "loss/next_item": float(losses[1]) / n,
+            "loss/feedback": float(losses[2]) / n,
             "interactions": float(sum(o.interactions for o in window)),
         }
         out = self.engine.all_reduce_mean(local)
+        out.update(self._token_balance(window))
         if self.cfg.heads.feedback.weight > 0:
             for head, classes in (("event", len(EventType)), ("played", NUM_PLAYED_BUCKETS)):
                 stats = torch.zeros(1 + classes, dtype=torch.float64)  # [ce_sum, counts...], summed over ranks
-                for o in window:
-                    if head in o.ne:
-                        stats[0] += o.ne[head][0]
-                        stats[1:] += o.ne[head][1]
+                parts = [torch.cat([o.ne[head][0].view(1), o.ne[head][1]]) for o in window if head in o.ne]
+                if parts:
+                    stats = torch.stack(parts).sum(0).cpu()
                 stats = self.engine.all_reduce_sum(stats)
                 ne = ne_from_stats(float(stats[0]), stats[1:])
                 if not math.isnan(ne):

@@ -53,14 +53,56 @@ class Batch:
     # Impression splits: per impression "sample" (row in this batch), "time", "size"; per shown item
     # "item", "event", "played", "score" (impressions concatenated). None for history-only splits.
     impressions: dict[str, torch.Tensor] | None = None
+    # Token-budget batches: sample b occupies columns pack_col[b] .. pack_col[b] + lengths[b] - 1 of row
+    # pack_row[b] of a (rows, row_len) grid (trainer/data/layout.py: pack_stream). None: one sample per row.
+    pack_row: torch.Tensor | None = None
+    pack_col: torch.Tensor | None = None
+    pack_shape: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
         return len(self.keys)
 
+    # Counts read the host-side lengths through numpy: the training step never asks the dispatcher for a
+    # scalar (tests/test_hot_path.py counts those).
     @property
     def num_interactions(self) -> int:
-        return int(self.lengths.sum())
+        return int(self.lengths.numpy().sum())
+
+    @property
+    def slots(self) -> int:
+        """Interaction positions the encoder runs over: rows x row length when packed, else samples x the
+        longest sample (padding included); ``1 - num_interactions / slots`` is the padding share."""
+        rows, row_len = self.grid_shape
+        return rows * row_len
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(rows, row length) of the grid the encoder runs over: the packed one, else (samples, longest)."""
+        if self.pack_shape is not None:
+            return self.pack_shape
+        return (self.size, int(self.lengths.numpy().max()) if self.size else 0)
+
+    def grid(self) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, int]]:
+        """Where the encoder puts each sample: (row, first column, (rows, row length)) when packed, else
+        (None, None, (samples, longest)): one sample per row. Host values, so the model needs no read-back."""
+        return self.pack_row, self.pack_col, self.grid_shape
+
+    def place(self, row: np.ndarray, col: np.ndarray, rows: int, row_len: int) -> None:
+        """Pack the samples into a (rows, row_len) grid at the planned ``row``; columns are recomputed from the
+        kept lengths in planned order, so a sample dropped from the plan (unreadable, skipped) leaves no gap."""
+        n = self.lengths.numpy()
+        order = np.lexsort((col, row))
+        r, ln = row[order], n[order]
+        end = np.cumsum(ln)
+        row_start = np.flatnonzero(np.r_[True, r[1:] != r[:-1]]) if r.size else np.zeros(0, np.int64)
+        base = np.repeat(end[row_start] - ln[row_start], np.diff(np.r_[row_start, r.size]))
+        packed = np.empty_like(n)
+        packed[order] = end - ln - base
+        if r.size and (packed + n > row_len).any():
+            raise ValueError(f"a packed row holds more than {row_len} interactions (sample-length table out of date?)")
+        self.pack_row, self.pack_col = torch.from_numpy(np.asarray(row, np.int64)), torch.from_numpy(packed)
+        self.pack_shape = (rows, row_len)
 
     def to_kjt(self, fields: Sequence[str] = ("item",)) -> Any:
         """The jagged columns as a torchrec KeyedJaggedTensor (keys = field names)."""

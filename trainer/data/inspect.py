@@ -96,11 +96,24 @@ def scan_shard(root: Path, info: ShardInfo, is_eval: bool, num_items: int, check
         scan.user_lengths.append(user_len)
     if items:
         scan.items, scan.item_counts = np.unique(np.concatenate(items), return_counts=True)
+    if info.lengths:
+        _check_lengths(root, info, scan)
     for name in ("samples", "interactions", "users", "targets", "item_min", "item_max"):
         want, got = getattr(info, name), getattr(scan, name)
         if want != got:
             scan.errors.append(f"{info.path}: manifest says {name}={want}, shard has {got}")
     return scan
+
+
+def _check_lengths(root: Path, info: ShardInfo, scan: ShardScan) -> None:
+    path = root / info.lengths
+    if not path.is_file():
+        scan.errors.append(f"{info.lengths}: missing")
+        return
+    if info.lengths_sha256 and sha256_file(path) != info.lengths_sha256:
+        scan.errors.append(f"{info.lengths}: sha256 differs from manifest")
+    if not scan.errors and np.load(path).tolist() != scan.sample_lengths:
+        scan.errors.append(f"{info.lengths}: sample lengths differ from the shard's contents")
 
 
 def _scan_job(args: tuple[Path, ShardInfo, bool, int, bool]) -> ShardScan:

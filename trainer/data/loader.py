@@ -15,6 +15,7 @@ rank waits at a collective while another has run dry.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -25,7 +26,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trainer.data.batch import Batch, collate
-from trainer.data.layout import EpochLayout, merge_rank_states, new_layout, relayout, shard_permutation
+from trainer.data.layout import (
+    EpochLayout,
+    Packing,
+    PartPlan,
+    merge_rank_states,
+    new_layout,
+    relayout,
+    shard_permutation,
+)
 from trainer.data.manifest import Manifest
 from trainer.data.reader import SampleReader, ShardTable
 from trainer.data.schema import Sample
@@ -52,9 +61,12 @@ class ShardDataset(IterableDataset):
         rotation: int,
         cfg: "ShardLoader.Config",
         shuffle_seed: int,
+        plans: dict[int, PartPlan] | None = None,
     ) -> None:
+        """``plans``: this rank's parts' packed batches (token-budget batches only)."""
         self.table, self.layout, self.rank, self.rotation, self.cfg = table, layout, rank, rotation, cfg
         self.perm = shard_permutation(len(table.paths), shuffle_seed, layout.epoch, cfg.shuffle)
+        self.plans = plans
 
     def part_for_worker(self, worker: int) -> int:
         return self.layout.part_index(self.rank, (self.rotation + worker) % self.layout.num_workers)
@@ -63,24 +75,38 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         return self.iter_part(self.part_for_worker(info.id if info else 0))
 
+    def _batches(self, p: int) -> tuple[np.ndarray, list[np.ndarray], PartPlan | None]:
+        """(the part's global indices, the positions in it of each batch left, the packed plan or None)."""
+        part = self.layout.parts[p]
+        first, last = part.batches, self.layout.batches_per_part
+        if self.plans is None:
+            order = part.order(self.cfg.shuffle_buffer if self.cfg.shuffle else 0)[part.consumed :]
+            bs = self.cfg.batch_size
+            return part.indices(), [order[i * bs : (i + 1) * bs] for i in range(last - first)], None
+        plan = self.plans[p]
+        if plan.start(first) != part.consumed:
+            raise ValueError(f"data-loader state: part {p} consumed {part.consumed} samples, its plan says otherwise")
+        return part.indices(), [plan.take[plan.batch(b)] for b in range(first, last)], plan
+
     def iter_part(self, p: int) -> Iterator[Batch]:
-        cfg, part = self.cfg, self.layout.parts[p]
+        cfg = self.cfg
         # Snapshot: without workers the loader updates this same Part while we iterate.
-        first_batch = part.batches
-        order = part.order(cfg.shuffle_buffer if cfg.shuffle else 0)[part.consumed :]
-        indices = part.indices()
-        want = np.sort(indices[order])
+        first_batch = self.layout.parts[p].batches
+        indices, batches, plan = self._batches(p)
+        want = np.sort(indices[np.concatenate(batches)]) if batches else np.zeros(0, np.int64)
         reader = SampleReader(self.table, self.perm, cfg.on_error)
         stream = reader.read(want)
-        waiting: dict[int, Sample | None] = {}  # read but not yet emitted: at most shuffle_buffer samples
+        # Read but not yet emitted: at most shuffle_buffer samples (+ the packing window).
+        waiting: dict[int, Sample | None] = {}
         padded = cfg.batch_format == "padded"
+        packing = self.layout.packer()
         n_errors = 0
-        for b in range(first_batch, self.layout.batches_per_part):
-            lo = (b - first_batch) * cfg.batch_size
-            targets = indices[order[lo : lo + cfg.batch_size]].tolist()
+        for b, positions in enumerate(batches, start=first_batch):
+            targets = indices[positions].tolist()
             samples: list[Sample] = []
+            kept: list[int] = []
             skipped = 0
-            for g in targets:
+            for i, g in enumerate(targets):
                 while g not in waiting:
                     gi, s = next(stream)
                     waiting[gi] = s
@@ -89,7 +115,11 @@ class ShardDataset(IterableDataset):
                     skipped += 1
                 else:
                     samples.append(s)
+                    kept.append(i)
             batch = collate(samples, padded, cfg.max_seq_len)
+            if plan is not None and packing is not None:
+                sl = plan.batch(b)
+                batch.place(plan.row[sl][kept], plan.col[sl][kept], packing.rows, packing.row_len)
             batch.part, batch.skipped = p, skipped
             if len(reader.errors) > n_errors:
                 batch.meta["errors"] = reader.errors[n_errors:]
@@ -104,7 +134,9 @@ class ShardLoader:
     class Config:
         path: str = ""
         split: str = "train"
-        batch_size: int = 32  # samples per batch, per rank
+        batch_size: int = 32  # samples per batch, per rank (unless batch_tokens is set)
+        # Token-budget batches: interactions per batch, per rank, packed into rows of max_seq_len (0 = off)
+        batch_tokens: int = 0
         max_seq_len: int = 0  # 0 = keep whole samples (<= the dataset's max_len); else keep the most recent
         num_workers: int = 2
         shuffle: bool = True
@@ -122,6 +154,12 @@ class ShardLoader:
                 raise bad("path", "is required (a directory written by `argus data synth` or `argus data convert`)")
             if self.batch_size < 1:
                 raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
+            if self.batch_tokens < 0:
+                raise bad("batch_tokens", f"must be >= 0, got {self.batch_tokens}")
+            if self.batch_tokens and self.batch_format != "jagged":
+                raise bad("batch_tokens", "packs histories into rows: needs batch_format 'jagged'")
+            if self.batch_tokens and self.max_seq_len and self.batch_tokens < self.max_seq_len:
+                raise bad("batch_tokens", f"{self.batch_tokens} is less than one row of max_seq_len={self.max_seq_len}")
             if self.max_seq_len < 0:
                 raise bad("max_seq_len", f"must be >= 0, got {self.max_seq_len}")
             if self.num_workers < 0:
@@ -144,14 +182,50 @@ class ShardLoader:
         self.manifest = manifest or Manifest.load(cfg.path)
         self.table = ShardTable.from_manifest(self.manifest, cfg.split)
         self.workers = max(1, cfg.num_workers)
+        self._lengths: list[np.ndarray] | None = None
+        self.packing = self._packing()
         self.layout = self._fresh(0)
         self.batches_seen = 0  # batches handed out this epoch on this rank
         self.stats = {"samples": 0, "interactions": 0, "skipped": 0, "truncated": 0}
         self.errors: list[str] = []
 
+    def _packing(self) -> Packing | None:
+        """The row shape of token-budget batches (None: ``batch_size`` samples per batch)."""
+        cfg = self.cfg
+        if not cfg.batch_tokens:
+            return None
+        row_len = cfg.max_seq_len or self.manifest.max_len
+        if cfg.batch_tokens < row_len:
+            raise ValueError(f"data.batch_tokens: {cfg.batch_tokens} is less than one row of {row_len} interactions")
+        lengths = self._epoch_lengths(0)
+        mean = float(np.minimum(lengths, row_len).mean()) if lengths.size else 1.0
+        rows = cfg.batch_tokens // row_len
+        # Look ahead twice the samples a batch holds on average: enough to fill rows to ~98% on heavy-tailed
+        # lengths (docs/benchmarks.md), few enough that a worker holds little beyond its shuffle buffer.
+        window = max(64, 2 * math.ceil(rows * row_len / max(mean, 1.0)))
+        return Packing(rows, row_len, window)
+
+    def _epoch_lengths(self, epoch: int) -> np.ndarray:
+        """Every sample's interaction count by global index of ``epoch`` (whose shard order is permuted)."""
+        if self._lengths is None:
+            self._lengths = self.table.shard_lengths()
+        perm = shard_permutation(len(self.table.paths), self.cfg.seed, epoch, self.cfg.shuffle)
+        return np.concatenate([self._lengths[i] for i in perm]) if len(perm) else np.zeros(0, np.int64)
+
+    def _buffer(self) -> int:
+        return self.cfg.shuffle_buffer if self.cfg.shuffle else 0
+
     def _fresh(self, epoch: int) -> EpochLayout:
         return new_layout(
-            self.table.num_samples, epoch, self.world_size, self.workers, self.cfg.batch_size, self.cfg.seed
+            self.table.num_samples,
+            epoch,
+            self.world_size,
+            self.workers,
+            self.cfg.batch_size,
+            self.cfg.seed,
+            self.packing,
+            self._epoch_lengths(epoch) if self.packing else None,
+            self._buffer(),
         )
 
     @property
@@ -167,8 +241,15 @@ class ShardLoader:
         return self.batches_per_epoch() - self.batches_seen
 
     def _dataset(self) -> ShardDataset:
+        plans = None
+        if self.packing is not None:
+            lengths = self._epoch_lengths(self.epoch)
+            parts = [self.layout.part_index(self.rank, w) for w in range(self.workers)]
+            plans = {
+                p: self.layout.parts[p].plan(self.cfg.batch_size, self._buffer(), self.packing, lengths) for p in parts
+            }
         return ShardDataset(
-            self.table, self.layout, self.rank, self.batches_seen % self.workers, self.cfg, self.cfg.seed
+            self.table, self.layout, self.rank, self.batches_seen % self.workers, self.cfg, self.cfg.seed, plans
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -233,7 +314,12 @@ class ShardLoader:
                     f"data-loader state is for split {s['split']!r} with {s['num_samples']} samples; "
                     f"this dataset's {self.cfg.split!r} has {self.table.num_samples}"
                 )
-        same_shape = states[0]["world_size"] == self.world_size and states[0]["layout"]["num_workers"] == self.workers
+        packing = [self.packing.rows, self.packing.row_len, self.packing.window] if self.packing else None
+        same_shape = (
+            states[0]["world_size"] == self.world_size
+            and states[0]["layout"]["num_workers"] == self.workers
+            and states[0]["layout"].get("packing") == packing
+        )
         if same_shape:
             own = [s for s in states if s["rank"] == self.rank]
             if not own:
@@ -253,8 +339,10 @@ class ShardLoader:
                 self.world_size,
                 self.workers,
                 self.cfg.batch_size,
-                self.cfg.shuffle_buffer if self.cfg.shuffle else 0,
+                self._buffer(),
                 self.cfg.seed,
+                self.packing,
+                self._epoch_lengths(merged.epoch) if self.packing or merged.packing else None,
             )
             self.batches_seen = 0
 

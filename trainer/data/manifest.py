@@ -38,6 +38,10 @@ class ShardInfo:
     item_max: int = -1
     bytes: int = 0
     sha256: str = ""
+    # Relative path of an int32 .npy with each sample's interaction count, in shard order (token-budget batches
+    # are laid out from it without reading the shard); "" in datasets written before it existed.
+    lengths: str = ""
+    lengths_sha256: str = ""
 
 
 @dataclass

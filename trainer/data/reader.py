@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,15 +30,41 @@ class ShardTable:
     root: Path
     paths: list[str]
     counts: np.ndarray
+    lengths: list[str] = field(default_factory=list)  # per-shard sample-length tables ("" = none written)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, split: str) -> "ShardTable":
         info = manifest.split(split)
-        return cls(manifest.root, [s.path for s in info.shards], np.array([s.samples for s in info.shards], np.int64))
+        return cls(
+            manifest.root,
+            [s.path for s in info.shards],
+            np.array([s.samples for s in info.shards], np.int64),
+            [s.lengths for s in info.shards],
+        )
 
     @property
     def num_samples(self) -> int:
         return int(self.counts.sum())
+
+    def shard_lengths(self) -> list[np.ndarray]:
+        """Every sample's interaction count, per shard in manifest order: from the tables the writer left
+        beside the shards, or, for shards written without one, by reading the shard once."""
+        out = []
+        for i, path in enumerate(self.paths):
+            rel = self.lengths[i] if i < len(self.lengths) else ""
+            if rel:
+                arr = np.load(self.root / rel).astype(np.int64)
+                if arr.shape != (int(self.counts[i]),):
+                    raise ShardReadError(f"{rel}: holds {arr.shape[0]} lengths, the manifest says {self.counts[i]}")
+            else:
+                local = np.arange(int(self.counts[i]))
+                arr = np.fromiter(
+                    (len(decode_sample(key, p)) for _, key, p in iter_members(self.root / path, local)),
+                    np.int64,
+                    local.size,
+                )
+            out.append(arr)
+        return out
 
 
 _BLOCK = 512

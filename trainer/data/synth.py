@@ -865,12 +865,12 @@ def _prepare_out(out: Path) -> None:
 
 def _remove_stale(out: Path, manifest: Manifest, shards: int) -> None:
     """Delete shard/truth files an earlier run into the same directory left behind."""
-    keep = {s.path for sp in manifest.splits.values() for s in sp.shards}
+    keep = {p for sp in manifest.splits.values() for s in sp.shards for p in (s.path, s.lengths)}
     for split in ("train", "val", "test"):
         d = out / split
         if not d.is_dir():
             continue
-        for f in list(d.glob("shard-*.tar")) + list(d.glob("shard-*.tar.tmp")):
+        for f in list(d.glob("shard-*.tar")) + list(d.glob("shard-*.tar.tmp")) + list(d.glob("shard-*.lengths.npy")):
             if f"{split}/{f.name}" not in keep:
                 f.unlink()
         if split not in manifest.splits:

@@ -27,6 +27,11 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/shard-{index:06d}.tar"
 
 
+def lengths_name(shard: str) -> str:
+    """The per-sample lengths table beside a shard (``train/shard-000000.lengths.npy``)."""
+    return shard.removesuffix(".tar") + ".lengths.npy"
+
+
 @dataclass
 class Holdout:
     """How evaluation targets are held out of each user's history.
@@ -199,6 +204,7 @@ class ShardSink:
         self._tar = UstarWriter(open(self.tmp, "wb", buffering=1 << 20))
         self.info = ShardInfo(path=relpath, samples=0, interactions=0, users=0)
         self.counter = ItemCounter()
+        self.lengths: list[int] = []
         self._last_user: int | None = None
 
     def write(
@@ -210,6 +216,7 @@ class ShardSink:
         info = self.info
         info.samples += 1
         info.interactions += n
+        self.lengths.append(n)
         if impressions is not None:
             info.targets += int(impressions["imp_time"].shape[0])  # impressions are this split's targets
         elif self.is_eval:
@@ -228,6 +235,9 @@ class ShardSink:
         os.replace(self.tmp, self.final)
         self.info.bytes = self.final.stat().st_size
         self.info.sha256 = sha256_file(self.final)
+        self.info.lengths = lengths_name(self.relpath)
+        np.save(self.root / self.info.lengths, np.asarray(self.lengths, np.int32))
+        self.info.lengths_sha256 = sha256_file(self.root / self.info.lengths)
         return self.info
 
 

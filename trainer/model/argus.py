@@ -21,7 +21,7 @@ from embeddings.tables import ItemEmbeddings
 from trainer.data.batch import sample_starts
 from trainer.model.encoder import Encoder
 from trainer.model.heads import FeedbackHead, NextItemLossConfig, sampled_softmax_loss
-from trainer.model.interaction import TOKEN_LAYOUTS, InteractionEmbedding, jagged_to_padded
+from trainer.model.interaction import TOKEN_LAYOUTS, InteractionEmbedding, Packed, jagged_to_packed, jagged_to_padded
 
 
 @dataclass
@@ -60,15 +60,23 @@ class HeadsConfig:
             raise ValueError(f"{where}.next_item: needs uniform_negatives > 0 or in_batch_negatives > 0")
 
 
-def target_index(lengths: torch.Tensor, target_start: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat indices of target interactions: not the first of their sample, and >= target_start."""
-    pos = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(
-        sample_starts(lengths), lengths
+# A batch's grid: (row, first column) of each sample and (rows, row length), in interactions (Batch.grid).
+Grid = tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, int]]
+
+
+def target_index(
+    lengths: torch.Tensor, target_start: torch.Tensor | None = None, total: int | None = None
+) -> torch.Tensor:
+    """Flat indices of target interactions: not the first of their sample, and >= target_start.
+    ``total``: sum(lengths) when the caller knows it (then nothing is read back from ``lengths``)."""
+    n = int(lengths.sum()) if total is None else total
+    pos = torch.arange(n, device=lengths.device) - torch.repeat_interleave(
+        sample_starts(lengths), lengths, output_size=n
     )
     first_target = torch.ones_like(lengths)
     if target_start is not None:
         first_target = target_start.clamp_min(1)
-    keep = pos >= torch.repeat_interleave(first_target, lengths)
+    keep = pos >= torch.repeat_interleave(first_target, lengths, output_size=n)
     return torch.nonzero(keep, as_tuple=False).flatten()
 
 
@@ -85,15 +93,32 @@ class ArgusModel(nn.Module):
         self.feedback = heads.feedback.build(enc.d_model, emb.item_dim)
         self.interleaved = model.token_layout == "interleaved"
 
-    def states(self, item: torch.Tensor, side: dict[str, torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+    def states(
+        self,
+        item: torch.Tensor,
+        side: dict[str, torch.Tensor],
+        lengths: torch.Tensor,
+        pack: Grid | None = None,
+    ) -> torch.Tensor:
         """Encoder states of every token, flat (sum(lengths) * tokens_per_interaction, d_model).
 
         ``item``: looked-up item vectors (fp32 from TorchRec); ``side``: side-feature ids
-        (:func:`trainer.model.interaction.side_features`)."""
+        (:func:`trainer.model.interaction.side_features`); ``pack``: the batch's grid (``Batch.grid()``):
+        (row, first column, (rows, row_len)) of each sample in interactions for a token-budget batch, or
+        (None, None, (samples, longest)) for one sample per row; None = one sample per row, shape read from
+        ``lengths`` (a device read: the training step always passes the grid)."""
         tokens = self.interaction(item.to(self.proj.weight.dtype), side)  # bf16 engines: cast the lookups
-        tok_lengths = lengths * self.interaction.tokens_per_interaction
-        padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths)
-        return self.encoder(padded, mask)[row, col]
+        k = self.interaction.tokens_per_interaction
+        tok_lengths = lengths * k
+        if pack is None or pack[0] is None:
+            max_len = None if pack is None else pack[2][1] * k
+            padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths, max_len)
+            return self.encoder(padded, mask)[row, col]
+        rows, cols, (num_rows, row_len) = pack
+        grid, mask, positions, segments, (row, col) = jagged_to_packed(
+            tokens, tok_lengths, Packed(rows, cols * k, (num_rows, row_len * k))
+        )
+        return self.encoder(grid, mask, positions, segments)[row, col]
 
     def state_rows(self, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token rows whose states predict (next item of, feedback of) target interactions ``tgt``."""
@@ -116,9 +141,11 @@ class ArgusModel(nn.Module):
         played: torch.Tensor,
         pos_log_q: torch.Tensor,
         cand_log_q: torch.Tensor,
+        pack: Grid | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses for one micro-batch; ``sel`` picks in-batch candidates among the targets."""
-        h = self.states(item, side, lengths)
+        """Losses for one micro-batch; ``sel`` picks in-batch candidates among the targets; ``pack``: see
+        :meth:`states`."""
+        h = self.states(item, side, lengths, pack)
         ni, fb = self.heads_cfg.next_item, self.heads_cfg.feedback
         next_rows, fb_rows = self.state_rows(tgt)
         zero = h.sum() * 0.0

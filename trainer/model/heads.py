@@ -196,23 +196,26 @@ class FeedbackHead(nn.Module):
         return 0.5 * (ce_event + ce_played)
 
 
-def ne_stats(logits: Tensor, targets: Tensor) -> tuple[float, Tensor]:
-    """Sufficient statistics of normalized entropy: (summed cross-entropy, class counts). Summed over
-    steps and ranks they give the exact NE of the whole window (:func:`ne_from_stats`)."""
+def ne_stats(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Sufficient statistics of normalized entropy: (summed cross-entropy, class counts), float64 tensors on
+    the logits' device (nothing is read back here: training sums them over a logging window first). Summed
+    over steps and ranks they give the exact NE of the whole window (:func:`ne_from_stats`)."""
     with torch.no_grad():
         wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        ce = F.cross_entropy(wide, targets.to(device=logits.device, dtype=torch.int64), reduction="sum")
-        return float(ce), torch.bincount(targets.to(torch.int64).cpu(), minlength=logits.shape[-1]).double()
+        t = targets.to(device=logits.device, dtype=torch.int64)
+        ce = F.cross_entropy(wide, t, reduction="sum").double()
+        return ce, torch.bincount(t, minlength=logits.shape[-1]).double()
 
 
-def ne_from_stats(ce_sum: float, counts: Tensor, prior: Tensor | None = None) -> float:
+def ne_from_stats(ce_sum: float | Tensor, counts: Tensor, prior: Tensor | None = None) -> float:
     """Mean cross-entropy / entropy of the class prior (He et al. 2014, any number of classes).
 
     ``prior`` defaults to the class frequencies ``counts``. Below 1 means better than always
     predicting the base rate; NaN when the prior has zero entropy or there are no targets.
     """
+    ce_sum, counts = float(ce_sum), counts.detach().double().cpu()
     n = float(counts.sum())
-    prior = (counts if prior is None else prior).double()
+    prior = (counts if prior is None else prior.cpu()).double()
     p = prior[prior > 0] / prior.sum()
     h = float(-(p * p.log()).sum())
     return (ce_sum / n) / h if n and h > 0 else math.nan

@@ -15,6 +15,7 @@ token the next item.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,16 +65,20 @@ def side_features(batch: Batch, num_contexts: int, device: torch.device) -> dict
     """Row ids into the side tables, one per interaction of a jagged batch (contexts beyond the table hash
     to id mod rows)."""
     v = batch.values
-    event = v["event"].to(device).long()
-    if event.numel() and int(event.max()) >= len(EventType):
-        raise ValueError(f"feature 'event': value {int(event.max())} is not an EventType")
-    ts = v["timestamp"].to(device)
+    event_max = int(v["event"].numpy().max()) if v["event"].numel() else 0  # checked on the host, before the copy
+    if event_max >= len(EventType):
+        raise ValueError(f"feature 'event': value {event_max} is not an EventType")
+
+    def to(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    ts = to(v["timestamp"])
     return {
-        "context": torch.remainder(v["context"].to(device).long(), num_contexts),
+        "context": torch.remainder(to(v["context"]).long(), num_contexts),
         "hour": hour_of_week(ts),
-        "gap": gap_bucket(ts, batch.lengths.to(device)),
-        "event": event,
-        "played": played_bucket(v["played"].to(device)).long(),
+        "gap": gap_bucket(ts, to(batch.lengths)),
+        "event": to(v["event"]).long(),
+        "played": played_bucket(to(v["played"])).long(),
     }
 
 
@@ -135,15 +140,48 @@ def jagged_to_padded(
     values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """(N, d) jagged rows -> (B, T, d) right-padded, the (B, T) mask, and each row's (b, t) index."""
-    b = lengths.numel()
+    b, n = lengths.numel(), values.shape[0]
     t = int(lengths.max()) if b and max_len is None else (max_len or 0)
-    row = torch.repeat_interleave(torch.arange(b, device=values.device), lengths)
-    col = torch.arange(values.shape[0], device=values.device) - torch.repeat_interleave(sample_starts(lengths), lengths)
+    row = torch.repeat_interleave(torch.arange(b, device=values.device), lengths, output_size=n)
+    col = torch.arange(n, device=values.device) - torch.repeat_interleave(
+        sample_starts(lengths), lengths, output_size=n
+    )
     out = values.new_zeros(b, t, values.shape[-1])
     out = out.index_put((row, col), values)
     mask = torch.zeros(b, t, dtype=torch.bool, device=values.device)
     mask[row, col] = True
     return out, mask, (row, col)
+
+
+@dataclass
+class Packed:
+    """Where a jagged batch's tokens sit in a packed (rows, row_len) grid (see :func:`jagged_to_packed`)."""
+
+    rows: torch.Tensor  # (B,) row of each sample
+    cols: torch.Tensor  # (B,) first column of each sample, in tokens
+    shape: tuple[int, int]  # (rows, row_len) in tokens
+
+
+def jagged_to_packed(
+    values: torch.Tensor, lengths: torch.Tensor, packed: Packed
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(N, d) jagged rows -> the (R, T, d) packed grid, its (R, T) mask, each token's position inside its own
+    sample (restarting at 0), its segment (samples numbered in row-major grid order; -1 = padding), and each
+    jagged row's (r, t) index. Shapes come from ``packed.shape``, so nothing here waits on the device."""
+    n, (R, T) = values.shape[0], packed.shape
+    dev = values.device
+    sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=n)
+    pos = torch.arange(n, device=dev) - torch.repeat_interleave(sample_starts(lengths), lengths, output_size=n)
+    row = packed.rows[sample]
+    col = packed.cols[sample] + pos
+    # Segment ids that grow along each row: the rank of each sample in (row, col) order.
+    rank = torch.empty_like(lengths)
+    rank[torch.argsort(packed.rows * (T + 1) + packed.cols)] = torch.arange(lengths.numel(), device=dev)
+    out = values.new_zeros(R, T, values.shape[-1]).index_put((row, col), values)
+    mask = torch.zeros(R, T, dtype=torch.bool, device=dev).index_put((row, col), torch.ones_like(pos, dtype=torch.bool))
+    positions = torch.zeros(R, T, dtype=torch.int64, device=dev).index_put((row, col), pos)
+    segments = torch.full((R, T), -1, dtype=torch.int64, device=dev).index_put((row, col), rank[sample])
+    return out, mask, positions, segments, (row, col)
 
 
 def lookup_interactions(
