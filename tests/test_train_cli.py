@@ -175,6 +175,7 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
             "model.activation_checkpointing=true",
             "heads.feedback.weight=0",
             "data.batch_tokens=48",  # packed rows of 16 interactions (32 tokens)
+            "train.compile=true",
         ],
         [
             "deepspeed.stage=3",
@@ -186,7 +187,10 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
             "model.attention=mask",
         ],
     ],
-    ids=["interleaved-colwise-zero0-ckpt-nextonly-packed", "bf16-zero3-tablewise-feedbackonly-sgd-packed-mask"],
+    ids=[
+        "interleaved-colwise-zero0-ckpt-nextonly-packed-compiled",
+        "bf16-zero3-tablewise-feedbackonly-sgd-packed-mask",
+    ],
 )
 def test_options_train_and_evaluate(data, tmp_path, options, capsys):
     run = tmp_path / "run"

@@ -98,6 +98,9 @@ class Engine:
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
         dense = build_dense(cfg)
         self.init_weights(dense)
+        if cfg.train.compile:
+            encoder = dense.argus.encoder if hasattr(dense, "argus") else dense.encoder
+            encoder.compile_blocks()
         o = cfg.optim
         optim = torch.optim.AdamW(
             decay_groups(dense, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps

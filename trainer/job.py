@@ -51,6 +51,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     timeout_s: float = 600.0  # process-group timeout: a rank-0-only error must not hang the others
     log_sample_keys: bool = False  # audit trail: RUN/sample_keys/rank*.jsonl, the keys each step consumed
+    compile: bool = False  # torch.compile the encoder blocks (Encoder.compile_blocks)
 
 
 @dataclass
@@ -202,6 +203,11 @@ class JobConfig:
                 "train.gradient_accumulation_steps: must be 1 — the TorchRec fused optimizer updates "
                 "embeddings on every micro-batch, so accumulation would apply sparse updates "
                 "early; raise data.batch_size or the world size instead"
+            )
+        if t.compile and self.model.attention == "segments":
+            raise ConfigError(
+                "train.compile: model.attention 'segments' recompiles for every new set of history lengths; "
+                "use mask, flex or auto"
             )
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device: must be auto, cpu or cuda, got {t.device!r}")

@@ -262,6 +262,7 @@ class Encoder(nn.Module):
             for _ in range(cfg.n_layers)
         )
         self.norm = nn.LayerNorm(cfg.d_model)
+        self.compiled = False  # compile_blocks() ran
 
     def reset_parameters(self) -> None:
         """Re-initialise everything (e.g. after ``to_empty`` on a meta-device model)."""
@@ -295,13 +296,27 @@ class Encoder(nn.Module):
         return x.masked_fill(~mask.to(torch.bool).unsqueeze(-1), 0.0)
 
     def attention_mode(self, device: torch.device) -> str:
-        """``cfg.attention`` with ``auto`` resolved for ``device``."""
+        """``cfg.attention`` with ``auto`` resolved for ``device`` (compiled blocks: never ``segments``, whose
+        per-length loop would recompile for every new set of history lengths)."""
         mode = self.cfg.attention
         if mode != "auto":
             return mode
         if device.type == "cuda":
             return "flex" if self.cfg.attn_dropout == 0 else "mask"
-        return AUTO_CPU_ATTENTION
+        return "mask" if self.compiled else AUTO_CPU_ATTENTION
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block in place (as torchtitan does): the blocks are where the FLOPs are, their
+        shapes are fixed by the packed grid, and a per-block graph composes with ZeRO's per-module hooks and
+        activation checkpointing; index bookkeeping around them stays eager."""
+        if self.cfg.attention == "segments":
+            raise ValueError(
+                "model.attention: 'segments' recompiles for every new set of history lengths; "
+                "use mask or flex (or auto) with train.compile"
+            )
+        for block in self.blocks:
+            block.compile()
+        self.compiled = True
 
 
 def encoder_param_count(cfg: Encoder.Config, include_positions: bool = False) -> int:
