@@ -294,3 +294,17 @@ def test_deepspeed_buckets_are_what_zero_allocates():
     z3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e7, "stage3_prefetch_bucket_size": 2e7}}
     assert ds_buffers(z3, "bf16") == 3e7 * 2
     assert ds_buffers({"zero_optimization": {"stage": 0}}, "fp32") == 0
+
+
+def test_token_budget_plan_counts_full_packed_rows():
+    """A packed batch of `batch_tokens` is `batch_tokens // context` full rows: the same activations and FLOPs per
+    step as that many full-context samples, whatever `--fill` says (packed rows are full)."""
+    req = PlanRequest(items=10**6, hardware=Hardware("h100", nodes=1, gpus_per_node=8), torchrec=False, fill=0.3)
+    padded = plan(job("medium", "model.max_seq_len=2048", "data.batch_size=6"), dataclasses.replace(req, fill=1.0))
+    packed = plan(job("medium", "model.max_seq_len=2048", "data.batch_tokens=13000"), req)  # 6 rows of 2048
+    assert packed["inputs"]["micro_batch"] == 6
+    assert packed["step"]["interactions_per_rank"] == 6 * 2048 == padded["step"]["interactions_per_rank"]
+    assert packed["memory"]["activations"] == padded["memory"]["activations"]
+    assert packed["flops"]["per_step_per_rank"] == padded["flops"]["per_step_per_rank"]
+    half = plan(job("medium", "model.max_seq_len=2048", "data.batch_size=6"), req)  # padded: fill applies
+    assert half["step"]["interactions_per_rank"] == pytest.approx(0.3 * 6 * 2048)
