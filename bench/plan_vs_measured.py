@@ -170,7 +170,8 @@ def worker(preset: str, overrides: list[str], report_dir: Path) -> None:
     step = eng.train_step
     # weights autograd saves for backward (dense parameters, embedding tables) are states, not activations
     weights = {
-        t.untyped_storage().data_ptr() for t in (*eng.ds.module.parameters(), *eng.dmp.parameters(), *eng.dmp.buffers())
+        t.untyped_storage().data_ptr()
+        for t in (*eng.ds.module.parameters(), *eng.tables.parameters(), *eng.tables.buffers())
     }
 
     def counted(batch: Any, i: int) -> Any:

@@ -4,7 +4,9 @@ Inputs are the run's own JobConfig (what `argus train` reads) plus catalog size,
 train and the hardware. Memory per rank joins two halves no other tool puts together:
 - embedding shards and their fused-optimizer state, from TorchRec's planner run offline on a
   meta-device copy of the tables with a hypothetical Topology (``embeddings.sharding.plan_offline``,
-  the same call `argus train` makes), given the HBM the dense side leaves;
+  the same call `argus train` makes), given the HBM the dense side leaves; under
+  ``embeddings.backend: torch`` the whole table, its dense gradient and its optimizer state on every
+  rank (``replicated_embedding_bytes``);
 - dense parameters, gradients and optimizer states for the ZeRO stage, activations and DeepSpeed's
   buckets, from ``trainer.memory`` (which the trainer also uses to size TorchRec's budget).
 Time per step is the larger of compute (FLOPs at an assumed MFU), memory traffic (at HBM
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.hardware import Hardware
+from embeddings.replicated import replicated_summary
 from embeddings.tables import table_rows
 from trainer.config import ConfigError
 from trainer.flops import encoder_flops_per_interaction, flops_per_interaction
@@ -106,9 +109,19 @@ def embedding_tables(cfg: JobConfig, items: int) -> dict[str, dict[str, int]]:
     }
 
 
+def replicated_embedding_bytes(cfg: JobConfig, items: int) -> int:
+    """Per-rank embedding bytes under ``embeddings.backend: torch`` (whatever the world size): every table
+    whole, its dense gradient (as large as the table: ``backward`` writes one for every row) and its
+    optimizer state."""
+    return sum(2 * t["weight_bytes"] + t["optimizer_bytes"] for t in embedding_tables(cfg, items).values())
+
+
 def analytic_embedding_bytes(cfg: JobConfig, items: int, world: int) -> int:
-    """Per-rank embedding bytes without TorchRec: the item table split evenly, any other TorchRec table
-    whole on one rank (an upper bound for the busiest rank)."""
+    """Per-rank embedding bytes without TorchRec's planner: the item table split evenly, any other TorchRec
+    table whole on one rank (an upper bound for the busiest rank); under the torch backend every table whole
+    on every rank (:func:`replicated_embedding_bytes`)."""
+    if cfg.embeddings.backend == "torch":
+        return replicated_embedding_bytes(cfg, items)
     tables = embedding_tables(cfg, items)
     item = tables.pop("item")
     return math.ceil((item["weight_bytes"] + item["optimizer_bytes"]) / world) + sum(
@@ -191,11 +204,26 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     dense_side = states.gpu + act.total + buffers
     # the HBM TorchRec may fill: the very function `argus train` gives TorchRec on GPUs
     emb_budget = embedding_hbm_budget(cfg, world, capacity, gpn, req.headroom_fraction)
+    replicated = cfg.embeddings.backend == "torch"
     emb: dict[str, Any] = {
+        "backend": cfg.embeddings.backend,
         "analytic_per_rank": analytic_embedding_bytes(cfg, req.items, world),
         "budget_per_rank": emb_budget,
     }
-    if req.torchrec:
+    if replicated:  # no TorchRec plan: every table whole on every rank (what `argus train` writes then)
+        emb["plan"] = replicated_summary(cfg.embeddings, req.items, world)
+        emb["tables"] = [
+            {
+                "table": name,
+                "sharding_type": "replicated",
+                "compute_kernel": "torch",
+                "shards": world,
+                "hbm_per_shard": 2 * t["weight_bytes"] + t["optimizer_bytes"],  # table + gradient + state
+                "host_per_shard": 0,
+            }
+            for name, t in sorted(tables.items())
+        ]
+    elif req.torchrec:
         emb.update(torchrec_plan(cfg, req.items, hw, emb_budget))
     emb_hbm = emb.get("hbm_per_rank", emb["analytic_per_rank"])
     total = emb_hbm + dense_side
@@ -244,13 +272,15 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     # dense weights read by forward and twice by backward; optimizer states read and written once;
     # saved activations written and read once.
     w = weight_bytes(ds.precision)
-    hbm_bytes = (
-        3 * lookup_bytes
-        + 2 * item_lookups * opt_row(item_dim)
-        + 3 * p.total * w
-        + 2 * (states.optimizer + states.grads)
-        + 2 * act.layers
-    )
+    table_bytes = sum(t["weight_bytes"] for t in tables.values())
+    table_state = sum(t["optimizer_bytes"] for t in tables.values())
+    if replicated:
+        # torch backend: rows read forward and their gradients scattered backward into a zeroed table-sized
+        # gradient; the update reads table + gradient + state and writes table + state, every row
+        sparse_bytes = 2 * lookup_bytes + 4 * table_bytes + 2 * table_state
+    else:
+        sparse_bytes = 3 * lookup_bytes + 2 * item_lookups * opt_row(item_dim)
+    hbm_bytes = sparse_bytes + 3 * p.total * w + 2 * (states.optimizer + states.grads) + 2 * act.layers
     memory_s = hbm_bytes / spec.hbm_bytes_per_s
 
     intra, inter = hw.bandwidths()
@@ -262,6 +292,9 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     local = (gpn - 1) / world if world > 1 else 0.0
     remote = (world - gpn) / world if world > 1 else 0.0
     a2a_s = 2 * lookup_bytes * (local / intra + remote / inter)
+    if replicated:  # torch backend: no all-to-all; the whole table's gradient is all-reduced every step
+        a2a_bytes = 2 * ring * table_bytes
+        a2a_s = a2a_bytes / (inter if hw.nodes > 1 else intra) if world > 1 else 0.0
     # TorchRec rates its own plan (lookups, updates, all-to-alls; slower for rows left in host memory):
     # that is the embedding time when it ran; the bandwidth estimate above otherwise.
     emb_s = emb.get("seconds_per_step", a2a_s)
@@ -408,6 +441,10 @@ def suggestions(
         return c
 
     candidates: list[tuple[str, Any, PlanRequest]] = []
+    if cfg.embeddings.backend == "torch":  # shard the table instead of a full copy on every rank
+        candidates.append(
+            ("embeddings.backend=torchrec", variant(lambda c: setattr(c.embeddings, "backend", "torchrec")), req)
+        )
     if not enc.activation_checkpointing:
         candidates.append(
             (

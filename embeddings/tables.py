@@ -5,10 +5,15 @@ same sharded table). Only catalog-sized tables live here: the small side tables 
 played bucket, hour of week, time gap) are dense parameters of the model
 (``trainer/model/interaction.py``).
 
-Sharding: ``DistributedModelParallel`` with the TorchRec planner; row-wise by default (table-wise
-and column-wise selectable). Optimizer: fused into the backward pass (TorchRec's
-``apply_optimizer_in_backward``), so embeddings are updated by ``backward()`` itself, not by the
-dense optimizer's ``step()``.
+Two backends (``embeddings.backend``, chosen explicitly, never by fallback):
+
+- ``torchrec`` (default): ``DistributedModelParallel`` with the TorchRec planner; row-wise by default
+  (table-wise and column-wise selectable). Optimizer: fused into the backward pass (TorchRec's
+  ``apply_optimizer_in_backward``), so embeddings are updated by ``backward()`` itself, not by the
+  dense optimizer's ``step()``.
+- ``torch``: every rank holds the whole table as a plain ``nn.Embedding`` under the same state-dict
+  names (``embeddings/replicated.py``): no TorchRec kernels, no all-to-all; its gradient is averaged
+  over the ranks and the table updated once per step (``Engine.sparse_step``).
 
 Initial weights are a pure function of (seed, table, row): each rank fills its own shards block by
 block, so a 10^9-row table never exists in one process, and the model starts identical whatever the
@@ -26,6 +31,7 @@ from torch import nn
 
 ITEM_FEATURES = ("item", "neg_item")
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise")
+BACKENDS = ("torchrec", "torch")
 OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
 INIT_BLOCK_ROWS = 1 << 16
 
@@ -35,11 +41,14 @@ class ItemEmbeddings:
 
     @dataclass
     class Config:
+        # torchrec: DMP-sharded, fused optimizer | torch: the whole table on every rank (embeddings/replicated.py)
+        backend: str = "torchrec"
         item_dim: int = 64
         item_rows: int = 0  # 0 = the dataset's num_items
         oov: str = "hash"  # ids outside a table: "hash" (id mod rows) or "error"
-        sharding: str = "row_wise"  # item table: row_wise | table_wise | column_wise
-        optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (adam: GPU only)
+        sharding: str = "row_wise"  # item table: row_wise | table_wise | column_wise (backend torchrec)
+        # rowwise_adagrad | adagrad | sgd | adam (adam: GPU only under backend torchrec)
+        optimizer: str = "rowwise_adagrad"
         lr: float = 0.5
         eps: float = 1e-8
         init_std: float = 0.05
@@ -49,6 +58,8 @@ class ItemEmbeddings:
             def bad(key: str, msg: str) -> ValueError:
                 return ValueError(f"{where}.{key}: {msg}")
 
+            if self.backend not in BACKENDS:
+                raise bad("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
             if self.item_dim < 1:
                 raise bad("item_dim", f"must be >= 1, got {self.item_dim}")
             if self.item_rows < 0:
@@ -59,12 +70,12 @@ class ItemEmbeddings:
                 raise bad("sharding", f"must be one of {', '.join(SHARDING_TYPES)}, got {self.sharding!r}")
             if self.optimizer not in OPTIMIZERS:
                 raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-            if self.optimizer == "adam" and device == "cpu":
+            if self.optimizer == "adam" and device == "cpu" and self.backend == "torchrec":
                 raise bad(
                     "optimizer",
                     "adam is not supported by TorchRec's fused optimizers on CPU "
                     "('Optimizer adam is not supported in CPU mode'); use rowwise_adagrad, "
-                    "adagrad or sgd, or train on GPU",
+                    "adagrad or sgd, train on GPU, or set embeddings.backend=torch",
                 )
             if self.lr <= 0:
                 raise bad("lr", f"must be > 0, got {self.lr}")

@@ -97,7 +97,12 @@ def render(result: dict[str, Any], console: Any) -> None:
     mem.add_column("term")
     mem.add_column("bytes", justify="right")
     rows = [
-        ("embedding shards + optimizer state (TorchRec)", m["embeddings"]),
+        (
+            "item table + gradient + optimizer state (backend torch, every rank)"
+            if result["embedding_plan"].get("backend") == "torch"
+            else "embedding shards + optimizer state (TorchRec)",
+            m["embeddings"],
+        ),
         ("dense parameters", m["dense_params"]),
         ("dense gradients", m["dense_grads"]),
         ("dense optimizer states", m["dense_optimizer"]),
@@ -123,7 +128,10 @@ def render(result: dict[str, Any], console: Any) -> None:
 
     emb = result["embedding_plan"]
     if "tables" in emb:
-        tab = Table(title="Embedding plan (TorchRec planner, offline)", title_justify="left")
+        title = "Embedding plan (TorchRec planner, offline)"
+        if emb.get("backend") == "torch":
+            title = "Embedding tables (backend torch: replicated on every rank)"
+        tab = Table(title=title, title_justify="left")
         for col in ("table", "sharding", "kernel", "shards", "HBM / shard", "host / shard"):
             tab.add_column(col, justify="right" if col not in ("table", "sharding", "kernel") else "left")
         for row in emb["tables"]:
@@ -152,10 +160,16 @@ def render(result: dict[str, Any], console: Any) -> None:
     step.add_row(f"compute at MFU {i['mfu']:.0%} ({i['mfu_source']})", f"{s['compute_s']:.3f} s")
     step.add_row("HBM traffic", f"{s['memory_s']:.3f} s ({_gb(s['hbm_bytes'])})")
     step.add_row("ZeRO collectives (overlapped)", f"{s['zero_comm_s']:.3f} s ({_gb(s['zero_comm_bytes'])})")
-    step.add_row(
-        "embedding all-to-all (bandwidth)", f"{s['embedding_comm_s']:.3f} s ({_gb(s['embedding_comm_bytes'])})"
-    )
-    step.add_row("embeddings (TorchRec's cost model; in the step)", f"{s['embedding_s']:.3f} s")
+    if result["embedding_plan"].get("backend") == "torch":
+        step.add_row(
+            "item table gradient all-reduce (backend torch; in the step)",
+            f"{s['embedding_comm_s']:.3f} s ({_gb(s['embedding_comm_bytes'])})",
+        )
+    else:
+        step.add_row(
+            "embedding all-to-all (bandwidth)", f"{s['embedding_comm_s']:.3f} s ({_gb(s['embedding_comm_bytes'])})"
+        )
+        step.add_row("embeddings (TorchRec's cost model; in the step)", f"{s['embedding_s']:.3f} s")
     step.add_row("[bold]step[/]", f"{s['seconds']:.3f} s, {s['bound']}-bound")
     console.print(step)
 

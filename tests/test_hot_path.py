@@ -72,14 +72,15 @@ class ScalarReads(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def _job(data: Path, out: Path, packed: bool) -> dict:
+def _job(data: Path, out: Path, packed: bool, backend: str = "torchrec") -> dict:
     # Packed rows attend through the block mask, the sync-free path (on GPUs `auto` picks flex, which has no CPU
     # backward); `segments`, the faster CPU path, reads the history lengths on the host by design.
     model = {"preset": "custom", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 24}
     return {
         "data": {"path": str(data), "batch_size": 4, "num_workers": 0, "batch_tokens": 48 if packed else 0},
         "model": model | {"attention": "mask"},
-        "embeddings": {"item_dim": 16},
+        # backend torch with adam: the replicated table's update, the one with a step count (embeddings/replicated.py)
+        "embeddings": {"item_dim": 16, "backend": backend} | ({"optimizer": "adam"} if backend == "torch" else {}),
         "heads": {"next_item": {"uniform_negatives": 16, "in_batch_negatives": 16, "full_softmax": False}},
         "train": {"steps": 4, "seed": 3, "device": "cpu", "timeout_s": 120},
         "out": str(out),
@@ -114,9 +115,9 @@ def _worker(rank: int, job: dict, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_train_step_reads_no_device_value(data, tmp_path, packed):
-    job = _job(data, tmp_path / "run", packed)
+@pytest.mark.parametrize("packed, backend", [(False, "torchrec"), (True, "torchrec"), (False, "torch")])
+def test_train_step_reads_no_device_value(data, tmp_path, packed, backend):
+    job = _job(data, tmp_path / "run", packed, backend)
     out = tmp_path / "result.json"
     start_ranks(_worker, (job, free_port(), str(out)), nprocs=1)
     res = json.loads(out.read_text())

@@ -4,7 +4,7 @@ The reference shares no sharding, no DeepSpeed and no fused optimizer with the s
 runs both ranks' batches through an unsharded EmbeddingCollection + the same dense model (whose small
 side tables are ordinary dense weights), averages the two losses (what the collectives compute), clips
 the dense gradient norm and steps a torch AdamW, and updates the item table with a hand-written
-row-wise Adagrad.
+row-wise Adagrad (or SGD, for test_embedding_backend.py).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _sharded_worker(rank: int, world: int, jobs: list[dict], port: int, out: str
         for step, batch in zip(range(STEPS), loader):
             o = engine.train_step(batch, step)
             losses.append(engine.all_reduce_mean({"loss": o.loss})["loss"])
-        tables = {k: v.tolist() for k, v in gather_full_tables(engine.dmp).items()}
+        tables = {k: v.tolist() for k, v in gather_full_tables(engine.tables).items()}
         import deepspeed
 
         params = dict(engine.ds.module.named_parameters())
@@ -176,6 +176,10 @@ def reference(cfg: JobConfig, world: int) -> dict:
             for name, p in sparse.named_parameters():
                 if p.grad is None:
                     continue
+                if cfg.embeddings.optimizer == "sgd":  # (test_embedding_backend: sees the gradient's scale)
+                    p -= cfg.embeddings.lr * p.grad
+                    continue
+                assert cfg.embeddings.optimizer == "rowwise_adagrad", cfg.embeddings.optimizer
                 state[name] += p.grad.pow(2).mean(dim=1)
                 p -= cfg.embeddings.lr * p.grad / (state[name].sqrt()[:, None] + cfg.embeddings.eps)
     tables = {name.split(".")[-2]: p.detach() for name, p in sparse.named_parameters()}

@@ -1,5 +1,5 @@
-"""Checkpoints: DeepSpeed (dense) + torch.distributed.checkpoint (sharded tables and their fused optimizer
-state) + every rank's data-loader state + RNG states + step + the run config, published atomically.
+"""Checkpoints: DeepSpeed (dense) + torch.distributed.checkpoint (the item tables, sharded or replicated, and
+their optimizer state) + every rank's data-loader state + RNG states + step + the run config, published atomically.
 
 Layout: ``RUN/checkpoints/step_00000100/{dense/, sparse/, loader.json, rng/rank*.pt, meta.json, config.yaml}``
 and ``RUN/checkpoints/latest`` naming the newest complete one. Everything is written into
@@ -134,7 +134,7 @@ def save(
     if mid_write is not None:
         mid_write(tmp)
     dcp.save(
-        {"tables": engine.dmp.state_dict(), "optimizer": engine.dmp.fused_optimizer.state_dict()},
+        {"tables": engine.tables.state_dict(), "optimizer": engine.sparse_optimizer.state_dict()},
         checkpoint_id=str(tmp / "sparse"),
     )
     states = gather_states(loader)
@@ -155,13 +155,13 @@ def save(
 
 
 def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str, Any]:
-    """Collective: resume training — dense with its optimizer (DeepSpeed), tables with their fused
-    optimizer state, loader, RNG; returns meta.json (with the step)."""
+    """Collective: resume training — dense with its optimizer (DeepSpeed), tables with their sparse
+    optimizer state (either backend's checkpoint), loader, RNG; returns meta.json (with the step)."""
     meta = json.loads((path / "meta.json").read_text())
     engine.ds.load_checkpoint(
         str(path / "dense"), tag=DENSE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
     )
-    load_tables(path, engine.dmp, engine.dmp.fused_optimizer)
+    load_tables(path, engine.tables, engine.sparse_optimizer)
     loader.load_state_dict(json.loads((path / "loader.json").read_text()))
     rng = path / "rng" / f"rank{rank:05d}.pt"
     if rng.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
@@ -182,12 +182,19 @@ def saved_job(path: Path) -> JobConfig:
 
 # ---- weights of a checkpoint into a model: resume, fine-tuning init, eval and export share these ------------------
 def load_tables(path: Path, tables: Any, optimizer: Any = None) -> None:
-    """Checkpoint ``path``'s item tables (and fused optimizer state) into ``tables``: a DMP, sharded any way
-    for any world size (DCP reshards), or a plain ``SparseArch``. Collective under DMP; a plain
-    ``SparseArch`` loads in this process alone, even inside a process group (validation on rank 0)."""
-    from torchrec.distributed.model_parallel import DistributedModelParallel
+    """Checkpoint ``path``'s item tables (and sparse optimizer state) into ``tables``: a DMP, sharded any way
+    for any world size (DCP reshards), a plain ``SparseArch``, or a ``ReplicatedItemTables`` (backend torch).
+    The state-dict names are the same for all three, so a checkpoint of either backend loads into any of them.
+    Collective under DMP; the other two load in this process alone, even inside a process group (validation
+    on rank 0; every rank of a torch-backend run reads the whole table)."""
+    from embeddings.replicated import ReplicatedItemTables
 
-    local = not isinstance(tables, DistributedModelParallel)
+    if isinstance(tables, ReplicatedItemTables):
+        local = True
+    else:
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+
+        local = not isinstance(tables, DistributedModelParallel)
     state = {"tables": tables.state_dict()}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()

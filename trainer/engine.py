@@ -1,10 +1,11 @@
-"""The training engine: TorchRec DMP for the embedding tables + DeepSpeed ZeRO for the dense model.
+"""The training engine: the item table (TorchRec DMP, or a plain replicated table) + DeepSpeed ZeRO for the
+dense model.
 
-Both share the default process group. The sparse side is updated inside
-``backward`` (fused optimizer); the dense side by ``engine.step()``. Random
-choices (sampled negatives, in-batch candidates) come from generators seeded
-by (seed, step, rank), so a resumed run draws exactly what the uninterrupted
-one would have, with no extra state to checkpoint.
+Both share the default process group. Under ``embeddings.backend: torchrec`` the sparse side is updated
+inside ``backward`` (fused optimizer); under ``torch`` by ``sparse_step()`` right after the backward; the
+dense side by ``ds.step()``. Random choices (sampled negatives, in-batch candidates) come from generators
+seeded by (seed, step, rank), so a resumed run draws exactly what the uninterrupted one would have, with no
+extra state to checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from embeddings.sharding import shard
+from embeddings.replicated import ReplicatedItemTables, ReplicatedOptimizer, replicated_summary
 from embeddings.tables import SparseArch, init_sparse_weights
 from trainer.data.batch import Batch
 from trainer.data.manifest import Manifest
@@ -76,24 +77,37 @@ class Engine:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.cfg, self.info = cfg, info
         self.num_items = manifest.num_items
-        sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
-        self.item_rows = sparse.item_rows
-        hbm_cap = None
-        if info.device.type == "cuda":  # embeddings get what the dense side leaves (the planner's arithmetic)
-            hbm_cap = embedding_hbm_budget(
-                cfg,
-                info.world_size,
-                torch.cuda.get_device_properties(info.device).total_memory,
-                gpus_per_node=torch.cuda.device_count(),
+        # self.tables: what lookups read (a DMP, or a ReplicatedItemTables); self.sparse_optimizer: its optimizer
+        # (the DMP's fused one, or the ReplicatedOptimizer sparse_step() runs); both are what checkpoints save.
+        self.tables: Any
+        self.sparse_optimizer: Any
+        self.plan: Any = None  # TorchRec's ShardingPlan (backend torchrec)
+        if cfg.embeddings.backend == "torch":  # the whole table on every rank: no planner, no DMP
+            self.tables = ReplicatedItemTables(cfg.embeddings, manifest.num_items, device=info.device)
+            self.item_rows = self.tables.item_rows
+            self.sparse_optimizer = ReplicatedOptimizer(self.tables, cfg.embeddings)
+        else:
+            from embeddings.sharding import shard
+
+            sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
+            self.item_rows = sparse.item_rows
+            hbm_cap = None
+            if info.device.type == "cuda":  # embeddings get what the dense side leaves (the planner's arithmetic)
+                hbm_cap = embedding_hbm_budget(
+                    cfg,
+                    info.world_size,
+                    torch.cuda.get_device_properties(info.device).total_memory,
+                    gpus_per_node=torch.cuda.device_count(),
+                )
+            self.tables, self.plan = shard(
+                sparse,
+                cfg.embeddings,
+                info.device,
+                batch_size=cfg.rows_per_batch(),
+                hbm_cap=hbm_cap,
+                lookups=embedding_lookups(cfg, self.item_rows),
             )
-        self.dmp, self.plan = shard(
-            sparse,
-            cfg.embeddings,
-            info.device,
-            batch_size=cfg.rows_per_batch(),
-            hbm_cap=hbm_cap,
-            lookups=embedding_lookups(cfg, self.item_rows),
-        )
+            self.sparse_optimizer = self.tables.fused_optimizer
 
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
         dense = build_dense(cfg)
@@ -120,11 +134,11 @@ class Engine:
     def init_weights(self, dense: torch.nn.Module) -> None:
         """Initial weights, before DeepSpeed takes ``dense``: the tables' deterministic init and the dense
         model's fresh one (fine-tuning loads the pre-trained weights instead)."""
-        init_sparse_weights(self.dmp, self.cfg.embeddings, self.cfg.train.seed)
+        init_sparse_weights(self.tables, self.cfg.embeddings, self.cfg.train.seed)
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def lookup(self, batch: Batch, neg_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        return lookup_interactions(self.dmp, batch, self.cfg, self.item_rows, neg_ids, self.info.device)
+        return lookup_interactions(self.tables, batch, self.cfg, self.item_rows, neg_ids, self.info.device)
 
     def inputs(self, batch: Batch, step: int) -> tuple[tuple[Any, ...], torch.Tensor]:
         """Everything the dense forward takes, for one micro-batch, and the (host) target indices.
@@ -169,6 +183,7 @@ class Engine:
         out = self.ds(*args)
         loss = out["loss"] if real else out["loss"] * 0.0
         self.ds.backward(loss)
+        self.sparse_step()
         self.ds.step()
         ne = {}
         if real and "logits/event" in out and tgt.numel():
@@ -185,6 +200,24 @@ class Engine:
             slots=batch.slots if real else 0,
             ne=ne,
         )
+
+    def sparse_step(self) -> None:
+        """The item table's update under ``embeddings.backend: torch`` (a collective: gradient averaged over the
+        ranks, then the optimizer step); a no-op under TorchRec, whose fused optimizer already ran in backward.
+
+        Called once per step after ``ds.backward`` and before ``ds.step()``: where the fused update happens under
+        TorchRec (end of backward, before the dense step), so both backends order the two updates alike. The
+        table's update reads nothing of the dense side, so the order does not change the numbers."""
+        if isinstance(self.sparse_optimizer, ReplicatedOptimizer):
+            self.sparse_optimizer.step()
+
+    def sharding_summary(self) -> dict[str, Any]:
+        """What ``RUN/sharding_plan.json`` records: TorchRec's plan, or every table replicated on every rank."""
+        if self.plan is None:
+            return replicated_summary(self.cfg.embeddings, self.num_items, self.info.world_size)
+        from embeddings.sharding import plan_summary
+
+        return plan_summary(self.plan)
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def lr(self) -> float:

@@ -140,7 +140,7 @@ def context_rows(batch: Batch, context: int, at: int | None = None, targets_held
     return UserRows(kept=kept, next_item=next_item, history_len=count.to(torch.int32), context=ctx)
 
 
-Lookup = Callable[[Any], Any]  # items KJT -> outputs: a DMP or an unsharded SparseArch
+Lookup = Callable[[Any], Any]  # a DMP, an unsharded SparseArch or a ReplicatedItemTables (features.lookup_*)
 
 
 def encode_users(
@@ -300,7 +300,7 @@ def export(
     import pyarrow as pa
     import torch.distributed as dist
 
-    from embeddings.sharding import shard
+    from embeddings.replicated import ReplicatedItemTables
     from embeddings.tables import SparseArch
     from trainer.data.loader import ShardLoader
     from trainer.dist import init_distributed
@@ -316,19 +316,31 @@ def export(
         (out / MANIFEST).unlink(missing_ok=True)  # from here until the new one is written, the export is incomplete
     dist.barrier()
 
-    sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
-    item_rows = sparse.item_rows
-    hbm_cap = None
-    if dev.type == "cuda":
-        hbm_cap = embedding_hbm_budget(
-            cfg, world, torch.cuda.get_device_properties(dev).total_memory, gpus_per_node=torch.cuda.device_count()
+    tables: Any
+    if cfg.embeddings.backend == "torch":  # the run's backend: the whole table on every rank, plain torch
+        tables = ReplicatedItemTables(cfg.embeddings, manifest.num_items, device=dev)
+        item_rows = tables.item_rows
+    else:
+        from embeddings.sharding import shard
+
+        sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
+        item_rows = sparse.item_rows
+        hbm_cap = None
+        if dev.type == "cuda":
+            hbm_cap = embedding_hbm_budget(
+                cfg, world, torch.cuda.get_device_properties(dev).total_memory, gpus_per_node=torch.cuda.device_count()
+            )
+        tables, _ = shard(
+            sparse,
+            cfg.embeddings,
+            dev,
+            batch_size=cfg.data.batch_size,
+            hbm_cap=hbm_cap,
+            lookups=embedding_lookups(cfg),
         )
-    dmp, _ = shard(
-        sparse, cfg.embeddings, dev, batch_size=cfg.data.batch_size, hbm_cap=hbm_cap, lookups=embedding_lookups(cfg)
-    )
     dense = build_dense(cfg)
-    checkpoint.load_weights(path, dmp, dense)
-    dmp.eval()
+    checkpoint.load_weights(path, tables, dense)
+    tables.eval()
     dense = dense.to(dev).eval()
     dim = cfg.embeddings.item_dim
     vec_type = _vector_type(dtype, dim)
@@ -344,7 +356,7 @@ def export(
     skipped = 0
     with torch.no_grad():
         for batch in loader:  # the same number of batches on every rank (padding batches are empty)
-            rows, vecs = encode_users(batch, cfg, dense, dmp, item_rows, context, at, kind == "eval", dev)
+            rows, vecs = encode_users(batch, cfg, dense, tables, item_rows, context, at, kind == "eval", dev)
             skipped += batch.size - rows.kept.numel()
             k = rows.kept
             users.write(
@@ -365,7 +377,7 @@ def export(
     with torch.no_grad():
         for c0 in range(0, per_rank, items_chunk):  # same number of lookups on every rank, some maybe empty
             ids = torch.arange(min(lo + c0, hi), min(lo + c0 + items_chunk, hi))
-            vecs = encode_items(ids, cfg, dense, dmp, dev)
+            vecs = encode_items(ids, cfg, dense, tables, dev)
             items.write({"item": pa.array(ids.numpy()), "vector": vector_array(vecs, dtype)})
     items.close()
     dist.barrier()

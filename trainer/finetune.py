@@ -58,6 +58,7 @@ def check_against_init(cfg: JobConfig) -> Path:
                 "activation_checkpointing",
                 "attention",
                 "oov",
+                "backend",
             ):
                 continue  # how it is trained or sharded may change; what it is may not
             if want[key] != got.get(key):
@@ -122,7 +123,7 @@ class FinetuneEngine(Engine):
     def init_weights(self, dense: torch.nn.Module) -> None:
         """The pre-trained tables (resharded by DCP for this world size and plan) and encoder; the item
         tower's MLP keeps its fresh init."""
-        checkpoint.load_weights(init_checkpoint(self.cfg.finetune.init), self.dmp, dense.argus)
+        checkpoint.load_weights(init_checkpoint(self.cfg.finetune.init), self.tables, dense.argus)
 
     def finetune_step(self, batch: Batch, step: int) -> FinetuneStep:
         real = batch.size > 0 and batch.impressions is not None
@@ -155,6 +156,7 @@ class FinetuneEngine(Engine):
         )
         loss = out["loss"] if real else out["loss"] * 0.0
         self.ds.backward(loss)
+        self.sparse_step()
         self.ds.step()
         pairs, correct = 0, 0.0
         if real and inp["pair_hi"].numel():

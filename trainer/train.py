@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import torch
 
-from embeddings.sharding import plan_summary
 from trainer import checkpoint
 from trainer.config import ConfigError, save_config
 from trainer.data.batch import Batch
@@ -128,8 +127,9 @@ class Trainer:
         if self.info.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            # The embedding plan TorchRec made; `argus plan` reproduces it offline (tests compare them).
-            (self.run_dir / "sharding_plan.json").write_text(json.dumps(plan_summary(self.engine.plan), indent=1))
+            # The embedding plan TorchRec made (or the replicated layout of embeddings.backend=torch); `argus plan`
+            # reproduces it offline (tests compare them).
+            (self.run_dir / "sharding_plan.json").write_text(json.dumps(self.engine.sharding_summary(), indent=1))
         self.gpu = detect_gpu(self.info.device)
         # Hooks: after every step (tests, fault drills); in the middle of writing a checkpoint (fault
         # drills); after every checkpoint (Ray reports it).
