@@ -275,9 +275,19 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, 
     assert rep["model"]["pau_vs_popularity"] == pytest.approx(
         rep["model"]["pairwise_acc"] - rep["popularity"]["pairwise_acc"]
     )
-    # before any fine-tuning step the two-tower model ranks exactly like the pre-trained one
+    # before any fine-tuning step the two-tower model ranks exactly like the pre-trained one; this run packs its
+    # histories into rows (data.batch_tokens), in training and in eval, which must change nothing
     zero = tmp_path / "zero"
-    _torchrun("finetune", *common, f"out={zero}", "train.steps=1", "optim.lr=1e-12", "embeddings.lr=1e-12", nproc=1)
+    _torchrun(
+        "finetune",
+        *common,
+        f"out={zero}",
+        "train.steps=1",
+        "optim.lr=1e-12",
+        "embeddings.lr=1e-12",
+        "data.batch_tokens=64",
+        nproc=1,
+    )
     rep0 = json.loads(argus_inproc(capsys, "eval", str(zero), "--data", str(imp_data), "--json")[1])
     assert rep0["model"]["pairwise_acc"] == pytest.approx(rep0["pretrained"]["pairwise_acc"], abs=2e-3)
 

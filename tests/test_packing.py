@@ -271,3 +271,36 @@ def test_packed_model_equals_one_history_per_row(token_layout, attention):
     for name in ref_grads:
         torch.testing.assert_close(got_grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(got_item, ref_item, atol=2e-5, rtol=1e-4)
+
+
+def test_batch_pack_first_fit_decreasing_and_finetune_tower_on_packed_rows():
+    """Eval/export/fine-tuning pack a batch's own samples (first-fit decreasing); the two-tower ranker's user
+    vectors on the packed grid equal those one history per row."""
+    from embeddings.tables import ItemEmbeddings
+    from trainer.data.batch import Batch
+    from trainer.model.argus import HeadsConfig, ModelConfig
+    from trainer.model.interaction import side_table_rows
+    from trainer.model.two_tower import FinetuneConfig, TwoTower
+
+    lengths = torch.tensor([3, 8, 1, 5, 8, 2, 4])
+    n = int(lengths.sum())
+    values = {
+        k: torch.zeros(n, dtype=torch.int64) for k in ("item", "timestamp", "event", "played", "organic", "context")
+    }
+    batch = Batch([f"u{i}" for i in range(7)], torch.arange(7), torch.zeros(7), lengths, torch.zeros(7), values, False)
+    batch.pack(8)
+    check_batch(batch)
+    assert batch.pack_shape == (4, 8), "31 interactions fit 4 rows of 8 first-fit decreasing"
+    with pytest.raises(ValueError, match="does not fit"):
+        batch.pack(7)
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(preset="custom", d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=8, dropout=0.0)
+    tower = TwoTower(model_cfg, ItemEmbeddings.Config(item_dim=8), HeadsConfig(), FinetuneConfig(item_mlp=16)).eval()
+    g = torch.Generator().manual_seed(1)
+    side = {k: torch.randint(0, r, (n,), generator=g) for k, r in side_table_rows(model_cfg.num_contexts).items()}
+    item = torch.randn(n, 8, generator=g)
+    last = torch.cumsum(lengths, 0) - 1
+    ref = tower.user_vectors(item, side, lengths, last)
+    got = tower.user_vectors(item, side, lengths, last, batch.grid())
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

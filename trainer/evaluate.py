@@ -205,10 +205,12 @@ def evaluate(
     stats: dict[str, list[tuple[float, torch.Tensor]]] = {"event": [], "played": []}
 
     def scores_fn(batch: Batch, t: EvalTargets) -> torch.Tensor:
+        if cfg.data.batch_tokens:  # a run trained on packed rows is ranked on packed rows too
+            batch.pack(cfg.interactions_per_sample())
         item, side, _ = lookup_interactions(
             sparse, batch, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long), torch.device("cpu")
         )
-        states = dense.states(item, side, batch.lengths)
+        states = dense.states(item, side, batch.lengths, batch.grid())
         h = dense.user_vectors(states, batch.lengths, (batch.target_start - 1).clamp_min(0))
         if feedback:
             fb = dense.feedback(states[dense.state_rows(t.flat)[1]], item[t.flat])

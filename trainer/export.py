@@ -35,6 +35,7 @@ from trainer import checkpoint
 if TYPE_CHECKING:
     from trainer.data.batch import Batch
     from trainer.job import JobConfig
+    from trainer.model.argus import Grid
 
 FORMAT = "argus-export"
 FORMAT_VERSION = 1
@@ -50,6 +51,7 @@ class History(NamedTuple):
     side: dict[str, torch.Tensor]  # side feature -> (rows,) ids (trainer.model.interaction.side_features)
     lengths: torch.Tensor  # (users,)
     last: torch.Tensor  # (users,) flat row index
+    grid: Grid | None = None  # where the encoder places each user (Batch.grid); None: one per row
 
 
 def served_vectors(
@@ -66,13 +68,13 @@ def served_vectors(
     users = items = None
     if isinstance(dense, TwoTower):
         if history is not None:
-            users = dense.user_vectors(history.item, history.side, history.lengths, history.last)
+            users = dense.user_vectors(history.item, history.side, history.lengths, history.last, history.grid)
         if item_emb is not None:
             items = dense.item_vectors(item_emb)
         return users, items
     ni = cfg.heads.next_item
     if history is not None:
-        states = dense.states(history.item, history.side, history.lengths)
+        states = dense.states(history.item, history.side, history.lengths, history.grid)
         rows = history.last * 2 + 1 if dense.interleaved else history.last  # interleaved: the feedback token
         u = dense.proj(states[rows]).float()
         users = (F.normalize(u, dim=-1) if ni.normalize else u) / ni.temperature
@@ -165,11 +167,16 @@ def encode_users(
         empty = torch.zeros(0, dtype=torch.long)
         rows = UserRows(empty, empty, empty.int(), None)
     ctx = rows.context if rows.context is not None else dummy_batch()
+    if rows.context is not None and cfg.data.batch_tokens:  # a run trained on packed rows exports packed rows
+        ctx.pack(context)
     item, side, _ = lookup_interactions(lookup, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
     if rows.context is None:
         return rows, torch.zeros(0, cfg.embeddings.item_dim)
     lengths = ctx.lengths.to(device)
-    hist = History(item, side, lengths, torch.cumsum(lengths, 0) - 1)
+    grid = ctx.grid()
+    if grid[0] is not None:
+        grid = (grid[0].to(device), grid[1].to(device), grid[2])
+    hist = History(item, side, lengths, torch.cumsum(lengths, 0) - 1, grid)
     users, _ = served_vectors(cfg, dense, history=hist)
     return rows, users.cpu()
 

@@ -144,6 +144,8 @@ class FinetuneEngine(Engine):
                 inp.update(last=torch.zeros(1, dtype=torch.long), shown_imp=torch.zeros(1, dtype=torch.long))
         item, side, shown_emb = self.lookup(batch, shown)
         dev = self.info.device
+        rows, cols, shape = batch.grid()
+        pack = None if rows is None else (rows.to(dev), cols.to(dev), shape)
         out = self.ds(
             item,
             side,
@@ -153,6 +155,7 @@ class FinetuneEngine(Engine):
             inp["shown_imp"].to(dev),
             inp["pair_hi"].to(dev),
             inp["pair_lo"].to(dev),
+            pack,
         )
         loss = out["loss"] if real else out["loss"] * 0.0
         self.ds.backward(loss)
@@ -312,6 +315,9 @@ def _score(
     (a pre-trained ArgusModel scores the way its next-item head does)."""
     from trainer.export import History, served_vectors
 
+    if cfg.data.batch_tokens:  # a run trained on packed rows is scored on packed rows too
+        batch.pack(cfg.interactions_per_sample())
     item, side, shown_emb = lookup_interactions(sparse, batch, cfg, sparse.item_rows, shown, torch.device("cpu"))
-    users, items = served_vectors(cfg, model, History(item, side, batch.lengths, inp["last"]), shown_emb)
+    hist = History(item, side, batch.lengths, inp["last"], batch.grid())
+    users, items = served_vectors(cfg, model, hist, shown_emb)
     return (users[inp["shown_imp"]] * items).sum(-1)

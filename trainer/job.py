@@ -182,11 +182,6 @@ class JobConfig:
                 f"data.batch_tokens: {self.data.batch_tokens} is less than one row of "
                 f"{self.interactions_per_sample()} interactions (model.max_seq_len / tokens per interaction)"
             )
-        if self.data.batch_tokens and self.finetune.enabled:
-            raise ConfigError(
-                "data.batch_tokens: fine-tuning builds one history per impression and does not pack them yet; "
-                "use data.batch_size"
-            )
         t = self.train
         if t.steps < 1:
             raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")

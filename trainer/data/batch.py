@@ -88,6 +88,23 @@ class Batch:
         (None, None, (samples, longest)): one sample per row. Host values, so the model needs no read-back."""
         return self.pack_row, self.pack_col, self.grid_shape
 
+    def pack(self, row_len: int) -> "Batch":
+        """Pack this batch's own samples first-fit decreasing into as few rows of ``row_len`` interactions as
+        that finds (evaluation and export: one batch, one grid; training packs across the stream instead,
+        ``trainer/data/layout.py``). Returns self."""
+        from trainer.data.layout import Packing, pack_stream
+
+        n = self.lengths.numpy()
+        if n.size and int(n.max()) > row_len:
+            raise ValueError(f"a sample of {int(n.max())} interactions does not fit a row of {row_len}")
+        order = np.argsort(-n, kind="stable")
+        width = max(n.size, 1)
+        take, _, row, col = pack_stream(n[order], Packing(rows=width, row_len=row_len, window=width))
+        rows, cols = np.zeros(n.size, np.int64), np.zeros(n.size, np.int64)
+        rows[order[take]], cols[order[take]] = row, col
+        self.place(rows, cols, int(rows.max()) + 1 if n.size else 1, row_len)
+        return self
+
     def place(self, row: np.ndarray, col: np.ndarray, rows: int, row_len: int) -> None:
         """Pack the samples into a (rows, row_len) grid at the planned ``row``; columns are recomputed from the
         kept lengths in planned order, so a sample dropped from the plan (unreadable, skipped) leaves no gap."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from embeddings.tables import ItemEmbeddings
 from trainer.data.batch import sample_starts
 from trainer.data.schema import DAY
-from trainer.model.argus import ArgusModel, HeadsConfig, ModelConfig
+from trainer.model.argus import ArgusModel, Grid, HeadsConfig, ModelConfig
 
 
 @dataclass
@@ -73,10 +73,12 @@ class TwoTower(nn.Module):
         # fine-tuning starts from the pre-trained ranking and exported vectors reproduce scores exactly.
         self.normalize, self.temperature = heads.next_item.normalize, heads.next_item.temperature
 
-    def user_vectors(self, item: Tensor, side: dict[str, Tensor], lengths: Tensor, last: Tensor) -> Tensor:
+    def user_vectors(
+        self, item: Tensor, side: dict[str, Tensor], lengths: Tensor, last: Tensor, pack: Grid | None = None
+    ) -> Tensor:
         """The served user vector after flat history row ``last[k]`` (the caller picks, per impression or
-        user, the last interaction before its cutoff)."""
-        states = self.argus.states(item, side, lengths)
+        user, the last interaction before its cutoff); ``pack``: the batch's grid (``ArgusModel.states``)."""
+        states = self.argus.states(item, side, lengths, pack)
         rows = last * 2 + 1 if self.argus.interleaved else last
         u = self.argus.proj(states[rows]).float()
         return (F.normalize(u, dim=-1) if self.normalize else u) / self.temperature
@@ -96,13 +98,14 @@ class TwoTower(nn.Module):
         shown_imp: Tensor,
         pair_hi: Tensor,
         pair_lo: Tensor,
+        pack: Grid | None = None,
     ) -> dict[str, Tensor]:
         """Scores of the shown items and the pairwise loss.
 
         ``last[k]``: flat history row the user state of impression k is taken after; ``shown_imp[s]``:
         impression of shown item s; ``pair_hi``/``pair_lo``: shown-item indices, hi more relevant.
         """
-        users = self.user_vectors(item, side, lengths, last)
+        users = self.user_vectors(item, side, lengths, last, pack)
         scores = (users[shown_imp] * self.item_vectors(shown_emb)).sum(-1)
         if pair_hi.numel():
             loss = F.softplus(scores[pair_lo] - scores[pair_hi]).mean()  # -log sigmoid(s_hi - s_lo)
