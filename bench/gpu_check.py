@@ -36,7 +36,12 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("large-2048", ["model.preset=large", "model.max_seq_len=2048", "data.batch_tokens=16384"]),
     (
         "large-8192-ckpt",
-        ["model.preset=large", "model.max_seq_len=8192", "data.batch_tokens=16384", "model.activation_checkpointing=true"],
+        [
+            "model.preset=large",
+            "model.max_seq_len=8192",
+            "data.batch_tokens=16384",
+            "model.activation_checkpointing=true",
+        ],
     ),
 ]
 SMOKE: list[tuple[str, list[str]]] = [
@@ -120,7 +125,11 @@ def count_syncs(data: Path, out: Path, config: list[str], steps: int = 3) -> dic
             continue
         where = f"{Path(w.filename).name}:{w.lineno}"
         origins[where] = origins.get(where, 0) + 1
-    return {"steps": steps, "syncs": sum(origins.values()), "by_origin": dict(sorted(origins.items(), key=lambda kv: -kv[1]))}
+    return {
+        "steps": steps,
+        "syncs": sum(origins.values()),
+        "by_origin": dict(sorted(origins.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def main() -> int:
