@@ -35,6 +35,7 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
         slate=a.slate,
         imp_days=a.imp_days,
         imp_test_days=a.imp_test_days,
+        overwrite=a.overwrite,
     )
     dt = time.perf_counter() - t0
     n = sum(s.interactions for s in m.splits.values())
@@ -73,6 +74,7 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
         workers=a.workers,
         impressions=a.impressions,
         impressions_test_seconds=a.impressions_test_seconds,
+        overwrite=a.overwrite,
     )
     skipped = m.source.get("skipped_rows", {})
     console.print(
@@ -228,13 +230,20 @@ def cmd_data_stream(a: argparse.Namespace) -> int:
 
 
 # ---- parser --------------------------------------------------------------------------------------------------
+OVERWRITE_HELP = (
+    "replace the dataset already in --out (its files are removed first); a directory holding anything else "
+    "is refused even so"
+)
+
+
 def add_data(sub: Any) -> None:
     """Add `data` and its commands to the sub-parsers of `argus`."""
     data = sub.add_parser("data", help="make, convert, inspect, verify and stream WebDataset shards")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
     s = dsub.add_parser("synth", help="generate a synthetic dataset with planted structure")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, help="output directory: missing or empty (see --overwrite)")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("--users", type=int, required=True)
     s.add_argument("--items", type=int, required=True)
     s.add_argument("--mean-len", type=float, default=200.0, help="mean interactions per user")
@@ -260,7 +269,8 @@ def add_data(sub: Any) -> None:
 
     c = dsub.add_parser("convert", help="convert Yambda-style parquet or CSV/TSV logs into shards")
     c.add_argument("input", help="a file or a directory of .parquet / .csv / .tsv files")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="output directory: missing or empty (see --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     c.add_argument("--format", choices=["auto", "yambda", "csv", "tsv"], default="auto")
     c.add_argument("--user-col", default="user")
     c.add_argument("--item-col", default="item")

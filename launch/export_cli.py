@@ -48,6 +48,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             context=a.context,
             num_workers=a.num_workers,
             device=a.device,
+            overwrite=a.overwrite,
         )
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
@@ -97,7 +98,13 @@ def add_export(sub: Any) -> None:
     )
     p.add_argument("checkpoint", help="run directory (its latest checkpoint) or one checkpoint directory")
     p.add_argument("--data", required=True, help="dataset directory (the split's histories, the catalog size)")
-    p.add_argument("--out", required=True, help="output directory (users/, items/, manifest.json)")
+    p.add_argument("--out", required=True, help="output directory (users/, items/, manifest.json): missing or empty")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the export already in --out (its files are removed first); a directory holding anything "
+        "else is refused even so",
+    )
     p.add_argument(
         "--split",
         default="test",

@@ -3,11 +3,14 @@
 Each Ray worker runs `trainer.train.Trainer` in a process group Ray sets up (gloo on CPU, NCCL on
 GPUs). Checkpoints are the trainer's own (DeepSpeed + DCP + loader + RNG), reported to Ray with
 `ray.train.report(..., checkpoint=Checkpoint.from_directory(...))`; after a worker failure Ray
-restarts the group and every worker restores from `ray.train.get_checkpoint()`. Submitting the same
-`--name` and `--storage-path` again resumes the run.
+restarts the group and every worker restores from `ray.train.get_checkpoint()`.
 
 `out=` (the run directory) must be on storage every node sees (NFS, FSx, ...): all ranks write
-their shards of a checkpoint there. It defaults to `STORAGE_PATH/NAME/run`.
+their shards of a checkpoint there. It defaults to `STORAGE_PATH/NAME/run`. The driver checks it as every
+launcher does (`trainer/run.py: load_job`): a run already there needs `resume=true` (continue) or
+`train.overwrite=true` (start over: the driver removes the old run before any worker starts). Submitting the
+same `--name` and `--storage-path` again with `resume=true` resumes the run; without it, a worker restores only
+checkpoints of this launch (after a worker failure), never Ray's copy of an earlier launch's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import signal
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -52,10 +56,15 @@ def train_worker(config: dict[str, Any]) -> None:
         ray.train.report({"step": tr.step, "epoch": tr.loader.epoch}, checkpoint=ckpt)
 
     trainer.on_checkpoint = report
+    trainer.checkpoint_meta["launch"] = config["launch"]
     fault_drill(trainer, ctx.get_world_rank())
     from_ray = ray.train.get_checkpoint()
     with from_ray.as_directory() if from_ray is not None else nullcontext(None) as ray_dir:
-        path, source = pick_restore(Path(ray_dir) if ray_dir else None, latest_checkpoint(trainer.run_dir))
+        path, source = pick_restore(
+            Path(ray_dir) if ray_dir else None,
+            latest_checkpoint(trainer.run_dir),
+            launch=None if trainer.cfg.resume else config["launch"],
+        )
         if trainer.info.rank == 0:  # one line per attempt: what an operator asks after a restart
             with open(trainer.run_dir / "ray_attempts.jsonl", "a") as f:
                 f.write(
@@ -69,8 +78,13 @@ def train_worker(config: dict[str, Any]) -> None:
     trainer.run()
 
 
-def pick_restore(ray_dir: Path | None, own: Path | None) -> tuple[Path | None, str | None]:
+def pick_restore(ray_dir: Path | None, own: Path | None, launch: str | None = None) -> tuple[Path | None, str | None]:
     """Which checkpoint a (re)started worker group continues from: the newer of Ray's and the run's own.
+
+    ``launch`` (a run that is not resumed): Ray's checkpoint counts only if this launch wrote it (its
+    ``meta.json`` names the launch); Ray keeps an earlier launch's under the same ``--name``, and a new run (or
+    one started over with ``train.overwrite=true``) must not continue from it. The run's own ``latest`` is
+    this launch's anyway: ``out`` held no run, or the driver removed it.
 
     Ray registers a reported checkpoint only when its controller next polls the workers (every
     ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default); a worker that dies sooner takes the report
@@ -79,6 +93,8 @@ def pick_restore(ray_dir: Path | None, own: Path | None) -> tuple[Path | None, s
     newer of the two wins and no finished checkpoint is wasted; a tie goes to Ray's copy. Both are
     complete checkpoints, so exactly-once holds either way.
     """
+    if ray_dir is not None and launch is not None and checkpoint_meta(ray_dir).get("launch") != launch:
+        ray_dir = None
     candidates = [
         (checkpoint_step(p), src == "ray", p, src) for p, src in ((ray_dir, "ray"), (own, "run_dir")) if p is not None
     ]
@@ -88,8 +104,12 @@ def pick_restore(ray_dir: Path | None, own: Path | None) -> tuple[Path | None, s
     return path, source
 
 
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "meta.json").read_text())
+
+
 def checkpoint_step(path: Path) -> int:
-    return int(json.loads((path / "meta.json").read_text())["step"])
+    return int(checkpoint_meta(path)["step"])
 
 
 def fault_drill(trainer: Any, rank: int) -> None:
@@ -128,7 +148,7 @@ def launch(a: argparse.Namespace) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.run import load_job
+    from trainer.run import load_job, start_over
 
     overrides = list(a.overrides)
     storage = str(Path(a.storage_path).resolve())
@@ -141,10 +161,17 @@ def launch(a: argparse.Namespace) -> int:
         cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
     with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
         check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
+        # train.overwrite: the old run goes now, once, in the driver (a worker group that Ray restarts after a
+        # failure must not remove what this launch wrote)
+        cfg = start_over(cfg)
         resources = {"CPU": a.cpus_per_worker, **({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})}
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"job": to_dict(cfg), "omp_threads": max(1, int(a.cpus_per_worker))},
+            train_loop_config={
+                "job": to_dict(cfg),
+                "omp_threads": max(1, int(a.cpus_per_worker)),
+                "launch": uuid.uuid4().hex,  # in this launch's checkpoints (pick_restore)
+            },
             torch_config=TorchConfig(
                 backend="nccl" if a.gpus_per_worker else "gloo", timeout_s=int(cfg.train.timeout_s)
             ),

@@ -27,6 +27,30 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in records if "loss/total" in r}  # not the validation records
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under ``root``: a file's sha256, a symlink's target, "dir" for a directory. Equal before and
+    after a refused command = nothing in the target changed, byte for byte."""
+    import hashlib
+    import os
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def one_line_error(err: str) -> str:
+    """The one line `argus` prints for a library error (asserted to be exactly one line)."""
+    assert err.count("\n") == 1 and err.startswith("argus: error: "), err
+    return err.strip()
+
+
 def read_samples(root: Path, split: str) -> list:
     """Every sample of a split, read with stdlib tarfile + decode_sample (independently of the loader)."""
     import tarfile

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 
@@ -86,3 +87,57 @@ def test_bad_input_is_one_line_error(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "manifest.json: not found" in lines[0]
+
+
+def test_synth_and_convert_refuse_an_existing_dataset_unless_overwrite(tmp_path, capsys):
+    """One line naming --out and --overwrite, every file byte-identical; --overwrite replaces an argus dataset
+    (removed first: nothing of the old one is left beside the new one), never a directory holding anything else."""
+    from helpers import argus_inproc, one_line_error, tree_digest
+
+    csv = Path(__file__).parent / "fixtures" / "ratings_small.csv"
+    ds = tmp_path / "ds"
+    synth = ["data", "synth", "--users", "20", "--items", "30", "--mean-len", "5", "--shards", "2", "--workers", "1"]
+    convert = ["data", "convert", str(csv), "--shards", "1", "--holdout", "none"]
+    assert argus_inproc(capsys, *synth, "--out", str(ds))[0] == 0
+    before = tree_digest(ds)
+    for argv in (synth, convert):
+        code, _, err = argus_inproc(capsys, *argv, "--out", str(ds))
+        assert code == 2
+        assert one_line_error(err) == (
+            f"argus: error: out {ds}: holds a dataset (splits train, val, test); pass --overwrite to replace it"
+        )
+        assert tree_digest(ds) == before
+    # bad input: the old dataset is still there (convert removes it only once the input has been read)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,item,timestamp\n,a,1\n")
+    code, _, err = argus_inproc(
+        capsys, "data", "convert", str(bad), "--out", str(ds), "--on-error", "skip", "--overwrite"
+    )
+    assert code == 2 and "all 1 rows are bad" in one_line_error(err) and tree_digest(ds) == before
+
+    assert argus_inproc(capsys, *convert, "--out", str(ds), "--overwrite")[0] == 0
+    assert sorted(p.name for p in ds.iterdir()) == ["item_map.parquet", "manifest.json", "train", "user_map.parquet"]
+    assert json.loads((ds / "manifest.json").read_text())["source"]["kind"] == "convert"
+    assert argus_inproc(capsys, *synth, "--out", str(ds), "--overwrite")[0] == 0
+    assert sorted(p.name for p in ds.iterdir()) == ["manifest.json", "test", "train", "truth", "val"]  # no id maps
+
+    foreign = tmp_path / "foreign"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "sub" / "notes.txt").write_text("mine")
+    before = tree_digest(foreign)
+    for argv in (synth, convert):
+        code, _, err = argus_inproc(capsys, *argv, "--out", str(foreign), "--overwrite")
+        assert code == 2
+        assert one_line_error(err) == (
+            f"argus: error: out {foreign}: not empty and not an argus dataset (sub/ is not one of the files a "
+            "dataset holds); refusing to write into it, even with --overwrite: choose a new or empty directory"
+        )
+        assert tree_digest(foreign) == before
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, _, err = argus_inproc(capsys, *synth, "--out", str(afile), "--overwrite")
+    assert code == 2 and one_line_error(err) == f"argus: error: out {afile}: exists and is not a directory"
+    assert afile.read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert argus_inproc(capsys, *convert, "--out", str(empty))[0] == 0, "an empty directory is fine"

@@ -20,6 +20,7 @@ from helpers import read_samples
 
 from trainer.data.convert import ColumnMap, ConvertError, convert
 from trainer.data.manifest import Manifest
+from trainer.data.outdir import OutputExistsError
 from trainer.data.schema import PLAYED_MAX, PLAYED_NA, EventType, Sample, decode_sample
 
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -559,8 +560,9 @@ def test_empty_and_unusable_inputs(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    with pytest.raises(ConvertError, match="not an empty directory"):
-        convert(CSV, busy)
+    for overwrite in (False, True):  # not a dataset: refused whatever is passed (test_cli_data: the CLI's line)
+        with pytest.raises(OutputExistsError, match=f"out {busy}: not empty and not an argus dataset"):
+            convert(CSV, busy, overwrite=overwrite)
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
     with pytest.raises(ConvertError, match="cannot tell the format"):
         convert(shutil.copy(CSV, tmp_path / "ratings.dat"), tmp_path / "o4")

@@ -420,6 +420,45 @@ def test_bad_export_input_is_one_line(args, message, config_only_checkpoint, tmp
     assert not (tmp_path / "o").exists() and not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow
+def test_export_refuses_an_existing_export_unless_overwrite(exports, pre, imp_data, tmp_path, capsys):
+    """An export in --out: one line naming it and --overwrite, before any process group, every file byte-identical.
+    --overwrite replaces it (a 2-rank export by a 1-rank one: no part of the old one is left); a directory that
+    holds anything else is refused even with --overwrite."""
+    import shutil
+
+    from helpers import one_line_error, tree_digest
+
+    out = tmp_path / "o"
+    shutil.copytree(exports["sharded"], out)
+    before = tree_digest(out)
+    args = [str(pre), "--data", str(imp_data), "--batch-size", "16", "--out", str(out)]
+    code, _, err = cli(capsys, "export", *args)
+    users, items = (json.loads((out / "manifest.json").read_text())[k] for k in ("users", "items"))
+    assert code == 2 and one_line_error(err) == (
+        f"argus: error: out {out}: holds an export ({users:,} users, {items:,} items of 'test'); "
+        "pass --overwrite to replace it"
+    )
+    assert tree_digest(out) == before and not torch.distributed.is_initialized()
+    (out / "users" / "notes.txt").write_text("mine")
+    before = tree_digest(out)
+    code, _, err = cli(capsys, "export", *args, "--overwrite")
+    assert code == 2 and one_line_error(err) == (
+        f"argus: error: out {out}: not empty and not an argus export (users/notes.txt is not one of the files an "
+        "export holds); refusing to write into it, even with --overwrite: choose a new or empty directory"
+    )
+    assert tree_digest(out) == before
+    (out / "users" / "notes.txt").unlink()
+
+    _run(CLI, "export", *args, "--overwrite")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["world_size"] == 1 and m["files"]["users"] == ["users/part-00000.parquet"]
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert on_disk == sorted(["manifest.json", *m["files"]["users"], *m["files"]["items"]])
+    for a, b in zip(_sorted(out), _sorted(exports["plain"])):
+        assert np.array_equal(a, b)
+
+
 def test_bad_retrieve_and_dtype_input(tmp_path, capsys):
     from trainer.export import export
 

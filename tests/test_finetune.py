@@ -329,3 +329,29 @@ def test_finetune_init_without_checkpoint_is_refused(imp_data, tmp_path, monkeyp
         f"out={tmp_path / 'r'}",
     )
     assert code == 2 and "finetune.init" in err and "no checkpoint" in err
+
+
+def test_finetune_refuses_a_run_in_out_and_its_own_init(imp_data, pretrained_config, tmp_path, monkeypatch, capsys):
+    """As `argus train` (test_train_cli): a run in `out` needs resume=true or train.overwrite=true (one line, every
+    file byte-identical); and `out` may never be the pre-trained run it starts from, whatever is passed."""
+    import shutil
+
+    from helpers import one_line_error, tree_digest
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "earlier"
+    shutil.copytree(pretrained_config, run)  # a run's layout: checkpoints/step_00000003, latest
+    before, init_before = tree_digest(run), tree_digest(pretrained_config)
+    common = ["finetune", "configs/mini.yaml", "--init", str(pretrained_config), f"data.path={imp_data}", *TINY]
+    code, _, err = argus_inproc(capsys, *common, f"out={run}")
+    assert code == 2 and one_line_error(err) == (
+        f"argus: error: out {run}: holds a run (checkpoints up to step 3); "
+        "pass resume=true to continue it or train.overwrite=true to start over"
+    )
+    for out in (pretrained_config, pretrained_config / "checkpoints" / "step_00000003"):
+        code, _, err = argus_inproc(capsys, *common, f"out={out}", "train.overwrite=true")
+        assert code == 2 and one_line_error(err) == (
+            f"argus: error: out {out}: is finetune.init's run; a fine-tuning run needs a directory of its own"
+        )
+    assert tree_digest(run) == before and tree_digest(pretrained_config) == init_before
+    assert not torch.distributed.is_initialized()

@@ -40,6 +40,32 @@ def test_restart_continues_from_the_newer_of_rays_and_the_runs_checkpoint(tmp_pa
     assert pick_restore(None, own4) == (own4, "run_dir")
     assert pick_restore(ray2, own4) == (own4, "run_dir")  # Ray lost the step-4 report with the dead worker
     assert pick_restore(ray2, own2) == (ray2, "ray")
+    # a run that is not resumed (new, or started over) takes only this launch's checkpoints from Ray: Ray keeps
+    # an earlier launch's under the same --name
+    (ray2 / "meta.json").write_text('{"step": 2, "launch": "a"}')
+    assert pick_restore(ray2, None, launch="a") == (ray2, "ray")
+    assert pick_restore(ray2, None, launch="b") == (None, None)
+    assert pick_restore(ray2, own2, launch="b") == (own2, "run_dir")
+
+
+def test_ray_launch_refuses_a_run_in_out_before_starting_ray(data, tmp_path, monkeypatch, capsys):
+    """The driver checks `out` as every launcher does (trainer/run.py: load_job): one line, nothing changed."""
+    from helpers import one_line_error, tree_digest
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "storage" / "argus" / "run"  # the default out=STORAGE/NAME/run
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "meta.json").write_text('{"step": 4}')
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    (run / "metrics.jsonl").write_text('{"step": 4}\n')
+    before = tree_digest(tmp_path)
+    launch = ["launch", "ray", "configs/mini.yaml", f"data.path={data}", *TINY, "--local", "--num-workers", "1"]
+    code, _, err = argus_inproc(capsys, *launch, "--storage-path", str(tmp_path / "storage"))
+    assert code == 2 and one_line_error(err) == (
+        f"argus: error: out {run}: holds a run (checkpoints up to step 4); "
+        "pass resume=true to continue it or train.overwrite=true to start over"
+    )
+    assert tree_digest(tmp_path) == before, "nothing written: no Ray session either"
 
 
 def test_kuberay_entrypoint_is_a_valid_argus_command():

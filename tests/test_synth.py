@@ -400,18 +400,34 @@ def test_bad_arguments(tmp_path, kwargs, name):
     assert not (tmp_path / "out").exists()  # validated before anything is written
 
 
-def test_refuses_foreign_directory_and_overwrites_a_dataset(tmp_path):
+def test_refuses_an_existing_dataset_unless_overwrite_and_a_foreign_directory_always(tmp_path):
+    from helpers import tree_digest
+
+    from trainer.data.convert import convert
+    from trainer.data.outdir import OutputExistsError
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=str(foreign)):
-        synth.synthesize(foreign, users=10, items=20, mean_len=5, shards=1, workers=1)
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match=f"out {foreign}: not empty and not an argus dataset"):
+            synth.synthesize(foreign, users=10, items=20, mean_len=5, shards=1, workers=1, overwrite=overwrite)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
     root = tmp_path / "ds"
     synth.synthesize(root, users=30, items=40, mean_len=5, shards=3, holdout="loo", workers=1)
     assert (root / "val" / "shard-000002.tar").exists()
-    m = synth.synthesize(root, users=30, items=40, mean_len=5, shards=2, holdout="none", workers=1)
+    before = tree_digest(root)
+    with pytest.raises(OutputExistsError, match=f"out {root}: holds a dataset .* pass --overwrite to replace it"):
+        synth.synthesize(root, users=30, items=40, mean_len=5, shards=2, holdout="none", workers=1)
+    assert tree_digest(root) == before, "a refused write changes nothing"
+    (root / "README").write_text("mine")  # a dataset with a file argus did not write: refused even with overwrite
+    with pytest.raises(OutputExistsError, match=r"README is not one of the files a dataset holds.*even with"):
+        synth.synthesize(root, users=30, items=40, mean_len=5, shards=2, holdout="none", workers=1, overwrite=True)
+    (root / "README").unlink()
+    assert tree_digest(root) == before
+
+    m = synth.synthesize(root, users=30, items=40, mean_len=5, shards=2, holdout="none", workers=1, overwrite=True)
     assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "train", "truth"]
     assert sorted(p.name for p in (root / "train").iterdir()) == [
         "item_counts.npy",
@@ -422,6 +438,18 @@ def test_refuses_foreign_directory_and_overwrites_a_dataset(tmp_path):
     ]
     assert sorted(p.name for p in (root / "truth").iterdir()) == ["items.npz", "users-000000.npz", "users-000001.npz"]
     assert json.loads((root / "manifest.json").read_text())["source"]["shards"] == 2 == len(m.split("train").shards)
+
+    # over a converted dataset: its item map (which names other items) goes too
+    conv = tmp_path / "conv"
+    convert(Path(__file__).parent / "fixtures" / "ratings_small.csv", conv, shards=1, holdout="none")
+    assert (conv / "item_map.parquet").is_file()
+    synth.synthesize(conv, users=10, items=20, mean_len=5, shards=1, holdout="none", workers=1, overwrite=True)
+    assert sorted(p.name for p in conv.iterdir()) == ["manifest.json", "train", "truth"]
+
+    empty = tmp_path / "empty"  # an empty directory is not an earlier output
+    empty.mkdir()
+    synth.synthesize(empty, users=10, items=20, mean_len=5, shards=1, holdout="none", workers=1)
+    assert (empty / "manifest.json").is_file()
 
 
 def test_auto_clusters():

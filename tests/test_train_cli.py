@@ -151,6 +151,77 @@ def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_run_in_out_is_refused_without_resume_or_overwrite(imp_pretrained, imp_data, tmp_path, monkeypatch, capsys):
+    """A run in `out` (a copy of a real one) without resume=true or train.overwrite=true: one line naming `out` and
+    both settings, before any process group, every file byte-identical. A directory that holds anything else (a
+    file of the user's, a dataset) is refused whatever is passed."""
+    from helpers import one_line_error, tree_digest
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"
+    shutil.copytree(imp_pretrained, run)
+    before = tree_digest(run)
+    common = ["train", "configs/mini.yaml", f"data.path={imp_data}", *TINY]
+    code, _, err = argus_inproc(capsys, *common, f"out={run}")
+    assert code == 2 and one_line_error(err) == (
+        f"argus: error: out {run}: holds a run (checkpoints up to step 3); "
+        "pass resume=true to continue it or train.overwrite=true to start over"
+    )
+    code, _, err = argus_inproc(capsys, *common, f"out={run}", "resume=true", "train.overwrite=true")
+    assert code == 2 and one_line_error(err) == (
+        "argus: error: resume=true and train.overwrite=true: pick one (continue the run in out, or start it over)"
+    )
+    assert tree_digest(run) == before
+    foreign, own_config = tmp_path / "foreign", tmp_path / "exp"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    own_config.mkdir()
+    shutil.copy(REPO / "configs" / "mini.yaml", own_config / "config.yaml")  # `argus train exp/config.yaml out=exp`
+    for out, why in (
+        (foreign, "notes.txt is not one of the files a run holds"),
+        (imp_data, "impressions/ is not one of the files a run holds"),
+        (own_config, "config.yaml has no run beside it"),
+    ):
+        before = tree_digest(out)
+        for setting in ("train.overwrite=true", "resume=true"):
+            code, _, err = argus_inproc(capsys, *common, f"out={out}", setting)
+            assert code == 2 and one_line_error(err) == (
+                f"argus: error: out {out}: not empty and not an argus run ({why}); refusing to write into it, "
+                "even with train.overwrite=true: choose a new or empty directory"
+            )
+        assert tree_digest(out) == before
+    assert not torch.distributed.is_initialized(), "no process group"
+
+
+@pytest.mark.slow
+def test_overwrite_starts_a_run_over(imp_pretrained, imp_data, tmp_path):
+    """train.overwrite=true on 2 ranks: rank 0 removes the old run (checkpoints, metrics, TensorBoard, validation,
+    sample keys) while rank 1 checks `out`; the new run starts at step 0 and nothing of the old one is left."""
+    import yaml
+
+    from trainer import checkpoint
+    from trainer.rundir import RUN
+
+    run = tmp_path / "run"
+    shutil.copytree(imp_pretrained, run)
+    assert RUN.foreign(run) is None, "RunLayout lists everything a run writes"
+    (run / "validation.jsonl").write_text('{"step": 3}\n')
+    (run / "sample_keys").mkdir()
+    (run / "sample_keys" / "rank00000.jsonl").write_text('{"step": 3, "keys": []}\n')
+    assert sorted(losses(run)) == [1, 2, 3] and len(list((run / "tb").iterdir())) == 1
+    train_ranks(
+        "configs/mini.yaml", f"data.path={imp_data}", *TINY, f"out={run}", "train.steps=2", "train.overwrite=true"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    assert checkpoint.latest_checkpoint(run).name == "step_00000002"
+    assert sorted(losses(run)) == [1, 2], "metrics.jsonl started over"
+    assert not (run / "validation.jsonl").exists() and not (run / "sample_keys").exists()
+    assert len(list((run / "tb").iterdir())) == 1, "only the new run's TensorBoard events"
+    for saved in (run / "config.yaml", run / "checkpoints" / "step_00000002" / "config.yaml"):
+        assert yaml.safe_load(saved.read_text())["train"]["overwrite"] is False, "re-running it must not start over"
+
+
+@pytest.mark.slow
 def test_short_mini_run_beats_popularity(mini_run, capsys):
     """Planted structure (synth): a short `mini` run must clearly beat the most-popular baseline on HR@10.
 

@@ -14,7 +14,8 @@ tables for this world size); the dense model is small and is loaded in full on e
 * Items: the whole item table; rank r exports a contiguous id range.
 
 Layout: ``OUT/users/part-RRRRR.parquet``, ``OUT/items/part-RRRRR.parquet``, ``OUT/manifest.json``
-(written last, by rank 0: an export without it is incomplete). See docs/export.md.
+(written last, by rank 0: an export without it is incomplete). ``OUT`` must be missing or empty, or hold an
+earlier export and ``overwrite`` be set (:class:`ExportLayout`). See docs/export.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import checkpoint
+from trainer.data.outdir import Layout, check_output, clear_output, read_json
 
 if TYPE_CHECKING:
     from trainer.data.batch import Batch
@@ -41,6 +43,33 @@ FORMAT = "argus-export"
 FORMAT_VERSION = 1
 DTYPES = ("fp32", "bf16")
 MANIFEST = "manifest.json"
+
+
+class ExportLayout(Layout):
+    """``manifest.json`` (written last: without it the export is incomplete) and each rank's parquet parts."""
+
+    kind = "export"
+    files = (
+        MANIFEST,
+        MANIFEST + ".tmp",
+        *(f"{sub}/part-*.parquet{tmp}" for sub in ("users", "items") for tmp in ("", ".tmp")),
+    )
+    dirs = ("users", "items")
+
+    def unvouched(self, root: Path) -> str | None:
+        path = root / MANIFEST
+        if path.exists() and (read_json(path) or {}).get("format") != FORMAT:
+            return f"{MANIFEST} is not an export's"  # another tool's, or a dataset's
+        return None
+
+    def describe(self, root: Path) -> str:
+        m = read_json(root / MANIFEST)
+        if m is None:
+            return f"an incomplete export (no {MANIFEST}: a write that stopped part-way)"
+        return f"an export ({m.get('users', 0):,} users, {m.get('items', 0):,} items of {m.get('split')!r})"
+
+
+EXPORT = ExportLayout()
 
 
 # ---- the served vectors ----------------------------------------------------------------------------------------
@@ -279,8 +308,13 @@ def export(
     context: int | None = None,
     num_workers: int = 0,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export user vectors of ``split`` and item vectors of the whole table; collective (every rank calls it).
+
+    ``out_dir`` must be missing or empty; an earlier export there is replaced only with ``overwrite`` (rank 0
+    removes it once every rank has checked it), and a directory holding anything else is refused
+    (:mod:`trainer.data.outdir`).
 
     ``at``: cutoff (unix seconds): only interactions strictly before it are history. ``context``: the most
     recent history rows a state is computed from; default ``data.max_seq_len - 1``, the longest prefix the
@@ -303,6 +337,7 @@ def export(
     if not 1 <= context <= longest:
         raise ValueError(f"context: must be in [1, {longest}] (the run's data.max_seq_len), got {context}")
     out = Path(out_dir)
+    replace = check_output(out, EXPORT, overwrite=overwrite, flag="--overwrite")  # every rank, read-only
 
     import pyarrow as pa
     import torch.distributed as dist
@@ -317,10 +352,12 @@ def export(
     owns_group = not dist.is_initialized()  # a caller's process group is left as it was
     info = init_distributed(device, cfg.train.timeout_s)
     rank, world, dev = info.rank, info.world_size, info.device
+    dist.barrier()  # every rank has checked OUT before rank 0 clears it or any rank writes there
+    if rank == 0 and replace:
+        clear_output(out, EXPORT)
+    dist.barrier()
     for sub in ("users", "items"):  # every rank: OUT must be shared by all ranks, like the checkpoint
         (out / sub).mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / MANIFEST).unlink(missing_ok=True)  # from here until the new one is written, the export is incomplete
     dist.barrier()
 
     tables: Any
@@ -435,11 +472,6 @@ def export(
         },
     }
     if rank == 0:
-        listed = {f for fs in m["files"].values() for f in fs}
-        for sub in ("users", "items"):  # parts of an earlier export with a larger world size
-            for f in (out / sub).glob("part-*.parquet*"):
-                if f"{sub}/{f.name}" not in listed:
-                    f.unlink()
         tmp = out / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(m, indent=1))
         os.replace(tmp, out / MANIFEST)  # published: the export is complete

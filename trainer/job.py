@@ -52,6 +52,9 @@ class TrainSection:
     timeout_s: float = 600.0  # process-group timeout: a rank-0-only error must not hang the others
     log_sample_keys: bool = False  # audit trail: RUN/sample_keys/rank*.jsonl, the keys each step consumed
     compile: bool = False  # torch.compile the encoder blocks (Encoder.compile_blocks)
+    # Start over in an `out` that holds a run: its checkpoints, metrics, TensorBoard logs ... are removed first
+    # (trainer/rundir.py). Without it (or resume=true) such an `out` is refused. Always saved as false.
+    overwrite: bool = False
 
 
 @dataclass

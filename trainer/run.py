@@ -6,10 +6,12 @@ not import each other; every launcher (plain, torchrun, the deepspeed launcher, 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from trainer import rundir
 from trainer.config import load_config
 from trainer.data.manifest import Manifest
 from trainer.dist import DistInfo
@@ -22,14 +24,30 @@ def load_job(config: str | Path | None, overrides: Sequence[str], world_size: in
     """The run config from YAML + key=value overrides, validated for ``world_size`` (default: $WORLD_SIZE).
 
     A fine-tuning run also checks the pre-trained run and the impression split, before any process group.
-    Raises ConfigError (a ValueError) or OSError naming the key or file at fault.
+    ``out`` is checked read-only (trainer/rundir.py): a directory that holds a run needs ``resume=true`` or
+    ``train.overwrite=true``, one that holds anything else is refused. Every launcher comes through here, on
+    every rank, before any rank writes. Raises ConfigError (a ValueError) or OSError naming the key or file at
+    fault.
     """
     cfg = load_config(JobConfig, config, list(overrides), validate=False)
     cfg.validate(world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1)))
     if cfg.finetune.enabled:
         check_against_init(cfg)
         Manifest.load(cfg.data.path).split(cfg.train_split())
+    rundir.check_run_dir(cfg.out, cfg.resume, cfg.train.overwrite, cfg.finetune.init if cfg.finetune.enabled else None)
     return cfg
+
+
+def start_over(cfg: JobConfig, rank: int = 0) -> JobConfig:
+    """``train.overwrite=true``: rank 0 (or a launcher's driver, before any worker starts) removes the earlier
+    run in ``out``, once, after :func:`load_job` checked it. Every rank gets the config to train with, its
+    ``train.overwrite`` false: that config is saved beside every checkpoint, and running a saved config again
+    must never remove the run it belongs to."""
+    if not cfg.train.overwrite:
+        return cfg
+    if rank == 0:
+        rundir.start_over(cfg.out)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=False))
 
 
 def build_trainer(cfg: JobConfig, info: DistInfo | None = None) -> Trainer:
@@ -38,5 +56,7 @@ def build_trainer(cfg: JobConfig, info: DistInfo | None = None) -> Trainer:
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:
-    """Run a whole training (or fine-tuning) job in this process (one rank of it)."""
+    """Run a whole training (or fine-tuning) job in this process (one rank of it). With ``train.overwrite``,
+    rank 0 removes the earlier run first, before it joins the process group: before any rank writes."""
+    cfg = start_over(cfg, int(os.environ.get("RANK", 0)))
     return build_trainer(cfg).run()

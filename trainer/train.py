@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from trainer import checkpoint
 from trainer.config import ConfigError, save_config
@@ -109,6 +110,8 @@ class Trainer:
         self.cfg = cfg
         self.info = info or init_distributed(cfg.train.device, cfg.train.timeout_s)
         cfg.validate(self.info.world_size, self.info.device.type)
+        if dist.is_initialized():  # every rank has checked `out` (run.load_job, read-only) before rank 0 writes there
+            dist.barrier()
         self.run_dir = Path(cfg.out)
         self.manifest = Manifest.load(cfg.data.path)
         self.loader = cfg.loader_config().build(self.info.rank, self.info.world_size, self.manifest)
@@ -136,6 +139,7 @@ class Trainer:
         self.after_step: Callable[["Trainer", int], None] | None = None
         self.mid_checkpoint: Callable[["Trainer", Path], None] | None = None
         self.on_checkpoint: Callable[["Trainer", Path], None] | None = None
+        self.checkpoint_meta: dict[str, Any] = {}  # more keys for meta.json (Ray: the launch that wrote it)
         self._restored = False
         self._ne_noted: set[str] = set()
 
@@ -163,7 +167,7 @@ class Trainer:
             self.cfg,
             self.run_dir,
             self.info.rank,
-            extra={"epoch": self.loader.epoch},
+            extra={"epoch": self.loader.epoch, **self.checkpoint_meta},
             mid_write=None if self.mid_checkpoint is None else lambda tmp: self.mid_checkpoint(self, tmp),
         )
         if self.on_checkpoint is not None:

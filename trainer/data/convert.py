@@ -91,6 +91,7 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
 from trainer.data.manifest import Manifest
+from trainer.data.outdir import DATASET, check_output, clear_output
 from trainer.data.schema import FIELDS, PLAYED_MAX, PLAYED_NA, EventType
 from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize, iter_users
 
@@ -821,13 +822,16 @@ def convert(
     workers: int = 1,
     impressions: str | os.PathLike | None = None,
     impressions_test_seconds: int = 86400,
+    overwrite: bool = False,
 ) -> Manifest:
     """Convert an interaction log (file or directory) into shards + manifest under ``out``.
 
     ``holdout``: ``loo``, ``temporal`` (test targets are the last ``test_seconds``
     before the global maximum timestamp, validation targets the ``val_seconds``
     before that, and ``gap_seconds`` before validation are context only) or
-    ``none``. ``out`` must not exist or be empty. ``workers`` > 1 writes the
+    ``none``. ``out`` must be missing or empty; an earlier dataset there is replaced only with
+    ``overwrite`` (removed once every input row has been read and checked, so bad input loses nothing), and a
+    directory holding anything else is refused (:mod:`trainer.data.outdir`). ``workers`` > 1 writes the
     shards (pass 3) in that many processes; the output is byte-identical to
     ``workers=1``. Returns the written manifest;
     ``manifest.source`` records the input, options, split boundaries, row counts
@@ -869,8 +873,8 @@ def convert(
         reader = _YambdaReader(divisor, batch_rows)
     else:
         reader = _CsvReader(fmt, columns or ColumnMap(), like_threshold, dislike_threshold, divisor, batch_rows)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConvertError(f"{out}: exists and is not an empty directory; choose a new output directory")
+    # Read-only here; an earlier dataset is removed (with overwrite) only once the input has been read.
+    replace = check_output(out, DATASET, overwrite=overwrite, flag="--overwrite")
 
     # Pass 1: validate every row, collect distinct ids and the time range.
     skipped: dict[str, int] = {}
@@ -924,6 +928,8 @@ def convert(
     else:
         hold = Holdout(holdout)
 
+    if replace:
+        clear_output(out, DATASET)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(item_map.table("item_id"), out / ITEM_MAP)
     if remap_users:

@@ -72,7 +72,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from trainer.data.manifest import MANIFEST_NAME, Manifest
+from trainer.data.manifest import Manifest
+from trainer.data.outdir import prepare_dataset_out
 from trainer.data.schema import DAY, FIELDS, HOURS_PER_WEEK, IMPRESSION_FIELDS, PLAYED_NA, SHOWN_FIELDS, EventType
 from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize
 
@@ -116,7 +117,6 @@ EXTRA_RATE = 0.095
 BATCH_EVENTS = 1 << 17
 
 TRUTH_DIR = "truth"
-_WRITING_MARKER = ".argus-synth-writing"
 
 _TAG_WORLD = 0x5752_4C44
 _TAG_SHARD = 0x5348_5244
@@ -846,45 +846,6 @@ def load_truth(root: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str
     return items, {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out {out}: exists and is not a directory")
-    if (
-        out.is_dir()
-        and any(out.iterdir())
-        and not (out / MANIFEST_NAME).is_file()
-        and not (out / _WRITING_MARKER).is_file()
-    ):
-        raise ValueError(
-            f"out {out}: directory is not empty and holds no argus dataset (no {MANIFEST_NAME}); "
-            "refusing to write into it"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / _WRITING_MARKER).touch()
-
-
-def _remove_stale(out: Path, manifest: Manifest, shards: int) -> None:
-    """Delete shard/truth files an earlier run into the same directory left behind."""
-    keep = {p for sp in manifest.splits.values() for s in sp.shards for p in (s.path, s.lengths)}
-    for split in ("train", "val", "test"):
-        d = out / split
-        if not d.is_dir():
-            continue
-        for f in list(d.glob("shard-*.tar")) + list(d.glob("shard-*.tar.tmp")) + list(d.glob("shard-*.lengths.npy")):
-            if f"{split}/{f.name}" not in keep:
-                f.unlink()
-        if split not in manifest.splits:
-            (d / "item_counts.npy").unlink(missing_ok=True)
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-    for f in (out / TRUTH_DIR).glob("users-*.npz*"):
-        stem = f.name.split(".")[0]
-        if f.name.endswith(".tmp") or not stem[6:].isdigit() or int(stem[6:]) >= shards:
-            f.unlink()
-
-
 # ---- entry point ---------------------------------------------------------------------------------------------
 def synthesize(
     out: str | os.PathLike,
@@ -906,8 +867,12 @@ def synthesize(
     slate: int = 10,
     imp_days: float = 7.0,
     imp_test_days: float = 1.0,
+    overwrite: bool = False,
 ) -> Manifest:
     """Write a synthetic dataset with planted structure to ``out`` and return its manifest.
+
+    ``out`` must be missing or empty; an earlier dataset there is replaced only with ``overwrite`` (removed
+    first), and a directory holding anything else is refused (:mod:`trainer.data.outdir`).
 
     ``impressions > 0`` also writes the fine-tuning splits ``impressions`` / ``impressions_test``.
 
@@ -935,7 +900,7 @@ def synthesize(
     _check_int("workers", workers, 0)
     n_workers = min(cfg.shards, workers or os.cpu_count() or 1)
     root = Path(out)
-    _prepare_out(root)
+    prepare_dataset_out(root, overwrite)
     hold = cfg.holdout_spec()
 
     world = World(cfg.items, cfg.clusters, cfg.seed)
@@ -962,6 +927,4 @@ def synthesize(
     if hold.kind == "temporal":
         source.update(val_start=hold.val_start, test_start=hold.test_start)
     manifest = finalize(root, results, hold, num_items=cfg.items, max_len=cfg.max_len, source=source)
-    _remove_stale(root, manifest, cfg.shards)
-    (root / _WRITING_MARKER).unlink(missing_ok=True)
     return manifest
