@@ -31,6 +31,17 @@ INTERCONNECT_GBPS: dict[str, tuple[float, float]] = {
     "a10": (32, 12.5),
 }
 
+# The `argus plan` flag that sets each field: the one a message about the field names.
+FLAGS: dict[str, str] = {
+    "gpu": "--gpu",
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node",
+    "intra_node_gbps": "--intra-node-gbps",
+    "inter_node_gbps": "--inter-node-gbps",
+    "memory_gb": "--memory-gb",
+    "price_per_gpu_hour": "--price",
+}
+
 
 @dataclass
 class Hardware:
@@ -53,10 +64,10 @@ class Hardware:
             raise ConfigError(f"--gpu: unknown GPU {self.gpu!r}; known: {', '.join(sorted(GPU_SPECS))}")
         for key in ("nodes", "gpus_per_node"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"{FLAGS[key]}: must be >= 1, got {getattr(self, key)}")
         for key in ("intra_node_gbps", "inter_node_gbps", "memory_gb", "price_per_gpu_hour"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"--{key.replace('_', '-')}: must be >= 0, got {getattr(self, key)}")
+                raise ConfigError(f"{FLAGS[key]}: must be >= 0, got {getattr(self, key)}")
 
     def spec(self) -> GpuSpec:
         s = GPU_SPECS[self.gpu]

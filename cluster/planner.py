@@ -431,6 +431,9 @@ def suggestions(
 ) -> list[dict[str, Any]]:
     """Single changes that make a config fit, each with its days to train (fewest days first).
 
+    Each ``change`` is what to append to the `argus plan` command line that made ``cfg`` and ``req``: its
+    flags (``--zero-stage 3``, ``--nodes 4``: a flag given last wins over an earlier one), or a ``key=value``
+    override where no flag sets the key; ``gpus`` is the GPU count it plans for.
     ``fewest_gpus``: :func:`min_gpus` for this config, already computed by the caller."""
     scale = _scale(result)
     enc, ds, hw = cfg.model, cfg.deepspeed, req.hardware
@@ -448,43 +451,49 @@ def suggestions(
     if not enc.activation_checkpointing:
         candidates.append(
             (
-                "model.activation_checkpointing=true",
+                "--activation-checkpointing",
                 variant(lambda c: setattr(c.model, "activation_checkpointing", True)),
                 req,
             )
         )
     if ds.stage < 3:
-        candidates.append(("deepspeed.stage=3", variant(lambda c: setattr(c.deepspeed, "stage", 3)), req))
+        candidates.append(("--zero-stage 3", variant(lambda c: setattr(c.deepspeed, "stage", 3)), req))
     if not ds.offload:
         candidates.append(
             (
-                "deepspeed.stage=3 deepspeed.offload=true",
+                "--zero-stage 3 --offload",
                 variant(lambda c: (setattr(c.deepspeed, "stage", 3), setattr(c.deepspeed, "offload", True))),
                 req,
             )
         )
-    if fewest_gpus is not None and fewest_gpus > hw.world:
-        nodes = f" ({fewest_gpus // hw.gpus_per_node} nodes)" if fewest_gpus >= hw.gpus_per_node else ""
-        candidates.append(
-            (f"--gpus {fewest_gpus}{nodes}", cfg, dataclasses.replace(req, hardware=hw.with_world(fewest_gpus)))
-        )
+    if fewest_gpus is not None and fewest_gpus > hw.world:  # more than one node's worth: whole nodes (min_gpus)
+        more = hw.with_world(fewest_gpus)
+        candidates.append((f"--nodes {more.nodes}", cfg, dataclasses.replace(req, hardware=more)))
     out = []
     for change, c, r in candidates:
         fitted = _fits_fast(c, r, scale)
         if fitted:
-            out.append({"change": change, "days": fitted["time"]["days"], "memory_per_rank": fitted["memory"]["total"]})
+            out.append(
+                {
+                    "change": change,
+                    "gpus": r.hardware.world,
+                    "days": fitted["time"]["days"],
+                    "memory_per_rank": fitted["memory"]["total"],
+                }
+            )
     b = cfg.rows_per_batch() // 2  # the largest micro-batch that fits
     while b >= 1:
         fitted = _fits_fast(_with_batch(cfg, b), req, scale)
         if fitted:
-            key, value = (
-                ("data.batch_tokens", b * cfg.interactions_per_sample())
+            change = (
+                f"data.batch_tokens={b * cfg.interactions_per_sample()}"
                 if cfg.data.batch_tokens
-                else ("data.batch_size", b)
+                else f"--micro-batch {b}"
             )
             out.append(
                 {
-                    "change": f"{key}={value}",
+                    "change": change,
+                    "gpus": hw.world,
                     "days": fitted["time"]["days"],
                     "memory_per_rank": fitted["memory"]["total"],
                 }

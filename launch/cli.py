@@ -60,13 +60,21 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` parsed, options and key=value overrides in any order (argparse leaves over the overrides that come
+    after an option: `argus launch ray CONFIG --local key=value`); anything else unknown is a usage error."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
-    if extra:  # `argus finetune CONFIG --init RUN key=value ...`: overrides after an option
-        if not getattr(args, "overrides_anywhere", False) or any(x.startswith("-") for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args, extra = parser.parse_known_args(_strip_launcher_args(list(argv)))
+    if extra:
+        stray = [x for x in extra if not hasattr(args, "overrides") or x.startswith("-") or "=" not in x]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -6,6 +6,7 @@ The checks themselves are in cluster/preflight.py, the hostfile readers and writ
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from launch.console import console
@@ -17,7 +18,7 @@ def cmd_cluster_check(a: argparse.Namespace) -> int:
     from rich.table import Table
 
     from cluster.preflight import nodes, run_checks
-    from cluster.ray_local import ray_session
+    from cluster.ray_local import oversubscription, ray_session
     from trainer.run import load_job
 
     problems: list[str] = []
@@ -31,6 +32,8 @@ def cmd_cluster_check(a: argparse.Namespace) -> int:
             )
         except ValueError as e:
             problems.append(f"config: {e}")
+    if a.local and (too_many := oversubscription(a.num_workers, a.cpus_per_worker)):
+        print(f"argus: warning: {too_many}", file=sys.stderr, flush=True)
     with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
         t = Table("node", "alive", "CPUs", "GPUs", "memory GiB", title="Ray nodes")
         for n in nodes():

@@ -47,8 +47,23 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
 
 
 # ---- argus data convert --------------------------------------------------------------------------------------
+# convert()'s parameters as this command's flags: its messages name what to pass here (trainer.data.convert.Hints)
+CONVERT_FLAGS = {
+    "fmt": "--format",
+    "shards": "--shards",
+    "max_len": "--max-len",
+    "workers": "--workers",
+    "val_seconds": "--val-seconds",
+    "test_seconds": "--test-seconds",
+    "gap_seconds": "--gap-seconds",
+    "impressions_test_seconds": "--impressions-test-seconds",
+    "like_threshold": "--like-threshold",
+    "dislike_threshold": "--dislike-threshold",
+}
+
+
 def cmd_data_convert(a: argparse.Namespace) -> int:
-    from trainer.data.convert import ColumnMap, convert
+    from trainer.data.convert import ColumnMap, Hints, convert
 
     cols = ColumnMap(
         user=a.user_col,
@@ -75,6 +90,13 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
         impressions=a.impressions,
         impressions_test_seconds=a.impressions_test_seconds,
         overwrite=a.overwrite,
+        hints=Hints(
+            skip="--on-error skip",
+            column="--{role}-col NAME",
+            no_rating="--rating-col none",
+            columns="--user-col/--item-col/--timestamp-col",
+            names=CONVERT_FLAGS,
+        ),
     )
     skipped = m.source.get("skipped_rows", {})
     console.print(
@@ -289,7 +311,8 @@ def add_data(sub: Any) -> None:
         "--on-error",
         choices=["raise", "skip"],
         default="raise",
-        help="bad rows: stop with the file/row/column, or skip and count them in the manifest",
+        help="bad rows: stop with the file, row (from 1; in CSV/TSV, after the header) and column, or skip and "
+        "count them in the manifest",
     )
     c.add_argument("--workers", type=int, default=1, help="processes writing shards")
     c.add_argument(

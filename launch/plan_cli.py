@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launch.console import console
+from launch.exit_codes import PLAN_DOES_NOT_FIT
 from trainer.config import ConfigError
 
 if TYPE_CHECKING:
+    from cluster.planner import PlanRequest
     from trainer.job import JobConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -59,6 +62,46 @@ def load_plan_config(a: argparse.Namespace) -> JobConfig:
         overrides.append(f"model.activation_checkpointing={str(a.activation_checkpointing).lower()}")
     overrides.append("train.global_batch_size=0")  # the world size is the plan's, not the config's
     return load_config(JobConfig, path, overrides, validate=False)
+
+
+def parse_number(flag: str, value: str, example: str) -> float:
+    """A finite number from the command line (``1e9``, ``300000000000``); ConfigError naming ``flag`` otherwise."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise ConfigError(f"{flag}: expected a number like {example}, got {value!r}")
+    return x
+
+
+def plan_inputs(a: argparse.Namespace) -> tuple[JobConfig, PlanRequest]:
+    """The config and the validated request `argus plan` plans for, from its parsed command line."""
+    from cluster.hardware import Hardware
+    from cluster.planner import PlanRequest
+
+    if a.config is None and a.preset is None:
+        raise ConfigError("argus plan: give a CONFIG file or --preset (mini, small, medium, large)")
+    cfg = load_plan_config(a)
+    hw = Hardware(
+        gpu=a.gpu,
+        nodes=a.nodes,
+        gpus_per_node=a.gpus_per_node,
+        intra_node_gbps=a.intra_node_gbps,
+        inter_node_gbps=a.inter_node_gbps,
+        memory_gb=a.memory_gb,
+        price_per_gpu_hour=a.price,
+    )
+    req = PlanRequest(
+        items=int(parse_number("--items", a.items, "1e9")),
+        interactions=parse_number("--interactions", a.interactions, "3e11"),
+        hardware=hw,
+        mfu=a.mfu,
+        fill=a.fill,
+        headroom_fraction=a.headroom,
+    )
+    req.validate()
+    return cfg, req
 
 
 def parse_sweep(spec: str) -> list[int]:
@@ -182,8 +225,10 @@ def render(result: dict[str, Any], console: Any) -> None:
         f"{result.get('min_gpus') or 'none (more GPUs do not shrink what is left)'}."
     )
     for sug in result.get("suggestions", []):
+        gpus = f" ({sug['gpus']:,} GPUs)" if sug["gpus"] != i["world"] else ""
         console.print(
-            f"  would fit with {sug['change']}: {_gb(sug['memory_per_rank'])} per rank, {sug['days']:.2f} days"
+            f"  would fit with {sug['change']}{gpus}: {_gb(sug['memory_per_rank'])} per rank, {sug['days']:.2f} days",
+            highlight=False,
         )
     if not m["fits"] and not result.get("suggestions"):
         console.print(
@@ -271,35 +316,17 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
+    """Print the plan (or --json); exit PLAN_DOES_NOT_FIT (launch/exit_codes.py) when it does not fit."""
     import warnings
 
-    from cluster.hardware import Hardware
-    from cluster.planner import PlanRequest, full_plan, sweep
     from trainer.logger import quiet_library_logs
 
-    quiet_library_logs()
+    quiet_library_logs()  # before the planner imports TorchRec
     warnings.filterwarnings("ignore")  # TorchRec's planner warns about dry runs: this is one
-    if a.config is None and a.preset is None:
-        raise ConfigError("argus plan: give a CONFIG file or --preset (mini, small, medium, large)")
-    cfg = load_plan_config(a)
-    hw = Hardware(
-        gpu=a.gpu,
-        nodes=a.nodes,
-        gpus_per_node=a.gpus_per_node,
-        intra_node_gbps=a.intra_node_gbps,
-        inter_node_gbps=a.inter_node_gbps,
-        memory_gb=a.memory_gb,
-        price_per_gpu_hour=a.price,
-    )
-    req = PlanRequest(
-        items=int(float(a.items)),
-        interactions=float(a.interactions),
-        hardware=hw,
-        mfu=a.mfu,
-        fill=a.fill,
-        headroom_fraction=a.headroom,
-    )
-    req.validate()
+    from cluster.planner import full_plan, sweep
+
+    cfg, req = plan_inputs(a)
+    hw = req.hardware
     gpus = parse_sweep(a.sweep) if a.sweep else None
     if gpus is None and a.plot:
         gpus = sorted(
@@ -327,19 +354,23 @@ def cmd_plan(a: argparse.Namespace) -> int:
                 for r in rows
             ]
         print(json.dumps(out, indent=1, default=float))
-        return 0
-    render(result, console)
-    if rows:
-        render_sweep(rows, console)
-    if a.plot and rows:
-        console.print(f"plot: {a.plot}")
-    return 0
+    else:
+        render(result, console)
+        if rows:
+            render_sweep(rows, console)
+        if a.plot and rows:
+            console.print(f"plot: {a.plot}")
+    return 0 if result["memory"]["fits"] else PLAN_DOES_NOT_FIT
 
 
 def add_plan(sub: Any) -> None:
     from trainer.flops import GPU_SPECS
 
-    p = sub.add_parser("plan", help="capacity plan: GPUs, memory per rank and days to train, offline")
+    p = sub.add_parser(
+        "plan",
+        help="capacity plan: GPUs, memory per rank and days to train, offline",
+        epilog=f"exit code {PLAN_DOES_NOT_FIT} when the plan does not fit GPU memory (after printing it)",
+    )
     p.add_argument("config", nargs="?", help="the run's YAML (what `argus train` reads); or use --preset")
     p.add_argument("overrides", nargs="*", help="key=value, as for `argus train`")
     p.add_argument("--preset", choices=["mini", "small", "medium", "large"], help="configs/PRESET.yaml")

@@ -19,13 +19,14 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from cluster.ray_local import check_resources, ray_session
+from cluster.ray_local import check_resources, oversubscription, ray_session
 from launch.console import console
 from trainer.config import to_dict
 
@@ -159,6 +160,8 @@ def launch(a: argparse.Namespace) -> int:
     cfg.data.path, cfg.out = str(Path(cfg.data.path).resolve()), str(Path(cfg.out).resolve())
     if cfg.finetune.init:
         cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
+    if a.local and (too_many := oversubscription(a.num_workers, a.cpus_per_worker)):
+        print(f"argus: warning: {too_many}", file=sys.stderr, flush=True)
     with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
         check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
         # train.overwrite: the old run goes now, once, in the driver (a worker group that Ray restarts after a

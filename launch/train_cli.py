@@ -18,9 +18,10 @@ from launch.console import console, print_json
 # ---- argus train / finetune ----------------------------------------------------------------------------------
 def cmd_train(a: argparse.Namespace) -> int:
     from trainer.logger import quiet_library_logs
+
+    quiet_library_logs()  # before anything imports TorchRec or DeepSpeed: they warn at import
     from trainer.run import load_job, train
 
-    quiet_library_logs()
     cfg = load_job(a.config, a.overrides)
     last = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -75,10 +76,11 @@ def cmd_eval_finetune(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate
     from trainer.logger import quiet_library_logs
 
-    quiet_library_logs()
+    quiet_library_logs()  # before anything imports TorchRec or DeepSpeed: they warn at import
+    from trainer.evaluate import evaluate
+
     if _is_finetune_run(a.run):
         return cmd_eval_finetune(a)
     ks = [int(k) for k in a.ks.split(",")] if a.ks else None
@@ -127,7 +129,7 @@ def add_train(sub: Any) -> None:
     ft.add_argument("config", help="YAML run config (the pre-training one, or one with the same model)")
     ft.add_argument("--init", required=True, help="the pre-training run directory (or one of its checkpoints)")
     ft.add_argument("overrides", nargs="*", help="key=value overrides, as for train (finetune.lag_seconds=86400 ...)")
-    ft.set_defaults(func=cmd_finetune, overrides_anywhere=True)
+    ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser(
         "eval",

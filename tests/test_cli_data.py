@@ -141,3 +141,65 @@ def test_synth_and_convert_refuse_an_existing_dataset_unless_overwrite(tmp_path,
     empty = tmp_path / "empty"
     empty.mkdir()
     assert argus_inproc(capsys, *convert, "--out", str(empty))[0] == 0, "an empty directory is fine"
+
+
+def test_convert_errors_count_rows_from_1_and_name_the_flags(tmp_path, capsys):
+    """`argus data convert` names rows as a user counts them (from 1; in a CSV/TSV file from the line after the
+    header, and it says so) and the flags that fix a problem, never the Python API's words."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import argus_inproc, one_line_error
+
+    def error(*argv: str) -> str:
+        code, _, err = argus_inproc(capsys, "data", "convert", *argv, "--out", str(tmp_path / "out"))
+        assert code == 2
+        line = one_line_error(err)
+        assert "on_error" not in line and "ColumnMap" not in line and "fmt" not in line, line
+        return line
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,item,timestamp\na,x,1\n,y,2\nb,z,3\n")  # the null user is on line 3, data row 2
+    assert error(str(bad)) == (
+        f"argus: error: {bad}: row 2 after the header, column 'user': null id [null_user]; "
+        "pass --on-error skip to drop and count such rows"
+    )
+    bad.write_text("user,item,timestamp\na,x,1\nb,y,2,extra\n")
+    assert error(str(bad)) == (
+        f"argus: error: {bad}: malformed CSV line in the block starting at row 1 after the header (expected 3 "
+        "fields, got 4: 'b,y,2,extra') [malformed_row]; pass --on-error skip to drop and count such rows"
+    )
+    parquet = tmp_path / "bad.parquet"  # no header: row 3 is the third row
+    pq.write_table(
+        pa.table({"uid": [1, 1, 2], "item_id": [10, 11, None], "timestamp": [1, 2, 3], "event_type": ["listen"] * 3}),
+        parquet,
+    )
+    assert error(str(parquet)) == (
+        f"argus: error: {parquet}: row 3, column 'item_id': null id [null_item]; "
+        "pass --on-error skip to drop and count such rows"
+    )
+    assert error(str(parquet), "--user-col", "u") == (
+        "argus: error: --user-col/--item-col/--timestamp-col: user/item/timestamp column names apply to csv/tsv "
+        "input; Yambda parquet has fixed column names (uid, item_id, timestamp, event_type, ...)"
+    )
+    cols = tmp_path / "cols.csv"
+    cols.write_text("uid,iid,ts\na,x,1\n")
+    assert error(str(cols)) == (
+        f"argus: error: {cols}: missing required user column 'user'; columns found: ['uid', 'iid', 'ts']; "
+        "name the user column with --user-col NAME"
+    )
+    named = ["--user-col", "uid", "--item-col", "iid", "--timestamp-col", "ts"]
+    assert error(str(cols), *named, "--rating-col", "stars") == (
+        f"argus: error: {cols}: missing rating column 'stars'; columns found: ['uid', 'iid', 'ts']; name the rating "
+        "column with --rating-col NAME (--rating-col none reads every row as a listen)"
+    )
+    assert error(str(cols), *named, "--shards", "0") == "argus: error: --shards: must be >= 1, got 0"
+    assert error(str(cols), *named, "--like-threshold", "1") == (
+        "argus: error: --dislike-threshold (2.0) must be < --like-threshold (1.0)"
+    )
+    odd = tmp_path / "log.dat"
+    odd.write_text("user,item,timestamp\na,x,1\n")
+    assert error(str(odd)) == (
+        f"argus: error: {odd}: cannot tell the format from the extension; pass --format (one of yambda, csv, tsv)"
+    )
+    code, _, _ = argus_inproc(capsys, "data", "convert", str(cols), *named, "--out", str(tmp_path / "ok"))
+    assert code == 0  # the flags the messages name are the ones that work

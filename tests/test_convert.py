@@ -393,7 +393,7 @@ def test_iso_timestamps(tmp_path):
     assert [r[1] for r in h] == [1577836800, 1577836801, 1577836802, 1577836803, 1577923200]
     assert [r[0] for r in h] == [0, 1, 2, 4, 3]
     f.write_text("user,item,timestamp\n1,a,2020-01-01\n1,b,yesterday\n")
-    with pytest.raises(ConvertError, match=r"iso\.csv: row 1, column 'timestamp'.*yesterday"):
+    with pytest.raises(ConvertError, match=r"iso\.csv: row 2 after the header, column 'timestamp'.*yesterday"):
         convert(f, tmp_path / "out2")
 
 
@@ -453,20 +453,20 @@ def test_missing_columns(tmp_path):
 def test_null_ids_raise_with_file_row_column(tmp_path):
     f = tmp_path / "nulluser.csv"
     f.write_text("user,item,timestamp\na,x,1\n,y,2\nb,z,3\n")
-    with pytest.raises(ConvertError, match=r"nulluser\.csv: row 1, column 'user': null id"):
+    with pytest.raises(ConvertError, match=r"nulluser\.csv: row 2 after the header, column 'user': null id"):
         convert(f, tmp_path / "o1")
     f.write_text("user,item,timestamp\na,x,1\nb,y,noon\n,z,3\n")  # the earliest bad row wins, any column
-    with pytest.raises(ConvertError, match=r"nulluser\.csv: row 1, column 'timestamp'.*'noon'"):
+    with pytest.raises(ConvertError, match=r"nulluser\.csv: row 2 after the header, column 'timestamp'.*'noon'"):
         convert(f, tmp_path / "o1")
     assert not (tmp_path / "o1").exists()  # errors come from pass 1, before anything is written
     p = write_parquet(tmp_path / "nulluid.parquet", GOOD + [(3, None, 103, 1, 1, "listen")])
-    with pytest.raises(ConvertError, match=r"nulluid\.parquet: row 3, column 'item_id': null id"):
+    with pytest.raises(ConvertError, match=r"nulluid\.parquet: row 4, column 'item_id': null id"):
         convert(p, tmp_path / "o2", batch_rows=2)  # row numbers count across batches
 
 
 def test_unknown_event_type_raises(tmp_path):
     p = write_parquet(tmp_path / "events.parquet", GOOD + [(2, 12, 104, 1, 5, "play")])
-    with pytest.raises(ConvertError, match=r"events\.parquet: row 3, column 'event_type': unknown event type.*'play'"):
+    with pytest.raises(ConvertError, match=r"events\.parquet: row 4, column 'event_type': unknown event type.*'play'"):
         convert(p, tmp_path / "out")
 
 
@@ -489,7 +489,7 @@ def test_skip_counts_bad_rows_and_keeps_the_rest(tmp_path):
         convert(f, tmp_path / "o0")
     g = tmp_path / "bad_value.csv"
     g.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if "extra" not in line))
-    with pytest.raises(ConvertError, match=r"bad_value\.csv: row 1, column 'user'"):
+    with pytest.raises(ConvertError, match=r"bad_value\.csv: row 2 after the header, column 'user'"):
         convert(g, tmp_path / "o0")
     m = convert(f, tmp_path / "out", on_error="skip", holdout="none", shards=2)
     expect_skipped = {
@@ -540,7 +540,7 @@ def test_skip_counts_bad_rows_and_keeps_the_rest(tmp_path):
     h2 = sample_rows(eval_samples(tmp_path / "pout", "test")[2])  # user 2's whole history
     assert [(r[1], r[2], r[3]) for r in h2] == [(102, LISTEN, 99), (106, LIKE, NA), (109, LIKE, NA)]
     p = write_parquet(tmp_path / "played.parquet", GOOD + [(2, 12, 105, 1, PLAYED_MAX + 1, "listen")])
-    with pytest.raises(ConvertError, match=r"played\.parquet: row 3, column 'played_ratio_pct'.*65535"):
+    with pytest.raises(ConvertError, match=r"played\.parquet: row 4, column 'played_ratio_pct'.*65535"):
         convert(p, tmp_path / "pout2", batch_rows=2)
 
 
@@ -630,7 +630,9 @@ def test_convert_impressions_bad_row_named_or_counted(tmp_path):
         ["uid", "item_id", "timestamp", "event_type"],
         [[1, 5, 30, "listen"], [1, 6, 30, "shrug"], [1, 7, 30, "skip"]],
     )
-    with pytest.raises(ConvertError, match=r"imp\.csv: row 1, column 'event_type': unknown event type"):
+    with pytest.raises(
+        ConvertError, match=r"imp\.csv: row 2 after the header, column 'event_type': unknown event type"
+    ):
         convert(hist, tmp_path / "a", holdout="none", shards=1, impressions=imps)
     m = convert(hist, tmp_path / "b", holdout="none", shards=1, impressions=imps, on_error="skip")
     assert m.source["impression_skipped_rows"] == {"unknown_event_type": 1}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY_MODEL, argus_inproc, argus_ranks
+from helpers import TINY_MODEL, argus_inproc, argus_ranks, one_line_error
 
 from cluster.ray_local import check_resources
 from launch.cli import build_parser
@@ -50,7 +50,7 @@ def test_restart_continues_from_the_newer_of_rays_and_the_runs_checkpoint(tmp_pa
 
 def test_ray_launch_refuses_a_run_in_out_before_starting_ray(data, tmp_path, monkeypatch, capsys):
     """The driver checks `out` as every launcher does (trainer/run.py: load_job): one line, nothing changed."""
-    from helpers import one_line_error, tree_digest
+    from helpers import tree_digest
 
     monkeypatch.chdir(REPO)
     run = tmp_path / "storage" / "argus" / "run"  # the default out=STORAGE/NAME/run
@@ -68,6 +68,51 @@ def test_ray_launch_refuses_a_run_in_out_before_starting_ray(data, tmp_path, mon
     assert tree_digest(tmp_path) == before, "nothing written: no Ray session either"
 
 
+def test_local_ray_warns_on_oversubscription_uses_ray_tmpdir_and_cleans_up_on_failure(
+    data, tmp_path, monkeypatch, capsys
+):
+    """`--local` on a machine with fewer CPUs than asked for: one warning line; the throw-away cluster's files go
+    under $RAY_TMPDIR and are removed even when the cluster fails to start (a stub here: the real cluster is
+    test_local_ray_run_evaluates_identically_to_torchrun's); the variable is left as it was."""
+    import ray.cluster_utils
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    ray_tmp = tmp_path / "rt"
+    ray_tmp.mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    seen = []
+
+    class FailingCluster:  # what Ray's Cluster does first: write its session files under RAY_TMPDIR, then fail
+        def __init__(self, **kw):
+            tmp = Path(os.environ["RAY_TMPDIR"])
+            seen.append((tmp, kw["head_node_args"]["num_cpus"]))
+            (tmp / "ray" / "session_x" / "logs").mkdir(parents=True)
+            (tmp / "ray" / "session_x" / "logs" / "raylet.out").write_text("...")
+            raise RuntimeError("the head node did not start")
+
+    monkeypatch.setattr(ray.cluster_utils, "Cluster", FailingCluster)
+    launch = ["launch", "ray", "configs/mini.yaml", f"data.path={data}", *TINY, "--local", "--num-workers", "2"]
+    code, _, err = argus_inproc(capsys, *launch, "--storage-path", str(tmp_path / "s"))
+    assert code == 2
+    assert err.splitlines() == [
+        "argus: warning: --num-workers 2 x --cpus-per-worker 1 = 2 CPUs, this machine has 1: the workers share "
+        "cores (slower, not wrong)",
+        "argus: error: the head node did not start",
+    ]
+    assert len(seen) == 1 and seen[0][0].parent == ray_tmp and seen[0][0].name.startswith("argus-ray-")
+    assert seen[0][1] == 2  # the local cluster is as large as the request
+    assert list(ray_tmp.iterdir()) == [], "what argus made under RAY_TMPDIR is gone"
+    assert os.environ["RAY_TMPDIR"] == str(ray_tmp)
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "missing"))
+    code, _, err = argus_inproc(capsys, *launch, "--num-workers", "1", "--storage-path", str(tmp_path / "s"))
+    assert (
+        code == 2
+        and one_line_error(err) == f"argus: error: RAY_TMPDIR={tmp_path / 'missing'}: not an existing directory"
+    )
+
+
 def test_kuberay_entrypoint_is_a_valid_argus_command():
     job = yaml.safe_load((REPO / "cluster" / "k8s" / "rayjob.yaml").read_text())
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -79,36 +124,37 @@ def test_kuberay_entrypoint_is_a_valid_argus_command():
 
 @pytest.mark.slow
 def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path, capsys):
-    """`argus launch ray --local` (a real process) == 2 ranks under torchrun's environment (forked in-process)."""
+    """`argus launch ray --local` (a real process) == 2 ranks under torchrun's environment (forked in-process).
+    The throw-away cluster keeps its files under $RAY_TMPDIR while it runs, and nothing of it is left after."""
+    import shutil
+    import tempfile
+    import time
+
     from trainer.data.synth import synthesize
 
     data = tmp_path / "data"
     synthesize(data, users=40, items=90, mean_len=20, shards=2, seed=6, holdout="loo", workers=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
     common = ["configs/mini.yaml", f"data.path={data}", *TINY]
-    ray_out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.cli",
-            "launch",
-            "ray",
-            *common,
-            "--local",
-            "--num-workers",
-            "2",
-            "--storage-path",
-            str(tmp_path / "store"),
-            "--name",
-            "loc",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert ray_out.returncode == 0, ray_out.stderr[-3000:]
+    cmd = [sys.executable, "-m", "launch.cli", "launch", "ray", *common, "--local", "--num-workers", "2",
+           "--storage-path", str(tmp_path / "store"), "--name", "loc"]  # fmt: skip
+    used = set()
+    try:
+        with open(tmp_path / "ray.out", "w") as out, open(tmp_path / "ray.err", "w") as err:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
+            deadline = time.monotonic() + 600
+            while proc.poll() is None and time.monotonic() < deadline:
+                used.update(p.name for p in ray_tmp.iterdir())
+                time.sleep(0.5)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        assert proc.returncode == 0, (tmp_path / "ray.err").read_text()[-3000:]
+        assert len(used) == 1 and next(iter(used)).startswith("argus-ray-"), used  # the cluster's files were here
+        assert list(ray_tmp.iterdir()) == [], "and are gone"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     argus_ranks("train", *common, f"out={tmp_path / 'tr'}", nproc=2, env={"RAY_AUTH_MODE": "disabled"})
     evals = [
         argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")

@@ -67,6 +67,13 @@ def test_progress_line_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "step 7/100" in err and "loss 1.25" in err and "tps 123,456" in err
 
 
+def test_progress_line_shows_the_fine_tuning_loss(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fine-tuning logs loss/pairwise (no loss/total): its progress line shows it as pre-training shows its loss."""
+    with MetricsLogger(tmp_path, total_steps=3, enabled_tensorboard=False, progress=True) as log:
+        log.log(2, {"loss/pairwise": 0.6931, "pairwise_acc/train": 0.5, "lr": 1e-05})
+    assert capsys.readouterr().err.strip() == "step 2/3  loss 0.693  lr 1e-05"
+
+
 def test_unknown_name_warns_once(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path, enabled_tensorboard=False, progress=False) as log:
         with pytest.warns(UserWarning, match="losss"):

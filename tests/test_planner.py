@@ -4,21 +4,21 @@ TorchRec's plan as training builds it (see also test_train_cli), and its own sea
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import io
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import argus_inproc
+from helpers import argus_inproc, one_line_error
 
 from cluster.hardware import Hardware
-from cluster.planner import PlanRequest, full_plan, min_gpus, plan, plan_config
+from cluster.planner import PlanRequest, min_gpus, plan, plan_config, suggestions
 from trainer.config import ConfigError, load_config
 from trainer.job import JobConfig
 from trainer.memory import block_saved_bytes_per_token, dense_params, dense_states
@@ -154,40 +154,143 @@ def test_large_plan_terms_add_up():
     )
 
 
-def test_too_big_config_gets_changes_that_fit():
-    cfg = job("large", "deepspeed.stage=2", "model.activation_checkpointing=false", "data.batch_size=8")
-    req = PlanRequest(items=10**8, hardware=Hardware("a100_40gb", nodes=1, gpus_per_node=8), torchrec=False)
-    r = full_plan(cfg, req)
+def _plan_command(*argv: str) -> tuple[JobConfig, PlanRequest]:
+    """What `argus plan ARGV` plans for (the analytic estimate: TorchRec's planner is slow): parsed as `argus` parses
+    it, so a flag that does not exist is argparse's usage error (SystemExit 2)."""
+    from launch.cli import parse_args
+    from launch.plan_cli import plan_inputs
+
+    cfg, req = plan_inputs(parse_args(["plan", *argv]))
+    return cfg, dataclasses.replace(req, torchrec=False)
+
+
+# Commands that do not fit, and every kind of change the planner suggests for them.
+TOO_BIG = {
+    "dense states, activations": ["--preset", "large", "--items", "1e6", "--gpu", "l4", "--zero-stage", "0",
+                                  "--micro-batch", "2", "--context", "1024", "--no-activation-checkpointing"],
+    "micro-batch": ["--preset", "large", "--items", "1e8", "--gpu", "a100_40gb", "--zero-stage", "2",
+                    "--no-activation-checkpointing", "--micro-batch", "8"],
+    "token budget": ["--preset", "large", "--items", "1e8", "--gpu", "a100_40gb", "--no-activation-checkpointing",
+                     "data.batch_tokens=65536"],
+    "embedding backend": ["--preset", "large", "--items", "1e8", "--gpu", "a100_40gb", "embeddings.backend=torch"],
+    "nodes": ["--preset", "large", "--items", "1e9", "--gpu", "a100_40gb"],
+}  # fmt: skip
+SUGGESTED = {
+    "dense states, activations": ["--zero-stage 3", "--zero-stage 3 --offload", "--activation-checkpointing"],
+    "micro-batch": ["--micro-batch 1"],
+    "token budget": ["data.batch_tokens=8192"],
+    "embedding backend": ["embeddings.backend=torchrec"],
+}
+
+
+@pytest.mark.parametrize("case", list(TOO_BIG))
+def test_every_suggestion_is_a_plan_command_line_that_fits(case):
+    """Each suggestion appended to the command that did not fit parses (every flag it names is one of `argus
+    plan`'s) and the plan of that command fits, on the GPU count the suggestion names."""
+    base = TOO_BIG[case]
+    cfg, req = _plan_command(*base)
+    r = plan(cfg, req)
     assert not r["memory"]["fits"]
-    assert r["suggestions"], "some single change must fit"
-    for s in r["suggestions"]:
-        c, rq = copy.deepcopy(cfg), req
-        for change in s["change"].split():
-            if change.startswith("--gpus"):
-                continue
-            key, value = change.split("=")
-            section, field = key.split(".")
-            setattr(
-                getattr(c, section),
-                field,
-                type(getattr(getattr(c, section), field))(
-                    value == "true" if value in ("true", "false") else int(value)
-                ),
-            )
-        if s["change"].startswith("--gpus"):
-            rq = dataclasses.replace(req, hardware=req.hardware.with_world(int(s["change"].split()[1])))
-        assert plan(c, rq)["memory"]["fits"], s
-    assert min_gpus(cfg, req) is None  # activations don't shrink with more GPUs
-    # an embedding-bound job: 10^9 items x (256 fp32 + row-wise Adagrad) = 1.03 TB; the fewest GPUs
-    # fit there and not one node below
-    cfg = job("large")
-    req = dataclasses.replace(req, items=10**9)
-    r = full_plan(cfg, req)
-    assert not r["memory"]["fits"] and r["suggestions"][0]["change"].startswith("--gpus")
-    g = min_gpus(cfg, req)
-    assert g is not None and g > 8 and g % 8 == 0
-    assert plan(cfg, dataclasses.replace(req, hardware=req.hardware.with_world(g)))["memory"]["fits"]
-    assert not plan(cfg, dataclasses.replace(req, hardware=req.hardware.with_world(g - 8)))["memory"]["fits"]
+    fewest = min_gpus(cfg, req) if case == "nodes" else None  # the search is slow for a replicated table
+    got = suggestions(cfg, req, r, fewest)
+    if case == "nodes":  # an embedding-bound job: the fewest GPUs fit there and not one node below
+        assert fewest is not None and fewest > 8 and fewest % 8 == 0
+        assert got[0]["change"] == f"--nodes {fewest // 8}" and got[0]["gpus"] == fewest
+        fewer = _plan_command(*base, "--nodes", str(fewest // 8 - 1))
+        assert not plan(*fewer)["memory"]["fits"]
+    else:
+        assert sorted(s["change"] for s in got) == sorted(SUGGESTED[case])
+    for s in got:
+        c, rq = _plan_command(*base, *shlex.split(s["change"]))
+        assert rq.hardware.world == s["gpus"]
+        fitted = plan(c, rq)
+        assert fitted["memory"]["fits"], s
+        assert fitted["memory"]["total"] == pytest.approx(s["memory_per_rank"])
+    if case == "micro-batch":
+        assert min_gpus(cfg, req) is None  # activations don't shrink with more GPUs
+
+
+def _flags_named(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+
+
+def test_every_flag_plan_names_is_one_of_its_flags(capsys, monkeypatch):
+    """The flags in the planner's messages (errors, suggestions, notes) are real flags of `argus plan`: read from
+    the source of every module that writes them, and from the one-line error each bad input gets."""
+    from launch.cli import build_parser
+
+    plan_parser = build_parser()._subparsers._group_actions[0].choices["plan"]
+    flags = {o for action in plan_parser._actions for o in action.option_strings}
+    for path in ("cluster/planner.py", "cluster/hardware.py", "launch/plan_cli.py"):
+        named = _flags_named((REPO / path).read_text())
+        assert named and named <= flags, (path, named - flags)
+    monkeypatch.chdir(REPO)
+    bad = [
+        ["--nodes", "0"],
+        ["--gpus-per-node", "0"],
+        ["--intra-node-gbps", "-1"],
+        ["--inter-node-gbps", "-1"],
+        ["--memory-gb", "-1"],
+        ["--price", "-1"],
+        ["--items", "0"],
+        ["--items", "abc"],
+        ["--interactions", "0"],
+        ["--interactions", "lots"],
+        ["--mfu", "2"],
+        ["--fill", "0"],
+        ["--headroom", "1"],
+        ["--sweep", "gpus=a"],
+        ["--sweep", "nodes=2"],
+        ["--sweep", "gpus=12"],
+    ]
+    for argv in bad:
+        code, _, err = argus_inproc(capsys, "plan", "--preset", "mini", *argv)
+        named = _flags_named(err)
+        assert code == 2 and argv[0] in named and named <= flags, (argv, err)
+
+
+def test_plan_exit_code_when_it_does_not_fit(capsys):
+    """Scripts tell "does not fit" (PLAN_DOES_NOT_FIT, 3) from an error (2) and from a plan that fits (0)."""
+    from launch.exit_codes import PLAN_DOES_NOT_FIT
+
+    assert PLAN_DOES_NOT_FIT == 3  # documented: docs/capacity-planning.md, docs/reliability.md
+    too_big = ["plan", "--preset", "mini", "--items", "1e10", "--gpu", "l4", "--gpus-per-node", "1"]
+    code, out, _ = argus_inproc(capsys, *too_big)
+    assert code == PLAN_DOES_NOT_FIT
+    assert "does NOT fit: 2,601.28 GB + 2.40 GB headroom of 24.00 GB per GPU" in out
+    assert "  would fit with --nodes 128 (128 GPUs): 21.53 GB per rank, 0.05 days" in out.splitlines()
+    code, out, _ = argus_inproc(capsys, *too_big, "--json")
+    assert code == PLAN_DOES_NOT_FIT and json.loads(out)["memory"]["fits"] is False
+    assert argus_inproc(capsys, *too_big, "--nodes", "128")[0] == 0  # what it suggested
+
+
+def test_plan_number_flags_name_themselves(capsys):
+    code, _, err = argus_inproc(capsys, "plan", "--preset", "mini", "--items", "abc")
+    assert code == 2 and one_line_error(err) == "argus: error: --items: expected a number like 1e9, got 'abc'"
+    code, _, err = argus_inproc(capsys, "plan", "--preset", "mini", "--interactions", "inf")
+    assert code == 2 and one_line_error(err) == "argus: error: --interactions: expected a number like 3e11, got 'inf'"
+    code, _, err = argus_inproc(capsys, "plan", "--preset", "mini", "--price", "-1")
+    assert code == 2 and one_line_error(err) == "argus: error: --price: must be >= 0, got -1.0"
+
+
+def test_piped_plan_is_not_cut_to_80_columns(capsys, monkeypatch):
+    """stdout is not a terminal under capsys, as in a pipe: every line whole, however wide (rich would cut to 80)."""
+    import launch.console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(launch.console.console, "_width", None)  # as made without COLUMNS set
+    code, out, _ = argus_inproc(capsys, "plan", "--preset", "mini", "--items", "1e6", "--sweep", "gpus=1,2,4",
+                                "--price", "3")  # fmt: skip
+    assert code == 0
+    lines = out.splitlines()
+    header = [line for line in lines if "GPUs" in line and "cost" in line]
+    assert header and all(c in header[0] for c in ("GPU mem / rank", "host mem / rank", "GPU-hours")), out
+    assert any(line.startswith("│    4 │") and line.rstrip().endswith("│") and "$" in line for line in lines)
+    assert max(map(len, lines)) > 80
+    assert any(line.startswith("fits: ") and "Fewest GPUs with every table in HBM: 1." in line for line in lines)
+    monkeypatch.setenv("COLUMNS", "60")  # asked for: cut
+    out = argus_inproc(capsys, "plan", "--preset", "mini", "--items", "1e6")[1]
+    assert max(map(len, out.splitlines())) <= 60
 
 
 def test_plan_cli_json_sweep_and_plot(tmp_path, capsys):

@@ -221,6 +221,27 @@ def test_overwrite_starts_a_run_over(imp_pretrained, imp_data, tmp_path):
         assert yaml.safe_load(saved.read_text())["train"]["overwrite"] is False, "re-running it must not start over"
 
 
+def test_eval_writes_nothing_to_stderr(torchrun_run, data, capfd):
+    """`argus eval` prints its report and nothing else: no library warnings (fbgemm_gpu's three deprecation
+    warnings at import, shown under -W default, -X dev or PYTHONWARNINGS), no DeepSpeed banner, no tqdm bar.
+
+    First in a fresh interpreter with every warning shown: warnings at import fire once per process, and this one
+    imported those libraries long ago. Then in this process, capturing the file descriptors (whatever a library
+    writes there directly) and recording every warning raised while it runs."""
+    import warnings
+
+    cmd = [sys.executable, "-W", "default", "-m", "launch.cli", "eval", str(torchrun_run), "--data", str(data)]
+    out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-3000:]
+    assert "hr@10" in out.stdout
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, stdout, stderr = argus_inproc(capfd, "eval", str(torchrun_run), "--data", str(data), "--json")
+    assert code == 0 and stderr == "", stderr[-3000:]
+    assert json.loads(stdout)["users"] > 0
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
 @pytest.mark.slow
 def test_short_mini_run_beats_popularity(mini_run, capsys):
     """Planted structure (synth): a short `mini` run must clearly beat the most-popular baseline on HR@10.

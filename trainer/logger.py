@@ -147,7 +147,13 @@ class MetricsLogger:
     @staticmethod
     def _summary(values: dict[str, float | int | None]) -> str:
         parts = []
-        for key, label in (("loss/total", "loss"), ("tps", "tps"), ("mfu(%)", "mfu%"), ("lr", "lr")):
+        for key, label in (
+            ("loss/total", "loss"),
+            ("loss/pairwise", "loss"),  # fine-tuning's loss (it logs no loss/total)
+            ("tps", "tps"),
+            ("mfu(%)", "mfu%"),
+            ("lr", "lr"),
+        ):
             v = values.get(key)
             if v is None:
                 continue
@@ -290,8 +296,10 @@ def quiet_library_logs() -> None:
     """Silence known-harmless library chatter in entry points (argus train/eval, Ray workers).
 
     TorchRec's planner warns about how its Topology was built and its storage heuristic, torch's fx
-    tracer and c10d about deprecations, DeepSpeed about falling back to the CPU accelerator; none of
-    it is actionable for a user and it buries the progress lines.
+    tracer and c10d about deprecations, DeepSpeed about falling back to the CPU accelerator, fbgemm_gpu
+    (imported by TorchRec) about its own modules' deprecations (shown under ``-W default``, ``-X dev`` or
+    pytest); none of it is actionable for a user and it buries the progress lines. Call it before importing
+    the modules that import those libraries: some warn at import.
     """
     import logging
     import os
@@ -302,5 +310,6 @@ def quiet_library_logs() -> None:
     for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fbgemm_gpu(\..*)?$")
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.*")
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*set_vital.*")

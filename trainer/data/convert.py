@@ -58,8 +58,9 @@ indices -- choose ``shards`` so that fits.
 Bad input never loses data silently. A row with a null user/item/timestamp
 (/event type/rating), an unknown event type, or a value that cannot be parsed is
 a *bad row*: by default (``on_error="raise"``) the first one stops the
-conversion with a :class:`ConvertError` naming the file, the row (0-based data
-row index inside that file; the CSV header is not a row) and the column. With
+conversion with a :class:`ConvertError` naming the file, the row (counted from 1
+inside that file; in a CSV/TSV file row 1 is the first line after the header, and
+the message says "after the header") and the column. With
 ``on_error="skip"`` bad rows are dropped and counted by reason (a row with
 several problems counts once, under the first in column order) in
 ``manifest.source["skipped_rows"]``; ``source["rows"]`` holds read / written /
@@ -95,7 +96,7 @@ from trainer.data.outdir import DATASET, check_output, clear_output
 from trainer.data.schema import FIELDS, PLAYED_MAX, PLAYED_NA, EventType
 from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize, iter_users
 
-__all__ = ["ColumnMap", "ConvertError", "convert", "detect_format", "FORMATS", "ITEM_MAP", "USER_MAP"]
+__all__ = ["ColumnMap", "ConvertError", "Hints", "convert", "detect_format", "FORMATS", "ITEM_MAP", "USER_MAP"]
 
 FORMATS = ("yambda", "csv", "tsv")
 ITEM_MAP = "item_map.parquet"
@@ -151,6 +152,21 @@ class ColumnMap:
 
 
 _DEFAULT_RATING = ColumnMap().rating
+
+
+@dataclass(frozen=True)
+class Hints:
+    """How :func:`convert`'s messages name the options that fix a problem. The defaults are the Python API's
+    words; `argus data convert` passes its flags (``--on-error skip``, ``--user-col NAME``, ``--shards``)."""
+
+    skip: str = "on_error='skip'"
+    column: str = "ColumnMap({role}=...)"  # {role}: user, item, timestamp or rating
+    no_rating: str = "ColumnMap(rating=None)"
+    columns: str = "columns"  # the column-name options as a whole (refused for Yambda parquet)
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # convert() parameter -> its name here
+
+    def name(self, param: str) -> str:
+        return self.names.get(param, param)
 
 
 def detect_format(path: str | os.PathLike) -> str | None:
@@ -209,12 +225,27 @@ def _int_values(arr: pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(arr, 0).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
+def _row(index: int, header: bool) -> str:
+    """A 0-based data row index as a user counts: from 1, and in a CSV/TSV file from the line after the header."""
+    return f"row {index + 1}{' after the header' if header else ''}"
+
+
 class _Checker:
     """Flags bad rows of one batch: counts them by reason (``skip``), or (``raise``) raises on
     :meth:`done` for the earliest bad row of the batch."""
 
-    def __init__(self, path: Path, row0: int, n: int, on_error: str, counts: dict[str, int] | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        row0: int,
+        n: int,
+        on_error: str,
+        counts: dict[str, int] | None,
+        hints: Hints,
+        header: bool = False,
+    ) -> None:
         self.path, self.row0, self.on_error, self.counts = path, row0, on_error, counts
+        self.hints, self.header = hints, header
         self.bad = np.zeros(n, bool)
         self._first: tuple[int, str] | None = None
 
@@ -231,8 +262,8 @@ class _Checker:
                     value = f" (value {v[:80] + '...' if len(v) > 80 else v})"
                 self._first = (
                     i,
-                    f"{self.path}: row {self.row0 + i}, column {column!r}: {problem}{value} "
-                    f"[{reason}]; pass on_error='skip' to drop and count such rows",
+                    f"{self.path}: {_row(self.row0 + i, self.header)}, column {column!r}: {problem}{value} "
+                    f"[{reason}]; pass {self.hints.skip} to drop and count such rows",
                 )
         elif self.counts is not None:
             self.counts[reason] = self.counts.get(reason, 0) + int(mask.sum())
@@ -339,8 +370,8 @@ class _YambdaReader:
     OPTIONAL = ("is_organic", "played_ratio_pct")
     DROPPED = ("track_length_seconds",)
 
-    def __init__(self, divisor: int, batch_rows: int) -> None:
-        self.divisor, self.batch_rows = divisor, batch_rows
+    def __init__(self, divisor: int, batch_rows: int, hints: Hints = Hints()) -> None:
+        self.divisor, self.batch_rows, self.hints = divisor, batch_rows, hints
         self.defaulted: set[str] = set()
         self.dropped: set[str] = set()
         self._event_cache: dict[str, int] = {}
@@ -377,7 +408,7 @@ class _YambdaReader:
         self.dropped.update(c for c in self.DROPPED if c in names)
         row0 = 0
         for batch in pf.iter_batches(batch_size=self.batch_rows, columns=list(self.REQUIRED) + present):
-            chk = _Checker(path, row0, batch.num_rows, on_error, counts)
+            chk = _Checker(path, row0, batch.num_rows, on_error, counts, self.hints)
             yield batch.num_rows, self._parse(batch, chk)
             row0 += batch.num_rows
 
@@ -530,7 +561,7 @@ class _ImpressionReader(_YambdaReader):
                 )
         row0 = 0
         for batch in table.to_batches(max_chunksize=self.batch_rows):
-            chk = _Checker(path, row0, batch.num_rows, on_error, counts)
+            chk = _Checker(path, row0, batch.num_rows, on_error, counts, self.hints, header=True)
             yield batch.num_rows, self._parse(batch, chk)  # type: ignore[misc]
             row0 += batch.num_rows
 
@@ -566,10 +597,17 @@ class _ImpressionReader(_YambdaReader):
 
 class _CsvReader:
     def __init__(
-        self, fmt: str, columns: ColumnMap, like: float, dislike: float, divisor: int, batch_rows: int
+        self,
+        fmt: str,
+        columns: ColumnMap,
+        like: float,
+        dislike: float,
+        divisor: int,
+        batch_rows: int,
+        hints: Hints = Hints(),
     ) -> None:
         self.fmt, self.columns, self.like, self.dislike = fmt, columns, like, dislike
-        self.divisor, self.batch_rows = divisor, batch_rows
+        self.divisor, self.batch_rows, self.hints = divisor, batch_rows, hints
         self.delimiter = "\t" if fmt == "tsv" else ","
         self.defaulted: set[str] = set()
         self.dropped: set[str] = set()
@@ -603,18 +641,20 @@ class _CsvReader:
         names = self._header(path)
         if names is None:
             return
-        cm = self.columns
-        hint = "; set the names with ColumnMap (columns=...)"
+        cm, hints = self.columns, self.hints
         for role in ("user", "item", "timestamp"):
             col = getattr(cm, role)
             if col not in names:
-                raise ConvertError(f"{path}: missing required {role} column {col!r}; columns found: {names}{hint}")
+                raise ConvertError(
+                    f"{path}: missing required {role} column {col!r}; columns found: {names}; "
+                    f"name the {role} column with {hints.column.format(role=role)}"
+                )
         rating = cm.rating
         if rating is not None and rating not in names:
             if rating != _DEFAULT_RATING:
                 raise ConvertError(
-                    f"{path}: missing rating column {rating!r}; columns found: {names}{hint} "
-                    f"(rating=None reads every row as a listen)"
+                    f"{path}: missing rating column {rating!r}; columns found: {names}; name the rating column "
+                    f"with {hints.column.format(role='rating')} ({hints.no_rating} reads every row as a listen)"
                 )
             rating = None
             self.defaulted.add("rating")
@@ -648,18 +688,18 @@ class _CsvReader:
                 for big in reader:
                     for start in range(0, big.num_rows, self.batch_rows):
                         batch = big.slice(start, self.batch_rows)
-                        chk = _Checker(path, row0, batch.num_rows, on_error, counts)
+                        chk = _Checker(path, row0, batch.num_rows, on_error, counts, hints, header=True)
                         yield batch.num_rows, self._parse(batch, rating, chk)
                         row0 += batch.num_rows
             except pa.ArrowInvalid as e:
                 if malformed:
                     raise ConvertError(
-                        f"{path}: malformed {self.fmt.upper()} line in the block starting at data "
-                        f"row {row0} ({malformed[0]}) [malformed_row]; pass on_error='skip' to drop "
+                        f"{path}: malformed {self.fmt.upper()} line in the block starting at "
+                        f"{_row(row0, True)} ({malformed[0]}) [malformed_row]; pass {hints.skip} to drop "
                         f"and count such rows"
                     ) from None
                 raise ConvertError(
-                    f"{path}: cannot parse {self.fmt.upper()} in the block starting at data row {row0}: {e}"
+                    f"{path}: cannot parse {self.fmt.upper()} in the block starting at {_row(row0, True)}: {e}"
                 ) from None
 
     def _parse(self, batch: pa.RecordBatch, rating: str | None, chk: _Checker) -> _Parsed:
@@ -771,14 +811,16 @@ class _IdMap:
 # ------------------------------------------------------------------------------------------ convert
 
 
-def _list_inputs(input: Path, fmt: str) -> tuple[list[Path], str, list[str]]:
-    """(files to read in order, format, ignored file names)."""
+def _list_inputs(input: Path, fmt: str, fmt_option: str | None = None) -> tuple[list[Path], str, list[str]]:
+    """(files to read in order, format, ignored file names). ``fmt_option``: the option that sets the format,
+    named when the extension does not tell it (None: the name must)."""
     if not input.exists():
         raise ConvertError(f"{input}: no such file or directory")
     if input.is_file():
         f = fmt if fmt != "auto" else detect_format(input)
         if f is None:
-            raise ConvertError(f"{input}: cannot tell the format from the extension; pass fmt= one of {list(FORMATS)}")
+            fix = f"pass {fmt_option} (one of {', '.join(FORMATS)})" if fmt_option else "name it .parquet, .csv or .tsv"
+            raise ConvertError(f"{input}: cannot tell the format from the extension; {fix}")
         return [input], f, []
     files = sorted(
         p
@@ -823,6 +865,7 @@ def convert(
     impressions: str | os.PathLike | None = None,
     impressions_test_seconds: int = 86400,
     overwrite: bool = False,
+    hints: Hints = Hints(),
 ) -> Manifest:
     """Convert an interaction log (file or directory) into shards + manifest under ``out``.
 
@@ -841,6 +884,8 @@ def convert(
     splits ``impressions`` and ``impressions_test`` (request times in the last
     ``impressions_test_seconds`` before the latest one); every valid impression row becomes exactly
     one shown item, bad rows follow ``on_error`` and are counted under ``impression_skipped_rows``.
+
+    ``hints``: how messages name the options (the command line passes its flags); see :class:`Hints`.
     """
     if fmt not in ("auto",) + FORMATS:
         raise ValueError(f"fmt {fmt!r}: expected auto, {', '.join(FORMATS)}")
@@ -850,29 +895,37 @@ def convert(
         raise ValueError(f"on_error {on_error!r}: expected raise or skip")
     if timestamp_unit not in _UNIT_DIVISOR:
         raise ValueError(f"timestamp_unit {timestamp_unit!r}: expected one of {list(_UNIT_DIVISOR)}")
-    if min(shards, max_len, batch_rows, workers) < 1:
-        raise ValueError(
-            f"shards, max_len, batch_rows and workers must be >= 1 (got {shards}, {max_len}, {batch_rows}, {workers})"
-        )
-    if min(val_seconds, test_seconds, gap_seconds) < 0:
-        raise ValueError("val_seconds, test_seconds and gap_seconds must be >= 0")
+    name = hints.name
+    for param, value in (("shards", shards), ("max_len", max_len), ("batch_rows", batch_rows), ("workers", workers)):
+        if value < 1:
+            raise ValueError(f"{name(param)}: must be >= 1, got {value}")
+    for param, value in (
+        ("val_seconds", val_seconds),
+        ("test_seconds", test_seconds),
+        ("gap_seconds", gap_seconds),
+        ("impressions_test_seconds", impressions_test_seconds),
+    ):
+        if value < 0:
+            raise ValueError(f"{name(param)}: must be >= 0, got {value}")
     if not dislike_threshold < like_threshold:
-        raise ValueError(f"dislike_threshold ({dislike_threshold}) must be < like_threshold ({like_threshold})")
+        raise ValueError(
+            f"{name('dislike_threshold')} ({dislike_threshold}) must be < {name('like_threshold')} ({like_threshold})"
+        )
 
     input_path, out = Path(input), Path(out)
-    files, fmt, ignored = _list_inputs(input_path, fmt)
+    files, fmt, ignored = _list_inputs(input_path, fmt, hints.name("fmt"))
     default_names = (ColumnMap.user, ColumnMap.item, ColumnMap.timestamp)
     if fmt == "yambda" and columns is not None and (columns.user, columns.item, columns.timestamp) != default_names:
         raise ValueError(
-            f"columns={columns} applies to csv/tsv input; Yambda parquet has fixed column names "
-            f"(uid, item_id, timestamp, event_type, ...)"
+            f"{hints.columns}: user/item/timestamp column names apply to csv/tsv input; Yambda parquet has fixed "
+            f"column names (uid, item_id, timestamp, event_type, ...)"
         )
     divisor = _UNIT_DIVISOR[timestamp_unit]
     reader: _YambdaReader | _CsvReader
     if fmt == "yambda":
-        reader = _YambdaReader(divisor, batch_rows)
+        reader = _YambdaReader(divisor, batch_rows, hints)
     else:
-        reader = _CsvReader(fmt, columns or ColumnMap(), like_threshold, dislike_threshold, divisor, batch_rows)
+        reader = _CsvReader(fmt, columns or ColumnMap(), like_threshold, dislike_threshold, divisor, batch_rows, hints)
     # Read-only here; an earlier dataset is removed (with overwrite) only once the input has been read.
     replace = check_output(out, DATASET, overwrite=overwrite, flag="--overwrite")
 
@@ -902,7 +955,7 @@ def convert(
         raise ConvertError(f"{input_path}: all {n_read} rows are bad ({skipped}); nothing to convert")
     assert ts_min is not None and ts_max is not None
     imp_files: list[Path] = []
-    imp_reader = _ImpressionReader(divisor, batch_rows)
+    imp_reader = _ImpressionReader(divisor, batch_rows, hints)
     imp_skipped: dict[str, int] = {}
     imp_valid, imp_read, imp_ts_max = 0, 0, None
     if impressions is not None:
