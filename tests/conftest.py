@@ -204,16 +204,19 @@ def mini_run(tmp_path_factory) -> tuple[Path, Path]:
 # ---- pytest-xdist (`make test` runs 2 workers): tests sharing a session run, or a Ray cluster, stay together ----
 _GROUPS = {"torchrun_run": "torchrun_run", "imp_pretrained": "imp_pretrained", "mini_run": "mini_run"}
 _RAY = ("test_launch_ray.py", "test_ray_fault_tolerance.py", "test_hosts_from_a_running_ray_cluster")
+# Two Ray chains that may run at once: the node-loss drill's cluster lives at 127.0.0.12-13, the `--local`
+# clusters at 127.0.0.2 and `ray.init()` on the machine's address (Ray picks free ports for each).
+_RAY_DRILL = "test_ray_fault_tolerance.py"
 
 
 def pytest_collection_modifyitems(config, items):
-    """``--dist loadgroup`` keeps each group on one worker: a shared session fixture is built once, and only one
-    local Ray cluster (loopback addresses, fixed node IPs) runs at a time. The Ray group, the longest chain, goes
-    first so that one worker starts on it while the other takes everything else."""
+    """``--dist loadgroup`` keeps each group on one worker: a shared session fixture is built once, and the Ray
+    tests that share node addresses run one at a time. The two Ray chains, the longest, go first, so that each
+    worker starts on one while the rest fills in behind."""
     items.sort(key=lambda item: not any(name in item.nodeid for name in _RAY))  # stable: order otherwise kept
     for item in items:
         if any(name in item.nodeid for name in _RAY):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+            item.add_marker(pytest.mark.xdist_group("ray_drill" if _RAY_DRILL in item.nodeid else "ray"))
             continue
         group = next((g for f, g in _GROUPS.items() if f in getattr(item, "fixturenames", ())), None)
         if group:

@@ -16,6 +16,9 @@ import torch
 from helpers import TINY_MODEL, argus_ranks
 
 REPO = Path(__file__).resolve().parents[1]
+# Loopback addresses of this drill's two simulated nodes: not 127.0.0.2, where `--local` clusters start
+# (cluster/ray_local.py), so this drill may run beside the tests that start those (tests/conftest.py).
+HEAD_IP, NODE_IP = "127.0.0.12", "127.0.0.13"
 TINY = [
     *TINY_MODEL,
     "data.num_workers=0",
@@ -70,9 +73,9 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
     os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.2", "temp_dir": ray_tmp, "include_dashboard": False},
+        head_node_args={"num_cpus": 1, "node_ip_address": HEAD_IP, "temp_dir": ray_tmp, "include_dashboard": False},
     )
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.3")
+    cluster.add_node(num_cpus=1, node_ip_address=NODE_IP)
     run = tmp_path / "ray_run"
     try:
         args = argparse.Namespace(
@@ -87,7 +90,7 @@ def test_worker_killed_after_checkpoint_recovers_exactly(tmp_path, monkeypatch):
             max_failures=2,
             name="ft",
         )
-        assert {n.node_ip_address for n in cluster.list_all_nodes()} == {"127.0.0.2", "127.0.0.3"}
+        assert {n.node_ip_address for n in cluster.list_all_nodes()} == {HEAD_IP, NODE_IP}
         assert launch(args) == 0
     finally:
         ray.shutdown()
