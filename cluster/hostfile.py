@@ -4,13 +4,52 @@ them from a plain node list or from the alive nodes of a running Ray cluster."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 Hosts = list[tuple[str, int]]
 
 # Hostnames and IPv4 addresses; IPv6 is out because the launcher's --include syntax uses ':' for slots.
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class HostUnreachable(RuntimeError):
+    """A hostfile host that passwordless ssh cannot reach; the message names the host and what ssh said."""
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
+
+
+def ssh_check(host: str, run: Callable[..., Any] = subprocess.run, timeout: float = 30) -> str | None:
+    """Why passwordless ssh to ``host`` fails (ssh's last line of stderr), or None when it works: the check the
+    deepspeed launcher makes (``ssh -o PasswordAuthentication=no HOST hostname``), without a prompt."""
+    cmd = ["ssh", "-o", "PasswordAuthentication=no", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, "hostname"]
+    try:
+        done = run(cmd, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        return "no ssh client on this machine"
+    except subprocess.TimeoutExpired:
+        return f"no answer in {timeout:g} s"
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in (done.stderr or "").splitlines() if line.strip()]
+    return lines[-1] if lines else f"ssh exited with {done.returncode}"
+
+
+def check_reachable(hosts: Sequence[str], hostfile: str | Path, run: Callable[..., Any] = subprocess.run) -> None:
+    """Refuse (HostUnreachable) a multi-node launch with a host ssh cannot reach, naming it, before the deepspeed
+    launcher fails on it with a chained traceback (it checks only the first host; the others fail later). A lone
+    ``localhost`` is not checked: the launcher runs it without ssh."""
+    if len(hosts) == 1 and hosts[0] in LOCAL_HOSTS:
+        return
+    for host in hosts:
+        why = ssh_check(host, run)
+        if why is not None:
+            raise HostUnreachable(
+                f"--hostfile {hostfile}: host {host} is not reachable by passwordless ssh ({why}); the deepspeed "
+                f"launcher starts each node's ranks over ssh: set up keys, or leave it out with --exclude {host}"
+            )
 
 
 def _check_host(host: str, slots: int, where: str, seen: set[str]) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import traceback
 from typing import Callable, Sequence
 
+from launch import exit_codes
 from launch.cluster_cli import add_cluster
 from launch.data_cli import add_data
 from launch.deepspeed_launch import add_launch_deepspeed
@@ -26,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="argus",
         description="Train billion-parameter transformer recommenders "
         "(ARGUS recipe): data, training, launch, capacity planning.",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, the full traceback before its one line (also: ARGUS_DEBUG=1); anywhere on the line",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_data(sub)
@@ -44,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
-    """The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the environment too)."""
+    """The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the environment too); --debug, global, may
+    come anywhere and is dropped here (parse_args sets ``args.debug``)."""
     out, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
             skip = False
+            continue
+        if arg == "--debug":
             continue
         if arg.startswith(("--local_rank=", "--local-rank=")):
             os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
@@ -65,6 +76,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     after an option: `argus launch ray CONFIG --local key=value`); anything else unknown is a usage error."""
     parser = build_parser()
     args, extra = parser.parse_known_args(_strip_launcher_args(list(argv)))
+    args.debug = "--debug" in argv
     if extra:
         stray = [x for x in extra if not hasattr(args, "overrides") or x.startswith("-") or "=" not in x]
         if stray:
@@ -73,17 +85,75 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def debugging(args: argparse.Namespace) -> bool:
+    """--debug, or ARGUS_DEBUG set (to anything but 0): an error's full traceback is printed before its line."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("ARGUS_DEBUG", "") not in ("", "0")
+
+
+def _first_to_fail() -> bool | None:
+    """Under a process group of several ranks: whether this rank is the first to report an error (a counter in
+    the group's store, which rank 0 or the launcher's agent holds); None without a group, or when the store is
+    gone (its holder, rank 0, has exited: it failed first, or finished)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    try:
+        import datetime
+
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        return store.add("argus/errors", 1) == 1
+    except Exception:
+        return None
+
+
+SILENT_RANK_GRACE_S = 3.0
+
+
+def _in_group() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def prints_error(code: int) -> bool:
+    """Whether this process prints its error line: the only process, or one rank of several (torchrun, the
+    deepspeed launcher), so that an error every rank raises is printed once.
+
+    Once the process group exists, the first rank to fail prints (rank 0, or another when rank 0 is fine). Before
+    it exists (a config or output error: every rank raises the same one) LOCAL_RANK 0 prints: once per node. When
+    the group's store is gone, a rank prints unless its error is a failed collective (a cluster error): the
+    store's holder, rank 0, exited first and printed the cause."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return True
+    first = _first_to_fail()
+    if first is not None:
+        return first
+    if _in_group():
+        return code != exit_codes.CLUSTER
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        # One clear line; the library's messages name the file, key or setting at fault.
-        print(f"argus: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return exit_codes.INTERRUPTED
+    except Exception as e:
+        failure = exit_codes.classify(e)
+        if failure is None:
+            raise  # none of ours: a bug, its traceback is what helps
+        # One line, naming the file, key, shard or host at fault (docs/reliability.md), with its class's code.
+        if prints_error(failure.code):
+            if debugging(args):
+                traceback.print_exception(e, file=sys.stderr)
+            print(f"argus: error: {failure.message}", file=sys.stderr, flush=True)
+        elif not _in_group():
+            # Every rank raised the same error, and only LOCAL_RANK 0 prints it: do not exit first, or torchrun (which
+            # stops the other ranks once one exits) may stop LOCAL_RANK 0 before it has printed.
+            time.sleep(SILENT_RANK_GRACE_S)
+        return failure.code
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def launch(
     ``env_dir`` (default: the working directory, where the launcher looks) receives `.deepspeed_env`;
     elsewhere, DS_ENV_FILE points the launcher at it. Ranks run in the current working directory.
     """
-    from cluster.hostfile import parse_hostfile
+    from cluster.hostfile import check_reachable, parse_hostfile
     from trainer.run import load_job
 
     overrides = list(overrides)
@@ -261,6 +261,8 @@ def launch(
     pool = resolve_resources(hosts, include, exclude, num_nodes, num_gpus)
     world = sum(len(s) for s in pool.values())
     load_job(config, overrides, world_size=world)  # a one-line ConfigError naming the key, before any spawn
+    if hostfile is not None and not dry_run:
+        check_reachable(list(pool), hostfile)  # one line naming the host, not the launcher's chained traceback
 
     cmd = deepspeed_command(
         config, overrides, hostfile, include, exclude, num_gpus, num_nodes, master_addr, master_port, python

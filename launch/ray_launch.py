@@ -58,7 +58,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     trainer.on_checkpoint = report
     trainer.checkpoint_meta["launch"] = config["launch"]
-    fault_drill(trainer, ctx.get_world_rank())
+    fault_drill(trainer, ctx.get_world_rank(), config.get("fault_inject", ""))
     from_ray = ray.train.get_checkpoint()
     with from_ray.as_directory() if from_ray is not None else nullcontext(None) as ray_dir:
         path, source = pick_restore(
@@ -113,7 +113,59 @@ def checkpoint_step(path: Path) -> int:
     return int(checkpoint_meta(path)["step"])
 
 
-def fault_drill(trainer: Any, rank: int) -> None:
+FAULT_ENV = "ARGUS_FAULT_INJECT"
+_FAULT_KEYS = {"rank", "step", "once", "phase", "delay"}
+
+
+class FaultSpecError(ValueError):
+    """A malformed ``ARGUS_FAULT_INJECT``; the message names the part at fault."""
+
+
+def parse_faults(spec: str, world_size: int | None = None) -> list[dict[str, str]]:
+    """``ARGUS_FAULT_INJECT``'s faults (see :func:`fault_drill`), checked: the driver refuses a drill that would
+    never fire (or crash every worker) with one line, before any cluster work."""
+    faults = []
+    for part in spec.split(";"):
+        if not part.strip():
+            continue
+        where = f"{FAULT_ENV}: {part.strip()!r}"
+        pairs = [kv.strip().split("=", 1) for kv in part.split(",")]
+        if any(len(kv) != 2 for kv in pairs):
+            raise FaultSpecError(f"{where}: expected key=value pairs separated by ',' (rank=R,step=S,once=PATH)")
+        f = {k: v for k, v in pairs}
+        if missing := sorted({"rank", "step", "once"} - f.keys()):
+            raise FaultSpecError(f"{where}: missing {', '.join(missing)}")
+        if unknown := sorted(f.keys() - _FAULT_KEYS):
+            raise FaultSpecError(f"{where}: unknown key {unknown[0]} (known: {', '.join(sorted(_FAULT_KEYS))})")
+        for key, conv in (("rank", int), ("step", int), ("delay", float)):
+            try:
+                if key in f and conv(f[key]) < 0:
+                    raise ValueError
+            except ValueError:
+                raise FaultSpecError(f"{where}: {key} must be a number >= 0, got {f[key]!r}") from None
+        if f.get("phase", "step") not in ("step", "checkpoint"):
+            raise FaultSpecError(f"{where}: phase must be step or checkpoint, got {f['phase']!r}")
+        if world_size is not None and int(f["rank"]) >= world_size:
+            raise FaultSpecError(f"{where}: rank {f['rank']} does not exist with --num-workers {world_size}")
+        faults.append(f)
+    return faults
+
+
+def worker_config(cfg: Any, num_workers: int, cpus_per_worker: float, environ: Any = None) -> dict[str, Any]:
+    """What every Ray worker gets (``train_loop_config``): the job, its thread count, this launch's id and the
+    fault drill. ``ARGUS_FAULT_INJECT`` is taken from the driver's environment and passed explicitly: workers on an
+    existing cluster (``--address``) run in the environment their raylet started with, not the driver's."""
+    spec = (os.environ if environ is None else environ).get(FAULT_ENV, "")
+    parse_faults(spec, num_workers)  # a malformed drill: one line now, not a crash in every worker later
+    return {
+        "job": to_dict(cfg),
+        "omp_threads": max(1, int(cpus_per_worker)),
+        "launch": uuid.uuid4().hex,  # in this launch's checkpoints (pick_restore)
+        "fault_inject": spec,
+    }
+
+
+def fault_drill(trainer: Any, rank: int, spec: str | None = None) -> None:
     """Rehearse node loss: ``ARGUS_FAULT_INJECT="rank=R,step=S,once=PATH[,phase=step|checkpoint][,delay=SEC][;...]"``.
 
     Rank R SIGKILLs itself once (PATH marks that it happened): with ``phase=step`` (the default)
@@ -121,11 +173,10 @@ def fault_drill(trainer: Any, rank: int) -> None:
     checkpoint (dense states written, sparse tables not yet, nothing published); ``delay`` waits that
     long first (the other ranks block in their next collective meanwhile). Several faults are
     separated by ``;``; each fires at most once. Used by the test that proves recovery loses and
-    repeats nothing.
+    repeats nothing. ``spec``: the driver's value (:func:`worker_config`); None reads this process's environment.
     """
-    spec = os.environ.get("ARGUS_FAULT_INJECT", "")
-    faults = [dict(kv.split("=", 1) for kv in part.split(",")) for part in spec.split(";") if part.strip()]
-    mine = [f for f in faults if int(f["rank"]) == rank and not Path(f["once"]).exists()]
+    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
+    mine = [f for f in parse_faults(spec) if int(f["rank"]) == rank and not Path(f["once"]).exists()]
     if not mine:
         return
 
@@ -160,6 +211,7 @@ def launch(a: argparse.Namespace) -> int:
     cfg.data.path, cfg.out = str(Path(cfg.data.path).resolve()), str(Path(cfg.out).resolve())
     if cfg.finetune.init:
         cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
+    loop_config = worker_config(cfg, a.num_workers, a.cpus_per_worker)  # before Ray: a bad drill is one line
     if a.local and (too_many := oversubscription(a.num_workers, a.cpus_per_worker)):
         print(f"argus: warning: {too_many}", file=sys.stderr, flush=True)
     with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
@@ -170,11 +222,7 @@ def launch(a: argparse.Namespace) -> int:
         resources = {"CPU": a.cpus_per_worker, **({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})}
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={
-                "job": to_dict(cfg),
-                "omp_threads": max(1, int(a.cpus_per_worker)),
-                "launch": uuid.uuid4().hex,  # in this launch's checkpoints (pick_restore)
-            },
+            train_loop_config=loop_config,
             torch_config=TorchConfig(
                 backend="nccl" if a.gpus_per_worker else "gloo", timeout_s=int(cfg.train.timeout_s)
             ),

@@ -154,7 +154,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _argus_rank(rank: int, world: int, argv: list[str], port: int, env: dict[str, str], log: str) -> None:
+def _argus_rank(
+    rank: int, world: int, argv: list[str], port: int, env: dict[str, str], log: str, failing: bool = False
+) -> None:
     import os
     import sys
 
@@ -176,15 +178,22 @@ def _argus_rank(rank: int, world: int, argv: list[str], port: int, env: dict[str
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
+    if failing:  # stderr apart, the exit code in a file, and no exception: every rank runs to its end
+        fd = os.open(f"{log}.rank{rank}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)
     from launch.cli import main
 
     try:
-        rc = main(argv)
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-    if rc != 0:
+    if failing:
+        Path(f"{log}.rank{rank}.rc").write_text(str(rc))
+    elif rc != 0:
         raise SystemExit(rc)
 
 
@@ -218,6 +227,33 @@ def argus_ranks(
 
         shutil.rmtree(log_dir, ignore_errors=True)
     return out
+
+
+def argus_ranks_failing(
+    *argv: str, nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 600
+) -> list[tuple[int, str, str]]:
+    """As :func:`argus_ranks`, for a command expected to fail: -> each rank's (exit code, stdout, stderr); every rank
+    runs to its own end (none is killed when another exits non-zero)."""
+    import os
+    import shutil
+    import tempfile
+
+    log_dir = Path(tempfile.mkdtemp(prefix="argus_ranks"))
+    log = str(log_dir / "ranks")
+    try:
+        start_ranks(
+            _argus_rank, (nproc, list(argv), free_port(), {**os.environ, **(env or {})}, log, True), nproc, timeout
+        )
+        return [
+            (
+                int(Path(f"{log}.rank{r}.rc").read_text()),
+                Path(f"{log}.rank{r}").read_text(),
+                Path(f"{log}.rank{r}.err").read_text(),
+            )
+            for r in range(nproc)
+        ]
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def argus_inproc(capsys, *argv: str) -> tuple[int, str, str]:

@@ -84,7 +84,7 @@ def test_stream_reports_exactly_once(dataset_factory, capsys):
 
 def test_bad_input_is_one_line_error(tmp_path):
     out = argus("data", "inspect", str(tmp_path / "missing"))
-    assert out.returncode == 2
+    assert out.returncode == 4  # DATA (launch/exit_codes.py): a ManifestError
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "manifest.json: not found" in lines[0]
 
