@@ -1,9 +1,12 @@
 """`argus launch ray`: the same training function on a Ray cluster (Ray Train V2 `TorchTrainer`).
 
 Each Ray worker runs `trainer.train.Trainer` in a process group Ray sets up (gloo on CPU, NCCL on
-GPUs). Checkpoints are the trainer's own (DeepSpeed + DCP + loader + RNG), reported to Ray with
-`ray.train.report(..., checkpoint=Checkpoint.from_directory(...))`; after a worker failure Ray
-restarts the group and every worker restores from `ray.train.get_checkpoint()`.
+GPUs). Checkpoints are the trainer's own (DeepSpeed + DCP + loader + RNG), written to the run directory and
+deleted there by argus alone (retention: `train.keep_last`, `train.keep_every`). Ray is handed a pointer, not
+the checkpoint: `ray.train.report(..., checkpoint=...)` uploads a directory holding one small JSON file
+(`argus_pointer.json`: run directory, checkpoint name, step, launch), so Ray keeps no second copy, and with
+`CheckpointConfig(num_to_keep=None)` it deletes nothing. After a worker failure Ray restarts the group and every
+worker restores from the checkpoint `ray.train.get_checkpoint()` points at (or the run's own newer `latest`).
 
 `out=` (the run directory) must be on storage every node sees (NFS, FSx, ...): all ranks write
 their shards of a checkpoint there. It defaults to `STORAGE_PATH/NAME/run`. The driver checks it as every
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
+import tempfile
 import time
 import uuid
 from contextlib import nullcontext
@@ -35,7 +38,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint import pointer_target
     from trainer.config import from_dict
     from trainer.job import JobConfig
     from trainer.logger import quiet_library_logs
@@ -51,18 +54,24 @@ def train_worker(config: dict[str, Any]) -> None:
     trainer = build_trainer(from_dict(JobConfig, config["job"]))
 
     def report(tr: Trainer, path: Path) -> None:
-        # Collective in Ray Train V2: every worker reports; rank 0 hands over the (shared) directory.
-        ckpt = Checkpoint.from_directory(str(path)) if tr.info.rank == 0 else None
-        ray.train.report({"step": tr.step, "epoch": tr.loader.epoch}, checkpoint=ckpt)
+        # Collective in Ray Train V2: every worker reports; rank 0 hands over a pointer to the (shared) checkpoint,
+        # which Ray copies (one small file) into its storage path.
+        metrics = {"step": tr.step, "epoch": tr.loader.epoch}
+        if tr.info.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="argus_pointer") as tmp:
+            write_pointer(Path(tmp), path)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     trainer.on_checkpoint = report
     trainer.checkpoint_meta["launch"] = config["launch"]
-    fault_drill(trainer, ctx.get_world_rank())
     from_ray = ray.train.get_checkpoint()
     with from_ray.as_directory() if from_ray is not None else nullcontext(None) as ray_dir:
+        own = pointer_target(trainer.run_dir, "latest")
         path, source = pick_restore(
-            Path(ray_dir) if ray_dir else None,
-            latest_checkpoint(trainer.run_dir),
+            reported_checkpoint(Path(ray_dir)) if ray_dir else None,
+            own if own is not None and (own / "meta.json").is_file() else None,
             launch=None if trainer.cfg.resume else config["launch"],
         )
         if trainer.info.rank == 0:  # one line per attempt: what an operator asks after a restart
@@ -73,9 +82,30 @@ def train_worker(config: dict[str, Any]) -> None:
                     )
                     + "\n"
                 )
-        if path is not None:
-            trainer.restore(path)
+        trainer.resume_from(path)  # verified first: a bad checkpoint falls back to the newest good one before it
     trainer.run()
+
+
+POINTER = "argus_pointer.json"
+
+
+def write_pointer(directory: Path, checkpoint: Path) -> None:
+    """What Ray Train keeps of a checkpoint: where it is (the run directory on shared storage), and its meta."""
+    meta = checkpoint_meta(checkpoint)
+    (directory / POINTER).write_text(
+        json.dumps({"run_dir": str(checkpoint.parent.parent), "checkpoint": checkpoint.name, **meta}, indent=1)
+    )
+
+
+def reported_checkpoint(ray_dir: Path) -> Path | None:
+    """The checkpoint a Ray checkpoint stands for: its pointer's target, or None once retention deleted it (the
+    run's own ``latest`` is newer then); a Ray checkpoint of an older argus is a full copy, used as it is."""
+    pointer = ray_dir / POINTER
+    if not pointer.is_file():
+        return ray_dir if (ray_dir / "meta.json").is_file() else None
+    p = json.loads(pointer.read_text())
+    path = Path(p["run_dir"]) / "checkpoints" / p["checkpoint"]
+    return path if (path / "meta.json").is_file() else None
 
 
 def pick_restore(ray_dir: Path | None, own: Path | None, launch: str | None = None) -> tuple[Path | None, str | None]:
@@ -112,40 +142,9 @@ def checkpoint_step(path: Path) -> int:
     return int(checkpoint_meta(path)["step"])
 
 
-def fault_drill(trainer: Any, rank: int) -> None:
-    """Rehearse node loss: ``ARGUS_FAULT_INJECT="rank=R,step=S,once=PATH[,phase=step|checkpoint][,delay=SEC][;...]"``.
-
-    Rank R SIGKILLs itself once (PATH marks that it happened): with ``phase=step`` (the default)
-    right after optimizer step S, with ``phase=checkpoint`` in the middle of writing the step-S
-    checkpoint (dense states written, sparse tables not yet, nothing published); ``delay`` waits that
-    long first (the other ranks block in their next collective meanwhile). Several faults are
-    separated by ``;``; each fires at most once. Used by the test that proves recovery loses and
-    repeats nothing.
-    """
-    spec = os.environ.get("ARGUS_FAULT_INJECT", "")
-    faults = [dict(kv.split("=", 1) for kv in part.split(",")) for part in spec.split(";") if part.strip()]
-    mine = [f for f in faults if int(f["rank"]) == rank and not Path(f["once"]).exists()]
-    if not mine:
-        return
-
-    def fire(phase: str, step: int, detail: str) -> None:
-        for f in mine:
-            if f.get("phase", "step") == phase and int(f["step"]) == step and not Path(f["once"]).exists():
-                time.sleep(float(f.get("delay", 0)))
-                Path(f["once"]).write_text(f"rank {rank} killed at {phase} {step}{detail}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    def latest(tr: Any) -> str:
-        pointer = tr.run_dir / "checkpoints" / "latest"
-        return pointer.read_text().strip() if pointer.is_file() else "none"
-
-    trainer.after_step = lambda tr, step: fire("step", step, "")
-    trainer.mid_checkpoint = lambda tr, tmp: fire("checkpoint", tr.step, f"; latest={latest(tr)}; writing={tmp.name}")
-
-
 def launch(a: argparse.Namespace) -> int:
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.run import load_job, start_over
@@ -179,12 +178,16 @@ def launch(a: argparse.Namespace) -> int:
                 num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0, resources_per_worker=resources
             ),
             run_config=RunConfig(
-                name=a.name, storage_path=storage, failure_config=FailureConfig(max_failures=a.max_failures)
+                name=a.name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=a.max_failures),
+                # Ray holds pointers (train_worker: report) and deletes none: only argus deletes checkpoints
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
             ),
         )
         result = trainer.fit()
-        ckpt = result.checkpoint.path if result.checkpoint else "-"
-        console.print(f"done: {a.name}: {result.metrics}; checkpoint {ckpt}")
+        ckpt = result.checkpoint and (reported_checkpoint(Path(result.checkpoint.path)) or result.checkpoint.path)
+        console.print(f"done: {a.name}: {result.metrics}; checkpoint {ckpt or '-'}")
         return 0
 
 
