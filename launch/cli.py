@@ -1,7 +1,7 @@
 """`argus`: the one console command. Thin: parse, validate, hand over to library code.
 
 Each command group's parser and commands live in their own module under launch/ (data_cli, train_cli,
-ray_launch, deepspeed_launch, cluster_cli, plan_cli, export_cli); this one only assembles them. Building
+checkpoint_cli, ray_launch, deepspeed_launch, cluster_cli, plan_cli, export_cli); this one only assembles them. Building
 the parser imports no torch, DeepSpeed, TorchRec, Ray or pyarrow: `argus --help` stays fast.
 """
 
@@ -15,6 +15,7 @@ import traceback
 from typing import Callable, Sequence
 
 from launch import exit_codes
+from launch.checkpoint_cli import add_checkpoint
 from launch.cluster_cli import add_cluster
 from launch.data_cli import add_data
 from launch.deepspeed_launch import add_launch_deepspeed
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_data(sub)
     add_train(sub)  # train, finetune, eval
+    add_checkpoint(sub)  # checkpoint list, checkpoint verify
 
     la = sub.add_parser("launch", help="launch training on a cluster: ray, deepspeed")
     lsub = la.add_subparsers(dest="launch_command", metavar="LAUNCHER", required=True)

@@ -41,12 +41,12 @@ CLASSES: dict[str, int] = {
     "ConfigError": CONFIG,  # trainer/config.py
     "OutputExistsError": CONFIG,  # trainer/data/outdir.py
     "ConvertError": CONFIG,  # trainer/data/convert.py
-    "FaultSpecError": CONFIG,  # launch/ray_launch.py
+    "FaultSpecError": CONFIG,  # trainer/faults.py
     # data
     "ShardReadError": DATA,  # trainer/data/reader.py
     "ManifestError": DATA,  # trainer/data/manifest.py
     "SampleError": DATA,  # trainer/data/schema.py
-    # checkpoint (also: an OSError raised in trainer/checkpoint.py, see CHECKPOINT_MODULE)
+    # checkpoint (also: an OSError raised in trainer/checkpoint.py or checkpoint_store.py, see CHECKPOINT_MODULES)
     "CheckpointError": CHECKPOINT,  # the name for a typed checkpoint error (trainer/checkpoint.py)
     "CheckpointException": CHECKPOINT,  # torch.distributed.checkpoint
     # cluster
@@ -72,8 +72,8 @@ NOT_DEFINED_HERE = {
 RESERVED = {"CheckpointError"}
 """Mapped before any module defines it: the name trainer/checkpoint.py's typed errors are to have."""
 
-CHECKPOINT_MODULE = os.path.join("trainer", "checkpoint.py")
-"""An OSError raised in this module (a missing or incomplete checkpoint) is a checkpoint error."""
+CHECKPOINT_MODULES = (os.path.join("trainer", "checkpoint.py"), os.path.join("trainer", "checkpoint_store.py"))
+"""An OSError raised in these modules (a missing or incomplete checkpoint) is a checkpoint error."""
 
 GENERIC = (ValueError, OSError, RuntimeError)
 """Other library errors: printed as one line too, with code CONFIG."""
@@ -86,13 +86,13 @@ class Failure:
     error: BaseException  # the exception the message comes from
 
 
-def _raised_in(e: BaseException, module: str) -> bool:
+def _raised_in(e: BaseException, modules: tuple[str, ...]) -> bool:
     tb = e.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return tb.tb_frame.f_code.co_filename.endswith(module)
+    return tb.tb_frame.f_code.co_filename.endswith(modules)
 
 
 def code_of(e: BaseException) -> int | None:
@@ -100,7 +100,7 @@ def code_of(e: BaseException) -> int | None:
     for cls in type(e).__mro__:
         if cls.__name__ in CLASSES:
             return CLASSES[cls.__name__]
-    if isinstance(e, OSError) and _raised_in(e, CHECKPOINT_MODULE):
+    if isinstance(e, OSError) and _raised_in(e, CHECKPOINT_MODULES):
         return CHECKPOINT
     return None
 

@@ -1,9 +1,12 @@
 """`argus launch ray`: the same training function on a Ray cluster (Ray Train V2 `TorchTrainer`).
 
 Each Ray worker runs `trainer.train.Trainer` in a process group Ray sets up (gloo on CPU, NCCL on
-GPUs). Checkpoints are the trainer's own (DeepSpeed + DCP + loader + RNG), reported to Ray with
-`ray.train.report(..., checkpoint=Checkpoint.from_directory(...))`; after a worker failure Ray
-restarts the group and every worker restores from `ray.train.get_checkpoint()`.
+GPUs). Checkpoints are the trainer's own (DeepSpeed + DCP + loader + RNG), written to the run directory and
+deleted there by argus alone (retention: `train.keep_last`, `train.keep_every`). Ray is handed a pointer, not
+the checkpoint: `ray.train.report(..., checkpoint=...)` uploads a directory holding one small JSON file
+(`argus_pointer.json`: run directory, checkpoint name, step, launch), so Ray keeps no second copy, and with
+`CheckpointConfig(num_to_keep=None)` it deletes nothing. After a worker failure Ray restarts the group and every
+worker restores from the checkpoint `ray.train.get_checkpoint()` points at (or the run's own newer `latest`).
 
 `out=` (the run directory) must be on storage every node sees (NFS, FSx, ...): all ranks write
 their shards of a checkpoint there. It defaults to `STORAGE_PATH/NAME/run`. The driver checks it as every
@@ -18,8 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import nullcontext
@@ -29,6 +32,7 @@ from typing import Any
 from cluster.ray_local import check_resources, oversubscription, ray_session
 from launch.console import console
 from trainer.config import to_dict
+from trainer.faults import ENV as FAULT_ENV
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -36,7 +40,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint import pointer_target
     from trainer.config import from_dict
     from trainer.job import JobConfig
     from trainer.logger import quiet_library_logs
@@ -49,21 +53,28 @@ def train_worker(config: dict[str, Any]) -> None:
         RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()), LOCAL_RANK=str(ctx.get_local_rank())
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(config["omp_threads"]))
+    os.environ[FAULT_ENV] = config.get("fault_inject", "")  # the driver's drill wins over this node's environment
     trainer = build_trainer(from_dict(JobConfig, config["job"]))
 
     def report(tr: Trainer, path: Path) -> None:
-        # Collective in Ray Train V2: every worker reports; rank 0 hands over the (shared) directory.
-        ckpt = Checkpoint.from_directory(str(path)) if tr.info.rank == 0 else None
-        ray.train.report({"step": tr.step, "epoch": tr.loader.epoch}, checkpoint=ckpt)
+        # Collective in Ray Train V2: every worker reports; rank 0 hands over a pointer to the (shared) checkpoint,
+        # which Ray copies (one small file) into its storage path.
+        metrics = {"step": tr.step, "epoch": tr.loader.epoch}
+        if tr.info.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="argus_pointer") as tmp:
+            write_pointer(Path(tmp), path)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     trainer.on_checkpoint = report
     trainer.checkpoint_meta["launch"] = config["launch"]
-    fault_drill(trainer, ctx.get_world_rank(), config.get("fault_inject", ""))
     from_ray = ray.train.get_checkpoint()
     with from_ray.as_directory() if from_ray is not None else nullcontext(None) as ray_dir:
+        own = pointer_target(trainer.run_dir, "latest")
         path, source = pick_restore(
-            Path(ray_dir) if ray_dir else None,
-            latest_checkpoint(trainer.run_dir),
+            reported_checkpoint(Path(ray_dir)) if ray_dir else None,
+            own if own is not None and (own / "meta.json").is_file() else None,
             launch=None if trainer.cfg.resume else config["launch"],
         )
         if trainer.info.rank == 0:  # one line per attempt: what an operator asks after a restart
@@ -74,9 +85,30 @@ def train_worker(config: dict[str, Any]) -> None:
                     )
                     + "\n"
                 )
-        if path is not None:
-            trainer.restore(path)
+        trainer.resume_from(path)  # verified first: a bad checkpoint falls back to the newest good one before it
     trainer.run()
+
+
+POINTER = "argus_pointer.json"
+
+
+def write_pointer(directory: Path, checkpoint: Path) -> None:
+    """What Ray Train keeps of a checkpoint: where it is (the run directory on shared storage), and its meta."""
+    meta = checkpoint_meta(checkpoint)
+    (directory / POINTER).write_text(
+        json.dumps({"run_dir": str(checkpoint.parent.parent), "checkpoint": checkpoint.name, **meta}, indent=1)
+    )
+
+
+def reported_checkpoint(ray_dir: Path) -> Path | None:
+    """The checkpoint a Ray checkpoint stands for: its pointer's target, or None once retention deleted it (the
+    run's own ``latest`` is newer then); a Ray checkpoint of an older argus is a full copy, used as it is."""
+    pointer = ray_dir / POINTER
+    if not pointer.is_file():
+        return ray_dir if (ray_dir / "meta.json").is_file() else None
+    p = json.loads(pointer.read_text())
+    path = Path(p["run_dir"]) / "checkpoints" / p["checkpoint"]
+    return path if (path / "meta.json").is_file() else None
 
 
 def pick_restore(ray_dir: Path | None, own: Path | None, launch: str | None = None) -> tuple[Path | None, str | None]:
@@ -113,49 +145,13 @@ def checkpoint_step(path: Path) -> int:
     return int(checkpoint_meta(path)["step"])
 
 
-FAULT_ENV = "ARGUS_FAULT_INJECT"
-_FAULT_KEYS = {"rank", "step", "once", "phase", "delay"}
-
-
-class FaultSpecError(ValueError):
-    """A malformed ``ARGUS_FAULT_INJECT``; the message names the part at fault."""
-
-
-def parse_faults(spec: str, world_size: int | None = None) -> list[dict[str, str]]:
-    """``ARGUS_FAULT_INJECT``'s faults (see :func:`fault_drill`), checked: the driver refuses a drill that would
-    never fire (or crash every worker) with one line, before any cluster work."""
-    faults = []
-    for part in spec.split(";"):
-        if not part.strip():
-            continue
-        where = f"{FAULT_ENV}: {part.strip()!r}"
-        pairs = [kv.strip().split("=", 1) for kv in part.split(",")]
-        if any(len(kv) != 2 for kv in pairs):
-            raise FaultSpecError(f"{where}: expected key=value pairs separated by ',' (rank=R,step=S,once=PATH)")
-        f = {k: v for k, v in pairs}
-        if missing := sorted({"rank", "step", "once"} - f.keys()):
-            raise FaultSpecError(f"{where}: missing {', '.join(missing)}")
-        if unknown := sorted(f.keys() - _FAULT_KEYS):
-            raise FaultSpecError(f"{where}: unknown key {unknown[0]} (known: {', '.join(sorted(_FAULT_KEYS))})")
-        for key, conv in (("rank", int), ("step", int), ("delay", float)):
-            try:
-                if key in f and conv(f[key]) < 0:
-                    raise ValueError
-            except ValueError:
-                raise FaultSpecError(f"{where}: {key} must be a number >= 0, got {f[key]!r}") from None
-        if f.get("phase", "step") not in ("step", "checkpoint"):
-            raise FaultSpecError(f"{where}: phase must be step or checkpoint, got {f['phase']!r}")
-        if world_size is not None and int(f["rank"]) >= world_size:
-            raise FaultSpecError(f"{where}: rank {f['rank']} does not exist with --num-workers {world_size}")
-        faults.append(f)
-    return faults
-
-
 def worker_config(cfg: Any, num_workers: int, cpus_per_worker: float, environ: Any = None) -> dict[str, Any]:
     """What every Ray worker gets (``train_loop_config``): the job, its thread count, this launch's id and the
     fault drill. ``ARGUS_FAULT_INJECT`` is taken from the driver's environment and passed explicitly: workers on an
     existing cluster (``--address``) run in the environment their raylet started with, not the driver's."""
-    spec = (os.environ if environ is None else environ).get(FAULT_ENV, "")
+    from trainer.faults import ENV, parse_faults
+
+    spec = (os.environ if environ is None else environ).get(ENV, "")
     parse_faults(spec, num_workers)  # a malformed drill: one line now, not a crash in every worker later
     return {
         "job": to_dict(cfg),
@@ -165,39 +161,9 @@ def worker_config(cfg: Any, num_workers: int, cpus_per_worker: float, environ: A
     }
 
 
-def fault_drill(trainer: Any, rank: int, spec: str | None = None) -> None:
-    """Rehearse node loss: ``ARGUS_FAULT_INJECT="rank=R,step=S,once=PATH[,phase=step|checkpoint][,delay=SEC][;...]"``.
-
-    Rank R SIGKILLs itself once (PATH marks that it happened): with ``phase=step`` (the default)
-    right after optimizer step S, with ``phase=checkpoint`` in the middle of writing the step-S
-    checkpoint (dense states written, sparse tables not yet, nothing published); ``delay`` waits that
-    long first (the other ranks block in their next collective meanwhile). Several faults are
-    separated by ``;``; each fires at most once. Used by the test that proves recovery loses and
-    repeats nothing. ``spec``: the driver's value (:func:`worker_config`); None reads this process's environment.
-    """
-    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
-    mine = [f for f in parse_faults(spec) if int(f["rank"]) == rank and not Path(f["once"]).exists()]
-    if not mine:
-        return
-
-    def fire(phase: str, step: int, detail: str) -> None:
-        for f in mine:
-            if f.get("phase", "step") == phase and int(f["step"]) == step and not Path(f["once"]).exists():
-                time.sleep(float(f.get("delay", 0)))
-                Path(f["once"]).write_text(f"rank {rank} killed at {phase} {step}{detail}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    def latest(tr: Any) -> str:
-        pointer = tr.run_dir / "checkpoints" / "latest"
-        return pointer.read_text().strip() if pointer.is_file() else "none"
-
-    trainer.after_step = lambda tr, step: fire("step", step, "")
-    trainer.mid_checkpoint = lambda tr, tmp: fire("checkpoint", tr.step, f"; latest={latest(tr)}; writing={tmp.name}")
-
-
 def launch(a: argparse.Namespace) -> int:
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.run import load_job, start_over
@@ -230,12 +196,16 @@ def launch(a: argparse.Namespace) -> int:
                 num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0, resources_per_worker=resources
             ),
             run_config=RunConfig(
-                name=a.name, storage_path=storage, failure_config=FailureConfig(max_failures=a.max_failures)
+                name=a.name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=a.max_failures),
+                # Ray holds pointers (train_worker: report) and deletes none: only argus deletes checkpoints
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
             ),
         )
         result = trainer.fit()
-        ckpt = result.checkpoint.path if result.checkpoint else "-"
-        console.print(f"done: {a.name}: {result.metrics}; checkpoint {ckpt}")
+        ckpt = result.checkpoint and (reported_checkpoint(Path(result.checkpoint.path)) or result.checkpoint.path)
+        console.print(f"done: {a.name}: {result.metrics}; checkpoint {ckpt or '-'}")
         return 0
 
 

@@ -197,7 +197,8 @@ def test_an_unreachable_host_is_one_line_with_the_cluster_code(data, tmp_path, c
 
 # ---- the fault drill on an existing Ray cluster ------------------------------------------------------------------
 def test_the_fault_drill_reaches_the_workers_config(data, tmp_path):
-    from launch.ray_launch import FaultSpecError, fault_drill, worker_config
+    from launch.ray_launch import worker_config
+    from trainer.faults import FaultSpecError, install
     from trainer.run import load_job
 
     cfg = load_job("configs/mini.yaml", [f"data.path={data}", f"out={tmp_path / 'run'}"], world_size=2)
@@ -208,18 +209,19 @@ def test_the_fault_drill_reaches_the_workers_config(data, tmp_path):
 
     # the worker arms the drill from its config, whatever its own environment says (none, on an existing cluster)
     class FakeTrainer:
-        after_step = mid_checkpoint = None
+        after_step = mid_checkpoint = mid_prune = None
+        info = type("Info", (), {"rank": 1})()
 
     armed, unarmed = FakeTrainer(), FakeTrainer()
-    fault_drill(armed, 1, conf["fault_inject"])
-    fault_drill(unarmed, 1, "")
+    install(armed, conf["fault_inject"])
+    install(unarmed, "")
     assert armed.after_step is not None and unarmed.after_step is None
 
     for bad, message in (
         ("rank=1,step=3", "missing once"),
         ("rank=2,step=3,once=/x", "rank 2 does not exist with --num-workers 2"),
         ("rank=1,step=x,once=/x", "step must be a number >= 0, got 'x'"),
-        ("rank=1,step=3,once=/x,phase=eval", "phase must be step or checkpoint"),
+        ("rank=1,step=3,once=/x,phase=eval", "phase must be one of step, checkpoint, prune"),
         ("rank=1,step,once=/x", "expected key=value pairs"),
     ):
         with pytest.raises(FaultSpecError, match=message):

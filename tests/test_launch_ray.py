@@ -14,7 +14,7 @@ from helpers import TINY_MODEL, argus_inproc, argus_ranks, one_line_error
 
 from cluster.ray_local import check_resources
 from launch.cli import build_parser
-from launch.ray_launch import pick_restore
+from launch.ray_launch import pick_restore, reported_checkpoint, write_pointer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [*TINY_MODEL, "data.num_workers=0", "train.steps=3"]
@@ -46,6 +46,29 @@ def test_restart_continues_from_the_newer_of_rays_and_the_runs_checkpoint(tmp_pa
     assert pick_restore(ray2, None, launch="a") == (ray2, "ray")
     assert pick_restore(ray2, None, launch="b") == (None, None)
     assert pick_restore(ray2, own2, launch="b") == (own2, "run_dir")
+
+
+def test_ray_keeps_a_pointer_that_resolves_to_the_runs_checkpoint(tmp_path):
+    """What Ray Train is handed (and copies into its storage path) is one small JSON file naming the checkpoint in the
+    run directory; once retention deletes that checkpoint the pointer resolves to None (the run's `latest` is newer
+    then). A Ray checkpoint of an older argus (a full copy, with meta.json) is used as it is."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text('{"step": 4, "launch": "a"}')
+    reported = tmp_path / "ray" / "checkpoint_0"
+    reported.mkdir(parents=True)
+    write_pointer(reported, ckpt)
+    assert [p.name for p in reported.iterdir()] == ["argus_pointer.json"] and (
+        reported / "argus_pointer.json"
+    ).stat().st_size < 512
+    assert reported_checkpoint(reported) == ckpt
+    assert pick_restore(reported_checkpoint(reported), None, launch="a") == (ckpt, "ray")
+    (ckpt / "meta.json").unlink()  # deleted by retention
+    assert reported_checkpoint(reported) is None
+    old_copy = tmp_path / "ray" / "checkpoint_old"
+    old_copy.mkdir()
+    (old_copy / "meta.json").write_text('{"step": 2}')
+    assert reported_checkpoint(old_copy) == old_copy
 
 
 def test_ray_launch_refuses_a_run_in_out_before_starting_ray(data, tmp_path, monkeypatch, capsys):
@@ -125,18 +148,22 @@ def test_kuberay_entrypoint_is_a_valid_argus_command():
 @pytest.mark.slow
 def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path, capsys):
     """`argus launch ray --local` (a real process) == 2 ranks under torchrun's environment (forked in-process).
-    The throw-away cluster keeps its files under $RAY_TMPDIR while it runs, and nothing of it is left after."""
+    The throw-away cluster keeps its files under $RAY_TMPDIR while it runs, and nothing of it is left after.
+
+    A checkpoint every step, train.keep_last=2: the run keeps steps 2 and 3, each with its manifest; Ray's storage
+    path holds one pointer file per reported checkpoint and no second copy (before: every checkpoint twice)."""
     import shutil
     import tempfile
     import time
 
+    from trainer import checkpoint_store as store
     from trainer.data.synth import synthesize
 
     data = tmp_path / "data"
     synthesize(data, users=40, items=90, mean_len=20, shards=2, seed=6, holdout="loo", workers=1)
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
-    common = ["configs/mini.yaml", f"data.path={data}", *TINY]
+    common = ["configs/mini.yaml", f"data.path={data}", *TINY, "train.checkpoint_every=1", "train.keep_last=2"]
     cmd = [sys.executable, "-m", "launch.cli", "launch", "ray", *common, "--local", "--num-workers", "2",
            "--storage-path", str(tmp_path / "store"), "--name", "loc"]  # fmt: skip
     used = set()
@@ -155,11 +182,18 @@ def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path, capsys):
         assert list(ray_tmp.iterdir()) == [], "and are gone"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    run = tmp_path / "store" / "loc" / "run"
+    assert sorted(store.checkpoints(run)) == [2, 3]
+    assert all(store.verify(p).status == "verified" for p in store.checkpoints(run).values())
+    ray_files = [p for p in (tmp_path / "store").rglob("*") if p.is_file() and run not in p.parents]
+    pointers = sorted(p.parent.name for p in ray_files if p.name == "argus_pointer.json")
+    assert len(pointers) == 3, "one pointer per reported checkpoint; Ray deleted none"
+    ray_bytes = sum(p.stat().st_size for p in ray_files)
+    run_bytes = sum(store.checkpoint_bytes(p) for p in store.checkpoints(run).values())
+    assert ray_bytes < 64 * 1024 < run_bytes, f"Ray keeps {ray_bytes} bytes beside the run's {run_bytes}: {ray_files}"
+    assert not [p for p in ray_files if p.suffix in (".pt", ".distcp")], "no checkpoint file outside the run"
     argus_ranks("train", *common, f"out={tmp_path / 'tr'}", nproc=2, env={"RAY_AUTH_MODE": "disabled"})
-    evals = [
-        argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
-        for run in (tmp_path / "store" / "loc" / "run", tmp_path / "tr")
-    ]
+    evals = [argus_inproc(capsys, "eval", str(r), "--data", str(data), "--json") for r in (run, tmp_path / "tr")]
     assert all(e[0] == 0 for e in evals), evals[0][2][-2000:]
     assert evals[0][1] == evals[1][1]
 

@@ -43,6 +43,8 @@ def test_best_checkpoint_early_stopping_and_eval_uses_best(data, tmp_path) -> No
 
     run = tmp_path / "run"
     common = [f"data.path={data}", f"out={run}", *TINY_MODEL, "data.batch_size=4", "train.log_every=1"]
+    # retention (train.keep_last=1): the newest checkpoint and best; the checkpoints of validations that lost go
+    common.append("train.keep_last=1")
     start_ranks(_worker, (2, [*common, "train.steps=20", "eval.every=2", "eval.patience=2"], free_port()), 2)
     recs = [json.loads(x) for x in (run / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [2, 4, 6, 8], "stops after 2 validations without improvement"

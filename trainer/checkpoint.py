@@ -1,10 +1,12 @@
 """Checkpoints: DeepSpeed (dense) + torch.distributed.checkpoint (the item tables, sharded or replicated, and
 their optimizer state) + every rank's data-loader state + RNG states + step + the run config, published atomically.
 
-Layout: ``RUN/checkpoints/step_00000100/{dense/, sparse/, loader.json, rng/rank*.pt, meta.json, config.yaml}``
-and ``RUN/checkpoints/latest`` naming the newest complete one. Everything is written into
-``step_*.tmp`` first; the directory is renamed and then ``latest`` flipped, so a crash at any moment
-leaves the previous checkpoint loadable.
+Layout: ``RUN/checkpoints/step_00000100/{dense/, sparse/, loader.json, rng/rank*.pt, meta.json, config.yaml,
+manifest.json}`` and ``RUN/checkpoints/latest`` naming the newest complete one. Everything is written into
+``step_*.tmp`` first, the manifest (every file's size and sha256) last; the directory is renamed and then
+``latest`` flipped, so a crash at any moment leaves the previous checkpoint loadable. Resuming verifies the
+checkpoint against its manifest and falls back to the newest good one (:func:`select_resume`). Pointers,
+manifests, verification and retention are file operations without torch: ``trainer/checkpoint_store.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -25,6 +28,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from trainer.checkpoint_store import (  # noqa: F401  (re-exported: the pointer API callers use)
+    BEST,
+    LATEST,
+    CheckpointError,
+    Verdict,
+    best_checkpoint,
+    checkpoint_files,
+    checkpoint_name,
+    checkpoint_root,
+    checkpoints,
+    describe_files,
+    discard,
+    file_sizes,
+    latest_checkpoint,
+    pointer_target,
+    resolve_checkpoint,
+    set_pointer,
+    shares,
+    step_of,
+    verify,
+    write_manifest,
+)
 from trainer.config import from_dict, save_config
 from trainer.data.loader import ShardLoader, gather_states
 from trainer.job import JobConfig
@@ -33,58 +58,8 @@ if TYPE_CHECKING:
     from embeddings.tables import SparseArch
     from trainer.engine import Engine
 
-LATEST = "latest"
-BEST = "best"  # the checkpoint validation selected (eval.every / eval.select), when the run validates
 DENSE_TAG = "state"
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _pointer(run_dir: str | Path, name: str) -> Path | None:
-    root = checkpoint_root(run_dir)
-    pointer = root / name
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{pointer}: points to {path.name}, which is incomplete or missing")
-    return path
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    return _pointer(run_dir, LATEST)
-
-
-def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint validation selected, or None when the run kept no ``best``."""
-    return _pointer(run_dir, BEST)
-
-
-def set_pointer(run_dir: str | Path, name: str, checkpoint_dir: Path) -> None:
-    """Atomically point ``checkpoints/<name>`` (``latest``, ``best``) at ``checkpoint_dir``."""
-    root = checkpoint_root(run_dir)
-    tmp = root / f"{name}.tmp"
-    tmp.write_text(checkpoint_dir.name + "\n")
-    os.replace(tmp, root / name)
-
-
-def resolve_checkpoint(path: str | Path, prefer_best: bool = False) -> Path:
-    """A checkpoint directory (has meta.json), or a run directory's ``best`` (when ``prefer_best`` and the run
-    kept one) or ``latest`` checkpoint."""
-    p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    found = None
-    if (p / "checkpoints").is_dir():
-        found = (best_checkpoint(p) if prefer_best else None) or latest_checkpoint(p)
-    if found is None:
-        raise FileNotFoundError(
-            f"{path}: no checkpoint (expected a run directory with checkpoints/latest, "
-            f"or a checkpoint directory with meta.json)"
-        )
-    return found
+log = logging.getLogger(__name__)
 
 
 def _barrier() -> None:
@@ -109,6 +84,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small, picklable), in rank order."""
+    if _world() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def save(
     engine: Engine,
     loader: ShardLoader,
@@ -121,10 +118,13 @@ def save(
 ) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory.
 
-    ``mid_write(tmp)`` runs between the dense and the sparse writes (fault drills kill a rank there).
+    ``mid_write(tmp)`` runs between the dense and the sparse writes (fault drills kill a rank there). Once every
+    rank has written, the ranks hash the files together (each about ``1/world`` of the bytes) and rank 0 writes
+    ``manifest.json``, then publishes. Deleting older checkpoints (retention) is the caller's next step
+    (``trainer/checkpoint_store.py: prune``), never before this returns.
     """
     root = checkpoint_root(run_dir)
-    name = f"step_{step:08d}"
+    name = checkpoint_name(step)
     final, tmp = root / name, root / f"{name}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,14 +144,66 @@ def save(
         save_config(cfg, tmp / "config.yaml")
         meta = {"step": step, "world_size": len(states), "time": time.time(), **(extra or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    _barrier()
+    _barrier()  # every file is written: hash them (rank 0 lists them, so every rank works from one listing)
+    plan = _from_rank0(shares(file_sizes(tmp, checkpoint_files(tmp)), _world()) if rank == 0 else None)
+    described = _all_gather(describe_files(tmp, plan[rank]))
     if rank == 0:
-        if final.exists():  # re-saving a step (e.g. after a restart): replace it
-            shutil.rmtree(final)
+        write_manifest(tmp, {k: v for part in described for k, v in part.items()}, step, len(states))  # last
+        if final.exists():  # re-saving a step (resumed from an older checkpoint): replace it
+            discard(final)
         os.replace(tmp, final)
         set_pointer(run_dir, LATEST, final)  # the flip: last, atomic
     _barrier()
     return final
+
+
+def select_resume(run_dir: str | Path, candidate: Path | None, rank: int) -> Path | None:
+    """Collective: the checkpoint to resume from. ``candidate`` (the run's ``latest``, or the one a Ray restart
+    picked) when it verifies against its manifest, else the newest older checkpoint that does. The ranks verify
+    together, each reading its share of the files; rank 0 says what it found, once: one line per bad checkpoint
+    (its step and first bad file), one line when it falls back (and points ``latest`` at that checkpoint, so the
+    bad one is pruned once a newer one is published). A checkpoint without a manifest (an older argus) is
+    used unverified, with a note. Raises :class:`CheckpointError` (one line) when none is usable."""
+    if candidate is None:
+        return None
+    world = _world()
+    base = step_of(candidate)
+    older = [p for s, p in reversed(checkpoints(run_dir).items()) if base is not None and s < base]
+    bad: list[Verdict] = []
+    for path in [candidate, *older]:
+        verdict = verify(path, (rank, world))
+        if world > 1:
+            verdict = verdict.merge(_all_gather(verdict))
+        if not verdict.ok:
+            if rank == 0:
+                log.warning("%s", verdict.line())
+            bad.append(verdict)
+            continue
+        step = verdict.step
+        if rank == 0:
+            if verdict.status == "unverified":
+                log.warning(
+                    "checkpoint %s (step %s) has no manifest.json (written by an older argus): resuming from it "
+                    "unverified",
+                    path,
+                    step,
+                )
+            if bad:
+                set_pointer(run_dir, LATEST, path)
+                again = f"step {step + 1} runs" if bad[0].step == step + 1 else f"steps {step + 1}-{bad[0].step} run"
+                log.warning(
+                    "resume: falling back to %s (step %s), the newest good checkpoint (latest now names it); %s again",
+                    path,
+                    step,
+                    again,
+                )
+        return path
+    steps = ", ".join(str(v.step) for v in bad)
+    raise CheckpointError(
+        f"{checkpoint_root(run_dir)}: no good checkpoint to resume from (step{'s' if len(bad) > 1 else ''} {steps} "
+        f"{'are' if len(bad) > 1 else 'is'} bad; step {bad[0].step}: {bad[0].problems[0]}); "
+        "pass train.overwrite=true to start over"
+    )
 
 
 def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str, Any]:

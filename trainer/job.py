@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from embeddings.tables import ItemEmbeddings
+from trainer.checkpoint_store import Retention
 from trainer.config import ConfigError
 from trainer.data.loader import ShardLoader
 from trainer.model.argus import HeadsConfig, ModelConfig
@@ -47,6 +48,10 @@ class TrainSection:
     global_batch_size: int = 0  # 0 = data.batch_size x world size; set it to have the world size checked
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
+    # Retention (trainer/checkpoint_store.py): keep the keep_last newest checkpoints, every milestone (a step that is
+    # a multiple of keep_every; 0 = none), and what checkpoints/latest and checkpoints/best name; delete the rest.
+    keep_last: int = Retention.keep_last  # 3
+    keep_every: int = Retention.keep_every  # 0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     timeout_s: float = 600.0  # process-group timeout: a rank-0-only error must not hang the others
@@ -211,6 +216,11 @@ class JobConfig:
             raise ConfigError(f"train.device: must be auto, cpu or cuda, got {t.device!r}")
         if t.log_every < 1 or t.checkpoint_every < 0:
             raise ConfigError("train.log_every must be >= 1 and train.checkpoint_every >= 0")
+        if t.keep_last < 1 or t.keep_every < 0:
+            raise ConfigError(
+                f"train.keep_last must be >= 1 (the newest checkpoint is always kept) and train.keep_every >= 0 "
+                f"(0: no milestones), got {t.keep_last} and {t.keep_every}"
+            )
         if (
             world_size is not None
             and t.global_batch_size

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint
+from trainer import checkpoint, checkpoint_store, faults
 from trainer.config import ConfigError, save_config
 from trainer.data.batch import Batch
 from trainer.data.manifest import Manifest
@@ -32,27 +31,35 @@ log = logging.getLogger(__name__)
 class Validation:
     """Model selection state: the best validation value so far, its checkpoint (``checkpoints/best``), and
     early stopping. Kept in ``RUN/validation.jsonl`` (one record per validation), so a resumed run picks up
-    where it stopped; every rank holds the same state (the values are broadcast from rank 0)."""
+    where it stopped; every rank holds the same state (the values are broadcast from rank 0). Which
+    checkpoints are deleted is retention's business (``Trainer.prune``), which never deletes ``best``."""
 
     def __init__(self, cfg: JobConfig, run_dir: Path) -> None:
         self.select, self.patience = cfg.eval.select, cfg.eval.patience
-        self.keep_every = cfg.train.checkpoint_every
         self.run_dir = run_dir
         self.path = run_dir / "validation.jsonl"
         self.best = float("-inf")
         self.best_step = -1
         self.since_best = 0
         self.stop = False
-        self._prunable: list[Path] = []  # validation checkpoints to remove once neither best nor newest
 
-    def restore(self, step: int) -> None:
-        """Replay the records of validations up to ``step`` (a resumed run)."""
-        if not self.path.is_file():
+    def restore(self, step: int, rank: int = 0) -> None:
+        """Replay the records of validations up to ``step`` (a resumed run). ``best`` naming a checkpoint after
+        ``step`` (resume fell back past it, and that step is trained again) is pointed back at the best checkpoint
+        up to ``step``, or removed when that one is gone (rank 0)."""
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec["step"] <= step:
+                    self._update(rec["step"], rec[self.select])
+        best = checkpoint.pointer_target(self.run_dir, checkpoint.BEST)
+        if rank != 0 or best is None or (checkpoint.step_of(best) or 0) <= step:
             return
-        for line in self.path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["step"] <= step:
-                self._update(rec["step"], rec[self.select])
+        earlier = checkpoint.checkpoint_root(self.run_dir) / checkpoint.checkpoint_name(max(self.best_step, 0))
+        if self.best_step >= 0 and (earlier / "meta.json").is_file():
+            checkpoint.set_pointer(self.run_dir, checkpoint.BEST, earlier)
+        else:
+            (checkpoint.checkpoint_root(self.run_dir) / checkpoint.BEST).unlink()
 
     def _update(self, step: int, value: float) -> bool:
         better = value > self.best  # NaN (no validation users) is never better
@@ -69,15 +76,6 @@ class Validation:
             return
         if better:
             checkpoint.set_pointer(self.run_dir, checkpoint.BEST, path)
-        # Validation checkpoints that are neither best nor the newest are removed, unless train.checkpoint_every
-        # asked for them: validating every few steps must not fill the disk.
-        best = checkpoint.best_checkpoint(self.run_dir)
-        keep = self.keep_every and step % self.keep_every == 0
-        candidates = self._prunable + ([] if keep else [path])
-        for old in candidates:
-            if old not in (path, best):
-                shutil.rmtree(old, ignore_errors=True)
-        self._prunable = [p for p in candidates if p in (path, best)]
         rec = {
             "step": step,
             self.select: value,
@@ -125,6 +123,7 @@ class Trainer:
         self.engine = self.engine_class(cfg, self.info, self.manifest, self.total_steps)
         self.step = 0
         self.validation = Validation(cfg, self.run_dir)
+        self.retention = checkpoint_store.Retention(cfg.train.keep_last, cfg.train.keep_every)
         self.t_start = time.time()
         self.time_up = False
         if self.info.rank == 0:
@@ -134,14 +133,16 @@ class Trainer:
             # reproduces it offline (tests compare them).
             (self.run_dir / "sharding_plan.json").write_text(json.dumps(self.engine.sharding_summary(), indent=1))
         self.gpu = detect_gpu(self.info.device)
-        # Hooks: after every step (tests, fault drills); in the middle of writing a checkpoint (fault
-        # drills); after every checkpoint (Ray reports it).
+        # Hooks: after every step (tests, fault drills); in the middle of writing a checkpoint and of deleting
+        # one (fault drills: trainer/faults.py, from $ARGUS_FAULT_INJECT); after every checkpoint (Ray reports it).
         self.after_step: Callable[["Trainer", int], None] | None = None
         self.mid_checkpoint: Callable[["Trainer", Path], None] | None = None
+        self.mid_prune: Callable[["Trainer", Path], None] | None = None
         self.on_checkpoint: Callable[["Trainer", Path], None] | None = None
         self.checkpoint_meta: dict[str, Any] = {}  # more keys for meta.json (Ray: the launch that wrote it)
         self._restored = False
         self._ne_noted: set[str] = set()
+        faults.install(self)
 
     def restore(self, path: Path) -> None:
         """Continue from checkpoint directory ``path`` (collective)."""
@@ -149,15 +150,22 @@ class Trainer:
         self.step = int(meta["step"])
         self._restored = True
 
+    def resume_from(self, candidate: Path | None) -> None:
+        """Continue from checkpoint ``candidate`` when it verifies, else from the newest good one before it
+        (collective; ``trainer/checkpoint.py: select_resume``, which raises CheckpointError when none is)."""
+        path = checkpoint.select_resume(self.run_dir, candidate, self.info.rank)
+        if path is not None:
+            self.restore(path)
+
     def maybe_resume(self) -> None:
         if not self.cfg.resume or self._restored:
             return
-        path = checkpoint.latest_checkpoint(self.run_dir)
-        if path is None:
+        latest = checkpoint.pointer_target(self.run_dir, checkpoint.LATEST)  # complete or not: it is verified
+        if latest is None:
             if self.info.rank == 0:
                 log.warning("resume=true but %s has no checkpoint: starting from step 0", self.run_dir)
             return
-        self.restore(path)
+        self.resume_from(latest)
 
     def save(self) -> Path:
         path = checkpoint.save(
@@ -174,11 +182,21 @@ class Trainer:
             self.on_checkpoint(self, path)
         return path
 
+    def prune(self) -> None:
+        """Retention (``train.keep_last``, ``train.keep_every``; rank 0): delete the checkpoints it does not keep.
+        Called once a newer checkpoint is published and validation has moved ``best``."""
+        if self.info.rank != 0:
+            return
+        hook = None if self.mid_prune is None else (lambda trash: self.mid_prune(self, trash))
+        removed = checkpoint_store.prune(self.run_dir, self.retention, mid_delete=hook)
+        if removed:
+            log.debug("retention: removed %s", ", ".join(removed))
+
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         total = self.total_steps
         self.maybe_resume()
-        self.validation.restore(self.step)
+        self.validation.restore(self.step, self.info.rank)
         start = self.step
         timer = StepTimer(self.info.device)
         window: list[StepOutput] = []
@@ -213,12 +231,14 @@ class Trainer:
                             t_val = time.perf_counter()
                             last.update(self.validate(path, logger))
                             t_window += time.perf_counter() - t_val  # not training time: keep tps honest
+                        self.prune()
                     if self.after_step is not None:
                         self.after_step(self, self.step)
             if self.step > start and saved_at != self.step:  # stopped by the time cap (or the last step)
                 path = self.save()
                 if self.eval_every:
                     last.update(self.validate(path, logger))
+                self.prune()
         return last
 
     @property
