@@ -209,15 +209,21 @@ def select_resume(run_dir: str | Path, candidate: Path | None, rank: int) -> Pat
 def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str, Any]:
     """Collective: resume training — dense with its optimizer (DeepSpeed), tables with their sparse
     optimizer state (either backend's checkpoint), loader, RNG; returns meta.json (with the step)."""
+    from trainer import elastic
+
     meta = json.loads((path / "meta.json").read_text())
-    engine.ds.load_checkpoint(
-        str(path / "dense"), tag=DENSE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    load_tables(path, engine.tables, engine.sparse_optimizer)
-    loader.load_state_dict(json.loads((path / "loader.json").read_text()))
+    saved_world, world = meta.get("world_size"), elastic.world_size()
+    # Another world size: the dense side goes through a universal checkpoint (trainer/elastic.py); same size:
+    # DeepSpeed's own load, bitwise.
+    convert_s = elastic.load_dense(engine, path / "dense", DENSE_TAG, saved_world, rank)
+    load_tables(path, engine.tables, engine.sparse_optimizer)  # DCP reshards for any world size
+    loader.load_state_dict(json.loads((path / "loader.json").read_text()))  # re-laid out over the new ranks
     rng = path / "rng" / f"rank{rank:05d}.pt"
-    if rng.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+    if rng.is_file() and saved_world == world:  # per-rank RNG streams mean nothing on another world size
         _set_rng_state(torch.load(rng, weights_only=False))
+    if saved_world not in (None, world) and rank == 0:
+        batch = engine.cfg.data.batch_size * engine.cfg.train.gradient_accumulation_steps
+        elastic.log.warning(elastic.resume_line(path.name, saved_world, world, batch, convert_s))
     return meta
 
 

@@ -23,7 +23,8 @@ class RunLayout(Layout):
     """Everything a run writes in its directory (and nothing else is ever removed):
 
     - ``config.yaml``, ``sharding_plan.json``: ``trainer/train.py`` (Trainer, rank 0, at the start)
-    - ``checkpoints/`` (``step_*``, ``latest``, ``best``): ``trainer/checkpoint.py``
+    - ``checkpoints/`` (``step_*``, ``latest``, ``best``): ``trainer/checkpoint.py``; while a run resumes on
+      another world size also ``.universal-step_*`` (``trainer/elastic.py``, removed once loaded)
     - ``metrics.jsonl``, ``tb/``: ``trainer/logger.py`` (MetricsLogger)
     - ``validation.jsonl``: ``trainer/train.py`` (Validation); ``sample_keys/``: ``train.log_sample_keys``
     - ``ray_attempts.jsonl``: ``launch/ray_launch.py`` (one line per Ray worker-group attempt)
