@@ -405,18 +405,18 @@ def config_only_checkpoint(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, exit_code",  # launch/exit_codes.py: 2 config, 4 data, 5 checkpoint
     [
-        (["/nonexistent/run"], "/nonexistent/run: no checkpoint (expected a run directory"),
-        (["{run}", "--split", "nope"], "no split 'nope'"),
-        (["{run}", "--at", "yesterday"], "--at: expected unix seconds or an ISO-8601 time"),
-        (["{run}", "--context", "40"], "context: must be in [1, 32]"),
+        (["/nonexistent/run"], "/nonexistent/run: no checkpoint (expected a run directory", 5),
+        (["{run}", "--split", "nope"], "no split 'nope'", 4),
+        (["{run}", "--at", "yesterday"], "--at: expected unix seconds or an ISO-8601 time", 2),
+        (["{run}", "--context", "40"], "context: must be in [1, 32]", 2),
     ],
 )
-def test_bad_export_input_is_one_line(args, message, config_only_checkpoint, tmp_path, imp_data, capsys):
+def test_bad_export_input_is_one_line(args, message, exit_code, config_only_checkpoint, tmp_path, imp_data, capsys):
     args = [a.replace("{run}", str(config_only_checkpoint)) for a in args]
     code, _, err = cli(capsys, "export", *args, "--data", str(imp_data), "--out", str(tmp_path / "o"))
-    assert code == 2 and err.count("\n") == 1 and err.startswith("argus: error: ") and message in err, err
+    assert code == exit_code and err.count("\n") == 1 and err.startswith("argus: error: ") and message in err, err
     assert not (tmp_path / "o").exists() and not torch.distributed.is_initialized()
 
 

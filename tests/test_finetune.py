@@ -293,13 +293,15 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, exit_code",  # launch/exit_codes.py: 2 config, 4 data
     [
-        (["model.d_model=48", "model.n_heads=2"], "model.d_model: 48 differs from the pre-trained model's 32"),
-        (["finetune.split=nope"], "no split 'nope'"),
+        (["model.d_model=48", "model.n_heads=2"], "model.d_model: 48 differs from the pre-trained model's 32", 2),
+        (["finetune.split=nope"], "no split 'nope'", 4),
     ],
 )
-def test_finetune_bad_setup_is_one_line(imp_data, pretrained_config, tmp_path, args, message, monkeypatch, capsys):
+def test_finetune_bad_setup_is_one_line(
+    imp_data, pretrained_config, tmp_path, args, message, exit_code, monkeypatch, capsys
+):
     monkeypatch.chdir(REPO)
     code, _, err = argus_inproc(
         capsys,
@@ -312,7 +314,7 @@ def test_finetune_bad_setup_is_one_line(imp_data, pretrained_config, tmp_path, a
         f"out={tmp_path / 'r'}",
         *args,
     )
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert code == exit_code and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists() and not torch.distributed.is_initialized()
 
 

@@ -275,3 +275,20 @@ def test_compiled_blocks_equal_eager():
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="model.attention"):
         Encoder(dataclasses.replace(cfg, attention="segments")).compile_blocks()
+
+
+def test_train_compile_compiles_the_encoder_blocks_of_both_models():
+    """What the engine calls for ``train.compile`` reaches every block of the pre-training and the fine-tuning
+    model (compilation itself is lazy: nothing compiles here)."""
+    from embeddings.tables import ItemEmbeddings
+    from trainer.model.argus import ArgusModel, HeadsConfig, ModelConfig
+    from trainer.model.build import compile_dense
+    from trainer.model.two_tower import FinetuneConfig, TwoTower
+
+    model = ModelConfig(preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8)
+    emb = ItemEmbeddings.Config(item_dim=8)
+    for dense in (ArgusModel(model, emb, HeadsConfig()), TwoTower(model, emb, HeadsConfig(), FinetuneConfig())):
+        encoder = dense.argus.encoder if isinstance(dense, TwoTower) else dense.encoder
+        assert not encoder.compiled and all(b._compiled_call_impl is None for b in encoder.blocks)
+        compile_dense(dense)
+        assert encoder.compiled and all(b._compiled_call_impl is not None for b in encoder.blocks)

@@ -267,7 +267,6 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
             "model.activation_checkpointing=true",
             "heads.feedback.weight=0",
             "data.batch_tokens=48",  # packed rows of 16 interactions (32 tokens)
-            "train.compile=true",
         ],
         [
             "deepspeed.stage=3",
@@ -280,7 +279,7 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
         ],
     ],
     ids=[
-        "interleaved-colwise-zero0-ckpt-nextonly-packed-compiled",
+        "interleaved-colwise-zero0-ckpt-nextonly-packed",
         "bf16-zero3-tablewise-feedbackonly-sgd-packed-mask",
     ],
 )

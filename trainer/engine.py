@@ -25,7 +25,7 @@ from trainer.dist import DistInfo
 from trainer.job import JobConfig
 from trainer.memory import embedding_hbm_budget, embedding_lookups
 from trainer.model.argus import target_index
-from trainer.model.build import build_dense
+from trainer.model.build import build_dense, compile_dense
 from trainer.model.heads import CandidateLogQ, ne_stats
 from trainer.model.interaction import lookup_interactions
 from trainer.optim import decay_groups, lr_multiplier
@@ -113,8 +113,7 @@ class Engine:
         dense = build_dense(cfg)
         self.init_weights(dense)
         if cfg.train.compile:
-            encoder = dense.argus.encoder if hasattr(dense, "argus") else dense.encoder
-            encoder.compile_blocks()
+            compile_dense(dense)
         o = cfg.optim
         optim = torch.optim.AdamW(
             decay_groups(dense, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps

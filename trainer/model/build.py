@@ -21,3 +21,10 @@ def build_dense(cfg: JobConfig) -> nn.Module:
     if cfg.finetune.enabled:
         return TwoTower(cfg.model, cfg.embeddings, cfg.heads, cfg.finetune)
     return ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
+
+
+def compile_dense(dense: nn.Module) -> None:
+    """``train.compile``: torch.compile the encoder blocks of ``dense`` (``Encoder.compile_blocks``; lazy, the
+    first forward compiles)."""
+    encoder = dense.argus.encoder if isinstance(dense, TwoTower) else dense.encoder
+    encoder.compile_blocks()
