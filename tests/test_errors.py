@@ -35,6 +35,7 @@ def _corrupt_train_shards(root: Path) -> set[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_a_corrupt_shard_in_a_dataloader_worker_is_one_line_with_the_data_code(data, tmp_path):
     bad = tmp_path / "data"
     shutil.copytree(data, bad)
@@ -51,6 +52,7 @@ def test_a_corrupt_shard_in_a_dataloader_worker_is_one_line_with_the_data_code(d
     assert err.strip().splitlines()[-1] == line
 
 
+@pytest.mark.slow
 def test_a_config_error_on_two_ranks_is_printed_once(data, tmp_path):
     ranks = argus_ranks_failing(
         "train", "configs/mini.yaml", f"data.path={data}", f"out={tmp_path / 'run'}", "model.nope=1", nproc=2

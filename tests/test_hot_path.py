@@ -116,6 +116,7 @@ def _worker(rank: int, job: dict, port: int, out: str) -> None:
 
 
 @pytest.mark.parametrize("packed, backend", [(False, "torchrec"), (True, "torchrec"), (False, "torch")])
+@pytest.mark.slow
 def test_train_step_reads_no_device_value(data, tmp_path, packed, backend):
     job = _job(data, tmp_path / "run", packed, backend)
     out = tmp_path / "result.json"

@@ -71,6 +71,7 @@ def test_ray_keeps_a_pointer_that_resolves_to_the_runs_checkpoint(tmp_path):
     assert reported_checkpoint(old_copy) == old_copy
 
 
+@pytest.mark.slow
 def test_ray_launch_refuses_a_run_in_out_before_starting_ray(data, tmp_path, monkeypatch, capsys):
     """The driver checks `out` as every launcher does (trainer/run.py: load_job): one line, nothing changed."""
     from helpers import tree_digest

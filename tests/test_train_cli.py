@@ -221,6 +221,7 @@ def test_overwrite_starts_a_run_over(imp_pretrained, imp_data, tmp_path):
         assert yaml.safe_load(saved.read_text())["train"]["overwrite"] is False, "re-running it must not start over"
 
 
+@pytest.mark.slow
 def test_eval_writes_nothing_to_stderr(torchrun_run, data, capfd):
     """`argus eval` prints its report and nothing else: no library warnings (fbgemm_gpu's three deprecation
     warnings at import, shown under -W default, -X dev or PYTHONWARNINGS), no DeepSpeed banner, no tqdm bar.
