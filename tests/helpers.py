@@ -146,6 +146,21 @@ def start_ranks(fn, args: tuple, nprocs: int, timeout: float = 600) -> None:
                 p.join()
 
 
+def rank_env(rank: int, world: int, port: int) -> None:
+    """torchrun's environment for rank ``rank`` of ``world`` started by :func:`start_ranks` (gloo at
+    127.0.0.1:``port``), set in the rank's own process before it joins the group."""
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
+
+
 def free_port() -> int:
     import socket
 

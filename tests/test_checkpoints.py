@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODEL, argus_inproc, argus_ranks, free_port, losses, one_line_error, start_ranks, tree_digest
+from helpers import (
+    TINY_MODEL,
+    argus_inproc,
+    argus_ranks,
+    free_port,
+    losses,
+    one_line_error,
+    rank_env,
+    start_ranks,
+    tree_digest,
+)
 
 from trainer import checkpoint_store as store
 
@@ -169,9 +179,7 @@ SCRIPT = {3: 0.10, 6: 0.50, 9: 0.20, 10: 0.30}  # validation peaks at step 6
 
 
 def _scripted_worker(rank: int, world: int, overrides: list[str], port: int, fault: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
+    rank_env(rank, world, port)
     os.environ["ARGUS_FAULT_INJECT"] = fault
     import trainer.evaluate as ev
     from trainer.run import load_job, train

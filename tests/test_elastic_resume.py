@@ -22,12 +22,11 @@ the one global-batch line.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, read_samples, start_ranks
+from helpers import free_port, rank_env, read_samples, start_ranks
 
 from trainer.config import from_dict, to_dict
 from trainer.job import JobConfig
@@ -111,14 +110,7 @@ _SAVED: dict = {}  # the reference engine's weights (set in its rank before the 
 
 
 def _rank(rank: int, world: int, port: int, cfg_dict: dict, mode: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        OMP_NUM_THREADS="1",
-    )
+    rank_env(rank, world, port)
     import logging
 
     from trainer import checkpoint

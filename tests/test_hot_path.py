@@ -12,13 +12,12 @@ on host and device tensors here; `bench/gpu_check.sh` runs a step under ``torch.
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, start_ranks
+from helpers import free_port, rank_env, start_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.config import from_dict
@@ -88,7 +87,7 @@ def _job(data: Path, out: Path, packed: bool, backend: str = "torchrec") -> dict
 
 
 def _worker(rank: int, job: dict, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    rank_env(0, 1, port)
     from trainer.data.manifest import Manifest
     from trainer.dist import init_distributed
     from trainer.engine import Engine

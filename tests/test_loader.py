@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import free_port, start_ranks
+from helpers import free_port, rank_env, start_ranks
 
 from trainer.data.batch import collate
 from trainer.data.layout import buffer_order, split_intervals
@@ -40,7 +39,7 @@ def run_epoch(cfg: ShardLoader.Config, rank: int, world: int) -> tuple[list[str]
 
 # ---- real torch.distributed (gloo) processes ----------------------------------------------------------------
 def _dist_worker(rank: int, world: int, root: str, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    rank_env(rank, world, port)
     from trainer.dist import init_distributed
 
     info = init_distributed("cpu", timeout_s=120)

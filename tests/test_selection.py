@@ -8,19 +8,16 @@ known in advance whatever the model learns.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL, free_port, losses, start_ranks
+from helpers import TINY_MODEL, free_port, losses, rank_env, start_ranks
 
 SCRIPT = {2: 0.10, 4: 0.30, 6: 0.20, 8: 0.25, 10: 0.40}  # peaks at step 4 until step 10 (which never runs)
 
 
 def _worker(rank: int, world: int, overrides: list[str], port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
+    rank_env(rank, world, port)
     import trainer.evaluate as ev
     from trainer.run import load_job, train
 

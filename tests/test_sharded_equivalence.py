@@ -10,12 +10,11 @@ row-wise Adagrad (or SGD, for test_embedding_backend.py).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, start_ranks
+from helpers import free_port, rank_env, start_ranks
 
 from trainer.config import from_dict, to_dict
 from trainer.job import JobConfig
@@ -69,14 +68,7 @@ def small_data(tmp_path_factory) -> Path:
 
 # ---- the system under test: 2 gloo ranks -----------------------------------------------------------------------
 def _sharded_worker(rank: int, world: int, jobs: list[dict], port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        OMP_NUM_THREADS="1",
-    )
+    rank_env(rank, world, port)
     from embeddings.tables import gather_full_tables
     from trainer.data.manifest import Manifest
     from trainer.dist import init_distributed
