@@ -4,6 +4,7 @@ local cluster), and refuse a worker request the cluster cannot fit before Ray wa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -41,6 +42,71 @@ def oversubscription(workers: int, cpus_per_worker: float, cpu_count: int | None
     )
 
 
+# Lines Ray forwards from its processes that are not actionable: Ray Train's placement-group cleaner polls the
+# State API, which needs the dashboard (off on `--local` clusters), once a second; Ray's core worker warns about
+# its own PreemptionWatcher actor; Ray Train logs every rank's report and the pointer directory it stores for
+# each checkpoint (`argus checkpoint list RUN` lists the checkpoints themselves); fbgemm_gpu (in workers started
+# before argus's filter: trainer/logger.py) lists every library it loads and dumps each embedding kernel's
+# arguments.
+RAY_CHATTER: tuple[str, ...] = (
+    "Failed to query Ray Train Controller actor state",
+    "Actor with class name: 'PreemptionWatcher'",
+    "Reporting training result ",
+    "Checkpoint successfully created at: ",
+    "Successfully loaded: '",
+    "[TBE=",
+)
+
+
+def filter_forwarded_output(chatter: tuple[str, ...] = RAY_CHATTER) -> bool:
+    """Drop the ``chatter`` lines from what Ray forwards to this driver (workers' stdout and stderr); the rest
+    (progress, errors, Ray Train's failure and restart lines) is printed as before. Returns whether the filter is
+    in place: it wraps Ray's own forwarding handler (private API, pinned Ray version; tests/test_launch_ray.py
+    checks it), and without that handler it leaves the output alone."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+
+    def quiet(handle: Any) -> Any:
+        def emit(data: dict[str, Any]) -> None:
+            lines = [line for line in data.get("lines", []) if not any(c in line for c in chatter)]
+            if lines:
+                handle({**data, "lines": lines})
+
+        emit.argus_filtered = True  # type: ignore[attr-defined]
+        return emit
+
+    with dispatcher._lock:
+        pairs = dispatcher.handlers
+        if not any(name == "ray_print_logs" for name, _ in pairs):
+            return False
+        dispatcher.handlers = [
+            (name, h if name != "ray_print_logs" or getattr(h, "argus_filtered", False) else quiet(h))
+            for name, h in pairs
+        ]
+    return True
+
+
+def driver_log_level() -> int:
+    """The level of Ray's own logger in this driver: WARNING (no "Connecting to existing Ray cluster" and the
+    like) unless ``--verbose``."""
+    from trainer.logger import verbose
+
+    return logging.INFO if verbose() else logging.WARNING
+
+
+def connect(address: str) -> None:
+    """``ray.init(address)``, quiet unless ``--verbose``: Ray's INFO lines and the forwarded :data:`RAY_CHATTER`
+    are not printed."""
+    import ray
+
+    level = driver_log_level()
+    ray.init(address=address, logging_level=level)
+    if level > logging.INFO:
+        filter_forwarded_output()
+
+
 def local_tmp_root(environ: Mapping[str, str] = os.environ) -> str:
     """Where a throw-away local cluster keeps its files: ``$RAY_TMPDIR`` when set (an existing directory), else
     /tmp (not ``$TMPDIR``: Ray's socket paths must stay under 107 bytes)."""
@@ -65,7 +131,7 @@ def start_local_cluster(num_cpus: int, tmp: str) -> Any:
     os.makedirs(os.path.join(tmp, "ray"), exist_ok=True)
     return Cluster(
         initialize_head=True,
-        connect=True,
+        connect=False,  # ray_session connects (quietly)
         head_node_args={"num_cpus": num_cpus, "node_ip_address": "127.0.0.2", "include_dashboard": False},
     )
 
@@ -89,7 +155,7 @@ def ray_session(address: str | None, local_cpus: int | None = None) -> Iterator[
     import ray
 
     if local_cpus is None:
-        ray.init(address=address)
+        connect(address)
         try:
             yield
         finally:
@@ -100,6 +166,7 @@ def ray_session(address: str | None, local_cpus: int | None = None) -> Iterator[
     local, finished = None, False
     try:
         local = start_local_cluster(local_cpus, tmp)
+        connect(local.address)
         yield
         finished = True
     finally:

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on an error, the full traceback before its one line (also: ARGUS_DEBUG=1); anywhere on the line",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show third-party start-up chatter too: Ray's INFO lines, fbgemm's library list, ... "
+        "(also: ARGUS_VERBOSE=1); anywhere on the line",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_data(sub)
     add_train(sub)  # train, finetune, eval
@@ -53,15 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+GLOBAL_FLAGS = ("--debug", "--verbose")
+
+
 def _strip_launcher_args(argv: list[str]) -> list[str]:
-    """The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the environment too); --debug, global, may
-    come anywhere and is dropped here (parse_args sets ``args.debug``)."""
+    """The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the environment too); --debug and --verbose,
+    global, may come anywhere and are dropped here (parse_args sets ``args.debug`` and ``args.verbose``)."""
     out, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
             skip = False
             continue
-        if arg == "--debug":
+        if arg in GLOBAL_FLAGS:
             continue
         if arg.startswith(("--local_rank=", "--local-rank=")):
             os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
@@ -78,7 +87,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     after an option: `argus launch ray CONFIG --local key=value`); anything else unknown is a usage error."""
     parser = build_parser()
     args, extra = parser.parse_known_args(_strip_launcher_args(list(argv)))
-    args.debug = "--debug" in argv
+    args.debug, args.verbose = "--debug" in argv, "--verbose" in argv
     if extra:
         stray = [x for x in extra if not hasattr(args, "overrides") or x.startswith("-") or "=" not in x]
         if stray:
@@ -137,6 +146,8 @@ def prints_error(code: int) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.verbose:
+        os.environ["ARGUS_VERBOSE"] = "1"  # trainer.logger.verbose(): read here, in ranks and in Ray workers
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -40,14 +40,17 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    from trainer.logger import VERBOSE_ENV, quiet_library_logs
+
+    os.environ[VERBOSE_ENV] = "1" if config.get("verbose") else ""  # the driver's --verbose, not this node's
+    quiet_library_logs()  # before TorchRec (fbgemm logs at import) and DeepSpeed are imported
+
     from trainer.checkpoint import pointer_target
     from trainer.config import from_dict
     from trainer.job import JobConfig
-    from trainer.logger import quiet_library_logs
     from trainer.run import build_trainer
     from trainer.train import Trainer
 
-    quiet_library_logs()
     ctx = ray.train.get_context()
     os.environ.update(
         RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()), LOCAL_RANK=str(ctx.get_local_rank())
@@ -148,16 +151,20 @@ def checkpoint_step(path: Path) -> int:
 def worker_config(cfg: Any, num_workers: int, cpus_per_worker: float, environ: Any = None) -> dict[str, Any]:
     """What every Ray worker gets (``train_loop_config``): the job, its thread count, this launch's id and the
     fault drill. ``ARGUS_FAULT_INJECT`` is taken from the driver's environment and passed explicitly: workers on an
-    existing cluster (``--address``) run in the environment their raylet started with, not the driver's."""
+    existing cluster (``--address``) run in the environment their raylet started with, not the driver's; so does
+    ``--verbose``."""
     from trainer.faults import ENV, parse_faults
+    from trainer.logger import verbose
 
-    spec = (os.environ if environ is None else environ).get(ENV, "")
+    environ = os.environ if environ is None else environ
+    spec = environ.get(ENV, "")
     parse_faults(spec, num_workers)  # a malformed drill: one line now, not a crash in every worker later
     return {
         "job": to_dict(cfg),
         "omp_threads": max(1, int(cpus_per_worker)),
         "launch": uuid.uuid4().hex,  # in this launch's checkpoints (pick_restore)
         "fault_inject": spec,
+        "verbose": verbose(environ),
     }
 
 

@@ -1,4 +1,4 @@
-"""`argus launch ray`: resource check, manifests that parse, and --local == torchrun (same eval output)."""
+"""`argus launch ray`: resource check, manifests that parse, restore choice, a real --local run, quiet output."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY_MODEL, argus_inproc, argus_ranks, one_line_error
+from helpers import TINY_MODEL, argus_inproc, one_line_error
 
-from cluster.ray_local import check_resources
+from cluster.ray_local import RAY_CHATTER, check_resources, filter_forwarded_output
 from launch.cli import build_parser
 from launch.ray_launch import pick_restore, reported_checkpoint, write_pointer
 
@@ -97,7 +97,7 @@ def test_local_ray_warns_on_oversubscription_uses_ray_tmpdir_and_cleans_up_on_fa
 ):
     """`--local` on a machine with fewer CPUs than asked for: one warning line; the throw-away cluster's files go
     under $RAY_TMPDIR and are removed even when the cluster fails to start (a stub here: the real cluster is
-    test_local_ray_run_evaluates_identically_to_torchrun's); the variable is left as it was."""
+    test_local_ray_run_keeps_its_files_bounded_and_its_output_quiet's); the variable is left as it was."""
     import ray.cluster_utils
 
     monkeypatch.chdir(REPO)
@@ -137,6 +137,50 @@ def test_local_ray_warns_on_oversubscription_uses_ray_tmpdir_and_cleans_up_on_fa
     )
 
 
+def test_forwarded_chatter_is_dropped_and_the_rest_printed():
+    """The driver-side filter wraps Ray's forwarding handler (the real one exists only once ray.init has run: the
+    --local run below checks the whole path); fbgemm's INFO lines are dropped in the worker itself."""
+    import logging
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from trainer.logger import _FbgemmInfo
+
+    got = []
+    dispatcher.add_handler("ray_print_logs", lambda data: got.append(data["lines"]))
+    try:
+        assert filter_forwarded_output() and filter_forwarded_output()  # idempotent: wrapped once
+        lines = ["step 1/3  loss 7.3", *(f"x {c} y" for c in RAY_CHATTER), "Traceback (most recent call last):"]
+        dispatcher.emit({"lines": lines, "pid": 1, "ip": "127.0.0.1", "is_err": False})
+        dispatcher.emit({"lines": [f"{RAY_CHATTER[0]} again"], "pid": 1, "ip": "127.0.0.1", "is_err": True})
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+    assert got == [["step 1/3  loss 7.3", "Traceback (most recent call last):"]]
+
+    def record(path: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord("root", level, path, 1, "Successfully loaded: 'x.so'", None, None)
+
+    quiet = _FbgemmInfo()
+    assert not quiet.filter(record("/venv/site-packages/fbgemm_gpu/__init__.py", logging.INFO))
+    assert quiet.filter(record("/venv/site-packages/fbgemm_gpu/__init__.py", logging.WARNING))
+    assert quiet.filter(record("/work/argus/trainer/train.py", logging.INFO))
+
+
+def test_verbose_anywhere_on_the_line_reaches_the_workers(monkeypatch):
+    from launch.cli import parse_args
+    from launch.ray_launch import worker_config
+    from trainer.config import load_config
+    from trainer.job import JobConfig
+
+    args = parse_args(["launch", "ray", "configs/mini.yaml", "--local", "--verbose", "--num-workers", "2",
+                       "--storage-path", "/tmp/s", "data.path=/d"])  # fmt: skip
+    assert args.verbose and not args.debug and args.overrides == ["data.path=/d"]
+    assert not parse_args(["plan", "configs/mini.yaml"]).verbose
+    cfg = load_config(JobConfig, REPO / "configs" / "mini.yaml", ["data.path=/d"], validate=False)
+    assert worker_config(cfg, 2, 1.0, environ={"ARGUS_VERBOSE": "1"})["verbose"] is True
+    assert worker_config(cfg, 2, 1.0, environ={"ARGUS_VERBOSE": "0"})["verbose"] is False
+
+
 def test_kuberay_entrypoint_is_a_valid_argus_command():
     job = yaml.safe_load((REPO / "cluster" / "k8s" / "rayjob.yaml").read_text())
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -147,12 +191,15 @@ def test_kuberay_entrypoint_is_a_valid_argus_command():
 
 
 @pytest.mark.slow
-def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path, capsys):
-    """`argus launch ray --local` (a real process) == 2 ranks under torchrun's environment (forked in-process).
-    The throw-away cluster keeps its files under $RAY_TMPDIR while it runs, and nothing of it is left after.
+def test_local_ray_run_keeps_its_files_bounded_and_its_output_quiet(tmp_path):
+    """`argus launch ray --local` (a real process). The throw-away cluster keeps its files under $RAY_TMPDIR while
+    it runs, and nothing of it is left after. (That a Ray run trains exactly as torchrun does, bit for bit, is the
+    node-loss drill's reference check: tests/test_ray_fault_tolerance.py.)
 
     A checkpoint every step, train.keep_last=2: the run keeps steps 2 and 3, each with its manifest; Ray's storage
-    path holds one pointer file per reported checkpoint and no second copy (before: every checkpoint twice)."""
+    path holds one pointer file per reported checkpoint and no second copy (before: every checkpoint twice).
+    Quiet by default: the workers' progress lines come through, Ray's INFO lines, its placement-group cleaner's
+    polling and fbgemm's library list do not (before: 14 lines per rank, ~20 polling lines, 10 per kernel)."""
     import shutil
     import tempfile
     import time
@@ -193,10 +240,10 @@ def test_local_ray_run_evaluates_identically_to_torchrun(tmp_path, capsys):
     run_bytes = sum(store.checkpoint_bytes(p) for p in store.checkpoints(run).values())
     assert ray_bytes < 64 * 1024 < run_bytes, f"Ray keeps {ray_bytes} bytes beside the run's {run_bytes}: {ray_files}"
     assert not [p for p in ray_files if p.suffix in (".pt", ".distcp")], "no checkpoint file outside the run"
-    argus_ranks("train", *common, f"out={tmp_path / 'tr'}", nproc=2, env={"RAY_AUTH_MODE": "disabled"})
-    evals = [argus_inproc(capsys, "eval", str(r), "--data", str(data), "--json") for r in (run, tmp_path / "tr")]
-    assert all(e[0] == 0 for e in evals), evals[0][2][-2000:]
-    assert evals[0][1] == evals[1][1]
+    printed = (tmp_path / "ray.out").read_text() + (tmp_path / "ray.err").read_text()
+    assert "step 3/3" in printed and "done: loc:" in printed
+    chatter = [x for x in printed.splitlines() if any(c in x for c in (*RAY_CHATTER, "INFO worker.py"))]
+    assert not chatter, chatter[:5]
 
 
 @pytest.mark.slow

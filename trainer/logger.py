@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import os
 import resource
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -292,21 +294,40 @@ class StepTimer:
         return out
 
 
+VERBOSE_ENV = "ARGUS_VERBOSE"
+
+
+def verbose(environ: Mapping[str, str] | None = None) -> bool:
+    """``argus --verbose`` (or ARGUS_VERBOSE set to anything but 0): third-party start-up chatter is shown."""
+    return (os.environ if environ is None else environ).get(VERBOSE_ENV, "") not in ("", "0")
+
+
+class _FbgemmInfo(logging.Filter):
+    """fbgemm_gpu logs through the root logger at INFO: 14 "Successfully loaded" lines at import and a 10-line
+    argument dump per embedding kernel. Silent wherever the root logger prints INFO (Ray workers do)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}fbgemm_gpu{os.sep}" not in record.pathname
+
+
 def quiet_library_logs() -> None:
-    """Silence known-harmless library chatter in entry points (argus train/eval, Ray workers).
+    """Silence known-harmless library chatter in entry points (argus train/eval, Ray workers), unless
+    ``--verbose`` (:func:`verbose`).
 
     TorchRec's planner warns about how its Topology was built and its storage heuristic, torch's fx
     tracer and c10d about deprecations, DeepSpeed about falling back to the CPU accelerator, fbgemm_gpu
     (imported by TorchRec) about its own modules' deprecations (shown under ``-W default``, ``-X dev`` or
-    pytest); none of it is actionable for a user and it buries the progress lines. Call it before importing
-    the modules that import those libraries: some warn at import.
+    pytest) and, where INFO is printed, about every library it loads; none of it is actionable for a user and it
+    buries the progress lines. Call it before importing the modules that import those libraries: some warn at
+    import.
     """
-    import logging
-    import os
-    import warnings
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns at import
+    if verbose():
+        return
+    root = logging.getLogger()
+    if not any(isinstance(f, _FbgemmInfo) for f in root.filters):
+        root.addFilter(_FbgemmInfo())
     for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
