@@ -86,6 +86,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     ks = [int(k) for k in a.ks.split(",")] if a.ks else None
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
         rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users)
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
+        return 0
     if a.json:
         print_json(rep)
         return 0

@@ -21,7 +21,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -321,3 +321,43 @@ def load_model(checkpoint_or_run: str | Path, num_items: int) -> tuple[JobConfig
     dense = build_dense(cfg)
     load_weights(path, sparse, dense)
     return cfg, sparse.eval(), dense.eval()
+
+
+class ShardedModel(NamedTuple):
+    """A checkpoint's model for inference under a process group (eval, export): the item table sharded by TorchRec as
+    in training (or replicated: backend torch), the dense model whole on every rank, both in eval mode."""
+
+    cfg: JobConfig
+    tables: Any  # a DMP, or ReplicatedItemTables (embeddings.backend torch)
+    item_rows: int
+    dense: torch.nn.Module
+
+
+def load_model_sharded(path: Path, num_items: int, device: torch.device, world: int) -> ShardedModel:
+    """Collective: checkpoint ``path`` loaded for inference on this process group, any world size (DCP reshards the
+    tables; the dense weights are consolidated from any ZeRO stage). Used by ``argus eval`` and ``argus export``."""
+    from embeddings.replicated import ReplicatedItemTables
+    from embeddings.tables import SparseArch
+    from trainer.memory import embedding_hbm_budget, embedding_lookups
+    from trainer.model.build import build_dense
+
+    cfg = saved_job(path)
+    tables: Any
+    if cfg.embeddings.backend == "torch":  # the run's backend: the whole table on every rank, plain torch
+        tables = ReplicatedItemTables(cfg.embeddings, num_items, device=device)
+        item_rows = tables.item_rows
+    else:
+        from embeddings.sharding import shard
+
+        sparse = SparseArch(cfg.embeddings, num_items, device="meta")
+        item_rows = sparse.item_rows
+        hbm_cap = None
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            hbm_cap = embedding_hbm_budget(cfg, world, total, gpus_per_node=torch.cuda.device_count())
+        batch, lookups = cfg.data.batch_size, embedding_lookups(cfg)
+        tables, _ = shard(sparse, cfg.embeddings, device, batch_size=batch, hbm_cap=hbm_cap, lookups=lookups)
+    dense = build_dense(cfg)
+    load_weights(path, tables, dense)
+    tables.eval()
+    return ShardedModel(cfg, tables, item_rows, dense.to(device).eval())

@@ -35,7 +35,7 @@ from trainer.data.oracle import SynthOracle
 from trainer.data.schema import played_bucket
 from trainer.metrics import RankingAccumulator, item_ranks, popularity_scores, ranks_of_targets, sampled_ranks
 from trainer.model.argus import target_index
-from trainer.model.heads import ne_from_stats, ne_stats, score
+from trainer.model.heads import ne_from_stats, ne_stats
 from trainer.model.interaction import lookup_interactions
 
 
@@ -180,7 +180,6 @@ def oracle_report(
     }
 
 
-@torch.no_grad()
 def evaluate(
     run_dir: str | Path,
     data_dir: str | Path,
@@ -188,61 +187,261 @@ def evaluate(
     ks: list[int] | None = None,
     max_users: int | None = None,
     checkpoint_path: str | Path | None = None,
+    device: str = "auto",
+    per_target: bool = False,
 ) -> dict[str, Any]:
     """The report of ``argus eval``: the run's selected checkpoint (``best`` when the run kept one, else
-    ``latest``), or ``checkpoint_path``."""
+    ``latest``), or ``checkpoint_path``.
+
+    Collective: every rank of the process group calls it (a plain process, torchrun, the deepspeed launcher, Ray;
+    a process group is started for the call when there is none, and training's validation calls it inside its
+    own). The item table is sharded over the ranks as in training, through :func:`checkpoint.load_model_sharded`;
+    users are split over the ranks and ranked by :mod:`trainer.ranking`. Every rank returns the same report."""
+    import torch.distributed as dist
+
+    from trainer.dist import init_distributed
+
     path = checkpoint.resolve_checkpoint(checkpoint_path or run_dir, prefer_best=checkpoint_path is None)
     manifest = Manifest.load(data_dir)
-    cfg, sparse, dense = checkpoint.load_model(path, manifest.num_items)
+    cfg = checkpoint.saved_job(path)
     ev = cfg.eval
     split = split or ev.split
+    manifest.split(split)  # an unknown split: one line now, before any process group
     ks = list(ks or ev.ks)
     max_users = ev.max_users if max_users is None else max_users
-    loader = eval_loader(data_dir, manifest, split, ev.batch_size, cfg.interactions_per_sample())
-    items = sparse.items.embeddings["item"].weight
-    ni = cfg.heads.next_item
-    feedback = cfg.heads.feedback.weight > 0
-    stats: dict[str, list[tuple[float, torch.Tensor]]] = {"event": [], "played": []}
-
-    def scores_fn(batch: Batch, t: EvalTargets) -> torch.Tensor:
-        if cfg.data.batch_tokens:  # a run trained on packed rows is ranked on packed rows too
-            batch.pack(cfg.interactions_per_sample())
-        item, side, _ = lookup_interactions(
-            sparse, batch, cfg, sparse.item_rows, torch.zeros(0, dtype=torch.long), torch.device("cpu")
+    if max_users < 0:
+        raise ValueError(f"--max-users: must be >= 0, got {max_users}")
+    owns_group = not dist.is_initialized()  # a caller's process group (training's validation) is left as it was
+    info = init_distributed(device, cfg.train.timeout_s)
+    try:
+        model = checkpoint.load_model_sharded(path, manifest.num_items, info.device, info.world_size)
+        report = rank_model(
+            model, data_dir, manifest, split, ks, max_users, info.rank, info.world_size, info.device, per_target
         )
-        states = dense.states(item, side, batch.lengths, batch.grid())
-        h = dense.user_vectors(states, batch.lengths, (batch.target_start - 1).clamp_min(0))
-        if feedback:
-            fb = dense.feedback(states[dense.state_rows(t.flat)[1]], item[t.flat])
-            stats["event"].append(ne_stats(fb["event"].float(), batch.values["event"].long()[t.flat]))
-            stats["played"].append(ne_stats(fb["played"].float(), played_bucket(batch.values["played"])[t.flat]))
-        return score(h, items, ni.normalize, ni.temperature)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    return {"checkpoint": path.name, **report}
 
-    full = manifest.num_items <= ev.full_ranking_max_items
-    r = rank_split(
-        loader, scores_fn, manifest.item_counts("train"), ks, full, ev.sampled_negatives, cfg.train.seed, max_users
-    )
+
+@torch.no_grad()
+def rank_model(
+    model: checkpoint.ShardedModel,
+    data_dir: str | Path,
+    manifest: Manifest,
+    split: str,
+    ks: list[int],
+    max_users: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    per_target: bool = False,
+) -> dict[str, Any]:
+    """Collective: the ranking report of ``model`` on ``split`` (see :func:`evaluate`), the same on every rank.
+
+    Each rank encodes its exactly-once part of the split's users (the state after the last context interaction,
+    ``target_start - 1``), ranks the popularity baseline on the same targets, and sums the feedback head's NE
+    statistics; the targets are then ranked over the whole catalog (:func:`trainer.ranking.full_ranks`) or among
+    sampled items (:func:`trainer.ranking.sampled_ranks`, above ``eval.full_ranking_max_items``), and the metrics
+    are computed on every rank over all targets in (user id, position) order, so they do not depend on the number
+    of ranks. ``max_users``: exactly that many users, those with the lowest ids among the users with a target."""
+    import torch.distributed as dist
+
+    from embeddings.features import lookup_ids
+    from trainer import ranking
+    from trainer.engine import dummy_batch
+    from trainer.export import served_items, served_users
+
+    cfg, tables, item_rows, dense = model
+    ev = cfg.eval
+    num_items = manifest.num_items
+    full = num_items <= ev.full_ranking_max_items
+    n_neg = ev.sampled_negatives
+    context = cfg.interactions_per_sample()
+    loader = ShardLoader.Config(
+        path=str(data_dir), split=split, batch_size=ev.batch_size, num_workers=0, shuffle=False, max_seq_len=context
+    ).build(rank, world, manifest)
+    counts = np.array(manifest.item_counts("train"))  # a copy: the counts may be a read-only memmap
+    pop_scores = popularity_scores(counts)
+    pop_rank = item_ranks(pop_scores)
+    feedback = cfg.heads.feedback.weight > 0
+
+    def item_vectors(ids: torch.Tensor) -> torch.Tensor:  # collective under DMP, even for no ids
+        return served_items(cfg, lookup_ids(tables, ids, device))
+
+    chosen = _chosen_users(loader, num_items, max_users, device) if max_users else None
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("users", "owner", "item", "score", "uid", "pos", "pop")}
+    sampled: dict[str, list[torch.Tensor]] = {"model": [], "pop": []}
+    stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"event": [], "played": []}
+    without_history, n_users = 0, 0
+    for batch in loader:  # the same number of batches on every rank (padding batches are empty)
+        t = batch_targets(batch, num_items) if batch.size else None
+        if t is not None and chosen is not None:
+            t = _only(t, torch.isin(batch.users[t.owner], chosen))
+        without_history += int((batch.target_start == 0).sum()) if batch.size else 0
+        ctx = batch if batch.size else dummy_batch()
+        if cfg.data.batch_tokens:  # a run trained on packed rows is ranked on packed rows too
+            ctx.pack(context)
+        item, side, _ = lookup_interactions(tables, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
+        rows = torch.remainder(t.items, item_rows) if t is not None else torch.zeros(0, dtype=torch.long)
+        target_vecs = item_vectors(rows)  # collective: every batch looks its targets up, even none
+        neg = neg_vecs = None
+        if not full:
+            uid = batch.users[t.owner] if t is not None else torch.zeros(0, dtype=torch.long)
+            pos = (t.flat - _starts(batch)[t.owner]) if t is not None else torch.zeros(0, dtype=torch.long)
+            neg = ranking.negatives(cfg.train.seed, uid, pos, rows, n_neg, item_rows)
+            uniq, inverse = torch.unique(neg, return_inverse=True)
+            neg_vecs = item_vectors(uniq)[inverse]  # collective: the sampled items only
+        if t is None or t.users == 0:
+            continue
+        states = dense.states(item, side, ctx.lengths.to(device), _on(ctx.grid(), device))
+        h = dense.user_vectors(states, ctx.lengths.to(device), (ctx.target_start.to(device) - 1).clamp_min(0))
+        first = torch.zeros(t.users, dtype=torch.long).scatter_reduce_(
+            0, t.local, t.owner, reduce="amin", include_self=False
+        )  # each user's row of the batch
+        u = served_users(cfg, h[first.to(device)])
+        own = ranking.pair_scores(u[t.local.to(device)], target_vecs)
+        if feedback:
+            fb = dense.feedback(states[dense.state_rows(t.flat.to(device))[1]], item[t.flat.to(device)])
+            stats["event"].append(ne_stats(fb["event"].float(), ctx.values["event"].long()[t.flat].to(device)))
+            played = played_bucket(ctx.values["played"])[t.flat].to(device)
+            stats["played"].append(ne_stats(fb["played"].float(), played))
+        uid = batch.users[t.owner]
+        pos = t.flat - _starts(batch)[t.owner]
+        if full:
+            parts["users"].append(u)
+            parts["owner"].append(t.local + n_users)
+            parts["item"].append(rows)
+            parts["score"].append(own.cpu())
+            parts["pop"].append(pop_rank[t.items])
+        else:
+            assert neg is not None and neg_vecs is not None
+            vecs = u[t.local.to(device)]
+            sampled["model"].append(ranking.sampled_ranks(vecs, own, rows.to(device), neg.to(device), neg_vecs).cpu())
+            pop_neg = pop_scores[neg]
+            pop_t = pop_scores[t.items]
+            ahead = (pop_neg > pop_t[:, None]) | ((pop_neg == pop_t[:, None]) & (neg < rows[:, None]))
+            sampled["pop"].append(ahead.sum(1))
+        parts["uid"].append(uid)
+        parts["pos"].append(pos)
+        n_users += t.users
+
+    def cat(key: str, like: torch.Tensor) -> torch.Tensor:
+        return torch.cat(parts[key]) if parts[key] else like
+
+    empty = torch.zeros(0, dtype=torch.long)
+    uid, pos = ranking.gather_rows(cat("uid", empty)), ranking.gather_rows(cat("pos", empty))
+    if full:
+        dim = cfg.embeddings.item_dim
+        users = ranking.gather_rows(torch.cat(parts["users"]) if parts["users"] else torch.zeros(0, dim, device=device))
+        offset = int(ranking.gather_rows(torch.tensor([n_users]))[:rank].sum())
+        targets = ranking.Targets(
+            owner=ranking.gather_rows(cat("owner", empty) + offset).to(device),
+            item=ranking.gather_rows(cat("item", empty)).to(device),
+            score=ranking.gather_rows(cat("score", torch.zeros(0))).to(device),
+        )
+        model_ranks = ranking.full_ranks(
+            users, targets, item_rows, item_vectors, rank, world, ev.item_block, ev.batch_size
+        ).cpu()
+        pop_ranks = ranking.gather_rows(cat("pop", empty))
+    else:
+        model_ranks = ranking.gather_rows(torch.cat(sampled["model"]).cpu() if sampled["model"] else empty)
+        pop_ranks = ranking.gather_rows(torch.cat(sampled["pop"]) if sampled["pop"] else empty)
+    # the same order on any number of ranks: by user id, then target position (float sums then match exactly)
+    order = torch.sort(pos, stable=True).indices
+    order = order[torch.sort(uid[order], stable=True).indices]
+    _, user_index = torch.unique_consecutive(uid[order], return_inverse=True)
+    prefix = "" if full else "sampled_"
+    acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
+    acc_model.add(model_ranks[order], user_index)
+    acc_pop.add(pop_ranks[order], user_index)
+    totals = torch.tensor([without_history], dtype=torch.long)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(totals)
     report: dict[str, Any] = {
-        "checkpoint": path.name,
         "split": split,
-        "ranking": r.ranking,
-        "users": r.users,
-        "users_without_history": r.users_without_history,
-        "model": r.model,
-        "popularity": r.popularity,
+        "ranking": "full" if full else f"sampled ({n_neg} uniform negatives per target; optimistic)",
+        "users": int(user_index.max()) + 1 if user_index.numel() else 0,
+        "users_without_history": int(totals[0]),
+        "model": acc_model.compute(),
+        "popularity": acc_pop.compute(),
     }
     report["lift"] = {
-        k: (v / report["popularity"][k] if report["popularity"][k] else None) for k, v in r.model.items() if "@" in k
+        k: (v / report["popularity"][k] if report["popularity"][k] else None)
+        for k, v in report["model"].items()
+        if "@" in k
     }
+    if per_target:
+        items = ranking.gather_rows(torch.cat(parts["item"]) if full and parts["item"] else empty)
+        report["per_target"] = {
+            "user": uid[order].tolist(),
+            "position": pos[order].tolist(),
+            "item": items[order].tolist() if full else [],
+            "rank": model_ranks[order].tolist(),
+            "popularity_rank": pop_ranks[order].tolist(),
+        }
     notes = []
-    for head, parts in stats.items():
-        if not parts:
+    for head, got in stats.items():
+        summed = _sum_over_ranks(got, world)
+        if summed is None:
             continue
-        counts = sum(c for _, c in parts)
-        if int((counts > 0).sum()) < 2:  # one class only: the prior has no entropy, NE is undefined
+        if int((summed[1] > 0).sum()) < 2:  # one class only: the prior has no entropy, NE is undefined
             notes.append(f"ne/{head} left out: every {head} target in this split has the same value")
             continue
-        report[f"ne/{head}"] = ne_from_stats(sum(ce for ce, _ in parts), counts)
+        report[f"ne/{head}"] = ne_from_stats(*summed)
     if notes:
         report["notes"] = notes
     return report
+
+
+def _sum_over_ranks(
+    got: list[tuple[torch.Tensor, torch.Tensor]], world: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Collective: NE statistics (summed cross-entropy, class counts) summed over batches and ranks; None if no
+    rank had any (no feedback head)."""
+    import torch.distributed as dist
+
+    local = None
+    if got:
+        local = (torch.stack([c for c, _ in got]).sum().cpu(), torch.stack([n for _, n in got]).sum(0).cpu())
+    every = [local]
+    if dist.is_initialized() and world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, local)
+    have = [x for x in every if x is not None]
+    if not have:
+        return None
+    return sum(ce for ce, _ in have), sum(n for _, n in have)
+
+
+def _starts(batch: Batch) -> torch.Tensor:
+    """Flat index of each sample's first interaction."""
+    from trainer.data.batch import sample_starts
+
+    return sample_starts(batch.lengths.long())
+
+
+def _on(grid: Any, device: torch.device) -> Any:
+    """A batch's packing grid (Batch.grid) on ``device``."""
+    if grid[0] is None:
+        return grid
+    return (grid[0].to(device), grid[1].to(device), grid[2])
+
+
+def _only(t: EvalTargets, keep: torch.Tensor) -> EvalTargets:
+    """The targets ``keep`` selects, users renumbered from 0."""
+    users, local = torch.unique(t.owner[keep], return_inverse=True)
+    return EvalTargets(t.flat[keep], t.owner[keep], t.items[keep], local, int(users.numel()))
+
+
+def _chosen_users(loader: ShardLoader, num_items: int, max_users: int, device: torch.device) -> torch.Tensor:
+    """Collective: the ``max_users`` lowest user ids among the users of the split with a target to rank (a pass
+    over the split that reads ids only): the same users on any number of ranks."""
+    from trainer import ranking
+
+    ids = []
+    for batch in loader:
+        if batch.size:
+            ids.append(torch.unique(batch.users[batch_targets(batch, num_items).owner]))
+    mine = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+    return torch.sort(ranking.gather_rows(mine)).values[:max_users]

@@ -101,16 +101,27 @@ def served_vectors(
         if item_emb is not None:
             items = dense.item_vectors(item_emb)
         return users, items
-    ni = cfg.heads.next_item
     if history is not None:
         states = dense.states(history.item, history.side, history.lengths, history.grid)
         rows = history.last * 2 + 1 if dense.interleaved else history.last  # interleaved: the feedback token
-        u = dense.proj(states[rows]).float()
-        users = (F.normalize(u, dim=-1) if ni.normalize else u) / ni.temperature
+        users = served_users(cfg, dense.proj(states[rows]))
     if item_emb is not None:
-        v = item_emb.float()
-        items = F.normalize(v, dim=-1) if ni.normalize else v
+        items = served_items(cfg, item_emb)
     return users, items
+
+
+def served_users(cfg: JobConfig, u: torch.Tensor) -> torch.Tensor:
+    """The next-item head's user side (ArgusModel.user_vectors) as a served vector: cosine scoring normalises it,
+    and the temperature rides on it."""
+    ni = cfg.heads.next_item
+    u = u.float()
+    return (F.normalize(u, dim=-1) if ni.normalize else u) / ni.temperature
+
+
+def served_items(cfg: JobConfig, item_emb: torch.Tensor) -> torch.Tensor:
+    """Item table rows as served vectors: plain (unit, for cosine scoring) embeddings."""
+    v = item_emb.float()
+    return F.normalize(v, dim=-1) if cfg.heads.next_item.normalize else v
 
 
 # ---- which rows each user state sees ---------------------------------------------------------------------------
@@ -342,12 +353,8 @@ def export(
     import pyarrow as pa
     import torch.distributed as dist
 
-    from embeddings.replicated import ReplicatedItemTables
-    from embeddings.tables import SparseArch
     from trainer.data.loader import ShardLoader
     from trainer.dist import init_distributed
-    from trainer.memory import embedding_hbm_budget, embedding_lookups
-    from trainer.model.build import build_dense
 
     owns_group = not dist.is_initialized()  # a caller's process group is left as it was
     info = init_distributed(device, cfg.train.timeout_s)
@@ -360,32 +367,7 @@ def export(
         (out / sub).mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
-    tables: Any
-    if cfg.embeddings.backend == "torch":  # the run's backend: the whole table on every rank, plain torch
-        tables = ReplicatedItemTables(cfg.embeddings, manifest.num_items, device=dev)
-        item_rows = tables.item_rows
-    else:
-        from embeddings.sharding import shard
-
-        sparse = SparseArch(cfg.embeddings, manifest.num_items, device="meta")
-        item_rows = sparse.item_rows
-        hbm_cap = None
-        if dev.type == "cuda":
-            hbm_cap = embedding_hbm_budget(
-                cfg, world, torch.cuda.get_device_properties(dev).total_memory, gpus_per_node=torch.cuda.device_count()
-            )
-        tables, _ = shard(
-            sparse,
-            cfg.embeddings,
-            dev,
-            batch_size=cfg.data.batch_size,
-            hbm_cap=hbm_cap,
-            lookups=embedding_lookups(cfg),
-        )
-    dense = build_dense(cfg)
-    checkpoint.load_weights(path, tables, dense)
-    tables.eval()
-    dense = dense.to(dev).eval()
+    _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest.num_items, dev, world)
     dim = cfg.embeddings.item_dim
     vec_type = _vector_type(dtype, dim)
     loader = ShardLoader.Config(

@@ -66,10 +66,13 @@ class TrainSection:
 class EvalSection:
     split: str = "test"
     ks: list[int] = field(default_factory=lambda: [10, 100])
-    batch_size: int = 256
-    max_users: int = 0  # 0 = all
+    batch_size: int = 256  # users per step of the user pass; targets per score block of the item pass
+    max_users: int = 0  # 0 = all; else exactly that many (the lowest user ids with a target)
+    # Full ranking scores the catalog in blocks of `item_block` rows per rank (trainer/ranking.py): a
+    # batch_size x item_block float64 block is the largest temporary (17 bytes per entry with its copies).
+    item_block: int = 65536
     full_ranking_max_items: int = 5_000_000  # larger catalogs use sampled ranking (labelled "sampled_")
-    sampled_negatives: int = 1000
+    sampled_negatives: int = 1000  # per target, scored alone (never the whole catalog)
     # Validation during training (model selection): every `every` steps the run writes a checkpoint, ranks
     # the `val_split` with it (trainer/evaluate.py, the code `argus eval` runs) and points checkpoints/best at
     # the best one by `select`; `patience` validations without improvement stop the run (0 = never).
@@ -85,6 +88,8 @@ class EvalSection:
             raise ValueError(f"{where}.ks: expected positive cutoffs, got {self.ks}")
         if self.every < 0 or self.patience < 0 or self.val_max_users < 0 or self.max_users < 0:
             raise ValueError(f"{where}.every, patience, max_users and val_max_users must be >= 0")
+        if self.item_block < 1 or self.batch_size < 1 or self.sampled_negatives < 1:
+            raise ValueError(f"{where}.item_block, batch_size and sampled_negatives must be >= 1")
         name, _, k = self.select.partition("@")
         if name not in ("hr", "ndcg", "recall") or not k.isdigit() or int(k) not in self.ks:
             raise ValueError(

@@ -331,6 +331,9 @@ def quiet_library_logs() -> None:
     for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchrec\..*")
+    # TorchRec's sharded modules script their helpers with torch.jit, which torch 2.13 deprecates
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"`torch\.jit\.\w+` is deprecated")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fbgemm_gpu(\..*)?$")
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.*")
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*set_vital.*")

@@ -256,34 +256,25 @@ class Trainer:
             log.warning("train.max_seconds=%g reached at step %d: stopping with a checkpoint", cap, self.step)
 
     def validate(self, path: Path, logger: MetricsLogger) -> dict[str, float]:
-        """Rank the validation split with checkpoint ``path`` (rank 0; the others wait), keep ``best``, decide
-        on early stopping; the same decision on every rank. Returns the ``eval/`` metrics."""
-        ev = self.cfg.eval
-        keys = [ev.select] + [f"{m}@{k}" for m in ("hr", "ndcg") for k in ev.ks]
-        values = torch.zeros(1 + len(keys), dtype=torch.float64)  # [failed, select, hr@K..., ndcg@K...]
-        error: Exception | None = None
-        if self.info.rank == 0:
-            from trainer.evaluate import evaluate  # it imports checkpoint loading; training may never validate
+        """Rank the validation split with checkpoint ``path``, keep ``best``, decide on early stopping. Every rank
+        runs the same code as ``argus eval`` (collective: the users split over the ranks, the item table sharded
+        as in training) and gets the same metrics, so the decision is the same on every rank. Returns the
+        ``eval/`` metrics."""
+        from trainer.evaluate import evaluate  # it imports checkpoint loading; training may never validate
 
-            try:
-                rep = evaluate(
-                    self.run_dir,
-                    self.cfg.data.path,
-                    split=ev.val_split,
-                    ks=ev.ks,
-                    max_users=ev.val_max_users,
-                    checkpoint_path=path,
-                )["model"]
-                values[1:] = torch.tensor([rep[k] for k in keys], dtype=torch.float64)
-            except Exception as e:  # tell the other ranks instead of leaving them in the broadcast
-                error, values[0] = e, 1.0
-        values = self.engine.broadcast(values)
-        if error is not None:
-            raise error
-        if values[0]:
-            raise RuntimeError(f"validation of {path.name} failed on rank 0 (see its log)")
-        metrics = {f"eval/{k}": float(v) for k, v in zip(keys[1:], values[2:].tolist())}
-        self.validation.add(self.step, float(values[1]), path, time.time() - self.t_start, self.info.rank)
+        ev = self.cfg.eval
+        keys = [f"{m}@{k}" for m in ("hr", "ndcg") for k in ev.ks]
+        rep = evaluate(
+            self.run_dir,
+            self.cfg.data.path,
+            split=ev.val_split,
+            ks=ev.ks,
+            max_users=ev.val_max_users,
+            checkpoint_path=path,
+            device=self.cfg.train.device,
+        )["model"]
+        metrics = {f"eval/{k}": float(rep[k]) for k in keys}
+        self.validation.add(self.step, float(rep[ev.select]), path, time.time() - self.t_start, self.info.rank)
         metrics[f"eval/best_{ev.select}"] = self.validation.best
         logger.log(self.step, metrics)
         return metrics
