@@ -108,6 +108,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
             console.print(f"{k} = {rep[k]:.4f}")
     for note in rep.get("notes", []):
         console.print(f"note: {note}")
+    c = rep["cost"]
+    peak = ", ".join(f"{g:.2f}" for g in c["peak_memory_gib"])
+    console.print(
+        f"ranked in {c['seconds']:.1f} s on {c['ranks']} rank(s): {c['users_per_s']:,.0f} users/s; "
+        f"peak memory per rank {peak} GiB"
+    )
     metrics = Path(a.run) / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         records = [json.loads(x) for x in metrics.read_text().splitlines()]

@@ -245,13 +245,17 @@ def rank_model(
     sampled items (:func:`trainer.ranking.sampled_ranks`, above ``eval.full_ranking_max_items``), and the metrics
     are computed on every rank over all targets in (user id, position) order, so they do not depend on the number
     of ranks. ``max_users``: exactly that many users, those with the lowest ids among the users with a target."""
+    import time
+
     import torch.distributed as dist
 
     from embeddings.features import lookup_ids
     from trainer import ranking
     from trainer.engine import dummy_batch
     from trainer.export import served_items, served_users
+    from trainer.logger import peak_memory_bytes
 
+    t_start = time.perf_counter()
     cfg, tables, item_rows, dense = model
     ev = cfg.eval
     num_items = manifest.num_items
@@ -370,6 +374,19 @@ def rank_model(
         k: (v / report["popularity"][k] if report["popularity"][k] else None)
         for k, v in report["model"].items()
         if "@" in k
+    }
+    mine = (time.perf_counter() - t_start, peak_memory_bytes(device) / 2**30)
+    every = [mine]
+    if dist.is_initialized() and world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+    seconds = max(x[0] for x in every)
+    report["cost"] = {
+        "ranks": world,
+        "seconds": round(seconds, 3),
+        "users_per_s": round(report["users"] / max(seconds, 1e-9), 1),
+        # per rank: the process's peak (RSS on CPU, the CUDA allocator's on GPU), whatever it did before
+        "peak_memory_gib": [round(x[1], 3) for x in every],
     }
     if per_target:
         items = ranking.gather_rows(torch.cat(parts["item"]) if full and parts["item"] else empty)
