@@ -65,28 +65,54 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_retrieve(a: argparse.Namespace) -> int:
-    from trainer.retrieve import retrieve
+    from trainer.retrieve import AnnSpec, retrieve
 
-    rep = retrieve(a.export_dir, k=a.k, users=a.users, batch=a.batch_size)
+    faiss_flags = {
+        "nlist": a.nlist,
+        "nprobe": a.nprobe,
+        "train_size": a.train_size,
+        "hnsw_m": a.hnsw_m,
+        "ef_search": a.ef_search,
+        "ef_construction": a.ef_construction,
+    }
+    ann = None
+    if a.index == "faiss":
+        ann = AnnSpec(kind=a.faiss_type or "ivf", seed=a.seed, **faiss_flags)
+    elif a.faiss_type is not None or any(v is not None for v in faiss_flags.values()):
+        raise ValueError("--faiss-type and its parameters need --index faiss")
+    rep = retrieve(
+        a.export_dir, k=a.k, users=a.users, batch=a.batch_size, index=a.index, ann=ann, num_threads=a.threads
+    )
     if a.json:
         print_json(rep)
         return 0
     from rich.table import Table
 
+    ann_cols = ["ANN Recall@K", "ANN recall vs exact"] if a.index == "faiss" else []
     t = Table(
         "K",
         "Recall@K (= HR@K)",
+        *ann_cols,
         title=f"{a.export_dir}: brute-force top-{rep['k']} over {rep['items']:,} "
         f"items, {rep['users']:,} users with a next item",
     )
     for key, value in rep.items():
         if key.startswith("recall@"):
-            t.add_row(key.split("@")[1], f"{value:.4f}")
+            c = key.split("@")[1]
+            ann_vals = [f"{rep[f'ann_next_recall@{c}']:.4f}", f"{rep[f'ann_recall@{c}']:.4f}"] if ann_cols else []
+            t.add_row(c, f"{value:.4f}", *ann_vals)
     console.print(t)
     console.print(
         f"{rep['users_without_next']:,} users without a next item (not scored); {rep['seconds']:.2f} s, "
         f"{rep['users_per_s']:,.0f} users/s"
     )
+    if a.index == "faiss":
+        f = rep["faiss"]
+        params = ", ".join(f"{k}={v}" for k, v in f.items() if k not in ("type", "version"))
+        console.print(
+            f"faiss {f['type']} ({params}): built in {rep['ann_build_s']:.2f} s; search "
+            f"{rep['ann_queries_per_s']:,.0f} queries/s vs exact {rep['exact_queries_per_s']:,.0f} queries/s"
+        )
     return 0
 
 
@@ -133,11 +159,30 @@ def add_export(sub: Any) -> None:
 
 def add_retrieve(sub: Any) -> None:
     p = sub.add_parser(
-        "retrieve", help="brute-force top-K over an export's item vectors; Recall@K against each user's next item"
+        "retrieve",
+        help="brute-force top-K over an export's item vectors; Recall@K against each user's next item; "
+        "--index faiss: an approximate index too, compared with it",
     )
     p.add_argument("export_dir")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--users", type=int, default=None, help="only the first N users (by id) with a next item")
     p.add_argument("--batch-size", type=int, default=1024, help="users per matmul")
+    p.add_argument(
+        "--index",
+        choices=["exact", "faiss"],
+        default="exact",
+        help="exact: brute force only; faiss: also a faiss index (needs faiss-cpu), reported against exact",
+    )
+    p.add_argument("--faiss-type", choices=["ivf", "hnsw"], default=None, help="faiss index (default: ivf)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4*sqrt(items), >= 39 items per list)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default: 32, <= nlist)")
+    p.add_argument(
+        "--train-size", type=int, default=None, help="IVF k-means sample, seeded (default: 64*nlist, <= items)"
+    )
+    p.add_argument("--hnsw-m", type=int, default=None, help="HNSW links per node (default: 32)")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW search candidates (default: max(2*K, 64))")
+    p.add_argument("--ef-construction", type=int, default=None, help="HNSW build candidates (default: 80)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the IVF training sample and k-means")
+    p.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: as they are)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_retrieve)
