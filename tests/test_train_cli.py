@@ -1,8 +1,9 @@
 """`argus train` / `argus eval` through the real CLI: torchrun, bitwise resume, deterministic eval, bad configs.
 
-The launchers themselves are under test in test_plain_and_torchrun_give_the_same_curve (plain process, torchrun),
-tests/test_launch_deepspeed.py (DeepSpeed's launcher) and tests/test_ray_fault_tolerance.py (Ray); elsewhere the ranks run `launch.cli.main` forked
-in-process (helpers.argus_ranks: torchrun's environment, none of its start-up) and eval runs in this process."""
+The launchers themselves are under test in test_plain_and_torchrun_give_the_same_curve (plain process,
+torchrun), tests/test_launch_deepspeed.py (DeepSpeed's launcher) and tests/test_ray_fault_tolerance.py (Ray);
+elsewhere the ranks run `launch.cli.main` forked in-process (helpers.argus_ranks: torchrun's environment, none of
+its start-up) and eval runs in this process."""
 
 from __future__ import annotations
 
