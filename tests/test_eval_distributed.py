@@ -101,7 +101,17 @@ def _eval_rank(rank: int, world: int, port: int, run: str, data: str, out: str, 
     Path(f"{out}.rank{rank}").write_text(json.dumps(rep))
 
 
+_EVALS: dict = {}  # (world, run, max_users) -> report: the tests below share the 1-rank evaluation
+
+
 def eval_on(world: int, run: Path, data: Path, tmp: Path, max_users: int = 0) -> dict:
+    key = (world, str(run), max_users)
+    if key not in _EVALS:
+        _EVALS[key] = _eval_on(world, run, data, tmp, max_users)
+    return _EVALS[key]
+
+
+def _eval_on(world: int, run: Path, data: Path, tmp: Path, max_users: int) -> dict:
     out = tmp / f"eval_{world}_{max_users}"
     start_ranks(_eval_rank, (world, free_port(), str(run), str(data), str(out), max_users), world, timeout=300)
     reps = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
