@@ -196,9 +196,10 @@ def test_sampled_ranking_scores_only_the_samples(torchrun_run, data, tmp_path, m
     shapes = []
     real = ranking.sampled_ranks
 
-    def spy(user_vecs, target_score, target, neg, neg_vecs):
-        shapes.append((tuple(neg.shape), tuple(neg_vecs.shape)))
-        return real(user_vecs, target_score, target, neg, neg_vecs)
+    def spy(user_vecs, target_score, target, neg, item_vecs, neg_index):
+        # the vectors looked up are the batch's distinct sampled items, nothing else
+        shapes.append((tuple(neg.shape), tuple(neg_index.shape), item_vecs.shape[0] == torch.unique(neg).numel()))
+        return real(user_vecs, target_score, target, neg, item_vecs, neg_index)
 
     monkeypatch.setattr(ranking, "full_ranks", no_full)
     monkeypatch.setattr(ranking, "scores", no_full)
@@ -207,7 +208,7 @@ def test_sampled_ranking_scores_only_the_samples(torchrun_run, data, tmp_path, m
     assert code == 0, err[-2000:]
     rep = json.loads(out)
     assert rep["ranking"].startswith("sampled (20 uniform negatives") and "sampled_hr@10" in rep["model"]
-    assert shapes and all(n[1] == 20 and v[:2] == n for n, v in shapes)
+    assert shapes and all(n[1] == 20 and i == n and only for n, i, only in shapes)
     monkeypatch.undo()
     two = eval_on(2, run, data, tmp_path)
     assert two["model"] == pytest.approx(rep["model"], abs=1e-9)

@@ -355,6 +355,8 @@ def load_model_sharded(path: Path, num_items: int, device: torch.device, world: 
         if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             hbm_cap = embedding_hbm_budget(cfg, world, total, gpus_per_node=torch.cuda.device_count())
+            # inside a training job (validation) the training tables already hold their share: plan in what is free
+            hbm_cap = min(hbm_cap, int(torch.cuda.mem_get_info(device)[0] * 0.8))
         batch, lookups = cfg.data.batch_size, embedding_lookups(cfg)
         tables, _ = shard(sparse, cfg.embeddings, device, batch_size=batch, hbm_cap=hbm_cap, lookups=lookups)
     dense = build_dense(cfg)

@@ -1,4 +1,4 @@
-"""`argus eval`: ranking metrics of a checkpoint against the popularity baseline, in one process.
+"""`argus eval`: ranking metrics of a checkpoint against the popularity baseline, on any number of ranks.
 
 For every evaluation sample the user state after the last context interaction
 (position ``target_start - 1``) scores the whole catalog; each held-out target
@@ -10,12 +10,13 @@ feedback head's normalized entropy is computed on the targets, teacher-forced
 (the state before each target, the target's item given); a feedback target the
 data never varies (no played ratio, no likes) is left out with a note.
 
-:func:`rank_split` is the ranking core, shared with the reference SASRec
-(``bench/reference_sasrec.py``) and the oracle of synthetic data
-(:func:`oracle_report`, the ceiling for ``model / oracle`` NDCG): any model
-that maps a batch to catalog scores is scored by exactly the same code.
+:func:`evaluate` / :func:`rank_model` rank a checkpoint over the sharded table on every rank of a process
+group (trainer/ranking.py); :func:`rank_split` ranks any ``scores_fn`` that maps a batch to full catalog scores
+in one process: the reference SASRec (``bench/reference_sasrec.py``) and the oracle of synthetic data
+(:func:`oracle_report`, the ceiling for ``model / oracle`` NDCG), small catalogs by construction. Both use
+trainer/metrics.py's rank rule and metrics.
 
-Deterministic: the same checkpoint and data give byte-identical JSON.
+Deterministic: the same checkpoint and data give the same metrics on any number of ranks (trainer/ranking.py).
 """
 
 from __future__ import annotations
@@ -289,13 +290,13 @@ def rank_model(
         item, side, _ = lookup_interactions(tables, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
         rows = torch.remainder(t.items, item_rows) if t is not None else torch.zeros(0, dtype=torch.long)
         target_vecs = item_vectors(rows)  # collective: every batch looks its targets up, even none
-        neg = neg_vecs = None
+        neg = neg_vecs = neg_index = None
         if not full:
             uid = batch.users[t.owner] if t is not None else torch.zeros(0, dtype=torch.long)
             pos = (t.flat - _starts(batch)[t.owner]) if t is not None else torch.zeros(0, dtype=torch.long)
             neg = ranking.negatives(cfg.train.seed, uid, pos, rows, n_neg, item_rows)
-            uniq, inverse = torch.unique(neg, return_inverse=True)
-            neg_vecs = item_vectors(uniq)[inverse]  # collective: the sampled items only
+            uniq, neg_index = torch.unique(neg, return_inverse=True)
+            neg_vecs = item_vectors(uniq)  # collective: the sampled items only, each once
         if t is None or t.users == 0:
             continue
         states = dense.states(item, side, ctx.lengths.to(device), _on(ctx.grid(), device))
@@ -319,13 +320,14 @@ def rank_model(
             parts["score"].append(own.cpu())
             parts["pop"].append(pop_rank[t.items])
         else:
-            assert neg is not None and neg_vecs is not None
-            vecs = u[t.local.to(device)]
-            sampled["model"].append(ranking.sampled_ranks(vecs, own, rows.to(device), neg.to(device), neg_vecs).cpu())
-            pop_neg = pop_scores[neg]
-            pop_t = pop_scores[t.items]
-            ahead = (pop_neg > pop_t[:, None]) | ((pop_neg == pop_t[:, None]) & (neg < rows[:, None]))
-            sampled["pop"].append(ahead.sum(1))
+            assert neg is not None and neg_vecs is not None and neg_index is not None
+            vecs, dev_rows = u[t.local.to(device)], rows.to(device)
+            r = ranking.sampled_ranks(vecs, own, dev_rows, neg.to(device), neg_vecs, neg_index.to(device))
+            sampled["model"].append(r.cpu())
+            # popularity ranks item ids (the catalog of the counts), among its own draw of the same size
+            pop_neg = ranking.negatives(cfg.train.seed + 1, uid, pos, t.items, n_neg, num_items)
+            ps, pt = pop_scores[pop_neg], pop_scores[t.items][:, None]
+            sampled["pop"].append(((ps > pt) | ((ps == pt) & (pop_neg < t.items[:, None]))).sum(1))
         parts["uid"].append(uid)
         parts["pos"].append(pos)
         n_users += t.users
@@ -359,7 +361,7 @@ def rank_model(
     acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
     acc_model.add(model_ranks[order], user_index)
     acc_pop.add(pop_ranks[order], user_index)
-    totals = torch.tensor([without_history], dtype=torch.long)
+    totals = torch.tensor([without_history], dtype=torch.long, device=ranking.collective_device())
     if dist.is_initialized() and world > 1:
         dist.all_reduce(totals)
     report: dict[str, Any] = {

@@ -91,14 +91,17 @@ def full_ranks(
         block = item_vectors(ids)
         if ids.numel() == 0:
             continue
+        block64 = block.double()
         for t0 in range(0, targets.item.numel(), batch):
             sl = slice(t0, t0 + batch)
-            s = scores(users[targets.owner[sl]], block)
+            s = (users[targets.owner[sl]].double() @ block64.T).float()  # = scores(...), the block cast once
             item = targets.item[sl]
             s[item[:, None] == ids[None, :]] = -torch.inf  # the target itself is never ahead of itself
             counts[sl] += _ahead_count(s, targets.score[sl], item, int(ids[0]))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
+        summed = counts.to(collective_device())
+        dist.all_reduce(summed)
+        counts = summed.to(device)
     return torch.where(torch.isnan(targets.score), torch.full_like(counts, item_rows - 1), counts)
 
 
@@ -126,21 +129,35 @@ def negatives(seed: int, user: Tensor, position: Tensor, target: Tensor, n: int,
     return draw + (draw >= target.long()[:, None]).long()  # skip the target: uniform over the other items
 
 
-def sampled_ranks(user_vecs: Tensor, target_score: Tensor, target: Tensor, neg: Tensor, neg_vecs: Tensor) -> Tensor:
+def sampled_ranks(
+    user_vecs: Tensor, target_score: Tensor, target: Tensor, neg: Tensor, item_vecs: Tensor, neg_index: Tensor
+) -> Tensor:
     """Rank of each target among its sampled negatives (0..n), same tie rule: (T, d) user vectors of the targets,
-    (T, n) negative ids and their (T, n, d) vectors. Scores only those items."""
-    s = (user_vecs.double()[:, None, :] @ neg_vecs.double().transpose(1, 2)).squeeze(1).float()
-    ts = target_score[:, None]
-    ahead = (s > ts) | ((s == ts) & (neg < target[:, None]))
-    ranks = ahead.sum(1)
+    (T, n) negative ids, and their vectors as rows ``neg_index`` (T, n) of ``item_vecs`` (the batch's distinct
+    sampled items). Scores only those items, 64 targets at a time (a 64 x n x d float64 temporary)."""
+    ranks = torch.zeros(target.numel(), dtype=torch.long, device=target.device)
+    for t0 in range(0, target.numel(), 64):
+        sl = slice(t0, t0 + 64)
+        v = item_vecs[neg_index[sl]].double()  # (t, n, d)
+        s = (user_vecs[sl].double()[:, None, :] @ v.transpose(1, 2)).squeeze(1).float()
+        ts = target_score[sl, None]
+        ranks[sl] = ((s > ts) | ((s == ts) & (neg[sl] < target[sl, None]))).sum(1)
     return torch.where(torch.isnan(target_score), torch.full_like(ranks, neg.shape[1]), ranks)
 
 
-def gather_rows(t: Tensor, device: torch.device | None = None) -> Tensor:
-    """Collective: every rank's ``t`` (rows may differ in number) concatenated in rank order, on every rank."""
+def collective_device() -> torch.device:
+    """Where the process group's collectives need their tensors: the current CUDA device under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """Collective: every rank's ``t`` (rows may differ in number) concatenated in rank order, on every rank
+    (returned on ``t``'s device)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return t
-    dev = device or t.device
+    dev = collective_device()
     n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)

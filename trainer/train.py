@@ -273,8 +273,9 @@ class Trainer:
             checkpoint_path=path,
             device=self.cfg.train.device,
         )["model"]
-        metrics = {f"eval/{k}": float(rep[k]) for k in keys}
-        self.validation.add(self.step, float(rep[ev.select]), path, time.time() - self.t_start, self.info.rank)
+        pre = "" if f"{ev.select}" in rep else "sampled_"  # a catalog above eval.full_ranking_max_items
+        metrics = {f"eval/{pre}{k}": float(rep[pre + k]) for k in keys}
+        self.validation.add(self.step, float(rep[pre + ev.select]), path, time.time() - self.t_start, self.info.rank)
         metrics[f"eval/best_{ev.select}"] = self.validation.best
         logger.log(self.step, metrics)
         return metrics
