@@ -84,11 +84,14 @@ def test_torchrun_resume_is_bitwise_identical_and_eval_deterministic(data, tmp_p
     assert not torch.equal(
         s3.state_dict()["items.embeddings.item.weight"], s_part.state_dict()["items.embeddings.item.weight"]
     )
-    # eval: one JSON object with model and popularity metrics; twice -> identical bytes
+    # eval: one JSON object with model and popularity metrics; twice -> the same report but for its cost (seconds,
+    # peak memory)
     runs = [argus_inproc(capsys, "eval", str(full), "--data", str(data), "--json") for _ in range(2)]
     assert runs[0][0] == 0, runs[0][2][-2000:]
-    assert runs[0][1] == runs[1][1]
-    rep = json.loads(runs[0][1])
+    reps = [json.loads(r[1]) for r in runs]
+    assert [sorted(r.pop("cost")) for r in reps] == [["peak_memory_gib", "ranks", "seconds", "users_per_s"]] * 2
+    assert reps[0] == reps[1]
+    rep = reps[0]
     for who in ("model", "popularity"):
         for key in ("hr@10", "ndcg@10", "recall@10"):
             assert 0.0 <= rep[who][key] <= 1.0
