@@ -3,7 +3,8 @@
     python bench/eval_throughput.py [--items 1e6,1e7] [--ranks 1,2] [--users 1000] [--work /tmp/argus-eval-bench]
 
 For each catalog size: a synthetic dataset of that many items (``argus data synth``, leave-one-out), a `nano`
-run (item_dim 64) trained for one step so that a real checkpoint holds the whole table, then
+run (item_dim 64) trained for one step on ``--train-ranks`` ranks so that a real checkpoint holds the whole table
+(row-wise: one chunk per training rank; loading a rank's rows reads each saved chunk they overlap whole), then
 ``torchrun --nproc_per_node=R argus eval RUN --data D --max-users USERS --json`` for each R: the report's own
 ``cost`` (seconds, users/s, each rank's peak RSS). 1 rank runs with 2 threads, 2 ranks with 1 thread each, on
 this 2-core machine. Datasets and runs are reused when they exist (delete the work directory to start over).
@@ -36,18 +37,20 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def prepare(work: Path, items: int, users: int) -> tuple[Path, Path]:
+def prepare(work: Path, items: int, users: int, train_ranks: int) -> tuple[Path, Path]:
     argus = [sys.executable, "-m", "launch.cli"]
-    data, run = work / f"data-{items}", work / f"run-{items}"
+    data, run = work / f"data-{items}", work / f"run-{items}-{train_ranks}"
     if not (data / "manifest.json").is_file():
         # about 8% of synthetic users have no history before their held-out item: ask for more
         _run([*argus, "data", "synth", "--out", str(data), "--users", str(int(users * 1.15)), "--items", str(items),
               "--mean-len", "20", "--shards", "2", "--holdout", "loo", "--seed", "0"])  # fmt: skip
     if not (run / "checkpoints" / "latest").is_file():
-        _run([*argus, "train", "configs/nano.yaml", f"data.path={data}", f"out={run}", "train.epochs=0",
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={train_ranks}",
+                    f"--master_port={_port()}", "-m", "launch.cli"]  # fmt: skip
+        _run([*launcher, "train", "configs/nano.yaml", f"data.path={data}", f"out={run}", "train.epochs=0",
               "train.steps=1", "data.batch_size=16", "eval.every_epochs=0", "eval.patience=0",
               "eval.full_ranking_max_items=1000000000", "heads.next_item.full_softmax=false",
-              "train.device=cpu", "train.overwrite=true"])  # fmt: skip
+              "train.device=cpu", "train.overwrite=true"], {"OMP_NUM_THREADS": "1"})  # fmt: skip
     return data, run
 
 
@@ -66,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", default="1e6,1e7", help="comma-separated catalog sizes")
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--users", type=int, default=1000)
+    p.add_argument(
+        "--train-ranks", type=int, default=2, help="ranks that write the checkpoint (DCP reads a saved chunk whole)"
+    )
     p.add_argument("--work", default="/tmp/argus-eval-bench")
     p.add_argument("--report", help="write the rows as JSON here")
     a = p.parse_args(argv)
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| items | ranks | users | eval s | users/s | peak RSS per rank (GiB) | table per rank (GiB) | HR@10 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for items in [int(float(x)) for x in a.items.split(",")]:
-        data, run = prepare(work, items, a.users)
+        data, run = prepare(work, items, a.users, a.train_ranks)
         for ranks in [int(x) for x in a.ranks.split(",")]:
             rep = evaluate(run, data, ranks, a.users)
             c = rep["cost"]
