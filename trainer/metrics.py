@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-def _ahead_count(scores: Tensor, target_scores: Tensor, targets: Tensor, col0: int) -> Tensor:
+def ahead_count(scores: Tensor, target_scores: Tensor, targets: Tensor, col0: int) -> Tensor:
     """Items of a column block ``[col0, col0 + width)`` that are ahead of each row's target."""
     ids = torch.arange(col0, col0 + scores.shape[1], device=scores.device)
     ts = target_scores[:, None]
@@ -64,7 +64,7 @@ def ranks_of_targets(
         block = scores[:, c0 : c0 + step]
         # Rows are repeated per target only one column block at a time.
         block = block if user_index is None else block.index_select(0, user_index)
-        ranks += _ahead_count(block, target_scores, targets, c0)
+        ranks += ahead_count(block, target_scores, targets, c0)
     return torch.where(torch.isnan(target_scores), torch.full_like(ranks, m - 1), ranks)
 
 

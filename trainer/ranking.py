@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from trainer.metrics import _ahead_count
+from trainer.metrics import ahead_count
 
 ItemVectors = Callable[[Tensor], Tensor]  # item table rows (ids) -> their served vectors; a collective lookup
 
@@ -97,15 +97,12 @@ def full_ranks(
             s = (users[targets.owner[sl]].double() @ block64.T).float()  # = scores(...), the block cast once
             item = targets.item[sl]
             s[item[:, None] == ids[None, :]] = -torch.inf  # the target itself is never ahead of itself
-            counts[sl] += _ahead_count(s, targets.score[sl], item, int(ids[0]))
+            counts[sl] += ahead_count(s, targets.score[sl], item, int(ids[0]))
     if dist.is_initialized() and dist.get_world_size() > 1:
         summed = counts.to(collective_device())
         dist.all_reduce(summed)
         counts = summed.to(device)
     return torch.where(torch.isnan(targets.score), torch.full_like(counts, item_rows - 1), counts)
-
-
-_MASK64 = (1 << 64) - 1
 
 
 def _mix(x: Tensor) -> Tensor:
