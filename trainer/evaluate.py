@@ -274,7 +274,7 @@ def rank_model(
     def item_vectors(ids: torch.Tensor) -> torch.Tensor:  # collective under DMP, even for no ids
         return served_items(cfg, lookup_ids(tables, ids, device))
 
-    chosen = _chosen_users(loader, num_items, max_users, device) if max_users else None
+    chosen = _chosen_users(loader, num_items, max_users) if max_users else None
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("users", "owner", "item", "score", "uid", "pos", "pop")}
     sampled: dict[str, list[torch.Tensor]] = {"model": [], "pop": []}
     stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"event": [], "played": []}
@@ -288,12 +288,13 @@ def rank_model(
         if cfg.data.batch_tokens:  # a run trained on packed rows is ranked on packed rows too
             ctx.pack(context)
         item, side, _ = lookup_interactions(tables, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
-        rows = torch.remainder(t.items, item_rows) if t is not None else torch.zeros(0, dtype=torch.long)
+        none = torch.zeros(0, dtype=torch.long)
+        rows = torch.remainder(t.items, item_rows) if t is not None else none
+        uid = batch.users[t.owner] if t is not None else none  # each target's user and position in its sample
+        pos = t.flat - _starts(batch)[t.owner] if t is not None else none
         target_vecs = item_vectors(rows)  # collective: every batch looks its targets up, even none
         neg = neg_vecs = neg_index = None
         if not full:
-            uid = batch.users[t.owner] if t is not None else torch.zeros(0, dtype=torch.long)
-            pos = (t.flat - _starts(batch)[t.owner]) if t is not None else torch.zeros(0, dtype=torch.long)
             neg = ranking.negatives(cfg.train.seed, uid, pos, rows, n_neg, item_rows)
             uniq, neg_index = torch.unique(neg, return_inverse=True)
             neg_vecs = item_vectors(uniq)  # collective: the sampled items only, each once
@@ -311,8 +312,6 @@ def rank_model(
             stats["event"].append(ne_stats(fb["event"].float(), ctx.values["event"].long()[t.flat].to(device)))
             played = played_bucket(ctx.values["played"])[t.flat].to(device)
             stats["played"].append(ne_stats(fb["played"].float(), played))
-        uid = batch.users[t.owner]
-        pos = t.flat - _starts(batch)[t.owner]
         if full:
             parts["users"].append(u)
             parts["owner"].append(t.local + n_users)
@@ -453,7 +452,7 @@ def _only(t: EvalTargets, keep: torch.Tensor) -> EvalTargets:
     return EvalTargets(t.flat[keep], t.owner[keep], t.items[keep], local, int(users.numel()))
 
 
-def _chosen_users(loader: ShardLoader, num_items: int, max_users: int, device: torch.device) -> torch.Tensor:
+def _chosen_users(loader: ShardLoader, num_items: int, max_users: int) -> torch.Tensor:
     """Collective: the ``max_users`` lowest user ids among the users of the split with a target to rank (a pass
     over the split that reads ids only): the same users on any number of ranks."""
     from trainer import ranking

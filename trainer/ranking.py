@@ -94,7 +94,7 @@ def full_ranks(
         block64 = block.double()
         for t0 in range(0, targets.item.numel(), batch):
             sl = slice(t0, t0 + batch)
-            s = (users[targets.owner[sl]].double() @ block64.T).float()  # = scores(...), the block cast once
+            s = scores(users[targets.owner[sl]], block64)  # block64.double() is itself: the block is cast once
             item = targets.item[sl]
             s[item[:, None] == ids[None, :]] = -torch.inf  # the target itself is never ahead of itself
             counts[sl] += ahead_count(s, targets.score[sl], item, int(ids[0]))
