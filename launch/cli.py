@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)  # train, finetune, eval
     add_checkpoint(sub)  # checkpoint list, checkpoint verify
 
-    la = sub.add_parser("launch", help="launch training on a cluster: ray, deepspeed")
+    la = sub.add_parser("launch", help="launch training (or evaluation) on a cluster: ray, ray-eval, deepspeed")
     lsub = la.add_subparsers(dest="launch_command", metavar="LAUNCHER", required=True)
     add_launch_ray(lsub)
     add_launch_deepspeed(lsub)

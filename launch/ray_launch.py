@@ -216,17 +216,130 @@ def launch(a: argparse.Namespace) -> int:
         return 0
 
 
+# ---- argus launch ray-eval -----------------------------------------------------------------------------------
+EVAL_REPORT = "eval_report.json"
+
+
+def eval_worker(config: dict[str, Any]) -> None:
+    """Runs inside each Ray Train worker: `argus eval`'s collective (trainer.evaluate.evaluate) in the process
+    group Ray set up; rank 0 reports the report (every worker reports: a collective in Ray Train V2)."""
+    import ray.train
+
+    from trainer.logger import VERBOSE_ENV, quiet_library_logs
+
+    os.environ[VERBOSE_ENV] = "1" if config.get("verbose") else ""
+    quiet_library_logs()
+    from trainer.evaluate import evaluate
+
+    ctx = ray.train.get_context()
+    os.environ.update(
+        RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()), LOCAL_RANK=str(ctx.get_local_rank())
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(config["omp_threads"]))
+    rep = evaluate(config["run"], config["data"], split=config["split"], ks=config["ks"], max_users=config["max_users"])
+    if ctx.get_world_rank() != 0:
+        ray.train.report({}, checkpoint=None)
+        return
+    # Ray Train V2 keeps only metrics attached to a checkpoint: the report travels as one (a small JSON file)
+    with tempfile.TemporaryDirectory(prefix="argus_eval") as tmp:
+        (Path(tmp) / EVAL_REPORT).write_text(json.dumps(rep))
+        ray.train.report({"users": rep["users"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def launch_eval(a: argparse.Namespace) -> int:
+    """`argus launch ray-eval RUN --data DIR`: `argus eval` over Ray workers (users and the item table split over
+    them, as under torchrun); the driver prints rank 0's report."""
+    import shutil
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from launch.train_cli import is_finetune_run, print_eval
+    from trainer import checkpoint
+    from trainer.data.manifest import Manifest
+    from trainer.logger import verbose
+
+    if a.num_workers < 1:
+        raise ValueError(f"--num-workers: must be >= 1, got {a.num_workers}")
+    if a.address and not a.storage_path:
+        raise ValueError("--storage-path: required with --address (storage the driver and every worker see)")
+    if is_finetune_run(a.run):
+        raise ValueError(f"{a.run}: a fine-tuning run; its impression eval runs in one process: use `argus eval`")
+    # One line before any cluster work: the checkpoint, the dataset and the split must exist.
+    path = checkpoint.resolve_checkpoint(a.run, prefer_best=True)
+    Manifest.load(a.data).split(a.split or checkpoint.saved_job(path).eval.split)
+    if a.max_users is not None and a.max_users < 0:
+        raise ValueError(f"--max-users: must be >= 0, got {a.max_users}")
+    loop_config = {
+        # workers run in their own working directory: absolute paths
+        "run": str(Path(a.run).resolve()),
+        "data": str(Path(a.data).resolve()),
+        "split": a.split,
+        "ks": [int(k) for k in a.ks.split(",")] if a.ks else None,
+        "max_users": a.max_users,
+        "omp_threads": max(1, int(a.cpus_per_worker)),
+        "verbose": verbose(os.environ),
+    }
+    if a.local and (too_many := oversubscription(a.num_workers, a.cpus_per_worker)):
+        print(f"argus: warning: {too_many}", file=sys.stderr, flush=True)
+    storage = Path(a.storage_path).resolve() if a.storage_path else Path(tempfile.mkdtemp(prefix="argus-ray-eval-"))
+    try:
+        with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
+            import ray
+
+            check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
+            resources = {"CPU": a.cpus_per_worker, **({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})}
+            result = TorchTrainer(
+                eval_worker,
+                train_loop_config=loop_config,
+                torch_config=TorchConfig(backend="nccl" if a.gpus_per_worker else "gloo"),
+                scaling_config=ScalingConfig(
+                    num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0, resources_per_worker=resources
+                ),
+                run_config=RunConfig(name=a.name, storage_path=str(storage)),
+            ).fit()
+        # read before the finally below removes a temporary storage path
+        with result.checkpoint.as_directory() as d:
+            rep = json.loads((Path(d) / EVAL_REPORT).read_text())
+    finally:
+        if not a.storage_path:
+            shutil.rmtree(storage, ignore_errors=True)
+    print_eval(rep, a.run, a.json)
+    return 0
+
+
+# ---- parsers -------------------------------------------------------------------------------------------------
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--address", help="Ray cluster address (e.g. auto, or HEAD:6379)")
+    where.add_argument("--local", action="store_true", help="start a throw-away local cluster on loopback")
+    p.add_argument("--num-workers", type=int, required=True)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+
+
 def add_launch_ray(launch_sub: Any) -> None:
+    from launch.train_cli import add_eval_args
+
     r = launch_sub.add_parser("ray", help="train on a Ray cluster (TorchTrainer); --local for a throw-away cluster")
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="key=value, as for `argus train`")
-    where = r.add_mutually_exclusive_group(required=True)
-    where.add_argument("--address", help="Ray cluster address (e.g. auto, or HEAD:6379)")
-    where.add_argument("--local", action="store_true", help="start a throw-away local cluster on loopback")
-    r.add_argument("--num-workers", type=int, required=True)
-    r.add_argument("--cpus-per-worker", type=float, default=1.0)
-    r.add_argument("--gpus-per-worker", type=float, default=0.0)
+    _add_cluster_args(r)
     r.add_argument("--storage-path", required=True, help="where Ray keeps run state and checkpoints")
     r.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed")
     r.add_argument("--name", default="argus", help="run name; the same name resumes")
     r.set_defaults(func=launch)
+
+    e = launch_sub.add_parser(
+        "ray-eval",
+        help="`argus eval` on a Ray cluster: users and the item table split over the workers (full-ranking "
+        "metrics identical to one process)",
+    )
+    add_eval_args(e)
+    _add_cluster_args(e)
+    e.add_argument(
+        "--storage-path",
+        help="where Ray keeps its run state (shared storage; with --local: default a temporary directory, removed)",
+    )
+    e.add_argument("--name", default="argus-eval", help="Ray run name")
+    e.set_defaults(func=launch_eval)

@@ -45,7 +45,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return cmd_train(a)
 
 
-def _is_finetune_run(run: str) -> bool:
+def is_finetune_run(run: str) -> bool:
     import yaml
 
     cfg = Path(run) / "config.yaml"
@@ -81,16 +81,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
     quiet_library_logs()  # before anything imports TorchRec or DeepSpeed: they warn at import
     from trainer.evaluate import evaluate
 
-    if _is_finetune_run(a.run):
+    if is_finetune_run(a.run):
         return cmd_eval_finetune(a)
     ks = [int(k) for k in a.ks.split(",")] if a.ks else None
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
         rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users)
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
         return 0
-    if a.json:
+    print_eval(rep, a.run, a.json)
+    return 0
+
+
+def print_eval(rep: dict[str, Any], run: str, as_json: bool) -> None:
+    """What `argus eval` (and `argus launch ray-eval`) print of a report: JSON, or a table and a cost line."""
+    if as_json:
         print_json(rep)
-        return 0
+        return
     t = Table(
         "metric",
         "model",
@@ -114,7 +120,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         f"ranked in {c['seconds']:.1f} s on {c['ranks']} rank(s): {c['users_per_s']:,.0f} users/s; "
         f"peak memory per rank {peak} GiB"
     )
-    metrics = Path(a.run) / "metrics.jsonl"
+    metrics = Path(run) / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         records = [json.loads(x) for x in metrics.read_text().splitlines()]
         last = next((r for r in reversed(records) if "loss/total" in r), records[-1])  # not a validation record
@@ -122,7 +128,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
             f"training: step {last['step']}, loss/total {last.get('loss/total', float('nan')):.3f}, "
             f"{last.get('interactions_per_s', 0):,.0f} interactions/s over all ranks (last window)"
         )
-    return 0
 
 
 # ---- parser --------------------------------------------------------------------------------------------------
@@ -144,10 +149,15 @@ def add_train(sub: Any) -> None:
         help="HR/NDCG/Recall@K of a run's latest checkpoint vs the popularity baseline "
         "(fine-tuning runs: pairwise accuracy, PAU, NDCG within impressions)",
     )
-    ev.add_argument("run", help="run directory (or one checkpoint directory)")
-    ev.add_argument("--data", required=True, help="dataset directory (its eval split and train item counts)")
-    ev.add_argument("--split", default=None, help="default: the run config's eval.split (test)")
-    ev.add_argument("--ks", default="", help="comma-separated cutoffs, default: eval.ks")
-    ev.add_argument("--max-users", type=int, default=None)
-    ev.add_argument("--json", action="store_true")
+    add_eval_args(ev)
     ev.set_defaults(func=cmd_eval)
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The options of `argus eval` (shared with `argus launch ray-eval`)."""
+    p.add_argument("run", help="run directory (or one checkpoint directory)")
+    p.add_argument("--data", required=True, help="dataset directory (its eval split and train item counts)")
+    p.add_argument("--split", default=None, help="default: the run config's eval.split (test)")
+    p.add_argument("--ks", default="", help="comma-separated cutoffs, default: eval.ks")
+    p.add_argument("--max-users", type=int, default=None, help="score exactly N users: the lowest user ids")
+    p.add_argument("--json", action="store_true")

@@ -8,7 +8,6 @@ known in advance whatever the model learns.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from helpers import TINY_MODEL, free_port, losses, rank_env, start_ranks
@@ -21,15 +20,15 @@ def _worker(rank: int, world: int, overrides: list[str], port: int) -> None:
     import trainer.evaluate as ev
     from trainer.run import load_job, train
 
-    real = ev.evaluate
+    real, calls = ev.rank_model, []
 
     def scripted(*args, **kw):
         rep = real(*args, **kw)  # the real validation runs; only the selected value is scripted
-        step = json.loads((Path(kw["checkpoint_path"]) / "meta.json").read_text())["step"]
-        rep["model"]["ndcg@10"] = SCRIPT[step]
+        calls.append(1)
+        rep["model"]["ndcg@10"] = SCRIPT[2 * len(calls)]  # eval.every=2: the n-th validation is at step 2n
         return rep
 
-    ev.evaluate = scripted
+    ev.rank_model = scripted
     train(load_job("configs/mini.yaml", overrides, world))
 
 
@@ -55,6 +54,15 @@ def test_best_checkpoint_early_stopping_and_eval_uses_best(data, tmp_path) -> No
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     best_curve = [m["eval/best_ndcg@10"] for m in metrics if "eval/best_ndcg@10" in m]
     assert best_curve == [0.10, 0.30, 0.30, 0.30]
+    # validation ranks the live model (no checkpoint read back): what it logged is what `argus eval` gives for the
+    # checkpoint it wrote at that step (every metric but the scripted one)
+    for step in (4, 8):
+        logged = next(m for m in metrics if m["step"] == step and "eval/hr@10" in m)
+        ckpt = run / "checkpoints" / f"step_{step:08d}"
+        again = evaluate(run, data, split="val", checkpoint_path=ckpt)["model"]
+        assert {k: logged[f"eval/{k}"] for k in ("hr@10", "hr@100", "ndcg@100")} == pytest.approx(
+            {k: again[k] for k in ("hr@10", "hr@100", "ndcg@100")}, abs=1e-9
+        )
     # argus eval scores `best` and says so; an explicit checkpoint still wins
     assert evaluate(run, data, max_users=5)["checkpoint"] == "step_00000004"
     rep = evaluate(run, data, max_users=5, checkpoint_path=run / "checkpoints" / "step_00000008")

@@ -289,12 +289,29 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
     ],
 )
 def test_options_train_and_evaluate(data, tmp_path, options, capsys):
+    """Each option set trains, validates (eval.every: the live model; under ZeRO-3 every weight partitioned) and
+    evaluates."""
     run = tmp_path / "run"
-    train_ranks("configs/mini.yaml", f"data.path={data}", *TINY, f"out={run}", "train.steps=3", *options, nproc=2)
+    if "deepspeed.stage=3" in options:  # partition every weight (the stock JSON keeps a tiny model's whole)
+        ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (tmp_path / "zero3.json").write_text(json.dumps(ds))
+        options = [*options, f"deepspeed.config={tmp_path / 'zero3.json'}"]
+    common = [f"data.path={data}", *TINY, f"out={run}", "train.steps=3", "eval.every=3"]
+    train_ranks("configs/mini.yaml", *common, *options, nproc=2)
     assert_training_plan_matches(run, data, world=2)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows, validation = [r for r in records if "loss/total" in r], [r for r in records if "eval/hr@10" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["loss/total"] == r["loss/total"] and r["loss/total"] > 0 for r in rows)  # finite, not NaN
+    # validation ranked the live model: what `argus eval` gives for the checkpoint it wrote; exactly in fp32, and
+    # within bf16's rounding of the weights for a bf16 run (the checkpoint holds the fp32 master weights)
+    again = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--split", "val", "--json")
+    assert again[0] == 0, again[2][-2000:]
+    tol = 0.1 if "deepspeed.precision=bf16" in options else 1e-9
+    assert [r["step"] for r in validation] == [3]
+    got = {k: validation[0][f"eval/{k}"] for k in ("hr@10", "ndcg@10", "hr@100")}
+    assert got == pytest.approx({k: json.loads(again[1])["model"][k] for k in got}, abs=tol)
     head = "loss/next_item" if "heads.feedback.weight=0" in options else "loss/feedback"
     assert all(r[head] > 0 for r in rows)
     assert all(0 <= r["tokens/padding_share"] < 1 and r["tokens/rank_skew"] >= 0 for r in rows)

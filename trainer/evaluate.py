@@ -195,9 +195,10 @@ def evaluate(
     ``latest``), or ``checkpoint_path``.
 
     Collective: every rank of the process group calls it (a plain process, torchrun, the deepspeed launcher, Ray;
-    a process group is started for the call when there is none, and training's validation calls it inside its
-    own). The item table is sharded over the ranks as in training, through :func:`checkpoint.load_model_sharded`;
-    users are split over the ranks and ranked by :mod:`trainer.ranking`. Every rank returns the same report."""
+    a process group is started for the call when there is none). The item table is sharded over the ranks as in
+    training, through :func:`checkpoint.load_model_sharded`; users are split over the ranks and ranked by
+    :func:`rank_model` (which training's validation calls with its live model). Every rank returns the same
+    report."""
     import torch.distributed as dist
 
     from trainer.dist import init_distributed
@@ -212,7 +213,7 @@ def evaluate(
     max_users = ev.max_users if max_users is None else max_users
     if max_users < 0:
         raise ValueError(f"--max-users: must be >= 0, got {max_users}")
-    owns_group = not dist.is_initialized()  # a caller's process group (training's validation) is left as it was
+    owns_group = not dist.is_initialized()  # a caller's process group (a Ray worker's) is left as it was
     info = init_distributed(device, cfg.train.timeout_s)
     try:
         model = checkpoint.load_model_sharded(path, manifest.num_items, info.device, info.world_size)
@@ -308,7 +309,8 @@ def rank_model(
         u = served_users(cfg, h[first.to(device)])
         own = ranking.pair_scores(u[t.local.to(device)], target_vecs)
         if feedback:
-            fb = dense.feedback(states[dense.state_rows(t.flat.to(device))[1]], item[t.flat.to(device)])
+            fb_states = states[dense.state_rows(t.flat.to(device))[1]]  # bf16 for a live bf16 model (validation)
+            fb = dense.feedback(fb_states, item[t.flat.to(device)].to(fb_states.dtype))
             stats["event"].append(ne_stats(fb["event"].float(), ctx.values["event"].long()[t.flat].to(device)))
             played = played_bucket(ctx.values["played"])[t.flat].to(device)
             stats["played"].append(ne_stats(fb["played"].float(), played))

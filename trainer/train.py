@@ -3,12 +3,13 @@ and Ray: the launcher only decides how many processes exist and sets RANK/WORLD_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -256,29 +257,49 @@ class Trainer:
             log.warning("train.max_seconds=%g reached at step %d: stopping with a checkpoint", cap, self.step)
 
     def validate(self, path: Path, logger: MetricsLogger) -> dict[str, float]:
-        """Rank the validation split with checkpoint ``path``, keep ``best``, decide on early stopping. Every rank
-        runs the same code as ``argus eval`` (collective: the users split over the ranks, the item table sharded
-        as in training) and gets the same metrics, so the decision is the same on every rank. Returns the
-        ``eval/`` metrics."""
-        from trainer.evaluate import evaluate  # it imports checkpoint loading; training may never validate
+        """Rank the validation split with the live model (just saved as checkpoint ``path``), keep ``best``, decide
+        on early stopping. Every rank runs ``argus eval``'s ranking (:func:`trainer.evaluate.rank_model`;
+        collective: the users split over the ranks, the training tables sharded as they are) and gets the same
+        metrics, so the decision is the same on every rank. Returns the ``eval/`` metrics."""
+        from trainer.evaluate import rank_model  # training may never validate
 
         ev = self.cfg.eval
         keys = [f"{m}@{k}" for m in ("hr", "ndcg") for k in ev.ks]
-        rep = evaluate(
-            self.run_dir,
-            self.cfg.data.path,
-            split=ev.val_split,
-            ks=ev.ks,
-            max_users=ev.val_max_users,
-            checkpoint_path=path,
-            device=self.cfg.train.device,
-        )["model"]
+        with self.inference_model() as model:
+            rep = rank_model(
+                model,
+                self.cfg.data.path,
+                self.manifest,
+                ev.val_split,
+                list(ev.ks),
+                ev.val_max_users,
+                self.info.rank,
+                self.info.world_size,
+                self.info.device,
+            )["model"]
         pre = "" if f"{ev.select}" in rep else "sampled_"  # a catalog above eval.full_ranking_max_items
         metrics = {f"eval/{pre}{k}": float(rep[pre + k]) for k in keys}
         self.validation.add(self.step, float(rep[pre + ev.select]), path, time.time() - self.t_start, self.info.rank)
         metrics[f"eval/best_{ev.select}"] = self.validation.best
         logger.log(self.step, metrics)
         return metrics
+
+    @contextlib.contextmanager
+    def inference_model(self) -> Iterator[checkpoint.ShardedModel]:
+        """The live model in eval mode, for validation: the training tables themselves and the dense module
+        DeepSpeed trains, so validation holds no second copy of a table and reads nothing back from disk (before:
+        every validation loaded the checkpoint it had just written, a second sharded table on every rank). Under
+        ZeRO-3 DeepSpeed's hooks gather each submodule's weights for its forward, as in training (tested with every
+        weight partitioned: tests/test_train_cli.py). Training mode is restored after."""
+        module, tables = self.engine.ds.module, self.engine.tables
+        modes = module.training, tables.training
+        module.eval()
+        tables.eval()
+        try:
+            yield checkpoint.ShardedModel(self.cfg, tables, self.engine.item_rows, module)
+        finally:
+            module.train(modes[0])
+            tables.train(modes[1])
 
     def step_fn(self, batch: Batch) -> Any:
         """One optimizer step on one batch; its result goes to :meth:`_metrics`."""
