@@ -4,6 +4,7 @@ before any spawn, a real 2-rank run under the deepspeed launcher, Ray node disco
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL, losses
+from helpers import TINY_MODEL, argus_inproc, losses
 
 from cluster.hostfile import hosts_from_nodes_file, hosts_from_ray, parse_hostfile, write_hostfile
 from launch import deepspeed_launch as dl
@@ -395,6 +396,22 @@ def test_real_run_on_two_cpu_ranks_matches_torchrun(data, tmp_path, monkeypatch,
     ds, ref = losses(tmp_path / "ds"), losses(torchrun_run)
     assert sorted(ds) == [1, 2, 3]
     assert ds == ref
+
+    # `argus eval` under the stock deepspeed launcher (2 ranks, it appends --local_rank=N) prints what one plain
+    # process prints: the ranking metrics exactly, NE to its fp32 sums
+    evaluate = ["eval", str(tmp_path / "ds"), "--data", str(data), "--json"]
+    out = subprocess.run(
+        [DS, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "launch.cli", *evaluate],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = out.stdout.splitlines()  # the launcher's own log lines around rank 0's JSON
+    launched = json.loads("\n".join(lines[lines.index("{") : lines.index("}") + 1]))
+    code, plain, err = argus_inproc(capfd, *evaluate)
+    assert code == 0, err[-2000:]
+    plain = json.loads(plain)
+    assert [launched.pop("cost")["ranks"], plain.pop("cost")["ranks"]] == [2, 1]
+    assert launched == {**plain, **{k: pytest.approx(v, rel=1e-6) for k, v in plain.items() if k.startswith("ne/")}}
 
 
 # ---- Ray -----------------------------------------------------------------------------------------------------
