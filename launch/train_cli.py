@@ -55,8 +55,10 @@ def is_finetune_run(run: str) -> bool:
 def cmd_eval_finetune(a: argparse.Namespace) -> int:
     from trainer.finetune import evaluate_finetune
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
         rep = evaluate_finetune(a.run, a.data, split=a.split)
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
+        return 0
     if a.json:
         print_json(rep)
         return 0
@@ -72,6 +74,12 @@ def cmd_eval_finetune(a: argparse.Namespace) -> int:
             t.add_row(name, f"{rep[name]['pairwise_acc']:.4f}", f"{rep[name]['ndcg']:.4f}")
     console.print(t)
     console.print(", ".join(f"{k} {v:+.4f}" for k, v in rep["model"].items() if k.startswith("pau_")))
+    c = rep["cost"]
+    peak = ", ".join(f"{g:.2f}" for g in c["peak_memory_gib"])
+    console.print(
+        f"scored in {c['seconds']:.1f} s on {c['ranks']} rank(s): {c['impressions_per_s']:,.0f} impressions/s; "
+        f"peak memory per rank {peak} GiB"
+    )
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, argus_inproc, argus_ranks
+from helpers import TINY_MODEL, argus_inproc, argus_ranks, free_port, rank_env, start_ranks
 from helpers import read_samples as samples
 
 from trainer.data.batch import collate
@@ -247,9 +247,8 @@ def _pairwise_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss/pairwise"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.slow
-def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, capsys):
-    common = [
+def _finetune_args(imp_data: Path, pretrained: Path) -> list[str]:
+    return [
         "configs/mini.yaml",
         "--init",
         str(pretrained),
@@ -259,22 +258,26 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, 
         "deepspeed.stage=2",
         CONSTANT_LR,
     ]
-    full, part = tmp_path / "full", tmp_path / "part"
-    _torchrun("finetune", *common, f"out={full}", "train.steps=6")
+
+
+@pytest.fixture(scope="module")
+def finetuned(imp_data, pretrained, tmp_path_factory) -> Path:
+    """A 2-rank fine-tuning run (ZeRO-2, 6 steps) from the session's pre-trained run; read-only. Its eval batches
+    are small (7 users), so that 2 and 3 ranks get several batches, and empty padding ones."""
+    run = tmp_path_factory.mktemp("ft") / "full"
+    _torchrun("finetune", *_finetune_args(imp_data, pretrained), f"out={run}", "train.steps=6", "eval.batch_size=7")
+    return run
+
+
+@pytest.mark.slow
+def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, finetuned, tmp_path, capsys):
+    common = _finetune_args(imp_data, pretrained)
+    part = tmp_path / "part"
     _torchrun("finetune", *common, f"out={part}", "train.steps=3")
     _torchrun("finetune", *common, f"out={part}", "train.steps=6", "resume=true")
-    lf, lp = _pairwise_losses(full), _pairwise_losses(part)
+    lf, lp = _pairwise_losses(finetuned), _pairwise_losses(part)
     assert sorted(lf) == sorted(lp) == [1, 2, 3, 4, 5, 6]
     assert [lf[s] for s in lf] == [lp[s] for s in lf], "bitwise equal loss curve"
-    code, out, err = argus_inproc(capsys, "eval", str(full), "--data", str(imp_data), "--json")
-    assert code == 0, err[-2000:]
-    rep = json.loads(out)
-    assert rep["split"] == "impressions_test" and rep["pairs"] > 0
-    for who in ("model", "pretrained", "data", "popularity"):
-        assert 0.0 <= rep[who]["pairwise_acc"] <= 1.0 and 0.0 < rep[who]["ndcg"] <= 1.0
-    assert rep["model"]["pau_vs_popularity"] == pytest.approx(
-        rep["model"]["pairwise_acc"] - rep["popularity"]["pairwise_acc"]
-    )
     # before any fine-tuning step the two-tower model ranks exactly like the pre-trained one; this run packs its
     # histories into rows (data.batch_tokens), in training and in eval, which must change nothing
     zero = tmp_path / "zero"
@@ -290,6 +293,101 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, tmp_path, 
     )
     rep0 = json.loads(argus_inproc(capsys, "eval", str(zero), "--data", str(imp_data), "--json")[1])
     assert rep0["model"]["pairwise_acc"] == pytest.approx(rep0["pretrained"]["pairwise_acc"], abs=2e-3)
+
+
+def _eval_rank(rank: int, world: int, port: int, run: str, data: str, out: str) -> None:
+    rank_env(rank, world, port)
+    from trainer.finetune import evaluate_finetune
+
+    Path(f"{out}.rank{rank}").write_text(json.dumps(evaluate_finetune(run, data, device="cpu")))
+
+
+def _one_process_reference(run: Path, data: Path) -> dict:
+    """The one-process implementation the collective eval replaced: unsharded models (checkpoint.load_model), the
+    loader's order, and the pairs enumerated impression by impression."""
+    from trainer import checkpoint
+    from trainer.data.loader import ShardLoader
+    from trainer.export import History, served_vectors
+    from trainer.finetune import init_checkpoint
+    from trainer.model.interaction import lookup_interactions
+
+    manifest = Manifest.load(data)
+    cfg, sparse, dense = checkpoint.load_model(run, manifest.num_items)
+    _, init_sparse, init_dense = checkpoint.load_model(init_checkpoint(cfg.finetune.init), manifest.num_items)
+    models = {"model": (sparse, dense), "pretrained": (init_sparse, init_dense)}
+    split, lag = cfg.finetune.eval_split, cfg.finetune.lag_seconds
+    context = cfg.interactions_per_sample()
+    loader = ShardLoader.Config(
+        path=str(data), split=split, batch_size=5, num_workers=0, shuffle=False, max_seq_len=context
+    ).build(0, 1, manifest)
+    counts = np.asarray(manifest.item_counts("train"), np.float64)
+    scores: dict[str, list] = {"model": [], "pretrained": [], "popularity": [], "data": []}
+    grades, sizes, impressions, no_history = [], [], 0, 0
+    with torch.no_grad():
+        for batch in loader:
+            inp = impression_inputs(batch, lag)
+            impressions, no_history = impressions + int(inp["impressions"]), no_history + int(inp["no_history"])
+            shown = inp["shown_item"] % sparse.item_rows
+            for name, (sp, model) in models.items():
+                item, side, emb = lookup_interactions(sp, batch, cfg, sp.item_rows, shown, torch.device("cpu"))
+                users, items = served_vectors(cfg, model, History(item, side, batch.lengths, inp["last"]), emb)
+                scores[name].append((users[inp["shown_imp"]] * items).sum(-1).numpy())
+            scores["popularity"].append(np.log1p(counts[shown.numpy()]))
+            scores["data"].append(inp["score"].numpy())
+            grades.append(inp["grades"].numpy())
+            sizes.append(torch.bincount(inp["shown_imp"], minlength=int(inp["impressions"])).numpy())
+    g, sz = np.concatenate(grades), np.concatenate(sizes)
+    hi, lo, start = [], [], 0
+    for size in sz.tolist():
+        for i, j in itertools.permutations(range(start, start + size), 2):
+            if g[i] > g[j]:
+                hi.append(i)
+                lo.append(j)
+        start += size
+    hi, lo = np.array(hi), np.array(lo)
+    rep = {"split": split, "impressions": impressions, "impressions_no_history": no_history, "shown": int(g.size)}
+    rep.update(pairs=int(hi.size), lag_seconds=lag)
+    for name, parts in scores.items():
+        s = np.nan_to_num(np.concatenate(parts), nan=-np.inf)
+        rep[name] = {"pairwise_acc": pairwise_accuracy(s, hi, lo), "ndcg": ndcg_within(s, g, sz)}
+    for base in ("data", "popularity", "pretrained"):
+        rep["model"][f"pau_vs_{base}"] = rep["model"]["pairwise_acc"] - rep[base]["pairwise_acc"]
+    return rep
+
+
+def _assert_same_report(got: dict, want: dict, who: str) -> None:
+    for key in ("split", "impressions", "impressions_no_history", "shown", "pairs", "lag_seconds"):
+        assert got[key] == want[key], (who, key)
+    for scorer in ("model", "pretrained", "data", "popularity"):
+        assert got[scorer].keys() == want[scorer].keys(), (who, scorer)
+        for k, v in want[scorer].items():
+            assert got[scorer][k] == pytest.approx(v, rel=0, abs=1e-9), (who, scorer, k)
+
+
+@pytest.mark.slow
+def test_finetune_eval_is_the_same_on_one_two_and_three_ranks(finetuned, imp_data, tmp_path, capsys):
+    """`argus eval` of a fine-tuning run: item tables sharded, users split over the ranks; the report on 1 process
+    equals the unsharded one-process reference and the reports on 2 (the CLI, rank 0 prints) and 3 ranks."""
+    code, out, err = argus_inproc(capsys, "eval", str(finetuned), "--data", str(imp_data), "--json")
+    assert code == 0, err[-2000:]
+    one = json.loads(out)
+    assert one["split"] == "impressions_test" and one["pairs"] > 0 and one["cost"]["ranks"] == 1
+    for who in ("model", "pretrained", "data", "popularity"):
+        assert 0.0 <= one[who]["pairwise_acc"] <= 1.0 and 0.0 < one[who]["ndcg"] <= 1.0
+    assert one["model"]["pau_vs_popularity"] == pytest.approx(
+        one["model"]["pairwise_acc"] - one["popularity"]["pairwise_acc"]
+    )
+    _assert_same_report(one, _one_process_reference(finetuned, imp_data), "reference")
+    outs = argus_ranks("eval", str(finetuned), "--data", str(imp_data), "--json", nproc=2)
+    printed = [json.loads(o[o.index("{") :]) for o in outs if "{" in o]
+    assert len(printed) == 1 and printed[0]["cost"]["ranks"] == 2, outs
+    _assert_same_report(printed[0], one, "2 ranks")
+    out3 = tmp_path / "eval3"
+    start_ranks(_eval_rank, (3, free_port(), str(finetuned), str(imp_data), str(out3)), 3, timeout=300)
+    reps = [json.loads(Path(f"{out3}.rank{r}").read_text()) for r in range(3)]
+    assert all(r == reps[0] for r in reps), "every rank returns the same report"
+    assert reps[0]["cost"]["ranks"] == 3 and len(reps[0]["cost"]["peak_memory_gib"]) == 3
+    _assert_same_report(reps[0], one, "3 ranks")
 
 
 @pytest.mark.parametrize(

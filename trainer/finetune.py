@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from trainer.job import JobConfig
 from trainer.model.interaction import lookup_interactions
 from trainer.model.two_tower import pairs_of
 from trainer.train import Trainer
+
+if TYPE_CHECKING:
+    from trainer.data.manifest import Manifest
 
 _KEY_BITS = 40  # (sample << 40) + seconds since the batch's first event: sortable per sample
 
@@ -236,22 +239,69 @@ def ndcg_within(scores: np.ndarray, grades: np.ndarray, sizes: np.ndarray) -> fl
     return float(np.mean(out)) if out else float("nan")
 
 
-@torch.no_grad()
-def evaluate_finetune(run_dir: str | Path, data_dir: str | Path, split: str | None = None) -> dict[str, Any]:
-    """Pairwise accuracy, its uplift over a baseline, and NDCG within impressions, on one process.
+def evaluate_finetune(
+    run_dir: str | Path, data_dir: str | Path, split: str | None = None, device: str = "auto"
+) -> dict[str, Any]:
+    """Pairwise accuracy, its uplift over a baseline, and NDCG within impressions, on any number of ranks.
 
     Baselines: the data's own score (``imp_score``, the production ranker's) where present, and
     popularity (training-split counts) always; the pre-trained model before fine-tuning too.
-    """
-    from trainer.data.loader import ShardLoader
-    from trainer.data.manifest import Manifest
 
+    Collective, as :func:`trainer.evaluate.evaluate`: every rank of the process group calls it (a process group is
+    started for the call when there is none). Both models' item tables are sharded over the ranks
+    (:func:`checkpoint.load_model_sharded`), the split's users are divided over the ranks by the loader, and every
+    rank returns the same report, whatever the number of ranks (:func:`score_impressions`).
+    """
+    import torch.distributed as dist
+
+    from trainer.data.manifest import Manifest
+    from trainer.dist import init_distributed
+
+    path = checkpoint.resolve_checkpoint(run_dir)
     manifest = Manifest.load(data_dir)
-    cfg, sparse, dense = checkpoint.load_model(run_dir, manifest.num_items)
+    cfg = checkpoint.saved_job(path)
     if not cfg.finetune.enabled:
         raise ValueError(f"{run_dir}: not a fine-tuning run (finetune.init is empty); use `argus eval`")
-    _, init_sparse, init_dense = checkpoint.load_model(init_checkpoint(cfg.finetune.init), manifest.num_items)
+    init = init_checkpoint(cfg.finetune.init)
     split = split or cfg.finetune.eval_split
+    manifest.split(split)  # an unknown split: one line now, before any process group
+    owns_group = not dist.is_initialized()  # a caller's process group is left as it was
+    info = init_distributed(device, cfg.train.timeout_s)
+    try:
+        model = checkpoint.load_model_sharded(path, manifest.num_items, info.device, info.world_size)
+        pretrained = checkpoint.load_model_sharded(init, manifest.num_items, info.device, info.world_size)
+        return score_impressions(model, pretrained, data_dir, manifest, split, info.rank, info.world_size, info.device)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+@torch.no_grad()
+def score_impressions(
+    model: checkpoint.ShardedModel,
+    pretrained: checkpoint.ShardedModel,
+    data_dir: str | Path,
+    manifest: Manifest,
+    split: str,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Collective: the report of :func:`evaluate_finetune`, the same on every rank.
+
+    Each rank scores the impressions of its exactly-once part of the split's users under both models and the
+    baselines; every shown item's scores and grade, every impression's size and key and every pair are then
+    gathered to every rank, and the metrics are computed over all impressions in (user id, request time,
+    position) order, so that they do not depend on the number of ranks."""
+    import torch.distributed as dist
+
+    from trainer import ranking
+    from trainer.data.loader import ShardLoader
+    from trainer.logger import peak_memory_bytes
+
+    t_start = time.perf_counter()
+    cfg = model.cfg
+    lag = cfg.finetune.lag_seconds
     loader = ShardLoader.Config(
         path=str(data_dir),
         split=split,
@@ -259,65 +309,118 @@ def evaluate_finetune(run_dir: str | Path, data_dir: str | Path, split: str | No
         num_workers=0,
         shuffle=False,
         max_seq_len=cfg.interactions_per_sample(),
-    ).build(0, 1, manifest)
+    ).build(rank, world, manifest)
     counts = np.asarray(manifest.item_counts("train"), np.float64)
-    scores: dict[str, list[np.ndarray]] = {"model": [], "pretrained": [], "popularity": [], "data": []}
-    grades, sizes, his, los = [], [], [], []
-    offset, no_history, impressions = 0, 0, 0
-    t0 = time.perf_counter()
-    for batch in loader:
-        if batch.size == 0:
+    names = ("model", "pretrained", "popularity", "data")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*names, "grade", "uid", "time", "pos", "size", "hi", "lo")}
+    no_history, impressions, n_shown = 0, 0, 0
+    for batch in loader:  # the same number of batches on every rank (padding batches are empty)
+        inp = None
+        if batch.size > 0 and batch.impressions is not None:
+            inp = impression_inputs(batch, lag)
+            no_history += int(inp["no_history"])
+            impressions += int(inp["impressions"])
+        if inp is None or inp["shown_item"].numel() == 0:
+            for m in (model, pretrained):  # collective under DMP: one lookup per table per batch on every rank
+                lookup_interactions(m.tables, dummy_batch(), cfg, m.item_rows, torch.zeros(0, dtype=torch.long), device)
             continue
-        inp = impression_inputs(batch, cfg.finetune.lag_seconds)
-        no_history += int(inp["no_history"])
-        impressions += int(inp["impressions"])
-        if inp["shown_item"].numel() == 0:
-            continue
-        shown = torch.remainder(inp["shown_item"], sparse.item_rows)
-        for name, (sp, model) in {"model": (sparse, dense), "pretrained": (init_sparse, init_dense)}.items():
-            scores[name].append(_score(cfg, sp, model, batch, inp, shown).numpy())
-        scores["popularity"].append(np.log1p(counts[np.clip(shown.numpy(), 0, len(counts) - 1)]))
-        scores["data"].append(inp["score"].numpy())
-        grades.append(inp["grades"].numpy())
-        sizes.append(torch.bincount(inp["shown_imp"], minlength=int(inp["impressions"])).numpy())
-        his.append(inp["pair_hi"].numpy() + offset)
-        los.append(inp["pair_lo"].numpy() + offset)
-        offset += shown.numel()
-    if not grades:
+        if cfg.data.batch_tokens:  # a run trained on packed rows is scored on packed rows too
+            batch.pack(cfg.interactions_per_sample())
+        shown = torch.remainder(inp["shown_item"], model.item_rows)
+        parts["model"].append(_score(cfg, model, batch, inp, shown, device))
+        parts["pretrained"].append(_score(cfg, pretrained, batch, inp, shown, device))
+        parts["popularity"].append(torch.from_numpy(np.log1p(counts[np.clip(shown.numpy(), 0, len(counts) - 1)])))
+        parts["data"].append(inp["score"])
+        parts["grade"].append(inp["grades"])
+        # each kept impression's key: its user, request time and position among its sample's impressions
+        imp, kept = batch.impressions, inp["kept"]
+        assert imp is not None
+        per_sample = torch.bincount(imp["sample"], minlength=batch.size)
+        first = torch.cumsum(per_sample, 0) - per_sample
+        parts["uid"].append(batch.users[imp["sample"][kept]])
+        parts["time"].append(imp["time"][kept])
+        parts["pos"].append(kept - first[imp["sample"][kept]])
+        parts["size"].append(torch.bincount(inp["shown_imp"], minlength=int(inp["impressions"])))
+        parts["hi"].append(inp["pair_hi"] + n_shown)
+        parts["lo"].append(inp["pair_lo"] + n_shown)
+        n_shown += int(shown.numel())
+
+    # this rank's shown items follow those of the lower ranks: its pair indices move by as many
+    offset = int(ranking.gather_rows(torch.tensor([n_shown]))[:rank].sum())
+    floats = {"popularity": torch.float64, "model": torch.float32, "pretrained": torch.float32, "data": torch.float32}
+    every = {}
+    for key, got in parts.items():
+        mine = torch.cat(got) if got else torch.zeros(0, dtype=floats.get(key, torch.long))
+        every[key] = ranking.gather_rows(mine + offset if key in ("hi", "lo") else mine).numpy()
+    totals = torch.tensor([no_history, impressions], dtype=torch.long, device=ranking.collective_device())
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(totals)
+    if every["grade"].size == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no impression with history before request time - lag")
-    g, sz, hi, lo = np.concatenate(grades), np.concatenate(sizes), np.concatenate(his), np.concatenate(los)
-    flat = {k: np.concatenate(v) for k, v in scores.items()}
+    # the same order on any number of ranks: impressions by (user, request time, position), shown items within
+    # each impression as they were shown; NDCG's mean then sums in the same order
+    sizes = every["size"]
+    order = np.lexsort((every["pos"], every["time"], every["uid"]))
+    starts = np.cumsum(sizes) - sizes
+    sz = sizes[order]
+    shown_order = np.repeat(starts[order] - (np.cumsum(sz) - sz), sz) + np.arange(int(sz.sum()))
+    new_index = np.empty_like(shown_order)
+    new_index[shown_order] = np.arange(shown_order.size)
+    hi, lo = new_index[every["hi"]], new_index[every["lo"]]
+    pair_order = np.lexsort((lo, hi))
+    hi, lo, g = hi[pair_order], lo[pair_order], every["grade"][shown_order]
+    flat = {name: every[name][shown_order] for name in names}
     if np.isnan(flat["data"]).all():
         del flat["data"]
     else:
         flat["data"] = np.nan_to_num(flat["data"], nan=-np.inf)
+    mine_cost = (time.perf_counter() - t_start, peak_memory_bytes(device) / 2**30)
+    costs = [mine_cost]
+    if dist.is_initialized() and world > 1:
+        costs = [None] * world
+        dist.all_gather_object(costs, mine_cost)
+    seconds = max(c[0] for c in costs)
     report: dict[str, Any] = {
         "split": split,
-        "impressions": impressions,
-        "impressions_no_history": no_history,
+        "impressions": int(totals[1]),
+        "impressions_no_history": int(totals[0]),
         "shown": int(g.size),
         "pairs": int(hi.size),
-        "lag_seconds": cfg.finetune.lag_seconds,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "lag_seconds": lag,
+        "seconds": round(seconds, 3),
     }
     for name, s in flat.items():
         report[name] = {"pairwise_acc": pairwise_accuracy(s, hi, lo), "ndcg": ndcg_within(s, g, sz)}
     for base in [b for b in ("data", "popularity", "pretrained") if b in report]:
         pa, pb = report["model"]["pairwise_acc"], report[base]["pairwise_acc"]
         report["model"][f"pau_vs_{base}"] = pa - pb  # pairwise accuracy uplift, absolute
+    report["cost"] = {
+        "ranks": world,
+        "seconds": round(seconds, 3),
+        "impressions_per_s": round(report["impressions"] / max(seconds, 1e-9), 1),
+        # per rank: the process's peak (RSS on CPU, the CUDA allocator's on GPU), whatever it did before
+        "peak_memory_gib": [round(c[1], 3) for c in costs],
+    }
     return report
 
 
 def _score(
-    cfg: JobConfig, sparse: Any, model: Any, batch: Batch, inp: dict[str, torch.Tensor], shown: torch.Tensor
+    cfg: JobConfig,
+    model: checkpoint.ShardedModel,
+    batch: Batch,
+    inp: dict[str, torch.Tensor],
+    shown: torch.Tensor,
+    device: torch.device,
 ) -> torch.Tensor:
-    """Scores of the shown items by an unsharded model: the served user and item vectors' dot product
-    (a pre-trained ArgusModel scores the way its next-item head does)."""
+    """Collective under DMP: scores of the shown items, the served user and item vectors' dot product (a
+    pre-trained ArgusModel scores the way its next-item head does). ``cfg``: the fine-tuning run's, which reads
+    the batch (its packing, side features) for both models; the model's own config sets how it scores."""
     from trainer.export import History, served_vectors
 
-    if cfg.data.batch_tokens:  # a run trained on packed rows is scored on packed rows too
-        batch.pack(cfg.interactions_per_sample())
-    item, side, shown_emb = lookup_interactions(sparse, batch, cfg, sparse.item_rows, shown, torch.device("cpu"))
-    hist = History(item, side, batch.lengths, inp["last"], batch.grid())
-    users, items = served_vectors(cfg, model, hist, shown_emb)
-    return (users[inp["shown_imp"]] * items).sum(-1)
+    item, side, shown_emb = lookup_interactions(model.tables, batch, cfg, model.item_rows, shown, device)
+    rows, cols, shape = batch.grid()
+    grid = (rows, cols, shape) if rows is None else (rows.to(device), cols.to(device), shape)
+    hist = History(item, side, batch.lengths.to(device), inp["last"].to(device), grid)
+    users, items = served_vectors(model.cfg, model.dense, hist, shown_emb)
+    assert users is not None and items is not None
+    return (users[inp["shown_imp"].to(device)] * items).sum(-1).float().cpu()
