@@ -230,31 +230,35 @@ def eval_worker(config: dict[str, Any]) -> None:
     os.environ[VERBOSE_ENV] = "1" if config.get("verbose") else ""
     quiet_library_logs()
     from trainer.evaluate import evaluate
+    from trainer.finetune import evaluate_finetune
 
     ctx = ray.train.get_context()
     os.environ.update(
         RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()), LOCAL_RANK=str(ctx.get_local_rank())
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(config["omp_threads"]))
-    rep = evaluate(config["run"], config["data"], split=config["split"], ks=config["ks"], max_users=config["max_users"])
+    if config["finetune"]:
+        rep = evaluate_finetune(config["run"], config["data"], split=config["split"])
+    else:
+        rep = evaluate(config["run"], config["data"], config["split"], config["ks"], config["max_users"])
     if ctx.get_world_rank() != 0:
         ray.train.report({}, checkpoint=None)
         return
     # Ray Train V2 keeps only metrics attached to a checkpoint: the report travels as one (a small JSON file)
     with tempfile.TemporaryDirectory(prefix="argus_eval") as tmp:
         (Path(tmp) / EVAL_REPORT).write_text(json.dumps(rep))
-        ray.train.report({"users": rep["users"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report({"split": rep["split"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def launch_eval(a: argparse.Namespace) -> int:
     """`argus launch ray-eval RUN --data DIR`: `argus eval` over Ray workers (users and the item table split over
-    them, as under torchrun); the driver prints rank 0's report."""
+    them, as under torchrun; a fine-tuning run's impression eval likewise); the driver prints rank 0's report."""
     import shutil
 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from launch.train_cli import is_finetune_run, print_eval
+    from launch.train_cli import is_finetune_run, print_eval, print_finetune_eval
     from trainer import checkpoint
     from trainer.data.manifest import Manifest
     from trainer.logger import verbose
@@ -263,11 +267,10 @@ def launch_eval(a: argparse.Namespace) -> int:
         raise ValueError(f"--num-workers: must be >= 1, got {a.num_workers}")
     if a.address and not a.storage_path:
         raise ValueError("--storage-path: required with --address (storage the driver and every worker see)")
-    if is_finetune_run(a.run):
-        raise ValueError(f"{a.run}: a fine-tuning run; its impression eval runs in one process: use `argus eval`")
     # One line before any cluster work: the checkpoint, the dataset and the split must exist.
     path = checkpoint.resolve_checkpoint(a.run, prefer_best=True)
-    Manifest.load(a.data).split(a.split or checkpoint.saved_job(path).eval.split)
+    saved = checkpoint.saved_job(path)
+    Manifest.load(a.data).split(a.split or (saved.finetune.eval_split if saved.finetune.enabled else saved.eval.split))
     if a.max_users is not None and a.max_users < 0:
         raise ValueError(f"--max-users: must be >= 0, got {a.max_users}")
     loop_config = {
@@ -277,6 +280,7 @@ def launch_eval(a: argparse.Namespace) -> int:
         "split": a.split,
         "ks": [int(k) for k in a.ks.split(",")] if a.ks else None,
         "max_users": a.max_users,
+        "finetune": is_finetune_run(a.run),  # its impression eval (pairwise accuracy, NDCG within impressions)
         "omp_threads": max(1, int(a.cpus_per_worker)),
         "verbose": verbose(os.environ),
     }
@@ -304,7 +308,7 @@ def launch_eval(a: argparse.Namespace) -> int:
     finally:
         if not a.storage_path:
             shutil.rmtree(storage, ignore_errors=True)
-    print_eval(rep, a.run, a.json)
+    (print_finetune_eval if loop_config["finetune"] else print_eval)(rep, a.run, a.json)
     return 0
 
 

@@ -59,14 +59,20 @@ def cmd_eval_finetune(a: argparse.Namespace) -> int:
         rep = evaluate_finetune(a.run, a.data, split=a.split)
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
         return 0
-    if a.json:
+    print_finetune_eval(rep, a.run, a.json)
+    return 0
+
+
+def print_finetune_eval(rep: dict[str, Any], run: str, as_json: bool) -> None:
+    """What `argus eval` (and `argus launch ray-eval`) print of a fine-tuning run's report."""
+    if as_json:
         print_json(rep)
-        return 0
+        return
     t = Table(
         "scorer",
         "pairwise accuracy",
         "NDCG within impressions",
-        title=f"{a.run} on {rep['split']}: {rep['impressions']:,} impressions, {rep['pairs']:,} pairs, "
+        title=f"{run} on {rep['split']}: {rep['impressions']:,} impressions, {rep['pairs']:,} pairs, "
         f"lag {rep['lag_seconds']} s ({rep['impressions_no_history']} without history: skipped)",
     )
     for name in ("model", "pretrained", "data", "popularity"):
@@ -80,7 +86,6 @@ def cmd_eval_finetune(a: argparse.Namespace) -> int:
         f"scored in {c['seconds']:.1f} s on {c['ranks']} rank(s): {c['impressions_per_s']:,.0f} impressions/s; "
         f"peak memory per rank {peak} GiB"
     )
-    return 0
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

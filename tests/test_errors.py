@@ -168,20 +168,13 @@ def test_eval_of_a_directory_without_a_checkpoint_exits_with_the_checkpoint_code
 
 
 def test_ray_eval_refuses_bad_input_before_starting_ray(data, tmp_path, capsys):
-    """`argus launch ray-eval`: a missing checkpoint, a fine-tuning run, or --address without --storage-path is one
-    line before any cluster work (a real Ray eval: tests/test_launch_ray.py)."""
+    """`argus launch ray-eval`: a missing checkpoint, or --address without --storage-path, is one line before any
+    cluster work (a real Ray eval: tests/test_launch_ray.py)."""
     ray_eval = ["launch", "ray-eval", "--data", str(data), "--num-workers", "2"]
     code, _, err = argus_inproc(capsys, *ray_eval, str(tmp_path / "none"), "--local")
     assert code == exit_codes.CHECKPOINT
     assert one_line_error(err).startswith(f"argus: error: {tmp_path / 'none'}: no checkpoint")
-    ft = tmp_path / "ft"
-    (ft / "checkpoints").mkdir(parents=True)
-    (ft / "config.yaml").write_text("finetune: {init: /somewhere}\n")
-    code, _, err = argus_inproc(capsys, *ray_eval, str(ft), "--local")
-    assert code == 2 and one_line_error(err) == (
-        f"argus: error: {ft}: a fine-tuning run; its impression eval runs in one process: use `argus eval`"
-    )
-    code, _, err = argus_inproc(capsys, *ray_eval, str(ft), "--address", "auto")
+    code, _, err = argus_inproc(capsys, *ray_eval, str(tmp_path / "none"), "--address", "auto")
     assert code == 2 and one_line_error(err) == (
         "argus: error: --storage-path: required with --address (storage the driver and every worker see)"
     )

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, argus_inproc, argus_ranks, free_port, rank_env, start_ranks
+from helpers import TINY_MODEL, argus_inproc, argus_ranks
 from helpers import read_samples as samples
 
 from trainer.data.batch import collate
@@ -295,13 +298,6 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, finetuned,
     assert rep0["model"]["pairwise_acc"] == pytest.approx(rep0["pretrained"]["pairwise_acc"], abs=2e-3)
 
 
-def _eval_rank(rank: int, world: int, port: int, run: str, data: str, out: str) -> None:
-    rank_env(rank, world, port)
-    from trainer.finetune import evaluate_finetune
-
-    Path(f"{out}.rank{rank}").write_text(json.dumps(evaluate_finetune(run, data, device="cpu")))
-
-
 def _one_process_reference(run: Path, data: Path) -> dict:
     """The one-process implementation the collective eval replaced: unsharded models (checkpoint.load_model), the
     loader's order, and the pairs enumerated impression by impression."""
@@ -367,7 +363,7 @@ def _assert_same_report(got: dict, want: dict, who: str) -> None:
 @pytest.mark.slow
 def test_finetune_eval_is_the_same_on_one_two_and_three_ranks(finetuned, imp_data, tmp_path, capsys):
     """`argus eval` of a fine-tuning run: item tables sharded, users split over the ranks; the report on 1 process
-    equals the unsharded one-process reference and the reports on 2 (the CLI, rank 0 prints) and 3 ranks."""
+    equals the unsharded one-process reference and the reports on 2 (the CLI, rank 0 prints) and 3 ranks (Ray)."""
     code, out, err = argus_inproc(capsys, "eval", str(finetuned), "--data", str(imp_data), "--json")
     assert code == 0, err[-2000:]
     one = json.loads(out)
@@ -382,12 +378,17 @@ def test_finetune_eval_is_the_same_on_one_two_and_three_ranks(finetuned, imp_dat
     printed = [json.loads(o[o.index("{") :]) for o in outs if "{" in o]
     assert len(printed) == 1 and printed[0]["cost"]["ranks"] == 2, outs
     _assert_same_report(printed[0], one, "2 ranks")
-    out3 = tmp_path / "eval3"
-    start_ranks(_eval_rank, (3, free_port(), str(finetuned), str(imp_data), str(out3)), 3, timeout=300)
-    reps = [json.loads(Path(f"{out3}.rank{r}").read_text()) for r in range(3)]
-    assert all(r == reps[0] for r in reps), "every rank returns the same report"
-    assert reps[0]["cost"]["ranks"] == 3 and len(reps[0]["cost"]["peak_memory_gib"]) == 3
-    _assert_same_report(reps[0], one, "3 ranks")
+    # 3 ranks: Ray workers (`argus launch ray-eval`, rank 0's report printed by the driver)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": "/tmp"}
+    ray = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "launch", "ray-eval", str(finetuned), "--data", str(imp_data), "--json",
+         "--local", "--num-workers", "3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert ray.returncode == 0, ray.stderr[-3000:]
+    three = json.loads(ray.stdout)
+    assert three["cost"]["ranks"] == 3 and len(three["cost"]["peak_memory_gib"]) == 3
+    _assert_same_report(three, one, "3 ranks")
 
 
 @pytest.mark.parametrize(

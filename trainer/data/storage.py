@@ -1,0 +1,182 @@
+"""Where a dataset lives: a local directory, or a URL that an fsspec filesystem serves.
+
+``s3://bucket/prefix`` (s3fs), ``gs://`` (gcsfs), ``az://`` / ``abfs://`` (adlfs), ``http(s)://`` (fsspec's HTTP,
+read-only). Credentials and endpoints come the way each ecosystem expects them (AWS_* variables, profiles and
+instance roles; GOOGLE_APPLICATION_CREDENTIALS; AZURE_STORAGE_*), never from a config; ``redact`` removes any
+that a URL carries before it is saved or printed.
+
+A remote dataset is read with range reads (:func:`read_range`), never downloaded whole: a shard's sample index
+(``ShardInfo.index``) gives each sample's byte offset, so a loader worker starts at its exact sample each epoch
+and after a resume. The small side files (item counts, sample lengths and indices) are copied once into a local
+cache, keyed by their sha256 (:func:`local_copy`), because the loader memory-maps them. Transient failures
+(connection resets, timeouts, 5xx, throttling: an ``OSError`` that is not "not found" or "no permission") are
+retried with exponential backoff and counted (:data:`RETRIES`).
+
+Paths are `pathlib.Path` for local data and `upath.UPath` (universal_pathlib: the pathlib API over fsspec) for
+URLs, so the code that joins and opens them is the same for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory")  # memory: tests
+EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+# Query parameters that carry credentials in the stores' URL forms (pre-signed S3, SAS tokens, GCS signed URLs).
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:x-amz-[a-z-]*|sig|signature|se|sp|sv|sr|st|token|key|x-goog-[a-z-]*)=)[^&]*")
+
+RETRY_ATTEMPTS = int(os.environ.get("ARGUS_IO_RETRIES", 8))
+RETRY_BASE_S = float(os.environ.get("ARGUS_IO_BACKOFF_S", 0.2))
+RETRY_MAX_S = 10.0
+RETRIES = {"count": 0}  # transient failures retried in this process (the loader reports its workers' deltas)
+
+T = TypeVar("T")
+Location = Any  # Path (local) or upath.UPath (remote): the same pathlib API
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """A URL with a scheme argus reads through fsspec (``file://`` is a local path)."""
+    m = _URL.match(str(path))
+    return bool(m) and m.group(1).lower() != "file"
+
+
+def scheme(path: str | os.PathLike[str]) -> str:
+    m = _URL.match(str(path))
+    return m.group(1).lower() if m else ""
+
+
+def redact(text: str | os.PathLike[str]) -> str:
+    """``text`` with a URL's user:password@ and credential-bearing query parameters replaced by ``***``."""
+    s = _USERINFO.sub(r"\1***@", str(text))
+    return _SECRET_QUERY.sub(r"\1***", s)
+
+
+def location(path: str | os.PathLike[str]) -> Location:
+    """A dataset location: a ``Path``, or a ``UPath`` for a URL. An unknown scheme or a missing filesystem package is
+    one line naming the URL (and the extra to install)."""
+    if not is_url(path):
+        s = str(path)
+        return Path(s[len("file://") :] if s.startswith("file://") else s)
+    sch = scheme(path)
+    if sch not in REMOTE_SCHEMES:
+        raise ValueError(f"{redact(path)}: unsupported URL scheme {sch!r} (supported: {', '.join(REMOTE_SCHEMES)})")
+    from upath import UPath
+
+    try:
+        return UPath(str(path))
+    except ImportError as e:
+        extra = EXTRAS.get(sch, "")
+        hint = f"; install it with: pip install 'argus-trainer[{sch if sch in ('s3', 'gs', 'az') else 's3'}]'" if extra else ""
+        raise ValueError(f"{redact(path)}: reading {sch}:// needs the {extra or e.name} package{hint}") from None
+
+
+def is_remote(path: Location) -> bool:
+    return not isinstance(path, Path)
+
+
+def transient(e: BaseException) -> bool:
+    """Worth retrying: a connection or server-side failure, not a missing object or a refused permission."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+        return True
+    try:
+        import aiohttp
+
+        if isinstance(e, aiohttp.ClientError):
+            return True
+    except ImportError:
+        pass
+    return False
+
+
+def with_retries(fn: Callable[[], T], what: str) -> T:
+    """``fn()``, retried with exponential backoff (0.2 s doubling, at most 10 s apart, ``ARGUS_IO_RETRIES`` tries in
+    all) while it fails transiently; the last failure is raised as ``OSError`` naming ``what``."""
+    delay = RETRY_BASE_S
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified by transient()
+            if not transient(e):
+                raise
+            if attempt == RETRY_ATTEMPTS:
+                raise OSError(f"{redact(what)}: {type(e).__name__}: {e} (gave up after {attempt} tries)") from None
+            RETRIES["count"] += 1
+            time.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_S)
+    raise AssertionError("unreachable")
+
+
+def read_range(path: Location, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a remote object (one range request, retried)."""
+    fs, p = path.fs, path.path
+    return with_retries(lambda: fs.cat_file(p, start=start, end=end), f"{path}")
+
+
+def read_bytes(path: Location) -> bytes:
+    if not is_remote(path):
+        return Path(path).read_bytes()
+    fs, p = path.fs, path.path
+    return with_retries(lambda: fs.cat_file(p), f"{path}")
+
+
+def exists(path: Location) -> bool:
+    if not is_remote(path):
+        return Path(path).is_file()
+    fs, p = path.fs, path.path
+    return with_retries(lambda: fs.isfile(p), f"{path}")
+
+
+def cache_dir() -> Path:
+    """Where remote side files are copied: ``ARGUS_CACHE`` or ``~/.cache/argus``."""
+    return Path(os.environ.get("ARGUS_CACHE") or Path.home() / ".cache" / "argus")
+
+
+def local_copy(path: Location, sha256: str = "") -> Path:
+    """A local file with ``path``'s bytes: ``path`` itself when local, else a cached copy. With ``sha256`` (the
+    manifest's) the cache is keyed by content and checked, so a changed object is never read stale; without, by the
+    URL (re-fetched each time)."""
+    if not is_remote(path):
+        return Path(path)
+    key = sha256 or hashlib.sha256(str(path).encode()).hexdigest()
+    dest = cache_dir() / "objects" / key[:2] / f"{key}{Path(path.path).suffix}"
+    if sha256 and dest.is_file():
+        return dest
+    data = read_bytes(path)
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise OSError(f"{redact(path)}: sha256 differs from the manifest's (changed since the dataset was written?)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)  # whole or not at all: concurrent workers may fetch the same file
+    return dest
+
+
+def upload_tree(local: Path, dest: Location, last: str) -> None:
+    """Copy every file under ``local`` to ``dest`` (retried per file), ``last`` (the manifest) after all others, so a
+    half-uploaded dataset is never taken for a whole one."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    fs = dest.fs
+    for p in [*(f for f in files if f.name != last), *(f for f in files if f.name == last)]:
+        target = dest / p.relative_to(local).as_posix()
+        with_retries(lambda p=p, target=target: fs.put_file(str(p), target.path), str(target))
+
+
+def staging_dir(dest: Location) -> Path:
+    """A local directory to write a remote dataset into before upload (removed by the caller)."""
+    return Path(tempfile.mkdtemp(prefix="argus-upload-", dir=os.environ.get("ARGUS_STAGING") or None))
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
