@@ -10,15 +10,30 @@ from typing import Any
 from rich.table import Table
 
 from launch.console import console, print_json
+from trainer.data.storage import redact
 
 
 # ---- argus data synth ----------------------------------------------------------------------------------------
 def cmd_data_synth(a: argparse.Namespace) -> int:
+    from trainer.data.manifest import MANIFEST_NAME
+    from trainer.data.storage import written_to
     from trainer.data.synth import synthesize
 
     t0 = time.perf_counter()
-    m = synthesize(
-        a.out,
+    with written_to(a.out, a.overwrite, MANIFEST_NAME) as out:
+        m = _synth(synthesize, out, a)
+    dt = time.perf_counter() - t0
+    n = sum(s.interactions for s in m.splits.values())
+    console.print(
+        f"wrote {redact(a.out)}: {', '.join(f'{k} {v.samples} samples' for k, v in m.splits.items())}; "
+        f"{n:,} interactions in {dt:.1f}s ({n / max(dt, 1e-9):,.0f}/s)"
+    )
+    return 0
+
+
+def _synth(synthesize: Any, out: str, a: argparse.Namespace) -> Any:
+    return synthesize(
+        out,
         users=a.users,
         items=a.items,
         mean_len=a.mean_len,
@@ -37,13 +52,6 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
         imp_test_days=a.imp_test_days,
         overwrite=a.overwrite,
     )
-    dt = time.perf_counter() - t0
-    n = sum(s.interactions for s in m.splits.values())
-    console.print(
-        f"wrote {a.out}: {', '.join(f'{k} {v.samples} samples' for k, v in m.splits.items())}; "
-        f"{n:,} interactions in {dt:.1f}s ({n / max(dt, 1e-9):,.0f}/s)"
-    )
-    return 0
 
 
 # ---- argus data convert --------------------------------------------------------------------------------------
@@ -71,9 +79,24 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
         timestamp=a.timestamp_col,
         rating=None if a.rating_col in ("", "none") else a.rating_col,
     )
-    m = convert(
+    from trainer.data.manifest import MANIFEST_NAME
+    from trainer.data.storage import written_to
+
+    with written_to(a.out, a.overwrite, MANIFEST_NAME) as out:
+        m = _convert(convert, out, cols, Hints, a)
+    skipped = m.source.get("skipped_rows", {})
+    console.print(
+        f"wrote {redact(a.out)}: {m.num_items:,} items; "
+        + ", ".join(f"{k} {v.samples} samples / {v.interactions:,} interactions" for k, v in m.splits.items())
+        + (f"; skipped rows: {skipped}" if skipped else "")
+    )
+    return 0
+
+
+def _convert(convert: Any, out: str, cols: Any, Hints: Any, a: argparse.Namespace) -> Any:  # noqa: N803
+    return convert(
         a.input,
-        a.out,
+        out,
         fmt=a.format,
         columns=cols,
         holdout=a.holdout,
@@ -98,13 +121,6 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
             names=CONVERT_FLAGS,
         ),
     )
-    skipped = m.source.get("skipped_rows", {})
-    console.print(
-        f"wrote {a.out}: {m.num_items:,} items; "
-        + ", ".join(f"{k} {v.samples} samples / {v.interactions:,} interactions" for k, v in m.splits.items())
-        + (f"; skipped rows: {skipped}" if skipped else "")
-    )
-    return 0
 
 
 # ---- argus data inspect / verify -----------------------------------------------------------------------------

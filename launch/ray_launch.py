@@ -32,6 +32,7 @@ from typing import Any
 from cluster.ray_local import check_resources, oversubscription, ray_session
 from launch.console import console
 from trainer.config import to_dict
+from trainer.data.storage import absolute
 from trainer.faults import ENV as FAULT_ENV
 
 
@@ -181,7 +182,7 @@ def launch(a: argparse.Namespace) -> int:
         overrides.append(f"out={Path(storage) / a.name / 'run'}")
     cfg = load_job(a.config, overrides, world_size=a.num_workers)  # one line, before any cluster work
     # Workers run in their own working directory: hand them absolute paths.
-    cfg.data.path, cfg.out = str(Path(cfg.data.path).resolve()), str(Path(cfg.out).resolve())
+    cfg.data.path, cfg.out = absolute(cfg.data.path), str(Path(cfg.out).resolve())
     if cfg.finetune.init:
         cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
     loop_config = worker_config(cfg, a.num_workers, a.cpus_per_worker)  # before Ray: a bad drill is one line
@@ -276,7 +277,7 @@ def launch_eval(a: argparse.Namespace) -> int:
     loop_config = {
         # workers run in their own working directory: absolute paths
         "run": str(Path(a.run).resolve()),
-        "data": str(Path(a.data).resolve()),
+        "data": absolute(a.data),
         "split": a.split,
         "ks": [int(k) for k in a.ks.split(",")] if a.ks else None,
         "max_users": a.max_users,

@@ -206,4 +206,15 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """``cfg`` as YAML; credentials a URL value carries (``s3://KEY:SECRET@bucket``, signed query strings) are
+    redacted: a saved config never holds a secret (they come from the environment: trainer/data/storage.py)."""
+    from trainer.data.storage import redact
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return redact(v) if isinstance(v, str) and "://" in v else v
+
+    Path(path).write_text(yaml.safe_dump(clean(to_dict(cfg)), sort_keys=False))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from trainer import checkpoint
 from trainer.data.outdir import Layout, check_output, clear_output, read_json
+from trainer.data.storage import absolute, redact
 
 if TYPE_CHECKING:
     from trainer.data.batch import Batch
@@ -418,7 +419,7 @@ def export(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "checkpoint": str(path.resolve()),
-        "data": str(Path(data_dir).resolve()),
+        "data": redact(absolute(data_dir)),
         "split": split,
         "split_kind": kind,
         "at": at,

@@ -12,6 +12,7 @@ import numpy as np
 
 from trainer.data.manifest import Manifest, ShardInfo, sha256_file
 from trainer.data.schema import EventType, SampleError, decode_sample
+from trainer.data.storage import exists, read_bytes, redact
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -32,14 +33,16 @@ class ShardScan:
     user_lengths: list[int] = field(default_factory=list)
     items: np.ndarray | None = None  # sparse: unique items and their counts
     item_counts: np.ndarray | None = None
+    offsets: list[int] = field(default_factory=list)  # each member's header offset, then the end of the last
     errors: list[str] = field(default_factory=list)
 
 
-def scan_shard(root: Path, info: ShardInfo, is_eval: bool, num_items: int, check_hash: bool = True) -> ShardScan:
-    """Read every sample of a shard; never raises, collects errors naming shard and key."""
+def scan_shard(root: Any, info: ShardInfo, is_eval: bool, num_items: int, check_hash: bool = True) -> ShardScan:
+    """Read every sample of a shard (a local file, or an object at a URL: one sequential read); never raises,
+    collects errors naming shard and key."""
     path = root / info.path
     scan = ShardScan(info.path)
-    if not path.is_file():
+    if not exists(path):
         scan.errors.append(f"{info.path}: missing")
         return scan
     if check_hash and info.sha256 and sha256_file(path) != info.sha256:
@@ -47,9 +50,11 @@ def scan_shard(root: Path, info: ShardInfo, is_eval: bool, num_items: int, check
     items: list[np.ndarray] = []
     last_user, user_len = None, 0
     try:
-        with tarfile.open(path, "r:") as tar:
+        with path.open("rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
             for m in tar:
                 tar.members.clear()
+                scan.offsets.append(m.offset)
+                end = m.offset_data + -(-m.size // 512) * 512
                 key = m.name.partition(".")[0]
                 try:
                     f = tar.extractfile(m)
@@ -92,12 +97,16 @@ def scan_shard(root: Path, info: ShardInfo, is_eval: bool, num_items: int, check
                     scan.events = [a + int(b) for a, b in zip(scan.events, ev)]
     except (tarfile.TarError, OSError, EOFError) as e:
         scan.errors.append(f"{info.path}: broken tar after {scan.samples} samples ({e})")
+    if scan.offsets:
+        scan.offsets.append(end)
     if last_user is not None:
         scan.user_lengths.append(user_len)
     if items:
         scan.items, scan.item_counts = np.unique(np.concatenate(items), return_counts=True)
     if info.lengths:
-        _check_lengths(root, info, scan)
+        _check_side_table(root, info.lengths, info.lengths_sha256, scan, scan.sample_lengths, "sample lengths")
+    if info.index:
+        _check_side_table(root, info.index, info.index_sha256, scan, scan.offsets, "sample offsets")
     for name in ("samples", "interactions", "users", "targets", "item_min", "item_max"):
         want, got = getattr(info, name), getattr(scan, name)
         if want != got:
@@ -105,18 +114,21 @@ def scan_shard(root: Path, info: ShardInfo, is_eval: bool, num_items: int, check
     return scan
 
 
-def _check_lengths(root: Path, info: ShardInfo, scan: ShardScan) -> None:
-    path = root / info.lengths
-    if not path.is_file():
-        scan.errors.append(f"{info.lengths}: missing")
+def _check_side_table(root: Any, rel: str, sha: str, scan: ShardScan, want: list[int], what: str) -> None:
+    """A shard's lengths or index table: present, its sha256 the manifest's, its values the shard's."""
+    import io
+
+    path = root / rel
+    if not exists(path):
+        scan.errors.append(f"{rel}: missing")
         return
-    if info.lengths_sha256 and sha256_file(path) != info.lengths_sha256:
-        scan.errors.append(f"{info.lengths}: sha256 differs from manifest")
-    if not scan.errors and np.load(path).tolist() != scan.sample_lengths:
-        scan.errors.append(f"{info.lengths}: sample lengths differ from the shard's contents")
+    if sha and sha256_file(path) != sha:
+        scan.errors.append(f"{rel}: sha256 differs from manifest")
+    if not scan.errors and np.load(io.BytesIO(read_bytes(path))).tolist() != want:
+        scan.errors.append(f"{rel}: {what} differ from the shard's contents")
 
 
-def _scan_job(args: tuple[Path, ShardInfo, bool, int, bool]) -> ShardScan:
+def _scan_job(args: tuple[Any, ShardInfo, bool, int, bool]) -> ShardScan:
     return scan_shard(*args)
 
 
@@ -147,12 +159,12 @@ def verify(root: str | Path, workers: int = 1) -> dict[str, Any]:
         info = manifest.splits[split]
         if info.item_counts:
             path = manifest.root / info.item_counts
-            if not path.is_file():
+            if not exists(path):
                 errors.append(f"{info.item_counts}: missing")
                 continue
             if info.item_counts_sha256 and sha256_file(path) != info.item_counts_sha256:
                 errors.append(f"{info.item_counts}: sha256 differs from manifest")
-            table = np.load(path)
+            table = manifest.item_counts(split)
             recount = np.zeros(manifest.num_items, np.int64)
             for sc in split_scans:
                 if sc.items is not None:
@@ -160,7 +172,7 @@ def verify(root: str | Path, workers: int = 1) -> dict[str, Any]:
             if table.shape != recount.shape or not np.array_equal(table, recount):
                 errors.append(f"{info.item_counts}: item counts differ from the shards' contents")
     return {
-        "root": str(manifest.root),
+        "root": redact(manifest.root),
         "ok": not errors,
         "errors": errors,
         "shards": sum(len(v) for v in scans.values()),
@@ -180,7 +192,7 @@ def inspect(root: str | Path, max_shards: int = 0, workers: int = 1) -> dict[str
     """Summary of a dataset: counts from the manifest, distributions from reading the shards."""
     manifest, scans = scan_dataset(root, check_hash=False, workers=workers, max_shards=max_shards)
     out: dict[str, Any] = {
-        "root": str(manifest.root),
+        "root": redact(manifest.root),
         "num_items": manifest.num_items,
         "max_len": manifest.max_len,
         "source": manifest.source.get("kind", "?"),

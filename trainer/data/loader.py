@@ -38,6 +38,7 @@ from trainer.data.layout import (
 from trainer.data.manifest import Manifest
 from trainer.data.reader import SampleReader, ShardTable
 from trainer.data.schema import Sample
+from trainer.data.storage import RETRIES
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.13
@@ -100,7 +101,7 @@ class ShardDataset(IterableDataset):
         waiting: dict[int, Sample | None] = {}
         padded = cfg.batch_format == "padded"
         packing = self.layout.packer()
-        n_errors = 0
+        n_errors, n_retries = 0, RETRIES["count"]  # a per-process counter: this worker's, or the rank's
         for b, positions in enumerate(batches, start=first_batch):
             targets = indices[positions].tolist()
             samples: list[Sample] = []
@@ -124,6 +125,8 @@ class ShardDataset(IterableDataset):
             if len(reader.errors) > n_errors:
                 batch.meta["errors"] = reader.errors[n_errors:]
                 n_errors = len(reader.errors)
+            if RETRIES["count"] > n_retries:
+                batch.meta["retries"], n_retries = RETRIES["count"] - n_retries, RETRIES["count"]
             yield batch
 
 
@@ -145,6 +148,9 @@ class ShardLoader:
         batch_format: str = "jagged"  # "jagged" (KeyedJaggedTensor-ready) or "padded"
         on_error: str = "raise"  # "raise": stop naming shard and key; "skip": count and continue
         prefetch_factor: int = 2
+        # Data at a URL (s3://, gs://, az://, http(s)://): the most bytes of consecutive samples one range read
+        # spans (0 = 8 MiB). Larger: fewer requests, more bytes read past another worker's samples.
+        read_ahead: int = 0
 
         def validate(self, where: str = "data") -> None:
             def bad(key: str, msg: str) -> ValueError:
@@ -170,6 +176,8 @@ class ShardLoader:
                 raise bad("batch_format", f"must be 'jagged' or 'padded', got {self.batch_format!r}")
             if self.on_error not in ("raise", "skip"):
                 raise bad("on_error", f"must be 'raise' or 'skip', got {self.on_error!r}")
+            if self.read_ahead < 0:
+                raise bad("read_ahead", f"must be >= 0 bytes, got {self.read_ahead}")
 
         def build(self, rank: int = 0, world_size: int = 1, manifest: Manifest | None = None) -> "ShardLoader":
             return ShardLoader(self, rank, world_size, manifest)
@@ -180,13 +188,14 @@ class ShardLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.manifest = manifest or Manifest.load(cfg.path)
-        self.table = ShardTable.from_manifest(self.manifest, cfg.split)
+        self.table = ShardTable.from_manifest(self.manifest, cfg.split, cfg.read_ahead)
         self.workers = max(1, cfg.num_workers)
         self._lengths: list[np.ndarray] | None = None
         self.packing = self._packing()
         self.layout = self._fresh(0)
         self.batches_seen = 0  # batches handed out this epoch on this rank
-        self.stats = {"samples": 0, "interactions": 0, "skipped": 0, "truncated": 0}
+        # retries: transient storage failures retried while reading this rank's batches (remote data)
+        self.stats = {"samples": 0, "interactions": 0, "skipped": 0, "truncated": 0, "retries": 0}
         self.errors: list[str] = []
 
     def _packing(self) -> Packing | None:
@@ -285,6 +294,7 @@ class ShardLoader:
         self.stats["interactions"] += batch.num_interactions
         self.stats["skipped"] += batch.skipped
         self.stats["truncated"] += batch.truncated
+        self.stats["retries"] += batch.meta.get("retries", 0)
         for err in batch.meta.get("errors", []):
             log.warning("skipped unreadable data: %s", err)
             self.errors.append(err)

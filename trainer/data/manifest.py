@@ -18,9 +18,13 @@ from typing import Any
 import numpy as np
 
 from trainer.data.schema import FIELDS, SCHEMA_VERSION
+from trainer.data.storage import exists, local_copy, location, read_bytes, redact
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "argus-shards"
+# 2: shards carry a sample index (ShardInfo.index). Version 1 manifests (no key) still read.
+MANIFEST_VERSION = 2
+READS_VERSIONS = (1, 2)
 
 
 class ManifestError(ValueError):
@@ -42,6 +46,10 @@ class ShardInfo:
     # are laid out from it without reading the shard); "" in datasets written before it existed.
     lengths: str = ""
     lengths_sha256: str = ""
+    # Relative path of an int64 .npy of samples + 1 byte offsets: where each sample's tar header starts, then the
+    # end of the last sample (manifest version 2; "" before: remote reads then fetch the shard whole).
+    index: str = ""
+    index_sha256: str = ""
 
 
 @dataclass
@@ -72,19 +80,20 @@ class Manifest:
     fields: dict[str, str] = field(default_factory=lambda: dict(FIELDS))
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT_NAME
-    root: Path = field(default=Path("."), repr=False, compare=False)
+    version: int = MANIFEST_VERSION
+    root: Any = field(default=Path("."), repr=False, compare=False)  # a Path, or a UPath for a URL (storage.py)
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
-            raise ManifestError(f"{self.root / MANIFEST_NAME}: no split {name!r} (has {sorted(self.splits)})")
+            raise ManifestError(f"{redact(self.root / MANIFEST_NAME)}: no split {name!r} (has {sorted(self.splits)})")
         return self.splits[name]
 
     def item_counts(self, split: str = "train") -> np.ndarray:
         """Per-item interaction counts of a split (the logQ correction's frequencies)."""
         info = self.split(split)
         if not info.item_counts:
-            raise ManifestError(f"{self.root / MANIFEST_NAME}: splits.{split}.item_counts is empty")
-        return np.load(self.root / info.item_counts, mmap_mode="r")
+            raise ManifestError(f"{redact(self.root / MANIFEST_NAME)}: splits.{split}.item_counts is empty")
+        return np.load(local_copy(self.root / info.item_counts, info.item_counts_sha256), mmap_mode="r")
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -101,18 +110,26 @@ class Manifest:
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> "Manifest":
-        root = Path(root)
+        """The manifest of a dataset directory, or of a dataset URL (``s3://bucket/prefix``, ...: storage.py)."""
+        root = location(root)
         path = root / MANIFEST_NAME
-        if not path.is_file():
-            raise ManifestError(f"{path}: not found (is {root} a dataset written by `argus data synth/convert`?)")
+        shown = redact(path)
         try:
-            d = json.loads(path.read_text())
+            found = exists(path)
+        except OSError as e:
+            raise ManifestError(f"{shown}: cannot read ({e})") from None
+        if not found:
+            raise ManifestError(
+                f"{shown}: not found (is {redact(root)} a dataset written by `argus data synth/convert`?)"
+            )
+        try:
+            d = json.loads(read_bytes(path))
         except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}: invalid JSON ({e})") from None
-        return cls.from_json(d, root, path)
+            raise ManifestError(f"{shown}: invalid JSON ({e})") from None
+        return cls.from_json(d, root, shown)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], root: Path, path: Path) -> "Manifest":
+    def from_json(cls, d: dict[str, Any], root: Any, path: Any) -> "Manifest":
         def need(obj: dict[str, Any], key: str, where: str) -> Any:
             if key not in obj:
                 raise ManifestError(f"{path}: missing key {where}{key}")
@@ -120,6 +137,10 @@ class Manifest:
 
         if d.get("format") != FORMAT_NAME:
             raise ManifestError(f"{path}: key format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+        if d.get("version", 1) not in READS_VERSIONS:
+            raise ManifestError(
+                f"{path}: version {d['version']} is not supported (this build reads {list(READS_VERSIONS)})"
+            )
         if need(d, "schema_version", "") != SCHEMA_VERSION:
             raise ManifestError(
                 f"{path}: schema_version {d['schema_version']} is not supported (this build reads {SCHEMA_VERSION})"
@@ -154,13 +175,15 @@ class Manifest:
             fields=need(d, "fields", ""),
             schema_version=d["schema_version"],
             format=d["format"],
+            version=int(d.get("version", 1)),
             root=root,
         )
 
 
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
+def sha256_file(path: Any, bufsize: int = 1 << 22) -> str:
+    """sha256 of a local file or of an object at a URL (a ``UPath``: read sequentially)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, (str, os.PathLike)) else path.open("rb") as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()

@@ -146,7 +146,7 @@ class DatasetLayout(Layout):
         "item_map.parquet",  # convert
         "user_map.parquet",
         LEGACY_WRITING_MARKER,
-        *(f"{s}/{f}" for s in SPLITS for f in ("shard-*.tar", "shard-*.tar.tmp", "shard-*.lengths.npy")),
+        *(f"{s}/shard-*{x}" for s in SPLITS for x in (".tar", ".tar.tmp", ".lengths.npy", ".index.npy")),
         *(f"{s}/item_counts.npy" for s in SPLITS),
         "truth/items.npz",  # synth
         "truth/items.npz.tmp",

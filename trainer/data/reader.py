@@ -3,6 +3,8 @@
 Shards are ordinary tars (any tar tool reads them). The loader walks their
 ustar headers itself over an mmap: members that are not needed (already
 consumed, or another worker's) cost one header read, never the payload.
+Shards at a URL (storage.py) are read with range requests placed by each
+shard's sample index.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from trainer.data.manifest import Manifest
 from trainer.data.schema import MEMBER_EXT, Sample, SampleError, decode_sample
+from trainer.data.storage import is_remote, local_copy, read_bytes, read_range, redact
+
+READ_AHEAD = 8 << 20  # data.read_ahead's default: remote range reads span up to 8 MiB of consecutive samples
 
 
 class ShardReadError(RuntimeError):
@@ -27,20 +32,38 @@ class ShardReadError(RuntimeError):
 class ShardTable:
     """The shards of one split, in manifest order, with their sample counts."""
 
-    root: Path
+    root: Any  # a Path, or a UPath for a dataset URL (storage.py)
     paths: list[str]
     counts: np.ndarray
     lengths: list[str] = field(default_factory=list)  # per-shard sample-length tables ("" = none written)
+    lengths_sha256: list[str] = field(default_factory=list)
+    index: list[str] = field(default_factory=list)  # per-shard sample byte offsets ("" = none written)
+    index_sha256: list[str] = field(default_factory=list)
+    read_ahead: int = READ_AHEAD  # remote data: bytes one range read may span
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, split: str) -> "ShardTable":
+    def from_manifest(cls, manifest: Manifest, split: str, read_ahead: int = 0) -> "ShardTable":
         info = manifest.split(split)
         return cls(
             manifest.root,
             [s.path for s in info.shards],
             np.array([s.samples for s in info.shards], np.int64),
             [s.lengths for s in info.shards],
+            [s.lengths_sha256 for s in info.shards],
+            [s.index for s in info.shards],
+            [s.index_sha256 for s in info.shards],
+            read_ahead or READ_AHEAD,
         )
+
+    def members(self, i: int, wanted: np.ndarray) -> Iterator[tuple[int, str, bytes | memoryview]]:
+        """(local index, key, payload) of shard ``i``'s sorted local samples ``wanted``: an mmap walk for a local
+        shard, range reads for a remote one."""
+        path = self.root / self.paths[i]
+        if not is_remote(path):
+            return iter_members(path, wanted)
+        rel = self.index[i] if i < len(self.index) else ""
+        offsets = np.load(local_copy(self.root / rel, self.index_sha256[i])) if rel else None
+        return iter_remote_members(path, wanted, offsets, self.read_ahead)
 
     @property
     def num_samples(self) -> int:
@@ -50,16 +73,17 @@ class ShardTable:
         """Every sample's interaction count, per shard in manifest order: from the tables the writer left
         beside the shards, or, for shards written without one, by reading the shard once."""
         out = []
-        for i, path in enumerate(self.paths):
+        for i in range(len(self.paths)):
             rel = self.lengths[i] if i < len(self.lengths) else ""
             if rel:
-                arr = np.load(self.root / rel).astype(np.int64)
+                sha = self.lengths_sha256[i] if i < len(self.lengths_sha256) else ""
+                arr = np.load(local_copy(self.root / rel, sha)).astype(np.int64)
                 if arr.shape != (int(self.counts[i]),):
                     raise ShardReadError(f"{rel}: holds {arr.shape[0]} lengths, the manifest says {self.counts[i]}")
             else:
                 local = np.arange(int(self.counts[i]))
                 arr = np.fromiter(
-                    (len(decode_sample(key, p)) for _, key, p in iter_members(self.root / path, local)),
+                    (len(decode_sample(key, p)) for _, key, p in self.members(i, local)),
                     np.int64,
                     local.size,
                 )
@@ -113,8 +137,58 @@ def iter_members(path: Path, wanted: np.ndarray) -> Iterator[tuple[int, str, byt
     yield from _walk(path, memoryview(mm), size, wanted, last)
 
 
+def iter_remote_members(
+    path: Any, wanted: np.ndarray, offsets: np.ndarray | None, read_ahead: int
+) -> Iterator[tuple[int, str, bytes | memoryview]]:
+    """:func:`iter_members` for a shard at a URL: range reads, never the whole object first.
+
+    With the shard's sample index (``offsets``: where each sample's header starts, then the end) the wanted
+    samples are read in spans of consecutive samples of at most ``read_ahead`` bytes (one sample more when a single
+    sample is larger), each one range request, retried on transient failures (storage.py); the samples between two
+    wanted ones in a span are read and skipped, cheaper than another request when they are few. Without an index
+    (a version-1 dataset) the shard is read once from its start up to the last wanted sample."""
+    if wanted.size == 0:
+        return
+    last = int(wanted[-1])
+    if offsets is None:
+        try:
+            data = read_bytes(path)
+        except FileNotFoundError:
+            raise ShardReadError(f"shard {redact(path)}: not found") from None
+        except OSError as e:
+            raise ShardReadError(f"shard {redact(path)}: cannot read ({e})") from None
+        yield from _walk(redact(path), memoryview(data), len(data), wanted, last)
+        return
+    if offsets.shape[0] <= last + 1:
+        raise ShardReadError(f"shard {redact(path)}: its index covers {offsets.shape[0] - 1} samples, #{last} wanted")
+    k = 0
+    while k < wanted.size:
+        first = int(wanted[k])
+        end = k + 1  # extend the span while it stays within read_ahead bytes
+        while end < wanted.size and offsets[int(wanted[end]) + 1] - offsets[first] <= read_ahead:
+            end += 1
+        stop = int(wanted[end - 1])
+        start_b, end_b = int(offsets[first]), int(offsets[stop + 1])
+        try:
+            data = read_range(path, start_b, end_b)
+        except FileNotFoundError:
+            raise ShardReadError(f"shard {redact(path)}: not found (sample #{first} wanted)") from None
+        except OSError as e:
+            raise ShardReadError(f"shard {redact(path)}: cannot read sample #{first} ({e})") from None
+        if len(data) != end_b - start_b:
+            raise ShardReadError(
+                f"shard {redact(path)}: sample #{stop} is cut short (got {len(data)} of {end_b - start_b} bytes: "
+                "truncated or changed since it was indexed?)"
+            )
+        # the span holds samples first..stop; walk it with local numbering from `first`
+        span = wanted[k:end] - first
+        for local, key, payload in _walk(redact(path), memoryview(data), len(data), span, int(span[-1])):
+            yield local + first, key, payload
+        k = end
+
+
 def _walk(
-    path: Path, view: memoryview, size: int, wanted: np.ndarray, last: int
+    path: Any, view: memoryview, size: int, wanted: np.ndarray, last: int
 ) -> Iterator[tuple[int, str, bytes | memoryview]]:
     off, k, local = 0, 0, -1
     key = "<start of shard>"
@@ -189,12 +263,12 @@ class SampleReader:
             if run.size == 0:
                 continue
             j = int(pos[run[0]])
-            shard = self.table.root / self.table.paths[self.perm[j]]
+            shard = redact(self.table.root / self.table.paths[self.perm[j]])
             local = idx[run] - self.cum[j]
             globals_ = idx[run].tolist()
             done = 0
             try:
-                for _, key, payload in iter_members(shard, local):
+                for _, key, payload in self.table.members(int(self.perm[j]), local):
                     try:
                         sample = decode_sample(key, payload)
                     except SampleError as e:

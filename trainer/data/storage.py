@@ -18,6 +18,7 @@ URLs, so the code that joins and opens them is the same for both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -25,7 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory")  # memory: tests
 EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
@@ -75,8 +76,14 @@ def location(path: str | os.PathLike[str]) -> Location:
         return UPath(str(path))
     except ImportError as e:
         extra = EXTRAS.get(sch, "")
-        hint = f"; install it with: pip install 'argus-trainer[{sch if sch in ('s3', 'gs', 'az') else 's3'}]'" if extra else ""
+        group = {"s3fs": "s3", "gcsfs": "gs", "adlfs": "az"}.get(extra, "")
+        hint = f"; install it with: pip install 'argus-trainer[{group}]'" if group else ""
         raise ValueError(f"{redact(path)}: reading {sch}:// needs the {extra or e.name} package{hint}") from None
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """A local path made absolute (for processes started elsewhere: Ray workers); a URL unchanged."""
+    return str(path) if is_url(path) else str(Path(path).resolve())
 
 
 def is_remote(path: Location) -> bool:
@@ -173,10 +180,33 @@ def upload_tree(local: Path, dest: Location, last: str) -> None:
         with_retries(lambda p=p, target=target: fs.put_file(str(p), target.path), str(target))
 
 
-def staging_dir(dest: Location) -> Path:
-    """A local directory to write a remote dataset into before upload (removed by the caller)."""
-    return Path(tempfile.mkdtemp(prefix="argus-upload-", dir=os.environ.get("ARGUS_STAGING") or None))
+@contextlib.contextmanager
+def written_to(out: str | os.PathLike[str], overwrite: bool, manifest_name: str) -> Iterator[str]:
+    """Where a dataset writer writes: ``out`` itself when local; for a URL a local staging directory
+    (``ARGUS_STAGING`` or the system's temporary directory) uploaded to ``out`` when the writer returns, the
+    manifest last, then removed.
 
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    The URL is checked first, as a local output is (trainer/data/outdir.py): an existing dataset there (its
+    manifest) needs ``overwrite``, whose upload starts by deleting the old manifest so that no reader takes the
+    half-replaced dataset for a whole one; anything else under the prefix is refused."""
+    if not is_url(out):
+        yield str(out)
+        return
+    dest = location(out)
+    fs, prefix = dest.fs, dest.path.rstrip("/")
+    present = with_retries(lambda: fs.find(prefix), str(dest))
+    manifest = f"{prefix}/{manifest_name}"
+    if present and manifest not in present and manifest.lstrip("/") not in present:
+        raise ValueError(
+            f"out {redact(out)}: not empty and not an argus dataset (no {manifest_name}); refusing to write there"
+        )
+    if present and not overwrite:
+        raise ValueError(f"out {redact(out)}: holds a dataset; pass --overwrite to replace it")
+    staging = Path(tempfile.mkdtemp(prefix="argus-upload-", dir=os.environ.get("ARGUS_STAGING") or None))
+    try:
+        yield str(staging / "dataset")
+        if present:
+            with_retries(lambda: fs.rm_file(manifest), str(dest / manifest_name))
+        upload_tree(staging / "dataset", dest, manifest_name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -32,6 +32,11 @@ def lengths_name(shard: str) -> str:
     return shard.removesuffix(".tar") + ".lengths.npy"
 
 
+def index_name(shard: str) -> str:
+    """The per-sample byte offsets beside a shard (``train/shard-000000.index.npy``)."""
+    return shard.removesuffix(".tar") + ".index.npy"
+
+
 @dataclass
 class Holdout:
     """How evaluation targets are held out of each user's history.
@@ -172,6 +177,7 @@ class UstarWriter:
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self._template = _ustar_template()
+        self.offsets = [0]  # where each member starts, and where the next would: the shard's sample index
 
     def add(self, name: str, payload: bytes) -> None:
         raw = name.encode()
@@ -187,6 +193,7 @@ class UstarWriter:
         pad = -len(payload) % _BLOCK
         if pad:
             self.stream.write(bytes(pad))
+        self.offsets.append(self.offsets[-1] + _BLOCK + len(payload) + pad)
 
     def close(self) -> None:
         self.stream.write(bytes(2 * _BLOCK))  # end-of-archive marker
@@ -238,6 +245,11 @@ class ShardSink:
         self.info.lengths = lengths_name(self.relpath)
         np.save(self.root / self.info.lengths, np.asarray(self.lengths, np.int32))
         self.info.lengths_sha256 = sha256_file(self.root / self.info.lengths)
+        # Byte offset of every sample's header (and the end of the last): a reader of remote data starts at its
+        # exact sample with one range read, without walking the headers before it.
+        self.info.index = index_name(self.relpath)
+        np.save(self.root / self.info.index, np.asarray(self._tar.offsets, np.int64))
+        self.info.index_sha256 = sha256_file(self.root / self.info.index)
         return self.info
 
 

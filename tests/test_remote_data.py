@@ -1,0 +1,206 @@
+"""Datasets at a URL (trainer/data/storage.py): an S3-protocol server on loopback (moto), written by `argus data
+synth --out s3://...`, read back sample for sample as from local disk, exactly once over 2 ranks x 2 workers,
+resumed mid-epoch bitwise, transient failures retried and counted, a deleted shard named in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from helpers import argus_inproc, one_line_error
+
+from trainer.data.loader import ShardLoader
+from trainer.data.manifest import Manifest
+from trainer.data.reader import ShardReadError
+from trainer.data.storage import RETRIES, location, redact
+from trainer.data.synth import synthesize
+
+SYNTH = dict(users=60, items=90, mean_len=20, shards=3, seed=11, holdout="loo")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 (no network beyond loopback), the AWS variables pointing at it, and a bucket
+    holding `argus data synth --out s3://argus-test/ds` of SYNTH; and the same dataset on local disk."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "ARGUS_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="argus-test")
+        local = tmp_path_factory.mktemp("local") / "ds"
+        synthesize(local, workers=1, **SYNTH)
+        yield "s3://argus-test/ds", local
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _synth_args(out: str, *extra: str) -> list[str]:
+    s = SYNTH
+    return [
+        "data", "synth", "--out", out, "--users", str(s["users"]), "--items", str(s["items"]),
+        "--mean-len", str(s["mean_len"]), "--shards", str(s["shards"]), "--seed", str(s["seed"]),
+        "--holdout", "loo", "--workers", "1", *extra,
+    ]  # fmt: skip
+
+
+def _synth_cli(capsys, out: str, *extra: str) -> tuple[int, str, str]:
+    return argus_inproc(capsys, *_synth_args(out, *extra))
+
+
+@pytest.fixture(scope="module")
+def remote(s3):
+    """SYNTH written to s3://argus-test/ds by the CLI (staged locally, uploaded, the manifest last)."""
+    from launch.cli import main
+
+    url, local = s3
+    assert main(_synth_args(url)) == 0
+    return url, local
+
+
+def _epoch(path: str, rank: int, world: int, workers: int) -> list[tuple[str, list[int]]]:
+    cfg = ShardLoader.Config(path=path, batch_size=4, num_workers=workers, shuffle_buffer=6, read_ahead=2048)
+    return [(k, b.values["item"].tolist()) for b in cfg.build(rank, world) for k in [",".join(b.keys)]]
+
+
+def test_a_dataset_written_to_s3_reads_back_as_on_local_disk_exactly_once(remote):
+    url, local = remote
+    m = Manifest.load(url)
+    assert m.version == 2 and all(sh.index for sh in m.splits["train"].shards)
+    assert m.to_json() == Manifest.load(local).to_json(), "the same dataset, byte for byte (hashes included)"
+    seen = []
+    for rank in range(2):
+        got, want = _epoch(url, rank, 2, workers=2), _epoch(str(local), rank, 2, workers=2)
+        assert got == want  # sample for sample, item for item, in the same batches
+        seen += [k for keys, _ in got for k in keys.split(",")]
+    assert len(seen) == len(set(seen)) == m.splits["train"].samples, "exactly once over 2 ranks x 2 workers"
+    assert np.array_equal(m.item_counts("train"), Manifest.load(local).item_counts("train"))
+
+
+def test_inspect_and_verify_read_the_url(remote, capsys):
+    url, _ = remote
+    code, out, err = argus_inproc(capsys, "data", "verify", url)
+    assert code == 0 and "OK s3://argus-test/ds" in out, out + err
+
+
+def test_resume_mid_epoch_from_s3_is_bitwise(remote):
+    url, _ = remote
+    cfg = ShardLoader.Config(path=url, batch_size=3, num_workers=2, shuffle_buffer=5)
+    reference = [b.keys for b in cfg.build(1, 2)]
+    first = cfg.build(1, 2)
+    got = []
+    for i, b in enumerate(first):
+        got.append(b.keys)
+        if i == 2:
+            break
+    resumed = cfg.build(1, 2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert got + [b.keys for b in resumed] == reference
+
+
+def test_transient_failures_are_retried_and_counted(remote, monkeypatch):
+    """Connection resets and 503-like errors (OSError, as s3fs raises them) on range reads: retried with backoff,
+    counted in the loader's stats, the epoch's samples unchanged."""
+    url, local = remote
+    monkeypatch.setattr("trainer.data.storage.RETRY_BASE_S", 0.001)
+    fs = location(url).fs
+    real, calls = fs.cat_file, {"n": 0}
+
+    def flaky(path, start=None, end=None, **kw):
+        calls["n"] += 1
+        if calls["n"] % 3 == 1:  # every third request fails once
+            raise (ConnectionResetError if calls["n"] % 2 else OSError)("503 Slow Down (injected)")
+        return real(path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(fs, "cat_file", flaky)
+    before = RETRIES["count"]
+    loader = ShardLoader.Config(path=url, batch_size=4, num_workers=0, read_ahead=2048).build(0, 1)
+    got = [b.keys for b in loader]
+    want = [b.keys for b in ShardLoader.Config(path=str(local), batch_size=4, num_workers=0).build(0, 1)]
+    assert got == want
+    # every retry while reading batches is in the loader's stats (the manifest's and side files' come before)
+    assert 0 < loader.stats["retries"] <= RETRIES["count"] - before
+
+
+def test_a_deleted_shard_is_one_line_naming_it(s3, capsys):
+    url, _ = s3
+    broken = url + "-broken"
+    code, _, err = _synth_cli(capsys, broken)
+    assert code == 0, err
+    shard = f"{broken}/train/shard-000001.tar"
+    location(shard).fs.rm_file(location(shard).path)
+    with pytest.raises(ShardReadError, match=f"shard {shard}: not found"):
+        [b for b in ShardLoader.Config(path=broken, batch_size=4, num_workers=0).build(0, 1)]
+    code, _, err = argus_inproc(capsys, "data", "verify", broken)
+    assert code != 0 and "train/shard-000001.tar: missing" in err
+
+
+def test_writing_to_a_url_refuses_an_existing_dataset_and_foreign_objects(s3, capsys):
+    url, _ = s3
+    target = url + "-w"
+    assert _synth_cli(capsys, target)[0] == 0
+    code, _, err = _synth_cli(capsys, target)
+    assert (
+        code == 2
+        and one_line_error(err) == f"argus: error: out {target}: holds a dataset; pass --overwrite to replace it"
+    )
+    assert _synth_cli(capsys, target, "--overwrite")[0] == 0
+    foreign = url + "-mine"
+    location(foreign + "/notes.txt").fs.pipe_file(location(foreign + "/notes.txt").path, b"my notes")
+    code, _, err = _synth_cli(capsys, foreign)
+    assert code == 2 and "not empty and not an argus dataset" in one_line_error(err)
+    assert location(foreign + "/notes.txt").fs.cat_file(location(foreign + "/notes.txt").path) == b"my notes"
+
+
+def test_credentials_in_a_url_are_redacted():
+    assert redact("s3://AKIAXXX:s3cr3t@bucket/p") == "s3://***@bucket/p"
+    assert redact("https://host/p.tar?X-Amz-Signature=abc&X-Amz-Credential=k&a=1") == (
+        "https://host/p.tar?X-Amz-Signature=***&X-Amz-Credential=***&a=1"
+    )
+    assert redact("az://c/p?sv=2020&sig=SECRET") == "az://c/p?sv=***&sig=***"
+    assert redact("/local/path") == "/local/path"
+    with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
+        location("ftp://host/ds")
+
+
+def test_training_reads_the_url_and_its_saved_config_holds_no_secret(remote, tmp_path, capsys, monkeypatch):
+    """`argus train` with data.path=s3://... (one process, 2 steps, a DataLoader worker); the config saved beside
+    the run keeps the URL; a URL's credentials are redacted in any saved config."""
+    from helpers import REPO, TINY_MODEL, losses
+
+    from trainer.config import save_config
+    from trainer.job import JobConfig
+
+    url, _ = remote
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"
+    args = ["configs/mini.yaml", f"data.path={url}", f"out={run}", *TINY_MODEL, "train.steps=2", "data.num_workers=1"]
+    code, _, err = argus_inproc(capsys, "train", *args)
+    assert code == 0, err[-2000:]
+    assert sorted(losses(run)) == [1, 2] and all(v == v for v in losses(run).values())
+    assert f"path: {url}" in (run / "config.yaml").read_text()
+    cfg = JobConfig()
+    cfg.data.path = "s3://AKIAXXX:s3cr3t@argus-test/ds"
+    save_config(cfg, tmp_path / "c.yaml")
+    text = (tmp_path / "c.yaml").read_text()
+    assert "s3cr3t" not in text and "s3://***@argus-test/ds" in text
