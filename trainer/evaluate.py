@@ -255,7 +255,6 @@ def rank_model(
     from trainer import ranking
     from trainer.engine import dummy_batch
     from trainer.export import served_items, served_users
-    from trainer.logger import peak_memory_bytes
 
     t_start = time.perf_counter()
     cfg, tables, item_rows, dense = model
@@ -378,18 +377,12 @@ def rank_model(
         for k, v in report["model"].items()
         if "@" in k
     }
-    mine = (time.perf_counter() - t_start, peak_memory_bytes(device) / 2**30)
-    every = [mine]
-    if dist.is_initialized() and world > 1:
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-    seconds = max(x[0] for x in every)
+    seconds, peaks = ranking.cost_over_ranks(t_start, device, world)
     report["cost"] = {
         "ranks": world,
         "seconds": round(seconds, 3),
         "users_per_s": round(report["users"] / max(seconds, 1e-9), 1),
-        # per rank: the process's peak (RSS on CPU, the CUDA allocator's on GPU), whatever it did before
-        "peak_memory_gib": [round(x[1], 3) for x in every],
+        "peak_memory_gib": [round(x, 3) for x in peaks],
     }
     if per_target:
         items = ranking.gather_rows(torch.cat(parts["item"]) if full and parts["item"] else empty)

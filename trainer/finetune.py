@@ -297,7 +297,6 @@ def score_impressions(
 
     from trainer import ranking
     from trainer.data.loader import ShardLoader
-    from trainer.logger import peak_memory_bytes
 
     t_start = time.perf_counter()
     cfg = model.cfg
@@ -374,12 +373,7 @@ def score_impressions(
         del flat["data"]
     else:
         flat["data"] = np.nan_to_num(flat["data"], nan=-np.inf)
-    mine_cost = (time.perf_counter() - t_start, peak_memory_bytes(device) / 2**30)
-    costs = [mine_cost]
-    if dist.is_initialized() and world > 1:
-        costs = [None] * world
-        dist.all_gather_object(costs, mine_cost)
-    seconds = max(c[0] for c in costs)
+    seconds, peaks = ranking.cost_over_ranks(t_start, device, world)
     report: dict[str, Any] = {
         "split": split,
         "impressions": int(totals[1]),
@@ -398,8 +392,7 @@ def score_impressions(
         "ranks": world,
         "seconds": round(seconds, 3),
         "impressions_per_s": round(report["impressions"] / max(seconds, 1e-9), 1),
-        # per rank: the process's peak (RSS on CPU, the CUDA allocator's on GPU), whatever it did before
-        "peak_memory_gib": [round(c[1], 3) for c in costs],
+        "peak_memory_gib": [round(x, 3) for x in peaks],
     }
     return report
 

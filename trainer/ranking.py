@@ -164,3 +164,18 @@ def gather_rows(t: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def cost_over_ranks(t_start: float, device: torch.device, world: int) -> tuple[float, list[float]]:
+    """Collective: (the slowest rank's seconds since ``t_start``, every rank's peak memory in GiB: RSS on CPU,
+    the CUDA allocator's peak on GPU, whatever the process did before), the same on every rank."""
+    import time
+
+    from trainer.logger import peak_memory_bytes
+
+    mine = (time.perf_counter() - t_start, peak_memory_bytes(device) / 2**30)
+    every: list = [mine]
+    if dist.is_initialized() and world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+    return max(x[0] for x in every), [x[1] for x in every]
