@@ -181,6 +181,11 @@ def test_credentials_in_a_url_are_redacted():
     assert redact("/local/path") == "/local/path"
     with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
         location("ftp://host/ds")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:  # the usual case here: the [gs] extra is not installed
+        with pytest.raises(ValueError, match=r"gs://b/ds: reading gs:// needs the gcsfs package; install it with: "):
+            location("gs://b/ds")
 
 
 def test_training_reads_the_url_and_its_saved_config_holds_no_secret(remote, tmp_path, capsys, monkeypatch):

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory")  # memory: tests
 EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+# pyproject's optional-dependencies: s3, gs, az, http
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
 # Query parameters that carry credentials in the stores' URL forms (pre-signed S3, SAS tokens, GCS signed URLs).
@@ -70,15 +71,17 @@ def location(path: str | os.PathLike[str]) -> Location:
     sch = scheme(path)
     if sch not in REMOTE_SCHEMES:
         raise ValueError(f"{redact(path)}: unsupported URL scheme {sch!r} (supported: {', '.join(REMOTE_SCHEMES)})")
-    from upath import UPath
-
     try:
-        return UPath(str(path))
+        from upath import UPath
+
+        loc = UPath(str(path))
+        loc.fs  # noqa: B018 - resolves the filesystem class now: a missing package is this one line, not a traceback
+        return loc
     except ImportError as e:
-        extra = EXTRAS.get(sch, "")
-        group = {"s3fs": "s3", "gcsfs": "gs", "adlfs": "az"}.get(extra, "")
-        hint = f"; install it with: pip install 'argus-trainer[{group}]'" if group else ""
-        raise ValueError(f"{redact(path)}: reading {sch}:// needs the {extra or e.name} package{hint}") from None
+        package = "universal_pathlib" if e.name == "upath" else EXTRAS.get(sch) or e.name
+        group = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "https": "http"}.get(sch, sch)
+        hint = f"; install it with: pip install 'argus-trainer[{group}]'" if group != "memory" else ""
+        raise ValueError(f"{redact(path)}: reading {sch}:// needs the {package} package{hint}") from None
 
 
 def absolute(path: str | os.PathLike[str]) -> str:
