@@ -1,6 +1,7 @@
 """Shared test helpers: a tiny model that trains in seconds on 2 CPU cores, and reading a run's losses."""
 
 import json
+import os
 from pathlib import Path
 
 TINY_MODEL = [
@@ -309,3 +310,129 @@ class BackgroundRun:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join()
+
+
+class FaultyProxy:
+    """A threaded HTTP proxy on 127.0.0.1 in front of an HTTP server (the moto S3 server in test_remote_data.py):
+    every request (GET with its Range header, HEAD, PUT, POST, DELETE) is forwarded as is over a fresh
+    connection and the response relayed. :meth:`fail` switches it into a failure mode for the next ``requests``
+    requests or for ``seconds``: each such request is answered ``503 Slow Down`` with S3's XML error body, or its
+    connection is reset (SO_LINGER 0, then closed: an RST, no response), alternately in the order of ``modes``.
+    ``injected`` counts the failures served per mode, ``forwarded`` the requests relayed."""
+
+    SLOW_DOWN = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message><RequestId>FAULTYPROXY</RequestId></Error>"
+    )
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+        self.upstream = (up.hostname, up.port)
+        self.injected = {"503": 0, "reset": 0}
+        self.forwarded = 0
+        self._lock = threading.Lock()
+        self._left, self._until, self._modes, self._next = 0, 0.0, ("503", "reset"), 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as aiohttp's pool expects
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _relay(self) -> None:
+                body = self._body()
+                mode = proxy._take()
+                if mode == "reset":
+                    import socket
+                    import struct
+
+                    self.close_connection = True
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    os.close(self.connection.detach())  # the RST: no status line, no bytes
+                    return
+                if mode == "503":
+                    payload = b"" if self.command == "HEAD" else proxy.SLOW_DOWN
+                    self.send_response(503, "Slow Down")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                import http.client
+
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    self.send_response(resp.status, resp.reason)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in _HOP and not (k.lower() == "content-length" and self.command != "HEAD"):
+                            self.send_header(k, v)
+                    if self.command != "HEAD":
+                        self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                finally:
+                    conn.close()
+                with proxy._lock:
+                    proxy.forwarded += 1
+
+            def _body(self) -> bytes | None:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return out
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else None
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def fail(self, requests: int = 0, seconds: float = 0.0, modes: tuple[str, ...] = ("503", "reset")) -> None:
+        import time
+
+        with self._lock:
+            self._left, self._until, self._modes, self._next = requests, time.monotonic() + seconds, modes, 0
+
+    def heal(self) -> None:
+        self.fail(0, 0.0)
+
+    def _take(self) -> str:
+        """The failure to serve the request at hand, or "" to forward it."""
+        import time
+
+        with self._lock:
+            if self._left > 0:
+                self._left -= 1
+            elif time.monotonic() >= self._until:
+                return ""
+            mode = self._modes[self._next % len(self._modes)]
+            self._next += 1
+            self.injected[mode] += 1
+            return mode
+
+    def __enter__(self) -> "FaultyProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}

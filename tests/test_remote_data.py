@@ -209,3 +209,96 @@ def test_training_reads_the_url_and_its_saved_config_holds_no_secret(remote, tmp
     save_config(cfg, tmp_path / "c.yaml")
     text = (tmp_path / "c.yaml").read_text()
     assert "s3cr3t" not in text and "s3://***@argus-test/ds" in text
+
+
+def test_s3_failures_injected_by_a_proxy_mid_epoch_are_survived(s3, monkeypatch):
+    """A dataset at s3://... read through FaultyProxy (tests/helpers.py: a loopback HTTP proxy in front of the moto
+    server) that answers `503 Slow Down` and resets connections for a burst of requests mid-epoch: the epoch's
+    samples equal the local dataset's, and the failures the proxy injected are seen.
+
+    Three layers retry, and the two below ours absorb short bursts, so our counter only sees what gets past them:
+    - botocore retries 503/SlowDown and connection errors itself (legacy mode: 5 attempts, random backoff up to
+      2^n s: a burst of 6 failures costs seconds). Lowered with ``AWS_MAX_ATTEMPTS=1`` (read when the client is
+      made), or ``storage_options={"config_kwargs": {"retries": {"max_attempts": 1}}}``.
+    - s3fs wraps every call in ``_error_wrapper``: SlowDown ``ClientError`` and ``HTTPClientError`` (resets,
+      timeouts) retried ``S3FileSystem.retries`` (= 5) times, 0.1 s x 1.7^i apart. ``retries`` is a class
+      attribute, not a constructor argument (a ``retries=`` storage option ends up in ``AioSession(**kwargs)``),
+      so it is lowered on the instance: ``fs.retries = 1``. A 503 then reaches us as ``OSError(EBUSY)``; a reset as
+      botocore's ``EndpointConnectionError`` / ``ConnectionClosedError`` -- not an ``OSError``, which is why
+      ``storage.transient`` also takes botocore's connection and HTTP-client errors.
+    - aiohttp re-sends an idempotent request (GET, HEAD) once when a reused keep-alive connection is reset.
+    With defaults only the botocore layer is lowered here (its backoff is slow): s3fs absorbs a burst of 3 (our
+    counter stays 0); with ``fs.retries = 1`` too, a burst of 6 reaches ``with_retries`` and is counted."""
+    import s3fs
+    from helpers import FaultyProxy
+
+    from trainer.data.storage import upload_tree
+
+    _, local = s3
+    url = "s3://argus-test/proxied"
+    monkeypatch.setattr("trainer.data.storage.RETRY_BASE_S", 0.001)
+    kw = dict(batch_size=4, num_workers=0, shuffle_buffer=4, read_ahead=2048)  # many small range reads per epoch
+    want = [b.keys for b in ShardLoader.Config(path=str(local), **kw).build(0, 1)]
+
+    def epoch(proxy: FaultyProxy, burst: int, modes: tuple[str, ...], s3fs_retries: int | None) -> tuple[list, int]:
+        loader = ShardLoader.Config(path=url, **kw).build(0, 1)
+        if s3fs_retries is not None:
+            location(url).fs.retries = s3fs_retries  # the cached instance the loader reads with
+        got = []
+        for i, b in enumerate(loader):
+            got.append(b.keys)
+            if i == 2:
+                proxy.fail(requests=burst, modes=modes)
+        proxy.heal()
+        return got, loader.stats["retries"]
+
+    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        s3fs.S3FileSystem.clear_instance_cache()  # s3fs caches instances (and their clients): use the proxy
+        try:
+            upload_tree(local, location(url), "manifest.json")  # PUTs (and HEADs) through the proxy
+            assert proxy.forwarded > 0 and sum(proxy.injected.values()) == 0
+
+            got, retries = epoch(proxy, 3, ("reset", "503"), None)  # s3fs's own retries absorb a short burst
+            assert got == want and proxy.injected == {"503": 1, "reset": 2}
+            assert retries == 0, "s3fs retried these itself"
+
+            before = dict(proxy.injected)
+            # s3fs's retries off: the failures reach storage.with_retries. Two resets in a row get past aiohttp's
+            # re-send (a botocore EndpointConnectionError, retried by us since storage.transient takes it).
+            got, retries = epoch(proxy, 6, ("reset", "reset", "503"), 1)
+            assert got == want
+            assert proxy.injected["503"] - before["503"] == 2 and proxy.injected["reset"] - before["reset"] == 4
+            assert retries >= 4, (retries, proxy.injected)  # each 503, each pair of resets (or each reset)
+        finally:
+            monkeypatch.undo()
+            s3fs.S3FileSystem.clear_instance_cache()  # later tests: the moto endpoint again
+
+
+def test_a_version_1_dataset_at_a_url_is_read_from_each_shards_start(remote):
+    """A dataset written before the sample index existed (manifest without ``version``, every shard's
+    ``index``/``index_sha256`` empty, no .index.npy objects) at a URL: the reader fetches each shard from its
+    start and the epochs equal the local dataset's."""
+    url, local = remote
+    v1 = url + "-v1"
+    fs, src, dst = location(url).fs, location(url).path, location(v1).path
+    d = json.loads(fs.cat_file(f"{src}/manifest.json"))
+    d.pop("version")
+    for split in d["splits"].values():
+        for sh in split["shards"]:
+            sh["index"] = sh["index_sha256"] = ""
+    for obj in fs.find(src):
+        rel = obj[len(src) + 1 :]
+        if rel != "manifest.json" and not rel.endswith(".index.npy"):
+            fs.pipe_file(f"{dst}/{rel}", fs.cat_file(obj))
+    fs.pipe_file(f"{dst}/manifest.json", json.dumps(d).encode())  # the manifest last, as a writer would
+    assert not [o for o in fs.find(dst) if o.endswith(".index.npy")]
+
+    m = Manifest.load(v1)
+    assert m.version == 1 and not any(sh.index for s in m.splits.values() for sh in s.shards)
+    for rank in range(2):
+        assert _epoch(v1, rank, 2, workers=2) == _epoch(str(local), rank, 2, workers=2)
+    cfg = ShardLoader.Config(path=v1, split="test", batch_size=5, num_workers=0)
+    want = ShardLoader.Config(path=str(local), split="test", batch_size=5, num_workers=0)
+    assert [b.keys for b in cfg.build(0, 1)] == [b.keys for b in want.build(0, 1)]

@@ -106,6 +106,14 @@ def transient(e: BaseException) -> bool:
             return True
     except ImportError:
         pass
+    try:  # what s3fs re-raises untranslated once its own retries are spent: resets, timeouts (not OSErrors)
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        if isinstance(e, (BotoConnectionError, HTTPClientError)):
+            return True
+    except ImportError:
+        pass
     return False
 
 
