@@ -431,8 +431,10 @@ def test_refuses_an_existing_dataset_unless_overwrite_and_a_foreign_directory_al
     assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "train", "truth"]
     assert sorted(p.name for p in (root / "train").iterdir()) == [
         "item_counts.npy",
+        "shard-000000.index.npy",
         "shard-000000.lengths.npy",
         "shard-000000.tar",
+        "shard-000001.index.npy",
         "shard-000001.lengths.npy",
         "shard-000001.tar",
     ]

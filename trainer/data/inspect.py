@@ -12,7 +12,7 @@ import numpy as np
 
 from trainer.data.manifest import Manifest, ShardInfo, sha256_file
 from trainer.data.schema import EventType, SampleError, decode_sample
-from trainer.data.storage import exists, read_bytes, redact
+from trainer.data.storage import exists, open_read, read_bytes, redact
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -50,7 +50,7 @@ def scan_shard(root: Any, info: ShardInfo, is_eval: bool, num_items: int, check_
     items: list[np.ndarray] = []
     last_user, user_len = None, 0
     try:
-        with path.open("rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+        with open_read(path) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
             for m in tar:
                 tar.members.clear()
                 scan.offsets.append(m.offset)

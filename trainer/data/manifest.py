@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from trainer.data.schema import FIELDS, SCHEMA_VERSION
-from trainer.data.storage import exists, local_copy, location, read_bytes, redact
+from trainer.data.storage import exists, local_copy, location, open_read, read_bytes, redact
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "argus-shards"
@@ -183,7 +183,7 @@ class Manifest:
 def sha256_file(path: Any, bufsize: int = 1 << 22) -> str:
     """sha256 of a local file or of an object at a URL (a ``UPath``: read sequentially)."""
     h = hashlib.sha256()
-    with open(path, "rb") if isinstance(path, (str, os.PathLike)) else path.open("rb") as f:
+    with open_read(location(path) if isinstance(path, str) else path) as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()

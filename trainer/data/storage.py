@@ -72,11 +72,11 @@ def location(path: str | os.PathLike[str]) -> Location:
     if sch not in REMOTE_SCHEMES:
         raise ValueError(f"{redact(path)}: unsupported URL scheme {sch!r} (supported: {', '.join(REMOTE_SCHEMES)})")
     try:
+        import fsspec
         from upath import UPath
 
-        loc = UPath(str(path))
-        loc.fs  # noqa: B018 - resolves the filesystem class now: a missing package is this one line, not a traceback
-        return loc
+        fsspec.get_filesystem_class(sch)  # a missing package: this one line now, not a traceback later
+        return UPath(str(path))
     except ImportError as e:
         package = "universal_pathlib" if e.name == "upath" else EXTRAS.get(sch) or e.name
         group = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "https": "http"}.get(sch, sch)
@@ -91,6 +91,20 @@ def absolute(path: str | os.PathLike[str]) -> str:
 
 def is_remote(path: Location) -> bool:
     return not isinstance(path, Path)
+
+
+def filesystem(path: Location) -> Any:
+    """``path``'s fsspec filesystem, from fsspec's instance cache, which is per process. Never ``path.fs``: a UPath
+    keeps the instance it first made, and an async filesystem (s3fs, gcsfs) made before a fork (the DataLoader's
+    workers, verify's processes) refuses to run in the child."""
+    import fsspec
+
+    return fsspec.filesystem(path.protocol, **path.storage_options)
+
+
+def open_read(path: Location) -> Any:
+    """A binary file object: a local file, or a remote object read sequentially."""
+    return open(path, "rb") if not is_remote(path) else filesystem(path).open(path.path, "rb")
 
 
 def transient(e: BaseException) -> bool:
@@ -137,21 +151,21 @@ def with_retries(fn: Callable[[], T], what: str) -> T:
 
 def read_range(path: Location, start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` of a remote object (one range request, retried)."""
-    fs, p = path.fs, path.path
+    fs, p = filesystem(path), path.path
     return with_retries(lambda: fs.cat_file(p, start=start, end=end), f"{path}")
 
 
 def read_bytes(path: Location) -> bytes:
     if not is_remote(path):
         return Path(path).read_bytes()
-    fs, p = path.fs, path.path
+    fs, p = filesystem(path), path.path
     return with_retries(lambda: fs.cat_file(p), f"{path}")
 
 
 def exists(path: Location) -> bool:
     if not is_remote(path):
         return Path(path).is_file()
-    fs, p = path.fs, path.path
+    fs, p = filesystem(path), path.path
     return with_retries(lambda: fs.isfile(p), f"{path}")
 
 
@@ -185,7 +199,7 @@ def upload_tree(local: Path, dest: Location, last: str) -> None:
     """Copy every file under ``local`` to ``dest`` (retried per file), ``last`` (the manifest) after all others, so a
     half-uploaded dataset is never taken for a whole one."""
     files = sorted(p for p in local.rglob("*") if p.is_file())
-    fs = dest.fs
+    fs = filesystem(dest)
     for p in [*(f for f in files if f.name != last), *(f for f in files if f.name == last)]:
         target = dest / p.relative_to(local).as_posix()
         with_retries(lambda p=p, target=target: fs.put_file(str(p), target.path), str(target))
@@ -204,7 +218,7 @@ def written_to(out: str | os.PathLike[str], overwrite: bool, manifest_name: str)
         yield str(out)
         return
     dest = location(out)
-    fs, prefix = dest.fs, dest.path.rstrip("/")
+    fs, prefix = filesystem(dest), dest.path.rstrip("/")
     present = with_retries(lambda: fs.find(prefix), str(dest))
     manifest = f"{prefix}/{manifest_name}"
     if present and manifest not in present and manifest.lstrip("/") not in present:
