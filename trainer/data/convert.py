@@ -94,6 +94,7 @@ import pyarrow.parquet as pq
 from trainer.data.manifest import Manifest
 from trainer.data.outdir import DATASET, check_output, clear_output
 from trainer.data.schema import FIELDS, PLAYED_MAX, PLAYED_NA, EventType
+from trainer.data.storage import is_remote, location, open_read, redact
 from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize, iter_users
 
 __all__ = ["ColumnMap", "ConvertError", "Hints", "convert", "detect_format", "FORMATS", "ITEM_MAP", "USER_MAP"]
@@ -171,7 +172,7 @@ class Hints:
 
 def detect_format(path: str | os.PathLike) -> str | None:
     """Format by file extension (compressed CSV/TSV allowed), or None if unknown."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
+    suffixes = [s.lower() for s in (path if hasattr(path, "suffixes") else Path(path)).suffixes]
     if suffixes and suffixes[-1] in _COMPRESSION:
         suffixes = suffixes[:-1]
         fmt = _EXTENSIONS.get(suffixes[-1]) if suffixes else None
@@ -388,7 +389,7 @@ class _YambdaReader:
 
     def batches(self, path: Path, on_error: str, counts: dict[str, int] | None) -> Iterator[tuple[int, _Parsed]]:
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path if not is_remote(path) else open_read(path))
         except (pa.ArrowInvalid, OSError) as e:
             raise ConvertError(f"{path}: not a readable parquet file ({e})") from None
         with pf:
@@ -546,7 +547,7 @@ class _ImpressionReader(_YambdaReader):
             return
         delimiter = "\t" if fmt == "tsv" else ","
         try:
-            with pa.input_stream(str(path), compression="detect") as f:
+            with _input_stream(path) as f:
                 table = pv.read_csv(
                     f,
                     parse_options=pv.ParseOptions(delimiter=delimiter),
@@ -623,7 +624,7 @@ class _CsvReader:
     def _header(self, path: Path) -> list[str] | None:
         """Column names, or None for an empty (0-byte) file."""
         try:
-            with pa.input_stream(str(path), compression="detect") as f:
+            with _input_stream(path) as f:
                 reader = pv.open_csv(
                     f,
                     read_options=pv.ReadOptions(block_size=1 << 20),
@@ -672,7 +673,7 @@ class _CsvReader:
 
         block = int(min(max(self.batch_rows * 64, 1 << 20), 1 << 26))
         row0 = 0
-        with pa.input_stream(str(path), compression="detect") as f:
+        with _input_stream(path) as f:
             try:
                 reader = pv.open_csv(
                     f,
@@ -811,16 +812,25 @@ class _IdMap:
 # ------------------------------------------------------------------------------------------ convert
 
 
-def _list_inputs(input: Path, fmt: str, fmt_option: str | None = None) -> tuple[list[Path], str, list[str]]:
+def _input_stream(path: Any) -> Any:
+    """A CSV/TSV input as an Arrow stream, decompressed by its extension (.gz, .bz2, .zst, .lz4): a local file, or an
+    object at a URL read sequentially through fsspec (storage.py), never downloaded first."""
+    if not is_remote(path):
+        return pa.input_stream(str(path), compression="detect")
+    codec = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}.get(path.suffix.lower())
+    return pa.input_stream(open_read(path), compression=codec)
+
+
+def _list_inputs(input: Any, fmt: str, fmt_option: str | None = None) -> tuple[list[Any], str, list[str]]:
     """(files to read in order, format, ignored file names). ``fmt_option``: the option that sets the format,
     named when the extension does not tell it (None: the name must)."""
     if not input.exists():
-        raise ConvertError(f"{input}: no such file or directory")
+        raise ConvertError(f"{redact(input)}: no such file or directory")
     if input.is_file():
         f = fmt if fmt != "auto" else detect_format(input)
         if f is None:
             fix = f"pass {fmt_option} (one of {', '.join(FORMATS)})" if fmt_option else "name it .parquet, .csv or .tsv"
-            raise ConvertError(f"{input}: cannot tell the format from the extension; {fix}")
+            raise ConvertError(f"{redact(input)}: cannot tell the format from the extension; {fix}")
         return [input], f, []
     files = sorted(
         p
@@ -832,14 +842,14 @@ def _list_inputs(input: Path, fmt: str, fmt_option: str | None = None) -> tuple[
         kinds = sorted({k for k in detected.values() if k})
         if not kinds:
             raise ConvertError(
-                f"{input}: empty input: no .parquet/.csv/.tsv files in the directory ({len(files)} other files)"
+                f"{redact(input)}: empty input: no .parquet/.csv/.tsv files in the directory ({len(files)} other files)"
             )
         if len(kinds) > 1:
-            raise ConvertError(f"{input}: files of several formats {kinds}; a directory must hold one format")
+            raise ConvertError(f"{redact(input)}: files of several formats {kinds}; a directory must hold one format")
         fmt = kinds[0]
     chosen = [p for p in files if detected[p] == fmt]
     if not chosen:
-        raise ConvertError(f"{input}: empty input: no {fmt} files in the directory ({len(files)} other files)")
+        raise ConvertError(f"{redact(input)}: empty input: no {fmt} files in the directory ({len(files)} other files)")
     ignored = [str(p.relative_to(input)) for p in files if detected[p] != fmt]
     return chosen, fmt, ignored
 
@@ -912,7 +922,7 @@ def convert(
             f"{name('dislike_threshold')} ({dislike_threshold}) must be < {name('like_threshold')} ({like_threshold})"
         )
 
-    input_path, out = Path(input), Path(out)
+    input_path, out = location(input), Path(out)  # the input may be a URL (storage.py); the output is local
     files, fmt, ignored = _list_inputs(input_path, fmt, hints.name("fmt"))
     default_names = (ColumnMap.user, ColumnMap.item, ColumnMap.timestamp)
     if fmt == "yambda" and columns is not None and (columns.user, columns.item, columns.timestamp) != default_names:
@@ -950,16 +960,16 @@ def convert(
         file_rows.append(rows + skipped.get("malformed_row", 0) - malformed_before)
     n_read = sum(file_rows)
     if n_read == 0:
-        raise ConvertError(f"{input_path}: empty input: no data rows in {len(files)} file(s)")
+        raise ConvertError(f"{redact(input_path)}: empty input: no data rows in {len(files)} file(s)")
     if n_valid == 0:
-        raise ConvertError(f"{input_path}: all {n_read} rows are bad ({skipped}); nothing to convert")
+        raise ConvertError(f"{redact(input_path)}: all {n_read} rows are bad ({skipped}); nothing to convert")
     assert ts_min is not None and ts_max is not None
     imp_files: list[Path] = []
     imp_reader = _ImpressionReader(divisor, batch_rows, hints)
     imp_skipped: dict[str, int] = {}
     imp_valid, imp_read, imp_ts_max = 0, 0, None
     if impressions is not None:
-        imp_files, _, _ = _list_inputs(Path(impressions), "auto")
+        imp_files, _, _ = _list_inputs(location(impressions), "auto")
         for path in imp_files:
             for n_raw, parsed in imp_reader.batches(path, on_error, imp_skipped):
                 imp_read += n_raw
@@ -1028,7 +1038,7 @@ def convert(
                 n_spilled += n
         if n_spilled != n_valid:
             raise ConvertError(
-                f"{input_path}: pass 2 read {n_spilled} valid rows, pass 1 {n_valid} "
+                f"{redact(input_path)}: pass 2 read {n_spilled} valid rows, pass 1 {n_valid} "
                 f"(was the input modified during conversion?)"
             )
         order = 0
@@ -1070,7 +1080,7 @@ def convert(
 
     source: dict[str, Any] = {
         "kind": "convert",
-        "input": str(input_path),
+        "input": redact(input_path),
         "files": [
             {"path": str(p.relative_to(input_path)) if p != input_path else p.name, "rows": r}
             for p, r in zip(files, file_rows)
@@ -1108,7 +1118,7 @@ def convert(
     }
     if impressions is not None:
         source["impressions"] = {
-            "input": str(impressions),
+            "input": redact(impressions),
             "files": [str(p) for p in imp_files],
             "test_start": imp_test_start,
             "test_seconds": int(impressions_test_seconds),
