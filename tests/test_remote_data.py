@@ -327,3 +327,48 @@ def test_convert_reads_its_input_from_a_url_and_writes_to_one(s3, tmp_path):
         assert a["source"].pop("input") == str(remote_in) and b["source"].pop("input") == str(local)
         a["source"].pop("files", None), b["source"].pop("files", None)
         assert a == b, name
+
+
+def test_a_pipe_url_reads_sequentially_exactly_once_and_resumes(s3, tmp_path, capsys):
+    """`pipe:CMD` (WebDataset's convention; `{}` = the object's path in the dataset): the same epochs as the local
+    directory over 2 ranks x 2 workers, a bitwise mid-epoch resume (each shard re-read from its start), verify; a
+    failing command is one line naming it; a pipe is read-only."""
+    _, local = s3
+    url = f"pipe:cat {local}/{{}}"
+    for rank in range(2):
+        assert _epoch(url, rank, 2, workers=2) == _epoch(str(local), rank, 2, workers=2)
+    cfg = ShardLoader.Config(path=url, batch_size=3, num_workers=2, shuffle_buffer=5)
+    reference = [b.keys for b in cfg.build(0, 2)]
+    first = cfg.build(0, 2)
+    got = [b.keys for _, b in zip(range(3), first)]
+    resumed = cfg.build(0, 2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert got + [b.keys for b in resumed] == reference
+    code, out, err = argus_inproc(capsys, "data", "verify", url)
+    assert code == 0 and f"OK pipe:cat {local}/{{}}" in out, out + err
+    missing = f"pipe:cat {tmp_path}/nothing/{{}}"
+    code, _, err = argus_inproc(capsys, "data", "verify", missing)
+    assert code != 0 and one_line_error(err).startswith(f"argus: error: {missing} [manifest.json]: not found")
+    code, _, err = _synth_cli(capsys, url)
+    assert code == 2 and "a pipe: URL is read-only" in one_line_error(err)
+
+
+def test_the_shard_cache_serves_later_epochs_and_stays_within_its_bound(remote, tmp_path, monkeypatch):
+    """data.cache_bytes: the first epoch fetches whole shards into ARGUS_CACHE/shards, the second reads none from the
+    store (no request), both equal to the local epoch; with a bound of ~1.5 shards the cache never holds more."""
+    url, local = remote
+    monkeypatch.setenv("ARGUS_CACHE", str(tmp_path / "cache"))
+    fs = location(url).fs
+    real, requests = fs.cat_file, []
+    monkeypatch.setattr(fs, "cat_file", lambda path, *a, **kw: requests.append(path) or real(path, *a, **kw))
+    sizes = [sh.bytes for sh in Manifest.load(local).splits["train"].shards]
+    want = [b.keys for b in ShardLoader.Config(path=str(local), batch_size=4, num_workers=0).build(0, 1)]
+    for bound, epochs_fetching in ((sum(sizes) * 2, 1), (int(max(sizes) * 1.5), 2)):
+        loader = ShardLoader.Config(path=url, batch_size=4, num_workers=0, cache_bytes=bound).build(0, 1)
+        for epoch in range(2):
+            requests.clear()
+            assert [b.keys for b in loader] == want if epoch == 0 else [b.keys for b in loader]
+            held = list((tmp_path / "cache" / "shards").glob("*.tar"))
+            assert sum(p.stat().st_size for p in held) <= max(bound, max(sizes))
+            shard_reads = [r for r in requests if r.endswith(".tar")]
+            assert bool(shard_reads) == (epoch < epochs_fetching), (bound, epoch, shard_reads)

@@ -151,6 +151,9 @@ class ShardLoader:
         # Data at a URL (s3://, gs://, az://, http(s)://): the most bytes of consecutive samples one range read
         # spans (0 = 8 MiB). Larger: fewer requests, more bytes read past another worker's samples.
         read_ahead: int = 0
+        # Data at a URL: > 0 keeps whole shards in a local cache (ARGUS_CACHE/shards) of at most this many bytes,
+        # least recently used out first; later epochs read those from local disk. 0: stream every epoch.
+        cache_bytes: int = 0
 
         def validate(self, where: str = "data") -> None:
             def bad(key: str, msg: str) -> ValueError:
@@ -178,6 +181,8 @@ class ShardLoader:
                 raise bad("on_error", f"must be 'raise' or 'skip', got {self.on_error!r}")
             if self.read_ahead < 0:
                 raise bad("read_ahead", f"must be >= 0 bytes, got {self.read_ahead}")
+            if self.cache_bytes < 0:
+                raise bad("cache_bytes", f"must be >= 0 bytes, got {self.cache_bytes}")
 
         def build(self, rank: int = 0, world_size: int = 1, manifest: Manifest | None = None) -> "ShardLoader":
             return ShardLoader(self, rank, world_size, manifest)
@@ -188,7 +193,7 @@ class ShardLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.manifest = manifest or Manifest.load(cfg.path)
-        self.table = ShardTable.from_manifest(self.manifest, cfg.split, cfg.read_ahead)
+        self.table = ShardTable.from_manifest(self.manifest, cfg.split, cfg.read_ahead, cfg.cache_bytes)
         self.workers = max(1, cfg.num_workers)
         self._lengths: list[np.ndarray] | None = None
         self.packing = self._packing()

@@ -19,7 +19,7 @@ import numpy as np
 
 from trainer.data.manifest import Manifest
 from trainer.data.schema import MEMBER_EXT, Sample, SampleError, decode_sample
-from trainer.data.storage import is_remote, local_copy, read_bytes, read_range, redact
+from trainer.data.storage import PipeLocation, cached_shard, is_remote, local_copy, read_bytes, read_range, redact
 
 READ_AHEAD = 8 << 20  # data.read_ahead's default: remote range reads span up to 8 MiB of consecutive samples
 
@@ -40,9 +40,11 @@ class ShardTable:
     index: list[str] = field(default_factory=list)  # per-shard sample byte offsets ("" = none written)
     index_sha256: list[str] = field(default_factory=list)
     read_ahead: int = READ_AHEAD  # remote data: bytes one range read may span
+    sha256: list[str] = field(default_factory=list)
+    cache_bytes: int = 0  # remote data: > 0 keeps whole shards in a local cache of at most this many bytes
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, split: str, read_ahead: int = 0) -> "ShardTable":
+    def from_manifest(cls, manifest: Manifest, split: str, read_ahead: int = 0, cache_bytes: int = 0) -> "ShardTable":
         info = manifest.split(split)
         return cls(
             manifest.root,
@@ -53,6 +55,8 @@ class ShardTable:
             [s.index for s in info.shards],
             [s.index_sha256 for s in info.shards],
             read_ahead or READ_AHEAD,
+            [s.sha256 for s in info.shards],
+            cache_bytes,
         )
 
     def members(self, i: int, wanted: np.ndarray) -> Iterator[tuple[int, str, bytes | memoryview]]:
@@ -61,9 +65,19 @@ class ShardTable:
         path = self.root / self.paths[i]
         if not is_remote(path):
             return iter_members(path, wanted)
+        if self.cache_bytes and i < len(self.sha256) and self.sha256[i]:
+            return self._cached(i, path, wanted)
         rel = self.index[i] if i < len(self.index) else ""
         offsets = np.load(local_copy(self.root / rel, self.index_sha256[i])) if rel else None
         return iter_remote_members(path, wanted, offsets, self.read_ahead)
+
+    def _cached(self, i: int, path: Any, wanted: np.ndarray) -> Iterator[tuple[int, str, bytes | memoryview]]:
+        try:
+            local = cached_shard(path, self.sha256[i], self.cache_bytes)
+        except OSError as e:
+            raise _fetch_error(path, e) from None
+        for local_index, key, payload in iter_members(local, wanted):
+            yield local_index, key, payload
 
     @property
     def num_samples(self) -> int:
@@ -137,6 +151,11 @@ def iter_members(path: Path, wanted: np.ndarray) -> Iterator[tuple[int, str, byt
     yield from _walk(path, memoryview(mm), size, wanted, last)
 
 
+def _fetch_error(path: Any, e: OSError) -> ShardReadError:
+    what = "not found" if isinstance(e, FileNotFoundError) else f"cannot read ({e})"
+    return ShardReadError(f"shard {redact(path)}: {what}")
+
+
 def iter_remote_members(
     path: Any, wanted: np.ndarray, offsets: np.ndarray | None, read_ahead: int
 ) -> Iterator[tuple[int, str, bytes | memoryview]]:
@@ -146,17 +165,17 @@ def iter_remote_members(
     samples are read in spans of consecutive samples of at most ``read_ahead`` bytes (one sample more when a single
     sample is larger), each one range request, retried on transient failures (storage.py); the samples between two
     wanted ones in a span are read and skipped, cheaper than another request when they are few. Without an index
-    (a version-1 dataset) the shard is read once from its start up to the last wanted sample."""
+    (a version-1 dataset), or from a ``pipe:`` command (sequential only), the shard is read once from its start up to
+    the last wanted sample."""
     if wanted.size == 0:
         return
     last = int(wanted[-1])
-    if offsets is None:
+    if offsets is None or isinstance(path, PipeLocation):  # one sequential read, up to the last wanted sample
         try:
-            data = read_bytes(path)
-        except FileNotFoundError:
-            raise ShardReadError(f"shard {redact(path)}: not found") from None
+            upto = -1 if offsets is None else int(offsets[min(last + 1, len(offsets) - 1)])
+            data = read_bytes(path) if upto < 0 else read_range(path, 0, upto)
         except OSError as e:
-            raise ShardReadError(f"shard {redact(path)}: cannot read ({e})") from None
+            raise _fetch_error(path, e) from None
         yield from _walk(redact(path), memoryview(data), len(data), wanted, last)
         return
     if offsets.shape[0] <= last + 1:

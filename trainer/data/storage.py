@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, TypeVar
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory")  # memory: tests
@@ -46,9 +49,68 @@ Location = Any  # Path (local) or upath.UPath (remote): the same pathlib API
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
-    """A URL with a scheme argus reads through fsspec (``file://`` is a local path)."""
+    """A URL with a scheme argus reads through fsspec (``file://`` is a local path), or a ``pipe:`` command."""
     m = _URL.match(str(path))
-    return bool(m) and m.group(1).lower() != "file"
+    return (bool(m) and m.group(1).lower() != "file") or str(path).startswith(PIPE)
+
+
+PIPE = "pipe:"
+
+
+class PipeLocation:
+    """``pipe:CMD`` (WebDataset's convention): a shell command whose standard output is an object's bytes, ``{}`` in
+    CMD standing for the object's path relative to the dataset root, e.g. ``pipe:curl -sf https://host/ds/{}``.
+    Sequential reads only: a reader that wants a shard's later samples streams it from the start (no range reads),
+    so a resume re-reads each shard up to its sample. Read-only; a failing command is not retried."""
+
+    protocol = "pipe"
+
+    def __init__(self, template: str, rel: str = "") -> None:
+        if "{}" not in template:
+            raise ValueError(f"{PIPE}{template}: the command needs {{}} where the object's relative path goes")
+        self.template, self.path = template, rel
+
+    def __truediv__(self, rel: str) -> "PipeLocation":
+        return PipeLocation(self.template, f"{self.path}/{rel}".lstrip("/"))
+
+    def __str__(self) -> str:
+        return f"{PIPE}{self.template}" + (f" [{self.path}]" if self.path else "")
+
+    __repr__ = __str__
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.path).suffix
+
+    @property
+    def suffixes(self) -> list[str]:
+        return PurePosixPath(self.path).suffixes
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+    def command(self) -> str:
+        return self.template.replace("{}", shlex.quote(self.path))
+
+    def read(self, limit: int = -1) -> bytes:
+        """The command's output (its first ``limit`` bytes: the command is stopped there); a non-zero exit is an
+        error naming the command and the end of its stderr."""
+        proc = subprocess.Popen(self.command(), shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        data = proc.stdout.read() if limit < 0 else proc.stdout.read(limit)
+        if limit >= 0 and len(data) == limit:
+            proc.kill()
+            proc.wait()
+            return data
+        err = proc.stderr.read().decode(errors="replace").strip()
+        if proc.wait() != 0:
+            raise PipeError(f"{redact(self.command())}: exit {proc.returncode}" + (f" ({err[-200:]})" if err else ""))
+        return data
+
+
+class PipeError(OSError):
+    """A ``pipe:`` command that failed: not retried (a command may not be safe to repeat, nor quick to fail)."""
 
 
 def scheme(path: str | os.PathLike[str]) -> str:
@@ -68,6 +130,8 @@ def location(path: str | os.PathLike[str]) -> Location:
     if not is_url(path):
         s = str(path)
         return Path(s[len("file://") :] if s.startswith("file://") else s)
+    if str(path).startswith(PIPE):
+        return PipeLocation(str(path)[len(PIPE) :])
     sch = scheme(path)
     if sch not in REMOTE_SCHEMES:
         raise ValueError(f"{redact(path)}: unsupported URL scheme {sch!r} (supported: {', '.join(REMOTE_SCHEMES)})")
@@ -104,12 +168,14 @@ def filesystem(path: Location) -> Any:
 
 def open_read(path: Location) -> Any:
     """A binary file object: a local file, or a remote object read sequentially."""
+    if isinstance(path, PipeLocation):
+        return io.BytesIO(path.read())
     return open(path, "rb") if not is_remote(path) else filesystem(path).open(path.path, "rb")
 
 
 def transient(e: BaseException) -> bool:
     """Worth retrying: a connection or server-side failure, not a missing object or a refused permission."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, PipeError)):
         return False
     if isinstance(e, (OSError, TimeoutError, ConnectionError)):
         return True
@@ -150,7 +216,9 @@ def with_retries(fn: Callable[[], T], what: str) -> T:
 
 
 def read_range(path: Location, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of a remote object (one range request, retried)."""
+    """Bytes ``[start, end)`` of a remote object (one range request, retried; a ``pipe:`` streams from the start)."""
+    if isinstance(path, PipeLocation):
+        return path.read(end)[start:]
     fs, p = filesystem(path), path.path
     return with_retries(lambda: fs.cat_file(p, start=start, end=end), f"{path}")
 
@@ -158,6 +226,8 @@ def read_range(path: Location, start: int, end: int) -> bytes:
 def read_bytes(path: Location) -> bytes:
     if not is_remote(path):
         return Path(path).read_bytes()
+    if isinstance(path, PipeLocation):
+        return path.read()
     fs, p = filesystem(path), path.path
     return with_retries(lambda: fs.cat_file(p), f"{path}")
 
@@ -165,6 +235,12 @@ def read_bytes(path: Location) -> bytes:
 def exists(path: Location) -> bool:
     if not is_remote(path):
         return Path(path).is_file()
+    if isinstance(path, PipeLocation):  # whether the command succeeds: it reads the object (manifests, verify)
+        try:
+            path.read()
+            return True
+        except PipeError:
+            return False
     fs, p = filesystem(path), path.path
     return with_retries(lambda: fs.isfile(p), f"{path}")
 
@@ -184,14 +260,46 @@ def local_copy(path: Location, sha256: str = "") -> Path:
     dest = cache_dir() / "objects" / key[:2] / f"{key}{Path(path.path).suffix}"
     if sha256 and dest.is_file():
         return dest
-    data = read_bytes(path)
+    _publish(read_bytes(path), dest, path, sha256)
+    return dest
+
+
+def _publish(data: bytes, dest: Path, source: Location, sha256: str) -> None:
+    """``data`` (``source``'s bytes, checked against the manifest's ``sha256`` when given) written to ``dest`` whole
+    or not at all: concurrent workers may fetch the same object."""
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise OSError(f"{redact(path)}: sha256 differs from the manifest's (changed since the dataset was written?)")
+        raise OSError(f"{redact(source)}: sha256 differs from the manifest's (changed since the dataset was written?)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.replace(tmp, dest)  # whole or not at all: concurrent workers may fetch the same file
+    os.replace(tmp, dest)
+
+
+def cached_shard(path: Location, sha256: str, bound: int) -> Path:
+    """A local copy of the shard at ``path`` in the shard cache (``ARGUS_CACHE``/shards, named by the manifest's
+    sha256, so a copy is never stale), fetched whole on first use; afterwards the least recently used copies are
+    removed until the cache holds at most ``bound`` bytes (the newest copy always stays, even when larger). Safe
+    with concurrent readers: copies are published by rename, and a copy removed while another process reads it
+    stays readable to that process (POSIX)."""
+    root = cache_dir() / "shards"
+    dest = root / f"{sha256}.tar"
+    if dest.is_file():
+        os.utime(dest)  # recently used
+    else:
+        _publish(read_bytes(path), dest, path, sha256)
+    held = []  # every other copy, oldest use first (another process may remove one meanwhile)
+    for p in root.glob("*.tar"):
+        with contextlib.suppress(FileNotFoundError):
+            if p != dest:
+                st = p.stat()
+                held.append((st.st_mtime, st.st_size, p))
+    total = dest.stat().st_size + sum(size for _, size, _ in held)
+    for _, size, old in sorted(held, key=lambda t: t[0]):
+        if total <= bound:
+            break
+        total -= size
+        old.unlink(missing_ok=True)
     return dest
 
 
@@ -217,6 +325,8 @@ def written_to(out: str | os.PathLike[str], overwrite: bool, manifest_name: str)
     if not is_url(out):
         yield str(out)
         return
+    if str(out).startswith(PIPE):
+        raise ValueError(f"out {redact(out)}: a pipe: URL is read-only; write to a directory or an object-store URL")
     dest = location(out)
     fs, prefix = filesystem(dest), dest.path.rstrip("/")
     present = with_retries(lambda: fs.find(prefix), str(dest))
