@@ -205,6 +205,8 @@ def test_training_reads_the_url_and_its_saved_config_holds_no_secret(remote, tmp
     assert code == 0, err[-2000:]
     assert sorted(losses(run)) == [1, 2] and all(v == v for v in losses(run).values())
     assert f"path: {url}" in (run / "config.yaml").read_text()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data/retries"] for r in records] == [0.0, 0.0] and records[-1]["data/skipped"] == 0.0
     cfg = JobConfig()
     cfg.data.path = "s3://AKIAXXX:s3cr3t@argus-test/ds"
     save_config(cfg, tmp_path / "c.yaml")

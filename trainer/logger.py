@@ -53,6 +53,8 @@ STABLE_NAMES: tuple[str, ...] = (
     "time/data_share",
     "tokens/padding_share",
     "tokens/rank_skew",
+    "data/retries",
+    "data/skipped",
     "lr",
     # fine-tuning
     "loss/pairwise",

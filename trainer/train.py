@@ -355,6 +355,11 @@ class Trainer:
                 elif head not in self._ne_noted and self.info.rank == 0 and int((stats[1:] > 0).sum()) < 2:
                     self._ne_noted.add(head)  # a target the data never varies (no played ratio, no likes)
                     log.warning("ne/%s left out: every %s target so far has the same value", head, head)
+        # the data path's health, summed over ranks since the run (re)started: storage retries (data at a URL) and
+        # samples skipped as unreadable (data.on_error: skip)
+        st = self.loader.stats
+        health = self.engine.all_reduce_sum(torch.tensor([st["retries"], st["skipped"]], dtype=torch.float64))
+        out["data/retries"], out["data/skipped"] = float(health[0]), float(health[1])
         interactions = out.pop("interactions") * self.info.world_size
         seconds = max(seconds, 1e-9)
         k = self.cfg.tokens_per_interaction()
