@@ -352,7 +352,7 @@ def test_a_pipe_url_reads_sequentially_exactly_once_and_resumes(s3, tmp_path, ca
     code, _, err = argus_inproc(capsys, "data", "verify", missing)
     assert code != 0 and one_line_error(err).startswith(f"argus: error: {missing} [manifest.json]: not found")
     code, _, err = _synth_cli(capsys, url)
-    assert code == 2 and "a pipe: URL is read-only" in one_line_error(err)
+    assert code == 2 and "read-only URL" in one_line_error(err)
 
 
 def test_the_shard_cache_serves_later_epochs_and_stays_within_its_bound(remote, tmp_path, monkeypatch):
@@ -374,3 +374,69 @@ def test_the_shard_cache_serves_later_epochs_and_stays_within_its_bound(remote, 
             assert sum(p.stat().st_size for p in held) <= max(bound, max(sizes))
             shard_reads = [r for r in requests if r.endswith(".tar")]
             assert bool(shard_reads) == (epoch < epochs_fetching), (bound, epoch, shard_reads)
+
+
+def test_review_cases_errors_redaction_pipes_and_cache(s3, tmp_path, monkeypatch, capsys):
+    """What a review found: which failures are retried; credentials anywhere in a message; a chatty pipe command;
+    a cached shard another worker evicts stays readable; a loader state saved before `retries` existed resumes."""
+    import errno
+
+    import aiohttp
+
+    from trainer.data.storage import PipeLocation, cached_shard, transient
+
+    assert transient(ConnectionResetError()) and transient(OSError("503 Slow Down")) and transient(TimeoutError())
+    assert not transient(OSError(errno.EINVAL, "InvalidRange")) and not transient(FileNotFoundError())
+    info = aiohttp.RequestInfo(url="https://h/x", method="GET", headers={}, real_url="https://h/x")
+    assert transient(aiohttp.ClientResponseError(info, (), status=503))
+    assert not transient(aiohttp.ClientResponseError(info, (), status=403))
+    assert redact("pipe:curl -sf https://user:pw@host/ds/{}") == "pipe:curl -sf https://***@host/ds/{}"
+    assert redact("403, message='Forbidden', url='https://u:p@h/x?sig=1'") == (
+        "403, message='Forbidden', url='https://***@h/x?sig=***'"
+    )
+
+    _, local = s3
+    chatty = PipeLocation(f"head -c 200000 /dev/zero >&2; cat {local}/{{}}") / "manifest.json"
+    assert chatty.read() == (local / "manifest.json").read_bytes()  # 200 kB on stderr: no deadlock
+    assert chatty.read(10) == (local / "manifest.json").read_bytes()[:10]
+
+    monkeypatch.setenv("ARGUS_CACHE", str(tmp_path / "cache"))
+    shards = Manifest.load(local).splits["train"].shards
+    first = cached_shard(local / shards[0].path, shards[0].sha256, bound=0)
+    second = cached_shard(local / shards[1].path, shards[1].sha256, bound=0)  # evicts the first copy
+    assert [p.name for p in (tmp_path / "cache" / "shards").glob("*.tar")] == [f"{shards[1].sha256}.tar"]
+    assert first.read() == (local / shards[0].path).read_bytes(), "an evicted copy stays readable when open"
+    first.close(), second.close()
+
+    cfg = ShardLoader.Config(path=str(local), batch_size=4, num_workers=0)
+    loader = cfg.build(0, 1)
+    reference = [b.keys for b in cfg.build(0, 1)]
+    got = [b.keys for _, b in zip(range(2), loader)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    del state["stats"]["retries"]  # as saved by an earlier version
+    resumed = cfg.build(0, 1)
+    resumed.load_state_dict(state)
+    assert got + [b.keys for b in resumed] == reference and resumed.stats["retries"] == 0
+
+
+def test_writing_to_a_url_holding_an_incomplete_dataset_or_another_tools_manifest(s3, capsys):
+    """--out URL as strict as a local --out: another tool's manifest.json is refused even with --overwrite; an
+    incomplete argus dataset (an upload that died after the old manifest went) needs --overwrite and is replaced,
+    with no file of the old one left."""
+    url, _ = s3
+    fs = location(url).fs
+    other = url + "-export"
+    fs.pipe_file(location(other + "/manifest.json").path, b'{"format": "argus-export"}')
+    code, _, err = _synth_cli(capsys, other, "--overwrite")
+    assert (
+        code == 2
+        and one_line_error(err)
+        == f"argus: error: out {other}: manifest.json is not a dataset's; refusing to write there"
+    )
+    half = url + "-half"
+    fs.pipe_file(location(half + "/train/shard-000009.tar").path, b"old")
+    code, _, err = _synth_cli(capsys, half)
+    assert code == 2 and "holds an incomplete dataset (no manifest); pass --overwrite" in one_line_error(err)
+    assert _synth_cli(capsys, half, "--overwrite")[0] == 0
+    assert not fs.exists(location(half + "/train/shard-000009.tar").path), "the old dataset's files are gone"
+    assert Manifest.load(half).splits["train"].samples == SYNTH["users"]

@@ -94,7 +94,7 @@ import pyarrow.parquet as pq
 from trainer.data.manifest import Manifest
 from trainer.data.outdir import DATASET, check_output, clear_output
 from trainer.data.schema import FIELDS, PLAYED_MAX, PLAYED_NA, EventType
-from trainer.data.storage import is_remote, location, open_read, redact
+from trainer.data.storage import PipeLocation, is_remote, location, open_read, redact
 from trainer.data.writer import Holdout, ShardResult, ShardSetWriter, finalize, iter_users
 
 __all__ = ["ColumnMap", "ConvertError", "Hints", "convert", "detect_format", "FORMATS", "ITEM_MAP", "USER_MAP"]
@@ -391,7 +391,7 @@ class _YambdaReader:
         try:
             pf = pq.ParquetFile(path if not is_remote(path) else open_read(path))
         except (pa.ArrowInvalid, OSError) as e:
-            raise ConvertError(f"{path}: not a readable parquet file ({e})") from None
+            raise ConvertError(redact(f"{path}: not a readable parquet file ({e})")) from None
         with pf:
             yield from self._batches(pf, path, on_error, counts)
 
@@ -824,6 +824,8 @@ def _input_stream(path: Any) -> Any:
 def _list_inputs(input: Any, fmt: str, fmt_option: str | None = None) -> tuple[list[Any], str, list[str]]:
     """(files to read in order, format, ignored file names). ``fmt_option``: the option that sets the format,
     named when the extension does not tell it (None: the name must)."""
+    if isinstance(input, PipeLocation):
+        raise ConvertError(f"{redact(input)}: convert reads files or object-store URLs, not pipe: commands")
     if not input.exists():
         raise ConvertError(f"{redact(input)}: no such file or directory")
     if input.is_file():
@@ -1119,7 +1121,7 @@ def convert(
     if impressions is not None:
         source["impressions"] = {
             "input": redact(impressions),
-            "files": [str(p) for p in imp_files],
+            "files": [redact(p) for p in imp_files],
             "test_start": imp_test_start,
             "test_seconds": int(impressions_test_seconds),
             "rows": {"read": imp_read, "written": imp_valid, "skipped": imp_read - imp_valid},

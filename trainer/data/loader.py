@@ -341,7 +341,7 @@ class ShardLoader:
                 raise ValueError(f"data-loader state has no entry for rank {self.rank}")
             self.layout = EpochLayout.from_dict(own[0]["layout"])
             self.batches_seen = own[0]["batches_seen"]
-            self.stats = dict(own[0]["stats"])
+            self.stats = {**self.stats, **own[0]["stats"]}  # a state saved before a counter existed lacks it
         else:
             if len(states) < states[0]["world_size"]:
                 raise ValueError(

@@ -19,7 +19,15 @@ import numpy as np
 
 from trainer.data.manifest import Manifest
 from trainer.data.schema import MEMBER_EXT, Sample, SampleError, decode_sample
-from trainer.data.storage import PipeLocation, cached_shard, is_remote, local_copy, read_bytes, read_range, redact
+from trainer.data.storage import (
+    PipeLocation,
+    cached_shard,
+    is_remote,
+    local_copy,
+    read_bytes,
+    read_range,
+    redact,
+)
 
 READ_AHEAD = 8 << 20  # data.read_ahead's default: remote range reads span up to 8 MiB of consecutive samples
 
@@ -42,6 +50,7 @@ class ShardTable:
     read_ahead: int = READ_AHEAD  # remote data: bytes one range read may span
     sha256: list[str] = field(default_factory=list)
     cache_bytes: int = 0  # remote data: > 0 keeps whole shards in a local cache of at most this many bytes
+    _index_cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, split: str, read_ahead: int = 0, cache_bytes: int = 0) -> "ShardTable":
@@ -67,17 +76,27 @@ class ShardTable:
             return iter_members(path, wanted)
         if self.cache_bytes and i < len(self.sha256) and self.sha256[i]:
             return self._cached(i, path, wanted)
-        rel = self.index[i] if i < len(self.index) else ""
-        offsets = np.load(local_copy(self.root / rel, self.index_sha256[i])) if rel else None
-        return iter_remote_members(path, wanted, offsets, self.read_ahead)
+        return iter_remote_members(path, wanted, self._offsets(i), self.read_ahead)
 
     def _cached(self, i: int, path: Any, wanted: np.ndarray) -> Iterator[tuple[int, str, bytes | memoryview]]:
         try:
-            local = cached_shard(path, self.sha256[i], self.cache_bytes)
+            f = cached_shard(path, self.sha256[i], self.cache_bytes)
         except OSError as e:
             raise _fetch_error(path, e) from None
-        for local_index, key, payload in iter_members(local, wanted):
-            yield local_index, key, payload
+        yield from iter_file_members(f, redact(path), wanted)
+
+    def _offsets(self, i: int) -> np.ndarray | None:
+        """Shard ``i``'s sample index (None: a version-1 dataset), fetched once per process."""
+        rel = self.index[i] if i < len(self.index) else ""
+        if not rel:
+            return None
+        if i not in self._index_cache:
+            where = self.root / rel
+            try:
+                self._index_cache[i] = np.load(local_copy(where, self.index_sha256[i]))
+            except OSError as e:
+                raise _fetch_error(where, e) from None
+        return self._index_cache[i]
 
     @property
     def num_samples(self) -> int:
@@ -91,7 +110,10 @@ class ShardTable:
             rel = self.lengths[i] if i < len(self.lengths) else ""
             if rel:
                 sha = self.lengths_sha256[i] if i < len(self.lengths_sha256) else ""
-                arr = np.load(local_copy(self.root / rel, sha)).astype(np.int64)
+                try:
+                    arr = np.load(local_copy(self.root / rel, sha)).astype(np.int64)
+                except OSError as e:
+                    raise _fetch_error(self.root / rel, e) from None
                 if arr.shape != (int(self.counts[i]),):
                     raise ShardReadError(f"{rel}: holds {arr.shape[0]} lengths, the manifest says {self.counts[i]}")
             else:
@@ -137,11 +159,19 @@ def iter_members(path: Path, wanted: np.ndarray) -> Iterator[tuple[int, str, byt
     """
     if wanted.size == 0:
         return
-    last = int(wanted[-1])
     try:
         f = open(path, "rb")
     except OSError as e:
         raise ShardReadError(f"shard {path}: cannot open ({e.strerror})") from None
+    yield from iter_file_members(f, path, wanted)
+
+
+def iter_file_members(f: Any, path: Any, wanted: np.ndarray) -> Iterator[tuple[int, str, bytes | memoryview]]:
+    """:func:`iter_members` of an open shard file ``f`` (closed here; ``path`` names it in messages)."""
+    if wanted.size == 0:
+        f.close()
+        return
+    last = int(wanted[-1])
     with f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -153,7 +183,7 @@ def iter_members(path: Path, wanted: np.ndarray) -> Iterator[tuple[int, str, byt
 
 def _fetch_error(path: Any, e: OSError) -> ShardReadError:
     what = "not found" if isinstance(e, FileNotFoundError) else f"cannot read ({e})"
-    return ShardReadError(f"shard {redact(path)}: {what}")
+    return ShardReadError(redact(f"shard {path}: {what}"))
 
 
 def iter_remote_members(
@@ -193,7 +223,7 @@ def iter_remote_members(
         except FileNotFoundError:
             raise ShardReadError(f"shard {redact(path)}: not found (sample #{first} wanted)") from None
         except OSError as e:
-            raise ShardReadError(f"shard {redact(path)}: cannot read sample #{first} ({e})") from None
+            raise ShardReadError(redact(f"shard {path}: cannot read sample #{first} ({e})")) from None
         if len(data) != end_b - start_b:
             raise ShardReadError(
                 f"shard {redact(path)}: sample #{stop} is cut short (got {len(data)} of {end_b - start_b} bytes: "

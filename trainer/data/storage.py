@@ -19,25 +19,30 @@ URLs, so the code that joins and opens them is the same for both.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
+import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory")  # memory: tests
 EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 # pyproject's optional-dependencies: s3, gs, az, http
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]*@")  # user:password@, anywhere in a text
 # Query parameters that carry credentials in the stores' URL forms (pre-signed S3, SAS tokens, GCS signed URLs).
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:x-amz-[a-z-]*|sig|signature|se|sp|sv|sr|st|token|key|x-goog-[a-z-]*)=)[^&]*")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&](?:x-amz-[a-z-]*|sig|signature|se|sp|sv|sr|st|token|key|x-goog-[a-z-]*)=)[^&\s'\"]*"
+)
 
 RETRY_ATTEMPTS = int(os.environ.get("ARGUS_IO_RETRIES", 8))
 RETRY_BASE_S = float(os.environ.get("ARGUS_IO_BACKOFF_S", 0.2))
@@ -96,16 +101,26 @@ class PipeLocation:
     def read(self, limit: int = -1) -> bytes:
         """The command's output (its first ``limit`` bytes: the command is stopped there); a non-zero exit is an
         error naming the command and the end of its stderr."""
-        proc = subprocess.Popen(self.command(), shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stderr is not None
-        data = proc.stdout.read() if limit < 0 else proc.stdout.read(limit)
-        if limit >= 0 and len(data) == limit:
-            proc.kill()
-            proc.wait()
-            return data
-        err = proc.stderr.read().decode(errors="replace").strip()
-        if proc.wait() != 0:
-            raise PipeError(f"{redact(self.command())}: exit {proc.returncode}" + (f" ({err[-200:]})" if err else ""))
+        # stderr goes to a file (an undrained pipe would block a chatty command); the command gets its own process
+        # group, so that stopping it early stops every process of a pipeline (`curl ... | zstd -d`)
+        with tempfile.TemporaryFile() as err_file:
+            proc = subprocess.Popen(
+                self.command(), shell=True, stdout=subprocess.PIPE, stderr=err_file, start_new_session=True
+            )
+            assert proc.stdout is not None
+            try:
+                data = proc.stdout.read() if limit < 0 else proc.stdout.read(limit)
+                if limit >= 0 and len(data) == limit:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    return data
+            finally:
+                proc.stdout.close()
+                proc.wait()
+            if proc.returncode != 0:
+                err_file.seek(0)
+                err = err_file.read()[-200:].decode(errors="replace").strip()
+                raise PipeError(redact(f"{self.command()}: exit {proc.returncode}" + (f" ({err})" if err else "")))
         return data
 
 
@@ -173,11 +188,30 @@ def open_read(path: Location) -> Any:
     return open(path, "rb") if not is_remote(path) else filesystem(path).open(path.path, "rb")
 
 
+# errno values s3fs/gcsfs/adlfs give permanent failures (bad range or argument, wrong region, refused method): these
+# are not retried; an OSError with another errno, or none, is a connection or server-side failure and is.
+_PERMANENT_ERRNO = {errno.EINVAL, errno.EPERM, errno.EACCES, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EREMCHG}
+
+
 def transient(e: BaseException) -> bool:
-    """Worth retrying: a connection or server-side failure, not a missing object or a refused permission."""
+    """Worth retrying: a connection or server-side failure (reset, timeout, 5xx, throttling), not a missing object,
+    a refused permission, a bad request or a certificate that does not verify."""
+    import ssl
+
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, PipeError)):
         return False
-    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return False
+    try:
+        import aiohttp
+
+        if isinstance(e, aiohttp.ClientResponseError):
+            return e.status in (408, 429) or e.status >= 500
+    except ImportError:
+        pass
+    if isinstance(e, OSError):
+        return e.errno not in _PERMANENT_ERRNO
+    if isinstance(e, (TimeoutError, ConnectionError)):
         return True
     try:
         import aiohttp
@@ -208,7 +242,7 @@ def with_retries(fn: Callable[[], T], what: str) -> T:
             if not transient(e):
                 raise
             if attempt == RETRY_ATTEMPTS:
-                raise OSError(f"{redact(what)}: {type(e).__name__}: {e} (gave up after {attempt} tries)") from None
+                raise OSError(redact(f"{what}: {type(e).__name__}: {e} (gave up after {attempt} tries)")) from None
             RETRIES["count"] += 1
             time.sleep(delay)
             delay = min(2 * delay, RETRY_MAX_S)
@@ -271,36 +305,47 @@ def _publish(data: bytes, dest: Path, source: Location, sha256: str) -> None:
         raise OSError(f"{redact(source)}: sha256 differs from the manifest's (changed since the dataset was written?)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dest)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a full disk leaves nothing behind outside the cache's bound
+        raise
 
 
-def cached_shard(path: Location, sha256: str, bound: int) -> Path:
-    """A local copy of the shard at ``path`` in the shard cache (``ARGUS_CACHE``/shards, named by the manifest's
-    sha256, so a copy is never stale), fetched whole on first use; afterwards the least recently used copies are
-    removed until the cache holds at most ``bound`` bytes (the newest copy always stays, even when larger). Safe
-    with concurrent readers: copies are published by rename, and a copy removed while another process reads it
-    stays readable to that process (POSIX)."""
+def cached_shard(path: Location, sha256: str, bound: int) -> BinaryIO:
+    """The shard at ``path``, opened from the shard cache (``ARGUS_CACHE``/shards, named by the manifest's sha256, so
+    a copy is never stale), fetched whole on first use; then the least recently used copies are removed until the
+    cache holds at most ``bound`` bytes. The copy is opened before anything is removed, so a copy another worker
+    removes meanwhile stays readable through the open file (POSIX); one removed between use and open is fetched
+    again."""
     root = cache_dir() / "shards"
     dest = root / f"{sha256}.tar"
-    if dest.is_file():
-        os.utime(dest)  # recently used
+    for _ in range(3):
+        if not dest.is_file():
+            _publish(read_bytes(path), dest, path, sha256)
+        try:
+            f = open(dest, "rb")
+            os.utime(dest)  # recently used
+            break
+        except FileNotFoundError:  # removed by another worker's eviction after we looked
+            continue
     else:
-        _publish(read_bytes(path), dest, path, sha256)
+        raise OSError(f"{redact(path)}: the shard cache lost this shard 3 times: cache_bytes smaller than a shard?")
     held = []  # every other copy, oldest use first (another process may remove one meanwhile)
     for p in root.glob("*.tar"):
         with contextlib.suppress(FileNotFoundError):
             if p != dest:
                 st = p.stat()
                 held.append((st.st_mtime, st.st_size, p))
-    total = dest.stat().st_size + sum(size for _, size, _ in held)
+    total = os.fstat(f.fileno()).st_size + sum(size for _, size, _ in held)
     for _, size, old in sorted(held, key=lambda t: t[0]):
         if total <= bound:
             break
         total -= size
         old.unlink(missing_ok=True)
-    return dest
+    return f
 
 
 def upload_tree(local: Path, dest: Location, last: str) -> None:
@@ -325,23 +370,37 @@ def written_to(out: str | os.PathLike[str], overwrite: bool, manifest_name: str)
     if not is_url(out):
         yield str(out)
         return
-    if str(out).startswith(PIPE):
-        raise ValueError(f"out {redact(out)}: a pipe: URL is read-only; write to a directory or an object-store URL")
+    if str(out).startswith(PIPE) or scheme(out) in ("http", "https"):
+        raise ValueError(f"out {redact(out)}: read-only URL; write to a directory or an object-store URL")
+    from trainer.data.outdir import DATASET, FORMAT_NAME, _matches
+
     dest = location(out)
     fs, prefix = filesystem(dest), dest.path.rstrip("/")
-    present = with_retries(lambda: fs.find(prefix), str(dest))
-    manifest = f"{prefix}/{manifest_name}"
-    if present and manifest not in present and manifest.lstrip("/") not in present:
+    present = [p.lstrip("/") for p in with_retries(lambda: fs.find(prefix), str(dest))]
+    base = prefix.lstrip("/") + "/"
+    rel = [p[len(base) :] if p.startswith(base) else p for p in present]
+    patterns = (*DATASET.files, *(f"{t}/*" for t in DATASET.trees))
+    foreign = [r for r in rel if not _matches(r, patterns)]
+    if foreign:
         raise ValueError(
-            f"out {redact(out)}: not empty and not an argus dataset (no {manifest_name}); refusing to write there"
+            f"out {redact(out)}: not empty and not an argus dataset ({foreign[0]} is not one of the files a dataset "
+            "holds); refusing to write there"
         )
-    if present and not overwrite:
-        raise ValueError(f"out {redact(out)}: holds a dataset; pass --overwrite to replace it")
+    manifest = f"{prefix}/{manifest_name}"
+    if manifest_name in rel:
+        fmt = json.loads(with_retries(lambda: fs.cat_file(manifest), str(dest / manifest_name))).get("format")
+        if fmt != FORMAT_NAME:
+            raise ValueError(f"out {redact(out)}: {manifest_name} is not a dataset's; refusing to write there")
+    if rel and not overwrite:
+        what = "a dataset" if manifest_name in rel else "an incomplete dataset (no manifest)"
+        raise ValueError(f"out {redact(out)}: holds {what}; pass --overwrite to replace it")
     staging = Path(tempfile.mkdtemp(prefix="argus-upload-", dir=os.environ.get("ARGUS_STAGING") or None))
     try:
         yield str(staging / "dataset")
-        if present:
-            with_retries(lambda: fs.rm_file(manifest), str(dest / manifest_name))
+        # the old dataset goes first, its manifest before anything else: no reader takes a half-replaced dataset
+        # for a whole one, and no file of the old one stays beside the new one
+        for r in sorted(rel, key=lambda r: r != manifest_name):
+            with_retries(lambda r=r: fs.rm_file(f"{prefix}/{r}"), str(dest / r))
         upload_tree(staging / "dataset", dest, manifest_name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
