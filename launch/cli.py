@@ -1,8 +1,8 @@
 """`argus`: the one console command. Thin: parse, validate, hand over to library code.
 
 Each command group's parser and commands live in their own module under launch/ (data_cli, train_cli,
-checkpoint_cli, ray_launch, deepspeed_launch, cluster_cli, plan_cli, export_cli); this one only assembles them. Building
-the parser imports no torch, DeepSpeed, TorchRec, Ray or pyarrow: `argus --help` stays fast.
+checkpoint_cli, ray_launch, deepspeed_launch, cluster_cli, plan_cli, export_cli, sweep_cli); this one only
+assembles them. Building the parser imports no torch, DeepSpeed, TorchRec, Ray or pyarrow: `argus --help` stays fast.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from launch.deepspeed_launch import add_launch_deepspeed
 from launch.export_cli import add_export, add_retrieve
 from launch.plan_cli import add_plan
 from launch.ray_launch import add_launch_ray
+from launch.sweep_cli import add_sweep
 from launch.train_cli import add_train
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan(sub)
     add_export(sub)
     add_retrieve(sub)
+    add_sweep(sub)  # sweep fit
     return p
 
 

@@ -86,6 +86,8 @@ def test_building_the_parser_and_every_help_import_nothing_heavy():
         "plan",
         "export",
         "retrieve",
+        "sweep",
+        "sweep fit",
     ):
         assert cmd in codes, f"`argus {cmd}` is missing"
     for cmd, (code, text) in codes.items():
