@@ -45,6 +45,7 @@ CLASSES: dict[str, int] = {
     # data
     "ShardReadError": DATA,  # trainer/data/reader.py
     "ManifestError": DATA,  # trainer/data/manifest.py
+    "PipeError": DATA,  # trainer/data/storage.py: a pipe: command that failed
     "SampleError": DATA,  # trainer/data/schema.py
     # checkpoint (also: an OSError raised in trainer/checkpoint.py or checkpoint_store.py, see CHECKPOINT_MODULES)
     "CheckpointError": CHECKPOINT,  # the name for a typed checkpoint error (trainer/checkpoint.py)
