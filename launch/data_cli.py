@@ -15,12 +15,11 @@ from trainer.data.storage import redact
 
 # ---- argus data synth ----------------------------------------------------------------------------------------
 def cmd_data_synth(a: argparse.Namespace) -> int:
-    from trainer.data.manifest import MANIFEST_NAME
-    from trainer.data.storage import written_to
+    from trainer.data.outdir import dataset_output
     from trainer.data.synth import synthesize
 
     t0 = time.perf_counter()
-    with written_to(a.out, a.overwrite, MANIFEST_NAME) as out:
+    with dataset_output(a.out, a.overwrite) as out:
         m = _synth(synthesize, out, a)
     dt = time.perf_counter() - t0
     n = sum(s.interactions for s in m.splits.values())
@@ -79,10 +78,9 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
         timestamp=a.timestamp_col,
         rating=None if a.rating_col in ("", "none") else a.rating_col,
     )
-    from trainer.data.manifest import MANIFEST_NAME
-    from trainer.data.storage import written_to
+    from trainer.data.outdir import dataset_output
 
-    with written_to(a.out, a.overwrite, MANIFEST_NAME) as out:
+    with dataset_output(a.out, a.overwrite) as out:
         m = _convert(convert, out, cols, Hints, a)
     skipped = m.source.get("skipped_rows", {})
     console.print(

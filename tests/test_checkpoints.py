@@ -182,16 +182,19 @@ def _scripted_worker(rank: int, world: int, overrides: list[str], port: int, fau
     rank_env(rank, world, port)
     os.environ["ARGUS_FAULT_INJECT"] = fault
     import trainer.evaluate as ev
+    from trainer import checkpoint_store as store
     from trainer.run import load_job, train
 
-    real = ev.evaluate
+    real = ev.rank_model
+    run = next(o.split("=", 1)[1] for o in overrides if o.startswith("out="))
 
     def scripted(*args, **kw):
-        rep = real(*args, **kw)  # the real validation runs; only the selected value is scripted
-        rep["model"]["ndcg@10"] = SCRIPT[json.loads((Path(kw["checkpoint_path"]) / "meta.json").read_text())["step"]]
+        rep = real(*args, **kw)  # the real validation (of the live model) runs; only the selected value is scripted
+        step = json.loads((store.latest_checkpoint(run) / "meta.json").read_text())["step"]  # just saved
+        rep["model"]["ndcg@10"] = SCRIPT[step]
         return rep
 
-    ev.evaluate = scripted
+    ev.rank_model = scripted
     train(load_job("configs/mini.yaml", overrides, world))
 
 

@@ -117,7 +117,11 @@ def _results(tmp_path, y: np.ndarray):
     return path
 
 
-def test_cli_fits_a_results_file(tmp_path, capsys):
+def test_cli_fits_a_results_file(tmp_path, capsys, monkeypatch):
+    import launch.console
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # the human output below is read whole: no wrapping at 80
+    monkeypatch.setattr(launch.console.console, "_width", None)
     path = _results(tmp_path, power_law(FALLING["P0"], FALLING["N0"], FALLING["a"], 1.0, 0))
     argv = ["sweep", "fit", str(path), "--x", "params", "--y", "metrics.ne/next_item", "--at", "1e11"]
     code, out, err = argus_inproc(capsys, *argv, "--json")

@@ -16,14 +16,17 @@ The layouts of a dataset live here (this package is the leaf every other one may
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from trainer.data.manifest import FORMAT_NAME, MANIFEST_NAME
+from trainer.data.storage import PIPE, filesystem, is_url, location, redact, scheme, upload_tree, with_retries
 
 
 class OutputExistsError(ValueError):
@@ -179,3 +182,49 @@ def prepare_dataset_out(out: str | os.PathLike, overwrite: bool) -> None:
     if check_output(out, DATASET, overwrite=overwrite, flag="--overwrite"):
         clear_output(out, DATASET)
     Path(out).mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def dataset_output(out: str | os.PathLike[str], overwrite: bool) -> Iterator[str]:
+    """Where a dataset writer writes: ``out`` itself when local; for a URL a local staging directory
+    (``ARGUS_STAGING`` or the system's temporary directory) uploaded to ``out`` when the writer returns, the
+    manifest last, then removed.
+
+    The URL is checked first, as a local output is (:func:`check_output`): an existing dataset there (its
+    manifest) needs ``overwrite``, whose upload starts by deleting the old manifest so that no reader takes the
+    half-replaced dataset for a whole one; anything else under the prefix is refused."""
+    if not is_url(out):
+        yield str(out)
+        return
+    if str(out).startswith(PIPE) or scheme(out) in ("http", "https"):
+        raise ValueError(f"out {redact(out)}: read-only URL; write to a directory or an object-store URL")
+    dest = location(out)
+    fs, prefix = filesystem(dest), dest.path.rstrip("/")
+    present = [p.lstrip("/") for p in with_retries(lambda: fs.find(prefix), str(dest))]
+    base = prefix.lstrip("/") + "/"
+    rel = [p[len(base) :] if p.startswith(base) else p for p in present]
+    patterns = (*DATASET.files, *(f"{t}/*" for t in DATASET.trees))
+    foreign = [r for r in rel if not _matches(r, patterns)]
+    if foreign:
+        raise ValueError(
+            f"out {redact(out)}: not empty and not an argus dataset ({foreign[0]} is not one of the files a dataset "
+            "holds); refusing to write there"
+        )
+    manifest = f"{prefix}/{MANIFEST_NAME}"
+    if MANIFEST_NAME in rel:
+        fmt = json.loads(with_retries(lambda: fs.cat_file(manifest), str(dest / MANIFEST_NAME))).get("format")
+        if fmt != FORMAT_NAME:
+            raise ValueError(f"out {redact(out)}: {MANIFEST_NAME} is not a dataset's; refusing to write there")
+    if rel and not overwrite:
+        what = "a dataset" if MANIFEST_NAME in rel else "an incomplete dataset (no manifest)"
+        raise ValueError(f"out {redact(out)}: holds {what}; pass --overwrite to replace it")
+    staging = Path(tempfile.mkdtemp(prefix="argus-upload-", dir=os.environ.get("ARGUS_STAGING") or None))
+    try:
+        yield str(staging / "dataset")
+        # the old dataset goes first, its manifest before anything else: no reader takes a half-replaced dataset
+        # for a whole one, and no file of the old one stays beside the new one
+        for r in sorted(rel, key=lambda r: r != MANIFEST_NAME):
+            with_retries(lambda r=r: fs.rm_file(f"{prefix}/{r}"), str(dest / r))
+        upload_tree(staging / "dataset", dest, MANIFEST_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -22,17 +22,15 @@ import contextlib
 import errno
 import hashlib
 import io
-import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory")  # memory: tests
 EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
@@ -356,51 +354,3 @@ def upload_tree(local: Path, dest: Location, last: str) -> None:
     for p in [*(f for f in files if f.name != last), *(f for f in files if f.name == last)]:
         target = dest / p.relative_to(local).as_posix()
         with_retries(lambda p=p, target=target: fs.put_file(str(p), target.path), str(target))
-
-
-@contextlib.contextmanager
-def written_to(out: str | os.PathLike[str], overwrite: bool, manifest_name: str) -> Iterator[str]:
-    """Where a dataset writer writes: ``out`` itself when local; for a URL a local staging directory
-    (``ARGUS_STAGING`` or the system's temporary directory) uploaded to ``out`` when the writer returns, the
-    manifest last, then removed.
-
-    The URL is checked first, as a local output is (trainer/data/outdir.py): an existing dataset there (its
-    manifest) needs ``overwrite``, whose upload starts by deleting the old manifest so that no reader takes the
-    half-replaced dataset for a whole one; anything else under the prefix is refused."""
-    if not is_url(out):
-        yield str(out)
-        return
-    if str(out).startswith(PIPE) or scheme(out) in ("http", "https"):
-        raise ValueError(f"out {redact(out)}: read-only URL; write to a directory or an object-store URL")
-    from trainer.data.outdir import DATASET, FORMAT_NAME, _matches
-
-    dest = location(out)
-    fs, prefix = filesystem(dest), dest.path.rstrip("/")
-    present = [p.lstrip("/") for p in with_retries(lambda: fs.find(prefix), str(dest))]
-    base = prefix.lstrip("/") + "/"
-    rel = [p[len(base) :] if p.startswith(base) else p for p in present]
-    patterns = (*DATASET.files, *(f"{t}/*" for t in DATASET.trees))
-    foreign = [r for r in rel if not _matches(r, patterns)]
-    if foreign:
-        raise ValueError(
-            f"out {redact(out)}: not empty and not an argus dataset ({foreign[0]} is not one of the files a dataset "
-            "holds); refusing to write there"
-        )
-    manifest = f"{prefix}/{manifest_name}"
-    if manifest_name in rel:
-        fmt = json.loads(with_retries(lambda: fs.cat_file(manifest), str(dest / manifest_name))).get("format")
-        if fmt != FORMAT_NAME:
-            raise ValueError(f"out {redact(out)}: {manifest_name} is not a dataset's; refusing to write there")
-    if rel and not overwrite:
-        what = "a dataset" if manifest_name in rel else "an incomplete dataset (no manifest)"
-        raise ValueError(f"out {redact(out)}: holds {what}; pass --overwrite to replace it")
-    staging = Path(tempfile.mkdtemp(prefix="argus-upload-", dir=os.environ.get("ARGUS_STAGING") or None))
-    try:
-        yield str(staging / "dataset")
-        # the old dataset goes first, its manifest before anything else: no reader takes a half-replaced dataset
-        # for a whole one, and no file of the old one stays beside the new one
-        for r in sorted(rel, key=lambda r: r != manifest_name):
-            with_retries(lambda r=r: fs.rm_file(f"{prefix}/{r}"), str(dest / r))
-        upload_tree(staging / "dataset", dest, manifest_name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
