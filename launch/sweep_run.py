@@ -285,7 +285,7 @@ def last_training_record(run_dir: Path) -> dict[str, Any]:
 
 def eval_metrics(rep: dict[str, Any]) -> dict[str, float]:
     """The model's metrics of an `argus eval --json` report (hr@K, ndcg@K, ..., and the ne/* numbers)."""
-    out = {k: v for k, v in rep.get("model", {}).items() if isinstance(v, (int, float))}
+    out = {k: v for k, v in rep.get("model", {}).items() if isinstance(v, (int, float)) and k != "users"}
     out.update({k: v for k, v in rep.items() if k.startswith("ne/") and isinstance(v, (int, float))})
     return out
 
@@ -405,7 +405,7 @@ def table_rows(
         for t in trials:
             seen.update(dict.fromkeys((rows.get(t.id) or {}).get("metrics") or {}))
         metrics = list(seen)
-    header = ["trial", *axis_names, "params", "FLOPs/interaction", *metrics, "wall s", "status"]
+    header = ["id", *axis_names, "params", "FLOPs/interaction", *metrics, "wall s", "status"]
     cells = []
     for t in trials:
         row = rows.get(t.id) or {}
@@ -475,6 +475,21 @@ def scaling_fit(trials: list[Trial], rows: dict[str, dict[str, Any]], metric: st
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set, and as it was again afterwards."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @contextlib.contextmanager
 def _session(address: str | None, local_cpus: int | None) -> Iterator[None]:
     from cluster.ray_local import ray_session
@@ -575,6 +590,31 @@ def run_sweep(
     return 1 if failed else 0
 
 
+def _progress(labels: dict[str, str]) -> Any:
+    """A Ray Tune callback (it runs in the driver) that prints a line per trial as it ends. Tune pickles its
+    callbacks with the experiment: the class is module level and holds the labels only."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self, labels: dict[str, str]) -> None:
+            self.labels = labels
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            from launch.console import console
+
+            i = trial.config["trial"]
+            how = "ok" if result.get("ok") else "failed"
+            console.print(f"trial {i} ({self.labels.get(i, '')}): {how} in {result.get('wall_s', 0):.1f} s")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            from launch.console import console
+
+            i = trial.config["trial"]
+            console.print(f"trial {i} ({self.labels.get(i, '')}): the Ray trial failed ({trial})")
+
+    return Progress(labels)
+
+
 def _tune(
     to_run: list[dict[str, Any]],
     sweep: dict[str, Any],
@@ -589,6 +629,7 @@ def _tune(
         from ray import tune
 
         from cluster.ray_local import InsufficientResources
+        from trainer.logger import verbose
 
         have = ray.cluster_resources()
         for res, amount in need.items():  # Ray would wait forever for a trial that cannot fit
@@ -597,22 +638,7 @@ def _tune(
                     f"a trial needs {amount:g} {res} (ranks x --{res.lower()}s-per-rank), the cluster has "
                     f"{have.get(res, 0.0):g}"
                 )
-        from launch.console import console
-
         by_id = {t["trial"]: t for t in to_run}
-
-        class Progress(tune.Callback):  # in this driver: a line per trial as it ends
-            def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-                t = by_id[trial.config["trial"]]
-                how = "ok" if result.get("ok") else "failed"
-                console.print(f"trial {t['trial']} ({t['label']}): {how} in {result.get('wall_s', 0):.1f} s")
-
-            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                t = by_id[trial.config["trial"]]
-                console.print(
-                    f"trial {t['trial']} ({t['label']}): the Ray trial failed: {getattr(trial, 'error_file', '')}"
-                )
-
         resources = {"cpu": need["CPU"], **({"gpu": need["GPU"]} if need["GPU"] else {})}
         fn = tune.with_resources(tune.with_parameters(trainable, trials=by_id, sweep=sweep), resources)
         tuner = tune.Tuner(
@@ -622,9 +648,13 @@ def _tune(
             run_config=tune.RunConfig(
                 name="tune",
                 storage_path=str(root),
-                verbose=0,
+                verbose=2 if verbose() else 0,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[Progress()],
+                callbacks=[_progress({i: t["label"] for i, t in by_id.items()})],
             ),
         )
-        tuner.fit()  # a trial that raised is in the result grid, not raised here; its row is written below
+        # Tune's new console output prints an experiment banner and paths whatever `verbose` says; the older
+        # reporter at verbose=0 prints nothing (the driver prints a line per trial: _progress)
+        quiet = {} if verbose() else {"RAY_AIR_NEW_OUTPUT": "0"}
+        with _environ(quiet):
+            tuner.fit()  # a trial that raised is in the result grid, not raised here; its row is written below
