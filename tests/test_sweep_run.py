@@ -233,3 +233,33 @@ def test_a_sweep_on_local_ray_finishes_reports_a_failed_trial_and_a_rerun_runs_n
         print(f"first run {first:.1f} s, rerun {second:.1f} s")
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_sweep_whose_trials_all_have_rows_starts_no_ray_and_reports_the_fit(tmp_path, monkeypatch, capsys):
+    """Every trial done: no Ray cluster (none is reachable here), the table and report.md again, with the scaling
+    fit of the first metric against params (>= 4 finished points, params varies)."""
+    import cluster.ray_local
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(cluster.ray_local, "ray_session", no_ray)
+    monkeypatch.chdir(REPO)
+    spec = write_spec(tmp_path / "s.yaml", axes={"model.d_model": [16, 32, 64, 128]}, metrics=["loss/next_item"])
+    trials = expand(load_spec(spec), ["data.path=/d"])
+    root = tmp_path / "st" / "sw"
+    root.mkdir(parents=True)
+    rows = [
+        {"trial": t.id, "params": 1000 * 4**i, "status": "ok", "wall_s": 2.0,
+         "metrics": {"loss/next_item": 2.0 + (4**i) ** -0.5 + 0.001 * (-1) ** i}}
+        for i, t in enumerate(trials)
+    ]  # fmt: skip
+    (root / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = argus_inproc(
+        capsys, "sweep", "run", str(spec), "data.path=/d", "--local", "--storage-path", str(tmp_path / "st")
+    )
+    assert code == 0, err
+    assert "4 of 4 trial(s) already have a row" in out and "4 of 4 trial(s) finished, 0 failed" in out
+    assert "AIC prefers the" in out
+    report = (root / "report.md").read_text()
+    assert all(t.id in report for t in trials) and "Scaling fit of loss/next_item against params (4 points" in report
