@@ -1,7 +1,8 @@
 """`argus sweep fit`: parser and command (wired into launch/cli.py).
 
 The fitting is trainer/scaling.py's (numpy and scipy, imported inside the command so `argus --help` stays fast);
-this module reads flags and prints what comes back. The sweep runner (`argus sweep run`) is not here yet.
+this module reads flags and prints what comes back. `argus sweep run` (the runner: Ray Tune trials, results.jsonl,
+report.md) is launch/sweep_run.py's, imported inside its command likewise.
 """
 
 from __future__ import annotations
@@ -132,10 +133,27 @@ def cmd_sweep_fit(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- argus sweep run ------------------------------------------------------------------------------------------
+def cmd_sweep_run(a: argparse.Namespace) -> int:
+    from launch.sweep_run import run_sweep
+
+    return run_sweep(
+        a.spec,
+        a.overrides,
+        a.storage_path,
+        name=a.name,
+        address=a.address,
+        local=a.local,
+        retry_failed=a.retry_failed,
+        cpus_per_rank=a.cpus_per_rank,
+        gpus_per_rank=a.gpus_per_rank,
+    )
+
+
 # ---- parser --------------------------------------------------------------------------------------------------
 def add_sweep(sub: Any) -> None:
     """Add `sweep` and its commands to the sub-parsers of `argus`."""
-    sweep = sub.add_parser("sweep", help="scaling sweeps: fit scaling laws to a sweep's results")
+    sweep = sub.add_parser("sweep", help="scaling sweeps: run a sweep's trials, fit scaling laws to its results")
     ssub = sweep.add_subparsers(dest="sweep_command", metavar="SWEEP_COMMAND", required=True)
 
     f = ssub.add_parser(
@@ -158,3 +176,29 @@ def add_sweep(sub: Any) -> None:
     f.add_argument("--at", type=float, default=None, metavar="N", help="also extrapolate both laws to N (e.g. 1e9)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_sweep_fit)
+
+    r = ssub.add_parser(
+        "run",
+        help="train (and evaluate) every trial of a sweep spec through Ray Tune; one JSONL row per trial",
+        description='Run the grid of trials SPEC.yaml describes (docs/experiments.md, "Running a sweep"): each '
+        "trial's `argus train` (and `argus eval`) in STORAGE/NAME/trials/ID/, one row per trial in "
+        "STORAGE/NAME/results.jsonl, a table and STORAGE/NAME/report.md at the end. Trials that already have a row "
+        "are skipped; unfinished ones resume.",
+    )
+    r.add_argument(
+        "spec", metavar="SPEC.yaml", help="the sweep spec: base config, overrides, axes, ranks, eval, metrics"
+    )
+    r.add_argument("overrides", nargs="*", help="key=value overrides for every trial (after the spec's own)")
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument("--address", help="Ray cluster address (e.g. auto, or HEAD:6379)")
+    where.add_argument("--local", action="store_true", help="start a throw-away local Ray cluster on loopback")
+    r.add_argument(
+        "--storage-path", required=True, help="where the sweep lives (STORAGE/NAME): shared storage with --address"
+    )
+    r.add_argument("--name", default=None, help="the sweep's directory under --storage-path (default: the spec's name)")
+    r.add_argument("--cpus-per-rank", type=float, default=1.0, help="CPUs a trial asks Ray for, per rank")
+    r.add_argument("--gpus-per-rank", type=float, default=0.0, help="GPUs a trial asks Ray for, per rank")
+    r.add_argument(
+        "--retry-failed", action="store_true", help="run the trials whose row says failed again (default: skipped)"
+    )
+    r.set_defaults(func=cmd_sweep_run)

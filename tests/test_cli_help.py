@@ -88,6 +88,7 @@ def test_building_the_parser_and_every_help_import_nothing_heavy():
         "retrieve",
         "sweep",
         "sweep fit",
+        "sweep run",
     ):
         assert cmd in codes, f"`argus {cmd}` is missing"
     for cmd, (code, text) in codes.items():
