@@ -232,6 +232,17 @@ def test_truncated_shard_names_shard_and_key(dataset_factory):
     assert skipper.errors and shard.name in skipper.errors[0]
 
 
+def test_a_shard_overwritten_with_garbage_names_the_shard(dataset_factory):
+    """Bytes that are not a tar header (non-octal numbers) are the same named ShardReadError as a bad checksum."""
+    m = dataset_factory(2, users=10, seed=9)
+    shard = m.root / m.splits["train"].shards[1].path
+    shard.write_bytes(b"not a tar: " * 200)
+    cfg = ShardLoader.Config(path=str(m.root), batch_size=2, num_workers=0, shuffle=False)
+    with pytest.raises(ShardReadError, match=f"shard .*{shard.name}: bad tar header checksum"):
+        for _ in cfg.build():
+            pass
+
+
 def test_corrupt_sample_and_missing_shard(dataset_factory):
     m = dataset_factory(3, users=12, seed=10)
     shard = m.root / m.splits["train"].shards[1].path

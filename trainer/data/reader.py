@@ -132,6 +132,7 @@ _REGULAR = (b"0", b"\0")
 
 
 def _octal(field: bytes) -> int:
+    """A tar header's octal number; garbage (a shard overwritten, or not a tar) is a ValueError _walk names."""
     field = field.rstrip(b"\0 ").lstrip(b" ")
     return int(field, 8) if field else 0
 
@@ -253,9 +254,13 @@ def _walk(
             raise ShardReadError(
                 f"shard {path}: holds {local + 1} samples but sample #{last} was expected (last key {key!r})"
             )
-        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
+        try:
+            checksum_ok = _octal(header[148:156]) == sum(header) - sum(header[148:156]) + 8 * 32
+            msize = int(override.get("size", _octal(header[124:136])))
+        except ValueError:
+            checksum_ok = False
+        if not checksum_ok:
             raise ShardReadError(f"shard {path}: bad tar header checksum after key {key!r} (corrupt or truncated)")
-        msize = int(override.get("size", _octal(header[124:136])))
         data_at = off + _BLOCK
         off = data_at + -(-msize // _BLOCK) * _BLOCK
         kind = header[156:157]
