@@ -170,8 +170,8 @@ def test_the_report_has_a_row_per_trial_and_a_fit_from_four_points(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_on_local_ray_finishes_reports_a_failed_trial_and_a_rerun_runs_nothing(data, tmp_path):
-    """Three trials through Ray Tune (one local session): two train and evaluate, one (its shards corrupt: the config
-    validates) fails at run time and is reported, without stopping the others. Rerunning the sweep makes no Ray
+    """Two trials through Ray Tune (one local session): one trains and evaluates, one (its shards corrupt: the config
+    validates) fails at run time and is reported, without stopping the other. Rerunning the sweep makes no Ray
     trial: every trial has its row (the failed one too, until --retry-failed)."""
     bad = tmp_path / "bad"
     shutil.copytree(data, bad)
@@ -181,7 +181,7 @@ def test_a_sweep_on_local_ray_finishes_reports_a_failed_trial_and_a_rerun_runs_n
         shard.write_bytes(b"not a tar file" * 64)
     spec = write_spec(
         tmp_path / "s.yaml",
-        axes={"trial": [{"model.d_model": 16}, {"model.d_model": 32}, {"model.d_model": 16, "data.path": str(bad)}]},
+        axes={"trial": [{"model.d_model": 16}, {"model.d_model": 16, "data.path": str(bad)}]},
         eval={"max_users": 20},
         metrics=["loss/next_item", "hr@10"],
     )
@@ -199,7 +199,7 @@ def test_a_sweep_on_local_ray_finishes_reports_a_failed_trial_and_a_rerun_runs_n
         trials = expand(load_spec(spec), [f"data.path={data}"])
         assert sorted(r["trial"] for r in rows) == sorted(t.id for t in trials)
         by_id = {r["trial"]: r for r in rows}
-        for t in trials[:2]:
+        for t in trials[:1]:
             r = by_id[t.id]
             assert r["status"] == "ok", r
             assert set(r["metrics"]) == {"loss/next_item", "hr@10"} and all(
@@ -209,14 +209,13 @@ def test_a_sweep_on_local_ray_finishes_reports_a_failed_trial_and_a_rerun_runs_n
             assert r["axes"] == t.axes and r["overrides"] == t.overrides and r["params"] > 0
             assert r["flops_per_interaction"] > 0 and r["wall_s"] > 0
             assert (root / "trials" / t.id / "run" / "checkpoints" / "latest").is_file()
-        assert by_id[trials[0].id]["params"] < by_id[trials[1].id]["params"]
-        failed = by_id[trials[2].id]
+        failed = by_id[trials[1].id]
         assert failed["status"] == "failed" and failed["failed_in"] == "train" and failed["exit_code"] not in (0, None)
         assert any("argus: error:" in line for line in failed["log_tail"]), failed["log_tail"]
-        assert "2 of 3 trial(s) finished, 1 failed" in out.stdout
-        assert f"failed: {trials[2].id}" in out.stdout
+        assert "1 of 2 trial(s) finished, 1 failed" in out.stdout
+        assert f"failed: {trials[1].id}" in out.stdout
         report = (root / "report.md").read_text()
-        assert all(t.id in report for t in trials) and "no scaling fit: 2 finished point(s)" in report
+        assert all(t.id in report for t in trials) and "no scaling fit: 1 finished point(s)" in report
         attempts = {t.id: len((root / "trials" / t.id / "attempts.jsonl").read_text().splitlines()) for t in trials}
         assert attempts == {t.id: 1 for t in trials}
 
@@ -226,9 +225,9 @@ def test_a_sweep_on_local_ray_finishes_reports_a_failed_trial_and_a_rerun_runs_n
         again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         second = time.monotonic() - t0
         assert again.returncode == 1, again.stderr[-3000:]
-        assert "3 of 3 trial(s) already have a row" in again.stdout and "to run" not in again.stdout
+        assert "2 of 2 trial(s) already have a row" in again.stdout and "to run" not in again.stdout
         assert (root / RESULTS).read_bytes() == results and tree_digest(root / "trials") == before
-        assert "2 of 3 trial(s) finished, 1 failed" in again.stdout
+        assert "1 of 2 trial(s) finished, 1 failed" in again.stdout
         assert list(ray_tmp.iterdir()) == []
         print(f"first run {first:.1f} s, rerun {second:.1f} s")
     finally:
