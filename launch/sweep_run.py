@@ -162,13 +162,9 @@ def read_rows(results: Path) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     if not results.is_file():
         return rows
-    for lineno, line in enumerate(results.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{results} line {lineno}: not JSON ({e.msg})") from None
+    from trainer.scaling import jsonl_rows
+
+    for _, row in jsonl_rows(results):
         if isinstance(row, dict) and "trial" in row:
             rows[str(row["trial"])] = row
     return rows

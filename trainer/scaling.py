@@ -18,7 +18,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Iterator, Literal, Sequence
 
 import numpy as np
 from scipy import optimize, stats
@@ -355,6 +355,18 @@ class Points:
     skipped: int
 
 
+def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each non-blank line of a JSONL file; a line that is not JSON is a ValueError naming
+    the file and line (results files of `argus sweep run`, read by it and by `argus sweep fit`)."""
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {lineno}: not JSON ({e.msg})") from None
+
+
 def read_points(path: str | Path, x_key: str, y_key: str) -> Points:
     """One point per JSON line of ``path`` that has a number at both keys; the rest are counted as skipped.
     Raises ValueError (naming the file, line or key) for a missing file, a line that is not JSON, a
@@ -365,13 +377,7 @@ def read_points(path: str | Path, x_key: str, y_key: str) -> Points:
     n: list[float] = []
     y: list[float] = []
     rows = skipped = 0
-    for lineno, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p} line {lineno}: not JSON ({e.msg})") from None
+    for lineno, row in jsonl_rows(p):
         rows += 1
         xv, yv = _number(lookup(row, x_key)), _number(lookup(row, y_key))
         if xv is None or yv is None:
