@@ -8,9 +8,10 @@ that a URL carries before it is saved or printed.
 A remote dataset is read with range reads (:func:`read_range`), never downloaded whole: a shard's sample index
 (``ShardInfo.index``) gives each sample's byte offset, so a loader worker starts at its exact sample each epoch
 and after a resume. The small side files (item counts, sample lengths and indices) are copied once into a local
-cache, keyed by their sha256 (:func:`local_copy`), because the loader memory-maps them. Transient failures
-(connection resets, timeouts, 5xx, throttling: an ``OSError`` that is not "not found" or "no permission") are
-retried with exponential backoff and counted (:data:`RETRIES`).
+cache, keyed by their sha256 (:func:`local_copy`), because the loader memory-maps them; whole shards only with
+``data.cache_bytes`` (:func:`cached_shard`, LRU within a bound). Transient failures (connection resets, timeouts,
+5xx, throttling; see :func:`transient`) are retried with exponential backoff and counted (:data:`RETRIES`).
+``pipe:CMD`` (WebDataset's convention, :class:`PipeLocation`) reads through a shell command, sequentially.
 
 Paths are `pathlib.Path` for local data and `upath.UPath` (universal_pathlib: the pathlib API over fsspec) for
 URLs, so the code that joins and opens them is the same for both.
