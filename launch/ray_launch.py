@@ -19,6 +19,7 @@ checkpoints of this launch (after a worker failure), never Ray's copy of an earl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ import time
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cluster.ray_local import check_resources, oversubscription, ray_session
 from launch.console import console
@@ -36,27 +37,36 @@ from trainer.data.storage import absolute
 from trainer.faults import ENV as FAULT_ENV
 
 
+def _join(config: dict[str, Any]) -> Any:
+    """What every Ray worker of argus does first: the driver's --verbose (not this node's), library logs quieted
+    before TorchRec (fbgemm logs at import) and DeepSpeed are imported, and the rank variables the trainer's code
+    reads (trainer/dist.py). Returns Ray Train's context."""
+    import ray.train
+
+    from trainer.logger import VERBOSE_ENV, quiet_library_logs
+
+    os.environ[VERBOSE_ENV] = "1" if config.get("verbose") else ""
+    quiet_library_logs()
+    ctx = ray.train.get_context()
+    os.environ.update(
+        RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()), LOCAL_RANK=str(ctx.get_local_rank())
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(config["omp_threads"]))
+    return ctx
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Runs inside each Ray Train worker."""
     import ray.train
     from ray.train import Checkpoint
 
-    from trainer.logger import VERBOSE_ENV, quiet_library_logs
-
-    os.environ[VERBOSE_ENV] = "1" if config.get("verbose") else ""  # the driver's --verbose, not this node's
-    quiet_library_logs()  # before TorchRec (fbgemm logs at import) and DeepSpeed are imported
-
+    _join(config)
     from trainer.checkpoint import pointer_target
     from trainer.config import from_dict
     from trainer.job import JobConfig
     from trainer.run import build_trainer
     from trainer.train import Trainer
 
-    ctx = ray.train.get_context()
-    os.environ.update(
-        RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()), LOCAL_RANK=str(ctx.get_local_rank())
-    )
-    os.environ.setdefault("OMP_NUM_THREADS", str(config["omp_threads"]))
     os.environ[FAULT_ENV] = config.get("fault_inject", "")  # the driver's drill wins over this node's environment
     trainer = build_trainer(from_dict(JobConfig, config["job"]))
 
@@ -169,10 +179,39 @@ def worker_config(cfg: Any, num_workers: int, cpus_per_worker: float, environ: A
     }
 
 
+@contextlib.contextmanager
+def _cluster(a: argparse.Namespace) -> Iterator[None]:
+    """The Ray cluster a launch runs on (--address, or a throw-away --local one sized to the request, with a warning
+    when that oversubscribes this machine), checked to hold the requested workers."""
+    if a.local and (too_many := oversubscription(a.num_workers, a.cpus_per_worker)):
+        print(f"argus: warning: {too_many}", file=sys.stderr, flush=True)
+    with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
+        import ray
+
+        check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
+        yield
+
+
+def _worker_group(a: argparse.Namespace, timeout_s: float | None = None) -> dict[str, Any]:
+    """TorchTrainer's process-group and scaling settings for --num-workers, --cpus/--gpus-per-worker: NCCL on
+    GPUs, gloo on CPUs; ``timeout_s``: the collective timeout (None: Ray's default)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    resources = {"CPU": a.cpus_per_worker, **({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})}
+    return {
+        "torch_config": TorchConfig(
+            backend="nccl" if a.gpus_per_worker else "gloo", **({"timeout_s": int(timeout_s)} if timeout_s else {})
+        ),
+        "scaling_config": ScalingConfig(
+            num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+    }
+
+
 def launch(a: argparse.Namespace) -> int:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     from trainer.run import load_job, start_over
 
@@ -186,23 +225,14 @@ def launch(a: argparse.Namespace) -> int:
     if cfg.finetune.init:
         cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
     loop_config = worker_config(cfg, a.num_workers, a.cpus_per_worker)  # before Ray: a bad drill is one line
-    if a.local and (too_many := oversubscription(a.num_workers, a.cpus_per_worker)):
-        print(f"argus: warning: {too_many}", file=sys.stderr, flush=True)
-    with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
-        check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
+    with _cluster(a):
         # train.overwrite: the old run goes now, once, in the driver (a worker group that Ray restarts after a
         # failure must not remove what this launch wrote)
         cfg = start_over(cfg)
-        resources = {"CPU": a.cpus_per_worker, **({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})}
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=loop_config,
-            torch_config=TorchConfig(
-                backend="nccl" if a.gpus_per_worker else "gloo", timeout_s=int(cfg.train.timeout_s)
-            ),
-            scaling_config=ScalingConfig(
-                num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0, resources_per_worker=resources
-            ),
+            **_worker_group(a, cfg.train.timeout_s),
             run_config=RunConfig(
                 name=a.name,
                 storage_path=storage,
@@ -226,18 +256,10 @@ def eval_worker(config: dict[str, Any]) -> None:
     group Ray set up; rank 0 reports the report (every worker reports: a collective in Ray Train V2)."""
     import ray.train
 
-    from trainer.logger import VERBOSE_ENV, quiet_library_logs
-
-    os.environ[VERBOSE_ENV] = "1" if config.get("verbose") else ""
-    quiet_library_logs()
+    ctx = _join(config)
     from trainer.evaluate import evaluate
     from trainer.finetune import evaluate_finetune
 
-    ctx = ray.train.get_context()
-    os.environ.update(
-        RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()), LOCAL_RANK=str(ctx.get_local_rank())
-    )
-    os.environ.setdefault("OMP_NUM_THREADS", str(config["omp_threads"]))
     if config["finetune"]:
         rep = evaluate_finetune(config["run"], config["data"], split=config["split"])
     else:
@@ -256,8 +278,8 @@ def launch_eval(a: argparse.Namespace) -> int:
     them, as under torchrun; a fine-tuning run's impression eval likewise); the driver prints rank 0's report."""
     import shutil
 
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
 
     from launch.train_cli import is_finetune_run, print_eval, print_finetune_eval
     from trainer import checkpoint
@@ -285,22 +307,13 @@ def launch_eval(a: argparse.Namespace) -> int:
         "omp_threads": max(1, int(a.cpus_per_worker)),
         "verbose": verbose(os.environ),
     }
-    if a.local and (too_many := oversubscription(a.num_workers, a.cpus_per_worker)):
-        print(f"argus: warning: {too_many}", file=sys.stderr, flush=True)
     storage = Path(a.storage_path).resolve() if a.storage_path else Path(tempfile.mkdtemp(prefix="argus-ray-eval-"))
     try:
-        with ray_session(a.address, int(a.num_workers * a.cpus_per_worker) if a.local else None):
-            import ray
-
-            check_resources(ray.cluster_resources(), a.num_workers, a.cpus_per_worker, a.gpus_per_worker)
-            resources = {"CPU": a.cpus_per_worker, **({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})}
+        with _cluster(a):
             result = TorchTrainer(
                 eval_worker,
                 train_loop_config=loop_config,
-                torch_config=TorchConfig(backend="nccl" if a.gpus_per_worker else "gloo"),
-                scaling_config=ScalingConfig(
-                    num_workers=a.num_workers, use_gpu=a.gpus_per_worker > 0, resources_per_worker=resources
-                ),
+                **_worker_group(a),
                 run_config=RunConfig(name=a.name, storage_path=str(storage)),
             ).fit()
         # read before the finally below removes a temporary storage path

@@ -96,16 +96,7 @@ class PowerLawFit:
         return {"P0": self.P0, "N0": self.N0, "a": self.a}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "law": self.law,
-            "form": self.form,
-            "params": {k: v.to_dict() for k, v in self.params().items()},
-            "rmse": self.rmse,
-            "aic": self.aic,
-            "k": self.k,
-            "n": self.n,
-            "note": self.note,
-        }
+        return {**_fit_dict(self), "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -132,15 +123,20 @@ class LogLinearFit:
         return {"b": self.b, "c": self.c}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "law": self.law,
-            "form": self.form,
-            "params": {k: v.to_dict() for k, v in self.params().items()},
-            "rmse": self.rmse,
-            "aic": self.aic,
-            "k": self.k,
-            "n": self.n,
-        }
+        return _fit_dict(self)
+
+
+def _fit_dict(fit: PowerLawFit | LogLinearFit) -> dict[str, Any]:
+    """What both laws' reports hold (``--json``)."""
+    return {
+        "law": fit.law,
+        "form": fit.form,
+        "params": {k: v.to_dict() for k, v in fit.params().items()},
+        "rmse": fit.rmse,
+        "aic": fit.aic,
+        "k": fit.k,
+        "n": fit.n,
+    }
 
 
 @dataclass(frozen=True)

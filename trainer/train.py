@@ -339,8 +339,14 @@ class Trainer:
             "loss/next_item": float(losses[1]) / n,
             "loss/feedback": float(losses[2]) / n,
             "interactions": float(sum(o.interactions for o in window)),
+            # the data path's health since the run (re)started: storage retries (data at a URL) and samples
+            # skipped as unreadable (data.on_error: skip); summed over ranks below
+            "data/retries": float(self.loader.stats["retries"]),
+            "data/skipped": float(self.loader.stats["skipped"]),
         }
         out = self.engine.all_reduce_mean(local)
+        for key in ("data/retries", "data/skipped"):
+            out[key] = float(round(out[key] * self.info.world_size))
         out.update(self._token_balance(window))
         if self.cfg.heads.feedback.weight > 0:
             for head, classes in (("event", len(EventType)), ("played", NUM_PLAYED_BUCKETS)):
@@ -355,11 +361,6 @@ class Trainer:
                 elif head not in self._ne_noted and self.info.rank == 0 and int((stats[1:] > 0).sum()) < 2:
                     self._ne_noted.add(head)  # a target the data never varies (no played ratio, no likes)
                     log.warning("ne/%s left out: every %s target so far has the same value", head, head)
-        # the data path's health, summed over ranks since the run (re)started: storage retries (data at a URL) and
-        # samples skipped as unreadable (data.on_error: skip)
-        st = self.loader.stats
-        health = self.engine.all_reduce_sum(torch.tensor([st["retries"], st["skipped"]], dtype=torch.float64))
-        out["data/retries"], out["data/skipped"] = float(health[0]), float(health[1])
         interactions = out.pop("interactions") * self.info.world_size
         seconds = max(seconds, 1e-9)
         k = self.cfg.tokens_per_interaction()
