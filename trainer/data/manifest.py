@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from trainer.data.schema import FIELDS, SCHEMA_VERSION
-from trainer.data.storage import exists, local_copy, location, open_read, read_bytes, redact
+from trainer.data.storage import PipeError, local_copy, location, open_read, read_bytes, redact
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "argus-shards"
@@ -114,16 +114,16 @@ class Manifest:
         root = location(root)
         path = root / MANIFEST_NAME
         shown = redact(path)
-        try:
-            found = exists(path)
-        except OSError as e:
-            raise ManifestError(f"{shown}: cannot read ({e})") from None
-        if not found:
+        try:  # one read (an object store's request, a pipe's command run), no separate existence check
+            raw = read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PipeError):
             raise ManifestError(
                 f"{shown}: not found (is {redact(root)} a dataset written by `argus data synth/convert`?)"
-            )
+            ) from None
+        except OSError as e:
+            raise ManifestError(redact(f"{shown}: cannot read ({e})")) from None
         try:
-            d = json.loads(read_bytes(path))
+            d = json.loads(raw)
         except json.JSONDecodeError as e:
             raise ManifestError(f"{shown}: invalid JSON ({e})") from None
         return cls.from_json(d, root, shown)
