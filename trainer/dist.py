@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,3 +62,23 @@ def init_distributed(preference: str = "auto", timeout_s: float = 600.0) -> Dist
             # A one-process group keeps a single code path: TorchRec's DMP and DeepSpeed both expect one.
             dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1, store=dist.HashStore())
     return DistInfo(rank, world, local, device, backend)
+
+
+@contextlib.contextmanager
+def process_group(preference: str = "auto", timeout_s: float = 600.0) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for one collective call (eval, export): a group started here is left here, a
+    caller's (a Ray worker's, training's validation) is kept.
+
+    On success every rank meets at a barrier before the group is destroyed: a rank that tears its gloo sockets
+    down while a peer is still in its last collective can abort that peer at exit (CI saw one SIGABRT,
+    "terminate called without an active exception", in a 2-rank eval). On an error there is no barrier: the
+    peers may never reach it."""
+    owns = not dist.is_initialized()
+    info = init_distributed(preference, timeout_s)
+    try:
+        yield info
+        if owns:
+            dist.barrier()
+    finally:
+        if owns:
+            dist.destroy_process_group()

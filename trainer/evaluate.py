@@ -199,9 +199,7 @@ def evaluate(
     training, through :func:`checkpoint.load_model_sharded`; users are split over the ranks and ranked by
     :func:`rank_model` (which training's validation calls with its live model). Every rank returns the same
     report."""
-    import torch.distributed as dist
-
-    from trainer.dist import init_distributed
+    from trainer.dist import process_group
 
     path = checkpoint.resolve_checkpoint(checkpoint_path or run_dir, prefer_best=checkpoint_path is None)
     manifest = Manifest.load(data_dir)
@@ -213,16 +211,11 @@ def evaluate(
     max_users = ev.max_users if max_users is None else max_users
     if max_users < 0:
         raise ValueError(f"--max-users: must be >= 0, got {max_users}")
-    owns_group = not dist.is_initialized()  # a caller's process group (a Ray worker's) is left as it was
-    info = init_distributed(device, cfg.train.timeout_s)
-    try:
+    with process_group(device, cfg.train.timeout_s) as info:  # a caller's group (a Ray worker's) is kept
         model = checkpoint.load_model_sharded(path, manifest.num_items, info.device, info.world_size)
         report = rank_model(
             model, data_dir, manifest, split, ks, max_users, info.rank, info.world_size, info.device, per_target
         )
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
     return {"checkpoint": path.name, **report}
 
 

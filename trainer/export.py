@@ -355,112 +355,114 @@ def export(
     import torch.distributed as dist
 
     from trainer.data.loader import ShardLoader
-    from trainer.dist import init_distributed
+    from trainer.dist import process_group
 
-    owns_group = not dist.is_initialized()  # a caller's process group is left as it was
-    info = init_distributed(device, cfg.train.timeout_s)
-    rank, world, dev = info.rank, info.world_size, info.device
-    dist.barrier()  # every rank has checked OUT before rank 0 clears it or any rank writes there
-    if rank == 0 and replace:
-        clear_output(out, EXPORT)
-    dist.barrier()
-    for sub in ("users", "items"):  # every rank: OUT must be shared by all ranks, like the checkpoint
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    with process_group(device, cfg.train.timeout_s) as info:  # a caller's group is kept
+        rank, world, dev = info.rank, info.world_size, info.device
+        dist.barrier()  # every rank has checked OUT before rank 0 clears it or any rank writes there
+        if rank == 0 and replace:
+            clear_output(out, EXPORT)
+        dist.barrier()
+        for sub in ("users", "items"):  # every rank: OUT must be shared by all ranks, like the checkpoint
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        dist.barrier()
 
-    _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest.num_items, dev, world)
-    dim = cfg.embeddings.item_dim
-    vec_type = _vector_type(dtype, dim)
-    loader = ShardLoader.Config(
-        path=str(data_dir), split=split, batch_size=batch_size, max_seq_len=0, num_workers=num_workers, shuffle=False
-    ).build(rank, world, manifest)
-    dist.barrier()
-    t0 = time.perf_counter()
-    users = PartWriter(
-        out / part_name("users", rank),
-        {"user": pa.int64(), "next_item": pa.int64(), "history_len": pa.int32(), "vector": vec_type},
-    )
-    skipped = 0
-    with torch.no_grad():
-        for batch in loader:  # the same number of batches on every rank (padding batches are empty)
-            rows, vecs = encode_users(batch, cfg, dense, tables, item_rows, context, at, kind == "eval", dev)
-            skipped += batch.size - rows.kept.numel()
-            k = rows.kept
-            users.write(
-                {
-                    "user": pa.array(batch.users[k].numpy()),
-                    "next_item": pa.array(rows.next_item[k].numpy()),
-                    "history_len": pa.array(rows.history_len[k].numpy()),
-                    "vector": vector_array(vecs, dtype),
-                }
-            )
-    users.close()
-    dist.barrier()
-    t1 = time.perf_counter()
+        _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest.num_items, dev, world)
+        dim = cfg.embeddings.item_dim
+        vec_type = _vector_type(dtype, dim)
+        loader = ShardLoader.Config(
+            path=str(data_dir),
+            split=split,
+            batch_size=batch_size,
+            max_seq_len=0,
+            num_workers=num_workers,
+            shuffle=False,
+        ).build(rank, world, manifest)
+        dist.barrier()
+        t0 = time.perf_counter()
+        users = PartWriter(
+            out / part_name("users", rank),
+            {"user": pa.int64(), "next_item": pa.int64(), "history_len": pa.int32(), "vector": vec_type},
+        )
+        skipped = 0
+        with torch.no_grad():
+            for batch in loader:  # the same number of batches on every rank (padding batches are empty)
+                rows, vecs = encode_users(batch, cfg, dense, tables, item_rows, context, at, kind == "eval", dev)
+                skipped += batch.size - rows.kept.numel()
+                k = rows.kept
+                users.write(
+                    {
+                        "user": pa.array(batch.users[k].numpy()),
+                        "next_item": pa.array(rows.next_item[k].numpy()),
+                        "history_len": pa.array(rows.history_len[k].numpy()),
+                        "vector": vector_array(vecs, dtype),
+                    }
+                )
+        users.close()
+        dist.barrier()
+        t1 = time.perf_counter()
 
-    per_rank = -(-item_rows // world)
-    lo, hi = min(rank * per_rank, item_rows), min((rank + 1) * per_rank, item_rows)
-    items = PartWriter(out / part_name("items", rank), {"item": pa.int64(), "vector": vec_type})
-    with torch.no_grad():
-        for c0 in range(0, per_rank, items_chunk):  # same number of lookups on every rank, some maybe empty
-            ids = torch.arange(min(lo + c0, hi), min(lo + c0 + items_chunk, hi))
-            vecs = encode_items(ids, cfg, dense, tables, dev)
-            items.write({"item": pa.array(ids.numpy()), "vector": vector_array(vecs, dtype)})
-    items.close()
-    dist.barrier()
-    t2 = time.perf_counter()
+        per_rank = -(-item_rows // world)
+        lo, hi = min(rank * per_rank, item_rows), min((rank + 1) * per_rank, item_rows)
+        items = PartWriter(out / part_name("items", rank), {"item": pa.int64(), "vector": vec_type})
+        with torch.no_grad():
+            for c0 in range(0, per_rank, items_chunk):  # same number of lookups on every rank, some maybe empty
+                ids = torch.arange(min(lo + c0, hi), min(lo + c0 + items_chunk, hi))
+                vecs = encode_items(ids, cfg, dense, tables, dev)
+                items.write({"item": pa.array(ids.numpy()), "vector": vector_array(vecs, dtype)})
+        items.close()
+        dist.barrier()
+        t2 = time.perf_counter()
 
-    mine = {"rank": rank, "users": users.rows, "items": items.rows, "skipped": skipped}
-    stats: list[Any] = [None] * world
-    dist.all_gather_object(stats, mine)
-    n_users, n_items = sum(s["users"] for s in stats), sum(s["items"] for s in stats)
-    ni = cfg.heads.next_item
-    m = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "checkpoint": str(path.resolve()),
-        "data": redact(absolute(data_dir)),
-        "split": split,
-        "split_kind": kind,
-        "at": at,
-        "context": context,
-        "model": "two_tower" if cfg.finetune.enabled else "argus",
-        "normalize": ni.normalize,
-        "temperature": ni.temperature,
-        "score": "dot",
-        "dim": dim,
-        "dtype": dtype,
-        "vector_encoding": "float32"
-        if dtype == "fp32"
-        else "bfloat16 bits as uint16 (float32 = bits << 16; round-to-nearest-even from float32)",
-        "item_rows": item_rows,
-        "num_items": manifest.num_items,
-        "world_size": world,
-        "users": n_users,
-        "items": n_items,
-        "users_skipped": sum(s["skipped"] for s in stats),
-        "files": {
-            "users": [part_name("users", s["rank"]) for s in stats],
-            "items": [part_name("items", s["rank"]) for s in stats],
-        },
-        "counts": {
-            **{part_name("users", s["rank"]): s["users"] for s in stats},
-            **{part_name("items", s["rank"]): s["items"] for s in stats},
-        },
-        "timing": {
-            "users_s": round(t1 - t0, 4),
-            "items_s": round(t2 - t1, 4),
-            "users_per_s": n_users / max(t1 - t0, 1e-9),
-            "items_per_s": n_items / max(t2 - t1, 1e-9),
-        },
-    }
-    if rank == 0:
-        tmp = out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(m, indent=1))
-        os.replace(tmp, out / MANIFEST)  # published: the export is complete
-    dist.barrier()
-    if owns_group:
-        dist.destroy_process_group()
+        mine = {"rank": rank, "users": users.rows, "items": items.rows, "skipped": skipped}
+        stats: list[Any] = [None] * world
+        dist.all_gather_object(stats, mine)
+        n_users, n_items = sum(s["users"] for s in stats), sum(s["items"] for s in stats)
+        ni = cfg.heads.next_item
+        m = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "checkpoint": str(path.resolve()),
+            "data": redact(absolute(data_dir)),
+            "split": split,
+            "split_kind": kind,
+            "at": at,
+            "context": context,
+            "model": "two_tower" if cfg.finetune.enabled else "argus",
+            "normalize": ni.normalize,
+            "temperature": ni.temperature,
+            "score": "dot",
+            "dim": dim,
+            "dtype": dtype,
+            "vector_encoding": "float32"
+            if dtype == "fp32"
+            else "bfloat16 bits as uint16 (float32 = bits << 16; round-to-nearest-even from float32)",
+            "item_rows": item_rows,
+            "num_items": manifest.num_items,
+            "world_size": world,
+            "users": n_users,
+            "items": n_items,
+            "users_skipped": sum(s["skipped"] for s in stats),
+            "files": {
+                "users": [part_name("users", s["rank"]) for s in stats],
+                "items": [part_name("items", s["rank"]) for s in stats],
+            },
+            "counts": {
+                **{part_name("users", s["rank"]): s["users"] for s in stats},
+                **{part_name("items", s["rank"]): s["items"] for s in stats},
+            },
+            "timing": {
+                "users_s": round(t1 - t0, 4),
+                "items_s": round(t2 - t1, 4),
+                "users_per_s": n_users / max(t1 - t0, 1e-9),
+                "items_per_s": n_items / max(t2 - t1, 1e-9),
+            },
+        }
+        if rank == 0:
+            tmp = out / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(m, indent=1))
+            os.replace(tmp, out / MANIFEST)  # published: the export is complete
+        dist.barrier()  # published before any rank returns
     return m
 
 

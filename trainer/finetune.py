@@ -252,10 +252,8 @@ def evaluate_finetune(
     (:func:`checkpoint.load_model_sharded`), the split's users are divided over the ranks by the loader, and every
     rank returns the same report, whatever the number of ranks (:func:`score_impressions`).
     """
-    import torch.distributed as dist
-
     from trainer.data.manifest import Manifest
-    from trainer.dist import init_distributed
+    from trainer.dist import process_group
 
     path = checkpoint.resolve_checkpoint(run_dir)
     manifest = Manifest.load(data_dir)
@@ -265,15 +263,10 @@ def evaluate_finetune(
     init = init_checkpoint(cfg.finetune.init)
     split = split or cfg.finetune.eval_split
     manifest.split(split)  # an unknown split: one line now, before any process group
-    owns_group = not dist.is_initialized()  # a caller's process group is left as it was
-    info = init_distributed(device, cfg.train.timeout_s)
-    try:
+    with process_group(device, cfg.train.timeout_s) as info:  # a caller's group is kept
         model = checkpoint.load_model_sharded(path, manifest.num_items, info.device, info.world_size)
         pretrained = checkpoint.load_model_sharded(init, manifest.num_items, info.device, info.world_size)
         return score_impressions(model, pretrained, data_dir, manifest, split, info.rank, info.world_size, info.device)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
 
 
 @torch.no_grad()
