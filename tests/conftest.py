@@ -147,7 +147,7 @@ _background: dict = {}
 
 
 def _start_mini_run(root: Path):
-    """`argus train configs/mini.yaml` for 150 steps on a planted-structure dataset (test_train_cli's quality check)."""
+    """`argus train configs/mini.yaml` for 100 steps on a planted-structure dataset (test_train_cli's quality check)."""
     from helpers import BackgroundRun
 
     from trainer.data.synth import synthesize
@@ -162,7 +162,7 @@ def _start_mini_run(root: Path):
             f"out={run}",
             "model.max_seq_len=32",
             "data.batch_size=16",
-            "train.steps=150",
+            "train.steps=100",
             "train.log_every=50",
             "train.checkpoint_every=0",
             "train.device=cpu",

@@ -251,7 +251,7 @@ def test_eval_writes_nothing_to_stderr(torchrun_run, data, capfd):
 def test_short_mini_run_beats_popularity(mini_run, capsys):
     """Planted structure (synth): a short `mini` run must clearly beat the most-popular baseline on HR@10.
 
-    The run (conftest.mini_run: 600 users, 150 steps of configs/mini.yaml on 1 rank) trains in the background
+    The run (conftest.mini_run: 600 users, 100 steps of configs/mini.yaml on 1 rank) trains in the background
     from the start of the session."""
     data, run = mini_run
     code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
