@@ -52,6 +52,29 @@ class EvalSpec:
 
 
 @dataclass
+class FinetuneSpec:
+    """`argus finetune` after pre-training (and its eval), from the trial's run: ``overrides`` on top of the
+    trial's (the model shapes must stay); then `argus eval` of the fine-tuning run on ``split`` (default: the
+    config's finetune.eval_split). Its metrics land in the row as ``finetune/<name>``."""
+
+    overrides: list[str] = field(default_factory=list)
+    split: str = ""
+
+
+@dataclass
+class PlanSpec:
+    """What the planner costs every trial's config for (``argus plan``): ``gpus`` GPUs of type ``gpu`` on one
+    node (more: ``nodes``), ``items`` in the catalog (0: the trial's dataset's), ``interactions`` to train on.
+    The row's ``plan`` holds the GPU-hours, days and whether it fits."""
+
+    gpu: str = "h100"
+    nodes: int = 1
+    gpus: int = 8
+    items: float = 0
+    interactions: float = 1e11
+
+
+@dataclass
 class SweepSpec:
     name: str = ""  # the sweep's default --name
     base: str = ""  # the run config every trial starts from (relative: to the working directory, else the spec's)
@@ -60,6 +83,8 @@ class SweepSpec:
     axes: dict[str, Any] = field(default_factory=dict)
     ranks: int = 1  # processes per trial (torchrun --nproc_per_node when > 1)
     eval: EvalSpec | None = None
+    finetune: FinetuneSpec | None = None
+    plan: PlanSpec = field(default_factory=PlanSpec)
     metrics: list[str] = field(default_factory=list)  # the metrics a row's `metrics` holds (default: all)
 
     def validate(self) -> None:
@@ -91,6 +116,22 @@ class SweepSpec:
                     raise ConfigError(f"axes.{name}[{j}]: a list; an axis value is a scalar or a mapping of keys")
         if self.eval is not None and self.eval.max_users is not None and self.eval.max_users < 0:
             raise ConfigError(f"eval.max_users: must be >= 0, got {self.eval.max_users}")
+        if self.finetune is not None:
+            for i, o in enumerate(self.finetune.overrides):
+                if "=" not in o or not o.split("=", 1)[0]:
+                    raise ConfigError(f"finetune.overrides[{i}]: expected key=value, got {o!r}")
+                if o.split("=", 1)[0] in ("out", "finetune.init", "resume"):
+                    raise ConfigError(f"finetune.overrides[{i}]: {o.split('=', 1)[0]} is the sweep's to set")
+        pl = self.plan
+        from trainer.flops import GPU_SPECS
+
+        if pl.gpu not in GPU_SPECS:
+            raise ConfigError(f"plan.gpu: unknown GPU {pl.gpu!r}; known: {', '.join(sorted(GPU_SPECS))}")
+        if pl.nodes < 1 or pl.gpus < 1 or pl.items < 0 or not pl.interactions > 0:
+            raise ConfigError(
+                f"plan: nodes and gpus must be >= 1, items >= 0, interactions > 0; got nodes={pl.nodes}, "
+                f"gpus={pl.gpus}, items={pl.items:g}, interactions={pl.interactions:g}"
+            )
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -224,9 +265,12 @@ def plan_trials(spec: SweepSpec, trials: list[Trial], root: Path, base: str, ret
         run_dir = root / "trials" / t.id / "run"
         job_overrides = [*t.overrides, f"out={run_dir}", *restart_flags(run_dir)]
         try:
-            checked.append((t, job_overrides, load_job(base, job_overrides, world_size=spec.ranks)))
+            cfg = load_job(base, job_overrides, world_size=spec.ranks)
+            if spec.finetune is not None:
+                check_finetune(spec, t, root, base, cfg)
         except (ConfigError, OSError) as e:
             raise ConfigError(f"trial {t.id} ({t.label()}): {e}") from None
+        checked.append((t, job_overrides, cfg))
     to_run = []
     for t, job_overrides, cfg in checked:
         dense = dense_params(cfg)
@@ -250,9 +294,86 @@ def plan_trials(spec: SweepSpec, trials: list[Trial], root: Path, base: str, ret
                 "params": dense.encoder,
                 "dense_params": dense.total,
                 "flops_per_interaction": flops_per_interaction(cfg, item_rows),
+                "plan": plan_cost(cfg, spec.plan, item_rows),
+                **(finetune_job(spec, t, root) if spec.finetune is not None else {}),
             }
         )
     return Plan(to_run=to_run, done=done, rows=rows)
+
+
+def check_finetune(spec: SweepSpec, t: Trial, root: Path, base: str, pre: Any) -> None:
+    """What `argus finetune` will check of the trial's fine-tuning stage, before its pre-training has run: the
+    config with ``finetune.init`` set (its own checks: eval.every, ...), the model shapes the same as the trial's
+    pre-training config (fine-tuning may change only how the model is trained), and the impression splits in the
+    data. Raises ConfigError naming the key."""
+    import copy
+
+    from trainer.data.manifest import Manifest
+    from trainer.finetune import model_difference
+    from trainer.run import load_job
+
+    assert spec.finetune is not None
+    job = finetune_job(spec, t, root)
+    init = f"finetune.init={root / 'trials' / t.id / 'run'}"
+    cfg = load_job(base, [o for o in job["finetune_overrides"] if o != init], world_size=spec.ranks)
+    probe = copy.deepcopy(cfg)  # the pre-training run it starts from is not there yet: its checks, without it
+    probe.finetune.init = init.split("=", 1)[1]
+    probe.validate(spec.ranks)
+    diff = model_difference(pre, cfg)
+    if diff is not None:
+        key, got, want = diff
+        raise ConfigError(
+            f"finetune.overrides: {key}: {got!r} differs from the trial's {want!r} (fine-tuning keeps the "
+            "pre-trained model's shapes)"
+        )
+    try:
+        manifest = Manifest.load(cfg.data.path)
+        manifest.split(probe.train_split())
+        manifest.split(spec.finetune.split or cfg.finetune.eval_split)
+    except (ValueError, OSError) as e:  # the manifest's own line: the data has no impressions
+        raise ConfigError(f"finetune: data.path: {e}") from None
+
+
+def finetune_job(spec: SweepSpec, t: Trial, root: Path) -> dict[str, Any]:
+    """The fine-tuning stage's run directory and overrides (``resume=true`` when an earlier attempt left a
+    checkpoint there)."""
+    assert spec.finetune is not None
+    run_dir, ft_dir = root / "trials" / t.id / "run", root / "trials" / t.id / "finetune"
+    overrides = [*t.overrides, *spec.finetune.overrides, f"finetune.init={run_dir}", f"out={ft_dir}"]
+    return {"finetune_dir": str(ft_dir), "finetune_overrides": [*overrides, *restart_flags(ft_dir)]}
+
+
+def plan_cost(cfg: Any, p: PlanSpec, item_rows: int) -> dict[str, Any]:
+    """The planner's cost of training ``cfg`` on ``p.interactions`` with ``p``'s GPUs (`argus plan`, its analytic
+    estimate: no TorchRec planner per trial), or why it could not plan."""
+    import copy
+
+    from cluster.hardware import Hardware
+    from cluster.planner import PlanRequest, plan
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.global_batch_size = 0  # the plan's world size, not the trial's
+    items = int(p.items) or item_rows
+    req = PlanRequest(
+        items=items,
+        interactions=p.interactions,
+        hardware=Hardware(gpu=p.gpu, nodes=p.nodes, gpus_per_node=p.gpus),
+        torchrec=False,
+    )
+    head = {"gpu": p.gpu, "gpus": p.nodes * p.gpus, "items": items, "interactions": p.interactions}
+    try:
+        r = plan(cfg, req)
+    except (ConfigError, ValueError) as e:
+        return {**head, "error": str(e)}
+    mem = r["memory"]
+    return {
+        **head,
+        "gpu_hours": r["time"]["gpu_hours"],
+        "days": r["time"]["days"],
+        "mfu": r["inputs"]["mfu"],
+        "memory_gb_per_rank": mem["total"] / 1e9,
+        "fits": bool(mem["fits"]),
+    }
 
 
 # ---- one trial (inside a Ray Tune trial) ---------------------------------------------------------------------
@@ -266,7 +387,8 @@ def _tail(path: Path, n: int = LOG_TAIL_LINES, since: int = 0) -> list[str]:
 
 
 def last_training_record(run_dir: Path) -> dict[str, Any]:
-    """The last training metrics record of a run's metrics.jsonl (not a validation record), or {}."""
+    """The last training metrics record of a run's metrics.jsonl (one with a ``loss/`` number: not a validation
+    record), or {}. Pre-training logs ``loss/total``, fine-tuning ``loss/pairwise``."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -274,7 +396,7 @@ def last_training_record(run_dir: Path) -> dict[str, Any]:
     for line in path.read_text().splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             r = json.loads(line)
-            if isinstance(r, dict) and "loss/total" in r:
+            if isinstance(r, dict) and any(k.startswith("loss/") for k in r):
                 last = r
     return last
 
@@ -297,6 +419,38 @@ def select_metrics(train: dict[str, Any], ev: dict[str, Any], wanted: Sequence[s
     return {k: numbers.get(k) for k in wanted}
 
 
+def finetune_metrics(rep: dict[str, Any]) -> dict[str, float]:
+    """The fine-tuned model's numbers of an `argus eval --json` report on a fine-tuning run (pairwise_acc, ndcg,
+    pau_vs_pretrained, pau_vs_popularity, ...) and the pre-trained model's (pretrained_pairwise_acc)."""
+    out = {k: v for k, v in rep.get("model", {}).items() if isinstance(v, (int, float))}
+    if isinstance(rep.get("pretrained", {}).get("pairwise_acc"), (int, float)):
+        out["pretrained_pairwise_acc"] = rep["pretrained"]["pairwise_acc"]
+    return out
+
+
+def _eval_json(
+    run: Path, data: str, flags: list[str], keep: Path, log: Path, cwd: str, env: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
+    """`argus eval RUN --data DATA --json FLAGS` as a subprocess (stderr to the trial's log): (exit code, report);
+    the report is kept at ``keep``."""
+    cmd = [sys.executable, "-m", "launch.cli", "eval", str(run), "--data", data, "--json", *flags]
+    keep.unlink(missing_ok=True)  # an earlier attempt's report must not pass for this one's
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        out = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+    if out.returncode != 0:
+        return out.returncode, {}
+    try:
+        rep = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"argus sweep: eval --json printed no JSON: {out.stdout[-2000:]}\n")
+        return -1, {}
+    keep.write_text(json.dumps(rep, indent=1))
+    return 0, rep
+
+
 def _run_logged(cmd: list[str], log: Path, cwd: str, env: dict[str, str]) -> int:
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
@@ -305,7 +459,8 @@ def _run_logged(cmd: list[str], log: Path, cwd: str, env: dict[str, str]) -> int
 
 
 def run_trial(t: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
-    """Train (then evaluate) one trial as subprocesses; append its row to the results; return the row."""
+    """Train one trial (then evaluate it; then fine-tune and evaluate that, when the spec asks) as subprocesses;
+    append its row to the results; return the row."""
     trial_dir, run_dir = Path(t["trial_dir"]), Path(t["run_dir"])
     trial_dir.mkdir(parents=True, exist_ok=True)
     log = trial_dir / "train.log"
@@ -327,37 +482,38 @@ def run_trial(t: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
         "params": t["params"],
         "dense_params": t["dense_params"],
         "flops_per_interaction": t["flops_per_interaction"],
+        "plan": t["plan"],
     }
     code = _run_logged([sys.executable, *argus, "train", t["base"], *t["job_overrides"]], log, sweep["cwd"], env)
     phase, ev = "train", {}
     if code == 0 and sweep.get("eval") is not None:
         phase = "eval"
         e = sweep["eval"]
-        cmd = [sys.executable, "-m", "launch.cli", "eval", str(run_dir), "--data", t["data"], "--json"]
-        cmd += ["--split", e["split"]] if e.get("split") else []
+        cmd = ["--split", e["split"]] if e.get("split") else []
         cmd += ["--max-users", str(e["max_users"])] if e.get("max_users") is not None else []
         cmd += ["--ks", ",".join(map(str, e["ks"]))] if e.get("ks") else []
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"\n$ {' '.join(cmd)}\n")
-            f.flush()
-            out = subprocess.run(cmd, cwd=sweep["cwd"], env=env, stdout=subprocess.PIPE, stderr=f, text=True)
-        code = out.returncode
+        code, rep = _eval_json(run_dir, t["data"], cmd, trial_dir / "eval.json", log, sweep["cwd"], env)
+        ev = eval_metrics(rep)
+    if code == 0 and t.get("finetune_dir"):
+        phase = "finetune"
+        ft_dir = Path(t["finetune_dir"])
+        code = _run_logged(
+            [sys.executable, *argus, "train", t["base"], *t["finetune_overrides"]], log, sweep["cwd"], env
+        )
         if code == 0:
-            try:
-                rep = json.loads(out.stdout)
-                (trial_dir / "eval.json").write_text(json.dumps(rep, indent=1))
-                ev = eval_metrics(rep)
-            except json.JSONDecodeError:
-                code = -1
-                with open(log, "a", encoding="utf-8") as f:
-                    f.write(f"argus sweep: eval --json printed no JSON: {out.stdout[-2000:]}\n")
+            phase = "finetune eval"
+            split = sweep["finetune"].get("split")
+            cmd = ["--split", split] if split else []
+            code, rep = _eval_json(ft_dir, t["data"], cmd, trial_dir / "finetune_eval.json", log, sweep["cwd"], env)
+            ev.update({f"finetune/{k}": v for k, v in finetune_metrics(rep).items()})
     row["wall_s"] = round(time.monotonic() - t0, 3)
+    row["train"] = last_training_record(run_dir)  # what the stages that finished measured, failed trial or not
+    if ev:
+        row["eval"] = ev
+    if t.get("finetune_dir"):
+        row["finetune_train"] = last_training_record(Path(t["finetune_dir"]))
     if code == 0:
-        train = last_training_record(run_dir)
-        row["metrics"] = select_metrics(train, ev, sweep["metrics"])
-        row["train"] = train
-        if ev:
-            row["eval"] = ev
+        row["metrics"] = select_metrics(row["train"], ev, sweep["metrics"])
         row["status"] = "ok"
     else:
         row["status"] = "failed"
@@ -378,96 +534,6 @@ def trainable(config: dict[str, Any], trials: dict[str, dict[str, Any]], sweep: 
     row = run_trial(trials[config["trial"]], sweep)
     numbers = {k: v for k, v in (row.get("metrics") or {}).items() if isinstance(v, (int, float))}
     tune.report({"ok": int(row["status"] == "ok"), "wall_s": row["wall_s"], **numbers})
-
-
-# ---- the report ----------------------------------------------------------------------------------------------
-def _g(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return "-" if v is None else str(v)
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def table_rows(
-    trials: list[Trial], rows: dict[str, dict[str, Any]], metrics: Sequence[str]
-) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the sweep's table: one line per trial of the spec, in grid order."""
-    axis_names = list(trials[0].axes) if trials else []
-    if not metrics:
-        seen: dict[str, None] = {}
-        for t in trials:
-            seen.update(dict.fromkeys((rows.get(t.id) or {}).get("metrics") or {}))
-        metrics = list(seen)
-    header = ["id", *axis_names, "params", "FLOPs/interaction", *metrics, "wall s", "status"]
-    cells = []
-    for t in trials:
-        row = rows.get(t.id) or {}
-        m = row.get("metrics") or {}
-        status = row.get("status", "not run")
-        if status == "failed":
-            status = f"failed ({row.get('failed_in', '?')}, exit {row.get('exit_code', '?')})"
-        cells.append(
-            [
-                t.id,
-                *(_label(t.axes[a]) for a in axis_names),
-                _g(row.get("params")),
-                _g(row.get("flops_per_interaction")),
-                *(_g(m.get(k)) for k in metrics),
-                f"{row['wall_s']:.1f}" if "wall_s" in row else "-",
-                status,
-            ]
-        )
-    return header, cells
-
-
-def markdown_table(header: list[str], cells: list[list[str]]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(map(esc, c)) + " |" for c in cells]
-    return "\n".join(lines)
-
-
-def scaling_fit(trials: list[Trial], rows: dict[str, dict[str, Any]], metric: str) -> tuple[str | None, list[str]]:
-    """`argus sweep fit`'s comparison of the first metric against params, as Markdown lines, when the sweep has
-    at least 4 finished points and params varies; else (why not, [])."""
-    from trainer.scaling import MIN_POINTS
-
-    pts = [
-        (float(r["params"]), float(r["metrics"][metric]))
-        for t in trials
-        if (r := rows.get(t.id))
-        and r.get("status") == "ok"
-        and isinstance((r.get("metrics") or {}).get(metric), (int, float))
-    ]
-    if len(pts) < MIN_POINTS:
-        return f"no scaling fit: {len(pts)} finished point(s) with {metric}, a fit needs {MIN_POINTS}", []
-    if len({n for n, _ in pts}) < 2:
-        return "no scaling fit: params does not vary over the finished trials", []
-    from trainer.scaling import compare
-
-    try:
-        cmp = compare([n for n, _ in pts], [y for _, y in pts])
-    except ValueError as e:
-        return f"no scaling fit of {metric} against params: {e}", []
-    p = cmp.power
-    lines = [
-        f"Scaling fit of {metric} against params ({len(pts)} points; `argus sweep fit RESULTS --x params "
-        f"--y metrics.{metric}` prints the intervals):",
-        "",
-        f"- offset power law ({p.form}): P0 = {p.P0.value:.4g}, N0 = {p.N0.value:.4g}, a = {p.a.value:.4g}; "
-        f"RMSE {p.rmse:.4g}, AIC {p.aic:.2f}" + (f" ({p.note})" if p.note else ""),
-        f"- log-linear law: b = {cmp.log_linear.b.value:.4g}, c = {cmp.log_linear.c.value:.4g}; "
-        f"RMSE {cmp.log_linear.rmse:.4g}, AIC {cmp.log_linear.aic:.2f}",
-        f"- AIC prefers the {'offset power' if cmp.preferred == 'offset_power' else 'log-linear'} law "
-        f"(ΔAIC = {cmp.delta_aic:.2f}"
-        + ("; under 2: the points hardly tell the laws apart)" if cmp.delta_aic < 2 else ")"),
-    ]
-    return None, lines
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
@@ -529,6 +595,7 @@ def run_sweep(
     sweep = {
         "ranks": spec.ranks,
         "eval": dataclasses.asdict(spec.eval) if spec.eval is not None else None,
+        "finetune": dataclasses.asdict(spec.finetune) if spec.finetune is not None else None,
         "metrics": list(spec.metrics),
         "results": str(root / RESULTS),
         "cwd": os.getcwd(),
@@ -543,41 +610,29 @@ def run_sweep(
     rows = read_rows(root / RESULTS)
     for t in plan.to_run:  # a trial Ray lost (its trainable died before writing a row)
         if t["trial"] not in rows:
-            keys = ("trial", "axes", "overrides", "params", "dense_params", "flops_per_interaction")
+            keys = ("trial", "axes", "overrides", "params", "dense_params", "flops_per_interaction", "plan")
             row = {k: t[k] for k in keys}
             row.update(status="failed", failed_in="ray", exit_code=None, log_tail=[LOST])
             append_row(root / RESULTS, row)
             rows[t["trial"]] = row
+
+    from launch.sweep_report import report, table_rows
 
     header, cells = table_rows(trials, rows, spec.metrics)
     table = Table(*header, title=f"sweep {name}: {len(trials)} trial(s)")
     for c in cells:
         table.add_row(*c)
     console.print(table)
-    report = [
-        f"# Sweep {name}",
-        "",
-        f"Spec: `{spec_path}`; results: `{root / RESULTS}`.",
-        "",
-        markdown_table(header, cells),
-    ]
-    first = spec.metrics[0] if spec.metrics else None
-    if first is not None:
-        why_not, fit = scaling_fit(trials, rows, first)
-        if fit:
-            report += ["", *fit]
-            for line in fit:
-                if line:
-                    console.print(line.removeprefix("- "))
-        elif why_not:
-            report += ["", why_not]
+    lines, plots = report(spec, spec_path, name, root, trials, rows)
+    for line in lines:
+        if line.startswith("- "):  # the trends and the fits
+            console.print(line.removeprefix("- "))
+    (root / REPORT).write_text("\n".join(lines) + "\n")
     failed = [t for t in trials if rows.get(t.id, {}).get("status") == "failed"]
-    for t in failed:
-        r = rows[t.id]
-        report += ["", f"Trial {t.id} ({t.label()}) failed in {r.get('failed_in')}: see `{r.get('log', '-')}`"]
-    (root / REPORT).write_text("\n".join(report) + "\n")
     ok = sum(rows.get(t.id, {}).get("status") == "ok" for t in trials)
     summary = f"{ok} of {len(trials)} trial(s) finished, {len(failed)} failed; report: {root / REPORT}"
+    if plots:
+        summary += f", plots: {root / 'plots'}"
     console.print(summary)
     for t in failed:
         r = rows[t.id]

@@ -40,6 +40,32 @@ def init_checkpoint(init: str) -> Path:
         raise ConfigError(f"finetune.init: {e}") from None
 
 
+TRAINING_KEYS = (
+    "lr",
+    "eps",
+    "optimizer",
+    "extra_constraints",
+    "sharding",
+    "dropout",
+    "activation_checkpointing",
+    "attention",
+    "oov",
+    "backend",
+)
+"""Keys of ``model`` and ``embeddings`` that fine-tuning may change: how the model is trained or sharded."""
+
+
+def model_difference(pre: JobConfig, cfg: JobConfig) -> tuple[str, Any, Any] | None:
+    """The first ``model``/``embeddings`` key (besides :data:`TRAINING_KEYS`) whose value in ``cfg`` differs from the
+    pre-training config ``pre``: (key, cfg's value, pre's value), or None."""
+    for section in ("model", "embeddings"):
+        want, got = to_dict(getattr(pre, section)), to_dict(getattr(cfg, section))
+        for key in sorted(want):
+            if key not in TRAINING_KEYS and want[key] != got.get(key):
+                return f"{section}.{key}", got.get(key), want[key]
+    return None
+
+
 def check_against_init(cfg: JobConfig) -> Path:
     """The fine-tuning run must have the pre-trained model's shapes; returns the init checkpoint.
 
@@ -48,27 +74,10 @@ def check_against_init(cfg: JobConfig) -> Path:
     saved = checkpoint.saved_job(path)
     if saved.finetune.enabled:
         raise ConfigError(f"finetune.init: {path} is itself a fine-tuning checkpoint; start from pre-training")
-    for section in ("model", "embeddings"):
-        want, got = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
-        for key in sorted(want):
-            if key in (
-                "lr",
-                "eps",
-                "optimizer",
-                "extra_constraints",
-                "sharding",
-                "dropout",
-                "activation_checkpointing",
-                "attention",
-                "oov",
-                "backend",
-            ):
-                continue  # how it is trained or sharded may change; what it is may not
-            if want[key] != got.get(key):
-                raise ConfigError(
-                    f"{section}.{key}: {got.get(key)!r} differs from the pre-trained model's "
-                    f"{want[key]!r} ({path / 'config.yaml'})"
-                )
+    diff = model_difference(saved, cfg)
+    if diff is not None:
+        key, got, want = diff
+        raise ConfigError(f"{key}: {got!r} differs from the pre-trained model's {want!r} ({path / 'config.yaml'})")
     return path
 
 
