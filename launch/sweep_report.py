@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-if TYPE_CHECKING:
-    from launch.sweep_run import SweepSpec, Trial
+
+class Trial(Protocol):
+    """A point of the sweep's grid, as the report reads it (launch/sweep_run.py: Trial)."""
+
+    id: str
+    axes: dict[str, Any]
+
+    def label(self) -> str: ...
+
 
 PLOTS = "plots"
 MAX_PLOTTED_METRICS = 6
@@ -294,25 +301,20 @@ def plot(trials: list[Trial], rows: dict[str, dict[str, Any]], metrics: Sequence
 
 
 def report(
-    spec: SweepSpec, spec_path: str, name: str, root: Path, trials: list[Trial], rows: dict[str, dict[str, Any]]
+    title: str,
+    intro: str,
+    metrics: Sequence[str],
+    root: Path,
+    trials: Sequence[Trial],
+    rows: dict[str, dict[str, Any]],
 ) -> tuple[list[str], list[Path]]:
-    """The Markdown lines of ``report.md`` and the plots it shows (written under ``root/plots``)."""
-    from launch.sweep_run import RESULTS
-
-    header, cells = table_rows(trials, rows, spec.metrics)
-    p = spec.plan
-    lines = [
-        f"# Sweep {name}",
-        "",
-        f"Spec: `{spec_path}`; results: `{root / RESULTS}`. GPU-hours: the planner's (`argus plan`) to train on "
-        f"{p.interactions:.3g} interactions with {p.nodes * p.gpus} x {p.gpu}"
-        + (f" and {p.items:.3g} items" if p.items else " and the trial's dataset's items")
-        + ".",
-        "",
-        markdown_table(header, cells),
-    ]
+    """The Markdown lines of ``report.md`` (``# title``, ``intro``, the table, trends, fits, plots, failures) and
+    the plots it shows (written under ``root/plots``)."""
+    trials = list(trials)
+    header, cells = table_rows(trials, rows, metrics)
+    lines = [f"# {title}", "", intro, "", markdown_table(header, cells)]
     done = finished(trials, rows)
-    metrics = metric_names(trials, rows, spec.metrics)
+    wanted, metrics = metrics, metric_names(trials, rows, metrics)
     if len({r.get("params") for _, r in done}) > 1:
         lines += ["", "Trend against encoder parameters (finished trials):", ""]
         for m in metrics:
@@ -323,7 +325,7 @@ def report(
             why_not, fit = scaling_fit(trials, rows, m)
             lines += ["", *(fit or [why_not or ""])]
     try:
-        plots = plot(trials, rows, spec.metrics, root / PLOTS)
+        plots = plot(trials, rows, wanted, root / PLOTS)
     except Exception as e:  # noqa: BLE001 - a plot is not worth the report: say why there is none
         plots = []
         lines += ["", f"no plots: {type(e).__name__}: {e}"]

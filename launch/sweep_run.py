@@ -623,7 +623,13 @@ def run_sweep(
     for c in cells:
         table.add_row(*c)
     console.print(table)
-    lines, plots = report(spec, spec_path, name, root, trials, rows)
+    p = spec.plan
+    intro = (
+        f"Spec: `{spec_path}`; results: `{root / RESULTS}`. GPU-hours: the planner's (`argus plan`) to train on "
+        f"{p.interactions:.3g} interactions with {p.nodes * p.gpus} x {p.gpu}"
+        + (f" and {p.items:.3g} items." if p.items else " and the trial's dataset's items.")
+    )
+    lines, plots = report(f"Sweep {name}", intro, spec.metrics, root, trials, rows)
     for line in lines:
         if line.startswith("- "):  # the trends and the fits
             console.print(line.removeprefix("- "))

@@ -222,6 +222,7 @@ def test_a_sweep_on_local_ray_finishes_reports_a_failed_trial_and_a_rerun_runs_n
         assert f"failed: {trials[1].id}" in out.stdout
         report = (root / "report.md").read_text()
         assert all(t.id in report for t in trials) and "scaling fit" not in report  # params does not vary
+        assert "to train on 1e+11 interactions with 8 x h100 and the trial's dataset's items" in report
         attempts = {t.id: len((root / "trials" / t.id / "attempts.jsonl").read_text().splitlines()) for t in trials}
         assert attempts == {t.id: 1 for t in trials}
 
@@ -296,13 +297,13 @@ def test_report_trends_fits_and_plots_against_params_and_a_context_axis(tmp_path
                "metrics": {"ne/event": 0.8 + (4**i) ** -0.4, "hr@10": 0.5 - 0.3 * (4**i) ** -0.3}}
         for i, t in enumerate(trials)
     }  # fmt: skip
-    lines, plots = report(spec, "s.yaml", "sw", tmp_path, trials, rows)
+    lines, plots = report("Sweep sw", "8 x h100", spec.metrics, tmp_path, trials, rows)
     text = "\n".join(lines)
     assert "- ne/event: falls with size (5 sizes)" in text and "- hr@10: rises with size (5 sizes)" in text
     assert "Scaling fit of ne/event against params (5 points" in text and "(falling)" in text
     assert "Scaling fit of hr@10 against params (5 points" in text and "(rising)" in text
     assert [p.name for p in plots] == ["vs_params.png"] and _png_size(plots[0]) == (int(4.2 * 2 * 110), 396)
-    assert "8 x h100" in text and "| 40 |" in text  # the planner's GPU-hours column
+    assert "| 40 |" in text  # the planner's GPU-hours column
 
     # context x size: params changes with size only; context gets its own plot, one line per size
     grid = {"model.d_model": [16, 32], "model.max_seq_len": [8, 16, 32]}
