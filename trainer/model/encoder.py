@@ -158,12 +158,17 @@ class Attention(nn.Module):
         self.n_heads, self.dropout = n_heads, dropout
         self.qkv = _Linear(d_model, 3 * d_model)
         self.out = _Linear(d_model, d_model, std=out_std)
+        # qkv (R, T, 3, H, Dh) -> (R, T, H, Dh) in its place, when set: sequence parallelism's all-to-all attention
+        # (trainer/model/sequence_parallel.py)
+        self.core: nn.Module | None = None
 
     def forward(self, x: Tensor, layout: AttnLayout | None = None) -> Tensor:
         """``layout``: how packed histories attend (``AttnLayout``); None = one history per row."""
         B, T, D = x.shape
         dropout_p = self.dropout if self.training else 0.0
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads)
+        if self.core is not None:
+            return self.out(self.core(qkv, layout).reshape(B, T, D))
         if layout is not None:
             return self.out(layout.attend(qkv, dropout_p).reshape(B, T, D))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -263,6 +268,7 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.d_model)
         self.compiled = False  # compile_blocks() ran
+        self.sequence_group: torch.distributed.ProcessGroup | None = None  # sequence_parallel.enable_sequence_parallel
 
     def reset_parameters(self) -> None:
         """Re-initialise everything (e.g. after ``to_empty`` on a meta-device model)."""
@@ -281,12 +287,21 @@ class Encoder(nn.Module):
         (``cfg.attention`` says how). None = one history per row, plain causal attention.
 
         Returns (R, T, d_model). Real positions never see padding; padded positions come out as zeros.
+
+        Under sequence parallelism (``sequence_group`` set) ``x``, ``mask`` and ``positions`` are this rank's chunk
+        of the rows (``sequence_parallel.local_chunk``) and ``segments`` the whole rows'; so is the output.
         """
         T = x.shape[1]
+        offset = 0
+        if self.sequence_group is not None:
+            sp = torch.distributed.get_world_size(self.sequence_group)
+            offset, T = torch.distributed.get_rank(self.sequence_group) * T, T * sp
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         # Through the module call (not .weight) so ZeRO-3 gathers the table.
-        x = self.drop(x + self.pos(torch.arange(T, device=x.device) if positions is None else positions))
+        x = self.drop(x + self.pos(positions))
         layout = None if segments is None else AttnLayout.build(segments, self.attention_mode(x.device))
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:

@@ -1,0 +1,90 @@
+"""Ulysses sequence parallelism for the encoder (DeepSpeed's ``DistributedAttention``).
+
+A row's T tokens are split in ``sp`` contiguous chunks over the ranks of a sequence-parallel group: rank j holds
+tokens ``[j*T/sp, (j+1)*T/sp)``. Everything in a block but attention works token by token, so it runs on the local
+chunk as it is. Attention needs every token: DeepSpeed's ``DistributedAttention`` all-to-alls q, k and v from
+(R, T/sp, H, Dh) to (R, T, H/sp, Dh), so each rank attends over the whole row with H/sp of the heads, and all-to-alls
+the output back; the ``AttnLayout`` (packed histories, causal) is the whole row's, built from the full ``segments``
+that every rank of the group holds. Parameters are replicated over the group and each rank's gradients are those of
+its own tokens: the sum over the group is the gradient of the whole row (what data parallelism over dp x sp ranks
+sums anyway, ZeRO's reduction included).
+
+Heads must divide by ``sp`` and T by ``sp``. Written here, not taken whole from DeepSpeed: its Ulysses path in
+``deepspeed.initialize`` expects a Megatron-style model; this module only swaps the attention core of our blocks.
+
+Not wired into training yet (``parallel.sp`` in the config, the loader serving one batch per sp group, the heads
+and losses over local tokens, the planner): see issue 17's note.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trainer.model.encoder import AttnLayout, Encoder
+
+
+class _LocalAttention(nn.Module):
+    """The attention DistributedAttention calls on each rank: the whole row, this rank's heads."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: AttnLayout | None = None) -> Tensor:
+        """(R, T, h, Dh) each -> (R, T, h, Dh); ``layout`` None: one history per row, plain causal."""
+        p = self.dropout if self.training else 0.0
+        if layout is not None:
+            return layout.attend(torch.stack((q, k, v), dim=2), p)
+        y = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, is_causal=True
+        )
+        return y.transpose(1, 2)
+
+
+class SequenceParallelAttention(nn.Module):
+    """``Attention.core`` under sequence parallelism: (R, T/sp, 3, H, Dh) local qkv -> (R, T/sp, H, Dh)."""
+
+    def __init__(self, group: dist.ProcessGroup, dropout: float) -> None:
+        super().__init__()
+        import deepspeed.comm as ds_comm
+        from deepspeed.sequence.layer import DistributedAttention
+
+        if not ds_comm.is_initialized():  # DeepSpeed's comm wraps the torch process group already there
+            ds_comm.init_distributed(dist_backend=dist.get_backend(group), auto_mpi_discovery=False)
+        self.inner = DistributedAttention(_LocalAttention(dropout), group, scatter_idx=2, gather_idx=1)
+
+    def forward(self, qkv: Tensor, layout: AttnLayout | None) -> Tensor:
+        q, k, v = (t.contiguous() for t in qkv.unbind(2))
+        return self.inner(q, k, v, 0, None, layout)
+
+
+def enable_sequence_parallel(encoder: Encoder, group: dist.ProcessGroup) -> None:
+    """Switch every block's attention to :class:`SequenceParallelAttention` over ``group`` (its size must divide
+    the head count). The encoder then takes each rank's chunk of the rows: :func:`local_chunk`."""
+    sp = dist.get_world_size(group)
+    if encoder.cfg.n_heads % sp:
+        raise ValueError(f"parallel.sp: {sp} does not divide model.n_heads {encoder.cfg.n_heads}")
+    if encoder.attention_mode(torch.device("cpu")) == "flex" or encoder.compiled:
+        raise ValueError("parallel.sp: needs model.attention mask or segments, and no train.compile (yet)")
+    for block in encoder.blocks:
+        block.attn.core = SequenceParallelAttention(group, block.attn.dropout)
+    encoder.sequence_group = group
+
+
+def local_chunk(t: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Tensor:
+    """This rank's contiguous chunk of ``t`` along ``dim`` (the sequence): rank j of the group gets chunk j."""
+    sp, j = dist.get_world_size(group), dist.get_rank(group)
+    if t.shape[dim] % sp:
+        raise ValueError(f"parallel.sp: {sp} does not divide the sequence length {t.shape[dim]}")
+    return t.chunk(sp, dim=dim)[j]
+
+
+def gather_chunks(t: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Any:
+    """The whole of ``t`` from every rank's chunk along ``dim`` (no gradient: for checks and evaluation)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
