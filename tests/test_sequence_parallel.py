@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism (trainer/model/sequence_parallel.py) against the plain encoder on one process: over
-2 and 4 gloo ranks, random shapes, one history per row and packed rows (both attention layouts), each rank's chunk
-of the output and of the input gradient equals the reference's, and the parameter gradients summed over the group
-equal the reference's."""
+2 and 4 gloo ranks, random shapes, one history per row and packed rows (both attention layouts), with and without
+activation checkpointing, each rank's chunk of the output and of the input gradient equals the reference's, and the
+parameter gradients summed over the group equal the reference's."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from helpers import free_port, rank_env, start_ranks
 
 from trainer.model.encoder import Encoder
 
-CASES = [  # (sp, rows, tokens, heads, attention, packed)
-    (2, 3, 12, 2, "segments", False),
-    (2, 2, 16, 4, "segments", True),
-    (2, 3, 8, 2, "mask", True),
-    (4, 2, 16, 4, "segments", True),
-    (4, 2, 8, 4, "mask", False),
+CASES = [  # (sp, rows, tokens, heads, attention, packed, activation checkpointing)
+    (2, 3, 12, 2, "segments", False, False),
+    (2, 2, 16, 4, "segments", True, False),
+    (2, 3, 8, 2, "mask", True, True),
+    (4, 2, 16, 4, "segments", True, True),
+    (4, 2, 8, 4, "mask", False, False),
 ]
 
 
@@ -48,12 +48,12 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
     group = torch.distributed.new_group(list(range(world)))
     results = []
-    for i, (sp, rows, tokens, heads, attention, packed) in enumerate(CASES):
+    for i, (sp, rows, tokens, heads, attention, packed, ckpt) in enumerate(CASES):
         if sp != world:
             continue
         cfg = Encoder.Config(
             preset="custom", d_model=16, n_layers=2, n_heads=heads, d_ff=32, max_seq_len=tokens, dropout=0.0,
-            attention=attention,
+            attention=attention, activation_checkpointing=ckpt,
         )  # fmt: skip
         torch.manual_seed(i)
         ref = Encoder(cfg)
