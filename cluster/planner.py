@@ -188,6 +188,11 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     hw = req.hardware
     world, gpn = hw.world, hw.gpus_per_node
     cfg = plan_config(cfg, world)
+    if cfg.parallel.sp > 1:
+        raise ConfigError(
+            f"parallel.sp: the planner does not model sequence parallelism yet (got {cfg.parallel.sp}); plan with "
+            "parallel.sp=1: its activations per rank are an upper bound"
+        )
     spec = hw.spec()
     enc, ds, ni = cfg.model.resolved(), cfg.deepspeed, cfg.heads.next_item
     capacity = spec.memory_bytes

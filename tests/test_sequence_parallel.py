@@ -116,3 +116,66 @@ def test_ulysses_attention_equals_the_one_process_encoder(world, tmp_path):
     for r in results:
         assert r["params"] == 2 * 12 + 3  # every parameter has a gradient: 2 blocks of 12, positions, final norm
         assert r["out"] < 1e-5 and r["x_grad"] < 1e-5 and r["param_grad"] < 1e-5, r
+
+
+def _weights(run: Path, num_items: int, step: int) -> dict[str, torch.Tensor]:
+    from trainer.checkpoint import load_model
+
+    _, sparse, dense = load_model(run / "checkpoints" / f"step_{step:08d}", num_items)
+    return {**sparse.state_dict(), **dense.state_dict()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True])
+def test_training_with_sp_equals_data_parallel_training(data, tmp_path, packed):
+    """`argus train parallel.sp=2`: on 2 ranks (one sp group) the loss curve and the weights after 3 steps are
+    those of 1 rank; on 4 ranks (sp=2 x dp=2) those of 2 data-parallel ranks (fp32 tolerance; padded rows, and
+    packed rows of several histories). A resumed sp run continues bitwise as the uninterrupted one."""
+    from helpers import TINY_MODEL, argus_ranks, losses
+
+    num_items = json.loads((data / "manifest.json").read_text())["num_items"]
+    common = ["configs/mini.yaml", f"data.path={data}", *TINY_MODEL, "data.num_workers=0", "optim.warmup_steps=2",
+              "train.steps=3", "model.dropout=0", "model.n_heads=4", "deepspeed.stage=1"]  # fmt: skip
+    if packed:
+        common.append("data.batch_tokens=48")
+    runs = {}
+    for name, nproc, extra in (("dp1", 1, []), ("sp2", 2, ["parallel.sp=2"]), ("dp2", 2, []),
+                               ("sp2dp2", 4, ["parallel.sp=2"])):  # fmt: skip
+        runs[name] = tmp_path / name
+        argus_ranks("train", *common, *extra, f"out={runs[name]}", nproc=nproc, env={"OMP_NUM_THREADS": "1"})
+    for ref, par in (("dp1", "sp2"), ("dp2", "sp2dp2")):
+        a, b = losses(runs[ref]), losses(runs[par])
+        assert sorted(a) == sorted(b) == [1, 2, 3]
+        assert [b[s] for s in a] == pytest.approx([a[s] for s in a], rel=1e-5), (ref, par)
+        wa, wb = _weights(runs[ref], num_items, 3), _weights(runs[par], num_items, 3)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=1e-4, msg=f"{ref} vs {par}: {k}")
+    if not packed:  # resumed from its step-3 checkpoint, an sp run continues as the uninterrupted one (bitwise)
+        flat = [*common[:-1], "parallel.sp=2", "optim.schedule=constant"]
+        part, whole = tmp_path / "sp2_part", tmp_path / "sp2_whole"
+        argus_ranks("train", *flat, "train.steps=5", f"out={whole}", nproc=2)
+        argus_ranks("train", *flat, "train.steps=3", f"out={part}", nproc=2)
+        argus_ranks("train", *flat, "train.steps=5", f"out={part}", "resume=true", nproc=2)
+        assert losses(part) == losses(whole) and sorted(losses(part)) == [1, 2, 3, 4, 5]
+        wa, wb = _weights(whole, num_items, 5), _weights(part, num_items, 5)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # an sp group reads one batch and counts it once: the sp=2 x dp=2 run's token metrics are the 2 dp ranks'
+    rec = {n: [json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in ("dp2", "sp2dp2")}
+    assert [r["tokens/padding_share"] for r in rec["sp2dp2"]] == [r["tokens/padding_share"] for r in rec["dp2"]]
+    assert [r.get("ne/event") for r in rec["sp2dp2"]] == pytest.approx([r.get("ne/event") for r in rec["dp2"]])
+
+
+def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, capsys):
+    """Checked where every launcher checks a run (trainer/run.py: load_job), before any rank starts."""
+    from helpers import TINY_MODEL, argus_inproc, one_line_error
+
+    base = ["train", "configs/mini.yaml", f"data.path={data}", *TINY_MODEL, f"out={tmp_path / 'r'}"]
+    for extra, message in (
+        (["parallel.sp=2"], "parallel.sp: 2 does not divide the world size 1"),
+        (["parallel.sp=1", "parallel.tp=2"], "parallel.tp: tensor parallelism is not implemented yet (got 2; use 1)"),
+        (["parallel.sp=4", "model.n_heads=2"], "parallel.sp: 4 does not divide model.n_heads 2"),
+    ):
+        code, _, err = argus_inproc(capsys, *base, *extra)
+        assert code == 2 and one_line_error(err) == f"argus: error: {message}", err
+    assert not (tmp_path / "r").exists()

@@ -112,6 +112,14 @@ class Engine:
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
         dense = build_dense(cfg)
         self.init_weights(dense)
+        # parallel.sp: consecutive ranks share each row's tokens (trainer/model/sequence_parallel.py); they see the
+        # same batch and draw the same negatives (the data-parallel rank), and one of them counts its tokens
+        self.sp = cfg.parallel.sp
+        self.dp_rank, self.sp_lead = info.rank // self.sp, info.rank % self.sp == 0
+        if self.sp > 1:
+            from trainer.model.sequence_parallel import enable_sequence_parallel, sequence_groups
+
+            enable_sequence_parallel(dense.encoder, sequence_groups(self.sp))
         if cfg.train.compile:
             compile_dense(dense)
         o = cfg.optim
@@ -149,7 +157,7 @@ class Engine:
         """
         ni = self.cfg.heads.next_item
         dev = self.info.device
-        g = _generator(self.cfg.train.seed, step, self.info.rank)
+        g = _generator(self.cfg.train.seed, step, self.dp_rank)
         if self.full_softmax:  # every item once: expected count 1, logQ = 0
             neg_ids, k_u = torch.arange(self.item_rows), self.item_rows
         else:
@@ -190,14 +198,15 @@ class Engine:
             ne["event"] = ne_stats(out["logits/event"], event[t])
             ne["played"] = ne_stats(out["logits/played"], played_bucket(played[t]))
         zero = loss.detach() * 0.0
+        counts = real and self.sp_lead  # an sp group's batch is counted once
         return StepOutput(
             loss=loss.detach(),
             next_item=out["loss/next_item"].detach() if real else zero,
             feedback=out["loss/feedback"].detach() if real else zero,
-            targets=int(tgt.numel()) if real else 0,
-            interactions=batch.num_interactions if real else 0,
-            slots=batch.slots if real else 0,
-            ne=ne,
+            targets=int(tgt.numel()) if counts else 0,
+            interactions=batch.num_interactions if counts else 0,
+            slots=batch.slots if counts else 0,
+            ne=ne if self.sp_lead else {},
         )
 
     def sparse_step(self) -> None:

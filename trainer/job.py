@@ -104,6 +104,35 @@ class EvalSection:
 
 
 @dataclass
+class ParallelSection:
+    """How the encoder is split beyond data parallelism (docs/parallelism.md): ``sp`` ranks share each row's
+    tokens (Ulysses sequence parallelism, trainer/model/sequence_parallel.py); world = dp x sp, consecutive ranks
+    form an sp group and see the same batch. ``tp`` (tensor parallelism): not yet."""
+
+    tp: int = 1
+    sp: int = 1
+
+    def validate(self, cfg: "JobConfig", world_size: int | None) -> None:
+        if self.tp != 1:
+            raise ConfigError(f"parallel.tp: tensor parallelism is not implemented yet (got {self.tp}; use 1)")
+        if self.sp < 1:
+            raise ConfigError(f"parallel.sp: must be >= 1, got {self.sp}")
+        if self.sp == 1:
+            return
+        enc = cfg.model.resolved()
+        if enc.n_heads % self.sp:
+            raise ConfigError(f"parallel.sp: {self.sp} does not divide model.n_heads {enc.n_heads}")
+        if world_size is not None and world_size % self.sp:
+            raise ConfigError(f"parallel.sp: {self.sp} does not divide the world size {world_size}")
+        if enc.attention == "flex" or cfg.train.compile:
+            raise ConfigError("parallel.sp: needs model.attention auto, mask or segments and train.compile=false")
+        if cfg.eval.every or cfg.eval.every_epochs:
+            raise ConfigError("parallel.sp: validation during training (eval.every) is not supported with it yet")
+        if cfg.finetune.enabled:
+            raise ConfigError("parallel.sp: fine-tuning with sequence parallelism is not supported yet")
+
+
+@dataclass
 class JobConfig:
     data: ShardLoader.Config = field(default_factory=ShardLoader.Config)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -114,6 +143,7 @@ class JobConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # set by `argus finetune --init RUN`
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     out: str = ""
     resume: bool = False
 
@@ -226,15 +256,17 @@ class JobConfig:
                 f"train.keep_last must be >= 1 (the newest checkpoint is always kept) and train.keep_every >= 0 "
                 f"(0: no milestones), got {t.keep_last} and {t.keep_every}"
             )
+        self.parallel.validate(self, world_size)
         if (
             world_size is not None
             and t.global_batch_size
-            and t.global_batch_size != self.data.batch_size * t.gradient_accumulation_steps * world_size
+            and t.global_batch_size
+            != self.data.batch_size * t.gradient_accumulation_steps * (world_size // self.parallel.sp)
         ):
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} != data.batch_size "
                 f"{self.data.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps}"
-                f" x world size {world_size}"
+                f" x world size {world_size}" + (f" / parallel.sp {self.parallel.sp}" if self.parallel.sp > 1 else "")
             )
         ds = self.deepspeed
         if ds.stage not in (0, 1, 2, 3):

@@ -113,7 +113,8 @@ class Trainer:
             dist.barrier()
         self.run_dir = Path(cfg.out)
         self.manifest = Manifest.load(cfg.data.path)
-        self.loader = cfg.loader_config().build(self.info.rank, self.info.world_size, self.manifest)
+        sp = cfg.parallel.sp  # an sp group's ranks read the same batches: the loader serves data-parallel ranks
+        self.loader = cfg.loader_config().build(self.info.rank // sp, self.info.world_size // sp, self.manifest)
         self.total_steps = cfg.total_steps(self.loader.batches_per_epoch())
         self.eval_every = cfg.eval_every(self.loader.batches_per_epoch())
         if self.eval_every and cfg.eval.val_split not in self.manifest.splits:
@@ -215,7 +216,7 @@ class Trainer:
                     with timer.compute():
                         window.append(self.step_fn(batch))
                     self.step += 1
-                    if cfg.train.log_sample_keys:
+                    if cfg.train.log_sample_keys and self.engine.sp_lead:  # an sp group's batch: logged once
                         self._log_keys(batch.keys)
                     if self.step % cfg.train.log_every == 0 or self.step == total:
                         last = self._metrics(window, time.perf_counter() - t_window, timer)
@@ -321,9 +322,9 @@ class Trainer:
         t[r] = sum(o.interactions for o in window)
         t[w] = sum(o.slots for o in window)
         t = self.engine.all_reduce_sum(t)
-        real, slots = t[:w], float(t[w])
+        real, slots = t[: w : self.cfg.parallel.sp], float(t[w])  # an sp group's tokens: counted by its first rank
         out = {"tokens/padding_share": 1.0 - float(real.sum()) / slots if slots else 0.0}
-        if w > 1 and float(real.sum()) > 0:
+        if real.numel() > 1 and float(real.sum()) > 0:
             out["tokens/rank_skew"] = float(real.max() / real.mean()) - 1.0
         return out
 

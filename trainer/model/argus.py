@@ -12,6 +12,7 @@ behaves the same under every ZeRO stage.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -110,15 +111,20 @@ class ArgusModel(nn.Module):
         tokens = self.interaction(item.to(self.proj.weight.dtype), side)  # bf16 engines: cast the lookups
         k = self.interaction.tokens_per_interaction
         tok_lengths = lengths * k
+        encode = self.encoder
+        if self.encoder.sequence_group is not None:  # parallel.sp: this rank encodes its chunk of every row
+            from trainer.model.sequence_parallel import encode as sp_encode
+
+            encode = functools.partial(sp_encode, self.encoder)
         if pack is None or pack[0] is None:
             max_len = None if pack is None else pack[2][1] * k
             padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths, max_len)
-            return self.encoder(padded, mask)[row, col]
+            return encode(padded, mask)[row, col]
         rows, cols, (num_rows, row_len) = pack
         grid, mask, positions, segments, (row, col) = jagged_to_packed(
             tokens, tok_lengths, Packed(rows, cols * k, (num_rows, row_len * k))
         )
-        return self.encoder(grid, mask, positions, segments)[row, col]
+        return encode(grid, mask, positions, segments)[row, col]
 
     def state_rows(self, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token rows whose states predict (next item of, feedback of) target interactions ``tgt``."""

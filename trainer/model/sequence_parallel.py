@@ -12,8 +12,12 @@ sums anyway, ZeRO's reduction included).
 Heads must divide by ``sp`` and T by ``sp``. Written here, not taken whole from DeepSpeed: its Ulysses path in
 ``deepspeed.initialize`` expects a Megatron-style model; this module only swaps the attention core of our blocks.
 
-Not wired into training yet (``parallel.sp`` in the config, the loader serving one batch per sp group, the heads
-and losses over local tokens, the planner): see issue 17's note.
+In training (``parallel.sp``, :func:`encode`): every rank of an sp group gets the same batch and looks up the same
+rows; the encoder runs on this rank's chunk; its output is gathered back to whole rows, and the heads and losses
+run on them, the same on every rank of the group. The gather's backward hands each rank its chunk's gradient times
+sp: DeepSpeed averages dense gradients, and TorchRec embedding gradients, over all dp x sp ranks, and the sum over
+the group of the encoder's partial gradients, times sp, over dp x sp, is the data-parallel mean over dp; the
+heads' gradients are the same on every rank of the group, so their average is too.
 """
 
 from __future__ import annotations
@@ -73,6 +77,57 @@ def enable_sequence_parallel(encoder: Encoder, group: dist.ProcessGroup) -> None
     for block in encoder.blocks:
         block.attn.core = SequenceParallelAttention(group, block.attn.dropout)
     encoder.sequence_group = group
+
+
+def sequence_groups(sp: int) -> dist.ProcessGroup:
+    """This rank's sequence-parallel group: ranks ``[k*sp, (k+1)*sp)`` (every rank creates every group, in order,
+    as ``new_group`` requires)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for k in range(world // sp):
+        group = dist.new_group(list(range(k * sp, (k + 1) * sp)))
+        if k == rank // sp:
+            mine = group
+    assert mine is not None
+    return mine
+
+
+class _GatherChunks(torch.autograd.Function):
+    """Forward: whole rows from every rank's chunk (dim 1). Backward: this rank's chunk of the gradient times
+    ``sp`` (every rank of the group computes the same loss from the whole rows; see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return gather_chunks(t, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        sp = dist.get_world_size(ctx.group)
+        return local_chunk(grad, ctx.group) * sp, None
+
+
+def encode(
+    encoder: Encoder, x: Tensor, mask: Tensor, positions: Tensor | None = None, segments: Tensor | None = None
+) -> Tensor:
+    """``encoder(x, mask, positions, segments)`` on whole rows (R, T, d), under sequence parallelism: rows padded
+    to a multiple of sp, this rank's chunk encoded, the whole rows gathered back (trimmed to T)."""
+    group = encoder.sequence_group
+    assert group is not None
+    sp, T = dist.get_world_size(group), mask.shape[1]
+    pad = -T % sp
+    if pad:
+        x = nn.functional.pad(x, (0, 0, 0, pad))
+        mask = nn.functional.pad(mask, (0, pad), value=False)
+        if positions is not None:
+            positions = nn.functional.pad(positions, (0, pad))
+        if segments is not None:
+            segments = nn.functional.pad(segments, (0, pad), value=-1)
+    if positions is None:  # one history per row: the encoder's own arange, offset by the chunk
+        y = encoder(local_chunk(x, group), local_chunk(mask, group), None, segments)
+    else:
+        y = encoder(local_chunk(x, group), local_chunk(mask, group), local_chunk(positions, group), segments)
+    return _GatherChunks.apply(y, group)[:, :T]
 
 
 def local_chunk(t: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Tensor:
