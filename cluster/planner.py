@@ -182,17 +182,28 @@ def torchrec_plan(
     }
 
 
+def sequence_parallel_bytes(
+    n_layers: int, d_model: int, tokens: float, sp: int, dtype_bytes: int, recompute: bool = False
+) -> float:
+    """Bytes a rank hands to ``parallel.sp``'s collectives per step for ``tokens`` tokens of whole rows (0 when
+    sp = 1): per block 4 all-to-alls (q, k, v, the output) of its chunk forward, 4 backward (4 more forward when
+    the blocks are recomputed: activation checkpointing), and the all-gather of the encoder's output. Each sends
+    (sp - 1)/sp of its bytes off the rank (the caller applies that). Checked against what the encoder hands to
+    them: tests/test_sequence_parallel.py."""
+    if sp == 1:
+        return 0.0
+    chunk = tokens / sp * d_model * dtype_bytes
+    return n_layers * (12 if recompute else 8) * chunk + chunk
+
+
 def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     """The whole plan as a JSON-ready dict (bytes, seconds, FLOPs; see docs/capacity-planning.md)."""
     req.validate()
     hw = req.hardware
     world, gpn = hw.world, hw.gpus_per_node
     cfg = plan_config(cfg, world)
-    if cfg.parallel.sp > 1:
-        raise ConfigError(
-            f"parallel.sp: the planner does not model sequence parallelism yet (got {cfg.parallel.sp}); plan with "
-            "parallel.sp=1: its activations per rank are an upper bound"
-        )
+    sp = cfg.parallel.sp
+    dp = world // sp
     spec = hw.spec()
     enc, ds, ni = cfg.model.resolved(), cfg.deepspeed, cfg.heads.next_item
     capacity = spec.memory_bytes
@@ -260,7 +271,8 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     f_int = flops_per_interaction(cfg, req.items)
     f_enc = encoder_flops_per_interaction(cfg)
     recompute = f_enc / 3 if enc.activation_checkpointing else 0.0  # one more forward of the encoder
-    flops_step = (f_int + recompute) * interactions_rank
+    # parallel.sp: the encoder's FLOPs (and their recompute) split over the sp group; the heads run on every rank
+    flops_step = ((f_enc + recompute) / sp + f_int - f_enc) * interactions_rank
     peak = spec.peak_flops(ds.precision)
     if req.mfu:
         mfu, mfu_source = req.mfu, "given (--mfu)"
@@ -303,10 +315,30 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     # TorchRec rates its own plan (lookups, updates, all-to-alls; slower for rows left in host memory):
     # that is the embedding time when it ran; the bandwidth estimate above otherwise.
     emb_s = emb.get("seconds_per_step", a2a_s)
-    parts = {"compute": compute_s, "memory": memory_s, "communication": zero_s + a2a_s, "embeddings": emb_s}
-    step_s = max(compute_s, memory_s, zero_s) + emb_s
+    # parallel.sp: the attention all-to-alls and the gather of the encoder's output, on the step's critical path;
+    # an sp group is consecutive ranks: within a node when sp <= GPUs per node
+    sp_bytes = (
+        sequence_parallel_bytes(
+            enc.n_layers,
+            enc.d_model,
+            interactions_rank * k,
+            sp,
+            weight_bytes(ds.precision),
+            enc.activation_checkpointing,
+        )
+        * (sp - 1)
+        / sp
+    )
+    sp_s = sp_bytes / (intra if sp <= gpn else inter) if sp > 1 else 0.0
+    parts = {
+        "compute": compute_s,
+        "memory": memory_s,
+        "communication": zero_s + a2a_s + sp_s,
+        "embeddings": emb_s,
+    }
+    step_s = max(compute_s, memory_s, zero_s) + emb_s + sp_s
 
-    interactions_step = interactions_rank * world
+    interactions_step = interactions_rank * dp  # an sp group trains on one batch
     steps = math.ceil(req.interactions / interactions_step)
     seconds = steps * step_s
     gpu_hours = seconds / 3600 * world
@@ -334,6 +366,8 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "nodes": hw.nodes,
             "gpus_per_node": gpn,
             "world": world,
+            "sp": sp,
+            "dp": dp,
             "gpu_memory": capacity,
             "peak_flops": peak,
             "hbm_bytes_per_s": spec.hbm_bytes_per_s,
@@ -372,6 +406,8 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "zero_comm_s": zero_s,
             "embedding_comm_s": a2a_s,
             "embedding_s": emb_s,
+            "sp_comm_s": sp_s,
+            "sp_comm_bytes": sp_bytes,
             "zero_comm_bytes": zero_bytes,
             "embedding_comm_bytes": a2a_bytes,
             "hbm_bytes": hbm_bytes,
@@ -412,6 +448,7 @@ def min_gpus(cfg: JobConfig, req: PlanRequest, scale: float = 1.0, limit: int = 
     """Fewest GPUs (whole nodes past one node) with which ``cfg`` fits, or None up to ``limit``."""
     hw = req.hardware
     counts = [g for g in (1, 2, 4) if g < hw.gpus_per_node] + [hw.gpus_per_node * n for n in range(1, limit + 1)]
+    counts = [g for g in counts if g % cfg.parallel.sp == 0]  # world = dp x sp
 
     def ok(g: int) -> bool:
         return _fits_fast(cfg, dataclasses.replace(req, hardware=hw.with_world(g)), scale) is not None
@@ -524,6 +561,19 @@ def full_plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     result["min_gpus"] = min_gpus(cfg, req, _scale(result))
     result["suggestions"] = [] if result["memory"]["fits"] else suggestions(cfg, req, result, result["min_gpus"])
     return result
+
+
+def sweep_sp(cfg: JobConfig, req: PlanRequest, sizes: list[int]) -> list[dict[str, Any]]:
+    """One plan per ``parallel.sp`` size on the same GPUs (world = dp x sp: dp shrinks as sp grows)."""
+    out = []
+    for v in sizes:
+        c = copy.deepcopy(cfg)
+        c.parallel.sp = v
+        try:
+            out.append(plan(c, req))
+        except ConfigError as e:
+            raise ConfigError(f"--sweep sp={v}: {e}") from None
+    return out
 
 
 def sweep(cfg: JobConfig, req: PlanRequest, gpus: list[int]) -> list[dict[str, Any]]:

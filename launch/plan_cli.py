@@ -104,17 +104,19 @@ def plan_inputs(a: argparse.Namespace) -> tuple[JobConfig, PlanRequest]:
     return cfg, req
 
 
-def parse_sweep(spec: str) -> list[int]:
+def parse_sweep(spec: str) -> tuple[str, list[int]]:
+    """``gpus=8,16,32`` (a plan per GPU count) or ``sp=1,2,4`` (a plan per sequence-parallel size, same GPUs)."""
     key, _, values = spec.partition("=")
-    if key != "gpus" or not values:
-        raise ConfigError(f"--sweep: expected gpus=N,N,..., got {spec!r}")
+    if key not in ("gpus", "sp") or not values:
+        raise ConfigError(f"--sweep: expected gpus=N,N,... or sp=N,N,..., got {spec!r}")
+    what = "GPU counts" if key == "gpus" else "sp sizes"
     try:
         out = [int(v) for v in values.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"--sweep: GPU counts must be integers, got {values!r}") from None
+        raise ConfigError(f"--sweep: {what} must be integers, got {values!r}") from None
     if not out or min(out) < 1:
-        raise ConfigError(f"--sweep: GPU counts must be >= 1, got {values!r}")
-    return sorted(set(out))
+        raise ConfigError(f"--sweep: {what} must be >= 1, got {values!r}")
+    return key, sorted(set(out))
 
 
 def render(result: dict[str, Any], console: Any) -> None:
@@ -243,6 +245,7 @@ def render_sweep(rows: list[dict[str, Any]], console: Any) -> None:
     for col in (
         "GPUs",
         "nodes",
+        "dp x sp",
         "GPU mem / rank",
         "host mem / rank",
         "fits",
@@ -258,6 +261,7 @@ def render_sweep(rows: list[dict[str, Any]], console: Any) -> None:
         tab.add_row(
             str(i["world"]),
             str(i["nodes"]),
+            f"{i['dp']} x {i['sp']}",
             _gb(m["total"]),
             _gb(m["embeddings_host"]),
             "yes" if m["fits"] else "[red]no[/]",
@@ -323,12 +327,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     quiet_library_logs()  # before the planner imports TorchRec
     warnings.filterwarnings("ignore")  # TorchRec's planner warns about dry runs: this is one
-    from cluster.planner import full_plan, sweep
+    from cluster.planner import full_plan, sweep, sweep_sp
 
     cfg, req = plan_inputs(a)
     hw = req.hardware
-    gpus = parse_sweep(a.sweep) if a.sweep else None
-    if gpus is None and a.plot:
+    key, values = parse_sweep(a.sweep) if a.sweep else ("gpus", None)
+    gpus = values if key == "gpus" else None
+    if gpus is None and a.plot and key == "gpus":
         gpus = sorted(
             {
                 g
@@ -337,7 +342,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             }
         )
     result = full_plan(cfg, req)
-    rows = sweep(cfg, req, gpus) if gpus else []
+    rows = sweep(cfg, req, gpus) if gpus else sweep_sp(cfg, req, values) if key == "sp" and values else []
     if a.plot and rows:
         plot_sweep(rows, Path(a.plot))
     if a.json:
@@ -347,6 +352,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
                 {
                     "gpus": r["inputs"]["world"],
                     "nodes": r["inputs"]["nodes"],
+                    "sp": r["inputs"]["sp"],
                     "memory": r["memory"],
                     "step": r["step"],
                     "time": r["time"],
@@ -392,7 +398,9 @@ def add_plan(sub: Any) -> None:
     p.add_argument("--inter-node-gbps", type=float, default=0.0, help="GB/s per GPU between nodes (default by GPU)")
     p.add_argument("--memory-gb", type=float, default=0.0, help="usable GPU memory (default: the datasheet's)")
     p.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free (min 2 GiB)")
-    p.add_argument("--sweep", help="gpus=8,16,32,...: a plan per GPU count")
+    p.add_argument(
+        "--sweep", help="gpus=8,16,32,...: a plan per GPU count; sp=1,2,4: a plan per sequence-parallel size"
+    )
     p.add_argument("--plot", help="PNG: days and memory per rank vs GPU count")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)

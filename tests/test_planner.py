@@ -411,3 +411,35 @@ def test_token_budget_plan_counts_full_packed_rows():
     assert packed["flops"]["per_step_per_rank"] == padded["flops"]["per_step_per_rank"]
     half = plan(job("medium", "model.max_seq_len=2048", "data.batch_size=6"), req)  # padded: fill applies
     assert half["step"]["interactions_per_rank"] == pytest.approx(0.3 * 6 * 2048)
+
+
+def test_sequence_parallelism_in_the_plan(capsys):
+    """parallel.sp on the same GPUs: the blocks' activations split over the sp group, the encoder's FLOPs too
+    (the heads run on every rank), an sp group trains one batch (twice the steps for sp=2), and the step pays
+    the all-to-alls (their bytes: tests/test_sequence_parallel.py checks the count against the encoder)."""
+    from cluster.planner import sequence_parallel_bytes
+    from trainer.flops import encoder_flops_per_interaction, flops_per_interaction
+
+    req = PlanRequest(items=10**7, hardware=Hardware(gpu="h100", gpus_per_node=8), torchrec=False)
+    cfg = job("large", "model.max_seq_len=4096")
+    one, two = plan(cfg, req), plan(job("large", "model.max_seq_len=4096", "parallel.sp=2"), req)
+    assert (one["inputs"]["dp"], one["inputs"]["sp"], two["inputs"]["dp"], two["inputs"]["sp"]) == (8, 1, 4, 2)
+    assert two["memory"]["activations_layers"] * 2 == one["memory"]["activations_layers"]
+    assert two["memory"]["activations_other"] == one["memory"]["activations_other"]
+    assert two["time"]["steps"] == pytest.approx(2 * one["time"]["steps"], abs=1)
+    c = plan_config(cfg, 8)
+    f_enc, f_int = encoder_flops_per_interaction(c), flops_per_interaction(c, 10**7)
+    recompute = f_enc / 3  # activation checkpointing (large): one more forward of the encoder
+    ratio = two["flops"]["per_step_per_rank"] / one["flops"]["per_step_per_rank"]
+    assert ratio == pytest.approx(((f_enc + recompute) / 2 + f_int - f_enc) / (f_int + recompute))
+    tokens = one["step"]["interactions_per_rank"]
+    sp_bytes = sequence_parallel_bytes(20, 2048, tokens, 2, 2, True) / 2
+    assert one["step"]["sp_comm_bytes"] == 0 and two["step"]["sp_comm_bytes"] == pytest.approx(sp_bytes)
+    assert two["step"]["seconds"] > two["step"]["compute_s"] + two["step"]["sp_comm_s"] - 1e-12
+    with pytest.raises(ConfigError, match="parallel.sp: 3 does not divide the world size 8"):
+        plan(job("large", "model.max_seq_len=4096", "parallel.sp=3", "model.n_heads=24", "model.d_model=2064"), req)
+    assert min_gpus(job("large", "parallel.sp=8"), req) % 8 == 0
+    code, out, _ = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "sp=1,2,4", "--json")
+    assert code == 0 and [r["sp"] for r in json.loads(out)["sweep"]] == [1, 2, 4]
+    code, _, err = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "sp=3")
+    assert code == 2 and "--sweep sp=3: parallel.sp: 3 does not divide model.n_heads 16" in err

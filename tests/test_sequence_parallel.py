@@ -14,6 +14,8 @@ from helpers import free_port, rank_env, start_ranks
 
 from trainer.model.encoder import Encoder
 
+REPO = Path(__file__).resolve().parents[1]
+
 CASES = [  # (sp, rows, tokens, heads, attention, packed, activation checkpointing)
     (2, 3, 12, 2, "segments", False, False),
     (2, 2, 16, 4, "segments", True, False),
@@ -39,6 +41,35 @@ def _inputs(seed: int, rows: int, tokens: int, packed: bool) -> tuple[torch.Tens
             segments[r, t : t + n], positions[r, t : t + n] = sid, torch.arange(n)
             sid, t = sid + 1, t + n
     return x, segments >= 0, positions, (segments if packed else None)
+
+
+def _count_bytes(par, x, mask, pos, seg, weights, cfg, sp) -> tuple[float, float]:
+    """Bytes the sequence-parallel encoder hands to all-to-all and all-gather in one forward and backward of whole
+    rows (trainer/model/sequence_parallel.py: encode), and the planner's count of them."""
+    import deepspeed.comm as ds_comm
+
+    from cluster.planner import sequence_parallel_bytes
+    from trainer.model.sequence_parallel import encode
+
+    counted = [0]
+    a2a, gather = ds_comm.all_to_all_single, torch.distributed.all_gather
+
+    def count_a2a(output, tensor, *a, **k):
+        counted[0] += tensor.numel() * tensor.element_size()
+        return a2a(output, tensor, *a, **k)
+
+    def count_gather(parts, tensor, *a, **k):
+        counted[0] += tensor.numel() * tensor.element_size()
+        return gather(parts, tensor, *a, **k)
+
+    ds_comm.all_to_all_single, torch.distributed.all_gather = count_a2a, count_gather
+    try:
+        (encode(par, x, mask, pos, seg) * weights).sum().backward()
+    finally:
+        ds_comm.all_to_all_single, torch.distributed.all_gather = a2a, gather
+    tokens = x.shape[0] * (x.shape[1] + -x.shape[1] % sp)  # whole rows, padded to a multiple of sp
+    planned = sequence_parallel_bytes(cfg.n_layers, cfg.d_model, tokens, sp, 4, cfg.activation_checkpointing)
+    return counted[0], planned
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
@@ -84,6 +115,8 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
                 "params": len(grads),
             }
         )
+        if i > 0:  # what the planner counts for the collectives: the bytes handed to them, one step
+            results[-1]["bytes"], results[-1]["planned"] = _count_bytes(par, x, mask, pos, seg, weights, cfg, sp)
     errors = []  # what cannot be split: one line naming the setting
     for bad in (
         lambda: enable_sequence_parallel(Encoder(Encoder.Config(preset="custom", d_model=24, n_layers=1, n_heads=3,
@@ -116,6 +149,8 @@ def test_ulysses_attention_equals_the_one_process_encoder(world, tmp_path):
     for r in results:
         assert r["params"] == 2 * 12 + 3  # every parameter has a gradient: 2 blocks of 12, positions, final norm
         assert r["out"] < 1e-5 and r["x_grad"] < 1e-5 and r["param_grad"] < 1e-5, r
+        if "bytes" in r:
+            assert r["bytes"] == r["planned"] > 0, r
 
 
 def _weights(run: Path, num_items: int, step: int) -> dict[str, torch.Tensor]:
@@ -179,3 +214,15 @@ def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, capsys):
         code, _, err = argus_inproc(capsys, *base, *extra)
         assert code == 2 and one_line_error(err) == f"argus: error: {message}", err
     assert not (tmp_path / "r").exists()
+    # the longest context grows with sp: 8,192 tokens per rank's share
+    from trainer.config import ConfigError, load_config
+    from trainer.job import JobConfig
+
+    def check(*o: str) -> None:
+        load_config(JobConfig, REPO / "configs" / "large.yaml", [f"data.path={data}", "out=/x", *o]).validate(4)
+
+    check("parallel.sp=4", "model.max_seq_len=32768")
+    with pytest.raises(ConfigError, match="model.max_seq_len: 32768 exceeds the longest context 16384"):
+        check("parallel.sp=2", "model.max_seq_len=32768")
+    with pytest.raises(ConfigError, match=r"exceeds the longest context 8192 \(parallel.sp=N allows N times more\)"):
+        check("model.max_seq_len=9000")

@@ -19,6 +19,7 @@ from trainer.checkpoint_store import Retention
 from trainer.config import ConfigError
 from trainer.data.loader import ShardLoader
 from trainer.model.argus import HeadsConfig, ModelConfig
+from trainer.model.encoder import MAX_CONTEXT
 from trainer.model.two_tower import FinetuneConfig
 from trainer.optim import OptimConfig
 
@@ -207,7 +208,7 @@ class JobConfig:
         self.data.validate("data")
         if self.data.batch_format != "jagged":
             raise ConfigError("data.batch_format: training reads jagged batches (set data.batch_format=jagged)")
-        self.model.validate("model")
+        self.model.validate("model", MAX_CONTEXT * max(1, self.parallel.sp))
         dev = device or ("cpu" if self.train.device == "cpu" else self.train.device)
         self.embeddings.validate("embeddings", device="cpu" if dev in ("cpu", "auto") and not _has_cuda() else "cuda")
         self.heads.validate("heads")

@@ -159,7 +159,8 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     input d, LN2 output d, FF1 output f, GELU output f: 8d + 2f; plus fp32 mean and rstd of both
     LayerNorms and the attention's log-sum-exp per head: (4 + heads) x 4 bytes. A test checks this
     against what autograd saves. Dropout, when on, adds its masks. With activation checkpointing a
-    block keeps only its input (d) and one block at a time is recomputed.
+    block keeps only its input (d) and one block at a time is recomputed. Under ``parallel.sp`` the
+    blocks hold 1/sp of the tokens.
     """
     enc, emb, ni = cfg.model.resolved(), cfg.embeddings, cfg.heads.next_item
     w = weight_bytes(cfg.deepspeed.precision)
@@ -168,10 +169,13 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     tokens = (batch_size or cfg.rows_per_batch()) * cfg.interactions_per_sample() * k
     targets = tokens // k
     per_layer_token = block_saved_bytes_per_token(d, f, enc.n_heads, w)
+    # parallel.sp: a rank's blocks hold its 1/sp of every row's tokens (the all-to-all'd q, k, v and attention
+    # output are the same size as the chunk's own); the heads below run on the whole rows
+    block_tokens = -(-tokens // cfg.parallel.sp)
     if enc.activation_checkpointing:
-        layers = enc.n_layers * tokens * d * w
+        layers = enc.n_layers * block_tokens * d * w
     else:
-        layers = enc.n_layers * tokens * per_layer_token
+        layers = enc.n_layers * block_tokens * per_layer_token
     rows = emb.item_rows or None  # the catalog, when the config pins it (a full softmax scores all of it)
     candidates = 1 + ((rows or 0) if ni.full(rows) else ni.uniform_negatives + ni.in_batch_negatives)
     fb_hidden = cfg.heads.feedback.hidden or d
@@ -188,7 +192,7 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     )  # feedback head
     # backward of one block: its activation gradients (same size as what it saved), plus, when
     # checkpointed, the block's recomputed activations
-    working = tokens * per_layer_token * (2 if enc.activation_checkpointing else 1)
+    working = block_tokens * per_layer_token * (2 if enc.activation_checkpointing else 1)
     return Activations(per_layer_token=per_layer_token, layers=layers, other=other, working=working)
 
 

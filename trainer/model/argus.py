@@ -20,7 +20,7 @@ from torch import nn
 
 from embeddings.tables import ItemEmbeddings
 from trainer.data.batch import sample_starts
-from trainer.model.encoder import Encoder
+from trainer.model.encoder import MAX_CONTEXT, Encoder
 from trainer.model.heads import FeedbackHead, NextItemLossConfig, sampled_softmax_loss
 from trainer.model.interaction import TOKEN_LAYOUTS, InteractionEmbedding, Packed, jagged_to_packed, jagged_to_padded
 
@@ -33,8 +33,8 @@ class ModelConfig(Encoder.Config):
     side_dim: int = 16  # width of the small side tables (context, event, played, hour, gap)
     num_contexts: int = 64  # rows of the context table (larger context ids hash to id mod rows)
 
-    def validate(self, where: str = "model") -> None:
-        super().validate(where)
+    def validate(self, where: str = "model", max_context: int | None = MAX_CONTEXT) -> None:
+        super().validate(where, max_context)
         if self.token_layout not in TOKEN_LAYOUTS:
             raise ValueError(f"{where}.token_layout: must be 'merged' or 'interleaved', got {self.token_layout!r}")
         for key in ("side_dim", "num_contexts"):

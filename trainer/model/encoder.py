@@ -207,7 +207,7 @@ class Encoder(nn.Module):
         n_layers: int = 0
         n_heads: int = 0
         d_ff: int = 0
-        max_seq_len: int = 512  # positions (context length), <= MAX_CONTEXT
+        max_seq_len: int = 512  # positions (context length), <= MAX_CONTEXT (x parallel.sp)
         dropout: float | None = None  # residual + embedding dropout; None = the preset's (PRESET_DROPOUT)
         attn_dropout: float = 0.0  # on attention probabilities (SDPA's dropout_p)
         activation_checkpointing: bool = False
@@ -223,7 +223,10 @@ class Encoder(nn.Module):
                 self, dropout=dropout, **{k: getattr(self, k) or base.get(k, 0) for k in SIZE_KEYS}
             )
 
-        def validate(self, where: str = "model") -> None:
+        def validate(self, where: str = "model", max_context: int | None = MAX_CONTEXT) -> None:
+            """``max_context``: the longest ``max_seq_len`` allowed (the run's: MAX_CONTEXT x parallel.sp); None =
+            not checked here (the encoder's constructor: the run config was checked)."""
+
             def bad(key: str, msg: str) -> ValueError:
                 return ValueError(f"{where}.{key}: {msg}")
 
@@ -242,8 +245,9 @@ class Encoder(nn.Module):
                 raise bad("d_model", f"{r.d_model} is not divisible by {where}.n_heads={r.n_heads}")
             if self.max_seq_len < 1:
                 raise bad("max_seq_len", f"must be >= 1, got {self.max_seq_len}")
-            if self.max_seq_len > MAX_CONTEXT:
-                raise bad("max_seq_len", f"{self.max_seq_len} exceeds the longest context {MAX_CONTEXT}")
+            if max_context is not None and self.max_seq_len > max_context:
+                more = " (parallel.sp=N allows N times more)" if max_context == MAX_CONTEXT else ""
+                raise bad("max_seq_len", f"{self.max_seq_len} exceeds the longest context {max_context}{more}")
             for key in ("dropout", "attn_dropout"):
                 if not 0.0 <= getattr(r, key) < 1.0:
                     raise bad(key, f"must be in [0, 1), got {getattr(r, key)}")
@@ -257,7 +261,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        cfg.validate()
+        cfg.validate(max_context=None)  # the context limit depends on the run's layout: JobConfig checks it
         self.cfg = cfg = cfg.resolved()
         out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual branches add up over 2L sums
         self.pos = _Embedding(cfg.max_seq_len, cfg.d_model)
