@@ -213,7 +213,14 @@ def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, capsys):
     ):
         code, _, err = argus_inproc(capsys, *base, *extra)
         assert code == 2 and one_line_error(err) == f"argus: error: {message}", err
-    assert not (tmp_path / "r").exists()
+    for launcher in (  # the launchers check the layout against the world they would start, before starting it
+        ["launch", "ray", *base[1:], "parallel.sp=2", "--local", "--num-workers", "3", "--storage-path",
+         str(tmp_path / "st")],
+        ["launch", "deepspeed", *base[1:], "parallel.sp=2", "--num-gpus", "3"],
+    ):  # fmt: skip
+        code, _, err = argus_inproc(capsys, *launcher)
+        assert code == 2 and one_line_error(err) == "argus: error: parallel.sp: 2 does not divide the world size 3"
+    assert not (tmp_path / "r").exists() and not (tmp_path / "st").exists()
     # the longest context grows with sp: 8,192 tokens per rank's share
     from trainer.config import ConfigError, load_config
     from trainer.job import JobConfig
