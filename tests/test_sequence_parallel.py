@@ -195,6 +195,13 @@ def test_training_with_sp_equals_data_parallel_training(data, tmp_path, packed):
         assert losses(part) == losses(whole) and sorted(losses(part)) == [1, 2, 3, 4, 5]
         wa, wb = _weights(whole, num_items, 5), _weights(part, num_items, 5)
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        # elastic: the sp=2 run's step-3 checkpoint continues on 1 rank without sp (the same data-parallel batch:
+        # one loader state, saved once for the sp group), as the sp run went on
+        one = tmp_path / "sp2_then_1"
+        argus_ranks("train", *flat, "train.steps=3", f"out={one}", nproc=2)
+        flat1 = [o for o in flat if o != "parallel.sp=2"]
+        argus_ranks("train", *flat1, "train.steps=5", f"out={one}", "resume=true", nproc=1)
+        assert losses(one) == pytest.approx(losses(whole), rel=1e-5)
     # an sp group reads one batch and counts it once: the sp=2 x dp=2 run's token metrics are the 2 dp ranks'
     rec = {n: [json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in ("dp2", "sp2dp2")}
     assert [r["tokens/padding_share"] for r in rec["sp2dp2"]] == [r["tokens/padding_share"] for r in rec["dp2"]]

@@ -138,17 +138,20 @@ def save(
         checkpoint_id=str(tmp / "sparse"),
     )
     states = gather_states(loader)
+    world = len(states)
+    # parallel.sp: the ranks of an sp group hold one loader (the data-parallel rank's): its state once
+    states = states[:: getattr(engine, "sp", 1)]
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
     if rank == 0:
         (tmp / "loader.json").write_text(json.dumps(states))
         save_config(cfg, tmp / "config.yaml")
-        meta = {"step": step, "world_size": len(states), "time": time.time(), **(extra or {})}
+        meta = {"step": step, "world_size": world, "time": time.time(), **(extra or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     _barrier()  # every file is written: hash them (rank 0 lists them, so every rank works from one listing)
     plan = _from_rank0(shares(file_sizes(tmp, checkpoint_files(tmp)), _world()) if rank == 0 else None)
     described = _all_gather(describe_files(tmp, plan[rank]))
     if rank == 0:
-        write_manifest(tmp, {k: v for part in described for k, v in part.items()}, step, len(states))  # last
+        write_manifest(tmp, {k: v for part in described for k, v in part.items()}, step, world)  # last
         if final.exists():  # re-saving a step (resumed from an older checkpoint): replace it
             discard(final)
         os.replace(tmp, final)
@@ -217,13 +220,15 @@ def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str
     # DeepSpeed's own load, bitwise.
     convert_s = elastic.load_dense(engine, path / "dense", DENSE_TAG, saved_world, rank)
     load_tables(path, engine.tables, engine.sparse_optimizer)  # DCP reshards for any world size
-    loader.load_state_dict(json.loads((path / "loader.json").read_text()))  # re-laid out over the new ranks
+    states = json.loads((path / "loader.json").read_text())
+    loader.load_state_dict(states)  # re-laid out over the new (data-parallel) ranks
+    saved_dp, dp = len(states), world // getattr(engine, "sp", 1)  # parallel.sp: one loader per sp group
     rng = path / "rng" / f"rank{rank:05d}.pt"
-    if rng.is_file() and saved_world == world:  # per-rank RNG streams mean nothing on another world size
+    if rng.is_file() and saved_world == world and saved_dp == dp:  # per-rank RNG streams: the same layout only
         _set_rng_state(torch.load(rng, weights_only=False))
-    if saved_world not in (None, world) and rank == 0:
+    if (saved_world not in (None, world) or saved_dp != dp) and rank == 0:
         batch = engine.cfg.data.batch_size * engine.cfg.train.gradient_accumulation_steps
-        elastic.log.warning(elastic.resume_line(path.name, saved_world, world, batch, convert_s))
+        elastic.log.warning(elastic.resume_line(path.name, saved_world or world, world, batch, convert_s, saved_dp, dp))
     return meta
 
 

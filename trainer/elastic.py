@@ -143,11 +143,22 @@ def _ranks(n: int) -> str:
     return f"{n} rank" + ("" if n == 1 else "s")
 
 
-def resume_line(name: str, saved_world: int, world: int, batch_size: int, convert_s: float | None) -> str:
-    """The one line rank 0 logs when a checkpoint resumes on another world size."""
+def resume_line(
+    name: str,
+    saved_world: int,
+    world: int,
+    batch_size: int,
+    convert_s: float | None,
+    saved_dp: int | None = None,
+    dp: int | None = None,
+) -> str:
+    """The one line rank 0 logs when a checkpoint resumes on another world size (or another data-parallel size:
+    ``saved_dp``/``dp``, which differ from the world sizes under parallel.sp; default: the world sizes)."""
+    saved_dp, dp = saved_dp or saved_world, dp or world
     line = (
         f"resuming {name} written on {_ranks(saved_world)} on {_ranks(world)}: global batch "
-        f"{batch_size * saved_world} -> {batch_size * world} samples per step (data.batch_size {batch_size} per rank)"
+        f"{batch_size * saved_dp} -> {batch_size * dp} samples per step (data.batch_size {batch_size} per "
+        + ("rank)" if (saved_dp, dp) == (saved_world, world) else "data-parallel rank)")
     )
     if convert_s is not None:
         line += f"; dense state re-partitioned through a universal checkpoint ({convert_s:.1f} s)"

@@ -119,7 +119,7 @@ class Engine:
         if self.sp > 1:
             from trainer.model.sequence_parallel import enable_sequence_parallel, sequence_groups
 
-            enable_sequence_parallel(dense.encoder, sequence_groups(self.sp))
+            enable_sequence_parallel(dense.encoder, sequence_groups(self.sp, cfg.train.timeout_s), info.device)
         if cfg.train.compile:
             compile_dense(dense)
         o = cfg.optim
@@ -134,6 +134,10 @@ class Engine:
             config=cfg.deepspeed_config(info.world_size),
             dist_init_required=False,
         )
+        if self.sp > 1 and not self.sp_lead:
+            # every rank seeded alike (the dense init above): the ranks of an sp group would draw the same dropout
+            # masks for their different chunks; the rest of the step draws from its own generator (_generator)
+            torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank % self.sp)
         self.bf16 = cfg.deepspeed.precision == "bf16"
         self.full_softmax = cfg.heads.next_item.full(self.item_rows)
         self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)

@@ -125,8 +125,12 @@ class ParallelSection:
             raise ConfigError(f"parallel.sp: {self.sp} does not divide model.n_heads {enc.n_heads}")
         if world_size is not None and world_size % self.sp:
             raise ConfigError(f"parallel.sp: {self.sp} does not divide the world size {world_size}")
+        if enc.max_seq_len % self.sp:
+            raise ConfigError(f"parallel.sp: {self.sp} does not divide model.max_seq_len {enc.max_seq_len}")
         if enc.attention == "flex" or cfg.train.compile:
             raise ConfigError("parallel.sp: needs model.attention auto, mask or segments and train.compile=false")
+        if cfg.data.on_error != "raise":  # a rank that skips a sample its group read would pair chunks of other rows
+            raise ConfigError("parallel.sp: needs data.on_error=raise (every rank of a group must read the same rows)")
         if cfg.eval.every or cfg.eval.every_epochs:
             raise ConfigError("parallel.sp: validation during training (eval.every) is not supported with it yet")
         if cfg.finetune.enabled:

@@ -342,8 +342,8 @@ class Trainer:
             "interactions": float(sum(o.interactions for o in window)),
             # the data path's health since the run (re)started: storage retries (data at a URL) and samples
             # skipped as unreadable (data.on_error: skip); summed over ranks below
-            "data/retries": float(self.loader.stats["retries"]),
-            "data/skipped": float(self.loader.stats["skipped"]),
+            "data/retries": float(self.loader.stats["retries"]) if self.engine.sp_lead else 0.0,  # once per sp group
+            "data/skipped": float(self.loader.stats["skipped"]) if self.engine.sp_lead else 0.0,
         }
         out = self.engine.all_reduce_mean(local)
         for key in ("data/retries", "data/skipped"):

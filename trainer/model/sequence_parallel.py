@@ -22,6 +22,8 @@ heads' gradients are the same on every rank of the group, so their average is to
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 from typing import Any
 
 import torch
@@ -66,26 +68,29 @@ class SequenceParallelAttention(nn.Module):
         return self.inner(q, k, v, 0, None, layout)
 
 
-def enable_sequence_parallel(encoder: Encoder, group: dist.ProcessGroup) -> None:
+def enable_sequence_parallel(encoder: Encoder, group: dist.ProcessGroup, device: torch.device | None = None) -> None:
     """Switch every block's attention to :class:`SequenceParallelAttention` over ``group`` (its size must divide
-    the head count). The encoder then takes each rank's chunk of the rows: :func:`local_chunk`."""
-    sp = dist.get_world_size(group)
+    the head count). The encoder then takes each rank's chunk of the rows: :func:`local_chunk`. ``auto``
+    attention, flex on GPUs, becomes ``mask`` (flex under sp is not tested yet)."""
+    sp, device = dist.get_world_size(group), device or torch.device("cpu")
     if encoder.cfg.n_heads % sp:
         raise ValueError(f"parallel.sp: {sp} does not divide model.n_heads {encoder.cfg.n_heads}")
-    if encoder.attention_mode(torch.device("cpu")) == "flex" or encoder.compiled:
+    if encoder.cfg.attention == "auto" and encoder.attention_mode(device) == "flex":
+        encoder.cfg = dataclasses.replace(encoder.cfg, attention="mask")
+    if encoder.attention_mode(device) == "flex" or encoder.compiled:
         raise ValueError("parallel.sp: needs model.attention mask or segments, and no train.compile (yet)")
     for block in encoder.blocks:
         block.attn.core = SequenceParallelAttention(group, block.attn.dropout)
     encoder.sequence_group = group
 
 
-def sequence_groups(sp: int) -> dist.ProcessGroup:
+def sequence_groups(sp: int, timeout_s: float = 600.0) -> dist.ProcessGroup:
     """This rank's sequence-parallel group: ranks ``[k*sp, (k+1)*sp)`` (every rank creates every group, in order,
-    as ``new_group`` requires)."""
+    as ``new_group`` requires), with the run's collective timeout (``train.timeout_s``)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     mine = None
     for k in range(world // sp):
-        group = dist.new_group(list(range(k * sp, (k + 1) * sp)))
+        group = dist.new_group(list(range(k * sp, (k + 1) * sp)), timeout=datetime.timedelta(seconds=timeout_s))
         if k == rank // sp:
             mine = group
     assert mine is not None
