@@ -170,7 +170,8 @@ def test_training_with_sp_equals_data_parallel_training(data, tmp_path, packed):
 
     num_items = json.loads((data / "manifest.json").read_text())["num_items"]
     common = ["configs/mini.yaml", f"data.path={data}", *TINY_MODEL, "data.num_workers=0", "optim.warmup_steps=2",
-              "train.steps=3", "model.dropout=0", "model.n_heads=4", "deepspeed.stage=1"]  # fmt: skip
+              "train.steps=3", "model.dropout=0", "model.n_heads=4", "deepspeed.stage=1", "eval.every=3",
+              "eval.val_max_users=20"]  # fmt: skip
     if packed:
         common.append("data.batch_tokens=48")
     runs = {}
@@ -179,6 +180,12 @@ def test_training_with_sp_equals_data_parallel_training(data, tmp_path, packed):
         runs[name] = tmp_path / name
         argus_ranks("train", *common, *extra, f"out={runs[name]}", nproc=nproc, env={"OMP_NUM_THREADS": "1"})
     for ref, par in (("dp1", "sp2"), ("dp2", "sp2dp2")):
+        # validation on the live model at step 3 (each rank its own users, whole rows): the same ranking
+        va, vb = (
+            [json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines() if '"eval/' in x]
+            for n in (ref, par)
+        )
+        assert len(va) == len(vb) == 1 and va[0]["eval/ndcg@10"] == pytest.approx(vb[0]["eval/ndcg@10"], abs=1e-6)
         a, b = losses(runs[ref]), losses(runs[par])
         assert sorted(a) == sorted(b) == [1, 2, 3]
         assert [b[s] for s in a] == pytest.approx([a[s] for s in a], rel=1e-5), (ref, par)
@@ -203,7 +210,10 @@ def test_training_with_sp_equals_data_parallel_training(data, tmp_path, packed):
         argus_ranks("train", *flat1, "train.steps=5", f"out={one}", "resume=true", nproc=1)
         assert losses(one) == pytest.approx(losses(whole), rel=1e-5)
     # an sp group reads one batch and counts it once: the sp=2 x dp=2 run's token metrics are the 2 dp ranks'
-    rec = {n: [json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in ("dp2", "sp2dp2")}
+    rec = {
+        n: [r for x in (runs[n] / "metrics.jsonl").read_text().splitlines() if "loss/total" in (r := json.loads(x))]
+        for n in ("dp2", "sp2dp2")
+    }
     assert [r["tokens/padding_share"] for r in rec["sp2dp2"]] == [r["tokens/padding_share"] for r in rec["dp2"]]
     assert [r.get("ne/event") for r in rec["sp2dp2"]] == pytest.approx([r.get("ne/event") for r in rec["dp2"]])
 

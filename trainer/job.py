@@ -131,8 +131,6 @@ class ParallelSection:
             raise ConfigError("parallel.sp: needs model.attention auto, mask or segments and train.compile=false")
         if cfg.data.on_error != "raise":  # a rank that skips a sample its group read would pair chunks of other rows
             raise ConfigError("parallel.sp: needs data.on_error=raise (every rank of a group must read the same rows)")
-        if cfg.eval.every or cfg.eval.every_epochs:
-            raise ConfigError("parallel.sp: validation during training (eval.every) is not supported with it yet")
         if cfg.finetune.enabled:
             raise ConfigError("parallel.sp: fine-tuning with sequence parallelism is not supported yet")
 

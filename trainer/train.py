@@ -291,13 +291,20 @@ class Trainer:
         DeepSpeed trains, so validation holds no second copy of a table and reads nothing back from disk (before:
         every validation loaded the checkpoint it had just written, a second sharded table on every rank). Under
         ZeRO-3 DeepSpeed's hooks gather each submodule's weights for its forward, as in training (tested with every
-        weight partitioned: tests/test_train_cli.py). Training mode is restored after."""
+        weight partitioned: tests/test_train_cli.py). Under parallel.sp the encoder runs whole rows on every rank
+        meanwhile. Training mode is restored after."""
         module, tables = self.engine.ds.module, self.engine.tables
         modes = module.training, tables.training
         module.eval()
         tables.eval()
+        whole_rows = contextlib.nullcontext()
+        if self.engine.sp > 1:  # parallel.sp: each rank ranks its own users with whole rows
+            from trainer.model.sequence_parallel import sequence_parallel_off
+
+            whole_rows = sequence_parallel_off(module.encoder)
         try:
-            yield checkpoint.ShardedModel(self.cfg, tables, self.engine.item_rows, module)
+            with whole_rows:
+                yield checkpoint.ShardedModel(self.cfg, tables, self.engine.item_rows, module)
         finally:
             module.train(modes[0])
             tables.train(modes[1])

@@ -22,8 +22,10 @@ heads' gradients are the same on every rank of the group, so their average is to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -82,6 +84,22 @@ def enable_sequence_parallel(encoder: Encoder, group: dist.ProcessGroup, device:
     for block in encoder.blocks:
         block.attn.core = SequenceParallelAttention(group, block.attn.dropout)
     encoder.sequence_group = group
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(encoder: Encoder) -> Iterator[None]:
+    """The encoder as a whole-row model on each rank for a while (validation during training: every rank ranks its
+    own users), its sequence-parallel attention back after. The parameters are the same either way."""
+    group, cores = encoder.sequence_group, [b.attn.core for b in encoder.blocks]
+    encoder.sequence_group = None
+    for b in encoder.blocks:
+        b.attn.core = None
+    try:
+        yield
+    finally:
+        encoder.sequence_group = group
+        for b, core in zip(encoder.blocks, cores):
+            b.attn.core = core
 
 
 def sequence_groups(sp: int, timeout_s: float = 600.0) -> dist.ProcessGroup:
