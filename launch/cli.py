@@ -171,5 +171,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return failure.code
 
 
+def entry() -> None:
+    """The ``argus`` executable (and ``python -m launch.cli``): :func:`main`, then the exit. After a command that
+    made and destroyed a process group in this process (eval, export: ``trainer.dist.left_a_group``), output is
+    flushed and the process ends with ``os._exit``: the destroyed group's C++ destructor, run at interpreter
+    teardown, can abort the process after its work is done and printed."""
+    code = main()
+    dist_module = sys.modules.get("trainer.dist")
+    if dist_module is not None and getattr(dist_module, "left_a_group", False):
+        import logging
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -261,3 +261,30 @@ def test_a_bad_fault_drill_is_refused_before_ray_starts(data, tmp_path, capsys, 
     )
     assert code == exit_codes.CONFIG
     assert one_line_error(err) == "argus: error: ARGUS_FAULT_INJECT: 'rank=0,step=1': missing once"
+
+
+def test_the_executable_ends_without_teardown_after_a_destroyed_group(monkeypatch):
+    """`argus` (launch.cli:entry): after a command that destroyed a process group it made (eval, export), the
+    process ends with os._exit and the command's exit code, output flushed; otherwise with sys.exit."""
+    import launch.cli as cli
+    import trainer.dist
+
+    ended = []
+
+    class Ended(Exception):
+        pass
+
+    def fake_exit(code):
+        ended.append(("os._exit", code))
+        raise Ended
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(trainer.dist, "left_a_group", False)
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    assert e.value.code == 3 and ended == []
+    monkeypatch.setattr(trainer.dist, "left_a_group", True)
+    with pytest.raises(Ended):
+        cli.entry()
+    assert ended == [("os._exit", 3)]

@@ -73,6 +73,7 @@ def process_group(preference: str = "auto", timeout_s: float = 600.0) -> Iterato
     down while a peer is still in its last collective can abort that peer at exit (CI saw one SIGABRT,
     "terminate called without an active exception", in a 2-rank eval). On an error there is no barrier: the
     peers may never reach it."""
+    global left_a_group
     owns = not dist.is_initialized()
     info = init_distributed(preference, timeout_s)
     try:
@@ -82,3 +83,12 @@ def process_group(preference: str = "auto", timeout_s: float = 600.0) -> Iterato
     finally:
         if owns:
             dist.destroy_process_group()
+            left_a_group = True
+
+
+left_a_group = False
+"""Whether :func:`process_group` destroyed a group in this process. TorchRec's sharded modules keep the destroyed
+gloo group alive from C++ (measured: it outlives ``destroy_process_group`` and ``gc.collect``), and its destructor
+at interpreter exit, or in a process forked later, can abort ("terminate called without an active exception",
+seen once in CI on a rank of `argus eval`): ``launch/cli.py: entry`` then ends the process without tearing it
+down."""
