@@ -272,6 +272,14 @@ def argus_ranks_failing(
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
+def argus_own_process(*argv: str) -> tuple[int, str, str]:
+    """`argus ARGV` in a process of its own, forked from the fork server: -> (exit code, stdout, stderr). For the
+    commands that make a process group (eval, export): TorchRec keeps a destroyed gloo group alive in the process
+    that made it, and a DataLoader worker forked from there later can abort in its destructor (seen once)."""
+    ((code, out, err),) = argus_ranks_failing(*argv, nproc=1)
+    return code, out, err
+
+
 def argus_inproc(capsys, *argv: str) -> tuple[int, str, str]:
     """`argus ARGV` in this process (for commands that make no process group): -> (exit code, stdout, stderr)."""
     from launch.cli import main

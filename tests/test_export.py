@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, argus_ranks
+from helpers import TINY_MODEL, argus_own_process, argus_ranks
 from helpers import read_samples as samples
 
 from trainer.data.batch import BATCH_DTYPES, Batch, collate
@@ -234,9 +234,9 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.slow
 def test_retrieve_recall_equals_eval_hr(exports, pre, imp_data, capsys):
-    from trainer.evaluate import evaluate
-
-    rep = evaluate(pre, imp_data, ks=[10, 100])  # `argus eval RUN --data DIR --ks 10,100`
+    code, out, err = argus_own_process("eval", str(pre), "--data", str(imp_data), "--ks", "10,100", "--json")
+    assert code == 0, err[-2000:]
+    rep = json.loads(out)
     assert rep["ranking"] == "full" and rep["split"] == "test"
     code, out, _ = cli(capsys, "retrieve", str(exports["sharded"]), "--k", "100", "--json")
     got = json.loads(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, argus_inproc, argus_ranks
+from helpers import TINY_MODEL, argus_inproc, argus_own_process, argus_ranks
 from helpers import read_samples as samples
 
 from trainer.data.batch import collate
@@ -294,7 +294,7 @@ def test_finetune_resumes_bitwise_and_evaluates(imp_data, pretrained, finetuned,
         "data.batch_tokens=64",
         nproc=1,
     )
-    rep0 = json.loads(argus_inproc(capsys, "eval", str(zero), "--data", str(imp_data), "--json")[1])
+    rep0 = json.loads(argus_own_process("eval", str(zero), "--data", str(imp_data), "--json")[1])
     assert rep0["model"]["pairwise_acc"] == pytest.approx(rep0["pretrained"]["pairwise_acc"], abs=2e-3)
 
 
@@ -364,7 +364,7 @@ def _assert_same_report(got: dict, want: dict, who: str) -> None:
 def test_finetune_eval_is_the_same_on_one_two_and_three_ranks(finetuned, imp_data, tmp_path, capsys):
     """`argus eval` of a fine-tuning run: item tables sharded, users split over the ranks; the report on 1 process
     equals the unsharded one-process reference and the reports on 2 (the CLI, rank 0 prints) and 3 ranks (Ray)."""
-    code, out, err = argus_inproc(capsys, "eval", str(finetuned), "--data", str(imp_data), "--json")
+    code, out, err = argus_own_process("eval", str(finetuned), "--data", str(imp_data), "--json")
     assert code == 0, err[-2000:]
     one = json.loads(out)
     assert one["split"] == "impressions_test" and one["pairs"] > 0 and one["cost"]["ranks"] == 1

@@ -10,9 +10,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import TINY_MODEL, free_port, losses, rank_env, start_ranks
+from helpers import TINY_MODEL, argus_own_process, free_port, losses, rank_env, start_ranks
 
 SCRIPT = {2: 0.10, 4: 0.30, 6: 0.20, 8: 0.25, 10: 0.40}  # peaks at step 4 until step 10 (which never runs)
+
+
+def eval_json(*argv: str) -> dict:
+    """`argus eval ARGV --json` in a process of its own (it makes a process group: helpers.argus_own_process)."""
+    code, out, err = argus_own_process("eval", *argv, "--json")
+    assert code == 0, err[-2000:]
+    return json.loads(out)
 
 
 def _worker(rank: int, world: int, overrides: list[str], port: int) -> None:
@@ -35,7 +42,6 @@ def _worker(rank: int, world: int, overrides: list[str], port: int) -> None:
 @pytest.mark.slow
 def test_best_checkpoint_early_stopping_and_eval_uses_best(data, tmp_path) -> None:
     from trainer import checkpoint
-    from trainer.evaluate import evaluate
 
     run = tmp_path / "run"
     common = [f"data.path={data}", f"out={run}", *TINY_MODEL, "data.batch_size=4", "train.log_every=1"]
@@ -59,13 +65,13 @@ def test_best_checkpoint_early_stopping_and_eval_uses_best(data, tmp_path) -> No
     for step in (4, 8):
         logged = next(m for m in metrics if m["step"] == step and "eval/hr@10" in m)
         ckpt = run / "checkpoints" / f"step_{step:08d}"
-        again = evaluate(run, data, split="val", checkpoint_path=ckpt)["model"]
+        again = eval_json(str(ckpt), "--data", str(data), "--split", "val")["model"]
         assert {k: logged[f"eval/{k}"] for k in ("hr@10", "hr@100", "ndcg@100")} == pytest.approx(
             {k: again[k] for k in ("hr@10", "hr@100", "ndcg@100")}, abs=1e-9
         )
     # argus eval scores `best` and says so; an explicit checkpoint still wins
-    assert evaluate(run, data, max_users=5)["checkpoint"] == "step_00000004"
-    rep = evaluate(run, data, max_users=5, checkpoint_path=run / "checkpoints" / "step_00000008")
+    assert eval_json(str(run), "--data", str(data), "--max-users", "5")["checkpoint"] == "step_00000004"
+    rep = eval_json(str(run / "checkpoints" / "step_00000008"), "--data", str(data), "--max-users", "5")
     assert rep["checkpoint"] == "step_00000008" and rep["users"] == 5
     # a resumed run replays validation.jsonl: it is already stopped, so it trains no further
     start_ranks(

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODEL, argus_inproc, argus_ranks, assert_training_plan_matches, free_port, losses
+from helpers import (
+    TINY_MODEL,
+    argus_inproc,
+    argus_own_process,
+    argus_ranks,
+    assert_training_plan_matches,
+    free_port,
+    losses,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ARGUS = [sys.executable, "-m", "launch.cli"]
@@ -86,7 +94,7 @@ def test_torchrun_resume_is_bitwise_identical_and_eval_deterministic(data, tmp_p
     )
     # eval: one JSON object with model and popularity metrics; twice -> the same report but for its cost (seconds,
     # peak memory)
-    runs = [argus_inproc(capsys, "eval", str(full), "--data", str(data), "--json") for _ in range(2)]
+    runs = [argus_own_process("eval", str(full), "--data", str(data), "--json") for _ in range(2)]
     assert runs[0][0] == 0, runs[0][2][-2000:]
     reps = [json.loads(r[1]) for r in runs]
     assert [sorted(r.pop("cost")) for r in reps] == [["peak_memory_gib", "ranks", "seconds", "users_per_s"]] * 2
@@ -254,7 +262,7 @@ def test_short_mini_run_beats_popularity(mini_run, capsys):
     The run (conftest.mini_run: 600 users, 100 steps of configs/mini.yaml on 1 rank) trains in the background
     from the start of the session."""
     data, run = mini_run
-    code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
+    code, out, err = argus_own_process("eval", str(run), "--data", str(data), "--json")
     assert code == 0, err[-2000:]
     rep = json.loads(out)
     model, pop = rep["model"]["hr@10"], rep["popularity"]["hr@10"]
@@ -306,7 +314,7 @@ def test_options_train_and_evaluate(data, tmp_path, options, capsys):
     assert all(r["loss/total"] == r["loss/total"] and r["loss/total"] > 0 for r in rows)  # finite, not NaN
     # validation ranked the live model: what `argus eval` gives for the checkpoint it wrote; exactly in fp32, and
     # within bf16's rounding of the weights for a bf16 run (the checkpoint holds the fp32 master weights)
-    again = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--split", "val", "--json")
+    again = argus_own_process("eval", str(run), "--data", str(data), "--split", "val", "--json")
     assert again[0] == 0, again[2][-2000:]
     tol = 0.1 if "deepspeed.precision=bf16" in options else 1e-9
     assert [r["step"] for r in validation] == [3]
@@ -315,7 +323,7 @@ def test_options_train_and_evaluate(data, tmp_path, options, capsys):
     head = "loss/next_item" if "heads.feedback.weight=0" in options else "loss/feedback"
     assert all(r[head] > 0 for r in rows)
     assert all(0 <= r["tokens/padding_share"] < 1 and r["tokens/rank_skew"] >= 0 for r in rows)
-    code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json")
+    code, out, err = argus_own_process("eval", str(run), "--data", str(data), "--json")
     assert code == 0, err[-2000:]
     assert json.loads(out)["users"] > 0
 
@@ -362,7 +370,7 @@ def test_eval_on_temporal_split_ranks_every_target(tmp_path, capsys):
     )
     run = tmp_path / "run"
     train_ranks("configs/mini.yaml", f"data.path={data}", f"out={run}", *TINY, "train.steps=2", nproc=1)
-    code, out, err = argus_inproc(capsys, "eval", str(run), "--data", str(data), "--json", "--ks", "5,50")
+    code, out, err = argus_own_process("eval", str(run), "--data", str(data), "--json", "--ks", "5,50")
     assert code == 0, err[-2000:]
     rep = json.loads(out)
     test = Manifest.load(data).splits["test"]
