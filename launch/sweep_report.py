@@ -10,6 +10,7 @@ context sweep: metric vs context).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -40,10 +41,16 @@ def _g(v: Any) -> str:
     return str(v)
 
 
-def _label(v: Any) -> str:
+def axis_label(v: Any) -> str:
+    """An axis value as the table and a trial's label print it: a mapping as ``{key=value, ...}``."""
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}={x}" for k, x in v.items()) + "}"
     return str(v)
+
+
+def _params(t: Trial, r: dict[str, Any]) -> Any:
+    """A trial's x on a scaling plot or fit: its encoder's parameters."""
+    return r.get("params")
 
 
 def _number(v: Any) -> float | None:
@@ -77,7 +84,7 @@ def table_rows(
         cells.append(
             [
                 t.id,
-                *(_label(t.axes[a]) for a in axis_names),
+                *(axis_label(t.axes[a]) for a in axis_names),
                 _g(row.get("params")),
                 _g(row.get("flops_per_interaction")),
                 _g((row.get("plan") or {}).get("gpu_hours")),
@@ -126,30 +133,47 @@ def trend(pts: list[tuple[float, float]]) -> str:
     return "not monotonic"
 
 
-def scaling_fit(trials: list[Trial], rows: dict[str, dict[str, Any]], metric: str) -> tuple[str | None, list[str]]:
-    """`argus sweep fit`'s comparison of ``metric`` against params, as Markdown lines, when the sweep has at least
-    4 finished points and params varies; else (why not, [])."""
-    from trainer.scaling import MIN_POINTS, compare
+@functools.lru_cache(maxsize=64)
+def _compare(pts: tuple[tuple[float, float], ...]) -> Any:
+    """`argus sweep fit`'s two laws fitted to ``pts`` (cached: the report's lines and its plot use one fit)."""
+    from trainer.scaling import compare
 
-    pts = points(finished(trials, rows), metric, lambda t, r: r.get("params"))
+    return compare([n for n, _ in pts], [y for _, y in pts])
+
+
+def params_fit(done: list[tuple[Trial, dict[str, Any]]], metric: str) -> tuple[str | None, Any]:
+    """(None, the two laws fitted to ``metric`` against params) from at least 4 finished sizes, one trial each;
+    else (why not, None)."""
+    from trainer.scaling import MIN_POINTS
+
+    pts = points(done, metric, _params)
     if len(pts) < MIN_POINTS:
-        return f"no scaling fit: {len(pts)} finished point(s) with {metric}, a fit needs {MIN_POINTS}", []
+        return f"no scaling fit: {len(pts)} finished point(s) with {metric}, a fit needs {MIN_POINTS}", None
     if len({n for n, _ in pts}) < 2:
-        return "no scaling fit: params does not vary over the finished trials", []
+        return "no scaling fit: params does not vary over the finished trials", None
     if len({n for n, _ in pts}) < len(pts):
         return (
             f"no scaling fit of {metric}: several finished trials per size (another axis varies too); fit one "
             "value of it at a time with `argus sweep fit`",
-            [],
+            None,
         )
     try:
-        cmp = compare([n for n, _ in pts], [y for _, y in pts])
+        return None, _compare(tuple(pts))
     except ValueError as e:
-        return f"no scaling fit of {metric} against params: {e}", []
+        return f"no scaling fit of {metric} against params: {e}", None
+
+
+def scaling_fit(trials: list[Trial], rows: dict[str, dict[str, Any]], metric: str) -> tuple[str | None, list[str]]:
+    """`argus sweep fit`'s comparison of ``metric`` against params, as Markdown lines, when the sweep has at least
+    4 finished points and params varies; else (why not, [])."""
+    done = finished(trials, rows)
+    why_not, cmp = params_fit(done, metric)
+    if cmp is None:
+        return why_not, []
     p = cmp.power
     lines = [
-        f"Scaling fit of {metric} against params ({len(pts)} points; `argus sweep fit RESULTS --x params "
-        f"--y metrics.{metric}` prints the intervals):",
+        f"Scaling fit of {metric} against params ({len(points(done, metric, _params))} points; `argus sweep fit "
+        f"RESULTS --x params --y metrics.{metric}` prints the intervals):",
         "",
         f"- offset power law ({p.form}): P0 = {p.P0.value:.4g}, N0 = {p.N0.value:.4g}, a = {p.a.value:.4g}; "
         f"RMSE {p.rmse:.4g}, AIC {p.aic:.2f}" + (f" ({p.note})" if p.note else ""),
@@ -169,8 +193,8 @@ def _axis_x(trials: list[Trial], name: str) -> str | None:
     values = [t.axes[name] for t in trials]
     if all(not isinstance(v, dict) for v in values):
         return "" if all(_number(v) is not None for v in values) else None
-    distinct = list(dict.fromkeys(map(_label, values)))
-    firsts = {_label(v): v for v in values}
+    distinct = list(dict.fromkeys(map(axis_label, values)))
+    firsts = {axis_label(v): v for v in values}
     for key in values[0]:
         xs = [firsts[d].get(key) for d in distinct]
         if all(_number(x) is not None for x in xs) and len(set(xs)) == len(xs):
@@ -182,12 +206,10 @@ def _x_axes(trials: list[Trial], rows: dict[str, dict[str, Any]]) -> list[tuple[
     """(x label, axis, key: "" for a scalar axis) of the axes a metric is plotted against besides params: numeric
     (:func:`_axis_x`), with at least two values, and not a size axis (one whose value alone sets params: the params
     plot shows it). A context sweep's ``model.max_seq_len``."""
-    out = []
+    out, sizes = [], _size_axes(trials, rows)
     for name in trials[0].axes if trials else []:
         key = _axis_x(trials, name)
-        if key is None or len({_label(t.axes[name]) for t in trials}) < 2:
-            continue
-        if name in _size_axes(trials, rows):
+        if key is None or len({axis_label(t.axes[name]) for t in trials}) < 2 or name in sizes:
             continue
         out.append((key or name, name, key))
     return out
@@ -199,7 +221,7 @@ def _size_axes(trials: list[Trial], rows: dict[str, dict[str, Any]]) -> list[str
     for name in trials[0].axes if trials else []:
         params: dict[str, set[Any]] = {}
         for t in trials:
-            params.setdefault(_label(t.axes[name]), set()).add((rows.get(t.id) or {}).get("params"))
+            params.setdefault(axis_label(t.axes[name]), set()).add((rows.get(t.id) or {}).get("params"))
         sizes = [next(iter(p)) for p in params.values() if len(p) == 1]
         if len(sizes) == len(params) > 1 and len(set(sizes)) == len(sizes):
             out.append(name)
@@ -212,21 +234,28 @@ def _x(t: Trial, axis: str, key: str) -> Any:
 
 
 def _series(
-    done: list[tuple[Trial, dict[str, Any]]], metric: str, axis: str | None, key: str
+    done: list[tuple[Trial, dict[str, Any]]],
+    metric: str,
+    axis: str | None,
+    key: str,
+    sizes: list[str] | None = None,
 ) -> dict[str, list[tuple[float, float]]]:
     """The lines of one plot. Against params (axis None): one line per value of the axes that do not set the size
     (a size x context grid: one per context), a single line when every axis does. Against an axis: one line per
-    value of the other axes (a size x context grid: one per size)."""
+    value of the other axes (a size x context grid: one per size). ``sizes``: the size axes (:func:`_size_axes`),
+    when the caller has them."""
     axes = list(done[0][0].axes) if done else []
     if axis is None:
-        others = [a for a in axes if a not in _size_axes([t for t, _ in done], dict((t.id, r) for t, r in done))]
+        if sizes is None:
+            sizes = _size_axes([t for t, _ in done], {t.id: r for t, r in done})
+        others = [a for a in axes if a not in sizes]
         if not others:
-            return {"": points(done, metric, lambda t, r: r.get("params"))}
+            return {"": points(done, metric, _params)}
     else:
         others = [a for a in axes if a != axis]
 
     def rest(t: Trial) -> str:
-        return ", ".join(f"{a}={_label(t.axes[a])}" for a in others)
+        return ", ".join(f"{a}={axis_label(t.axes[a])}" for a in others)
 
     def x(t: Trial, r: dict[str, Any]) -> Any:
         return r.get("params") if axis is None else _x(t, axis, key)
@@ -251,8 +280,6 @@ def plot(trials: list[Trial], rows: dict[str, dict[str, Any]], metrics: Sequence
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from trainer.scaling import MIN_POINTS, compare
-
     done = finished(trials, rows)
     names = [m for m in metric_names(trials, rows, metrics) if points(done, m, lambda t, r: 0)]
     names = names[: len(metrics) or MAX_PLOTTED_METRICS]
@@ -263,6 +290,7 @@ def plot(trials: list[Trial], rows: dict[str, dict[str, Any]], metrics: Sequence
     if len({r.get("params") for _, r in done}) > 1:
         xs.append(("params", None, ""))
     xs += _x_axes(trials, rows)
+    sizes = _size_axes([t for t, _ in done], {t.id: r for t, r in done})
     for xname, axis, key in xs:
         cols = min(PLOT_COLUMNS, len(names))
         rows_n = -(-len(names) // cols)
@@ -270,20 +298,16 @@ def plot(trials: list[Trial], rows: dict[str, dict[str, Any]], metrics: Sequence
         for ax in axes.flat[len(names) :]:
             ax.set_visible(False)
         for ax, m in zip(axes.flat, names):
-            series = _series(done, m, axis, key)
+            series = _series(done, m, axis, key, sizes)
             for label, pts in series.items():
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or "trials")
             pts = series.get("", [])
-            if axis is None and len(pts) >= MIN_POINTS and len({n for n, _ in pts}) >= 2:
-                try:
-                    cmp = compare([n for n, _ in pts], [y for _, y in pts])
-                except ValueError:
-                    cmp = None
-                if cmp is not None:
-                    grid = np.geomspace(pts[0][0], pts[-1][0], 100)
-                    ax.plot(grid, cmp.power.predict(grid), "--", label=f"offset power (AIC {cmp.power.aic:.1f})")
-                    ax.plot(grid, cmp.log_linear.predict(grid), ":", label=f"log-linear (AIC {cmp.log_linear.aic:.1f})")
+            cmp = params_fit(done, m)[1] if axis is None and pts else None  # one line of every size: its fit
+            if cmp is not None:
+                grid = np.geomspace(pts[0][0], pts[-1][0], 100)
+                ax.plot(grid, cmp.power.predict(grid), "--", label=f"offset power (AIC {cmp.power.aic:.1f})")
+                ax.plot(grid, cmp.log_linear.predict(grid), ":", label=f"log-linear (AIC {cmp.log_linear.aic:.1f})")
             lo, hi = min(p[0] for s in series.values() for p in s), max(p[0] for s in series.values() for p in s)
             if lo > 0 and hi / lo >= 4:
                 ax.set_xscale("log", base=10 if axis is None else 2)
@@ -318,7 +342,7 @@ def report(
     if len({r.get("params") for _, r in done}) > 1:
         lines += ["", "Trend against encoder parameters (finished trials):", ""]
         for m in metrics:
-            pts = points(done, m, lambda t, r: r.get("params"))
+            pts = points(done, m, _params)
             if len(pts) >= 2 and len({n for n, _ in pts}) == len(pts):
                 lines.append(f"- {m}: {trend(pts)} with size ({len(pts)} sizes)")
         for m in metrics:

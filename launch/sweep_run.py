@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
+from launch.sweep_report import axis_label
 from trainer.config import ConfigError, from_dict, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,13 +164,7 @@ class Trial:
     overrides: list[str]  # the spec's, the command line's, then the axes'; the runner adds out= and resume
 
     def label(self) -> str:
-        return ", ".join(f"{k}={_label(v)}" for k, v in self.axes.items())
-
-
-def _label(v: Any) -> str:
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}={x}" for k, x in v.items()) + "}"
-    return str(v)
+        return ", ".join(f"{k}={axis_label(v)}" for k, v in self.axes.items())
 
 
 def trial_id(base: str, overrides: Sequence[str]) -> str:
