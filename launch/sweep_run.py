@@ -39,6 +39,8 @@ REPORT = "report.md"
 LOG_TAIL_LINES = 20
 """Lines of a failed trial's log kept in its row."""
 LOST = "no result: the Ray trial ended without writing its row"
+ROW_KEYS = ("trial", "axes", "overrides", "params", "dense_params", "flops_per_interaction", "plan")
+"""What a trial's row says of it before it runs, finished, failed or lost."""
 
 
 # ---- the spec ------------------------------------------------------------------------------------------------
@@ -95,9 +97,7 @@ class SweepSpec:
             raise ConfigError("base: required (a run config, e.g. configs/mini.yaml)")
         if self.ranks < 1:
             raise ConfigError(f"ranks: must be >= 1, got {self.ranks}")
-        for i, o in enumerate(self.overrides):
-            if "=" not in o or not o.split("=", 1)[0]:
-                raise ConfigError(f"overrides[{i}]: expected key=value, got {o!r}")
+        _check_overrides("overrides", self.overrides)
         if not self.axes:
             raise ConfigError("axes: required (at least one axis: a config key and a list of values)")
         for name, values in self.axes.items():
@@ -118,11 +118,7 @@ class SweepSpec:
         if self.eval is not None and self.eval.max_users is not None and self.eval.max_users < 0:
             raise ConfigError(f"eval.max_users: must be >= 0, got {self.eval.max_users}")
         if self.finetune is not None:
-            for i, o in enumerate(self.finetune.overrides):
-                if "=" not in o or not o.split("=", 1)[0]:
-                    raise ConfigError(f"finetune.overrides[{i}]: expected key=value, got {o!r}")
-                if o.split("=", 1)[0] in ("out", "finetune.init", "resume"):
-                    raise ConfigError(f"finetune.overrides[{i}]: {o.split('=', 1)[0]} is the sweep's to set")
+            _check_overrides("finetune.overrides", self.finetune.overrides, reserved=("out", "finetune.init", "resume"))
         pl = self.plan
         from trainer.flops import GPU_SPECS
 
@@ -133,6 +129,16 @@ class SweepSpec:
                 f"plan: nodes and gpus must be >= 1, items >= 0, interactions > 0; got nodes={pl.nodes}, "
                 f"gpus={pl.gpus}, items={pl.items:g}, interactions={pl.interactions:g}"
             )
+
+
+def _check_overrides(where: str, overrides: list[str], reserved: Sequence[str] = ()) -> None:
+    """Each item is key=value, its key not one of ``reserved`` (keys the sweep sets itself)."""
+    for i, o in enumerate(overrides):
+        key = o.split("=", 1)[0]
+        if "=" not in o or not key:
+            raise ConfigError(f"{where}[{i}]: expected key=value, got {o!r}")
+        if key in reserved:
+            raise ConfigError(f"{where}[{i}]: {key} is the sweep's to set")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -257,17 +263,19 @@ def plan_trials(spec: SweepSpec, trials: list[Trial], root: Path, base: str, ret
         if row is not None and not (retry_failed and row.get("status") != "ok"):
             done.append(t)
             continue
-        run_dir = root / "trials" / t.id / "run"
+        trial_dir = root / "trials" / t.id
+        run_dir = trial_dir / "run"
         job_overrides = [*t.overrides, f"out={run_dir}", *restart_flags(run_dir)]
+        ft = finetune_job(spec, t, run_dir, trial_dir / "finetune") if spec.finetune is not None else {}
         try:
             cfg = load_job(base, job_overrides, world_size=spec.ranks)
-            if spec.finetune is not None:
-                check_finetune(spec, t, root, base, cfg)
+            if ft:
+                check_finetune(spec, base, cfg, ft["finetune_overrides"], run_dir)
         except (ConfigError, OSError) as e:
             raise ConfigError(f"trial {t.id} ({t.label()}): {e}") from None
-        checked.append((t, job_overrides, cfg))
+        checked.append((t, job_overrides, cfg, trial_dir, ft))
     to_run = []
-    for t, job_overrides, cfg in checked:
+    for t, job_overrides, cfg, trial_dir, ft in checked:
         dense = dense_params(cfg)
         item_rows = cfg.embeddings.item_rows
         if not item_rows:
@@ -284,23 +292,23 @@ def plan_trials(spec: SweepSpec, trials: list[Trial], root: Path, base: str, ret
                 "job_overrides": job_overrides,
                 "base": base,
                 "data": absolute(cfg.data.path),
-                "trial_dir": str(root / "trials" / t.id),
-                "run_dir": str(root / "trials" / t.id / "run"),
+                "trial_dir": str(trial_dir),
+                "run_dir": str(trial_dir / "run"),
                 "params": dense.encoder,
                 "dense_params": dense.total,
                 "flops_per_interaction": flops_per_interaction(cfg, item_rows),
                 "plan": plan_cost(cfg, spec.plan, item_rows),
-                **(finetune_job(spec, t, root) if spec.finetune is not None else {}),
+                **ft,
             }
         )
     return Plan(to_run=to_run, done=done, rows=rows)
 
 
-def check_finetune(spec: SweepSpec, t: Trial, root: Path, base: str, pre: Any) -> None:
-    """What `argus finetune` will check of the trial's fine-tuning stage, before its pre-training has run: the
-    config with ``finetune.init`` set (its own checks: eval.every, ...), the model shapes the same as the trial's
-    pre-training config (fine-tuning may change only how the model is trained), and the impression splits in the
-    data. Raises ConfigError naming the key."""
+def check_finetune(spec: SweepSpec, base: str, pre: Any, overrides: list[str], run_dir: Path) -> None:
+    """What `argus finetune` will check of a trial's fine-tuning stage (``overrides``: :func:`finetune_job`'s),
+    before its pre-training (``pre``, into ``run_dir``) has run: the config with ``finetune.init`` set (its own
+    checks: eval.every, ...), the model shapes the same as the pre-training config's (fine-tuning may change only
+    how the model is trained), and the impression splits in the data. Raises ConfigError naming the key."""
     import copy
 
     from trainer.data.manifest import Manifest
@@ -308,11 +316,10 @@ def check_finetune(spec: SweepSpec, t: Trial, root: Path, base: str, pre: Any) -
     from trainer.run import load_job
 
     assert spec.finetune is not None
-    job = finetune_job(spec, t, root)
-    init = f"finetune.init={root / 'trials' / t.id / 'run'}"
-    cfg = load_job(base, [o for o in job["finetune_overrides"] if o != init], world_size=spec.ranks)
-    probe = copy.deepcopy(cfg)  # the pre-training run it starts from is not there yet: its checks, without it
-    probe.finetune.init = init.split("=", 1)[1]
+    init = f"finetune.init={run_dir}"  # not there yet: load_job would look for its checkpoint
+    cfg = load_job(base, [o for o in overrides if o != init], world_size=spec.ranks)
+    probe = copy.deepcopy(cfg)
+    probe.finetune.init = str(run_dir)
     probe.validate(spec.ranks)
     diff = model_difference(pre, cfg)
     if diff is not None:
@@ -329,11 +336,10 @@ def check_finetune(spec: SweepSpec, t: Trial, root: Path, base: str, pre: Any) -
         raise ConfigError(f"finetune: data.path: {e}") from None
 
 
-def finetune_job(spec: SweepSpec, t: Trial, root: Path) -> dict[str, Any]:
-    """The fine-tuning stage's run directory and overrides (``resume=true`` when an earlier attempt left a
-    checkpoint there)."""
+def finetune_job(spec: SweepSpec, t: Trial, run_dir: Path, ft_dir: Path) -> dict[str, Any]:
+    """The fine-tuning stage's run directory and overrides, from the trial's run in ``run_dir`` (``resume=true``
+    when an earlier attempt left a checkpoint in ``ft_dir``)."""
     assert spec.finetune is not None
-    run_dir, ft_dir = root / "trials" / t.id / "run", root / "trials" / t.id / "finetune"
     overrides = [*t.overrides, *spec.finetune.overrides, f"finetune.init={run_dir}", f"out={ft_dir}"]
     return {"finetune_dir": str(ft_dir), "finetune_overrides": [*overrides, *restart_flags(ft_dir)]}
 
@@ -430,10 +436,7 @@ def _eval_json(
     the report is kept at ``keep``."""
     cmd = [sys.executable, "-m", "launch.cli", "eval", str(run), "--data", data, "--json", *flags]
     keep.unlink(missing_ok=True)  # an earlier attempt's report must not pass for this one's
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        out = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+    out = _run_logged(cmd, log, cwd, env, capture=True)
     if out.returncode != 0:
         return out.returncode, {}
     try:
@@ -446,11 +449,17 @@ def _eval_json(
     return 0, rep
 
 
-def _run_logged(cmd: list[str], log: Path, cwd: str, env: dict[str, str]) -> int:
+def _run_logged(
+    cmd: list[str], log: Path, cwd: str, env: dict[str, str], capture: bool = False
+) -> subprocess.CompletedProcess:
+    """``cmd`` with its line and its output appended to the trial's ``log``; ``capture``: stdout kept (as text)
+    instead, stderr to the log."""
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        if capture:
+            return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+        return subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def run_trial(t: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
@@ -470,16 +479,9 @@ def run_trial(t: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
     if ranks > 1:
         argus = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *argus]
     t0 = time.monotonic()
-    row: dict[str, Any] = {
-        "trial": t["trial"],
-        "axes": t["axes"],
-        "overrides": t["overrides"],
-        "params": t["params"],
-        "dense_params": t["dense_params"],
-        "flops_per_interaction": t["flops_per_interaction"],
-        "plan": t["plan"],
-    }
-    code = _run_logged([sys.executable, *argus, "train", t["base"], *t["job_overrides"]], log, sweep["cwd"], env)
+    row: dict[str, Any] = {k: t[k] for k in ROW_KEYS}
+    train = [sys.executable, *argus, "train", t["base"]]
+    code = _run_logged([*train, *t["job_overrides"]], log, sweep["cwd"], env).returncode
     phase, ev = "train", {}
     if code == 0 and sweep.get("eval") is not None:
         phase = "eval"
@@ -492,9 +494,7 @@ def run_trial(t: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
     if code == 0 and t.get("finetune_dir"):
         phase = "finetune"
         ft_dir = Path(t["finetune_dir"])
-        code = _run_logged(
-            [sys.executable, *argus, "train", t["base"], *t["finetune_overrides"]], log, sweep["cwd"], env
-        )
+        code = _run_logged([*train, *t["finetune_overrides"]], log, sweep["cwd"], env).returncode
         if code == 0:
             phase = "finetune eval"
             split = sweep["finetune"].get("split")
@@ -605,8 +605,7 @@ def run_sweep(
     rows = read_rows(root / RESULTS)
     for t in plan.to_run:  # a trial Ray lost (its trainable died before writing a row)
         if t["trial"] not in rows:
-            keys = ("trial", "axes", "overrides", "params", "dense_params", "flops_per_interaction", "plan")
-            row = {k: t[k] for k in keys}
+            row = {k: t[k] for k in ROW_KEYS}
             row.update(status="failed", failed_in="ray", exit_code=None, log_tail=[LOST])
             append_row(root / RESULTS, row)
             rows[t["trial"]] = row
