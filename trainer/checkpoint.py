@@ -140,7 +140,7 @@ def save(
     states = gather_states(loader)
     world = len(states)
     # parallel.sp: the ranks of an sp group hold one loader (the data-parallel rank's): its state once
-    states = states[:: getattr(engine, "sp", 1)]
+    states = states[:: engine.sp]
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
     if rank == 0:
         (tmp / "loader.json").write_text(json.dumps(states))
@@ -222,7 +222,7 @@ def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str
     load_tables(path, engine.tables, engine.sparse_optimizer)  # DCP reshards for any world size
     states = json.loads((path / "loader.json").read_text())
     loader.load_state_dict(states)  # re-laid out over the new (data-parallel) ranks
-    saved_dp, dp = len(states), world // getattr(engine, "sp", 1)  # parallel.sp: one loader per sp group
+    saved_dp, dp = len(states), world // engine.sp  # parallel.sp: one loader per sp group
     rng = path / "rng" / f"rank{rank:05d}.pt"
     if rng.is_file() and saved_world == world and saved_dp == dp:  # per-rank RNG streams: the same layout only
         _set_rng_state(torch.load(rng, weights_only=False))

@@ -69,10 +69,9 @@ def process_group(preference: str = "auto", timeout_s: float = 600.0) -> Iterato
     """:func:`init_distributed` for one collective call (eval, export): a group started here is left here, a
     caller's (a Ray worker's, training's validation) is kept.
 
-    On success every rank meets at a barrier before the group is destroyed: a rank that tears its gloo sockets
-    down while a peer is still in its last collective can abort that peer at exit (CI saw one SIGABRT,
-    "terminate called without an active exception", in a 2-rank eval). On an error there is no barrier: the
-    peers may never reach it."""
+    On success every rank meets at a barrier before the group is destroyed, so no rank tears its sockets down
+    while a peer is still in its last collective; on an error there is no barrier (the peers may never reach
+    it). What is left of the destroyed group is :data:`left_a_group`'s concern."""
     global left_a_group
     owns = not dist.is_initialized()
     info = init_distributed(preference, timeout_s)

@@ -150,6 +150,17 @@ class AttnLayout:
         return torch.cat(ys).index_select(0, self.inverse).view(R, T, H, Dh)
 
 
+def attend(qkv: Tensor, layout: AttnLayout | None, dropout_p: float) -> Tensor:
+    """``qkv`` (R, T, 3, heads, head_dim) -> (R, T, heads, head_dim): causal attention, within each packed history
+    (``layout``), or over the whole row (None)."""
+    if layout is not None:
+        return layout.attend(qkv, dropout_p)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    # Causal alone is exact for right-padded rows: every key a real query can see
+    # is real. It also keeps the flash kernel available and needs no (B,T,T) mask.
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True).transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention: fused qkv projection + SDPA (``dropout``: on attention probabilities)."""
 
@@ -167,15 +178,8 @@ class Attention(nn.Module):
         B, T, D = x.shape
         dropout_p = self.dropout if self.training else 0.0
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads)
-        if self.core is not None:
-            return self.out(self.core(qkv, layout).reshape(B, T, D))
-        if layout is not None:
-            return self.out(layout.attend(qkv, dropout_p).reshape(B, T, D))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        # Causal alone is exact for right-padded rows: every key a real query can see
-        # is real. It also keeps the flash kernel available and needs no (B,T,T) mask.
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        y = self.core(qkv, layout) if self.core is not None else attend(qkv, layout, dropout_p)
+        return self.out(y.reshape(B, T, D))
 
 
 class Block(nn.Module):

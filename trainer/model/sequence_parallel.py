@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainer.model.encoder import AttnLayout, Encoder
+from trainer.model.encoder import AttnLayout, Encoder, attend
 
 
 class _LocalAttention(nn.Module):
@@ -44,13 +44,7 @@ class _LocalAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: AttnLayout | None = None) -> Tensor:
         """(R, T, h, Dh) each -> (R, T, h, Dh); ``layout`` None: one history per row, plain causal."""
-        p = self.dropout if self.training else 0.0
-        if layout is not None:
-            return layout.attend(torch.stack((q, k, v), dim=2), p)
-        y = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, is_causal=True
-        )
-        return y.transpose(1, 2)
+        return attend(torch.stack((q, k, v), dim=2), layout, self.dropout if self.training else 0.0)
 
 
 class SequenceParallelAttention(nn.Module):
