@@ -329,7 +329,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
         * (sp - 1)
         / sp
     )
-    sp_s = sp_bytes / (intra if sp <= gpn else inter) if sp > 1 else 0.0
+    sp_s = sp_bytes / (intra if sp <= gpn else inter)  # 0 bytes when sp = 1
     parts = {
         "compute": compute_s,
         "memory": memory_s,
