@@ -1,13 +1,14 @@
-"""Data parallelism vs sequence parallelism on this machine: step time and peak memory per rank of `argus train`
-with the same global batch, dp=2 (one row per rank) vs sp=2 (two rows shared by two ranks), beside the planner's
-activations per rank and the bytes of the sp collectives.
+"""Data vs tensor vs sequence parallelism on this machine: step time and peak memory per rank of `argus train` with
+the same global batch, dp=2 (one row per rank) vs tp=2 (two rows on both ranks, each holding half of every block's
+weights) vs sp=2 (two rows on both ranks, each encoding half of every row), beside the planner's dense states and
+activations per rank and the bytes of the tp / sp collectives.
 
     python bench/parallel_throughput.py [--preset small] [--context 2048] [--steps 6] [--json]
 
 Each layout runs the real CLI under torchrun (2 ranks, gloo, TorchRec row-wise item table + DeepSpeed ZeRO-2, fp32)
 on a synthetic dataset of histories at least as long as the context. The step time is the last logging window's
 (the first holds start-up); peak memory is each rank's peak RSS on CPU (the process, not only the activations:
-compare the two layouts' difference with the planner's). Tensor parallelism is not built yet.
+compare the layouts' differences with the planner's).
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# layout -> (rows per rank, overrides); the global batch is 2 rows in each
+LAYOUTS = {"dp": (1, []), "tp": (2, ["parallel.tp=2"]), "sp": (2, ["parallel.sp=2"])}
+
+
 def train(data: Path, out: Path, args: argparse.Namespace, layout: str) -> dict:
-    batch, extra = (1, []) if layout == "dp" else (2, ["parallel.sp=2"])
+    batch, extra = LAYOUTS[layout]
     overrides = [
         "configs/mini.yaml", f"data.path={data}", f"out={out}", f"model.preset={args.preset}",
         f"model.max_seq_len={args.context}", f"data.batch_size={batch}", f"train.steps={args.steps}",
@@ -50,12 +55,12 @@ def planned(data: Path, args: argparse.Namespace, layout: str) -> dict:
     from trainer.data.manifest import Manifest
     from trainer.job import JobConfig
 
-    batch, sp = (1, 1) if layout == "dp" else (2, 2)
+    batch, extra = LAYOUTS[layout]
     cfg = load_config(
         JobConfig,
         REPO / "configs" / "mini.yaml",
-        [f"model.preset={args.preset}", f"model.max_seq_len={args.context}", f"data.batch_size={batch}",
-         f"parallel.sp={sp}", "deepspeed.precision=fp32", "out=/x", f"data.path={data}"],
+        [f"model.preset={args.preset}", f"model.max_seq_len={args.context}", f"data.batch_size={batch}", *extra,
+         "deepspeed.precision=fp32", "out=/x", f"data.path={data}"],
         validate=False,
     )  # fmt: skip
     items = Manifest.load(data).num_items
@@ -64,7 +69,7 @@ def planned(data: Path, args: argparse.Namespace, layout: str) -> dict:
     return {
         "activations_gb": m["activations"] / 1e9,
         "dense_gb": (m["dense_params"] + m["dense_grads"] + m["dense_optimizer"]) / 1e9,
-        "sp_comm_mb": r["step"]["sp_comm_bytes"] / 1e6,
+        "comm_mb": (r["step"]["sp_comm_bytes"] + r["step"]["tp_comm_bytes"]) / 1e6,
         "h100_step_s": r["step"]["seconds"],
     }
 
@@ -84,7 +89,7 @@ def main() -> None:
         synthesize(data, users=48, items=2000, mean_len=2 * args.context, shards=2, seed=0, holdout="none",
                    max_len=args.context, workers=1)  # fmt: skip
         rows = {}
-        for layout in ("dp", "sp"):
+        for layout in LAYOUTS:
             rows[layout] = {**train(data, Path(tmp) / layout, args, layout), **planned(data, args, layout)}
     report = {
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
@@ -97,11 +102,11 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         return
     print(f"{args.preset}, context {args.context}, 2 rows per step, 2 CPU ranks (gloo), {report['machine']}")
-    print(f"{'layout':8} {'step s':>8} {'peak GB/rank':>13} | planner: {'act GB/rank':>11} {'sp MB/step':>10}")
+    print(f"{'layout':8} {'step s':>8} {'peak GB/rank':>13} | planner: {'dense GB/rank':>13} {'act GB/rank':>11} "
+          f"{'comm MB/step':>12}")  # fmt: skip
     for name, r in rows.items():
-        label = "dp=2" if name == "dp" else "sp=2"
-        print(f"{label:8} {r['step_s']:8.2f} {r['peak_gb']:13.2f} |          {r['activations_gb']:11.2f} "
-              f"{r['sp_comm_mb']:10.1f}")  # fmt: skip
+        print(f"{name + '=2':8} {r['step_s']:8.2f} {r['peak_gb']:13.2f} |          {r['dense_gb']:13.3f} "
+              f"{r['activations_gb']:11.2f} {r['comm_mb']:12.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ from trainer.memory import (
     HEADROOM_FRACTION,
     activations,
     dense_params,
-    dense_states,
     ds_buffers,
     embedding_hbm_budget,
     embedding_lookups,
     headroom,
+    rank_dense_states,
     weight_bytes,
 )
 
@@ -196,14 +196,35 @@ def sequence_parallel_bytes(
     return n_layers * (12 if recompute else 8) * chunk + chunk
 
 
+def tensor_parallel_bytes(
+    n_layers: int,
+    d_model: int,
+    tokens: float,
+    tp: int,
+    dtype_bytes: int,
+    recompute: bool = False,
+    dropout: bool = False,
+) -> float:
+    """Bytes a rank hands to ``parallel.tp``'s all-reduces per step for ``tokens`` tokens (0 when tp = 1): per block
+    2 forward (the row-parallel attention output and ff2), 2 backward (the column-parallel qkv's and ff1's input
+    gradients) and, when the blocks are recomputed, the forward ones again: both with residual ``dropout`` (its mask
+    after ff2 is saved), else only the first (torch's checkpoint stops recomputing once the saved tensors are back,
+    before ff2's all-reduce). Each is of the whole (tokens, d_model) activation, padding included; a ring all-reduce
+    sends 2 (tp - 1)/tp of its bytes off the rank (the caller applies that). Checked against what AutoTP's layers
+    hand to them: tests/test_tensor_parallel.py."""
+    if tp == 1:
+        return 0.0
+    return n_layers * (4 + (2 if dropout else 1) * recompute) * tokens * d_model * dtype_bytes
+
+
 def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     """The whole plan as a JSON-ready dict (bytes, seconds, FLOPs; see docs/capacity-planning.md)."""
     req.validate()
     hw = req.hardware
     world, gpn = hw.world, hw.gpus_per_node
     cfg = plan_config(cfg, world)
-    sp = cfg.parallel.sp
-    dp = world // sp
+    tp, sp = cfg.parallel.tp, cfg.parallel.sp
+    dp = world // (tp * sp)
     spec = hw.spec()
     enc, ds, ni = cfg.model.resolved(), cfg.deepspeed, cfg.heads.next_item
     capacity = spec.memory_bytes
@@ -213,7 +234,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     tables = embedding_tables(cfg, req.items)
 
     # ---- memory per rank
-    states = dense_states(p.total, p.largest_layer, ds.stage, ds.precision, ds.offload, world, gpn)
+    states = rank_dense_states(cfg, world, gpn)
     act = activations(cfg)
     buffers = ds_buffers(cfg.deepspeed_config(world), ds.precision)
     reserve = headroom(capacity, req.headroom_fraction)
@@ -271,8 +292,8 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     f_int = flops_per_interaction(cfg, req.items)
     f_enc = encoder_flops_per_interaction(cfg)
     recompute = f_enc / 3 if enc.activation_checkpointing else 0.0  # one more forward of the encoder
-    # parallel.sp: the encoder's FLOPs (and their recompute) split over the sp group; the heads run on every rank
-    flops_step = ((f_enc + recompute) / sp + f_int - f_enc) * interactions_rank
+    # parallel.tp / sp: the encoder's FLOPs (and their recompute) split over the group; the heads run on every rank
+    flops_step = ((f_enc + recompute) / (tp * sp) + f_int - f_enc) * interactions_rank
     peak = spec.peak_flops(ds.precision)
     if req.mfu:
         mfu, mfu_source = req.mfu, "given (--mfu)"
@@ -297,14 +318,16 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
         sparse_bytes = 2 * lookup_bytes + 4 * table_bytes + 2 * table_state
     else:
         sparse_bytes = 3 * lookup_bytes + 2 * item_lookups * opt_row(item_dim)
-    hbm_bytes = sparse_bytes + 3 * p.total * w + 2 * (states.optimizer + states.grads) + 2 * act.layers
+    hbm_bytes = sparse_bytes + 3 * p.per_rank * w + 2 * (states.optimizer + states.grads) + 2 * act.layers
     memory_s = hbm_bytes / spec.hbm_bytes_per_s
 
     intra, inter = hw.bandwidths()
     ring = (world - 1) / world if world > 1 else 0.0
     zero_passes = {0: 2, 1: 2, 2: 2, 3: 3}[ds.stage]  # all-reduce = reduce-scatter + all-gather; ZeRO-3 gathers twice
-    zero_bytes = zero_passes * ring * p.total * w
-    zero_s = zero_bytes / (inter if hw.nodes > 1 else intra) if world > 1 else 0.0
+    # ZeRO reduces over the data-parallel group AutoTP builds (world / tp; the whole world under sp), a rank's share
+    zero_world = world // tp
+    zero_bytes = zero_passes * ((zero_world - 1) / zero_world) * p.per_rank * w
+    zero_s = zero_bytes / (inter if hw.nodes > 1 else intra) if zero_world > 1 else 0.0
     a2a_bytes = 2 * lookup_bytes * ring  # embeddings out forward, their gradients back
     local = (gpn - 1) / world if world > 1 else 0.0
     remote = (world - gpn) / world if world > 1 else 0.0
@@ -317,11 +340,13 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     emb_s = emb.get("seconds_per_step", a2a_s)
     # parallel.sp: the attention all-to-alls and the gather of the encoder's output, on the step's critical path;
     # an sp group is consecutive ranks: within a node when sp <= GPUs per node
+    # the collectives move the whole grid, padding included (interactions_rank counts only the real ones)
+    grid_tokens = cfg.rows_per_batch() * cfg.interactions_per_sample() * k
     sp_bytes = (
         sequence_parallel_bytes(
             enc.n_layers,
             enc.d_model,
-            interactions_rank * k,
+            grid_tokens,
             sp,
             weight_bytes(ds.precision),
             enc.activation_checkpointing,
@@ -330,15 +355,27 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
         / sp
     )
     sp_s = sp_bytes / (intra if sp <= gpn else inter)  # 0 bytes when sp = 1
+    # parallel.tp: two all-reduces per block forward and two backward, on the critical path (AutoTP's are
+    # synchronous); a tp group is consecutive ranks, within a node when tp <= GPUs per node
+    tp_bytes = tensor_parallel_bytes(
+        enc.n_layers,
+        enc.d_model,
+        grid_tokens,
+        tp,
+        weight_bytes(ds.precision),
+        enc.activation_checkpointing,
+        enc.dropout > 0,
+    ) * (2 * (tp - 1) / tp)
+    tp_s = tp_bytes / (intra if tp <= gpn else inter)
     parts = {
         "compute": compute_s,
         "memory": memory_s,
-        "communication": zero_s + a2a_s + sp_s,
+        "communication": zero_s + a2a_s + sp_s + tp_s,
         "embeddings": emb_s,
     }
-    step_s = max(compute_s, memory_s, zero_s) + emb_s + sp_s
+    step_s = max(compute_s, memory_s, zero_s) + emb_s + sp_s + tp_s
 
-    interactions_step = interactions_rank * dp  # an sp group trains on one batch
+    interactions_step = interactions_rank * dp  # a tp or sp group trains on one batch
     steps = math.ceil(req.interactions / interactions_step)
     seconds = steps * step_s
     gpu_hours = seconds / 3600 * world
@@ -366,6 +403,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "nodes": hw.nodes,
             "gpus_per_node": gpn,
             "world": world,
+            "tp": tp,
             "sp": sp,
             "dp": dp,
             "gpu_memory": capacity,
@@ -384,6 +422,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "interaction": p.interaction,
             "heads": p.heads,
             "dense_total": p.total,
+            "dense_per_rank": p.per_rank,
             "largest_layer": p.largest_layer,
             "embedding": sum(t["rows"] * t["dim"] for t in tables.values()),
             "tables": tables,
@@ -408,6 +447,8 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "embedding_s": emb_s,
             "sp_comm_s": sp_s,
             "sp_comm_bytes": sp_bytes,
+            "tp_comm_s": tp_s,
+            "tp_comm_bytes": tp_bytes,
             "zero_comm_bytes": zero_bytes,
             "embedding_comm_bytes": a2a_bytes,
             "hbm_bytes": hbm_bytes,
@@ -448,7 +489,7 @@ def min_gpus(cfg: JobConfig, req: PlanRequest, scale: float = 1.0, limit: int = 
     """Fewest GPUs (whole nodes past one node) with which ``cfg`` fits, or None up to ``limit``."""
     hw = req.hardware
     counts = [g for g in (1, 2, 4) if g < hw.gpus_per_node] + [hw.gpus_per_node * n for n in range(1, limit + 1)]
-    counts = [g for g in counts if g % cfg.parallel.sp == 0]  # world = dp x sp
+    counts = [g for g in counts if g % cfg.parallel.group == 0]  # world = dp x tp (or sp)
 
     def ok(g: int) -> bool:
         return _fits_fast(cfg, dataclasses.replace(req, hardware=hw.with_world(g)), scale) is not None
@@ -563,16 +604,17 @@ def full_plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     return result
 
 
-def sweep_sp(cfg: JobConfig, req: PlanRequest, sizes: list[int]) -> list[dict[str, Any]]:
-    """One plan per ``parallel.sp`` size on the same GPUs (world = dp x sp: dp shrinks as sp grows)."""
+def sweep_parallel(cfg: JobConfig, req: PlanRequest, key: str, sizes: list[int]) -> list[dict[str, Any]]:
+    """One plan per ``parallel.<key>`` size (``tp`` or ``sp``) on the same GPUs (world = dp x tp or dp x sp: dp
+    shrinks as the group grows)."""
     out = []
     for v in sizes:
         c = copy.deepcopy(cfg)
-        c.parallel.sp = v
+        setattr(c.parallel, key, v)
         try:
             out.append(plan(c, req))
         except ConfigError as e:
-            raise ConfigError(f"--sweep sp={v}: {e}") from None
+            raise ConfigError(f"--sweep {key}={v}: {e}") from None
     return out
 
 

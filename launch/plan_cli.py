@@ -105,11 +105,12 @@ def plan_inputs(a: argparse.Namespace) -> tuple[JobConfig, PlanRequest]:
 
 
 def parse_sweep(spec: str) -> tuple[str, list[int]]:
-    """``gpus=8,16,32`` (a plan per GPU count) or ``sp=1,2,4`` (a plan per sequence-parallel size, same GPUs)."""
+    """``gpus=8,16,32`` (a plan per GPU count), or ``tp=1,2,4`` / ``sp=1,2,4`` (a plan per tensor- or
+    sequence-parallel size, same GPUs)."""
     key, _, values = spec.partition("=")
-    if key not in ("gpus", "sp") or not values:
-        raise ConfigError(f"--sweep: expected gpus=N,N,... or sp=N,N,..., got {spec!r}")
-    what = "GPU counts" if key == "gpus" else "sp sizes"
+    if key not in ("gpus", "tp", "sp") or not values:
+        raise ConfigError(f"--sweep: expected gpus=N,N,..., tp=N,N,... or sp=N,N,..., got {spec!r}")
+    what = "GPU counts" if key == "gpus" else f"{key} sizes"
     try:
         out = [int(v) for v in values.split(",") if v.strip()]
     except ValueError:
@@ -245,7 +246,7 @@ def render_sweep(rows: list[dict[str, Any]], console: Any) -> None:
     for col in (
         "GPUs",
         "nodes",
-        "dp x sp",
+        "dp x tp x sp",
         "GPU mem / rank",
         "host mem / rank",
         "fits",
@@ -261,7 +262,7 @@ def render_sweep(rows: list[dict[str, Any]], console: Any) -> None:
         tab.add_row(
             str(i["world"]),
             str(i["nodes"]),
-            f"{i['dp']} x {i['sp']}",
+            f"{i['dp']} x {i['tp']} x {i['sp']}",
             _gb(m["total"]),
             _gb(m["embeddings_host"]),
             "yes" if m["fits"] else "[red]no[/]",
@@ -327,7 +328,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     quiet_library_logs()  # before the planner imports TorchRec
     warnings.filterwarnings("ignore")  # TorchRec's planner warns about dry runs: this is one
-    from cluster.planner import full_plan, sweep, sweep_sp
+    from cluster.planner import full_plan, sweep, sweep_parallel
 
     cfg, req = plan_inputs(a)
     hw = req.hardware
@@ -342,7 +343,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             }
         )
     result = full_plan(cfg, req)
-    rows = sweep(cfg, req, gpus) if gpus else sweep_sp(cfg, req, values) if key == "sp" and values else []
+    rows = sweep(cfg, req, gpus) if gpus else sweep_parallel(cfg, req, key, values) if values else []
     if a.plot and rows:
         plot_sweep(rows, Path(a.plot))
     if a.json:
@@ -352,6 +353,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
                 {
                     "gpus": r["inputs"]["world"],
                     "nodes": r["inputs"]["nodes"],
+                    "tp": r["inputs"]["tp"],
                     "sp": r["inputs"]["sp"],
                     "memory": r["memory"],
                     "step": r["step"],
@@ -399,7 +401,9 @@ def add_plan(sub: Any) -> None:
     p.add_argument("--memory-gb", type=float, default=0.0, help="usable GPU memory (default: the datasheet's)")
     p.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free (min 2 GiB)")
     p.add_argument(
-        "--sweep", help="gpus=8,16,32,...: a plan per GPU count; sp=1,2,4: a plan per sequence-parallel size"
+        "--sweep",
+        help="gpus=8,16,32,...: a plan per GPU count; tp=1,2,4 or sp=1,2,4: a plan per tensor- or sequence-parallel "
+        "size on the same GPUs",
     )
     p.add_argument("--plot", help="PNG: days and memory per rank vs GPU count")
     p.add_argument("--json", action="store_true")

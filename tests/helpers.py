@@ -444,3 +444,14 @@ class FaultyProxy:
 
 
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
+
+
+def shard_shape(run: Path, step: int, tp_rank: int, key: str) -> tuple[int, ...]:
+    """The shape of parameter ``key`` in tensor-parallel rank ``tp_rank``'s model file of a run's checkpoint (ZeRO-1/2:
+    the file holds that rank's weights as trained)."""
+    import torch
+
+    from trainer.checkpoint import DENSE_TAG
+
+    path = run / "checkpoints" / f"step_{step:08d}" / "dense" / DENSE_TAG / f"mp_rank_{tp_rank:02d}_model_states.pt"
+    return tuple(torch.load(path, map_location="cpu", weights_only=False)["module"][key].shape)

@@ -361,6 +361,33 @@ def _assert_same_report(got: dict, want: dict, who: str) -> None:
 
 
 @pytest.mark.slow
+def test_finetune_with_tensor_parallelism_equals_one_rank(imp_data, pretrained, tmp_path):
+    """`argus finetune parallel.tp=2` (the pre-trained weights loaded whole, then split by AutoTP): the loss curve,
+    the training counts (a tp group's batch counted once) and the consolidated weights are one rank's."""
+    from trainer.checkpoint import load_model
+
+    runs = {"one": (1, []), "tp2": (2, ["parallel.tp=2"])}
+    for name, (nproc, extra) in runs.items():
+        _torchrun("finetune", *_finetune_args(imp_data, pretrained), *extra, f"out={tmp_path / name}",
+                  "train.steps=3", nproc=nproc)  # fmt: skip
+    one, tp2 = (
+        [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if "loss/pairwise" in x]
+        for n in runs
+    )
+    assert [r["step"] for r in one] == [r["step"] for r in tp2] == [1, 2, 3]
+    assert [r["loss/pairwise"] for r in tp2] == pytest.approx([r["loss/pairwise"] for r in one], rel=1e-5)
+    assert [r["impressions"] for r in tp2] == [r["impressions"] for r in one]
+    from helpers import shard_shape  # the two-tower's encoder was split: half of qkv's rows on each rank
+
+    assert shard_shape(tmp_path / "tp2", 3, 1, "argus.encoder.blocks.0.attn.qkv.weight") == (48, 32)
+    num_items = json.loads((imp_data / "manifest.json").read_text())["num_items"]
+    wa, wb = (load_model(tmp_path / n, num_items)[2].state_dict() for n in runs)
+    assert wa.keys() == wb.keys() and any(".attn.qkv." in k for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
 def test_finetune_eval_is_the_same_on_one_two_and_three_ranks(finetuned, imp_data, tmp_path, capsys):
     """`argus eval` of a fine-tuning run: item tables sharded, users split over the ranks; the report on 1 process
     equals the unsharded one-process reference and the reports on 2 (the CLI, rank 0 prints) and 3 ranks (Ray)."""

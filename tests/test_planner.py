@@ -443,3 +443,47 @@ def test_sequence_parallelism_in_the_plan(capsys):
     assert code == 0 and [r["sp"] for r in json.loads(out)["sweep"]] == [1, 2, 4]
     code, _, err = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "sp=3")
     assert code == 2 and "--sweep sp=3: parallel.sp: 3 does not divide model.n_heads 16" in err
+
+
+def test_tensor_parallelism_in_the_plan(capsys):
+    """parallel.tp on the same GPUs: a rank holds 1/tp of the sharded block weights (ZeRO partitions the rest of
+    its states over dp = world / tp), 1/tp of the blocks' head and FF activations, 1/tp of the encoder's FLOPs; a
+    tp group trains one batch, and the step pays the all-reduces (their bytes and the per-rank parameters are
+    checked against AutoTP's blocks: tests/test_tensor_parallel.py)."""
+    from cluster.planner import tensor_parallel_bytes
+    from trainer.flops import encoder_flops_per_interaction, flops_per_interaction
+    from trainer.memory import rank_dense_states, tensor_parallel_params
+
+    req = PlanRequest(items=10**7, hardware=Hardware(gpu="h100", gpus_per_node=8), torchrec=False)
+    one, two = plan(job("large"), req), plan(job("large", "parallel.tp=2"), req)
+    assert (one["inputs"]["dp"], one["inputs"]["tp"], two["inputs"]["dp"], two["inputs"]["tp"]) == (8, 1, 4, 2)
+    p = dense_params(plan_config(job("large", "parallel.tp=2"), 8))
+    sharded = tensor_parallel_params(20, 2048, 8192)
+    assert p.per_rank == p.total - sharded // 2 and two["params"]["dense_per_rank"] == p.per_rank
+    ds = job("large").deepspeed
+    assert rank_dense_states(plan_config(job("large", "parallel.tp=2"), 8), 8) == dense_states(
+        p.per_rank, p.largest_layer, ds.stage, ds.precision, ds.offload, 4
+    )
+    # large checkpoints its blocks: a rank keeps each block's (whole) input; the working block is 1/tp of heads/FF
+    d, f, w = 2048, 8192, 2
+    tokens = one["step"]["interactions_per_rank"]
+    assert two["memory"]["activations_layers"] == one["memory"]["activations_layers"]
+    assert one["memory"]["activations_working"] - two["memory"]["activations_working"] == pytest.approx(
+        tokens * 2 * (4 * d + 2 * f) // 2 * w + tokens * 2 * 16 // 2 * 4, rel=1e-9
+    )
+    assert two["time"]["steps"] == pytest.approx(2 * one["time"]["steps"], abs=1)
+    c = plan_config(job("large"), 8)
+    f_enc, f_int = encoder_flops_per_interaction(c), flops_per_interaction(c, 10**7)
+    recompute = f_enc / 3
+    ratio = two["flops"]["per_step_per_rank"] / one["flops"]["per_step_per_rank"]
+    assert ratio == pytest.approx(((f_enc + recompute) / 2 + f_int - f_enc) / (f_int + recompute))
+    tp_bytes = tensor_parallel_bytes(20, 2048, tokens, 2, 2, True) * 2 * (2 - 1) / 2
+    assert one["step"]["tp_comm_bytes"] == 0 and two["step"]["tp_comm_bytes"] == pytest.approx(tp_bytes)
+    assert two["step"]["seconds"] > two["step"]["compute_s"] + two["step"]["tp_comm_s"] - 1e-12
+    with pytest.raises(ConfigError, match="parallel.tp: 3 does not divide the world size 8"):
+        plan(job("large", "parallel.tp=3", "model.n_heads=24", "model.d_model=2064", "model.d_ff=8256"), req)
+    assert min_gpus(job("large", "parallel.tp=8"), req) % 8 == 0
+    code, out, _ = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "tp=1,2,4", "--json")
+    assert code == 0 and [r["tp"] for r in json.loads(out)["sweep"]] == [1, 2, 4]
+    code, _, err = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "tp=3")
+    assert code == 2 and "--sweep tp=3: parallel.tp: 3 does not divide model.n_heads 16" in err

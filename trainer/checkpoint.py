@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -139,8 +140,8 @@ def save(
     )
     states = gather_states(loader)
     world = len(states)
-    # parallel.sp: the ranks of an sp group hold one loader (the data-parallel rank's): its state once
-    states = states[:: engine.sp]
+    # parallel.tp / sp: the ranks of a group hold one loader (the data-parallel rank's): its state once
+    states = states[:: engine.group]
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
     if rank == 0:
         (tmp / "loader.json").write_text(json.dumps(states))
@@ -216,13 +217,21 @@ def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str
 
     meta = json.loads((path / "meta.json").read_text())
     saved_world, world = meta.get("world_size"), elastic.world_size()
-    # Another world size: the dense side goes through a universal checkpoint (trainer/elastic.py); same size:
-    # DeepSpeed's own load, bitwise.
-    convert_s = elastic.load_dense(engine, path / "dense", DENSE_TAG, saved_world, rank)
+    # Another world size or tensor-parallel size: the dense side goes through a universal checkpoint
+    # (trainer/elastic.py); the same layout: DeepSpeed's own load, bitwise.
+    saved = saved_job(path)
+    same_tp = saved.parallel.tp == engine.cfg.parallel.tp
+    if not same_tp and 0 in (saved.deepspeed.stage, engine.cfg.deepspeed.stage):
+        raise CheckpointError(
+            f"{path}: resuming parallel.tp={saved.parallel.tp} as parallel.tp={engine.cfg.parallel.tp} needs "
+            f"deepspeed.stage >= 1 on both sides (was {saved.deepspeed.stage}, now {engine.cfg.deepspeed.stage}): "
+            "the universal checkpoint that re-splits the shards has no ZeRO-0 form"
+        )
+    convert_s = elastic.load_dense(engine, path / "dense", DENSE_TAG, (saved_world or world) if same_tp else None, rank)
     load_tables(path, engine.tables, engine.sparse_optimizer)  # DCP reshards for any world size
     states = json.loads((path / "loader.json").read_text())
     loader.load_state_dict(states)  # re-laid out over the new (data-parallel) ranks
-    saved_dp, dp = len(states), world // engine.sp  # parallel.sp: one loader per sp group
+    saved_dp, dp = len(states), world // engine.group  # parallel.tp / sp: one loader per group
     rng = path / "rng" / f"rank{rank:05d}.pt"
     if rng.is_file() and saved_world == world and saved_dp == dp:  # per-rank RNG streams: the same layout only
         _set_rng_state(torch.load(rng, weights_only=False))
@@ -272,12 +281,30 @@ def load_tables(path: Path, tables: Any, optimizer: Any = None) -> None:
         optimizer.load_state_dict(state["optimizer"])
 
 
-def dense_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 dense state dict of checkpoint ``path``, whatever its ZeRO stage and world size."""
+def dense_weights(path: Path, collective: bool = False) -> dict[str, torch.Tensor]:
+    """The full fp32 dense state dict of checkpoint ``path``, whatever its ZeRO stage, world size and layout.
+
+    ``collective``: every rank of the process group calls it (eval, export, fine-tuning init); a tensor-parallel
+    checkpoint is then merged once, on rank 0, and its weights broadcast (the merge writes about 6x the dense
+    model's fp32 size to rank 0's temporary directory)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = path / "dense" / DENSE_TAG
-    if saved_job(path).deepspeed.stage == 0:  # no ZeRO partitions: the full weights are in the model-states file
+    job = saved_job(path)
+    if job.parallel.tp > 1 and collective and _world() > 1:
+        got: Any = None
+        if dist.get_rank() == 0:
+            try:
+                got = _merged_tensor_parallel(tag_dir)
+            except Exception as e:  # tell the other ranks instead of leaving them in the broadcast
+                got = e
+        got = _from_rank0(got)
+        if isinstance(got, Exception):
+            raise got
+        weights = got
+    elif job.parallel.tp > 1:
+        weights = _merged_tensor_parallel(tag_dir)
+    elif job.deepspeed.stage == 0:  # no ZeRO partitions: the full weights are in the model-states file
         weights = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     else:
         # DeepSpeed prints its progress (and a tqdm bar on stderr) for every load: eval, export, validation
@@ -286,11 +313,23 @@ def dense_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in weights.items()}
 
 
+def _merged_tensor_parallel(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """A parallel.tp checkpoint's weights, its shards (one set of files per tp rank) merged by DeepSpeed's
+    universal checkpoint, converted in a temporary directory."""
+    from trainer.elastic import to_universal
+
+    with tempfile.TemporaryDirectory(prefix="argus-tp-") as tmp:
+        to_universal(tag_dir, Path(tmp) / "universal")
+        params = [p for p in (Path(tmp) / "universal" / "zero").iterdir() if p.is_dir()]
+        return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=False)["param"] for p in params}
+
+
 def load_weights(path: Path, tables: Any, dense: torch.nn.Module) -> None:
     """Checkpoint ``path``'s weights into ``tables`` (see :func:`load_tables`) and into ``dense``, a module not
-    yet handed to DeepSpeed (the pre-trained ``ArgusModel`` inside a ``TwoTower`` for fine-tuning init)."""
+    yet handed to DeepSpeed (the pre-trained ``ArgusModel`` inside a ``TwoTower`` for fine-tuning init). Under a
+    process group every rank calls it."""
     load_tables(path, tables)
-    weights = dense_weights(path)
+    weights = dense_weights(path, collective=_world() > 1)  # under a group every rank loads (eval, export, init)
     missing = set(dense.state_dict()) - set(weights)
     if missing:
         weights.update(_side_tables_of_old_checkpoint(path, missing))

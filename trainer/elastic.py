@@ -6,8 +6,9 @@ DeepSpeed refuses it on another data-parallel size. On a world-size change the d
 once, by rank 0, into DeepSpeed's *universal* checkpoint (``deepspeed.checkpoint.ds_to_universal``: one
 fp32 / exp_avg / exp_avg_sq / step file per parameter, world-size free) in a scratch directory beside the
 checkpoint, every rank loads its new partitions from it (``load_universal``), and the scratch directory is
-removed. The published checkpoint is only read. Same world size (and ZeRO-0, whose optimizer state is not
-partitioned): DeepSpeed's own load, unchanged, bitwise.
+removed. The published checkpoint is only read. A change of ``parallel.tp`` on the same world size takes the same
+path (the conversion merges AutoTP's shards, the load splits them for the new layout). Same world size and layout
+(and ZeRO-0, whose optimizer state is not partitioned): DeepSpeed's own load, unchanged, bitwise.
 
 Why the universal checkpoint (measured on CPU, docs/training.md "Elastic resume"): its conversion is a few
 tenths of a second for the test model and about a second for ``configs/mini.yaml`` (3.2 M parameters), it
@@ -83,11 +84,11 @@ def _group_hyperparameters(path: Path) -> list[dict[str, Any]] | None:
 
 def load_dense(engine: Engine, dense_dir: Path, tag: str, saved_world: int | None, rank: int) -> float | None:
     """Collective: the dense model, its AdamW state and the lr scheduler from ``dense_dir/tag``, written on
-    ``saved_world`` ranks. Returns the seconds the universal conversion took, or None when DeepSpeed's own load
-    served (same world size, or ZeRO-0)."""
+    ``saved_world`` ranks (None: on another layout, another parallel.tp). Returns the seconds the universal
+    conversion took, or None when DeepSpeed's own load served (same world size and layout, or ZeRO-0)."""
     ds = engine.ds
     world = world_size()
-    if saved_world in (None, world) or ds.zero_optimization_stage() == 0:
+    if saved_world == world or ds.zero_optimization_stage() == 0:
         ds.load_checkpoint(str(dense_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         return None
     scratch = scratch_dir(dense_dir.parent)

@@ -112,14 +112,15 @@ class Engine:
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
         dense = build_dense(cfg)
         self.init_weights(dense)
-        # parallel.sp: consecutive ranks share each row's tokens (trainer/model/sequence_parallel.py); they see the
-        # same batch and draw the same negatives (the data-parallel rank), and one of them counts its tokens
-        self.sp = cfg.parallel.sp
-        self.dp_rank, self.sp_lead = info.rank // self.sp, info.rank % self.sp == 0
-        if self.sp > 1:
+        # parallel.tp / parallel.sp: consecutive ranks share each block's weights (tp: DeepSpeed's AutoTP shards them
+        # in deepspeed.initialize below) or each row's tokens (sp: trainer/model/sequence_parallel.py); a group sees
+        # the same batch and draws the same negatives (the data-parallel rank), and its first rank counts its tokens
+        self.group = cfg.parallel.group
+        self.dp_rank, self.lead = info.rank // self.group, info.rank % self.group == 0
+        if cfg.parallel.sp > 1:
             from trainer.model.sequence_parallel import enable_sequence_parallel, sequence_groups
 
-            enable_sequence_parallel(dense.encoder, sequence_groups(self.sp, cfg.train.timeout_s), info.device)
+            enable_sequence_parallel(dense.encoder, sequence_groups(self.group, cfg.train.timeout_s), info.device)
         if cfg.train.compile:
             compile_dense(dense)
         o = cfg.optim
@@ -134,10 +135,17 @@ class Engine:
             config=cfg.deepspeed_config(info.world_size),
             dist_init_required=False,
         )
-        if self.sp > 1 and not self.sp_lead:
+        if cfg.parallel.tp > 1 and self.ds.first_dataloader_check is not None:
+            # AutoTP's one-time check that a tp group got the same inputs compares non-tensor values with `!=` and
+            # fails on the side features' dict of tensors; here a group's ranks build their inputs from one
+            # data-parallel rank's batch (tested against data parallelism: tests/test_parallel_training.py)
+            self.ds.first_dataloader_check.remove()
+        if cfg.parallel.sp > 1 and not self.lead:
             # every rank seeded alike (the dense init above): the ranks of an sp group would draw the same dropout
-            # masks for their different chunks; the rest of the step draws from its own generator (_generator)
-            torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank % self.sp)
+            # masks for their different chunks; the rest of the step draws from its own generator (_generator).
+            # A tp group keeps one seed: its ranks hold the same residual stream and must drop the same units
+            # (attention-probability dropout then draws alike for each rank's own heads).
+            torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank % self.group)
         self.bf16 = cfg.deepspeed.precision == "bf16"
         self.full_softmax = cfg.heads.next_item.full(self.item_rows)
         self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)
@@ -202,7 +210,7 @@ class Engine:
             ne["event"] = ne_stats(out["logits/event"], event[t])
             ne["played"] = ne_stats(out["logits/played"], played_bucket(played[t]))
         zero = loss.detach() * 0.0
-        counts = real and self.sp_lead  # an sp group's batch is counted once
+        counts = real and self.lead  # a tp or sp group's batch is counted once
         return StepOutput(
             loss=loss.detach(),
             next_item=out["loss/next_item"].detach() if real else zero,
@@ -210,7 +218,7 @@ class Engine:
             targets=int(tgt.numel()) if counts else 0,
             interactions=batch.num_interactions if counts else 0,
             slots=batch.slots if counts else 0,
-            ne=ne if self.sp_lead else {},
+            ne=ne if self.lead else {},
         )
 
     def sparse_step(self) -> None:
@@ -222,6 +230,19 @@ class Engine:
         table's update reads nothing of the dense side, so the order does not change the numbers."""
         if isinstance(self.sparse_optimizer, ReplicatedOptimizer):
             self.sparse_optimizer.step()
+
+    def after_inference(self) -> None:
+        """Collective, after forwards outside training (validation) under ZeRO-3: release what they gathered and
+        make every rank record ZeRO-3's module trace anew. Validation calls submodules in an order of its own, and
+        a rank whose trace that invalidated checks it against the others (a collective) at the next training
+        forward, while a rank that kept its trace (an empty padding batch) does not: measured as a hang at the
+        step after a mid-run validation on 2 ranks. Invalidating it on every rank keeps them in step."""
+        if not self.ds.zero_optimization_partition_weights():
+            return
+        self.ds.empty_partition_cache()
+        coordinator = self.ds.optimizer.parameter_offload.get_param_coordinator()
+        if not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
 
     def sharding_summary(self) -> dict[str, Any]:
         """What ``RUN/sharding_plan.json`` records: TorchRec's plan, or every table replicated on every rank."""

@@ -174,7 +174,8 @@ class FinetuneEngine(Engine):
         self.sparse_step()
         self.ds.step()
         pairs, correct = 0, 0.0
-        if real and inp["pair_hi"].numel():
+        counts = real and self.lead  # a tp group's batch is counted once
+        if counts and inp["pair_hi"].numel():
             pairs = int(inp["pair_hi"].numel())
             correct = pairs * pairwise_accuracy(
                 out["scores"].cpu().numpy(), inp["pair_hi"].numpy(), inp["pair_lo"].numpy()
@@ -183,9 +184,9 @@ class FinetuneEngine(Engine):
             loss=float(loss.detach()),
             pairs=pairs,
             correct=correct,
-            impressions=int(inp["impressions"]) if real else 0,
-            no_history=int(inp["no_history"]) if real else 0,
-            interactions=batch.num_interactions if real else 0,
+            impressions=int(inp["impressions"]) if counts else 0,
+            no_history=int(inp["no_history"]) if counts else 0,
+            interactions=batch.num_interactions if counts else 0,
         )
 
 

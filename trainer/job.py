@@ -20,6 +20,7 @@ from trainer.config import ConfigError
 from trainer.data.loader import ShardLoader
 from trainer.model.argus import HeadsConfig, ModelConfig
 from trainer.model.encoder import MAX_CONTEXT
+from trainer.model.tensor_parallel import TP_LAYER_SPECS
 from trainer.model.two_tower import FinetuneConfig
 from trainer.optim import OptimConfig
 
@@ -106,31 +107,54 @@ class EvalSection:
 
 @dataclass
 class ParallelSection:
-    """How the encoder is split beyond data parallelism (docs/parallelism.md): ``sp`` ranks share each row's
-    tokens (Ulysses sequence parallelism, trainer/model/sequence_parallel.py); world = dp x sp, consecutive ranks
-    form an sp group and see the same batch. ``tp`` (tensor parallelism): not yet."""
+    """How the encoder is split beyond data parallelism (docs/parallelism.md). ``tp`` ranks share each block's
+    weights (Megatron-style tensor parallelism through DeepSpeed's AutoTP: trainer/model/tensor_parallel.py);
+    ``sp`` ranks share each row's tokens (Ulysses sequence parallelism, trainer/model/sequence_parallel.py). One
+    of the two at a time: world = dp x tp or dp x sp, consecutive ranks form a group and see the same batch."""
 
     tp: int = 1
     sp: int = 1
 
+    @property
+    def group(self) -> int:
+        """Ranks that share one batch (a tensor- or sequence-parallel group): the world is ``group`` x dp."""
+        return self.tp * self.sp
+
     def validate(self, cfg: "JobConfig", world_size: int | None) -> None:
-        if self.tp != 1:
-            raise ConfigError(f"parallel.tp: tensor parallelism is not implemented yet (got {self.tp}; use 1)")
-        if self.sp < 1:
-            raise ConfigError(f"parallel.sp: must be >= 1, got {self.sp}")
-        if self.sp == 1:
+        for key in ("tp", "sp"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.tp > 1 and self.sp > 1:
+            raise ConfigError(
+                f"parallel.tp={self.tp} with parallel.sp={self.sp}: one of the two at a time (not tested together)"
+            )
+        if self.group == 1:
             return
+        key, n = ("tp", self.tp) if self.tp > 1 else ("sp", self.sp)
         enc = cfg.model.resolved()
-        if enc.n_heads % self.sp:
-            raise ConfigError(f"parallel.sp: {self.sp} does not divide model.n_heads {enc.n_heads}")
-        if world_size is not None and world_size % self.sp:
-            raise ConfigError(f"parallel.sp: {self.sp} does not divide the world size {world_size}")
+        if enc.n_heads % n:
+            raise ConfigError(f"parallel.{key}: {n} does not divide model.n_heads {enc.n_heads}")
+        if world_size is not None and world_size % n:
+            raise ConfigError(f"parallel.{key}: {n} does not divide the world size {world_size}")
+        if cfg.data.on_error != "raise":  # a rank that skips a sample its group read would pair other rows
+            raise ConfigError(
+                f"parallel.{key}: needs data.on_error=raise (every rank of a group must read the same rows)"
+            )
+        if self.tp > 1:
+            if enc.d_ff % self.tp:
+                raise ConfigError(f"parallel.tp: {self.tp} does not divide model.d_ff {enc.d_ff}")
+            if cfg.train.compile:
+                raise ConfigError("parallel.tp: needs train.compile=false (compiled AutoTP blocks are not tested)")
+            if cfg.deepspeed.stage == 0:  # a ZeRO-0 checkpoint has no optimizer partitions to convert
+                raise ConfigError(
+                    "parallel.tp: needs deepspeed.stage >= 1 (its checkpoints merge their shards through "
+                    "DeepSpeed's universal checkpoint)"
+                )
+            return
         if enc.max_seq_len % self.sp:
             raise ConfigError(f"parallel.sp: {self.sp} does not divide model.max_seq_len {enc.max_seq_len}")
         if enc.attention == "flex" or cfg.train.compile:
             raise ConfigError("parallel.sp: needs model.attention auto, mask or segments and train.compile=false")
-        if cfg.data.on_error != "raise":  # a rank that skips a sample its group read would pair chunks of other rows
-            raise ConfigError("parallel.sp: needs data.on_error=raise (every rank of a group must read the same rows)")
         if cfg.finetune.enabled:
             raise ConfigError("parallel.sp: fine-tuning with sequence parallelism is not supported yet")
 
@@ -264,12 +288,14 @@ class JobConfig:
             world_size is not None
             and t.global_batch_size
             and t.global_batch_size
-            != self.data.batch_size * t.gradient_accumulation_steps * (world_size // self.parallel.sp)
+            != self.data.batch_size * t.gradient_accumulation_steps * (world_size // self.parallel.group)
         ):
+            p = self.parallel
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} != data.batch_size "
                 f"{self.data.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps}"
-                f" x world size {world_size}" + (f" / parallel.sp {self.parallel.sp}" if self.parallel.sp > 1 else "")
+                f" x world size {world_size}"
+                + (f" / parallel.{'tp' if p.tp > 1 else 'sp'} {p.group}" if p.group > 1 else "")
             )
         ds = self.deepspeed
         if ds.stage not in (0, 1, 2, 3):
@@ -316,6 +342,16 @@ class JobConfig:
         ds["gradient_clipping"] = self.deepspeed.gradient_clipping
         ds["bf16"] = {"enabled": self.deepspeed.precision == "bf16"}
         ds["zero_allow_untested_optimizer"] = True
+        if "tensor_parallel" in ds:
+            raise ConfigError(f"{path}: tensor_parallel is set from parallel.tp; remove it from the JSON")
+        if self.parallel.tp > 1:  # DeepSpeed's AutoTP shards the blocks' Linear layers by our layer specs
+            # DeepSpeed derives its world from the whole group in one place and from the tp mesh's data-parallel
+            # group in another (ZeRO-3's Init); without train_batch_size each derives a consistent one
+            del ds["train_batch_size"]
+            ds["tensor_parallel"] = {
+                "autotp_size": self.parallel.tp,
+                "partition_config": {"use_default_specs": False, "layer_specs": TP_LAYER_SPECS},
+            }
         ds.setdefault("steps_per_print", 10**9)
         return ds
 

@@ -39,11 +39,19 @@ class DenseParams:
     side_tables: int  # the small side tables (context, event, played, hour, gap): lookups, not matmuls
     interaction: int  # the MLP(s) turning looked-up embeddings into tokens
     heads: int  # projection to item space + feedback head
-    largest_layer: int  # the most parameters one module owns directly (DeepSpeed's ZeRO-3 term)
+    # the most parameters one module owns directly on a rank (DeepSpeed's ZeRO-3 term; a block layer's 1/tp shard)
+    largest_layer: int
+    sharded: int = 0  # of the total, what parallel.tp splits: the block weights, biases of column-parallel layers
+    tp: int = 1
 
     @property
     def total(self) -> int:
         return self.encoder + self.positions + self.side_tables + self.interaction + self.heads
+
+    @property
+    def per_rank(self) -> int:
+        """Parameters a rank holds before ZeRO partitions them: its 1/tp of the sharded ones, the rest whole."""
+        return self.total - self.sharded + self.sharded // self.tp
 
     @property
     def matmul(self) -> int:
@@ -67,7 +75,8 @@ def dense_params(cfg: JobConfig) -> DenseParams:
     tables = [rows * side for rows in side_table_rows(model.num_contexts).values()]
     interaction = [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)] * len(d_ins)
     heads = [_linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
-    block = [_linear(d, 3 * d), _linear(d, d), _linear(d, f), _linear(f, d)]
+    tp = cfg.parallel.tp  # AutoTP (trainer/model/tensor_parallel.py): qkv, ff1 by rows; out, ff2 by columns
+    block = [_linear(d, 3 * d) // tp, d * d // tp + d, _linear(d, f) // tp, f * d // tp + d]
     return DenseParams(
         encoder=encoder_param_count(enc),
         positions=enc.max_seq_len * d,
@@ -75,7 +84,16 @@ def dense_params(cfg: JobConfig) -> DenseParams:
         interaction=sum(interaction),
         heads=sum(heads),
         largest_layer=max(interaction + heads + block + tables + [enc.max_seq_len * d]),
+        sharded=tensor_parallel_params(enc.n_layers, d, f),
+        tp=tp,
     )
+
+
+def tensor_parallel_params(n_layers: int, d_model: int, d_ff: int) -> int:
+    """The encoder parameters parallel.tp splits (trainer/model/tensor_parallel.py): every block's qkv and ff1
+    with their biases, and the attention output's and ff2's weights (their biases stay whole)."""
+    d, f = d_model, d_ff
+    return n_layers * (_linear(d, 3 * d) + d * d + _linear(d, f) + f * d)
 
 
 def weight_bytes(precision: str) -> int:
@@ -105,6 +123,7 @@ def dense_states(
     world: int,
     gpus_per_node: int = 1,
     buffer_factor: float = 1.5,
+    tp: int = 1,
 ) -> DenseStates:
     """Per-rank dense model states for ZeRO ``stage`` with AdamW.
 
@@ -112,12 +131,14 @@ def dense_states(
     gradient partition and two fp32 moments; stage 2 = 2N + 18N/G and stage 3 = 4*largest_layer +
     18N/G, exactly DeepSpeed's estimators. fp32: 4-byte weights and gradients, the fp32 partition
     copy ZeRO keeps for its optimizer (stages 1-3) and two moments. ``buffer_factor`` is DeepSpeed's
-    own margin on host memory with offload.
+    own margin on host memory with offload. ``world``: the ranks ZeRO partitions over (world / tp under
+    parallel.tp, whose ranks hold ``n`` parameters each: their own shards).
     """
     g = max(world, 1)
-    nodes = max(g // max(gpus_per_node, 1), 1)
     if offload:  # ZeRO-3 with optimizer and parameters offloaded (ds_configs/zero3_offload.json)
-        host = int(n * 18 / nodes * buffer_factor) if precision == "bf16" else int(n * 20 / nodes * buffer_factor)
+        # per node: its ranks (up to gpus_per_node of the g x tp) each offload 1/g of their n parameters' states
+        per_node = n * min(max(gpus_per_node, 1), g * tp) / g
+        host = int(per_node * (18 if precision == "bf16" else 20) * buffer_factor)
         return DenseStates(params=4 * largest_layer, grads=0, optimizer=0, host=host)
     if precision == "bf16":
         per = {
@@ -160,7 +181,7 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     LayerNorms and the attention's log-sum-exp per head: (4 + heads) x 4 bytes. A test checks this
     against what autograd saves. Dropout, when on, adds its masks. With activation checkpointing a
     block keeps only its input (d) and one block at a time is recomputed. Under ``parallel.sp`` the
-    blocks hold 1/sp of the tokens.
+    blocks hold 1/sp of the tokens; under ``parallel.tp`` 1/tp of the heads and FF units.
     """
     enc, emb, ni = cfg.model.resolved(), cfg.embeddings, cfg.heads.next_item
     w = weight_bytes(cfg.deepspeed.precision)
@@ -168,7 +189,7 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     k = cfg.tokens_per_interaction()
     tokens = (batch_size or cfg.rows_per_batch()) * cfg.interactions_per_sample() * k
     targets = tokens // k
-    per_layer_token = block_saved_bytes_per_token(d, f, enc.n_heads, w)
+    per_layer_token = block_saved_bytes_per_token(d, f, enc.n_heads, w, tp=cfg.parallel.tp)
     # parallel.sp: a rank's blocks hold its 1/sp of every row's tokens (the all-to-all'd q, k, v and attention
     # output are the same size as the chunk's own); the heads below run on the whole rows
     block_tokens = -(-tokens // cfg.parallel.sp)
@@ -196,12 +217,16 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     return Activations(per_layer_token=per_layer_token, layers=layers, other=other, working=working)
 
 
-def block_saved_bytes_per_token(d_model: int, d_ff: int, n_heads: int, dtype_bytes: int, ln_stat_bytes: int = 4) -> int:
+def block_saved_bytes_per_token(
+    d_model: int, d_ff: int, n_heads: int, dtype_bytes: int, ln_stat_bytes: int = 4, tp: int = 1
+) -> int:
     """What one encoder block's autograd graph holds per token (see :func:`activations`).
 
     LayerNorm statistics are fp32 on CUDA for any input dtype (``ln_stat_bytes``); CPU keeps them in
-    the input dtype. The attention log-sum-exp is fp32 on both."""
-    return (8 * d_model + 2 * d_ff) * dtype_bytes + 4 * ln_stat_bytes + n_heads * 4
+    the input dtype. The attention log-sum-exp is fp32 on both. Under parallel.tp a rank holds its 1/tp of
+    qkv, the attention output, FF1's output and the GELU's (and of the heads' log-sum-exp); the LayerNorms'
+    inputs and outputs stay whole on every rank."""
+    return (4 * d_model + (4 * d_model + 2 * d_ff) // tp) * dtype_bytes + 4 * ln_stat_bytes + n_heads // tp * 4
 
 
 def ds_buffers(ds_config: dict[str, Any], precision: str) -> int:
@@ -232,12 +257,21 @@ def headroom(capacity: int, fraction: float = HEADROOM_FRACTION) -> int:
     return int(max(capacity * fraction, HEADROOM_MIN))
 
 
+def rank_dense_states(cfg: JobConfig, world: int, gpus_per_node: int = 1) -> DenseStates:
+    """:func:`dense_states` of ``cfg`` on ``world`` ranks: a rank's 1/tp of the tensor-parallel weights, ZeRO
+    partitioned over the data-parallel group DeepSpeed's AutoTP builds (world / tp). Under parallel.sp ZeRO
+    partitions over the whole world (dp x sp), whose ranks all hold the same parameters."""
+    p, ds = dense_params(cfg), cfg.deepspeed
+    world_zero = world // cfg.parallel.tp
+    return dense_states(
+        p.per_rank, p.largest_layer, ds.stage, ds.precision, ds.offload, world_zero, gpus_per_node, tp=cfg.parallel.tp
+    )
+
+
 def non_embedding_bytes(cfg: JobConfig, world: int, gpus_per_node: int = 1) -> int:
     """Everything on a GPU except the embedding shards: dense states + activations + DeepSpeed buckets."""
-    p = dense_params(cfg)
-    ds = cfg.deepspeed
-    states = dense_states(p.total, p.largest_layer, ds.stage, ds.precision, ds.offload, world, gpus_per_node)
-    return states.gpu + activations(cfg).total + ds_buffers(cfg.deepspeed_config(world), ds.precision)
+    states = rank_dense_states(cfg, world, gpus_per_node)
+    return states.gpu + activations(cfg).total + ds_buffers(cfg.deepspeed_config(world), cfg.deepspeed.precision)
 
 
 def embedding_hbm_budget(

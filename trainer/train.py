@@ -113,8 +113,8 @@ class Trainer:
             dist.barrier()
         self.run_dir = Path(cfg.out)
         self.manifest = Manifest.load(cfg.data.path)
-        sp = cfg.parallel.sp  # an sp group's ranks read the same batches: the loader serves data-parallel ranks
-        self.loader = cfg.loader_config().build(self.info.rank // sp, self.info.world_size // sp, self.manifest)
+        g = cfg.parallel.group  # a tp or sp group's ranks read the same batches: the loader serves data-parallel ranks
+        self.loader = cfg.loader_config().build(self.info.rank // g, self.info.world_size // g, self.manifest)
         self.total_steps = cfg.total_steps(self.loader.batches_per_epoch())
         self.eval_every = cfg.eval_every(self.loader.batches_per_epoch())
         if self.eval_every and cfg.eval.val_split not in self.manifest.splits:
@@ -216,7 +216,7 @@ class Trainer:
                     with timer.compute():
                         window.append(self.step_fn(batch))
                     self.step += 1
-                    if cfg.train.log_sample_keys and self.engine.sp_lead:  # an sp group's batch: logged once
+                    if cfg.train.log_sample_keys and self.engine.lead:  # a tp or sp group's batch: logged once
                         self._log_keys(batch.keys)
                     if self.step % cfg.train.log_every == 0 or self.step == total:
                         last = self._metrics(window, time.perf_counter() - t_window, timer)
@@ -292,13 +292,22 @@ class Trainer:
         every validation loaded the checkpoint it had just written, a second sharded table on every rank). Under
         ZeRO-3 DeepSpeed's hooks gather each submodule's weights for its forward, as in training (tested with every
         weight partitioned: tests/test_train_cli.py). Under parallel.sp the encoder runs whole rows on every rank
-        meanwhile. Training mode is restored after."""
+        meanwhile; under parallel.tp every rank ranks with a whole copy of the dense model (its ranks' users differ,
+        and a sharded block would all-reduce across them). Training mode is restored after."""
         module, tables = self.engine.ds.module, self.engine.tables
         modes = module.training, tables.training
+        if self.cfg.parallel.tp > 1:
+            from trainer.model.build import build_dense
+            from trainer.model.tensor_parallel import whole_weights
+
+            with torch.random.fork_rng(devices=[]):  # its init must not move the RNG a resumed run restores
+                whole = build_dense(self.cfg)
+            whole.load_state_dict(whole_weights(module))
+            module = whole.to(self.info.device)
         module.eval()
         tables.eval()
         whole_rows = contextlib.nullcontext()
-        if self.engine.sp > 1:  # parallel.sp: each rank ranks its own users with whole rows
+        if self.cfg.parallel.sp > 1:  # parallel.sp: each rank ranks its own users with whole rows
             from trainer.model.sequence_parallel import sequence_parallel_off
 
             whole_rows = sequence_parallel_off(module.encoder)
@@ -306,8 +315,9 @@ class Trainer:
             with whole_rows:
                 yield checkpoint.ShardedModel(self.cfg, tables, self.engine.item_rows, module)
         finally:
-            module.train(modes[0])
+            self.engine.ds.module.train(modes[0])
             tables.train(modes[1])
+        self.engine.after_inference()  # a collective: not on an error, which the other ranks may not share
 
     def step_fn(self, batch: Batch) -> Any:
         """One optimizer step on one batch; its result goes to :meth:`_metrics`."""
@@ -329,7 +339,7 @@ class Trainer:
         t[r] = sum(o.interactions for o in window)
         t[w] = sum(o.slots for o in window)
         t = self.engine.all_reduce_sum(t)
-        real, slots = t[: w : self.cfg.parallel.sp], float(t[w])  # an sp group's tokens: counted by its first rank
+        real, slots = t[: w : self.cfg.parallel.group], float(t[w])  # a group's tokens: counted by its first rank
         out = {"tokens/padding_share": 1.0 - float(real.sum()) / slots if slots else 0.0}
         if real.numel() > 1 and float(real.sum()) > 0:
             out["tokens/rank_skew"] = float(real.max() / real.mean()) - 1.0
@@ -349,8 +359,8 @@ class Trainer:
             "interactions": float(sum(o.interactions for o in window)),
             # the data path's health since the run (re)started: storage retries (data at a URL) and samples
             # skipped as unreadable (data.on_error: skip); summed over ranks below
-            "data/retries": float(self.loader.stats["retries"]) if self.engine.sp_lead else 0.0,  # once per sp group
-            "data/skipped": float(self.loader.stats["skipped"]) if self.engine.sp_lead else 0.0,
+            "data/retries": float(self.loader.stats["retries"]) if self.engine.lead else 0.0,  # once per group
+            "data/skipped": float(self.loader.stats["skipped"]) if self.engine.lead else 0.0,
         }
         out = self.engine.all_reduce_mean(local)
         for key in ("data/retries", "data/skipped"):

@@ -14,6 +14,7 @@ rank waits at a collective while another has run dry.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import warnings
@@ -274,6 +275,11 @@ class ShardLoader:
         if self.cfg.num_workers == 0:
             source: Any = self._dataset()
         else:
+            # Workers are forked: garbage of this process that holds a destroyed gloo process group (eval and export
+            # destroy theirs; TorchRec's sharded modules keep one alive) would be collected in a worker, where its
+            # destructor aborts ("terminate called without an active exception": its threads are not there). Seen
+            # in 2 of ~10 `make test` runs; collected here, in the parent, first.
+            gc.collect()
             source = StatefulDataLoader(
                 self._dataset(),
                 batch_size=None,

@@ -166,7 +166,8 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float, out_std: float) -> None:
         super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
+        # n_heads is this rank's count: DeepSpeed's AutoTP divides it by the tensor-parallel size when it shards qkv
+        self.n_heads, self.head_dim, self.dropout = n_heads, d_model // n_heads, dropout
         self.qkv = _Linear(d_model, 3 * d_model)
         self.out = _Linear(d_model, d_model, std=out_std)
         # qkv (R, T, 3, H, Dh) -> (R, T, H, Dh) in its place, when set: sequence parallelism's all-to-all attention
@@ -175,11 +176,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, layout: AttnLayout | None = None) -> Tensor:
         """``layout``: how packed histories attend (``AttnLayout``); None = one history per row."""
-        B, T, D = x.shape
+        B, T, _ = x.shape
         dropout_p = self.dropout if self.training else 0.0
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
         y = self.core(qkv, layout) if self.core is not None else attend(qkv, layout, dropout_p)
-        return self.out(y.reshape(B, T, D))
+        return self.out(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
