@@ -263,7 +263,9 @@ def eval_worker(config: dict[str, Any]) -> None:
     if config["finetune"]:
         rep = evaluate_finetune(config["run"], config["data"], split=config["split"])
     else:
-        rep = evaluate(config["run"], config["data"], config["split"], config["ks"], config["max_users"])
+        rep = evaluate(
+            config["run"], config["data"], config["split"], config["ks"], config["max_users"], delay_s=config["delay"]
+        )
     if ctx.get_world_rank() != 0:
         ray.train.report({}, checkpoint=None)
         return
@@ -293,7 +295,15 @@ def launch_eval(a: argparse.Namespace) -> int:
     # One line before any cluster work: the checkpoint, the dataset and the split must exist.
     path = checkpoint.resolve_checkpoint(a.run, prefer_best=True)
     saved = checkpoint.saved_job(path)
-    Manifest.load(a.data).split(a.split or (saved.finetune.eval_split if saved.finetune.enabled else saved.eval.split))
+    manifest = Manifest.load(a.data)
+    split = a.split or (saved.finetune.eval_split if saved.finetune.enabled else saved.eval.split)
+    manifest.split(split)
+    if a.delay:
+        if saved.finetune.enabled:
+            raise ValueError("--delay: a fine-tuning run is evaluated on impressions, scored at their request time")
+        from trainer.evaluate import delayed_state_time
+
+        delayed_state_time(manifest, split, a.delay, a.data)
     if a.max_users is not None and a.max_users < 0:
         raise ValueError(f"--max-users: must be >= 0, got {a.max_users}")
     loop_config = {
@@ -303,6 +313,7 @@ def launch_eval(a: argparse.Namespace) -> int:
         "split": a.split,
         "ks": [int(k) for k in a.ks.split(",")] if a.ks else None,
         "max_users": a.max_users,
+        "delay": a.delay,
         "finetune": is_finetune_run(a.run),  # its impression eval (pairwise accuracy, NDCG within impressions)
         "omp_threads": max(1, int(a.cpus_per_worker)),
         "verbose": verbose(os.environ),

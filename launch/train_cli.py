@@ -55,6 +55,8 @@ def is_finetune_run(run: str) -> bool:
 def cmd_eval_finetune(a: argparse.Namespace) -> int:
     from trainer.finetune import evaluate_finetune
 
+    if a.delay:
+        raise ValueError("--delay: a fine-tuning run is evaluated on impressions, scored at their request time")
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
         rep = evaluate_finetune(a.run, a.data, split=a.split)
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
@@ -98,7 +100,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         return cmd_eval_finetune(a)
     ks = [int(k) for k in a.ks.split(",")] if a.ks else None
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
-        rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users)
+        rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users, delay_s=a.delay)
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
         return 0
     print_eval(rep, a.run, a.json)
@@ -166,6 +168,22 @@ def add_train(sub: Any) -> None:
     ev.set_defaults(func=cmd_eval)
 
 
+def duration(text: str) -> float:
+    """``--delay``'s value: seconds, or a number with s, m, h or d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    scale = units.get(t[-1:], 0) if t else 0
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 24h, 2d, 90m or 3600 (seconds), got {text!r}"
+        ) from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite duration >= 0, got {text!r}")
+    return value
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """The options of `argus eval` (shared with `argus launch ray-eval`)."""
     p.add_argument("run", help="run directory (or one checkpoint directory)")
@@ -173,4 +191,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="default: the run config's eval.split (test)")
     p.add_argument("--ks", default="", help="comma-separated cutoffs, default: eval.ks")
     p.add_argument("--max-users", type=int, default=None, help="score exactly N users: the lowest user ids")
+    p.add_argument(
+        "--delay",
+        type=duration,
+        default=0.0,
+        help="rank from each user's state this long before the split's cut (a stale served cache): 24h, 2d, 3600s; "
+        "needs a temporal holdout",
+    )
     p.add_argument("--json", action="store_true")

@@ -438,11 +438,19 @@ def test_sequence_parallelism_in_the_plan(capsys):
     assert two["step"]["seconds"] > two["step"]["compute_s"] + two["step"]["sp_comm_s"] - 1e-12
     with pytest.raises(ConfigError, match="parallel.sp: 3 does not divide the world size 8"):
         plan(job("large", "model.max_seq_len=4096", "parallel.sp=3", "model.n_heads=24", "model.d_model=2064"), req)
-    assert min_gpus(job("large", "parallel.sp=8"), req) % 8 == 0
-    code, out, _ = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "sp=1,2,4", "--json")
-    assert code == 0 and [r["sp"] for r in json.loads(out)["sweep"]] == [1, 2, 4]
-    code, _, err = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "sp=3")
-    assert code == 2 and "--sweep sp=3: parallel.sp: 3 does not divide model.n_heads 16" in err
+    _group_sizes_sweep(capsys, "sp", req)
+
+
+def _group_sizes_sweep(capsys, key: str, req: PlanRequest) -> None:
+    """`parallel.KEY` (tp or sp): the fewest GPUs are whole groups, `--sweep KEY=1,2,4` plans each size, and a size
+    the heads do not divide is one line."""
+    assert min_gpus(job("large", f"parallel.{key}=8"), req) % 8 == 0
+    code, out, _ = argus_inproc(
+        capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", f"{key}=1,2,4", "--json"
+    )
+    assert code == 0 and [r[key] for r in json.loads(out)["sweep"]] == [1, 2, 4]
+    code, _, err = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", f"{key}=3")
+    assert code == 2 and f"--sweep {key}=3: parallel.{key}: 3 does not divide model.n_heads 16" in err
 
 
 def test_tensor_parallelism_in_the_plan(capsys):
@@ -482,8 +490,4 @@ def test_tensor_parallelism_in_the_plan(capsys):
     assert two["step"]["seconds"] > two["step"]["compute_s"] + two["step"]["tp_comm_s"] - 1e-12
     with pytest.raises(ConfigError, match="parallel.tp: 3 does not divide the world size 8"):
         plan(job("large", "parallel.tp=3", "model.n_heads=24", "model.d_model=2064", "model.d_ff=8256"), req)
-    assert min_gpus(job("large", "parallel.tp=8"), req) % 8 == 0
-    code, out, _ = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "tp=1,2,4", "--json")
-    assert code == 0 and [r["tp"] for r in json.loads(out)["sweep"]] == [1, 2, 4]
-    code, _, err = argus_inproc(capsys, "plan", "--preset", "large", "--items", "1e7", "--sweep", "tp=3")
-    assert code == 2 and "--sweep tp=3: parallel.tp: 3 does not divide model.n_heads 16" in err
+    _group_sizes_sweep(capsys, "tp", req)

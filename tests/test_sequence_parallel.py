@@ -43,6 +43,21 @@ def _inputs(seed: int, rows: int, tokens: int, packed: bool) -> tuple[torch.Tens
     return x, segments >= 0, positions, (segments if packed else None)
 
 
+def twin_encoders(
+    seed: int, heads: int, tokens: int, attention: str, ckpt: bool
+) -> tuple[Encoder.Config, Encoder, Encoder]:
+    """A small encoder (d_model 16, 2 layers, d_ff 32) and an identical copy to split over ranks."""
+    cfg = Encoder.Config(
+        preset="custom", d_model=16, n_layers=2, n_heads=heads, d_ff=32, max_seq_len=tokens, dropout=0.0,
+        attention=attention, activation_checkpointing=ckpt,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    ref = Encoder(cfg)
+    par = Encoder(cfg)
+    par.load_state_dict(ref.state_dict())
+    return cfg, ref, par
+
+
 def _count_bytes(par, x, mask, pos, seg, weights, cfg, sp) -> tuple[float, float]:
     """Bytes the sequence-parallel encoder hands to all-to-all and all-gather in one forward and backward of whole
     rows (trainer/model/sequence_parallel.py: encode), and the planner's count of them."""
@@ -82,14 +97,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     for i, (sp, rows, tokens, heads, attention, packed, ckpt) in enumerate(CASES):
         if sp != world:
             continue
-        cfg = Encoder.Config(
-            preset="custom", d_model=16, n_layers=2, n_heads=heads, d_ff=32, max_seq_len=tokens, dropout=0.0,
-            attention=attention, activation_checkpointing=ckpt,
-        )  # fmt: skip
-        torch.manual_seed(i)
-        ref = Encoder(cfg)
-        par = Encoder(cfg)
-        par.load_state_dict(ref.state_dict())
+        cfg, ref, par = twin_encoders(i, heads, tokens, attention, ckpt)
         enable_sequence_parallel(par, group)
         x, mask, pos, seg = _inputs(i, rows, tokens, packed)
         weights = torch.randn(rows, tokens, 16, generator=torch.Generator().manual_seed(100 + i))

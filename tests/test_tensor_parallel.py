@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import free_port, rank_env, start_ranks
-from test_sequence_parallel import _inputs
+from test_sequence_parallel import _inputs, twin_encoders
 
 from trainer.model.encoder import Encoder
 
@@ -85,14 +85,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as trainer/engine.py: gloo is enough
     results = []
     for i, (rows, tokens, heads, attention, packed, ckpt) in enumerate(CASES):
-        cfg = Encoder.Config(
-            preset="custom", d_model=D, n_layers=2, n_heads=heads, d_ff=FF, max_seq_len=tokens, dropout=0.0,
-            attention=attention, activation_checkpointing=ckpt,
-        )  # fmt: skip
-        torch.manual_seed(i)
-        ref = Encoder(cfg)
-        par = Encoder(cfg)
-        par.load_state_dict(ref.state_dict())
+        cfg, ref, par = twin_encoders(i, heads, tokens, attention, ckpt)  # d_model D, d_ff FF
         tp_config = {
             "autotp_size": world,
             "partition_config": {"use_default_specs": False, "layer_specs": TP_LAYER_SPECS},

@@ -90,10 +90,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 _noted: set[str] = set()
 
 
-def migrate_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+def migrate_keys(cls: type, data: dict[str, Any], aliases_only: bool = False) -> dict[str, Any]:
     """``data`` (a copy when anything changes) with the keys ``cls.MOVED_KEYS`` lists moved to their new place
-    (or dropped, where the new place is None), and one note on stderr per old key and process."""
-    moved: dict[str, str | None] = getattr(cls, "MOVED_KEYS", {})
+    (or dropped, where the new place is None), and one note on stderr per old key and process; the keys
+    ``cls.ALIASES`` lists (documented second names) moved to theirs without a note (``aliases_only``: those
+    alone)."""
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    moved: dict[str, str | None] = {**({} if aliases_only else getattr(cls, "MOVED_KEYS", {})), **aliases}
     present = [old for old in moved if _parent(data, old) is not None]
     if not present:
         return data
@@ -106,11 +109,13 @@ def migrate_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             for part in section.split(".") if section else []:
                 node = node.setdefault(part, {})
             if leaf in node and node[leaf] != value:
+                what = f"an alias of {new}, which" if old in aliases else f"deprecated, and {new}"
                 raise ConfigError(
-                    f"{old}: deprecated, and {new} is set to something else ({node[leaf]!r} vs "
-                    f"{value!r}); keep only {new}"
+                    f"{old}: {what} is set to something else ({node[leaf]!r} vs {value!r}); keep only {new}"
                 )
             node[leaf] = value
+        if old in aliases:
+            continue
         if old not in _noted:
             _noted.add(old)
             what = f"use {new}" if new else "it is no longer used and is ignored"
@@ -193,7 +198,11 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
     """YAML file (optional) + overrides -> ``cls``; errors name the file and the dotted key.
 
     ``validate=False`` leaves ``cls.validate`` to the caller (the planner validates for its own world size)."""
-    data = load_yaml(path) if path else {}
+    # a key by its second name, in the file or an override, is its first name: an override wins like any other
+    data = migrate_keys(cls, load_yaml(path), aliases_only=True) if path else {}
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    overrides = [f"{aliases[o.split('=', 1)[0]]}={o.split('=', 1)[1]}" if o.split("=", 1)[0] in aliases and "=" in o
+                 else o for o in overrides]  # fmt: skip
     apply_overrides(data, overrides)
     try:
         cfg = from_dict(cls, data)

@@ -26,7 +26,7 @@ from trainer.job import JobConfig
 from trainer.memory import embedding_hbm_budget, embedding_lookups
 from trainer.model.argus import target_index
 from trainer.model.build import build_dense, compile_dense
-from trainer.model.heads import CandidateLogQ, ne_stats
+from trainer.model.heads import CandidateLogQ, ne_stats, prediction_pairs
 from trainer.model.interaction import lookup_interactions
 from trainer.optim import decay_groups, lr_multiplier
 
@@ -180,7 +180,11 @@ class Engine:
         sel = torch.randperm(int(tgt.numel()), generator=g)[:k_b]
         item_ids = torch.remainder(batch.values["item"].to(torch.int64), self.item_rows)
         pos_ids = item_ids[tgt]
-        pos_log_q = self.log_q(pos_ids, k_b, k_u)
+        pairs = None
+        if ni.multi_token:  # heads.next_item.horizon / half_life_s / utility: weighted (context, target) pairs
+            v = batch.values
+            pairs = prediction_pairs(batch.lengths, tgt, v["timestamp"], v["event"], v["played"], ni)
+        pos_log_q = self.log_q(pos_ids if pairs is None else item_ids[pairs[1]], k_b, k_u)
         cand_log_q = self.log_q(torch.cat([pos_ids[sel], neg_ids]), k_b, k_u)
         pack = batch.grid()
 
@@ -191,7 +195,7 @@ class Engine:
 
         host = (batch.lengths, tgt, sel, item_ids, neg_ids)
         fb = (batch.values["event"].long(), batch.values["played"].long())  # raw percent: the head buckets it
-        args = (item, side, neg, *to(host), *to(fb), to(pos_log_q), to(cand_log_q), to(pack))
+        args = (item, side, neg, *to(host), *to(fb), to(pos_log_q), to(cand_log_q), to(pack), to(pairs))
         return args, tgt
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:

@@ -21,6 +21,7 @@ Deterministic: the same checkpoint and data give the same metrics on any number 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -190,9 +191,11 @@ def evaluate(
     checkpoint_path: str | Path | None = None,
     device: str = "auto",
     per_target: bool = False,
+    delay_s: float = 0.0,
 ) -> dict[str, Any]:
     """The report of ``argus eval``: the run's selected checkpoint (``best`` when the run kept one, else
-    ``latest``), or ``checkpoint_path``.
+    ``latest``), or ``checkpoint_path``. ``delay_s`` (``--delay``): rank from each user's state ``delay_s``
+    before the split's cut (a stale served cache; a temporal holdout only), see :func:`rank_model`.
 
     Collective: every rank of the process group calls it (a plain process, torchrun, the deepspeed launcher, Ray;
     a process group is started for the call when there is none). The item table is sharded over the ranks as in
@@ -211,12 +214,32 @@ def evaluate(
     max_users = ev.max_users if max_users is None else max_users
     if max_users < 0:
         raise ValueError(f"--max-users: must be >= 0, got {max_users}")
+    state_before = delayed_state_time(manifest, split, delay_s, data_dir)
     with process_group(device, cfg.train.timeout_s) as info:  # a caller's group (a Ray worker's) is kept
         model = checkpoint.load_model_sharded(path, manifest.num_items, info.device, info.world_size)
         report = rank_model(
-            model, data_dir, manifest, split, ks, max_users, info.rank, info.world_size, info.device, per_target
-        )
+            model, data_dir, manifest, split, ks, max_users, info.rank, info.world_size, info.device, per_target,
+            state_before=state_before,
+        )  # fmt: skip
+    if state_before is not None:
+        report = {"delay_s": delay_s, **report}
     return {"checkpoint": path.name, **report}
+
+
+def delayed_state_time(manifest: Manifest, split: str, delay_s: float, data_dir: str | Path) -> float | None:
+    """``--delay``: the time users' states are taken at, the split's temporal cut minus ``delay_s`` (None for no
+    delay); one line naming the dataset when its split has no temporal cut."""
+    if not delay_s:
+        return None
+    if delay_s < 0:
+        raise ValueError(f"--delay: must be >= 0, got {delay_s:g} s")
+    cut = manifest.holdout_start(split)
+    if cut is None:
+        raise ValueError(
+            f"--delay: needs a temporal holdout, and {data_dir}'s split {split!r} is not one (leave-one-out, or no "
+            "cut time recorded); write one with `argus data synth/convert --holdout temporal`"
+        )
+    return cut - delay_s
 
 
 @torch.no_grad()
@@ -231,6 +254,7 @@ def rank_model(
     world: int,
     device: torch.device,
     per_target: bool = False,
+    state_before: float | None = None,
 ) -> dict[str, Any]:
     """Collective: the ranking report of ``model`` on ``split`` (see :func:`evaluate`), the same on every rank.
 
@@ -239,7 +263,10 @@ def rank_model(
     statistics; the targets are then ranked over the whole catalog (:func:`trainer.ranking.full_ranks`) or among
     sampled items (:func:`trainer.ranking.sampled_ranks`, above ``eval.full_ranking_max_items``), and the metrics
     are computed on every rank over all targets in (user id, position) order, so they do not depend on the number
-    of ranks. ``max_users``: exactly that many users, those with the lowest ids among the users with a target."""
+    of ranks. ``max_users``: exactly that many users, those with the lowest ids among the users with a target.
+    ``state_before`` (a time, seconds): each user's state is the one after their last interaction before it, and
+    the targets stay the split's (``argus eval --delay``: the split's cut minus the delay); a user with no
+    interaction before it counts as without history."""
     import time
 
     import torch.distributed as dist
@@ -277,6 +304,12 @@ def rank_model(
         if t is not None and chosen is not None:
             t = _only(t, torch.isin(batch.users[t.owner], chosen))
         without_history += int((batch.target_start == 0).sum()) if batch.size else 0
+        last = batch.target_start - 1  # each sample's state: after its last context interaction
+        if state_before is not None and batch.size:
+            last = context_before(batch, state_before)
+            without_history += int(((last < 0) & (batch.target_start > 0)).sum())
+            if t is not None:
+                t = _only(t, last[t.owner] >= 0)
         ctx = batch if batch.size else dummy_batch()
         if cfg.data.batch_tokens:  # a run trained on packed rows is ranked on packed rows too
             ctx.pack(context)
@@ -294,7 +327,7 @@ def rank_model(
         if t is None or t.users == 0:
             continue
         states = dense.states(item, side, ctx.lengths.to(device), _on(ctx.grid(), device))
-        h = dense.user_vectors(states, ctx.lengths.to(device), (ctx.target_start.to(device) - 1).clamp_min(0))
+        h = dense.user_vectors(states, ctx.lengths.to(device), last.clamp_min(0).to(device))
         first = torch.zeros(t.users, dtype=torch.long).scatter_reduce_(
             0, t.local, t.owner, reduce="amin", include_self=False
         )  # each user's row of the batch
@@ -432,6 +465,16 @@ def _on(grid: Any, device: torch.device) -> Any:
     if grid[0] is None:
         return grid
     return (grid[0].to(device), grid[1].to(device), grid[2])
+
+
+def context_before(batch: Batch, time: float) -> torch.Tensor:
+    """Per sample, the position of its last context interaction (before ``target_start``) with a timestamp at or
+    before ``time``; -1 when it has none (a sample's timestamps ascend)."""
+    sample = torch.repeat_interleave(torch.arange(batch.size), batch.lengths)
+    # in int64: a float time would compare in float32, whose steps are 128 s at today's epoch seconds
+    at_or_before = batch.values["timestamp"].to(torch.int64) <= math.floor(time)
+    before = torch.zeros(batch.size, dtype=torch.long).index_add_(0, sample, at_or_before.to(torch.long))
+    return torch.minimum(before, batch.target_start) - 1
 
 
 def _only(t: EvalTargets, keep: torch.Tensor) -> EvalTargets:

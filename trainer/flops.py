@@ -169,13 +169,14 @@ def encoder_flops_per_interaction(cfg: JobConfig) -> float:
 
 def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:
     """Training FLOPs per interaction of a JobConfig: the encoder's tokens plus the next-item head against
-    its candidates. Embedding lookups are excluded.
+    its candidates, once per predicted interaction (``heads.next_item.horizon`` of them under multi-token
+    prediction; fewer at a history's end). Embedding lookups are excluded.
 
     The trainer's tflops/mfu(%) and the capacity planner both use this.
     """
     ni = cfg.heads.next_item
     candidates = item_rows if ni.full(item_rows) else ni.uniform_negatives + ni.in_batch_negatives
-    return encoder_flops_per_interaction(cfg) + head_flops_per_token(
+    return encoder_flops_per_interaction(cfg) + ni.horizon * head_flops_per_token(
         cfg.embeddings.item_dim, 1 + candidates, training=True
     )
 

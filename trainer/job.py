@@ -182,6 +182,8 @@ class JobConfig:
         "embeddings.num_contexts": "model.num_contexts",
         "embeddings.side_sharding": None,  # the side tables are dense parameters now, never sharded by TorchRec
     }
+    # Second names, documented: the projected decoding head's width is the item vectors' (docs/production.md)
+    ALIASES: ClassVar[dict[str, str]] = {"heads.next_item.projection": "embeddings.item_dim"}
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` passes of ``batches_per_epoch``."""

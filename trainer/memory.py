@@ -208,7 +208,10 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
         )  # side-table rows, in the training dtype
         + tokens * (2 * d + d + 2 * d) * w  # interaction MLP hidden + GELU, tokens + positions, final norm
         + targets * (d + emb.item_dim) * 4  # state rows, projected user vectors (fp32)
-        + targets * candidates * 4 * 3  # logits, softmax, their gradient (fp32)
+        # multi-token prediction: every target is predicted by up to `horizon` states (pairs): per extra pair its
+        # gathered user and positive vectors (fp32), and its logits, softmax and their gradient
+        + targets * (ni.horizon - 1) * 2 * emb.item_dim * 4
+        + targets * ni.horizon * candidates * 4 * 3  # logits, softmax, their gradient (fp32)
         + targets * (d + emb.item_dim + 2 * fb_hidden) * w
     )  # feedback head
     # backward of one block: its activation gradients (same size as what it saved), plus, when

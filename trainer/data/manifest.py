@@ -83,6 +83,17 @@ class Manifest:
     version: int = MANIFEST_VERSION
     root: Any = field(default=Path("."), repr=False, compare=False)  # a Path, or a UPath for a URL (storage.py)
 
+    def holdout_start(self, split: str) -> int | None:
+        """When ``split``'s held-out targets begin (seconds) under a temporal holdout; None under another holdout
+        or when the dataset did not record it (``source.holdout``: `argus data convert`'s dict, or synth's kind
+        beside ``val_start`` / ``test_start``)."""
+        h = self.source.get("holdout")
+        kind, starts = (h.get("kind"), h) if isinstance(h, dict) else (h, self.source)
+        key = {"test": "test_start", "val": "val_start"}.get(split)
+        if kind != "temporal" or key is None or key not in starts:
+            return None
+        return int(starts[key])
+
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
             raise ManifestError(f"{redact(self.root / MANIFEST_NAME)}: no split {name!r} (has {sorted(self.splits)})")

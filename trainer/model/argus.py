@@ -148,9 +148,12 @@ class ArgusModel(nn.Module):
         pos_log_q: torch.Tensor,
         cand_log_q: torch.Tensor,
         pack: Grid | None = None,
+        pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses for one micro-batch; ``sel`` picks in-batch candidates among the targets; ``pack``: see
-        :meth:`states`."""
+        :meth:`states`. ``pairs``: multi-token prediction's (context target, predicted interaction, weight)
+        (:func:`trainer.model.heads.prediction_pairs`; ``pos_log_q`` is then the predicted interactions'); None =
+        each target's next item, weighted alike."""
         h = self.states(item, side, lengths, pack)
         ni, fb = self.heads_cfg.next_item, self.heads_cfg.feedback
         next_rows, fb_rows = self.state_rows(tgt)
@@ -161,8 +164,13 @@ class ArgusModel(nn.Module):
             pos = item[tgt].float()
             cand = torch.cat([pos[sel], neg.float()])
             cand_ids = torch.cat([item_ids[tgt][sel], neg_ids])
+            pos_ids, weights = item_ids[tgt], None
+            if pairs is not None:  # each target's state scores the later interactions of its pairs, weighted
+                ctx, pred, weights = pairs
+                user = user[torch.searchsorted(tgt, ctx)]  # projected once per state; tgt ascends
+                pos, pos_ids = item[pred].float(), item_ids[pred]
             out["loss/next_item"] = sampled_softmax_loss(
-                user, pos, item_ids[tgt], cand, cand_ids, pos_log_q, cand_log_q, ni
+                user, pos, pos_ids, cand, cand_ids, pos_log_q, cand_log_q, ni, weights
             )
         if fb.weight > 0:
             logits = self.feedback(h[fb_rows], item[tgt].to(h.dtype))

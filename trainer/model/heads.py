@@ -7,14 +7,15 @@ when it sums them, so logged per-head losses stay comparable across configs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.data.schema import NUM_PLAYED_BUCKETS, EventType, played_bucket
+from trainer.data.schema import NUM_PLAYED_BUCKETS, PLAYED_NA, EventType, played_bucket
 
 EVENT_CLASSES = len(EventType)  # listen, like, dislike, unlike, undislike, skip
 LOG_Q_FLOOR = 1e-12  # expected counts below this are clamped before the log
@@ -72,6 +73,45 @@ class CandidateLogQ:
         return mixed_log_q(ids, self.counts, k_in_batch, k_uniform, self.rows, self.total)
 
 
+@dataclass
+class Utility:
+    """r_i, the worth of interaction i as a multi-token-prediction target, by its feedback (docs/production.md).
+    All 1 (the default) weighs every interaction alike, as next-item training does."""
+
+    like: float = 1.0
+    full: float = 1.0  # a listen of at least `full_at` percent, or with no played ratio
+    partial: float = 1.0  # a listen of less
+    skip: float = 1.0
+    dislike: float = 1.0
+    other: float = 1.0  # unlike, undislike
+    full_at: int = 75  # played percent from which a listen is full
+    CLASSES: ClassVar[tuple[str, ...]] = ("like", "full", "partial", "skip", "dislike", "other")
+
+    def validate(self, where: str) -> None:
+        for key in self.CLASSES:
+            if getattr(self, key) < 0:
+                raise ValueError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.full_at <= 100:
+            raise ValueError(f"{where}.full_at: a percent in [0, 100], got {self.full_at}")
+
+    @property
+    def flat(self) -> bool:
+        return all(getattr(self, k) == 1.0 for k in self.CLASSES)
+
+    def __call__(self, event: Tensor, played: Tensor) -> Tensor:
+        """(N,) event types and raw played percents (PLAYED_NA where none) -> (N,) float64 utilities."""
+        event, played = event.to(torch.int64), played.to(torch.int64)
+        r = torch.full(event.shape, self.other, dtype=torch.float64)
+        listen = event == EventType.LISTEN
+        full = (played >= self.full_at) | (played == PLAYED_NA)
+        r[listen & full] = self.full
+        r[listen & ~full] = self.partial
+        r[event == EventType.LIKE] = self.like
+        r[event == EventType.SKIP] = self.skip
+        r[event == EventType.DISLIKE] = self.dislike
+        return r
+
+
 class NextItemHead:
     """Sampled softmax over shared candidates (in-batch positives + uniform draws), logQ-corrected.
 
@@ -93,6 +133,12 @@ class NextItemHead:
         # true: score against the whole catalog; false: sampled + logQ; auto: full when the catalog has at most
         # FULL_SOFTMAX_MULTIPLE x (uniform_negatives + in_batch_negatives) items
         full_softmax: bool | str = "auto"
+        # Multi-token prediction (docs/production.md): each state predicts the next `horizon` interactions of its
+        # history: interaction i, for the state after j - 1, weighted r_i * 2^(-(t_i - t_(j-1)) / half_life_s)
+        # (r_i: `utility`; half_life_s 0 = no decay). horizon 1, flat utility, no decay: plain next-item training.
+        horizon: int = 1
+        half_life_s: float = 0.0
+        utility: Utility = field(default_factory=Utility)
 
         def validate(self, where: str = "loss.next_item") -> None:
             def bad(key: str, msg: str) -> ValueError:
@@ -108,6 +154,16 @@ class NextItemHead:
                 raise bad("weight", f"must be >= 0, got {self.weight}")
             if self.full_softmax not in (True, False, "auto"):
                 raise bad("full_softmax", f"must be true, false or auto, got {self.full_softmax!r}")
+            if self.horizon < 1:
+                raise bad("horizon", f"must be >= 1, got {self.horizon}")
+            if self.half_life_s < 0:
+                raise bad("half_life_s", f"must be >= 0 (0 = no decay), got {self.half_life_s}")
+            self.utility.validate(f"{where}.utility")
+
+        @property
+        def multi_token(self) -> bool:
+            """Whether targets are weighted pairs (:func:`prediction_pairs`) rather than plain next items."""
+            return self.horizon > 1 or self.half_life_s > 0 or not self.utility.flat
 
         def full(self, num_items: int | None) -> bool:
             """Whether training scores the whole catalog of ``num_items`` (None: unknown, so only when forced)."""
@@ -120,6 +176,28 @@ class NextItemHead:
 NextItemLossConfig = NextItemHead.Config
 
 
+def prediction_pairs(
+    lengths: Tensor, tgt: Tensor, timestamp: Tensor, event: Tensor, played: Tensor, cfg: NextItemHead.Config
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Multi-token prediction's targets for a jagged batch (host tensors): for each target ``j`` of ``tgt`` (flat
+    interaction indices; its state is the one after ``j - 1``), the interactions ``i = j .. j + horizon - 1`` of
+    the same sample. Returns (context ``j``, target ``i``, weight) per pair, ``d = i - j`` ascending then ``j``:
+    weight = r_i * 2^(-(t_i - t_(j-1)) / half_life_s) (no decay when half_life_s is 0), float32."""
+    sample = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    ends = torch.cumsum(lengths, 0)[sample[tgt]] if tgt.numel() else tgt
+    ctx, out = [], []
+    for d in range(cfg.horizon):
+        keep = tgt + d < ends
+        ctx.append(tgt[keep])
+        out.append(tgt[keep] + d)
+    j, i = torch.cat(ctx), torch.cat(out)
+    w = cfg.utility(event[i], played[i])
+    if cfg.half_life_s > 0:
+        gap = (timestamp[i] - timestamp[j - 1]).to(torch.float64).clamp_min(0)
+        w = w * torch.exp2(-gap / cfg.half_life_s)
+    return j, i, w.to(torch.float32)
+
+
 def sampled_softmax_loss(
     h: Tensor,
     pos_emb: Tensor,
@@ -129,12 +207,14 @@ def sampled_softmax_loss(
     pos_log_q: Tensor,
     cand_log_q: Tensor,
     cfg: NextItemHead.Config,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Mean cross-entropy of each row's positive (column 0) against the shared candidates.
 
     ``h``/``pos_emb``: (N, d); ``pos_ids``/``pos_log_q``: (N,); ``cand_emb``: (K, d);
     ``cand_ids``/``cand_log_q``: (K,). Candidates equal to the row's positive
-    (accidental hits) are excluded from that row.
+    (accidental hits) are excluded from that row. ``weights`` (N,): a weighted mean instead (multi-token
+    prediction's pairs; 0 when every weight is 0).
     """
     if h.shape[0] == 0:
         return h.sum() * 0.0
@@ -153,7 +233,11 @@ def sampled_softmax_loss(
             pos_logit = pos_logit - pos_log_q.to(wide)
     cand_logits = cand_logits.masked_fill(cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), cand_logits], dim=1)
-    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device))
+    zeros = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    if weights is None:
+        return F.cross_entropy(logits, zeros)
+    w = weights.to(logits.dtype)
+    return (w * F.cross_entropy(logits, zeros, reduction="none")).sum() / w.sum().clamp_min(1e-12)
 
 
 class FeedbackHead(nn.Module):

@@ -1,0 +1,123 @@
+"""The measurements of docs/production.md, on synthetic data with planted structure, over training seeds.
+
+    python bench/production.py multi-token [--seeds 0,1,2] [--steps 200] [--delays 0,24h,48h] [--json]
+    python bench/production.py projection [--seeds 0,1,2] [--steps 200] [--json]
+
+multi-token: one dataset with a temporal holdout (`argus data synth --holdout temporal`: the last 7 days are the
+test window; the planted tastes drift from session to session, so a state grows stale); `configs/nano.yaml`
+trained for the same steps with next-item training (`horizon=1`) and with multi-token prediction (`horizon=8,
+half_life_s=1 day, utility.skip=0`); every run evaluated on the test window from the state at its cut and 24 h and
+48 h before it (`argus eval --delay`).
+
+projection: one leave-one-out dataset; `configs/nano.yaml` (d_model 64) with the decoding head's width
+`embeddings.item_dim` (= `heads.next_item.projection`) at d/8, d/2 and d: step time, the head's training FLOPs per
+interaction (the planner's count) and HR@10 / NDCG@10.
+
+Prints the mean and standard error over seeds beside popularity's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MULTI_TOKEN = {
+    "next-item": [],
+    "multi-token": ["heads.next_item.horizon=8", "heads.next_item.half_life_s=86400", "heads.next_item.utility.skip=0"],
+}
+PROJECTION = {f"item_dim={d}": [f"embeddings.item_dim={d}"] for d in (8, 32, 64)}  # nano: d_model 64
+
+
+def argus(*argv: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "launch.cli", *argv]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"argus {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
+
+
+def train(data: Path, run: Path, steps: int, seed: int, extra: list[str]) -> dict:
+    """`argus train configs/nano.yaml` for ``steps`` steps; -> its last logging window and its head FLOPs."""
+    argus("train", "configs/nano.yaml", f"data.path={data}", f"out={run}", "train.epochs=0", f"train.steps={steps}",
+          "eval.every_epochs=0", "eval.patience=0", "data.batch_size=32", f"train.seed={seed}", "train.log_every=50",
+          *extra)  # fmt: skip
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"tps"' in x][-1]
+    from trainer.checkpoint import saved_job
+    from trainer.data.manifest import Manifest
+    from trainer.flops import flops_per_interaction
+
+    cfg = saved_job(sorted((run / "checkpoints").glob("step_*"))[-1])
+    f_int = flops_per_interaction(cfg, Manifest.load(data).num_items)
+    from trainer.flops import encoder_flops_per_interaction
+
+    return {"step_s": last["time/step_s"], "head_flops": f_int - encoder_flops_per_interaction(cfg)}
+
+
+def summarize(reports: list[dict]) -> dict:
+    out = {f"{who}/{m}": mean_se([r[who][m] for r in reports]) for who in ("model", "popularity") for m in
+           ("hr@10", "ndcg@10")}  # fmt: skip
+    out["users"] = reports[0]["users"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", choices=["multi-token", "projection"])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--delays", default="0,24h,48h")
+    p.add_argument("--users", type=int, default=1500)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    sys.path.insert(0, str(REPO))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    delays = args.delays.split(",") if args.study == "multi-token" else ["0"]
+    arms = MULTI_TOKEN if args.study == "multi-token" else PROJECTION
+    holdout = ["--holdout", "temporal", "--days", "60", "--val-days", "3", "--test-days", "7"]
+    if args.study == "projection":
+        holdout = ["--holdout", "loo"]
+    reports: dict[str, dict[str, list[dict]]] = {a: {d: [] for d in delays} for a in arms}
+    costs: dict[str, list[dict]] = {a: [] for a in arms}
+    with tempfile.TemporaryDirectory(prefix="argus_production_") as tmp:
+        data = Path(tmp) / "data"
+        argus("data", "synth", "--out", str(data), "--users", str(args.users), "--items", "2000", "--mean-len", "120",
+              "--shards", "2", "--seed", "0", *holdout)  # fmt: skip
+        for arm, extra in arms.items():
+            for seed in seeds:
+                run = Path(tmp) / f"{arm}-{seed}"
+                t0 = time.perf_counter()
+                costs[arm].append({**train(data, run, args.steps, seed, extra), "seconds": time.perf_counter() - t0})
+                for d in delays:
+                    reports[arm][d].append(json.loads(argus("eval", str(run), "--data", str(data), "--delay", d,
+                                                            "--json")))  # fmt: skip
+    summary = {f"{arm}@{d}": summarize(reports[arm][d]) for arm in arms for d in delays}
+    cost = {arm: {k: statistics.mean(c[k] for c in cs) for k in cs[0]} for arm, cs in costs.items()}
+    report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "study": args.study, "seeds": seeds,
+              "steps": args.steps, "cost": cost, "summary": summary}  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"{'arm':14} {'delay':>6} {'HR@10':>16} {'NDCG@10':>16} {'pop HR@10':>10} {'step s':>7} {'head FLOPs':>11}")
+    for key, out in summary.items():
+        arm, d = key.split("@")
+        hr, nd, c = out["model/hr@10"], out["model/ndcg@10"], cost[arm]
+        print(f"{arm:14} {d:>6} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} "
+              f"{out['popularity/hr@10'][0]:10.4f} {c['step_s']:7.3f} {c['head_flops']:11.3g}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
