@@ -55,15 +55,13 @@ def train(data: Path, run: Path, steps: int, seed: int, extra: list[str]) -> dic
     argus("train", "configs/nano.yaml", f"data.path={data}", f"out={run}", "train.epochs=0", f"train.steps={steps}",
           "eval.every_epochs=0", "eval.patience=0", "data.batch_size=32", f"train.seed={seed}", "train.log_every=50",
           *extra)  # fmt: skip
-    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"tps"' in x][-1]
     from trainer.checkpoint import saved_job
     from trainer.data.manifest import Manifest
-    from trainer.flops import flops_per_interaction
+    from trainer.flops import encoder_flops_per_interaction, flops_per_interaction
 
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"tps"' in x][-1]
     cfg = saved_job(sorted((run / "checkpoints").glob("step_*"))[-1])
     f_int = flops_per_interaction(cfg, Manifest.load(data).num_items)
-    from trainer.flops import encoder_flops_per_interaction
-
     return {"step_s": last["time/step_s"], "head_flops": f_int - encoder_flops_per_interaction(cfg)}
 
 

@@ -224,7 +224,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     world, gpn = hw.world, hw.gpus_per_node
     cfg = plan_config(cfg, world)
     tp, sp = cfg.parallel.tp, cfg.parallel.sp
-    dp = world // (tp * sp)
+    dp = world // cfg.parallel.group
     spec = hw.spec()
     enc, ds, ni = cfg.model.resolved(), cfg.deepspeed, cfg.heads.next_item
     capacity = spec.memory_bytes

@@ -85,6 +85,14 @@ def test_training_with_tp_or_sp_equals_data_parallel_training(data, tmp_path, pa
         assert [r.get("ne/event") for r in par] == pytest.approx([r.get("ne/event") for r in ref])
     if packed:
         return
+    # eval on 2 ranks reads the tp run's shards merged once (rank 0 converts, the others receive): one process's report
+    from helpers import argus_own_process
+
+    code, out, err = argus_own_process("eval", str(runs["tp2"]), "--data", str(data), "--json")
+    assert code == 0, err[-2000:]
+    outs = argus_ranks("eval", str(runs["tp2"]), "--data", str(data), "--json", nproc=2)
+    printed = [json.loads(o[o.index("{") :]) for o in outs if "{" in o]
+    assert len(printed) == 1 and printed[0]["model"] == json.loads(out)["model"]
     for k in groups:
         flag = f"parallel.{k}=2"
         whole = tmp_path / f"{k}2_whole"
@@ -101,7 +109,7 @@ def test_training_with_tp_or_sp_equals_data_parallel_training(data, tmp_path, pa
     split = _resume(runs["dp1"], tmp_path / "dp1_then_tp2", *common, "parallel.tp=2", nproc=2)
     assert losses(split) == pytest.approx(losses(tmp_path / "tp2_whole"), rel=1e-5)
     # a tp change without ZeRO partitions to convert through: one line, the checkpoints untouched
-    from helpers import argus_own_process, one_line_error, tree_digest
+    from helpers import one_line_error, tree_digest
 
     before = tree_digest(runs["tp2"] / "checkpoints")
     code, _, err = argus_own_process("train", *common, "deepspeed.stage=0", "train.steps=5", f"out={runs['tp2']}",

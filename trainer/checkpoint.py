@@ -12,6 +12,7 @@ manifests, verification and retention are file operations without torch: ``train
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -96,6 +97,21 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * _world()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """Collective: ``fn()`` run by rank 0 alone, its result on every rank; its exception raised on every rank
+    (the others learn of it instead of waiting in the broadcast)."""
+    got: Any = None
+    if dist.get_rank() == 0:
+        try:
+            got = fn()
+        except Exception as e:
+            got = e
+    got = _from_rank0(got)
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 def _from_rank0(obj: Any) -> Any:
@@ -291,19 +307,9 @@ def dense_weights(path: Path, collective: bool = False) -> dict[str, torch.Tenso
 
     tag_dir = path / "dense" / DENSE_TAG
     job = saved_job(path)
-    if job.parallel.tp > 1 and collective and _world() > 1:
-        got: Any = None
-        if dist.get_rank() == 0:
-            try:
-                got = _merged_tensor_parallel(tag_dir)
-            except Exception as e:  # tell the other ranks instead of leaving them in the broadcast
-                got = e
-        got = _from_rank0(got)
-        if isinstance(got, Exception):
-            raise got
-        weights = got
-    elif job.parallel.tp > 1:
-        weights = _merged_tensor_parallel(tag_dir)
+    if job.parallel.tp > 1:
+        merge = functools.partial(_merged_tensor_parallel, tag_dir)
+        weights = _on_rank0(merge) if collective and _world() > 1 else merge()
     elif job.deepspeed.stage == 0:  # no ZeRO partitions: the full weights are in the model-states file
         weights = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     else:

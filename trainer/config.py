@@ -181,6 +181,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def _first_name(override: str, aliases: dict[str, str]) -> str:
+    """``key=value`` with ``key`` by its first name when it is an alias."""
+    key, eq, value = override.partition("=")
+    return f"{aliases[key]}={value}" if eq and key in aliases else override
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -200,10 +206,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
     ``validate=False`` leaves ``cls.validate`` to the caller (the planner validates for its own world size)."""
     # a key by its second name, in the file or an override, is its first name: an override wins like any other
     data = migrate_keys(cls, load_yaml(path), aliases_only=True) if path else {}
-    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
-    overrides = [f"{aliases[o.split('=', 1)[0]]}={o.split('=', 1)[1]}" if o.split("=", 1)[0] in aliases and "=" in o
-                 else o for o in overrides]  # fmt: skip
-    apply_overrides(data, overrides)
+    apply_overrides(data, [_first_name(o, getattr(cls, "ALIASES", {})) for o in overrides])
     try:
         cfg = from_dict(cls, data)
     except ConfigError as e:

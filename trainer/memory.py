@@ -75,8 +75,8 @@ def dense_params(cfg: JobConfig) -> DenseParams:
     tables = [rows * side for rows in side_table_rows(model.num_contexts).values()]
     interaction = [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)] * len(d_ins)
     heads = [_linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
-    tp = cfg.parallel.tp  # AutoTP (trainer/model/tensor_parallel.py): qkv, ff1 by rows; out, ff2 by columns
-    block = [_linear(d, 3 * d) // tp, d * d // tp + d, _linear(d, f) // tp, f * d // tp + d]
+    tp = cfg.parallel.tp
+    block = [split // tp + whole for split, whole in _block_linears(d, f)]  # a rank's share of each
     return DenseParams(
         encoder=encoder_param_count(enc),
         positions=enc.max_seq_len * d,
@@ -89,11 +89,16 @@ def dense_params(cfg: JobConfig) -> DenseParams:
     )
 
 
+def _block_linears(d: int, f: int) -> list[tuple[int, int]]:
+    """A block's linear layers (qkv, attention output, ff1, ff2) as (parameters parallel.tp splits, parameters it
+    keeps whole): AutoTP (trainer/model/tensor_parallel.py) splits qkv and ff1 by rows, biases included, and the
+    attention output and ff2 by columns, their biases whole."""
+    return [(_linear(d, 3 * d), 0), (d * d, d), (_linear(d, f), 0), (f * d, d)]
+
+
 def tensor_parallel_params(n_layers: int, d_model: int, d_ff: int) -> int:
-    """The encoder parameters parallel.tp splits (trainer/model/tensor_parallel.py): every block's qkv and ff1
-    with their biases, and the attention output's and ff2's weights (their biases stay whole)."""
-    d, f = d_model, d_ff
-    return n_layers * (_linear(d, 3 * d) + d * d + _linear(d, f) + f * d)
+    """The encoder parameters parallel.tp splits: every block's split parameters (:func:`_block_linears`)."""
+    return n_layers * sum(split for split, _ in _block_linears(d_model, d_ff))
 
 
 def weight_bytes(precision: str) -> int:
