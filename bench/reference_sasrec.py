@@ -192,11 +192,12 @@ def context_ids(batch: Batch) -> tuple[Tensor, Tensor]:
 def make_scores_fn(model: SASRec) -> Callable[[Batch, EvalTargets], Tensor]:
     """``rank_split``'s scorer: (B, num_items) scores from each sample's state after its last context interaction."""
 
-    def scores_fn(batch: Batch, targets: EvalTargets | None = None) -> Tensor:
+    def scores_fn(batch: Batch, targets: EvalTargets | None = None, last: Tensor | None = None) -> Tensor:
         ids, n = context_ids(batch)
         h = model(ids)  # (B, T, d)
-        last = (n - 1).clamp(min=0)  # target_start - 1; samples without context (n == 0) are ignored by rank_split
-        return model.scores(h[torch.arange(batch.size), last])
+        if last is None:  # target_start - 1; samples without context (n == 0) are ignored by rank_split
+            last = n - 1
+        return model.scores(h[torch.arange(batch.size), last.clamp(min=0)])  # rank_split ignores last < 0
 
     return scores_fn
 
@@ -213,15 +214,24 @@ def train_loss(model: SASRec, batch: Batch) -> tuple[Tensor, int]:
 # ---- evaluation and training -----------------------------------------------------------------------------------
 @torch.inference_mode()
 def evaluate(
-    model: SASRec, data_dir: str | Path, manifest: Manifest, split: str, cfg: RefConfig, max_users: int = 0
+    model: SASRec,
+    data_dir: str | Path,
+    manifest: Manifest,
+    split: str,
+    cfg: RefConfig,
+    max_users: int = 0,
+    state_before: float | None = None,
+    items: str = "all",
 ) -> SplitRanking:
-    """``rank_split`` on ``split`` (full ranking, training item counts for the popularity baseline)."""
+    """``rank_split`` on ``split`` (full ranking, training item counts for the popularity baseline); ``state_before``
+    and ``items``: ``argus eval``'s ``--delay`` (as the time states are taken at) and ``--items``."""
     was_training = model.training
     model.eval()
     try:
         loader = eval_loader(data_dir, manifest, split, cfg.eval_batch_size, cfg.max_len)
         counts = np.array(manifest.item_counts("train"))  # a writable copy of the memory map, for torch
-        return rank_split(loader, make_scores_fn(model), counts, cfg.ks, full=True, seed=0, max_users=max_users)
+        return rank_split(loader, make_scores_fn(model), counts, cfg.ks, full=True, seed=0, max_users=max_users,
+                          state_before=state_before, items=items)  # fmt: skip
     finally:
         model.train(was_training)
 

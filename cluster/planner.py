@@ -38,6 +38,7 @@ from trainer.memory import (
     embedding_hbm_budget,
     embedding_lookups,
     headroom,
+    item_data_bytes,
     rank_dense_states,
     weight_bytes,
 )
@@ -237,10 +238,11 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
     states = rank_dense_states(cfg, world, gpn)
     act = activations(cfg)
     buffers = ds_buffers(cfg.deepspeed_config(world), ds.precision)
+    item_data = item_data_bytes(cfg, tables["item"]["rows"])  # a semantic item tower's metadata, every rank
     reserve = headroom(capacity, req.headroom_fraction)
-    dense_side = states.gpu + act.total + buffers
+    dense_side = states.gpu + act.total + buffers + item_data
     # the HBM TorchRec may fill: the very function `argus train` gives TorchRec on GPUs
-    emb_budget = embedding_hbm_budget(cfg, world, capacity, gpn, req.headroom_fraction)
+    emb_budget = embedding_hbm_budget(cfg, world, capacity, gpn, req.headroom_fraction, tables["item"]["rows"])
     replicated = cfg.embeddings.backend == "torch"
     emb: dict[str, Any] = {
         "backend": cfg.embeddings.backend,
@@ -277,6 +279,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
         "activations_other": act.other,
         "activations_working": act.working,
         "comm_buffers": buffers,
+        "item_data": item_data,
         "headroom": reserve,
         "total": total,
         "capacity": capacity,

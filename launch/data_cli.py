@@ -49,6 +49,8 @@ def _synth(synthesize: Any, out: str, a: argparse.Namespace) -> Any:
         slate=a.slate,
         imp_days=a.imp_days,
         imp_test_days=a.imp_test_days,
+        item_features=a.item_features,
+        new_items=a.new_items,
         overwrite=a.overwrite,
     )
 
@@ -66,6 +68,7 @@ CONVERT_FLAGS = {
     "impressions_test_seconds": "--impressions-test-seconds",
     "like_threshold": "--like-threshold",
     "dislike_threshold": "--dislike-threshold",
+    "item_features": "--item-features",
 }
 
 
@@ -83,10 +86,17 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
     with dataset_output(a.out, a.overwrite) as out:
         m = _convert(convert, out, cols, Hints, a)
     skipped = m.source.get("skipped_rows", {})
+    feats = m.item_features
     console.print(
         f"wrote {redact(a.out)}: {m.num_items:,} items; "
         + ", ".join(f"{k} {v.samples} samples / {v.interactions:,} interactions" for k, v in m.splits.items())
         + (f"; skipped rows: {skipped}" if skipped else "")
+        + (
+            f"; item features: {feats['rows']:,} items (dim {feats['dim']}), {feats['missing']:,} without (zero "
+            f"rows), {feats['unknown_items']:,} unknown ids dropped"
+            if feats
+            else ""
+        )
     )
     return 0
 
@@ -110,6 +120,7 @@ def _convert(convert: Any, out: str, cols: Any, Hints: Any, a: argparse.Namespac
         workers=a.workers,
         impressions=a.impressions,
         impressions_test_seconds=a.impressions_test_seconds,
+        item_features=a.item_features,
         overwrite=a.overwrite,
         hints=Hints(
             skip="--on-error skip",
@@ -137,6 +148,12 @@ def cmd_data_inspect(a: argparse.Namespace) -> int:
     console.print(
         f"[bold]{rep['root']}[/]  source={rep['source']}  items={rep['num_items']:,}  max_len={rep['max_len']}"
     )
+    feats = rep.get("item_features")
+    if feats:  # what model.item_features must be set to for a semantic item tower
+        console.print(
+            f"item features: dim {feats['dim']} ({feats['path']}; {feats['rows']:,} items with a vector, "
+            f"{feats['missing']:,} without)"
+        )
     t = Table("split", "shards", "users", "samples", "interactions", "targets", "items seen", title="counts")
     h = Table(
         "split",
@@ -301,6 +318,16 @@ def add_data(sub: Any) -> None:
     s.add_argument("--slate", type=int, default=10, help="items shown per impression")
     s.add_argument("--imp-days", type=float, default=7.0)
     s.add_argument("--imp-test-days", type=float, default=1.0, help="the last days of impressions: impressions_test")
+    s.add_argument(
+        "--item-features", type=int, default=0, metavar="DIM", help="write item metadata vectors of this width"
+    )
+    s.add_argument(
+        "--new-items",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="hold this fraction of items back until the test window (cold-start items; --holdout temporal)",
+    )
     s.set_defaults(func=cmd_data_synth)
 
     c = dsub.add_parser("convert", help="convert Yambda-style parquet or CSV/TSV logs into shards")
@@ -340,6 +367,14 @@ def add_data(sub: Any) -> None:
         type=int,
         default=86400,
         help="impressions in the last N seconds form impressions_test",
+    )
+    c.add_argument(
+        "--item-features",
+        default=None,
+        metavar="FILE",
+        help="item metadata vectors (parquet file or directory: the item id column, named like the logs' item "
+        "column or item_id, and vector or embedding, a list of floats; text embedded beforehand): written as "
+        "item_features.npy, zero rows for items without one; unknown ids are dropped and counted",
     )
     c.set_defaults(func=cmd_data_convert)
 

@@ -156,6 +156,7 @@ def render(result: dict[str, Any], console: Any) -> None:
         ("activations: embeddings, heads, logits", m["activations_other"]),
         ("activations: one block's backward", m["activations_working"]),
         ("DeepSpeed communication buckets", m["comm_buffers"]),
+        *([("item metadata (model.item_tower)", m["item_data"])] if m.get("item_data") else []),
         ("[bold]total[/]", m["total"]),
         ("headroom (context, NCCL, fragmentation)", m["headroom"]),
         ("GPU memory", m["capacity"]),

@@ -264,7 +264,13 @@ def eval_worker(config: dict[str, Any]) -> None:
         rep = evaluate_finetune(config["run"], config["data"], split=config["split"])
     else:
         rep = evaluate(
-            config["run"], config["data"], config["split"], config["ks"], config["max_users"], delay_s=config["delay"]
+            config["run"],
+            config["data"],
+            config["split"],
+            config["ks"],
+            config["max_users"],
+            delay_s=config["delay"],
+            items=config["items"],
         )
     if ctx.get_world_rank() != 0:
         ray.train.report({}, checkpoint=None)
@@ -304,6 +310,8 @@ def launch_eval(a: argparse.Namespace) -> int:
         from trainer.evaluate import delayed_state_time
 
         delayed_state_time(manifest, split, a.delay, a.data)
+    if a.items != "all" and saved.finetune.enabled:
+        raise ValueError("--items: a fine-tuning run is evaluated on its impressions' shown items")
     if a.max_users is not None and a.max_users < 0:
         raise ValueError(f"--max-users: must be >= 0, got {a.max_users}")
     loop_config = {
@@ -314,6 +322,7 @@ def launch_eval(a: argparse.Namespace) -> int:
         "ks": [int(k) for k in a.ks.split(",")] if a.ks else None,
         "max_users": a.max_users,
         "delay": a.delay,
+        "items": a.items,
         "finetune": is_finetune_run(a.run),  # its impression eval (pairwise accuracy, NDCG within impressions)
         "omp_threads": max(1, int(a.cpus_per_worker)),
         "verbose": verbose(os.environ),

@@ -57,6 +57,8 @@ def cmd_eval_finetune(a: argparse.Namespace) -> int:
 
     if a.delay:
         raise ValueError("--delay: a fine-tuning run is evaluated on impressions, scored at their request time")
+    if a.items != "all":
+        raise ValueError("--items: a fine-tuning run is evaluated on its impressions' shown items")
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
         rep = evaluate_finetune(a.run, a.data, split=a.split)
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
@@ -100,7 +102,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         return cmd_eval_finetune(a)
     ks = [int(k) for k in a.ks.split(",")] if a.ks else None
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
-        rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users, delay_s=a.delay)
+        rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users, delay_s=a.delay, items=a.items)
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
         return 0
     print_eval(rep, a.run, a.json)
@@ -124,6 +126,10 @@ def print_eval(rep: dict[str, Any], run: str, as_json: bool) -> None:
             lift = rep["lift"].get(k)
             t.add_row(k, f"{v:.4f}", f"{rep['popularity'][k]:.4f}", f"{lift:.2f}x" if lift else "-")
     console.print(t)
+    if "cold_share" in rep:
+        console.print(f"cold-start items only: {rep['cold_share']:.2%} of the split's targets")
+    if "delay_s" in rep:
+        console.print(f"states taken {rep['delay_s']:g} s before the split's cut")
     for k in ("ne/event", "ne/played"):
         if k in rep:
             console.print(f"{k} = {rep[k]:.4f}")
@@ -197,5 +203,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="rank from each user's state this long before the split's cut (a stale served cache): 24h, 2d, 3600s; "
         "needs a temporal holdout",
+    )
+    p.add_argument(
+        "--items",
+        choices=["all", "cold"],
+        default="all",
+        help="cold: only targets whose item has no interaction in the train split (cold-start items)",
     )
     p.add_argument("--json", action="store_true")

@@ -8,6 +8,7 @@ back with ``tarfile`` + ``decode_sample``.
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -637,3 +638,201 @@ def test_convert_impressions_bad_row_named_or_counted(tmp_path):
     m = convert(hist, tmp_path / "b", holdout="none", shards=1, impressions=imps, on_error="skip")
     assert m.source["impression_skipped_rows"] == {"unknown_event_type": 1}
     assert m.split("impressions").stats.get("shown", 0) + m.split("impressions_test").stats.get("shown", 0) == 2
+
+
+# ------------------------------------------------------------------------- item features
+
+
+def write_features(
+    path: Path, ids: list, vectors: list, id_col: str = "item_id", vec_col: str = "vector", **kw
+) -> Path:
+    """A features parquet file; ``kw``: arrow types (``id_type``, ``vec_type``)."""
+    id_arr = pa.array(ids, kw.get("id_type"))
+    vec_arr = pa.array(vectors, kw.get("vec_type", pa.list_(pa.float64())))
+    pq.write_table(pa.table({id_col: id_arr, vec_col: vec_arr}), path)
+    return path
+
+
+def expected_features(catalog: list, feats: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row i = the input vector of catalog[i] (float32), zero where the file has none; and which rows have one."""
+    want = np.zeros((len(catalog), dim), np.float32)
+    has = np.zeros(len(catalog), bool)
+    for i, item in enumerate(catalog):
+        if item in feats:
+            want[i] = np.asarray(feats[item], np.float32)
+            has[i] = True
+    return want, has
+
+
+def test_item_features_rows_follow_the_item_map(tmp_path):
+    from trainer.data.inspect import verify
+
+    _, catalog = expected(parquet_rows(), remap_users=False)  # [5, 77, 31337, 900001, 123456789]
+    feats = {
+        900001: [0.5, -1.0, 2.0],
+        42: [9.0, 9.0, 9.0],  # not in the logs
+        5: [1.0, 0.1, 1e-3],  # 0.1 is not a float32: stored rounded
+        123456789: [-3.0, 0.0, 7.25],
+        7: [8.0, 8.0, 8.0],  # not in the logs
+    }
+    f = write_features(
+        tmp_path / "feats.parquet", list(feats), list(feats.values()), vec_type=pa.list_(pa.float64(), 3)
+    )
+    out = tmp_path / "out"
+    m = convert(PARQUET, out, shards=2, batch_rows=2, item_features=f)  # 2-row batches: rows cross batches
+    assert pq.read_table(out / "item_map.parquet").column("item_id").to_pylist() == catalog
+    got = np.load(out / "item_features.npy")
+    want, has = expected_features(catalog, feats, 3)
+    assert got.dtype == np.float32 and got.shape == (m.num_items, 3) == (5, 3)
+    assert np.array_equal(got, want)
+    assert np.array_equal(got[catalog.index(5)], np.float32([1.0, 0.1, 1e-3]))
+    assert not got[catalog.index(77)].any() and not got[catalog.index(31337)].any()  # missing: zero rows
+    known = [i for i in feats if i in catalog]
+    e = m.item_features
+    assert e["rows"] == len(known) == int(has.sum()) == 3
+    assert e["missing"] == len(catalog) - len(known) == 2
+    assert e["unknown_items"] == len(feats) - len(known) == 2
+    assert e["read"] == len(feats) == e["rows"] + e["unknown_items"]
+    assert e["dim"] == 3 and e["path"] == "item_features.npy"
+    assert e["files"] == [{"path": "feats.parquet", "rows": 5, "id_column": "item_id", "vector_column": "vector"}]
+    assert Manifest.load(out).item_features == e  # saved
+    rep = verify(out)
+    assert rep["ok"], rep["errors"]
+    np.save(out / "item_features.npy", got + 1)  # verify checks the table's sha256
+    assert verify(out)["errors"] == ["item_features.npy: sha256 differs from manifest"]
+
+
+def test_item_features_directory_mixed_id_types_and_fallback_names(tmp_path):
+    _, catalog = expected(tsv_rows(), remap_users=False)  # numeric ids [7, 9, 10, 100]
+    d = tmp_path / "feats"
+    d.mkdir()
+    # ids as strings: canonical integers match the logs' integer ids, "010" is not 10
+    write_features(d / "a.parquet", ["100", "010", "7"], [[1, 2], [3, 4], [5, 6]], vec_col="embedding")
+    write_features(d / "b.parquet", [9, 55], [[7.5, 8], [9, 9]], id_type=pa.int32())
+    out = tmp_path / "out"
+    m = convert(TSV, out, shards=1, holdout="none", item_features=d, **TSV_KW)
+
+    def key(v):  # independent of the converter: a string counts as the integer it canonically spells
+        return v if isinstance(v, int) else int(v) if str(int(v)) == v else None
+
+    feats = {key(i): v for i, v in [("100", [1, 2]), ("010", [3, 4]), ("7", [5, 6]), (9, [7.5, 8]), (55, [9, 9])]}
+    want, has = expected_features(catalog, feats, 2)
+    assert np.array_equal(np.load(out / "item_features.npy"), want)
+    assert [c for c, h in zip(catalog, has) if not h] == [10]  # 10 has no vector ("010" is another id)
+    e = m.item_features
+    assert (e["rows"], e["missing"], e["unknown_items"], e["read"]) == (3, 1, 2, 5)
+    assert [(f["path"], f["rows"], f["vector_column"]) for f in e["files"]] == [
+        ("a.parquet", 3, "embedding"),
+        ("b.parquet", 2, "vector"),
+    ]
+    # CSV logs with string ids: the features' id column is named like the logs' item column ("item") or item_id
+    for id_col in ("item", "item_id"):
+        f = write_features(tmp_path / f"{id_col}.parquet", ["x7", "m,5", "nope"], [[1.0], [2.0], [3.0]], id_col)
+        m = convert(CSV, tmp_path / f"csv-{id_col}", shards=1, item_features=f)
+        _, items = expected(csv_rows(), remap_users=True)
+        want, _ = expected_features(items, {"x7": [1.0], "m,5": [2.0]}, 1)
+        assert np.array_equal(np.load(tmp_path / f"csv-{id_col}" / "item_features.npy"), want)
+        assert m.item_features["files"][0]["id_column"] == id_col
+        assert (m.item_features["rows"], m.item_features["unknown_items"]) == (2, 1)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "table, match",
+    [
+        ({"id": [5], "vector": [[1.0]]}, r"missing item id column 'item_id'; columns found: \['id', 'vector'\]"),
+        ({"item_id": [5], "vec": [[1.0]]}, r"missing vector column 'vector' \(or 'embedding'\); columns found"),
+        ({"item_id": [5], "vector": ["1,2"]}, r"column 'vector': type string, expected a list of floats"),
+        ({"item_id": [5.0], "vector": [[1.0]]}, r"column 'item_id': type double, expected integer or string ids"),
+        ({"item_id": [5, None], "vector": [[1.0], [2.0]]}, r"row 2, column 'item_id': null item id"),
+        ({"item_id": [5, 77], "vector": [None, [1.0]]}, r"row 1, column 'vector': null vector"),
+        ({"item_id": [5, 77], "vector": [[1.0], []]}, r"row 2, column 'vector': empty vector"),
+        (
+            {"item_id": [5, 77, 31337], "vector": [[1.0, 2.0], [3.0, 4.0], [1.0, 2.0, 3.0]]},
+            r"row 3, column 'vector': 3 values, expected 2 as in row 1 of \S*feats\.parquet: every vector must have",
+        ),
+        (
+            {"item_id": [5, 77], "vector": [[1.0, 2.0], [1.0, NAN]]},
+            r"row 2, column 'vector': NaN or infinite value nan at position 1",
+        ),
+        (
+            {"item_id": [5, 77], "vector": [[1.0, 2.0], [-INF, 0.0]]},
+            r"row 2, column 'vector': NaN or infinite value -inf at position 0",
+        ),
+        (
+            {"item_id": [5], "vector": [[0.0, 1e300]]},
+            r"row 1, column 'vector': NaN or infinite value 1e\+300 at position 1 \(as float32\)",
+        ),
+        ({"item_id": [5], "vector": [[0.0, None]]}, r"row 1, column 'vector': null value at position 1"),
+        (
+            {"item_id": [5, 77, 5], "vector": [[1.0], [2.0], [1.0]]},
+            r"row 3, column 'item_id': duplicate item id 5 \(first at row 1\)",
+        ),
+        ({"item_id": [1, 2], "vector": [[1.0], [2.0]]}, r"none of the 2 item ids is in the logs' catalog of 5 items"),
+    ],
+)
+def test_item_features_bad_file_is_one_line_before_anything_is_written(tmp_path, table, match):
+    f = tmp_path / "feats.parquet"
+    pq.write_table(pa.table(table), f)
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError) as err:
+        convert(PARQUET, out, shards=1, batch_rows=2, item_features=f)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{f}: ") and msg.endswith("(item features, item_features)")
+    assert re.search(match, msg), msg
+    assert not out.exists()  # checked before the shards: nothing written
+
+
+def test_item_features_errors_across_files_and_unreadable(tmp_path):
+    d = tmp_path / "feats"
+    d.mkdir()
+    write_features(d / "a.parquet", ["100", "7"], [[1.0], [2.0]])
+    write_features(d / "b.parquet", [9, 7], [[3.0], [4.0]])  # 7 and "7" are one id
+    with pytest.raises(
+        ConvertError,
+        match=r"b\.parquet: row 2, column 'item_id': duplicate item id '7' \(first at row 2 "
+        rf"of {re.escape(str(d / 'a.parquet'))}\)",
+    ):
+        convert(TSV, tmp_path / "o1", holdout="none", item_features=d, **TSV_KW)
+    write_features(d / "b.parquet", [9], [[3.0, 4.0]])
+    with pytest.raises(ConvertError, match=r"b\.parquet: row 1, column 'vector': 2 values, expected 1 as in row 1 of "):
+        convert(TSV, tmp_path / "o2", holdout="none", item_features=d, **TSV_KW)
+    bad = tmp_path / "text.parquet"
+    bad.write_text("item_id,vector\n5,1\n")
+    with pytest.raises(ConvertError, match=r"text\.parquet: not a readable parquet file"):
+        convert(PARQUET, tmp_path / "o3", item_features=bad)
+    with pytest.raises(ConvertError, match=r"missing\.parquet: no such file or directory"):
+        convert(PARQUET, tmp_path / "o4", item_features=tmp_path / "missing.parquet")
+    empty = write_features(tmp_path / "empty.parquet", [], [], id_type=pa.int64())
+    with pytest.raises(ConvertError, match=r"empty\.parquet: no rows in 1 file\(s\)"):
+        convert(PARQUET, tmp_path / "o5", item_features=empty)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
+
+
+def test_item_features_cli_writes_verifies_and_names_the_flag(tmp_path, capsys):
+    from helpers import argus_inproc, one_line_error, tree_digest
+
+    f = write_features(tmp_path / "feats.parquet", [5, 77, 4], [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    out = tmp_path / "out"
+    code, stdout, err = argus_inproc(
+        capsys, "data", "convert", str(PARQUET), "--out", str(out), "--shards", "2", "--item-features", str(f)
+    )
+    assert code == 0, err
+    assert "item features: 2 items (dim 2), 3 without (zero rows), 1 unknown ids dropped" in " ".join(stdout.split())
+    assert argus_inproc(capsys, "data", "verify", str(out))[0] == 0
+    # A bad features file: one line naming the file and the flag; an earlier dataset is left as it was.
+    plain = tmp_path / "plain"
+    assert argus_inproc(capsys, "data", "convert", str(PARQUET), "--out", str(plain), "--shards", "1")[0] == 0
+    before = tree_digest(plain)
+    g = write_features(tmp_path / "nan.parquet", [5], [[NAN]])
+    code, _, err = argus_inproc(
+        capsys, "data", "convert", str(PARQUET), "--out", str(plain), "--overwrite", "--item-features", str(g)
+    )
+    assert code == 2
+    assert one_line_error(err) == (
+        f"argus: error: {g}: row 1, column 'vector': NaN or infinite value nan at position 0 "
+        "(item features, --item-features)"
+    )
+    assert tree_digest(plain) == before

@@ -134,7 +134,7 @@ def test_large_plan_terms_add_up():
     r = plan(job("large"), PlanRequest(items=10**9, hardware=Hardware("h100", nodes=8, gpus_per_node=8)))
     assert r["params"]["encoder"] == 1_007_169_536
     m = r["memory"]
-    parts = ("embeddings", "dense_params", "dense_grads", "dense_optimizer", "activations", "comm_buffers")
+    parts = ("embeddings", "dense_params", "dense_grads", "dense_optimizer", "activations", "comm_buffers", "item_data")
     assert m["total"] == sum(m[k] for k in parts)
     assert m["activations"] == m["activations_layers"] + m["activations_other"] + m["activations_working"]
     # the item table row-wise over 64 GPUs: 10^9 x 256 fp32 + one fp32 row-wise Adagrad state per row

@@ -478,3 +478,49 @@ def test_tiny_worlds(tmp_path):
         test_days=0.5,
     )
     assert m.split("test").samples > 0
+
+
+def test_new_items_and_item_features(tmp_path):
+    """--new-items: the held-back items (truth item_new) appear in no interaction before the test window and in
+    some after it (and would have before without the hold-back, whose stand-ins keep the cluster mix); no train
+    count. --item-features: one row per item whose nearest cluster centroid is its true cluster."""
+    kw = dict(users=300, items=400, mean_len=60, shards=2, seed=5, holdout="temporal", days=40, val_days=2,
+              test_days=5, workers=1)  # fmt: skip
+    plain, held = tmp_path / "plain", tmp_path / "held"
+    synth.synthesize(plain, **kw)
+    m = synth.synthesize(held, **kw, new_items=0.15, item_features=8)
+    items, _ = synth.load_truth(held)
+    new = items["item_new"]
+    assert 0.1 < new.mean() < 0.2
+    test_start = m.source["test_start"]
+
+    def rows(root: Path) -> list[tuple[int, int, int]]:  # (timestamp, user, item) of every interaction
+        out = []
+        for split in ("train", "val", "test"):
+            for sh in read_split(root, split):
+                for s in sh:
+                    held_out = s.cols["item"][s.target_start :] if split != "train" else s.cols["item"]
+                    ts = s.cols["timestamp"][len(s.cols["item"]) - len(held_out) :]
+                    out += [(int(t), s.user, int(i)) for t, i in zip(ts, held_out)]
+        return sorted(out)
+
+    a, b = rows(plain), rows(held)
+    cluster = items["item_cluster"].astype(np.int64)
+    assert new[np.array([i for t, _, i in a if t < test_start])].any()  # without the hold-back they do appear
+    # the hold-back swaps items inside their cluster (feedback, and so times and like rows, may then differ)
+    per_cluster = [np.bincount(cluster[[i for _, _, i in r]], minlength=cluster.max() + 1) for r in (a, b)]
+    assert np.corrcoef(*per_cluster)[0, 1] > 0.99
+    early = np.array([i for t, _, i in b if t < test_start])
+    late = np.array([i for t, _, i in b if t >= test_start])
+    assert not new[early].any() and new[late].any()
+    assert (np.asarray(m.item_counts("train"))[new] == 0).all()
+
+    from trainer.data.item_features import load_item_features
+
+    f = load_item_features(m)
+    assert f.shape == (400, 8) and m.item_features["rows"] == 400 and m.item_features["missing"] == 0
+    centroids = np.stack([f[cluster == c].mean(0) for c in range(int(cluster.max()) + 1)])
+    nearest = ((f[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == cluster).mean() > 0.9
+    with pytest.raises(ValueError, match="^new_items needs holdout temporal"):
+        synth.make_config(users=10, items=10, new_items=0.1)

@@ -54,7 +54,9 @@ from trainer.checkpoint_store import (  # noqa: F401  (re-exported: the pointer 
 )
 from trainer.config import from_dict, save_config
 from trainer.data.loader import ShardLoader, gather_states
+from trainer.data.manifest import Manifest
 from trainer.job import JobConfig
+from trainer.model.item_tower import load_item_cold, save_item_cold
 
 if TYPE_CHECKING:
     from embeddings.tables import SparseArch
@@ -160,6 +162,7 @@ def save(
     states = states[:: engine.group]
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
     if rank == 0:
+        save_item_cold(engine.ds.module, tmp)  # a semantic item tower's cold flags: part of the trained model
         (tmp / "loader.json").write_text(json.dumps(states))
         save_config(cfg, tmp / "config.yaml")
         meta = {"step": step, "world_size": world, "time": time.time(), **(extra or {})}
@@ -245,6 +248,7 @@ def load(engine: Engine, loader: ShardLoader, path: Path, rank: int) -> dict[str
         )
     convert_s = elastic.load_dense(engine, path / "dense", DENSE_TAG, (saved_world or world) if same_tp else None, rank)
     load_tables(path, engine.tables, engine.sparse_optimizer)  # DCP reshards for any world size
+    load_item_cold(engine.ds.module, path)
     states = json.loads((path / "loader.json").read_text())
     loader.load_state_dict(states)  # re-laid out over the new (data-parallel) ranks
     saved_dp, dp = len(states), world // engine.group  # parallel.tp / sp: one loader per group
@@ -340,6 +344,7 @@ def load_weights(path: Path, tables: Any, dense: torch.nn.Module) -> None:
     if missing:
         weights.update(_side_tables_of_old_checkpoint(path, missing))
     dense.load_state_dict(weights)
+    load_item_cold(dense, path)  # a semantic item tower: the cold flags the run trained with
 
 
 def _side_tables_of_old_checkpoint(path: Path, missing: set[str]) -> dict[str, torch.Tensor]:
@@ -360,15 +365,21 @@ def _side_tables_of_old_checkpoint(path: Path, missing: set[str]) -> dict[str, t
     return {key: t for key, (_old, t) in want.items()}
 
 
-def load_model(checkpoint_or_run: str | Path, num_items: int) -> tuple[JobConfig, SparseArch, torch.nn.Module]:
-    """(config, unsharded tables, dense model), in eval mode, from a checkpoint or a run directory's latest."""
+def load_model(
+    checkpoint_or_run: str | Path, num_items: int, manifest: Manifest | None = None
+) -> tuple[JobConfig, SparseArch, torch.nn.Module]:
+    """(config, unsharded tables, dense model), in eval mode, from a checkpoint or a run directory's latest;
+    with dataset ``manifest``, its item data attached (a semantic item tower needs them to run)."""
     from embeddings.tables import SparseArch
     from trainer.model.build import build_dense
+    from trainer.model.item_tower import attach_item_data
 
     path = resolve_checkpoint(checkpoint_or_run)
     cfg = saved_job(path)
     sparse = SparseArch(cfg.embeddings, num_items, device="cpu")
     dense = build_dense(cfg)
+    if manifest is not None:
+        attach_item_data(dense, manifest, sparse.item_rows, cfg.data.split)
     load_weights(path, sparse, dense)
     return cfg, sparse.eval(), dense.eval()
 
@@ -383,15 +394,18 @@ class ShardedModel(NamedTuple):
     dense: torch.nn.Module
 
 
-def load_model_sharded(path: Path, num_items: int, device: torch.device, world: int) -> ShardedModel:
+def load_model_sharded(path: Path, manifest: Manifest, device: torch.device, world: int) -> ShardedModel:
     """Collective: checkpoint ``path`` loaded for inference on this process group, any world size (DCP reshards the
-    tables; the dense weights are consolidated from any ZeRO stage). Used by ``argus eval`` and ``argus export``."""
+    tables; the dense weights are consolidated from any ZeRO stage), with the item data of dataset ``manifest``
+    attached (a semantic item tower's metadata). Used by ``argus eval`` and ``argus export``."""
     from embeddings.replicated import ReplicatedItemTables
     from embeddings.tables import SparseArch
     from trainer.memory import embedding_hbm_budget, embedding_lookups
     from trainer.model.build import build_dense
+    from trainer.model.item_tower import attach_item_data
 
     cfg = saved_job(path)
+    num_items = manifest.num_items
     tables: Any
     if cfg.embeddings.backend == "torch":  # the run's backend: the whole table on every rank, plain torch
         tables = ReplicatedItemTables(cfg.embeddings, num_items, device=device)
@@ -404,12 +418,14 @@ def load_model_sharded(path: Path, num_items: int, device: torch.device, world: 
         hbm_cap = None
         if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
-            hbm_cap = embedding_hbm_budget(cfg, world, total, gpus_per_node=torch.cuda.device_count())
+            gpn = torch.cuda.device_count()
+            hbm_cap = embedding_hbm_budget(cfg, world, total, gpus_per_node=gpn, item_rows=item_rows)
             # inside a training job (validation) the training tables already hold their share: plan in what is free
             hbm_cap = min(hbm_cap, int(torch.cuda.mem_get_info(device)[0] * 0.8))
         batch, lookups = cfg.data.batch_size, embedding_lookups(cfg)
         tables, _ = shard(sparse, cfg.embeddings, device, batch_size=batch, hbm_cap=hbm_cap, lookups=lookups)
     dense = build_dense(cfg)
+    attach_item_data(dense, manifest, item_rows, cfg.data.split)
     load_weights(path, tables, dense)
     tables.eval()
     return ShardedModel(cfg, tables, item_rows, dense.to(device).eval())

@@ -27,7 +27,8 @@ from trainer.memory import embedding_hbm_budget, embedding_lookups
 from trainer.model.argus import target_index
 from trainer.model.build import build_dense, compile_dense
 from trainer.model.heads import CandidateLogQ, ne_stats, prediction_pairs
-from trainer.model.interaction import lookup_interactions
+from trainer.model.interaction import history_rows, lookup_interactions
+from trainer.model.item_tower import attach_item_data, cold_start_mask
 from trainer.optim import decay_groups, lr_multiplier
 
 
@@ -98,6 +99,7 @@ class Engine:
                     info.world_size,
                     torch.cuda.get_device_properties(info.device).total_memory,
                     gpus_per_node=torch.cuda.device_count(),
+                    item_rows=self.item_rows,
                 )
             self.tables, self.plan = shard(
                 sparse,
@@ -111,6 +113,9 @@ class Engine:
 
         torch.manual_seed(cfg.train.seed)  # dense init identical on every rank and across launchers
         dense = build_dense(cfg)
+        # model.item_tower semantic / both: the item metadata and cold flags (fine-tuning's init replaces the flags
+        # with the pre-trained run's)
+        attach_item_data(dense, manifest, self.item_rows, cfg.data.split)
         self.init_weights(dense)
         # parallel.tp / parallel.sp: consecutive ranks share each block's weights (tp: DeepSpeed's AutoTP shards them
         # in deepspeed.initialize below) or each row's tokens (sp: trainer/model/sequence_parallel.py); a group sees
@@ -178,12 +183,16 @@ class Engine:
         tgt = target_index(batch.lengths, total=batch.num_interactions)
         k_b = 0 if self.full_softmax else min(ni.in_batch_negatives, int(tgt.numel()))
         sel = torch.randperm(int(tgt.numel()), generator=g)[:k_b]
-        item_ids = torch.remainder(batch.values["item"].to(torch.int64), self.item_rows)
+        item_ids = history_rows(batch, self.item_rows)
         pos_ids = item_ids[tgt]
         pairs = None
         if ni.multi_token:  # heads.next_item.horizon / half_life_s / utility: weighted (context, target) pairs
             v = batch.values
             pairs = prediction_pairs(batch.lengths, tgt, v["timestamp"], v["event"], v["played"], ni)
+        masked = None
+        if self.cfg.model.cold_start_mask_rate > 0:  # ids scored from the OOV vector, alike on both sides
+            salt, rate = int(torch.randint(0, 1 << 62, (1,), generator=g)), self.cfg.model.cold_start_mask_rate
+            masked = (cold_start_mask(item_ids, salt, rate), cold_start_mask(neg_ids, salt, rate))
         pos_log_q = self.log_q(pos_ids if pairs is None else item_ids[pairs[1]], k_b, k_u)
         cand_log_q = self.log_q(torch.cat([pos_ids[sel], neg_ids]), k_b, k_u)
         pack = batch.grid()
@@ -195,7 +204,7 @@ class Engine:
 
         host = (batch.lengths, tgt, sel, item_ids, neg_ids)
         fb = (batch.values["event"].long(), batch.values["played"].long())  # raw percent: the head buckets it
-        args = (item, side, neg, *to(host), *to(fb), to(pos_log_q), to(cand_log_q), to(pack), to(pairs))
+        args = (item, side, neg, *to(host), *to(fb), to(pos_log_q), to(cand_log_q), to(pack), to(pairs), to(masked))
         return args, tgt
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:

@@ -38,7 +38,7 @@ from trainer.data.schema import played_bucket
 from trainer.metrics import RankingAccumulator, item_ranks, popularity_scores, ranks_of_targets, sampled_ranks
 from trainer.model.argus import target_index
 from trainer.model.heads import ne_from_stats, ne_stats
-from trainer.model.interaction import lookup_interactions
+from trainer.model.interaction import history_rows, lookup_interactions
 
 
 @dataclass
@@ -92,12 +92,17 @@ def rank_split(
     sampled_negatives: int = 1000,
     seed: int = 0,
     max_users: int = 0,
+    state_before: float | None = None,
+    items: str = "all",
 ) -> SplitRanking:
     """Ranks every held-out target of ``loader``'s split under ``scores_fn`` and under popularity.
 
     ``scores_fn(batch, targets)`` returns (batch.size, num_items) scores from each sample's state after
     its last context interaction (rows of samples without targets are ignored). ``max_users``: exactly
-    that many users (the first ones in the loader's fixed order; 0 = all).
+    that many users (the first ones in the loader's fixed order, counted before the ``state_before`` / ``items``
+    slices; 0 = all). ``state_before`` and ``items`` as in
+    :func:`rank_model` (``argus eval --delay`` / ``--items``): with ``state_before``, ``scores_fn(batch, targets,
+    last=last)`` scores from the state after each sample's interaction ``last`` (-1: none, ignored).
     """
     num_items = len(item_counts)
     prefix = "" if full else "sampled_"
@@ -106,14 +111,23 @@ def rank_split(
     acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
     gen = torch.Generator().manual_seed(seed)
     out = SplitRanking("full" if full else "sampled")
+    check_items(items)
+    cold = torch.from_numpy(np.asarray(item_counts) == 0) if items == "cold" else None
     for batch in loader:
         if batch.size == 0:
             continue
         out.users_without_history += int((batch.target_start == 0).sum())
         t = batch_targets(batch, num_items, max_users - out.users if max_users else 0)
+        last = None
+        if state_before is not None:
+            last = context_before(batch, state_before)
+            out.users_without_history += int(((last < 0) & (batch.target_start > 0)).sum())
+            t = _only(t, last[t.owner] >= 0)
+        if cold is not None:
+            t = _only(t, cold[t.items])
         if t.users == 0:
             continue
-        logits = scores_fn(batch, t)
+        logits = scores_fn(batch, t) if last is None else scores_fn(batch, t, last=last)
         if full:
             ranks = ranks_of_targets(logits, t.items, t.owner)
             pranks = pop_rank[t.items]
@@ -192,10 +206,12 @@ def evaluate(
     device: str = "auto",
     per_target: bool = False,
     delay_s: float = 0.0,
+    items: str = "all",
 ) -> dict[str, Any]:
     """The report of ``argus eval``: the run's selected checkpoint (``best`` when the run kept one, else
     ``latest``), or ``checkpoint_path``. ``delay_s`` (``--delay``): rank from each user's state ``delay_s``
-    before the split's cut (a stale served cache; a temporal holdout only), see :func:`rank_model`.
+    before the split's cut (a stale served cache; a temporal holdout only), see :func:`rank_model`. ``items``
+    (``--items``): ``all`` targets, or ``cold`` (only targets whose item has no interaction in the train split).
 
     Collective: every rank of the process group calls it (a plain process, torchrun, the deepspeed launcher, Ray;
     a process group is started for the call when there is none). The item table is sharded over the ranks as in
@@ -215,15 +231,25 @@ def evaluate(
     if max_users < 0:
         raise ValueError(f"--max-users: must be >= 0, got {max_users}")
     state_before = delayed_state_time(manifest, split, delay_s, data_dir)
+    check_items(items)
     with process_group(device, cfg.train.timeout_s) as info:  # a caller's group (a Ray worker's) is kept
-        model = checkpoint.load_model_sharded(path, manifest.num_items, info.device, info.world_size)
+        model = checkpoint.load_model_sharded(path, manifest, info.device, info.world_size)
         report = rank_model(
             model, data_dir, manifest, split, ks, max_users, info.rank, info.world_size, info.device, per_target,
-            state_before=state_before,
+            state_before=state_before, items=items,
         )  # fmt: skip
     if state_before is not None:
         report = {"delay_s": delay_s, **report}
     return {"checkpoint": path.name, **report}
+
+
+ITEM_SLICES = ("all", "cold")
+
+
+def check_items(items: str) -> None:
+    """``--items``: one line for a slice that does not exist."""
+    if items not in ITEM_SLICES:
+        raise ValueError(f"--items: must be one of {', '.join(ITEM_SLICES)}, got {items!r}")
 
 
 def delayed_state_time(manifest: Manifest, split: str, delay_s: float, data_dir: str | Path) -> float | None:
@@ -255,6 +281,7 @@ def rank_model(
     device: torch.device,
     per_target: bool = False,
     state_before: float | None = None,
+    items: str = "all",
 ) -> dict[str, Any]:
     """Collective: the ranking report of ``model`` on ``split`` (see :func:`evaluate`), the same on every rank.
 
@@ -263,10 +290,13 @@ def rank_model(
     statistics; the targets are then ranked over the whole catalog (:func:`trainer.ranking.full_ranks`) or among
     sampled items (:func:`trainer.ranking.sampled_ranks`, above ``eval.full_ranking_max_items``), and the metrics
     are computed on every rank over all targets in (user id, position) order, so they do not depend on the number
-    of ranks. ``max_users``: exactly that many users, those with the lowest ids among the users with a target.
+    of ranks. ``max_users``: exactly that many users, those with the lowest ids among the users with a target
+    (with ``items="cold"``, a target on a cold item).
     ``state_before`` (a time, seconds): each user's state is the one after their last interaction before it, and
     the targets stay the split's (``argus eval --delay``: the split's cut minus the delay); a user with no
-    interaction before it counts as without history."""
+    interaction before it counts as without history. ``items="cold"``: only the targets whose item has no
+    interaction in the train split (cold-start items, ranked against the whole catalog as usual); the report
+    then carries ``items`` and the share of the split's targets that are cold (``cold_share``)."""
     import time
 
     import torch.distributed as dist
@@ -290,11 +320,13 @@ def rank_model(
     pop_scores = popularity_scores(counts)
     pop_rank = item_ranks(pop_scores)
     feedback = cfg.heads.feedback.weight > 0
+    cold = torch.from_numpy(counts == 0) if items == "cold" else None
+    all_targets = 0  # --items cold: the split's targets before the slice, for cold_share
 
     def item_vectors(ids: torch.Tensor) -> torch.Tensor:  # collective under DMP, even for no ids
-        return served_items(cfg, lookup_ids(tables, ids, device))
+        return served_items(cfg, dense.item_vectors(lookup_ids(tables, ids, device), ids.to(device)))
 
-    chosen = _chosen_users(loader, num_items, max_users) if max_users else None
+    chosen = _chosen_users(loader, num_items, max_users, cold) if max_users else None
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("users", "owner", "item", "score", "uid", "pos", "pop")}
     sampled: dict[str, list[torch.Tensor]] = {"model": [], "pop": []}
     stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"event": [], "played": []}
@@ -310,10 +342,14 @@ def rank_model(
             without_history += int(((last < 0) & (batch.target_start > 0)).sum())
             if t is not None:
                 t = _only(t, last[t.owner] >= 0)
+        if cold is not None and t is not None:
+            all_targets += int(t.items.numel())
+            t = _only(t, cold[t.items])
         ctx = batch if batch.size else dummy_batch()
         if cfg.data.batch_tokens:  # a run trained on packed rows is ranked on packed rows too
             ctx.pack(context)
         item, side, _ = lookup_interactions(tables, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
+        item = dense.item_vectors(item, history_rows(ctx, item_rows, device))
         none = torch.zeros(0, dtype=torch.long)
         rows = torch.remainder(t.items, item_rows) if t is not None else none
         uid = batch.users[t.owner] if t is not None else none  # each target's user and position in its sample
@@ -387,7 +423,7 @@ def rank_model(
     acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
     acc_model.add(model_ranks[order], user_index)
     acc_pop.add(pop_ranks[order], user_index)
-    totals = torch.tensor([without_history], dtype=torch.long, device=ranking.collective_device())
+    totals = torch.tensor([without_history, all_targets], dtype=torch.long, device=ranking.collective_device())
     if dist.is_initialized() and world > 1:
         dist.all_reduce(totals)
     report: dict[str, Any] = {
@@ -398,6 +434,8 @@ def rank_model(
         "model": acc_model.compute(),
         "popularity": acc_pop.compute(),
     }
+    if cold is not None:
+        report = {"items": items, "cold_share": int(model_ranks.numel()) / max(int(totals[1]), 1), **report}
     report["lift"] = {
         k: (v / report["popularity"][k] if report["popularity"][k] else None)
         for k, v in report["model"].items()
@@ -483,14 +521,19 @@ def _only(t: EvalTargets, keep: torch.Tensor) -> EvalTargets:
     return EvalTargets(t.flat[keep], t.owner[keep], t.items[keep], local, int(users.numel()))
 
 
-def _chosen_users(loader: ShardLoader, num_items: int, max_users: int) -> torch.Tensor:
-    """Collective: the ``max_users`` lowest user ids among the users of the split with a target to rank (a pass
-    over the split that reads ids only): the same users on any number of ranks."""
+def _chosen_users(
+    loader: ShardLoader, num_items: int, max_users: int, cold: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Collective: the ``max_users`` lowest user ids among the users of the split with a target to rank (with
+    ``cold``, a target on a cold item: ``--items cold``) (a pass over the split that reads ids only): the same users
+    on any number of ranks."""
     from trainer import ranking
 
     ids = []
     for batch in loader:
         if batch.size:
-            ids.append(torch.unique(batch.users[batch_targets(batch, num_items).owner]))
+            t = batch_targets(batch, num_items)
+            owner = t.owner if cold is None else t.owner[cold[t.items]]
+            ids.append(torch.unique(batch.users[owner]))
     mine = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
     return torch.sort(ranking.gather_rows(mine)).values[:max_users]

@@ -82,12 +82,19 @@ class History(NamedTuple):
     lengths: torch.Tensor  # (users,)
     last: torch.Tensor  # (users,) flat row index
     grid: Grid | None = None  # where the encoder places each user (Batch.grid); None: one per row
+    ids: torch.Tensor | None = None  # (rows,) item table rows of ``item`` (the semantic item tower reads them)
 
 
 def served_vectors(
-    cfg: JobConfig, dense: torch.nn.Module, history: History | None = None, item_emb: torch.Tensor | None = None
+    cfg: JobConfig,
+    dense: torch.nn.Module,
+    history: History | None = None,
+    item_emb: torch.Tensor | None = None,
+    item_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(user vectors, item vectors) whose dot products are the model's scores; either part may be skipped.
+    ``item_emb``: looked-up ID rows of table rows ``item_ids`` (``history.ids`` likewise), both through the
+    model's item tower (``ArgusModel.item_vectors``) first.
 
     TwoTower (fine-tuning): its own towers. ArgusModel (pre-training): the next-item head's scoring,
     cosine or dot / temperature, split so that the temperature rides on the user side and item vectors
@@ -96,6 +103,11 @@ def served_vectors(
     from trainer.model.two_tower import TwoTower
 
     users = items = None
+    argus = dense.argus if isinstance(dense, TwoTower) else dense
+    if history is not None:
+        history = history._replace(item=argus.item_vectors(history.item, history.ids))
+    if item_emb is not None:
+        item_emb = argus.item_vectors(item_emb, item_ids)
     if isinstance(dense, TwoTower):
         if history is not None:
             users = dense.user_vectors(history.item, history.side, history.lengths, history.last, history.grid)
@@ -200,7 +212,7 @@ def encode_users(
     """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call, even
     for an empty batch or one whose users all lack history: under DMP that call is a collective."""
     from trainer.engine import dummy_batch
-    from trainer.model.interaction import lookup_interactions
+    from trainer.model.interaction import history_rows, lookup_interactions
 
     if batch.size:
         rows = context_rows(batch, context, at, targets_held_out)
@@ -217,7 +229,7 @@ def encode_users(
     grid = ctx.grid()
     if grid[0] is not None:
         grid = (grid[0].to(device), grid[1].to(device), grid[2])
-    hist = History(item, side, lengths, torch.cumsum(lengths, 0) - 1, grid)
+    hist = History(item, side, lengths, torch.cumsum(lengths, 0) - 1, grid, history_rows(ctx, item_rows, device))
     users, _ = served_vectors(cfg, dense, history=hist)
     return rows, users.cpu()
 
@@ -231,7 +243,7 @@ def encode_items(
     emb = lookup_ids(lookup, ids, device)
     if ids.numel() == 0:
         return torch.zeros(0, cfg.embeddings.item_dim)
-    _, items = served_vectors(cfg, dense, item_emb=emb)
+    _, items = served_vectors(cfg, dense, item_emb=emb, item_ids=ids.to(device))
     return items.cpu()
 
 
@@ -367,7 +379,7 @@ def export(
             (out / sub).mkdir(parents=True, exist_ok=True)
         dist.barrier()
 
-        _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest.num_items, dev, world)
+        _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest, dev, world)
         dim = cfg.embeddings.item_dim
         vec_type = _vector_type(dtype, dim)
         loader = ShardLoader.Config(

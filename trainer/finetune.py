@@ -22,7 +22,7 @@ from trainer.data.batch import Batch, sample_starts
 from trainer.data.schema import relevance
 from trainer.engine import Engine, dummy_batch
 from trainer.job import JobConfig
-from trainer.model.interaction import lookup_interactions
+from trainer.model.interaction import history_rows, lookup_interactions
 from trainer.model.two_tower import pairs_of
 from trainer.train import Trainer
 
@@ -51,6 +51,7 @@ TRAINING_KEYS = (
     "attention",
     "oov",
     "backend",
+    "cold_start_mask_rate",  # pre-training only: fine-tuning swaps no ID rows
 )
 """Keys of ``model`` and ``embeddings`` that fine-tuning may change: how the model is trained or sharded."""
 
@@ -167,6 +168,8 @@ class FinetuneEngine(Engine):
             inp["shown_imp"].to(dev),
             inp["pair_hi"].to(dev),
             inp["pair_lo"].to(dev),
+            history_rows(batch, self.item_rows, dev),
+            shown.to(dev),
             pack,
         )
         loss = out["loss"] if real else out["loss"] * 0.0
@@ -274,8 +277,8 @@ def evaluate_finetune(
     split = split or cfg.finetune.eval_split
     manifest.split(split)  # an unknown split: one line now, before any process group
     with process_group(device, cfg.train.timeout_s) as info:  # a caller's group is kept
-        model = checkpoint.load_model_sharded(path, manifest.num_items, info.device, info.world_size)
-        pretrained = checkpoint.load_model_sharded(init, manifest.num_items, info.device, info.world_size)
+        model = checkpoint.load_model_sharded(path, manifest, info.device, info.world_size)
+        pretrained = checkpoint.load_model_sharded(init, manifest, info.device, info.world_size)
         return score_impressions(model, pretrained, data_dir, manifest, split, info.rank, info.world_size, info.device)
 
 
@@ -416,7 +419,8 @@ def _score(
     item, side, shown_emb = lookup_interactions(model.tables, batch, cfg, model.item_rows, shown, device)
     rows, cols, shape = batch.grid()
     grid = (rows, cols, shape) if rows is None else (rows.to(device), cols.to(device), shape)
-    hist = History(item, side, batch.lengths.to(device), inp["last"].to(device), grid)
-    users, items = served_vectors(model.cfg, model.dense, hist, shown_emb)
+    ids = history_rows(batch, model.item_rows, device)
+    hist = History(item, side, batch.lengths.to(device), inp["last"].to(device), grid, ids)
+    users, items = served_vectors(model.cfg, model.dense, hist, shown_emb, shown.to(device))
     assert users is not None and items is not None
     return (users[inp["shown_imp"].to(device)] * items).sum(-1).float().cpu()

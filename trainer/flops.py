@@ -168,17 +168,34 @@ def encoder_flops_per_interaction(cfg: JobConfig) -> float:
 
 
 def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:
-    """Training FLOPs per interaction of a JobConfig: the encoder's tokens plus the next-item head against
-    its candidates, once per predicted interaction (``heads.next_item.horizon`` of them under multi-token
-    prediction; fewer at a history's end). Embedding lookups are excluded.
+    """Training FLOPs per interaction of a JobConfig: the encoder's tokens, the next-item head
+    (:func:`next_item_head_flops`) and the semantic item tower. Embedding lookups are excluded.
 
     The trainer's tflops/mfu(%) and the capacity planner both use this.
     """
+    return encoder_flops_per_interaction(cfg) + next_item_head_flops(cfg, item_rows) + item_tower_flops(cfg)
+
+
+def next_item_head_flops(cfg: JobConfig, item_rows: int) -> float:
+    """Training FLOPs per interaction of the next-item head: the state against its candidates (at
+    ``embeddings.item_dim``, the projected width), once per predicted interaction (``heads.next_item.horizon`` of
+    them under multi-token prediction; fewer at a history's end)."""
     ni = cfg.heads.next_item
     candidates = item_rows if ni.full(item_rows) else ni.uniform_negatives + ni.in_batch_negatives
-    return encoder_flops_per_interaction(cfg) + ni.horizon * head_flops_per_token(
-        cfg.embeddings.item_dim, 1 + candidates, training=True
-    )
+    return ni.horizon * head_flops_per_token(cfg.embeddings.item_dim, 1 + candidates, training=True)
+
+
+def item_tower_flops(cfg: JobConfig, training: bool = True) -> float:
+    """The semantic item tower's matmuls for one interaction's item (``model.item_tower`` semantic / both; the
+    batch's shared negatives, a few hundred vectors per step, are left out); 0 for the ID tower."""
+    from trainer.model.item_tower import tower_hidden
+
+    m, dim = cfg.model, cfg.embeddings.item_dim
+    if m.item_tower == "id":
+        return 0.0
+    hidden = tower_hidden(dim)
+    fwd = 2.0 * (m.item_features * hidden + hidden * dim)
+    return 3.0 * fwd if training else fwd
 
 
 def mfu(achieved_flops_per_s: float, spec: GpuSpec | None, dtype: str | torch.dtype) -> float | None:

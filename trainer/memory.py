@@ -75,6 +75,7 @@ def dense_params(cfg: JobConfig) -> DenseParams:
     tables = [rows * side for rows in side_table_rows(model.num_contexts).values()]
     interaction = [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)] * len(d_ins)
     heads = [_linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
+    interaction += item_tower_params(cfg)  # the item tower makes the interaction token's item vectors
     tp = cfg.parallel.tp
     block = [split // tp + whole for split, whole in _block_linears(d, f)]  # a rank's share of each
     return DenseParams(
@@ -87,6 +88,19 @@ def dense_params(cfg: JobConfig) -> DenseParams:
         sharded=tensor_parallel_params(enc.n_layers, d, f),
         tp=tp,
     )
+
+
+def item_tower_params(cfg: JobConfig) -> list[int]:
+    """``model.item_tower`` semantic / both (trainer/model/item_tower.py): psi's LayerNorm and two linear layers,
+    and (both) the OOV vector; none for the ID tower."""
+    from trainer.model.item_tower import tower_hidden
+
+    m, dim = cfg.model, cfg.embeddings.item_dim
+    if m.item_tower == "id":
+        return []
+    hidden = tower_hidden(dim)
+    out = [2 * m.item_features, _linear(m.item_features, hidden), _linear(hidden, dim)]
+    return out + ([dim] if m.item_tower == "both" else [])
 
 
 def _block_linears(d: int, f: int) -> list[tuple[int, int]]:
@@ -276,17 +290,33 @@ def rank_dense_states(cfg: JobConfig, world: int, gpus_per_node: int = 1) -> Den
     )
 
 
-def non_embedding_bytes(cfg: JobConfig, world: int, gpus_per_node: int = 1) -> int:
-    """Everything on a GPU except the embedding shards: dense states + activations + DeepSpeed buckets."""
+def item_data_bytes(cfg: JobConfig, item_rows: int) -> int:
+    """``model.item_tower`` semantic / both: the item metadata vectors (in the weights' dtype) and the cold flags,
+    whole on every rank (trainer/model/item_tower.py); 0 for the ID tower."""
+    if cfg.model.item_tower == "id":
+        return 0
+    return item_rows * (cfg.model.item_features * weight_bytes(cfg.deepspeed.precision) + 1)
+
+
+def non_embedding_bytes(cfg: JobConfig, world: int, gpus_per_node: int = 1, item_rows: int = 0) -> int:
+    """Everything on a GPU except the embedding shards: dense states + activations + DeepSpeed buckets + a
+    semantic item tower's item data (for ``item_rows`` items)."""
     states = rank_dense_states(cfg, world, gpus_per_node)
-    return states.gpu + activations(cfg).total + ds_buffers(cfg.deepspeed_config(world), cfg.deepspeed.precision)
+    buffers = ds_buffers(cfg.deepspeed_config(world), cfg.deepspeed.precision)
+    return states.gpu + activations(cfg).total + buffers + item_data_bytes(cfg, item_rows)
 
 
 def embedding_hbm_budget(
-    cfg: JobConfig, world: int, capacity: int, gpus_per_node: int = 1, headroom_fraction: float = HEADROOM_FRACTION
+    cfg: JobConfig,
+    world: int,
+    capacity: int,
+    gpus_per_node: int = 1,
+    headroom_fraction: float = HEADROOM_FRACTION,
+    item_rows: int = 0,
 ) -> int:
     """HBM per GPU that TorchRec may plan embedding shards into (its ``Topology.hbm_cap``)."""
-    return max(capacity - headroom(capacity, headroom_fraction) - non_embedding_bytes(cfg, world, gpus_per_node), 0)
+    rest = non_embedding_bytes(cfg, world, gpus_per_node, item_rows)
+    return max(capacity - headroom(capacity, headroom_fraction) - rest, 0)
 
 
 def embedding_lookups(cfg: JobConfig, num_items: int | None = None) -> tuple[float, float]:

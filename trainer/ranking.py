@@ -105,7 +105,7 @@ def full_ranks(
     return torch.where(torch.isnan(targets.score), torch.full_like(counts, item_rows - 1), counts)
 
 
-def _mix(x: Tensor) -> Tensor:
+def mix64(x: Tensor) -> Tensor:
     """splitmix64's finaliser on int64 lanes (wrapping arithmetic): a counter-based hash."""
     x = x ^ ((x >> 30) & ((1 << 34) - 1))
     x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9 as a signed int64
@@ -119,9 +119,9 @@ def negatives(seed: int, user: Tensor, position: Tensor, target: Tensor, n: int,
     (seed, user id, target position, j): the same draw on any number of ranks, in any batch."""
     if item_rows < 2:
         raise ValueError("sampled ranking needs at least 2 items")
-    key = _mix(_mix(user.long() * 1_000_003 + position.long() + seed * 0x9E3779B97F4A7C15 % (1 << 62)))
+    key = mix64(mix64(user.long() * 1_000_003 + position.long() + seed * 0x9E3779B97F4A7C15 % (1 << 62)))
     j = torch.arange(n, dtype=torch.long, device=user.device)
-    draw = _mix(key[:, None] + j[None, :] * -7046029254386353131)  # 0x9e3779b97f4a7c15
+    draw = mix64(key[:, None] + j[None, :] * -7046029254386353131)  # 0x9e3779b97f4a7c15
     draw = torch.remainder(draw, item_rows - 1)
     return draw + (draw >= target.long()[:, None]).long()  # skip the target: uniform over the other items
 

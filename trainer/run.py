@@ -34,6 +34,12 @@ def load_job(config: str | Path | None, overrides: Sequence[str], world_size: in
     if cfg.finetune.enabled:
         check_against_init(cfg)
         Manifest.load(cfg.data.path).split(cfg.train_split())
+    if cfg.model.item_tower != "id":  # the dataset's item metadata must fit the tower: one line before any rank
+        from trainer.model.item_tower import check_item_data
+
+        manifest = Manifest.load(cfg.data.path)
+        rows = cfg.embeddings.item_rows or manifest.num_items
+        check_item_data(cfg.model.item_tower, cfg.model.item_features, rows, manifest)
     rundir.check_run_dir(cfg.out, cfg.resume, cfg.train.overwrite, cfg.finetune.init if cfg.finetune.enabled else None)
     return cfg
 

@@ -298,11 +298,13 @@ class Trainer:
         modes = module.training, tables.training
         if self.cfg.parallel.tp > 1:
             from trainer.model.build import build_dense
+            from trainer.model.item_tower import share_item_data
             from trainer.model.tensor_parallel import whole_weights
 
             with torch.random.fork_rng(devices=[]):  # its init must not move the RNG a resumed run restores
                 whole = build_dense(self.cfg)
             whole.load_state_dict(whole_weights(module))
+            share_item_data(module, whole)
             module = whole.to(self.info.device)
         module.eval()
         tables.eval()

@@ -71,6 +71,23 @@ output: a training interaction, an evaluation target, an evaluation target cut
 by ``max_len`` (``targets_cut_to_max_len``) or a temporal-gap row
 (``gap_interactions``); ``convert`` checks this accounting before writing the
 manifest.
+
+Item features (``item_features=``, ``--item-features FILE``): a parquet file (or a
+directory of them) of item metadata vectors, one row per item: the item id in a
+column named like the logs' item column (``item_id`` for Yambda parquet; for
+CSV/TSV the ``ColumnMap.item`` name, else ``item_id``) and the vector in
+``vector`` (else ``embedding``), a list or fixed-size list of numbers, every one
+of the same length. Text is embedded by the user beforehand; only vectors are
+taken. The file is read and checked whole before the logs are read, so a bad one
+stops the conversion before anything is written (whatever ``on_error``): a
+missing column, a null id or vector, vectors of differing lengths, a NaN or
+infinite value (or one beyond float32), a duplicate id, each one line naming the
+file, row and column. Ids compare with the logs' ids as in the item map
+(canonical-integer strings are integers); ids the catalog lacks are dropped and
+counted (``unknown_items``), catalog items without a vector keep a zero row
+(``missing``). The vectors go to ``out/item_features.npy`` (float32, row = dense
+item id; :mod:`trainer.data.item_features`) and ``manifest.item_features``
+records them with ``read`` = ``rows`` (matched) + ``unknown_items``.
 """
 
 from __future__ import annotations
@@ -91,6 +108,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
+from trainer.data.item_features import write_item_features
 from trainer.data.manifest import Manifest
 from trainer.data.outdir import DATASET, check_output, clear_output
 from trainer.data.schema import FIELDS, PLAYED_MAX, PLAYED_NA, EventType
@@ -808,6 +826,287 @@ class _IdMap:
             raise ConvertError(f"{path}: {what} ids differ between passes (was the input modified?)") from None
         return lut[np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)]
 
+    def find(self, arr: pa.Array) -> np.ndarray:
+        """Dense index of each id (int64 or large_string, no nulls), -1 where the catalog has none: item features may
+        name items the logs never mention. Ids compare as in pass 1: canonical-integer strings are integers."""
+        n = len(arr)
+        if self.ints is not None:
+            ok = np.ones(n, bool)
+            if _is_str(arr.type):
+                ok = _mask(pc.match_substring_regex(arr, _CANON_INT))
+                x = np.zeros(n, np.int64)
+                if ok.any():
+                    x[ok] = _int_values(pc.cast(arr.filter(pa.array(ok)), pa.int64()))
+            else:
+                x = _int_values(arr)
+            idx = np.searchsorted(self.ints, x)
+            hit = ok & (idx < self.ints.shape[0])
+            hit[hit] = self.ints[idx[hit]] == x[hit]
+            return np.where(hit, idx, -1).astype(np.int64)
+        if self._index is None:
+            self._index = {s: i for i, s in enumerate(self.strs.to_pylist())}
+        if not _is_str(arr.type):
+            arr = pc.cast(arr, pa.large_string())
+        enc = arr.dictionary_encode()
+        index = self._index
+        lut = np.fromiter((index.get(s, -1) for s in enc.dictionary.to_pylist()), np.int64, len(enc.dictionary))
+        return lut[np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)]
+
+
+# ------------------------------------------------------------------------------------------ item features
+
+FEATURE_VECTOR_COLUMNS = ("vector", "embedding")  # the vector column's accepted names, in order of preference
+FEATURE_ID_FALLBACK = "item_id"  # accepted as the id column when the logs' item column is not in the file
+_FEATURE_BATCH = 65_536  # rows per record batch at most (a row is a whole vector)
+
+
+class _ItemFeatures:
+    """``convert(item_features=...)``: item metadata vectors (the user embeds text or content offline; only
+    vectors are taken) from one parquet file or a directory of them, with an item id column and a vector column
+    (a list or fixed-size list of numbers).
+
+    :meth:`check` reads the file(s) once before anything is written and stops at the first problem, one
+    :class:`ConvertError` line naming the file, row (from 1, within that file) and column: a missing column, a
+    column of the wrong type, a null id or vector, an empty vector, vectors of different lengths, a null, NaN
+    or infinite value (also one that overflows float32), an item id given twice. :meth:`match` maps the ids to
+    the catalog's dense ids once pass 1 knows it (ids the catalog lacks are counted, not an error);
+    :meth:`table` reads the vectors again into the (num_items, dim) table, a zero row where an item has none.
+    """
+
+    def __init__(self, source: Any, item_column: str, batch_rows: int, hints: Hints) -> None:
+        self.input = location(source)
+        self.flag = hints.name("item_features")
+        self.id_names = tuple(dict.fromkeys((item_column, FEATURE_ID_FALLBACK)))
+        self.batch_rows = max(1, min(batch_rows, _FEATURE_BATCH))
+        self.files: list[Any] = []
+        self.file_rows: list[int] = []
+        self.columns: list[tuple[str, str]] = []  # (id column, vector column) per file
+        self.dim = 0
+        self._dim_from = ""  # "row R of FILE": the row whose length set dim
+        self._ids: list[pa.Array] = []  # per batch, int64 or large_string
+        self.dense = np.zeros(0, np.int64)  # per input row: dense item id, -1 when not in the catalog
+
+    @property
+    def read(self) -> int:
+        return sum(self.file_rows)
+
+    def _error(self, path: Any, problem: str, row: int | None = None, column: str | None = None) -> ConvertError:
+        where = "".join(
+            [f"{_row(row, False)}, " if row is not None else "", f"column {column!r}: " if column is not None else ""]
+        )
+        return ConvertError(redact(f"{path}: {where}{problem} (item features, {self.flag})"))
+
+    def _open(self, path: Any) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(path if not is_remote(path) else open_read(path))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise self._error(path, f"not a readable parquet file ({e})") from None
+
+    def _list(self) -> list[Any]:
+        loc = self.input
+        if isinstance(loc, PipeLocation) or not loc.exists() or loc.is_file():
+            return _list_inputs(loc, "yambda")[0]  # one file is read as parquet whatever its name
+        files, fmt, _ = _list_inputs(loc, "auto")
+        if fmt != "yambda":
+            raise self._error(loc, f"a directory of {fmt} files; item features are parquet (.parquet/.pq)")
+        return files
+
+    def _columns(self, path: Any, schema: pa.Schema) -> tuple[str, str]:
+        names = schema.names
+        id_col = next((c for c in self.id_names if c in names), None)
+        if id_col is None:
+            alt = f" (or {self.id_names[1]!r})" if len(self.id_names) > 1 else ""
+            raise self._error(path, f"missing item id column {self.id_names[0]!r}{alt}; columns found: {names}")
+        vec_col = next((c for c in FEATURE_VECTOR_COLUMNS if c in names), None)
+        if vec_col is None:
+            raise self._error(
+                path,
+                f"missing vector column {FEATURE_VECTOR_COLUMNS[0]!r} (or {FEATURE_VECTOR_COLUMNS[1]!r}); "
+                f"columns found: {names}",
+            )
+        it = schema.field(id_col).type
+        it = it.value_type if pa.types.is_dictionary(it) else it
+        if not (_is_int(it) or _is_str(it)):
+            raise self._error(path, f"type {it}, expected integer or string ids", column=id_col)
+        vt = schema.field(vec_col).type
+        is_list = pa.types.is_list(vt) or pa.types.is_large_list(vt) or pa.types.is_fixed_size_list(vt)
+        if not (is_list and (pa.types.is_floating(vt.value_type) or _is_int(vt.value_type))):
+            raise self._error(path, f"type {vt}, expected a list of floats", column=vec_col)
+        return id_col, vec_col
+
+    def _batches(self, pf: pq.ParquetFile, cols: tuple[str, str]) -> Iterator[tuple[int, pa.Array, pa.Array]]:
+        row0 = 0
+        for batch in pf.iter_batches(batch_size=self.batch_rows, columns=list(cols)):
+            yield row0, _plain(batch.column(cols[0])), _plain(batch.column(cols[1]))
+            row0 += batch.num_rows
+
+    def _check_batch(self, path: Any, row0: int, ids: pa.Array, vec: pa.Array, cols: tuple[str, str]) -> pa.Array:
+        """The batch's ids (int64 or large_string); raises for its earliest bad row."""
+        id_col, vec_col = cols
+        n = len(ids)
+        problems: list[tuple[np.ndarray, Any]] = []  # (bad rows, message for row i), in column order
+        problems.append((_mask(ids.is_null()), lambda i: (id_col, "null item id")))
+        if _is_int(ids.type):
+            raw = ids
+            ids, failed = _try_cast(raw, pa.int64())
+            problems.append((failed, lambda i: (id_col, f"id {raw[i]} does not fit in int64")))
+        else:
+            ids = pc.cast(ids, pa.large_string())
+        null_vec = _mask(vec.is_null())
+        problems.append((null_vec, lambda i: (vec_col, "null vector")))
+        lens = np.asarray(pc.fill_null(pc.list_value_length(vec), 0).to_numpy(zero_copy_only=False), np.int64)
+        problems.append((~null_vec & (lens == 0), lambda i: (vec_col, "empty vector")))
+        if not self.dim and (lens > 0).any():
+            first = int(np.argmax(lens > 0))
+            self.dim, self._dim_from = int(lens[first]), f"{_row(row0 + first, False)} of {redact(path)}"
+        problems.append(
+            (
+                (lens > 0) & (lens != self.dim),
+                lambda i: (
+                    vec_col,
+                    f"{lens[i]} values, expected {self.dim} as in {self._dim_from}: "
+                    "every vector must have the same length",
+                ),
+            )
+        )
+        flat = pc.list_flatten(vec)
+        parent = np.repeat(np.arange(n), np.where(null_vec, 0, lens))  # flatten skips null vectors
+        null_val = _mask(flat.is_null())
+        with np.errstate(over="ignore", invalid="ignore"):
+            vals = np.asarray(pc.fill_null(pc.cast(flat, pa.float64()), 0.0).to_numpy(zero_copy_only=False))
+            f32 = vals.astype(np.float32)
+        nonfinite = ~np.isfinite(f32) & ~null_val
+
+        def at(bad_el: np.ndarray, what: str) -> Any:
+            rows = np.zeros(n, bool)
+            rows[parent[bad_el]] = True
+
+            def message(i: int) -> tuple[str, str]:
+                el = np.flatnonzero(bad_el & (parent == i))[0]
+                pos = int(el - np.flatnonzero(parent == i)[0])
+                value = "" if what == "null value" else f" {float(vals[el])!r}"
+                extra = " (as float32)" if what != "null value" and np.isfinite(vals[el]) else ""
+                return vec_col, f"{what}{value} at position {pos}{extra}"
+
+            return rows, message
+
+        problems.append(at(null_val, "null value"))
+        problems.append(at(nonfinite, "NaN or infinite value"))
+        first_bad = [(int(np.argmax(m)), k) for k, (m, _) in enumerate(problems) if m.any()]
+        if first_bad:
+            i, k = min(first_bad)
+            column, problem = problems[k][1](i)
+            raise self._error(path, problem, row=row0 + i, column=column)
+        return ids
+
+    def check(self) -> None:
+        """Read every row once, before anything is written; raise one line for the first problem."""
+        self.files = self._list()
+        for path in self.files:
+            with self._open(path) as pf:
+                cols = self._columns(path, pf.schema_arrow)
+                rows = 0
+                for row0, ids, vec in self._batches(pf, cols):
+                    self._ids.append(self._check_batch(path, row0, ids, vec, cols))
+                    rows += len(ids)
+            self.columns.append(cols)
+            self.file_rows.append(rows)
+        if self.read == 0:
+            raise self._error(redact(self.input), f"no rows in {len(self.files)} file(s)")
+        self._check_unique()
+
+    def _all_ids(self) -> pa.Array:
+        if any(_is_str(a.type) for a in self._ids):  # int 42 and "42" are one id, as in the logs
+            return pa.concat_arrays([pc.cast(a, pa.large_string()) for a in self._ids])
+        return pa.concat_arrays(self._ids)
+
+    def _where(self, pos: int) -> tuple[Any, int]:
+        """A row of all files together -> (file, row within it)."""
+        ends = np.cumsum(self.file_rows)
+        f = int(np.searchsorted(ends, pos, side="right"))
+        return self.files[f], pos - (int(ends[f - 1]) if f else 0)
+
+    def _check_unique(self) -> None:
+        ids = self._all_ids()
+        order = pc.array_sort_indices(ids)
+        s = ids.take(order)
+        if len(s) < 2:
+            return
+        again = _mask(pc.equal(s.slice(1), s.slice(0, len(s) - 1)))
+        if not again.any():
+            return
+        second = int(np.asarray(order)[1:][again].min())  # the earliest row repeating an earlier id
+        value = ids[second]
+        first = int(np.argmax(_mask(pc.equal(ids, value))))
+        path, row = self._where(second)
+        first_path, first_row = self._where(first)
+        at = _row(first_row, False) + ("" if first_path == path else f" of {redact(first_path)}")
+        column = self.columns[self.files.index(path)][0]
+        raise self._error(path, f"duplicate item id {value.as_py()!r} (first at {at})", row=row, column=column)
+
+    def match(self, item_map: _IdMap) -> None:
+        """Map the ids to the catalog (known after pass 1); ids it lacks are counted as unknown. Not one id in the
+        catalog is an error: the ids are not the logs' (another id space, or dense ids)."""
+        ids = self._all_ids()
+        self.dense = item_map.find(ids)
+        if not (self.dense >= 0).any():
+            catalog = int(item_map.ints[0]) if item_map.ints is not None else item_map.strs[0].as_py()
+            raise self._error(
+                self.input,
+                f"none of the {len(ids)} item ids is in the logs' catalog of {len(item_map)} items (e.g. "
+                f"{ids[0].as_py()!r} here, {catalog!r} in the logs): they must be the logs' item ids",
+            )
+        self._ids = []
+
+    @property
+    def unknown(self) -> int:
+        return int(np.count_nonzero(self.dense < 0))
+
+    def table(self, item_map: _IdMap, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read the vectors again: ((num_items, dim) float32, zero rows where an item has none; which rows have)."""
+        vectors = np.zeros((num_items, self.dim), np.float32)
+        has = np.zeros(num_items, bool)
+        pos = 0
+        for path, cols in zip(self.files, self.columns):
+            with self._open(path) as pf:
+                for _, ids, vec in self._batches(pf, cols):
+                    n = len(ids)
+                    ids = pc.cast(ids, pa.large_string() if _is_str(ids.type) else pa.int64())
+                    dense = item_map.find(ids)
+                    flat = pc.list_flatten(vec)
+                    if not np.array_equal(dense, self.dense[pos : pos + n]) or len(flat) != n * self.dim:
+                        raise self._error(path, "changed during conversion (ids or vector lengths differ)")
+                    vals = np.asarray(pc.cast(flat, pa.float32()).to_numpy(zero_copy_only=False)).reshape(n, self.dim)
+                    ok = dense >= 0
+                    vectors[dense[ok]] = vals[ok]
+                    has[dense[ok]] = True
+                    pos += n
+        if pos != self.dense.shape[0]:
+            raise self._error(redact(self.input), f"changed during conversion ({pos} rows, {self.read} before)")
+        return vectors, has
+
+    def entry(self, written: dict[str, Any]) -> dict[str, Any]:
+        """The manifest's ``item_features``: the written table's entry plus where the vectors came from and the
+        row accounting (``read`` = ``rows`` + ``unknown_items``)."""
+        rows, unknown = int(written["rows"]), self.unknown
+        if rows + unknown != self.read:
+            raise ConvertError(f"internal error: {self.read} item feature rows but {rows} matched + {unknown} unknown")
+        return {
+            **written,
+            "input": redact(self.input),
+            "files": [
+                {
+                    "path": str(p.relative_to(self.input)) if p != self.input else p.name,
+                    "rows": r,
+                    "id_column": c[0],
+                    "vector_column": c[1],
+                }
+                for p, r, c in zip(self.files, self.file_rows, self.columns)
+            ],
+            "read": self.read,
+            "unknown_items": unknown,
+        }
+
 
 # ------------------------------------------------------------------------------------------ convert
 
@@ -876,6 +1175,7 @@ def convert(
     workers: int = 1,
     impressions: str | os.PathLike | None = None,
     impressions_test_seconds: int = 86400,
+    item_features: str | os.PathLike | None = None,
     overwrite: bool = False,
     hints: Hints = Hints(),
 ) -> Manifest:
@@ -896,6 +1196,12 @@ def convert(
     splits ``impressions`` and ``impressions_test`` (request times in the last
     ``impressions_test_seconds`` before the latest one); every valid impression row becomes exactly
     one shown item, bad rows follow ``on_error`` and are counted under ``impression_skipped_rows``.
+
+    ``item_features`` (a parquet file or a directory of them, see :class:`_ItemFeatures`): item metadata
+    vectors, checked whole before anything is written (every problem stops the conversion, whatever
+    ``on_error``), written as ``out/item_features.npy`` (row = dense item id; zero rows for catalog items
+    without a vector) and recorded in ``manifest.item_features`` with ``read`` = ``rows`` + ``unknown_items``
+    (ids not in the catalog are dropped and counted).
 
     ``hints``: how messages name the options (the command line passes its flags); see :class:`Hints`.
     """
@@ -940,6 +1246,10 @@ def convert(
         reader = _CsvReader(fmt, columns or ColumnMap(), like_threshold, dislike_threshold, divisor, batch_rows, hints)
     # Read-only here; an earlier dataset is removed (with overwrite) only once the input has been read.
     replace = check_output(out, DATASET, overwrite=overwrite, flag="--overwrite")
+    feats = None
+    if item_features is not None:  # checked whole before the logs are read: a bad file costs no pass over them
+        feats = _ItemFeatures(item_features, reader.column_map()["item"], batch_rows, hints)
+        feats.check()
 
     # Pass 1: validate every row, collect distinct ids and the time range.
     skipped: dict[str, int] = {}
@@ -986,6 +1296,8 @@ def convert(
     imp_test_start = None if imp_ts_max is None else imp_ts_max + 1 - impressions_test_seconds
     item_map, user_map = items.finish(), users.finish()
     remap_users = not user_map.identity_ok()
+    if feats is not None:
+        feats.match(item_map)
 
     if holdout == "temporal":
         test_start = ts_max + 1 - test_seconds
@@ -1079,6 +1391,11 @@ def convert(
     shown = sum(st.get("shown", 0) for r in results for sp, st in r.stats.items() if sp.startswith("impressions"))
     if shown != imp_valid:
         raise ConvertError(f"internal error: {imp_valid} valid impression rows but {shown} shown items written")
+    features_entry = None
+    if feats is not None:
+        vectors, has = feats.table(item_map, len(item_map))
+        features_entry = feats.entry(write_item_features(out, vectors, has))
+        del vectors, has
 
     source: dict[str, Any] = {
         "kind": "convert",
@@ -1127,7 +1444,11 @@ def convert(
             "rows": {"read": imp_read, "written": imp_valid, "skipped": imp_read - imp_valid},
         }
         source["impression_skipped_rows"] = dict(sorted(imp_skipped.items()))
-    return finalize(out, results, hold, len(item_map), max_len, source)
+    manifest = finalize(out, results, hold, len(item_map), max_len, source)
+    if features_entry is not None:
+        manifest.item_features = features_entry
+        manifest.save(out)
+    return manifest
 
 
 def _write_bucket(

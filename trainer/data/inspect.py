@@ -171,6 +171,13 @@ def verify(root: str | Path, workers: int = 1) -> dict[str, Any]:
                     np.add.at(recount, sc.items, sc.item_counts)
             if table.shape != recount.shape or not np.array_equal(table, recount):
                 errors.append(f"{info.item_counts}: item counts differ from the shards' contents")
+    feats = manifest.item_features
+    if feats:
+        path = manifest.root / feats["path"]
+        if not exists(path):
+            errors.append(f"{feats['path']}: missing")
+        elif feats.get("sha256") and sha256_file(path) != feats["sha256"]:
+            errors.append(f"{feats['path']}: sha256 differs from manifest")
     return {
         "root": redact(manifest.root),
         "ok": not errors,
@@ -196,6 +203,7 @@ def inspect(root: str | Path, max_shards: int = 0, workers: int = 1) -> dict[str
         "num_items": manifest.num_items,
         "max_len": manifest.max_len,
         "source": manifest.source.get("kind", "?"),
+        "item_features": {k: v for k, v in manifest.item_features.items() if k != "sha256"},
         "splits": {},
     }
     for split, info in manifest.splits.items():

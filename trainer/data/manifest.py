@@ -81,6 +81,9 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT_NAME
     version: int = MANIFEST_VERSION
+    # Item metadata vectors beside the shards (trainer/data/item_features.py): path, sha256, dim, rows, missing;
+    # empty when the dataset has none.
+    item_features: dict[str, Any] = field(default_factory=dict)
     root: Any = field(default=Path("."), repr=False, compare=False)  # a Path, or a UPath for a URL (storage.py)
 
     def holdout_start(self, split: str) -> int | None:
@@ -109,6 +112,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("root")
+        if not d["item_features"]:  # a dataset without metadata keeps the manifest it had before the field existed
+            d.pop("item_features")
         return d
 
     def save(self, root: str | os.PathLike) -> Path:
@@ -187,6 +192,7 @@ class Manifest:
             schema_version=d["schema_version"],
             format=d["format"],
             version=int(d.get("version", 1)),
+            item_features=dict(d.get("item_features", {})),
             root=root,
         )
 

@@ -148,6 +148,8 @@ class DatasetLayout(Layout):
         MANIFEST_NAME + ".tmp",
         "item_map.parquet",  # convert
         "user_map.parquet",
+        "item_features.npy",  # --item-features (trainer/data/item_features.py)
+        "item_features.npy.tmp.npy",
         LEGACY_WRITING_MARKER,
         *(f"{s}/shard-*{x}" for s in SPLITS for x in (".tar", ".tar.tmp", ".lengths.npy", ".index.npy")),
         *(f"{s}/item_counts.npy" for s in SPLITS),

@@ -122,6 +122,13 @@ _TAG_WORLD = 0x5752_4C44
 _TAG_SHARD = 0x5348_5244
 _TAG_NOISE = 0x4E4F_4953
 _TAG_IMPRESSIONS = 0x494D_5052
+_TAG_FEATURES = 0x4645_4154
+_TAG_NEW = 0x4E45_5749
+
+# Item metadata (--item-features): the item's cluster centroid, plus noise, plus its within-cluster popularity
+# along one fixed direction, so metadata alone place a new item near its cluster and hint at its popularity.
+FEATURE_NOISE = 0.6
+FEATURE_POP = 0.5
 
 # Impressions (fine-tuning data)
 IMPRESSION_TASTE_P = 0.5  # shown items drawn from the user's current taste; the rest from global popularity
@@ -148,6 +155,13 @@ class SynthConfig:
     slate: int = 10  # items shown per impression
     imp_days: float = 7.0
     imp_test_days: float = 1.0  # the last imp_test_days of impressions form the impressions_test split
+    item_features: int = 0  # width of the item metadata vectors written beside the shards (0 = none)
+    new_items: float = 0.0  # fraction of items held back until the temporal test window ("new" at the cut)
+
+    @property
+    def release_time(self) -> int:
+        """When held-back items may first appear: the temporal holdout's test start."""
+        return self.t_end - int(round(self.test_days * DAY))
 
     @property
     def imp_test_start(self) -> int | None:
@@ -211,6 +225,8 @@ def make_config(
     slate: int = 10,
     imp_days: float = 7.0,
     imp_test_days: float = 1.0,
+    item_features: int = 0,
+    new_items: float = 0.0,
 ) -> SynthConfig:
     """Validate arguments (one ValueError line naming the bad one) and resolve defaults."""
     _check_int("users", users, 1)
@@ -232,6 +248,12 @@ def make_config(
     _check_int("slate", slate, 2, 1000)
     _check_float("imp_days", imp_days, 0.0)
     _check_float("imp_test_days", imp_test_days, 0.0)
+    _check_int("item_features", item_features, 0, 4096)
+    _check_float("new_items", new_items, 0.0)
+    if new_items >= 0.5:
+        raise ValueError(f"new_items must be < 0.5 (got {new_items:g})")
+    if new_items and holdout != "temporal":
+        raise ValueError("new_items needs holdout temporal: held-back items first appear in the test window")
     if impressions and not 0 < imp_test_days < imp_days <= days:
         raise ValueError(
             f"impressions need 0 < imp_test_days ({imp_test_days:g}) < imp_days ({imp_days:g}) <= days ({days})"
@@ -261,6 +283,8 @@ def make_config(
         slate=int(slate),
         imp_days=float(imp_days),
         imp_test_days=float(imp_test_days),
+        item_features=int(item_features),
+        new_items=float(new_items),
     )
 
 
@@ -372,6 +396,40 @@ class World:
             "zipf_exponent": np.float32(ZIPF_EXPONENT),
             "t0": np.int64(T0),
         }
+
+
+def held_back(world: World, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(is_new, stand_in) per item id: ``fraction`` of the items, drawn at random but never a cluster's most
+    popular, are new; before their release an event on a new item goes to ``stand_in``, the nearest more popular
+    item of the same cluster that is not new. Cached on ``world``."""
+    key = (fraction, seed)
+    if getattr(world, "_held_back", (None,))[0] != key:
+        rng = np.random.default_rng([seed, _TAG_NEW])
+        new_pos = rng.random(world.num_items) < fraction  # by position (cluster-major, rank order)
+        new_pos[world.ptr[:-1]] = False  # rank 0 stays: every cluster keeps a stand-in
+        pos = np.arange(world.num_items)
+        stand_pos = np.maximum.accumulate(np.where(new_pos, 0, pos))  # the last warm position at or before
+        is_new = _scatter(world.perm, new_pos)
+        stand_in = np.empty_like(world.perm)
+        stand_in[world.perm] = world.perm[stand_pos]
+        world._held_back = (key, is_new, stand_in)  # type: ignore[attr-defined]
+    return world._held_back[1], world._held_back[2]  # type: ignore[attr-defined]
+
+
+def item_feature_vectors(world: World, dim: int, seed: int) -> np.ndarray:
+    """(items, dim) float32 metadata: cluster centroid + FEATURE_NOISE noise + FEATURE_POP x the item's standardised
+    log within-cluster popularity along one fixed direction (a pure function of the world and ``seed``)."""
+    rng = np.random.default_rng([seed, _TAG_FEATURES])
+    centroid = rng.normal(0.0, 1.0, (world.num_clusters, dim))
+    direction = rng.normal(0.0, 1.0, dim)
+    direction /= np.linalg.norm(direction)
+    pos = np.arange(world.num_items, dtype=np.int64)
+    cl = np.repeat(np.arange(world.num_clusters, dtype=np.int64), world.size)
+    logp = np.log(world.rank_pmf(cl, pos - world.ptr[cl]))
+    z = (logp - logp.mean()) / max(float(logp.std()), 1e-9)
+    noise = rng.normal(0.0, 1.0, (world.num_items, dim))
+    by_pos = centroid[cl] + FEATURE_NOISE * noise + FEATURE_POP * z[:, None] * direction
+    return _scatter(world.perm, by_pos.astype(np.float32))
 
 
 def _scatter(perm: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -568,6 +626,10 @@ def _gen_batch(
     base = np.maximum.accumulate(np.where(fresh_i, ar, 0))
     rank = (rank[base] + (ar - base)) % world.size[cluster]
     item = world.item_id(cluster, rank)
+    if cfg.new_items:  # held-back items: sessions that start before the release play a stand-in instead
+        is_new, stand_in = held_back(world, cfg.new_items, cfg.seed)
+        early = start[sess_id] < cfg.release_time
+        item = np.where(early & is_new[item], stand_in[item], item)
 
     # -- feedback -----------------------------------------------------------------------------------------------
     p_c = np.where(slot_k >= 0, p_taste.ravel()[np.maximum(slot_k, 0) * S + sess_id], 0.0)
@@ -719,6 +781,14 @@ def _gen_impressions(
     cluster = np.where(rng.random((U * m, L)) < IMPRESSION_TASTE_P, c_taste, c_pop)
     rank = world.zipf_rank(cluster.ravel(), rng.random(U * m * L)).reshape(U * m, L)
     item = world.item_id(cluster, rank)
+    if cfg.new_items:  # held-back items are shown only from their release on, as in the histories
+        is_new, stand_in = held_back(world, cfg.new_items, cfg.seed)
+        swap = (t.ravel()[:, None] < cfg.release_time) & is_new[item]
+        if swap.any():
+            pos = np.empty(world.num_items, np.int64)
+            pos[world.perm] = np.arange(world.num_items)
+            item = np.where(swap, stand_in[item], item)
+            rank = pos[item] - world.ptr[cluster]  # the stand-in's rank: the production score follows the swap
     p_c = (p[:, :, None] * (sup[:, :, None] == cluster[:, None, :])).sum(axis=1)  # [U*m, L]
     aff = np.log(p_c * K + 0.05) + _noise(
         world.noise_salt, np.repeat(u0 + who, L).astype(np.int64), item.ravel()
@@ -867,6 +937,8 @@ def synthesize(
     slate: int = 10,
     imp_days: float = 7.0,
     imp_test_days: float = 1.0,
+    item_features: int = 0,
+    new_items: float = 0.0,
     overwrite: bool = False,
 ) -> Manifest:
     """Write a synthetic dataset with planted structure to ``out`` and return its manifest.
@@ -875,6 +947,9 @@ def synthesize(
     first), and a directory holding anything else is refused (:mod:`trainer.data.outdir`).
 
     ``impressions > 0`` also writes the fine-tuning splits ``impressions`` / ``impressions_test``.
+    ``item_features > 0`` writes item metadata vectors of that width (:func:`item_feature_vectors`,
+    trainer/data/item_features.py); ``new_items`` (a temporal holdout) holds that fraction of the items back
+    until the test window (:func:`held_back`; truth ``item_new``).
 
     ``workers=0`` uses min(shards, cpu count) processes; the output does not depend on ``workers``.
     ``clusters=0`` picks max(4, round(sqrt(items)/4)) (at most 2048). See the module docstring.
@@ -896,6 +971,8 @@ def synthesize(
         slate=slate,
         imp_days=imp_days,
         imp_test_days=imp_test_days,
+        item_features=item_features,
+        new_items=new_items,
     )
     _check_int("workers", workers, 0)
     n_workers = min(cfg.shards, workers or os.cpu_count() or 1)
@@ -904,7 +981,11 @@ def synthesize(
     hold = cfg.holdout_spec()
 
     world = World(cfg.items, cfg.clusters, cfg.seed)
-    save_npz(root / TRUTH_DIR / "items.npz", **world.truth_arrays())
+    truth = world.truth_arrays()
+    if cfg.new_items:
+        truth["item_new"] = held_back(world, cfg.new_items, cfg.seed)[0]
+    save_npz(root / TRUTH_DIR / "items.npz", **truth)
+    features = item_feature_vectors(world, cfg.item_features, cfg.seed) if cfg.item_features else None
     del world
 
     jobs = [(str(root), i, cfg) for i in range(cfg.shards)]
@@ -918,7 +999,7 @@ def synthesize(
         "kind": "synth",
         "generator": GENERATOR,
         "generator_version": GENERATOR_VERSION,
-        **asdict(cfg),
+        **{k: v for k, v in asdict(cfg).items() if v or k not in ("item_features", "new_items")},
         "clusters_requested": int(clusters),
         "t0": T0,
         "t_end": cfg.t_end,
@@ -927,4 +1008,8 @@ def synthesize(
     if hold.kind == "temporal":
         source.update(val_start=hold.val_start, test_start=hold.test_start)
     manifest = finalize(root, results, hold, num_items=cfg.items, max_len=cfg.max_len, source=source)
+    if features is not None:
+        from trainer.data.item_features import attach_item_features
+
+        manifest = attach_item_features(root, features)
     return manifest

@@ -23,6 +23,7 @@ from trainer.data.batch import sample_starts
 from trainer.model.encoder import MAX_CONTEXT, Encoder
 from trainer.model.heads import FeedbackHead, NextItemLossConfig, sampled_softmax_loss
 from trainer.model.interaction import TOKEN_LAYOUTS, InteractionEmbedding, Packed, jagged_to_packed, jagged_to_padded
+from trainer.model.item_tower import ITEM_TOWERS, SemanticItems
 
 
 @dataclass
@@ -32,9 +33,27 @@ class ModelConfig(Encoder.Config):
     token_layout: str = "merged"  # merged (one token per interaction) | interleaved (item token + feedback token)
     side_dim: int = 16  # width of the small side tables (context, event, played, hour, gap)
     num_contexts: int = 64  # rows of the context table (larger context ids hash to id mod rows)
+    # The item tower (trainer/model/item_tower.py): id | semantic (metadata only) | both (ID row or OOV + metadata)
+    item_tower: str = "id"
+    item_features: int = 0  # width of the dataset's item metadata vectors (semantic and both)
+    cold_start_mask_rate: float = 0.0  # both: share of a batch's item ids scored from OOV + metadata in training
 
     def validate(self, where: str = "model", max_context: int | None = MAX_CONTEXT) -> None:
         super().validate(where, max_context)
+        if self.item_tower not in ITEM_TOWERS:
+            raise ValueError(f"{where}.item_tower: must be one of {', '.join(ITEM_TOWERS)}, got {self.item_tower!r}")
+        if self.item_tower != "id" and self.item_features < 1:
+            raise ValueError(
+                f"{where}.item_features: item_tower {self.item_tower} needs the width of the dataset's item "
+                f"features (`argus data inspect` shows it), got {self.item_features}"
+            )
+        if not 0.0 <= self.cold_start_mask_rate < 1.0:
+            raise ValueError(f"{where}.cold_start_mask_rate: must be in [0, 1), got {self.cold_start_mask_rate}")
+        if self.cold_start_mask_rate > 0 and self.item_tower != "both":
+            raise ValueError(
+                f"{where}.cold_start_mask_rate: masks ID rows for the OOV vector, which only item_tower both has "
+                f"(got item_tower {self.item_tower})"
+            )
         if self.token_layout not in TOKEN_LAYOUTS:
             raise ValueError(f"{where}.token_layout: must be 'merged' or 'interleaved', got {self.token_layout!r}")
         for key in ("side_dim", "num_contexts"):
@@ -93,6 +112,23 @@ class ArgusModel(nn.Module):
         self.proj = nn.Linear(enc.d_model, emb.item_dim)  # user state -> item space, for dot-product scoring
         self.feedback = heads.feedback.build(enc.d_model, emb.item_dim)
         self.interleaved = model.token_layout == "interleaved"
+        self.items = (
+            SemanticItems(model.item_tower, model.item_features, emb.item_dim, emb.init_std)
+            if model.item_tower != "id"
+            else None
+        )
+
+    def item_vectors(
+        self, emb: torch.Tensor, ids: torch.Tensor | None, masked: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The item tower: looked-up ID rows ``emb`` of table rows ``ids`` -> the vectors the encoder reads and the
+        head scores (``emb`` itself for ``model.item_tower: id``, which needs no ``ids``); ``masked``: rows given
+        the OOV vector."""
+        if self.items is None:
+            return emb
+        if ids is None:
+            raise ValueError("model.item_tower: the semantic item tower needs the items' table rows (ids)")
+        return self.items(emb, ids, masked)
 
     def states(
         self,
@@ -103,7 +139,7 @@ class ArgusModel(nn.Module):
     ) -> torch.Tensor:
         """Encoder states of every token, flat (sum(lengths) * tokens_per_interaction, d_model).
 
-        ``item``: looked-up item vectors (fp32 from TorchRec); ``side``: side-feature ids
+        ``item``: the history's item vectors (:meth:`item_vectors` of the lookups); ``side``: side-feature ids
         (:func:`trainer.model.interaction.side_features`); ``pack``: the batch's grid (``Batch.grid()``):
         (row, first column, (rows, row_len)) of each sample in interactions for a token-budget batch, or
         (None, None, (samples, longest)) for one sample per row; None = one sample per row, shape read from
@@ -149,11 +185,16 @@ class ArgusModel(nn.Module):
         cand_log_q: torch.Tensor,
         pack: Grid | None = None,
         pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        masked: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses for one micro-batch; ``sel`` picks in-batch candidates among the targets; ``pack``: see
         :meth:`states`. ``pairs``: multi-token prediction's (context target, predicted interaction, weight)
         (:func:`trainer.model.heads.prediction_pairs`; ``pos_log_q`` is then the predicted interactions'); None =
-        each target's next item, weighted alike."""
+        each target's next item, weighted alike. ``item`` / ``neg``: looked-up ID rows of ``item_ids`` /
+        ``neg_ids``, through :meth:`item_vectors` here; ``masked``: their rows given the OOV vector
+        (``model.cold_start_mask_rate``)."""
+        m_item, m_neg = masked if masked is not None else (None, None)
+        item, neg = self.item_vectors(item, item_ids, m_item), self.item_vectors(neg, neg_ids, m_neg)
         h = self.states(item, side, lengths, pack)
         ni, fb = self.heads_cfg.next_item, self.heads_cfg.feedback
         next_rows, fb_rows = self.state_rows(tgt)

@@ -82,6 +82,13 @@ def side_features(batch: Batch, num_contexts: int, device: torch.device) -> dict
     }
 
 
+def history_rows(batch: Batch, item_rows: int, device: torch.device | None = None) -> torch.Tensor:
+    """Item table rows of a jagged batch's interactions (ids beyond the table hash to id mod rows, as the lookup
+    does); the ids the item tower (trainer/model/item_tower.py) reads its metadata by."""
+    rows = torch.remainder(batch.values["item"].to(torch.int64), item_rows)
+    return rows if device is None else rows.to(device, non_blocking=True)
+
+
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
 

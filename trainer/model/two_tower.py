@@ -84,7 +84,7 @@ class TwoTower(nn.Module):
         return (F.normalize(u, dim=-1) if self.normalize else u) / self.temperature
 
     def item_vectors(self, emb: Tensor) -> Tensor:
-        """The served item vector of looked-up item embeddings."""
+        """The served item vector of item vectors ``emb`` (after the pre-trained item tower)."""
         v = self.item_tower(emb.to(self.argus.proj.weight.dtype)).float()
         return F.normalize(v, dim=-1) if self.normalize else v
 
@@ -98,13 +98,19 @@ class TwoTower(nn.Module):
         shown_imp: Tensor,
         pair_hi: Tensor,
         pair_lo: Tensor,
+        item_ids: Tensor | None = None,
+        shown_ids: Tensor | None = None,
         pack: Grid | None = None,
     ) -> dict[str, Tensor]:
         """Scores of the shown items and the pairwise loss.
 
         ``last[k]``: flat history row the user state of impression k is taken after; ``shown_imp[s]``:
-        impression of shown item s; ``pair_hi``/``pair_lo``: shown-item indices, hi more relevant.
+        impression of shown item s; ``pair_hi``/``pair_lo``: shown-item indices, hi more relevant; ``item`` /
+        ``shown_emb``: looked-up ID rows of table rows ``item_ids`` / ``shown_ids``, through the pre-trained item
+        tower here (``ArgusModel.item_vectors``; the ids may be None for ``model.item_tower: id``).
         """
+        item = self.argus.item_vectors(item, item_ids)
+        shown_emb = self.argus.item_vectors(shown_emb, shown_ids)
         users = self.user_vectors(item, side, lengths, last, pack)
         scores = (users[shown_imp] * self.item_vectors(shown_emb)).sum(-1)
         if pair_hi.numel():
