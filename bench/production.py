@@ -49,8 +49,8 @@ TOWER = [f"model.item_features={FEATURES}"]
 COLD_START = {
     "id": [],
     "semantic": ["model.item_tower=semantic", *TOWER],
-    "both, mask 0": ["model.item_tower=both", *TOWER],
-    "both, mask = cold share": ["model.item_tower=both", *TOWER, "model.cold_start_mask_rate={cold_share}"],
+    "both mask 0": ["model.item_tower=both", *TOWER],
+    "both mask = cold share": ["model.item_tower=both", *TOWER, "model.cold_start_mask_rate={cold_share}"],
 }
 
 
@@ -120,12 +120,18 @@ def main() -> None:
     p.add_argument("--users", type=int, default=1500)
     p.add_argument("--items", type=int, default=2000)
     p.add_argument("--negatives", type=int, default=0, help="heads.next_item.uniform_negatives (0: nano's)")
+    p.add_argument("--arms", default="", help="comma-separated arms of the study to run (default: all)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     seeds = [int(s) for s in args.seeds.split(",")]
     delays = args.delays.split(",") if args.study == "multi-token" else ["0"]
     arms = {"multi-token": MULTI_TOKEN, "projection": PROJECTION, "cold-start": COLD_START}[args.study]
+    if args.arms:
+        unknown = set(args.arms.split(",")) - set(arms) - {"sasrec"}
+        if unknown:
+            raise SystemExit(f"--arms: no arm {', '.join(sorted(unknown))} in {args.study} ({', '.join(arms)})")
+        arms = {a: x for a, x in arms.items() if a in args.arms.split(",")}
     holdout = ["--holdout", "temporal", "--days", "60", "--val-days", "3", "--test-days", "7"]
     if args.study == "projection":
         holdout = ["--holdout", "loo"]
@@ -152,7 +158,8 @@ def main() -> None:
                     r = json.loads(argus("eval", str(run), "--data", str(data), *flag, "--json"))
                     cold_share = r.get("cold_share", cold_share)
                     reports[arm][d].append(r)
-        if args.study == "multi-token":  # the reference model on the same split, from the same stale states
+        reference = args.study == "multi-token" and (not args.arms or "sasrec" in args.arms.split(","))
+        if reference:  # the reference model on the same split, from the same stale states
             reports["sasrec"] = {d: [] for d in delays}
             costs["sasrec"] = []
             for seed in seeds:

@@ -409,9 +409,9 @@ def _mask_worker(rank: int, job: dict, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_training_masks_the_same_ids_on_both_sides_at_its_rate(tmp_path, cold_data):
-    """What a training step hands the model (Engine.inputs): with model.cold_start_mask_rate, a mask over the
-    history's and the negatives' ids, one decision per id and step, covering about the rate of the distinct ids,
-    redrawn every step."""
+    """What a training step hands the model (Engine.inputs): uniform negatives drawn among the warm items only;
+    with model.cold_start_mask_rate, a mask over the history's and the negatives' ids, one decision per id and
+    step, covering about the rate of the distinct ids, redrawn every step."""
     from helpers import free_port, start_ranks
 
     rate = 0.3
@@ -426,8 +426,12 @@ def test_training_masks_the_same_ids_on_both_sides_at_its_rate(tmp_path, cold_da
     }  # fmt: skip
     out = tmp_path / "masks.json"
     start_ranks(_mask_worker, (job, free_port(), str(out)), nprocs=1)
+    from trainer.data.manifest import Manifest
+
+    counts = np.asarray(Manifest.load(cold_data).item_counts("train"))
     decisions = []
     for item_ids, neg_ids, m_item, m_neg in json.loads(out.read_text()):
+        assert (counts[neg_ids] > 0).all()  # uniform negatives: never a cold item
         step: dict[int, bool] = {}
         for i, m in zip(item_ids + neg_ids, m_item + m_neg):
             assert step.setdefault(i, m) == m  # an id: masked everywhere in the step or nowhere

@@ -28,7 +28,7 @@ from trainer.model.argus import target_index
 from trainer.model.build import build_dense, compile_dense
 from trainer.model.heads import CandidateLogQ, ne_stats, prediction_pairs
 from trainer.model.interaction import history_rows, lookup_interactions
-from trainer.model.item_tower import attach_item_data, cold_start_mask
+from trainer.model.item_tower import attach_item_data, cold_start_mask, semantic_items
 from trainer.optim import decay_groups, lr_multiplier
 
 
@@ -153,7 +153,16 @@ class Engine:
             torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank % self.group)
         self.bf16 = cfg.deepspeed.precision == "bf16"
         self.full_softmax = cfg.heads.next_item.full(self.item_rows)
-        self.log_q = CandidateLogQ(manifest.item_counts("train"), self.item_rows)
+        # model.item_tower semantic / both: uniform negatives come from the items the run trains on, never from its
+        # cold items. A cold item drawn only ever as a negative would teach the tower to push down its metadata,
+        # which is the very item it must score from metadata later (in production a new item is not in the
+        # training catalog at all). The ID tower keeps sampling the whole table.
+        tower = semantic_items(dense)
+        self.uniform_pool = None
+        if tower is not None and bool(tower.cold.any()) and not bool(tower.cold.all()):
+            self.uniform_pool = torch.nonzero(~tower.cold.cpu()).squeeze(1)
+        uniform_over = self.item_rows if self.uniform_pool is None else int(self.uniform_pool.numel())
+        self.log_q = CandidateLogQ(manifest.item_counts("train"), uniform_over)
 
     def init_weights(self, dense: torch.nn.Module) -> None:
         """Initial weights, before DeepSpeed takes ``dense``: the tables' deterministic init and the dense
@@ -178,7 +187,11 @@ class Engine:
         if self.full_softmax:  # every item once: expected count 1, logQ = 0
             neg_ids, k_u = torch.arange(self.item_rows), self.item_rows
         else:
-            neg_ids, k_u = torch.randint(0, self.item_rows, (ni.uniform_negatives,), generator=g), ni.uniform_negatives
+            k_u = ni.uniform_negatives
+            if self.uniform_pool is None:
+                neg_ids = torch.randint(0, self.item_rows, (k_u,), generator=g)
+            else:
+                neg_ids = self.uniform_pool[torch.randint(0, self.uniform_pool.numel(), (k_u,), generator=g)]
         item, side, neg = self.lookup(batch, neg_ids)
         tgt = target_index(batch.lengths, total=batch.num_interactions)
         k_b = 0 if self.full_softmax else min(ni.in_batch_negatives, int(tgt.numel()))
