@@ -162,6 +162,23 @@ def rank_env(rank: int, world: int, port: int) -> None:
     )
 
 
+def single_rank_engine(job: dict, port: int) -> tuple:
+    """(cfg, manifest, Engine) of job dict ``job`` in this process as rank 0 of a 1-rank gloo group (inside a
+    ``start_ranks`` worker)."""
+    from trainer.config import from_dict
+    from trainer.data.manifest import Manifest
+    from trainer.dist import init_distributed
+    from trainer.engine import Engine
+    from trainer.job import JobConfig
+
+    rank_env(0, 1, port)
+    info = init_distributed("cpu", timeout_s=120)
+    cfg = from_dict(JobConfig, job)
+    cfg.validate(1, "cpu")
+    manifest = Manifest.load(cfg.data.path)
+    return cfg, manifest, Engine(cfg, info, manifest)
+
+
 def free_port() -> int:
     import socket
 

@@ -17,11 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, rank_env, start_ranks
+from helpers import free_port, single_rank_engine, start_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from trainer.config import from_dict
-from trainer.job import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tuple(str(ROOT / d) for d in ("trainer", "embeddings"))
@@ -87,17 +84,8 @@ def _job(data: Path, out: Path, packed: bool, backend: str = "torchrec") -> dict
 
 
 def _worker(rank: int, job: dict, port: int, out: str) -> None:
-    rank_env(0, 1, port)
-    from trainer.data.manifest import Manifest
-    from trainer.dist import init_distributed
-    from trainer.engine import Engine
-
-    info = init_distributed("cpu", timeout_s=120)
-    cfg = from_dict(JobConfig, job)
-    cfg.validate(1, "cpu")
-    manifest = Manifest.load(cfg.data.path)
+    cfg, manifest, engine = single_rank_engine(job, port)
     loader = cfg.loader_config().build(0, 1, manifest)
-    engine = Engine(cfg, info, manifest)
     reads, outputs = [], []
     for step, batch in zip(range(4), loader):
         spy = ScalarReads()
@@ -106,7 +94,7 @@ def _worker(rank: int, job: dict, port: int, out: str) -> None:
         reads.append(spy.where)
     result = {
         "reads": reads,
-        "on_device": all(isinstance(o.loss, torch.Tensor) and o.loss.device == info.device for o in outputs),
+        "on_device": all(isinstance(o.loss, torch.Tensor) and o.loss.device == engine.info.device for o in outputs),
         "losses": [float(o.loss) for o in outputs],
         "packed": batch.pack_shape is not None,
     }

@@ -383,20 +383,9 @@ def test_a_checkpoints_cold_flags_replace_the_datasets(tmp_path, cold_data):
 
 
 def _mask_worker(rank: int, job: dict, port: int, out: str) -> None:
-    from helpers import rank_env
+    from helpers import single_rank_engine
 
-    from trainer.config import from_dict
-    from trainer.data.manifest import Manifest
-    from trainer.dist import init_distributed
-    from trainer.engine import Engine
-    from trainer.job import JobConfig
-
-    rank_env(0, 1, port)
-    info = init_distributed("cpu", timeout_s=120)
-    cfg = from_dict(JobConfig, job)
-    cfg.validate(1, "cpu")
-    manifest = Manifest.load(cfg.data.path)
-    engine = Engine(cfg, info, manifest)
+    cfg, manifest, engine = single_rank_engine(job, port)
     got = []
     for step, batch in zip(range(3), cfg.loader_config().build(0, 1, manifest)):
         args, _ = engine.inputs(batch, step)
