@@ -390,6 +390,10 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "n_heads": enc.n_heads,
             "d_ff": enc.d_ff,
             "context": cfg.interactions_per_sample() * k,
+            "summary_tokens": cfg.model.summary.tokens,  # model.summary: windows of window_tokens after them
+            # a summary cache (argus summarize) stores tokens x model.summary.dim values per user: bf16 bytes
+            "summary_cache_bytes_per_user": cfg.model.summary.tokens * cfg.model.summary.dim * 2,
+            "window_tokens": cfg.window() * k,
             "tokens_per_interaction": k,
             "micro_batch": cfg.rows_per_batch(),
             "zero_stage": ds.stage,

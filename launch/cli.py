@@ -19,7 +19,7 @@ from launch.checkpoint_cli import add_checkpoint
 from launch.cluster_cli import add_cluster
 from launch.data_cli import add_data
 from launch.deepspeed_launch import add_launch_deepspeed
-from launch.export_cli import add_export, add_retrieve
+from launch.export_cli import add_export, add_retrieve, add_summarize
 from launch.plan_cli import add_plan
 from launch.ray_launch import add_launch_ray
 from launch.sweep_cli import add_sweep
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster(sub)  # cluster check, cluster hostfile
     add_plan(sub)
     add_export(sub)
+    add_summarize(sub)
     add_retrieve(sub)
     add_sweep(sub)  # sweep fit
     return p

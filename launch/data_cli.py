@@ -51,6 +51,7 @@ def _synth(synthesize: Any, out: str, a: argparse.Namespace) -> Any:
         imp_test_days=a.imp_test_days,
         item_features=a.item_features,
         new_items=a.new_items,
+        favourites=a.favourites,
         overwrite=a.overwrite,
     )
 
@@ -327,6 +328,13 @@ def add_data(sub: Any) -> None:
         default=0.0,
         metavar="FRACTION",
         help="hold this fraction of items back until the test window (cold-start items; --holdout temporal)",
+    )
+    s.add_argument(
+        "--favourites",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of fresh draws that replay one of the user's 32 lifelong favourite items (long-range signal)",
     )
     s.set_defaults(func=cmd_data_synth)
 

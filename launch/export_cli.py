@@ -49,17 +49,56 @@ def cmd_export(a: argparse.Namespace) -> int:
             num_workers=a.num_workers,
             device=a.device,
             overwrite=a.overwrite,
+            summary_cache=a.summary_cache,
         )
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     if a.json:
         print_json(m)
         return 0
+    if m.get("summary_cache"):
+        c = m["summary_cache"]
+        console.print(
+            f"summary cache {c['path']} (cutoff {c['at']}): {c['stale_users']:,} users' summaries leave out "
+            f"{c['interactions_left_out']:,} older interactions (rebuild it to include them)"
+        )
     t = m["timing"]
     console.print(
         f"exported {a.out}: {m['users']:,} users ({m['users_skipped']:,} without history before the "
         f"cutoff: skipped), {m['items']:,} items, dim {m['dim']} {m['dtype']}, {m['world_size']} "
         f"rank(s); {t['users_per_s']:,.0f} users/s, {t['items_per_s']:,.0f} items/s"
+    )
+    return 0
+
+
+def cmd_summarize(a: argparse.Namespace) -> int:
+    from trainer.logger import quiet_library_logs
+
+    quiet_library_logs()
+    from trainer.export import summarize
+
+    at = None if a.at is None else parse_time(a.at)
+    with contextlib.redirect_stdout(sys.stderr):
+        m = summarize(
+            a.run,
+            a.data,
+            a.out,
+            split=a.split,
+            at=at,
+            dtype=a.dtype,
+            batch_size=a.batch_size,
+            num_workers=a.num_workers,
+            device=a.device,
+            overwrite=a.overwrite,
+        )
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    if a.json:
+        print_json(m)
+        return 0
+    console.print(
+        f"summarized {a.out}: {m['users']:,} users, {m['tokens']} tokens x {m['dim']} {m['dtype']} each, "
+        f"{m['world_size']} rank(s); {m['timing']['users_per_s']:,.0f} users/s"
     )
     return 0
 
@@ -153,8 +192,40 @@ def add_export(sub: Any) -> None:
     )
     p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--summary-cache",
+        default=None,
+        metavar="CACHE",
+        help="model.summary runs: read each user's summary tokens from an `argus summarize` cache and compute the "
+        "state from the most recent window alone",
+    )
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.set_defaults(func=cmd_export)
+
+
+def add_summarize(sub: Any) -> None:
+    p = sub.add_parser(
+        "summarize",
+        help="cache each user's history-summary tokens (model.summary) to sharded parquet, for export to read; "
+        "plain, torchrun or deepspeed",
+    )
+    p.add_argument("run", help="run directory (its best or latest checkpoint) or one checkpoint directory")
+    p.add_argument("--data", required=True, help="dataset directory (the split's histories)")
+    p.add_argument("--out", required=True, help="output directory (users/, manifest.json): missing or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace the summary cache already in --out")
+    p.add_argument("--split", default="test", help="whose histories (default: test)")
+    p.add_argument(
+        "--at",
+        default=None,
+        metavar="TIMESTAMP",
+        help="cutoff: only interactions strictly before it are summarised (unix seconds or ISO-8601, UTC)",
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="stored token type")
+    p.add_argument("--batch-size", type=int, default=64, help="users per rank per forward pass")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+    p.set_defaults(func=cmd_summarize)
 
 
 def add_retrieve(sub: Any) -> None:

@@ -124,8 +124,14 @@ def render(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     i, p, m, s, t = result["inputs"], result["params"], result["memory"], result["step"], result["time"]
+    context = f"context {i['context']}"
+    if i.get("summary_tokens"):
+        context = (
+            f"samples of {i['context']} in windows of {i['window_tokens']} + {i['summary_tokens']} summary tokens "
+            f"(summary cache: {i['summary_cache_bytes_per_user'] / 1024:,.0f} KiB per user in bf16)"
+        )
     console.print(
-        f"[bold]{i['preset']}[/]: d_model {i['d_model']}, {i['n_layers']} layers, context {i['context']}, "
+        f"[bold]{i['preset']}[/]: d_model {i['d_model']}, {i['n_layers']} layers, {context}, "
         f"micro-batch {i['micro_batch']}, ZeRO-{i['zero_stage']}{' + offload' if i['offload'] else ''}, "
         f"{i['precision']}, activation checkpointing {'on' if i['activation_checkpointing'] else 'off'}; "
         f"{_num(i['items'])} items, {_num(i['interactions'])} interactions; "

@@ -398,7 +398,8 @@ def _mask_worker(rank: int, job: dict, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_training_masks_the_same_ids_on_both_sides_at_its_rate(tmp_path, cold_data):
-    """What a training step hands the model (Engine.inputs): uniform negatives drawn among the warm items only;
+    """What a training step hands the model (Engine.inputs): uniform negatives drawn among the warm items only (a
+    full softmax: all of them);
     with model.cold_start_mask_rate, a mask over the history's and the negatives' ids, one decision per id and
     step, covering about the rate of the distinct ids, redrawn every step."""
     from helpers import free_port, start_ranks
@@ -428,3 +429,9 @@ def test_training_masks_the_same_ids_on_both_sides_at_its_rate(tmp_path, cold_da
         assert 0.1 < sum(step.values()) / len(step) < 0.5
     common = set(decisions[0]) & set(decisions[1])
     assert any(decisions[0][i] != decisions[1][i] for i in common)  # a new draw each step
+    # a full softmax scores every warm item once, and no cold one
+    job["heads"]["next_item"]["full_softmax"] = True
+    job["out"] = str(tmp_path / "run-full")
+    start_ranks(_mask_worker, (job, free_port(), str(out)), nprocs=1)
+    for _, neg_ids, _, _ in json.loads(out.read_text()):
+        assert neg_ids == np.flatnonzero(counts > 0).tolist()

@@ -143,7 +143,7 @@ def saved_and_state_shapes(m: Summariser, length: int) -> tuple[list[tuple[int, 
     saved: list[tuple[int, ...]] = []
     states = []
     readout = m.readout
-    m.readout = lambda st: (states.append(st), readout(st))[1]  # instance attribute: forward calls this one
+    m.readout = lambda st, *a: (states.append(st), readout(st, *a))[1]  # instance attribute: forward calls it
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved.append(tuple(t.shape))

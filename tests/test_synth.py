@@ -524,3 +524,34 @@ def test_new_items_and_item_features(tmp_path):
     assert (nearest == cluster).mean() > 0.9
     with pytest.raises(ValueError, match="^new_items needs holdout temporal"):
         synth.make_config(users=10, items=10, new_items=0.1)
+
+
+def test_favourites_replay_each_users_own_items(tmp_path):
+    """--favourites: each user's truth lists 32 favourites drawn from the whole catalog; a share of their
+    interactions (about the option's share of fresh draws) are on them, far above what the same items get without
+    the option; the oracle refuses the dataset (it does not model them)."""
+    kw = dict(users=60, items=5000, mean_len=200, shards=2, seed=3, workers=1)
+    plain, fav = tmp_path / "plain", tmp_path / "fav"
+    synth.synthesize(plain, **kw)
+    m = synth.synthesize(fav, **kw, favourites=0.3)
+    _, truth = synth.load_truth(fav)
+    picks = truth["favourites"]
+    assert picks.shape == (60, synth.FAVOURITES) and m.source["favourites"] == 0.3
+    assert "favourites" not in Manifest.load(plain).source
+
+    def share_on_favourites(root: Path) -> float:
+        hits = total = 0
+        for sh in read_split(root, "train"):
+            for s in sh:
+                hits += int(np.isin(s.cols["item"], picks[s.user]).sum())
+                total += len(s.cols["item"])
+        return hits / total
+
+    with_fav, without = share_on_favourites(fav), share_on_favourites(plain)
+    assert 0.3 * 0.2 < with_fav < 0.3 and with_fav > 10 * without
+    from trainer.data.oracle import SynthOracle
+
+    with pytest.raises(ValueError, match="does not model --favourites"):
+        SynthOracle(fav)
+    with pytest.raises(ValueError, match="^favourites must be < 1"):
+        synth.make_config(users=10, items=10, favourites=1.0)

@@ -67,6 +67,7 @@ class StepOutput:
     # Normalized-entropy sufficient statistics per feedback target (heads.ne_stats); summed over steps
     # and ranks they give the exact NE of the whole window.
     ne: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    reconstruction: torch.Tensor | None = None  # model.summary.reconstruction_weight > 0
 
 
 class Engine:
@@ -153,10 +154,10 @@ class Engine:
             torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank % self.group)
         self.bf16 = cfg.deepspeed.precision == "bf16"
         self.full_softmax = cfg.heads.next_item.full(self.item_rows)
-        # model.item_tower semantic / both: uniform negatives come from the items the run trains on, never from its
-        # cold items. A cold item drawn only ever as a negative would teach the tower to push down its metadata,
-        # which is the very item it must score from metadata later (in production a new item is not in the
-        # training catalog at all). The ID tower keeps sampling the whole table.
+        # model.item_tower semantic / both: uniform negatives (and a full softmax's candidates) come from the items
+        # the run trains on, never from its cold items. A cold item drawn only ever as a negative would teach the
+        # tower to push down its metadata, which is the very item it must score from metadata later (in production
+        # a new item is not in the training catalog at all). The ID tower keeps sampling the whole table.
         tower = semantic_items(dense)
         self.uniform_pool = None
         if tower is not None and bool(tower.cold.any()) and not bool(tower.cold.all()):
@@ -184,8 +185,9 @@ class Engine:
         ni = self.cfg.heads.next_item
         dev = self.info.device
         g = _generator(self.cfg.train.seed, step, self.dp_rank)
-        if self.full_softmax:  # every item once: expected count 1, logQ = 0
-            neg_ids, k_u = torch.arange(self.item_rows), self.item_rows
+        if self.full_softmax:  # every item once (a semantic tower: every warm item): expected count 1, logQ = 0
+            neg_ids = torch.arange(self.item_rows) if self.uniform_pool is None else self.uniform_pool
+            k_u = int(neg_ids.numel())
         else:
             k_u = ni.uniform_negatives
             if self.uniform_pool is None:
@@ -245,6 +247,9 @@ class Engine:
             interactions=batch.num_interactions if counts else 0,
             slots=batch.slots if counts else 0,
             ne=ne if self.lead else {},
+            reconstruction=(out["loss/reconstruction"].detach() if real else zero)
+            if "loss/reconstruction" in out
+            else None,
         )
 
     def sparse_step(self) -> None:

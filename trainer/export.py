@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from trainer.data.batch import Batch
     from trainer.job import JobConfig
     from trainer.model.argus import Grid
+    from trainer.summary_cache import SummaryCache
 
 FORMAT = "argus-export"
 FORMAT_VERSION = 1
@@ -91,6 +92,7 @@ def served_vectors(
     history: History | None = None,
     item_emb: torch.Tensor | None = None,
     item_ids: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(user vectors, item vectors) whose dot products are the model's scores; either part may be skipped.
     ``item_emb``: looked-up ID rows of table rows ``item_ids`` (``history.ids`` likewise), both through the
@@ -98,7 +100,8 @@ def served_vectors(
 
     TwoTower (fine-tuning): its own towers. ArgusModel (pre-training): the next-item head's scoring,
     cosine or dot / temperature, split so that the temperature rides on the user side and item vectors
-    stay plain (unit) embeddings.
+    stay plain (unit) embeddings. ``prefix``: cached summary tokens of the history's users
+    (``ArgusModel.states``).
     """
     from trainer.model.two_tower import TwoTower
 
@@ -115,7 +118,7 @@ def served_vectors(
             items = dense.item_vectors(item_emb)
         return users, items
     if history is not None:
-        states = dense.states(history.item, history.side, history.lengths, history.grid)
+        states = dense.states(history.item, history.side, history.lengths, history.grid, prefix)
         rows = history.last * 2 + 1 if dense.interleaved else history.last  # interleaved: the feedback token
         users = served_users(cfg, dense.proj(states[rows]))
     if item_emb is not None:
@@ -146,6 +149,7 @@ class UserRows:
     next_item: torch.Tensor  # (batch,) item of the first row the state did not see; -1 if none
     history_len: torch.Tensor  # (batch,) rows the state is computed from (<= context)
     context: Batch | None  # the kept samples' context rows (None if none kept)
+    history_total: torch.Tensor | None = None  # (batch,) history rows before the cutoff, the context's and older
 
 
 def context_rows(batch: Batch, context: int, at: int | None = None, targets_held_out: bool = True) -> UserRows:
@@ -192,7 +196,7 @@ def context_rows(batch: Batch, context: int, at: int | None = None, targets_held
             values={k: v[rows] for k, v in batch.values.items()},
             padded=False,
         )
-    return UserRows(kept=kept, next_item=next_item, history_len=count.to(torch.int32), context=ctx)
+    return UserRows(kept=kept, next_item=next_item, history_len=count.to(torch.int32), context=ctx, history_total=cut)
 
 
 Lookup = Callable[[Any], Any]  # a DMP, an unsharded SparseArch or a ReplicatedItemTables (features.lookup_*)
@@ -208,9 +212,16 @@ def encode_users(
     at: int | None,
     targets_held_out: bool,
     device: torch.device,
+    cache: SummaryCache | None = None,
+    stale: list[int] | None = None,
 ) -> tuple[UserRows, torch.Tensor]:
     """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call, even
-    for an empty batch or one whose users all lack history: under DMP that call is a collective."""
+    for an empty batch or one whose users all lack history: under DMP that call is a collective.
+
+    ``cache``: summary tokens read from a summary cache (``argus summarize``) instead of computed from the older
+    history: each state is computed from the most recent window alone (``context`` is then the window + 1, the
+    extra row only giving the window's first interaction its time gap); ``stale`` (users, older interactions the
+    summaries left out) is added to."""
     from trainer.engine import dummy_batch
     from trainer.model.interaction import history_rows, lookup_interactions
 
@@ -230,8 +241,45 @@ def encode_users(
     if grid[0] is not None:
         grid = (grid[0].to(device), grid[1].to(device), grid[2])
     hist = History(item, side, lengths, torch.cumsum(lengths, 0) - 1, grid, history_rows(ctx, item_rows, device))
-    users, _ = served_vectors(cfg, dense, history=hist)
+    prefix = None
+    if cache is not None:
+        hist, prefix, rows = _cached_window(hist, rows, cache, cfg.window(), device, stale)
+    users, _ = served_vectors(cfg, dense, history=hist, prefix=prefix)
     return rows, users.cpu()
+
+
+def _cached_window(
+    hist: History, rows: UserRows, cache: SummaryCache, window: int, device: torch.device, stale: list[int] | None
+) -> tuple[History, torch.Tensor, UserRows]:
+    """The most recent ``window`` rows of each context (which holds up to one more, for its side features) and the
+    cached summaries they read."""
+    from trainer.data.batch import sample_starts
+
+    ctx = rows.context
+    lengths = ctx.lengths.long()
+    drop = (lengths > window).long()  # the extra leading row
+    keep_len = lengths - drop
+    starts = sample_starts(lengths)
+    pick = torch.repeat_interleave(starts + drop, keep_len) + (
+        torch.arange(int(keep_len.sum())) - torch.repeat_interleave(sample_starts(keep_len), keep_len)
+    )
+    older = (rows.history_total[rows.kept] - keep_len).numpy()
+    window_start = ctx.values["timestamp"].long()[starts + drop].numpy()
+    tokens, left_out = cache.summaries(ctx.users.tolist(), older, window_start)
+    if stale is not None:
+        stale[0] += int((left_out > 0).sum())
+        stale[1] += int(left_out.sum())
+    on = pick.to(device)
+    hist = History(
+        hist.item[on],
+        {k: v[on] for k, v in hist.side.items()},
+        keep_len.to(device),
+        torch.cumsum(keep_len, 0).to(device) - 1,
+        None,
+        None if hist.ids is None else hist.ids[on],
+    )
+    rows = UserRows(rows.kept, rows.next_item, keep_len.to(torch.int32), ctx, rows.history_total)
+    return hist, torch.from_numpy(tokens).to(device), rows
 
 
 def encode_items(
@@ -333,6 +381,7 @@ def export(
     num_workers: int = 0,
     device: str = "auto",
     overwrite: bool = False,
+    summary_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Export user vectors of ``split`` and item vectors of the whole table; collective (every rank calls it).
 
@@ -342,7 +391,9 @@ def export(
 
     ``at``: cutoff (unix seconds): only interactions strictly before it are history. ``context``: the most
     recent history rows a state is computed from; default ``data.max_seq_len - 1``, the longest prefix the
-    model was trained to predict the next item from. Returns the manifest (on every rank).
+    model was trained to predict the next item from. ``summary_cache``: an ``argus summarize`` cache of the run's
+    summary tokens (``model.summary``): each state is computed from the most recent window after its user's cached
+    summary (``context`` does not apply). Returns the manifest (on every rank).
     """
     from trainer.data.manifest import Manifest
 
@@ -360,6 +411,14 @@ def export(
     context = max(longest - 1, 1) if context is None else context
     if not 1 <= context <= longest:
         raise ValueError(f"context: must be in [1, {longest}] (the run's data.max_seq_len), got {context}")
+    cache = None
+    if summary_cache is not None:
+        from trainer.summary_cache import SummaryCache
+
+        if not cfg.model.summary.tokens or cfg.finetune.enabled:
+            raise ValueError(f"--summary-cache: {path} is not a pre-training run with model.summary")
+        cache = SummaryCache.load(summary_cache, cfg)
+        context = cfg.window() + 1
     out = Path(out_dir)
     replace = check_output(out, EXPORT, overwrite=overwrite, flag="--overwrite")  # every rank, read-only
 
@@ -371,15 +430,13 @@ def export(
 
     with process_group(device, cfg.train.timeout_s) as info:  # a caller's group is kept
         rank, world, dev = info.rank, info.world_size, info.device
-        dist.barrier()  # every rank has checked OUT before rank 0 clears it or any rank writes there
-        if rank == 0 and replace:
-            clear_output(out, EXPORT)
-        dist.barrier()
-        for sub in ("users", "items"):  # every rank: OUT must be shared by all ranks, like the checkpoint
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+        _prepare_out(out, EXPORT, replace, rank, ("users", "items"))
 
         _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest, dev, world)
+        if cache is not None:
+            with torch.no_grad():
+                empty = dense.summary.readout(dense.summary.init_state(1), project=False)
+                cache.empty = empty[0].float().cpu().numpy()
         dim = cfg.embeddings.item_dim
         vec_type = _vector_type(dtype, dim)
         loader = ShardLoader.Config(
@@ -396,10 +453,12 @@ def export(
             out / part_name("users", rank),
             {"user": pa.int64(), "next_item": pa.int64(), "history_len": pa.int32(), "vector": vec_type},
         )
-        skipped = 0
+        skipped, stale = 0, [0, 0]
         with torch.no_grad():
             for batch in loader:  # the same number of batches on every rank (padding batches are empty)
-                rows, vecs = encode_users(batch, cfg, dense, tables, item_rows, context, at, kind == "eval", dev)
+                rows, vecs = encode_users(
+                    batch, cfg, dense, tables, item_rows, context, at, kind == "eval", dev, cache, stale
+                )
                 skipped += batch.size - rows.kept.numel()
                 k = rows.kept
                 users.write(
@@ -426,7 +485,7 @@ def export(
         dist.barrier()
         t2 = time.perf_counter()
 
-        mine = {"rank": rank, "users": users.rows, "items": items.rows, "skipped": skipped}
+        mine = {"rank": rank, "users": users.rows, "items": items.rows, "skipped": skipped, "stale": stale}
         stats: list[Any] = [None] * world
         dist.all_gather_object(stats, mine)
         n_users, n_items = sum(s["users"] for s in stats), sum(s["items"] for s in stats)
@@ -439,7 +498,7 @@ def export(
             "split": split,
             "split_kind": kind,
             "at": at,
-            "context": context,
+            "context": cfg.window() if cache is not None else context,
             "model": "two_tower" if cfg.finetune.enabled else "argus",
             "normalize": ni.normalize,
             "temperature": ni.temperature,
@@ -455,6 +514,14 @@ def export(
             "users": n_users,
             "items": n_items,
             "users_skipped": sum(s["skipped"] for s in stats),
+            "summary_cache": None
+            if cache is None
+            else {
+                "path": redact(absolute(summary_cache)),
+                "at": cache.manifest.get("at"),
+                "stale_users": sum(s["stale"][0] for s in stats),
+                "interactions_left_out": sum(s["stale"][1] for s in stats),
+            },
             "files": {
                 "users": [part_name("users", s["rank"]) for s in stats],
                 "items": [part_name("items", s["rank"]) for s in stats],
@@ -476,6 +543,147 @@ def export(
             os.replace(tmp, out / MANIFEST)  # published: the export is complete
         dist.barrier()  # published before any rank returns
     return m
+
+
+# ---- argus summarize: the summary cache ------------------------------------------------------------------------
+def summarize(
+    checkpoint_or_run: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    split: str = "test",
+    at: int | None = None,
+    dtype: str = "fp32",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """`argus summarize`: write the summary cache (trainer/summary_cache.py) of ``split``'s users at cutoff ``at``
+    (None: all their history; an eval split's held-out targets are never history): per user, the summary tokens
+    the run's model reads before the user's most recent window. Collective, like :func:`export`; the same output
+    checks. Returns the manifest (on every rank)."""
+    from trainer.data.manifest import Manifest
+    from trainer.summary_cache import CACHE
+    from trainer.summary_cache import FORMAT as CACHE_FORMAT
+    from trainer.summary_cache import FORMAT_VERSION as CACHE_VERSION
+    from trainer.summary_cache import MANIFEST as CACHE_MANIFEST
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    path = checkpoint.resolve_checkpoint(checkpoint_or_run, prefer_best=True)
+    cfg = checkpoint.saved_job(path)
+    if not cfg.model.summary.tokens or cfg.finetune.enabled:
+        raise ValueError(f"{path}: a pre-training run with model.summary.tokens > 0 is needed to summarize")
+    manifest = Manifest.load(data_dir)
+    kind = manifest.split(split).kind
+    out = Path(out_dir)
+    replace = check_output(out, CACHE, overwrite=overwrite, flag="--overwrite")
+
+    import pyarrow as pa
+    import torch.distributed as dist
+
+    from trainer.data.loader import ShardLoader
+    from trainer.dist import process_group
+
+    tokens, d = cfg.model.summary.tokens, cfg.model.summary.dim
+    with process_group(device, cfg.train.timeout_s) as info:
+        rank, world, dev = info.rank, info.world_size, info.device
+        _prepare_out(out, CACHE, replace, rank, ("users",))
+        _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest, dev, world)
+        loader = ShardLoader.Config(
+            path=str(data_dir), split=split, batch_size=batch_size, max_seq_len=0, num_workers=num_workers,
+            shuffle=False,
+        ).build(rank, world, manifest)  # fmt: skip
+        dist.barrier()
+        t0 = time.perf_counter()
+        writer = PartWriter(
+            out / part_name("users", rank),
+            {"user": pa.int64(), "covered": pa.int64(), "until": pa.int64(),
+             "tokens": pa.list_(pa.uint16() if dtype == "bf16" else pa.float32(), tokens * d)},
+        )  # fmt: skip
+        with torch.no_grad():
+            for batch in loader:
+                users, covered, until, summ = _summarize_batch(batch, cfg, dense, tables, item_rows, at, kind, dev)
+                writer.write(
+                    {"user": pa.array(users), "covered": pa.array(covered), "until": pa.array(until),
+                     "tokens": vector_array(summ.reshape(len(users), tokens * d), dtype)}
+                )  # fmt: skip
+        writer.close()
+        dist.barrier()
+        seconds = time.perf_counter() - t0
+        stats: list[Any] = [None] * world
+        dist.all_gather_object(stats, {"rank": rank, "users": writer.rows})
+        n_users = sum(s["users"] for s in stats)
+        m = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "checkpoint": str(path.resolve()),
+            "data": redact(absolute(data_dir)),
+            "split": split,
+            "at": at,
+            "tokens": tokens,
+            "dim": d,
+            "window": cfg.window(),
+            "dtype": dtype,
+            "users": n_users,
+            "world_size": world,
+            "files": [part_name("users", s["rank"]) for s in stats],
+            "counts": {part_name("users", s["rank"]): s["users"] for s in stats},
+            "timing": {"seconds": round(seconds, 4), "users_per_s": n_users / max(seconds, 1e-9)},
+        }
+        if rank == 0:
+            tmp = out / (CACHE_MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(m, indent=1))
+            os.replace(tmp, out / CACHE_MANIFEST)
+        dist.barrier()
+    return m
+
+
+def _summarize_batch(
+    batch: Batch, cfg: JobConfig, dense: torch.nn.Module, tables: Any, item_rows: int, at: int | None, kind: str,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:  # fmt: skip
+    """(users, interactions covered, time of the last one or -1, summaries) of one batch's users with history.
+    Always one lookup (a collective under TorchRec), even for an empty batch."""
+    from trainer.engine import dummy_batch
+    from trainer.model.interaction import history_rows, lookup_interactions
+
+    if batch.size:
+        rows = context_rows(batch, 1 << 62, at, kind == "eval")  # the whole history before the cutoff
+        ctx = rows.context
+    else:
+        ctx = None
+    item, side, _ = lookup_interactions(
+        tables, ctx if ctx is not None else dummy_batch(), cfg, item_rows, torch.zeros(0, dtype=torch.long), device
+    )
+    tokens, d = cfg.model.summary.tokens, cfg.model.summary.dim
+    if ctx is None:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, torch.zeros(0, tokens, d)
+    item = dense.item_vectors(item, history_rows(ctx, item_rows, device))
+    summ = dense.history_summaries(item, side, ctx.lengths.to(device)).float().cpu()
+    lengths = ctx.lengths.long()
+    covered = (lengths - cfg.window()).clamp_min(0)
+    starts = torch.cumsum(lengths, 0) - lengths
+    ts = ctx.values["timestamp"].long()
+    until = torch.where(covered > 0, ts[(starts + covered - 1).clamp_min(0)], torch.full_like(covered, -1))
+    return ctx.users.numpy().astype(np.int64), covered.numpy(), until.numpy(), summ
+
+
+def _prepare_out(out: Path, layout: Layout, replace: bool, rank: int, subdirs: tuple[str, ...]) -> None:
+    """Collective: once every rank has checked ``out`` (read-only), rank 0 clears an earlier output it was told to
+    replace; then every rank makes the subdirectories (``out`` is shared by all ranks, like the checkpoint)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 0 and replace:
+        clear_output(out, layout)
+    dist.barrier()
+    for sub in subdirs:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
 
 
 def _vector_type(dtype: str, dim: int) -> Any:

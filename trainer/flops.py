@@ -164,7 +164,18 @@ def encoder_flops_per_interaction(cfg: JobConfig) -> float:
     enc = cfg.model.resolved()
     k = cfg.tokens_per_interaction()
     p = dense_params(cfg)
-    return k * encoder_flops_per_token(p.matmul, enc.n_layers, enc.d_model, cfg.interactions_per_sample() * k)
+    tokens = cfg.model.summary.tokens
+    if not tokens:
+        return k * encoder_flops_per_token(p.matmul, enc.n_layers, enc.d_model, cfg.interactions_per_sample() * k)
+    # Windows of the context after `tokens` summary tokens: a query sees every summary token and, causally, half
+    # the window on average (context 2P + W with the causal halving), and the summary tokens run through the
+    # blocks too ((W + P) / W rows per interaction token).
+    from trainer.model.summary import summary_flops, summary_param_count
+
+    w = cfg.window() * k
+    matmul = p.matmul - summary_param_count(cfg.model.summary, enc.d_model, enc.d_model)
+    per_token = encoder_flops_per_token(matmul, enc.n_layers, enc.d_model, w + 2 * tokens)
+    return k * per_token * (w + tokens) / w + summary_flops(cfg.model.summary, enc.d_model, enc.d_model, w) * k
 
 
 def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:
@@ -173,7 +184,26 @@ def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:
 
     The trainer's tflops/mfu(%) and the capacity planner both use this.
     """
-    return encoder_flops_per_interaction(cfg) + next_item_head_flops(cfg, item_rows) + item_tower_flops(cfg)
+    return (
+        encoder_flops_per_interaction(cfg)
+        + next_item_head_flops(cfg, item_rows)
+        + item_tower_flops(cfg)
+        + reconstruction_head_flops(cfg, item_rows)
+    )
+
+
+def reconstruction_head_flops(cfg: JobConfig, item_rows: int) -> float:
+    """``model.summary.reconstruction_weight > 0``: the reconstruction decoder on every token, and its predictions
+    scored against the next-item head's candidates; 0 otherwise."""
+    sm = cfg.model.summary
+    if not (sm.tokens and sm.reconstruction_weight > 0):
+        return 0.0
+    from trainer.model.summary import reconstruction_flops
+
+    k = cfg.tokens_per_interaction()
+    d = cfg.model.resolved().d_model
+    decoder = k * reconstruction_flops(d, cfg.embeddings.item_dim, sm.tokens, cfg.window() * k)
+    return decoder + next_item_head_flops(cfg, item_rows)
 
 
 def next_item_head_flops(cfg: JobConfig, item_rows: int) -> float:

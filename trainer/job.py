@@ -221,6 +221,27 @@ class JobConfig:
         """The training loader's config: ``data`` with the split and sample length resolved (a copy)."""
         return dataclasses.replace(self.data, split=self.train_split(), max_seq_len=self.interactions_per_sample())
 
+    def window(self) -> int:
+        """Interactions of the encoder's context: a sample longer than this is encoded window by window, each
+        window after the summary of the older ones (``model.summary``)."""
+        return self.model.resolved().max_seq_len // self.tokens_per_interaction()
+
+    def _validate_summary(self, k: int) -> None:
+        """``model.summary`` on: what the in-line summaries need from the rest of the config."""
+        if not self.data.max_seq_len:
+            raise ConfigError(
+                "data.max_seq_len: model.summary needs it set to the interactions of a sample (the summary covers "
+                f"what is older than the model.max_seq_len context of {self.window()} interactions)"
+            )
+        for bad, why in (
+            (self.data.batch_tokens > 0, "data.batch_tokens: token-budget batches"),
+            (self.parallel.sp > 1, "parallel.sp: sequence parallelism"),
+            (self.parallel.tp > 1, "parallel.tp: tensor parallelism"),
+            (self.deepspeed.stage == 3, "deepspeed.stage: ZeRO-3"),
+        ):
+            if bad:
+                raise ConfigError(f"{why} is not supported with model.summary yet")
+
     def validate(self, world_size: int | None = None, device: str | None = None) -> None:
         """Every check that needs no process group; raises ConfigError naming the key. Changes nothing."""
         try:
@@ -245,7 +266,9 @@ class JobConfig:
         k = self.tokens_per_interaction()
         if ctx < k:
             raise ConfigError(f"model.max_seq_len: {ctx} tokens hold no interaction of {k} tokens")
-        if self.interactions_per_sample() * k > ctx:
+        if self.model.summary.tokens:
+            self._validate_summary(k)
+        elif self.interactions_per_sample() * k > ctx:
             raise ConfigError(
                 f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed model.max_seq_len {ctx}"
             )

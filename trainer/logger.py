@@ -42,6 +42,7 @@ STABLE_NAMES: tuple[str, ...] = (
     "loss/total",
     "loss/next_item",
     "loss/feedback",
+    "loss/reconstruction",
     "ne/event",
     "ne/played",
     "ne/next_item",

@@ -76,6 +76,12 @@ def dense_params(cfg: JobConfig) -> DenseParams:
     interaction = [_linear(d_in, hidden) for d_in in d_ins] + [_linear(hidden, d)] * len(d_ins)
     heads = [_linear(d, emb.item_dim), _linear(d + emb.item_dim, fb_hidden), _linear(fb_hidden, FEEDBACK_OUTPUTS)]
     interaction += item_tower_params(cfg)  # the item tower makes the interaction token's item vectors
+    if model.summary.tokens:  # the summariser makes the encoder's prefix tokens
+        from trainer.model.summary import reconstruction_param_count, summary_param_count
+
+        interaction.append(summary_param_count(model.summary, d, d))
+        if model.summary.reconstruction_weight > 0:
+            heads.append(reconstruction_param_count(d, emb.item_dim))
     tp = cfg.parallel.tp
     block = [split // tp + whole for split, whole in _block_linears(d, f)]  # a rank's share of each
     return DenseParams(
@@ -212,6 +218,9 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     # parallel.sp: a rank's blocks hold its 1/sp of every row's tokens (the all-to-all'd q, k, v and attention
     # output are the same size as the chunk's own); the heads below run on the whole rows
     block_tokens = -(-tokens // cfg.parallel.sp)
+    if cfg.model.summary.tokens:  # every window's summary tokens run through the blocks beside it
+        window = cfg.window() * k
+        block_tokens = -(-block_tokens * (window + cfg.model.summary.tokens) // window)
     if enc.activation_checkpointing:
         layers = enc.n_layers * block_tokens * d * w
     else:

@@ -364,6 +364,8 @@ class Trainer:
             "data/retries": float(self.loader.stats["retries"]) if self.engine.lead else 0.0,  # once per group
             "data/skipped": float(self.loader.stats["skipped"]) if self.engine.lead else 0.0,
         }
+        if window and window[0].reconstruction is not None:  # model.summary.reconstruction_weight
+            local["loss/reconstruction"] = float(torch.stack([o.reconstruction for o in window]).double().sum()) / n
         out = self.engine.all_reduce_mean(local)
         for key in ("data/retries", "data/skipped"):
             out[key] = float(round(out[key] * self.info.world_size))

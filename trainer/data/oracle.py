@@ -164,6 +164,8 @@ class SynthOracle:
                 f"{first}: no oracle state (written by {src.get('generator', 'argus-synth')} version {version};"
                 f" the oracle needs version >= {ORACLE_VERSION}): regenerate the dataset with argus data synth"
             )
+        if src.get("favourites"):
+            raise ValueError(f"{self.root}: the oracle does not model --favourites (source.favourites)")
         if src.get("holdout") != "loo":
             raise ValueError(
                 f"{self.root}: the oracle is defined for --holdout loo only (this dataset: {src.get('holdout')!r})"

@@ -124,6 +124,8 @@ _TAG_NOISE = 0x4E4F_4953
 _TAG_IMPRESSIONS = 0x494D_5052
 _TAG_FEATURES = 0x4645_4154
 _TAG_NEW = 0x4E45_5749
+_TAG_FAV = 0x4641_5653
+FAVOURITES = 32  # lifelong favourite items per user (--favourites)
 
 # Item metadata (--item-features): the item's cluster centroid, plus noise, plus its within-cluster popularity
 # along one fixed direction, so metadata alone place a new item near its cluster and hint at its popularity.
@@ -157,6 +159,7 @@ class SynthConfig:
     imp_test_days: float = 1.0  # the last imp_test_days of impressions form the impressions_test split
     item_features: int = 0  # width of the item metadata vectors written beside the shards (0 = none)
     new_items: float = 0.0  # fraction of items held back until the temporal test window ("new" at the cut)
+    favourites: float = 0.0  # share of fresh draws that replay one of the user's lifelong favourite items
 
     @property
     def release_time(self) -> int:
@@ -227,6 +230,7 @@ def make_config(
     imp_test_days: float = 1.0,
     item_features: int = 0,
     new_items: float = 0.0,
+    favourites: float = 0.0,
 ) -> SynthConfig:
     """Validate arguments (one ValueError line naming the bad one) and resolve defaults."""
     _check_int("users", users, 1)
@@ -252,6 +256,9 @@ def make_config(
     _check_float("new_items", new_items, 0.0)
     if new_items >= 0.5:
         raise ValueError(f"new_items must be < 0.5 (got {new_items:g})")
+    _check_float("favourites", favourites, 0.0)
+    if favourites >= 1.0:
+        raise ValueError(f"favourites must be < 1 (got {favourites:g})")
     if new_items and holdout != "temporal":
         raise ValueError("new_items needs holdout temporal: held-back items first appear in the test window")
     if impressions and not 0 < imp_test_days < imp_days <= days:
@@ -285,6 +292,7 @@ def make_config(
         imp_test_days=float(imp_test_days),
         item_features=int(item_features),
         new_items=float(new_items),
+        favourites=float(favourites),
     )
 
 
@@ -484,6 +492,23 @@ _CONTEXT_CDF = _cdf(CONTEXT_P)
 
 
 # ---- one batch of users ---------------------------------------------------------------------------------------
+def _favourites(
+    cfg: SynthConfig, u0: int, B: int, user_of: np.ndarray, fresh: np.ndarray, item: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``--favourites P``: every user has :data:`FAVOURITES` favourite items drawn uniformly from the catalog (so
+    neither popularity nor the user's clusters predict them) and a fresh draw replays one of them with probability
+    P. A short recent window shows only some of them; the whole history shows them all. Drawn from a stream of
+    their own, so every other column is the same as without the option. Returns (is favourite, items, each user's
+    favourites [B, FAVOURITES])."""
+    rng = np.random.default_rng([cfg.seed, _TAG_FAV, u0])
+    picks = rng.integers(0, cfg.items, size=(B, FAVOURITES))
+    fav = fresh & (rng.random(item.shape[0]) < cfg.favourites)
+    idx = np.flatnonzero(fav)
+    item = item.copy()
+    item[idx] = picks[user_of[idx], rng.integers(0, FAVOURITES, idx.shape[0])]
+    return fav, item, picks
+
+
 @dataclass
 class _Batch:
     users: np.ndarray  # [B] user ids
@@ -626,6 +651,9 @@ def _gen_batch(
     base = np.maximum.accumulate(np.where(fresh_i, ar, 0))
     rank = (rank[base] + (ar - base)) % world.size[cluster]
     item = world.item_id(cluster, rank)
+    fav, fav_items = np.zeros(N, bool), None
+    if cfg.favourites:  # lifelong favourites: signal that only a user's older history holds (docs/lifelong.md)
+        fav, item, fav_items = _favourites(cfg, u0, B, user_of, fresh_c, item)
     if cfg.new_items:  # held-back items: sessions that start before the release play a stand-in instead
         is_new, stand_in = held_back(world, cfg.new_items, cfg.seed)
         early = start[sess_id] < cfg.release_time
@@ -633,6 +661,7 @@ def _gen_batch(
 
     # -- feedback -----------------------------------------------------------------------------------------------
     p_c = np.where(slot_k >= 0, p_taste.ravel()[np.maximum(slot_k, 0) * S + sess_id], 0.0)
+    p_c = np.where(fav, 1.0, p_c)  # a favourite is liked as much as the user's whole taste
     aff = np.log(p_c * K + 0.05) + _noise(world.noise_salt, (u0 + user_of).astype(np.int64), item)
     q = _sigmoid(1.2 * aff + 0.4 + 0.9 * rng.normal(0.0, 1.0, N))
     played = np.rint(100.0 * q).astype(np.int64)
@@ -723,6 +752,7 @@ def _gen_batch(
         "active_end": act_end,
         "length": out_n.astype(np.int64),  # interactions written for the user (all splits together)
         **ostate,
+        **({} if fav_items is None else {"favourites": fav_items.astype(np.int64)}),  # [B, FAVOURITES] (--favourites)
     }
     probe_rows = None
     if probe:  # every row with a predecessor (for tests): the oracle state before it, and the row's item
@@ -900,7 +930,8 @@ def load_truth(root: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str
 
     Per user: ``user``, ``taste_support`` / ``taste`` (initial), ``drift_step``, ``active_start`` /
     ``active_end``, ``length``, and (version >= 2) the oracle state ``oracle_taste``, ``oracle_how``,
-    ``oracle_context``, ``oracle_prev_item``, ``oracle_repeat_p`` (see the module docstring).
+    ``oracle_context``, ``oracle_prev_item``, ``oracle_repeat_p`` (see the module docstring); with
+    ``--favourites``, ``favourites`` [users, FAVOURITES].
     """
     root = Path(root)
     m = Manifest.load(root)
@@ -939,6 +970,7 @@ def synthesize(
     imp_test_days: float = 1.0,
     item_features: int = 0,
     new_items: float = 0.0,
+    favourites: float = 0.0,
     overwrite: bool = False,
 ) -> Manifest:
     """Write a synthetic dataset with planted structure to ``out`` and return its manifest.
@@ -949,7 +981,8 @@ def synthesize(
     ``impressions > 0`` also writes the fine-tuning splits ``impressions`` / ``impressions_test``.
     ``item_features > 0`` writes item metadata vectors of that width (:func:`item_feature_vectors`,
     trainer/data/item_features.py); ``new_items`` (a temporal holdout) holds that fraction of the items back
-    until the test window (:func:`held_back`; truth ``item_new``).
+    until the test window (:func:`held_back`; truth ``item_new``); ``favourites`` > 0 plants lifelong favourite
+    items (:func:`_favourites`), a signal beyond a short context (the oracle does not model it).
 
     ``workers=0`` uses min(shards, cpu count) processes; the output does not depend on ``workers``.
     ``clusters=0`` picks max(4, round(sqrt(items)/4)) (at most 2048). See the module docstring.
@@ -973,6 +1006,7 @@ def synthesize(
         imp_test_days=imp_test_days,
         item_features=item_features,
         new_items=new_items,
+        favourites=favourites,
     )
     _check_int("workers", workers, 0)
     n_workers = min(cfg.shards, workers or os.cpu_count() or 1)
@@ -999,7 +1033,7 @@ def synthesize(
         "kind": "synth",
         "generator": GENERATOR,
         "generator_version": GENERATOR_VERSION,
-        **{k: v for k, v in asdict(cfg).items() if v or k not in ("item_features", "new_items")},
+        **{k: v for k, v in asdict(cfg).items() if v or k not in ("item_features", "new_items", "favourites")},
         "clusters_requested": int(clusters),
         "t0": T0,
         "t_end": cfg.t_end,

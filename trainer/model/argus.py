@@ -22,8 +22,16 @@ from embeddings.tables import ItemEmbeddings
 from trainer.data.batch import sample_starts
 from trainer.model.encoder import MAX_CONTEXT, Encoder
 from trainer.model.heads import FeedbackHead, NextItemLossConfig, sampled_softmax_loss
-from trainer.model.interaction import TOKEN_LAYOUTS, InteractionEmbedding, Packed, jagged_to_packed, jagged_to_padded
+from trainer.model.interaction import (
+    TOKEN_LAYOUTS,
+    InteractionEmbedding,
+    Packed,
+    jagged_to_packed,
+    jagged_to_padded,
+    jagged_to_windows,
+)
 from trainer.model.item_tower import ITEM_TOWERS, SemanticItems
+from trainer.model.summary import ReconstructionHead, Summariser, SummaryConfig
 
 
 @dataclass
@@ -37,6 +45,9 @@ class ModelConfig(Encoder.Config):
     item_tower: str = "id"
     item_features: int = 0  # width of the dataset's item metadata vectors (semantic and both)
     cold_start_mask_rate: float = 0.0  # both: share of a batch's item ids scored from OOV + metadata in training
+    # Lifelong-history summary tokens (trainer/model/summary.py; tokens 0 = off): a sample longer than the context
+    # is encoded window by window, each window reading the summary of the sample's older windows (docs/lifelong.md)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
 
     def validate(self, where: str = "model", max_context: int | None = MAX_CONTEXT) -> None:
         super().validate(where, max_context)
@@ -54,6 +65,9 @@ class ModelConfig(Encoder.Config):
                 f"{where}.cold_start_mask_rate: masks ID rows for the OOV vector, which only item_tower both has "
                 f"(got item_tower {self.item_tower})"
             )
+        self.summary.validate(f"{where}.summary")
+        if self.summary.reconstruction_weight > 0 and not self.summary.tokens:
+            raise ValueError(f"{where}.summary.reconstruction_weight: needs {where}.summary.tokens > 0")
         if self.token_layout not in TOKEN_LAYOUTS:
             raise ValueError(f"{where}.token_layout: must be 'merged' or 'interleaved', got {self.token_layout!r}")
         for key in ("side_dim", "num_contexts"):
@@ -117,6 +131,17 @@ class ArgusModel(nn.Module):
             if model.item_tower != "id"
             else None
         )
+        k = model.tokens_per_interaction
+        self.window = enc.max_seq_len // k * k  # tokens of context per window (whole interactions)
+        sm = model.summary
+        self.summary = Summariser(sm, enc.d_model, enc.d_model) if sm.tokens else None
+        # model.summary.reconstruction_weight: a small causal decoder of its own predicts each next item from the
+        # summary and the window so far, so the summary has to carry what the older history said (VISTA)
+        self.reconstruction = (
+            ReconstructionHead(enc.d_model, emb.item_dim) if sm.tokens and sm.reconstruction_weight > 0 else None
+        )
+        # Windows of older history a summary's gradients reach (model.summary.grad_chunks * chunk interactions)
+        self.summary_grad_windows = max(1, -(-sm.grad_chunks * sm.chunk * k // self.window))
 
     def item_vectors(
         self, emb: torch.Tensor, ids: torch.Tensor | None, masked: torch.Tensor | None = None
@@ -136,6 +161,7 @@ class ArgusModel(nn.Module):
         side: dict[str, torch.Tensor],
         lengths: torch.Tensor,
         pack: Grid | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encoder states of every token, flat (sum(lengths) * tokens_per_interaction, d_model).
 
@@ -143,10 +169,59 @@ class ArgusModel(nn.Module):
         (:func:`trainer.model.interaction.side_features`); ``pack``: the batch's grid (``Batch.grid()``):
         (row, first column, (rows, row_len)) of each sample in interactions for a token-budget batch, or
         (None, None, (samples, longest)) for one sample per row; None = one sample per row, shape read from
-        ``lengths`` (a device read: the training step always passes the grid)."""
+        ``lengths`` (a device read: the training step always passes the grid).
+
+        With ``model.summary`` each sample is cut into windows of the context (from its end) that are encoded as
+        rows of their own, each after the summary tokens of the sample's older windows; a sample no longer than
+        the context is one window with the summary of an empty history. ``prefix``: (samples, tokens,
+        model.summary.dim) summaries read from a cache (:meth:`history_summaries`) in place of computing them;
+        every sample is then one window (at most the context long)."""
+        return self._states(item, side, lengths, pack, prefix)[0]
+
+    def history_summaries(
+        self, item: torch.Tensor, side: dict[str, torch.Tensor], lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """(samples, tokens, model.summary.dim): the summary each sample's most recent window reads in :meth:`states`,
+        of everything before that window, at the summariser's width (what a summary cache stores,
+        trainer/summary_cache.py: ``model.summary.dim`` values per token, not ``d_model``)."""
+        if self.summary is None:
+            raise ValueError("model.summary: this model has no summary tokens (model.summary.tokens is 0)")
+        tokens = self.interaction(item.to(self.proj.weight.dtype), side)
+        tok_lengths = lengths * self.interaction.tokens_per_interaction
+        padded, _, _ = jagged_to_padded(tokens, tok_lengths)
+        return self.summary(padded, (tok_lengths - self.window).clamp_min(0), project=False)
+
+    def _states(
+        self,
+        item: torch.Tensor,
+        side: dict[str, torch.Tensor],
+        lengths: torch.Tensor,
+        pack: Grid | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`states`, and the reconstruction head's predictions of every token (flat, like the states; None
+        without ``model.summary.reconstruction_weight``)."""
         tokens = self.interaction(item.to(self.proj.weight.dtype), side)  # bf16 engines: cast the lookups
         k = self.interaction.tokens_per_interaction
         tok_lengths = lengths * k
+        if prefix is not None:  # cached summaries: one window per sample
+            padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths)
+            if padded.shape[1] > self.window:
+                raise ValueError(
+                    f"cached summaries: a sample of {padded.shape[1]} tokens exceeds the {self.window}-token window"
+                )
+            return self.encoder(padded, mask, prefix=self.summary.project(prefix.to(tokens.dtype)))[row, col], None
+        if self.summary is not None:
+            if pack is not None and pack[0] is not None:
+                raise ValueError("model.summary: token-budget batches (data.batch_tokens) are not supported with it")
+            w = jagged_to_windows(tokens, tok_lengths, self.window)
+            prefix = self.summary.window_summaries(
+                w.grid, w.mask, w.sample, w.back, w.count, w.most, self.summary_grad_windows
+            )
+            recon = None
+            if self.reconstruction is not None:
+                recon = self.reconstruction(prefix, w.grid, w.mask.sum(1))[w.index]
+            return self.encoder(w.grid, w.mask, prefix=prefix)[w.index], recon
         encode = self.encoder
         if self.encoder.sequence_group is not None:  # parallel.sp: this rank encodes its chunk of every row
             from trainer.model.sequence_parallel import encode as sp_encode
@@ -155,12 +230,12 @@ class ArgusModel(nn.Module):
         if pack is None or pack[0] is None:
             max_len = None if pack is None else pack[2][1] * k
             padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths, max_len)
-            return encode(padded, mask)[row, col]
+            return encode(padded, mask)[row, col], None
         rows, cols, (num_rows, row_len) = pack
         grid, mask, positions, segments, (row, col) = jagged_to_packed(
             tokens, tok_lengths, Packed(rows, cols * k, (num_rows, row_len * k))
         )
-        return encode(grid, mask, positions, segments)[row, col]
+        return encode(grid, mask, positions, segments)[row, col], None
 
     def state_rows(self, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token rows whose states predict (next item of, feedback of) target interactions ``tgt``."""
@@ -195,24 +270,33 @@ class ArgusModel(nn.Module):
         (``model.cold_start_mask_rate``)."""
         m_item, m_neg = masked if masked is not None else (None, None)
         item, neg = self.item_vectors(item, item_ids, m_item), self.item_vectors(neg, neg_ids, m_neg)
-        h = self.states(item, side, lengths, pack)
+        h, recon = self._states(item, side, lengths, pack)
         ni, fb = self.heads_cfg.next_item, self.heads_cfg.feedback
         next_rows, fb_rows = self.state_rows(tgt)
         zero = h.sum() * 0.0
         out = {"loss/next_item": zero, "loss/feedback": zero}
+        if recon is not None:
+            out["loss/reconstruction"] = zero
         if ni.weight > 0:
             user = self.proj(h[next_rows]).float()
             pos = item[tgt].float()
             cand = torch.cat([pos[sel], neg.float()])
             cand_ids = torch.cat([item_ids[tgt][sel], neg_ids])
             pos_ids, weights = item_ids[tgt], None
+            rec = recon[next_rows].float() if recon is not None else None
             if pairs is not None:  # each target's state scores the later interactions of its pairs, weighted
                 ctx, pred, weights = pairs
-                user = user[torch.searchsorted(tgt, ctx)]  # projected once per state; tgt ascends
+                at = torch.searchsorted(tgt, ctx)  # tgt ascends
+                user = user[at]  # projected once per state
+                rec = rec[at] if rec is not None else None
                 pos, pos_ids = item[pred].float(), item_ids[pred]
             out["loss/next_item"] = sampled_softmax_loss(
                 user, pos, pos_ids, cand, cand_ids, pos_log_q, cand_log_q, ni, weights
             )
+            if rec is not None:  # the same targets and candidates, scored from the reconstruction head
+                out["loss/reconstruction"] = sampled_softmax_loss(
+                    rec, pos, pos_ids, cand, cand_ids, pos_log_q, cand_log_q, ni, weights
+                )
         if fb.weight > 0:
             logits = self.feedback(h[fb_rows], item[tgt].to(h.dtype))
             out["loss/feedback"] = self.feedback.loss(
@@ -221,6 +305,8 @@ class ArgusModel(nn.Module):
             out["logits/event"] = logits["event"].detach().float()
             out["logits/played"] = logits["played"].detach().float()
         out["loss"] = ni.weight * out["loss/next_item"] + fb.weight * out["loss/feedback"]
+        if recon is not None:
+            out["loss"] = out["loss"] + self.summary.cfg.reconstruction_weight * out["loss/reconstruction"]
         out["targets"] = torch.tensor(float(tgt.numel()), device=h.device)
         return out
 

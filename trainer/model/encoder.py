@@ -129,6 +129,22 @@ class AttnLayout:
         shapes = tuple(zip(counts.tolist(), sizes.tolist()))
         return AttnLayout(mode, shapes=shapes, gather=gather, inverse=inverse)
 
+    @staticmethod
+    def prefixed(prefix: int, T: int, device: torch.device, mode: str = "mask") -> AttnLayout:
+        """Rows of ``prefix`` summary tokens followed by ``T - prefix`` right-padded history tokens: every token sees
+        every summary token, history tokens are causal among themselves, and summary tokens never see history
+        tokens (a history token reads the summaries at every layer, so a summary that saw a later token would carry
+        it back to earlier ones). ``mode`` flex: a block mask shared by all rows (CUDA: no T x T scores kept);
+        otherwise ``mask``, one (1, 1, T, T) boolean mask for SDPA."""
+
+        def allowed(b: Tensor | None, h: Tensor | None, q: Tensor, k: Tensor) -> Tensor:
+            return (k < prefix) | (k <= q)
+
+        if mode == "flex":
+            return AttnLayout(mode, block_mask=create_block_mask(allowed, None, None, T, T, device=device))
+        i = torch.arange(T, device=device)
+        return AttnLayout("mask", mask=allowed(None, None, i[:, None], i[None, :])[None, None])
+
     def attend(self, qkv: Tensor, dropout_p: float) -> Tensor:
         """``qkv``: (R, T, 3, heads, head_dim) -> attention output (R, T, heads, head_dim)."""
         R, T, _, H, Dh = qkv.shape
@@ -286,7 +302,12 @@ class Encoder(nn.Module):
                 m.reset_parameters()
 
     def forward(
-        self, x: Tensor, mask: Tensor, positions: Tensor | None = None, segments: Tensor | None = None
+        self,
+        x: Tensor,
+        mask: Tensor,
+        positions: Tensor | None = None,
+        segments: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         """``x``: (R, T, d_model); ``mask``: (R, T) bool, True = real token, a prefix of each row.
 
@@ -294,6 +315,10 @@ class Encoder(nn.Module):
         ``segments``: (R, T) int64, each token's history (ids increasing along a row, -1 = padding) for rows that
         pack several histories: attention stays causal within a history and never crosses to another one
         (``cfg.attention`` says how). None = one history per row, plain causal attention.
+
+        ``prefix``: (R, P, d_model) summary tokens (``model.summary``) that every token of its row attends to, placed
+        before the row without a position (``AttnLayout.prefixed``: they never see the row). One history per row,
+        no sequence parallelism.
 
         Returns (R, T, d_model). Real positions never see padding; padded positions come out as zeros.
 
@@ -312,10 +337,17 @@ class Encoder(nn.Module):
         # Through the module call (not .weight) so ZeRO-3 gathers the table.
         x = self.drop(x + self.pos(positions))
         layout = None if segments is None else AttnLayout.build(segments, self.attention_mode(x.device))
+        P = 0
+        if prefix is not None:
+            if segments is not None or self.sequence_group is not None:
+                raise ValueError("model.summary: summary tokens need one history per row and no parallel.sp")
+            P = prefix.shape[1]
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+            layout = AttnLayout.prefixed(P, x.shape[1], x.device, self.attention_mode(x.device))
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, layout, use_reentrant=False) if ckpt else block(x, layout)
-        x = self.norm(x)
+        x = self.norm(x[:, P:])
         # Padded outputs are finite but depend on pad contents; zero them so nothing can leak.
         return x.masked_fill(~mask.to(torch.bool).unsqueeze(-1), 0.0)
 

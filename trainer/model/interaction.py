@@ -191,6 +191,45 @@ def jagged_to_packed(
     return out, mask, positions, segments, (row, col)
 
 
+@dataclass
+class Windows:
+    """A jagged batch cut into windows of the encoder's context (:func:`jagged_to_windows`), one window per row."""
+
+    grid: torch.Tensor  # (R, W, d) tokens, each row right-padded
+    mask: torch.Tensor  # (R, W) bool, True = real token
+    index: tuple[torch.Tensor, torch.Tensor]  # each jagged token's (row, column)
+    sample: torch.Tensor  # (R,) the sample of each row
+    back: torch.Tensor  # (R,) how many later windows its sample has (0: the sample's most recent window)
+    count: torch.Tensor  # (B,) windows per sample
+    most: int  # the largest count
+
+
+def jagged_to_windows(values: torch.Tensor, lengths: torch.Tensor, window: int) -> Windows:
+    """(N, d) jagged tokens -> every sample cut into windows of ``window`` tokens, from its end (so the most recent
+    window is full and only the oldest one short, as the shard writer cuts histories), one window per row, in
+    sample order, oldest first. Reads the lengths on the host (a device sync on CUDA)."""
+    n, dev = values.shape[0], values.device
+    host = lengths.detach().to("cpu", torch.long)
+    count_host = ((host + window - 1) // window).clamp_min(1)
+    rows = int(count_host.sum())
+    count = count_host.to(dev)
+    lengths = lengths.to(dev, torch.long)
+    sample_ix = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=n)
+    pos = torch.arange(n, device=dev) - torch.repeat_interleave(sample_starts(lengths), lengths, output_size=n)
+    shift = (count * window - lengths)[sample_ix]  # the oldest window's missing tokens
+    j = (pos + shift) // window
+    col = torch.where(j == 0, pos, pos + shift - j * window)  # the oldest window is right-padded like the others
+    row = (torch.cumsum(count, 0) - count)[sample_ix] + j
+    grid = values.new_zeros(rows, window, values.shape[-1]).index_put((row, col), values)
+    mask = torch.zeros(rows, window, dtype=torch.bool, device=dev).index_put(
+        (row, col), torch.ones_like(pos, dtype=torch.bool)
+    )
+    sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), count, output_size=rows)
+    first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count, output_size=rows)
+    back = count[sample] - 1 - (torch.arange(rows, device=dev) - first)
+    return Windows(grid, mask, (row, col), sample, back, count, int(count_host.max()) if rows else 0)
+
+
 def lookup_interactions(
     tables: Any, batch: Batch, cfg: JobConfig, item_rows: int, extra_ids: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:

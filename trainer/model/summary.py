@@ -13,7 +13,10 @@ or an exact, flash-style streamed softmax; and :class:`ReconstructionHead`, the 
 summaries faithful to the history they replace (its predictions are scored like the next-item head's, by
 :func:`trainer.model.heads.sampled_softmax_loss`: one sampled softmax, one logQ).
 
-Not yet wired into the encoder, the config tree or training: that is a later step.
+In-line summaries (``model.summary.tokens > 0``): :meth:`Summariser.window_summaries` summarises, for every
+window of the encoder's context in a sample, the sample's older windows; the encoder reads them as a prefix
+(``trainer/model/argus.py: ArgusModel.states``). The summary cache (summaries computed offline over whole
+lifelong histories) is a later step.
 
 Design notes
 ------------
@@ -197,7 +200,7 @@ class Summariser(nn.Module):
         p = torch.exp(scores - shift[..., None])
         return new_max, denom * scale + p.sum(-1), acc * scale[..., None] + p @ v
 
-    def readout(self, state: SummaryState) -> Tensor:
+    def readout(self, state: SummaryState, project: bool = True) -> Tensor:
         """The summary tokens, (B, tokens, d_out), of the histories read into ``state``."""
         batch = state.count.shape[0]
         z = self.seeds.expand(batch, -1, -1)
@@ -216,9 +219,14 @@ class Summariser(nn.Module):
             q, k, v = (self._split(t) for t in layer.qkv_self(layer.sa_norm(z)).chunk(3, dim=-1))
             z = z + layer.o_self(self._merge(F.scaled_dot_product_attention(q, k, v)))
             z = z + layer.ff(z)
+        return self.project(z) if project else z
+
+    def project(self, z: Tensor) -> Tensor:
+        """Summary tokens at the summariser's width ``cfg.dim`` (what a cache stores: ``readout(..., project=False)``)
+        -> the ``d_out``-wide tokens the encoder reads."""
         return self.out_proj(self.out_norm(z))
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor, project: bool = True) -> Tensor:
         """Summaries, (B, tokens, d_out), of right-padded histories x (B, L, d_in) with ``lengths`` (B,) valid.
 
         Gradients flow through each user's own last ``grad_chunks * chunk`` interactions (the ones nearest
@@ -244,7 +252,50 @@ class Summariser(nn.Module):
             idx = start[:, None] + s + pos[: e - s]  # (B, c): the window, gathered per user
             valid = idx < lengths[:, None]
             state = self.update(state, x[rows, idx.clamp_max(length - 1)], valid)
-        return self.readout(state)
+        return self.readout(state, project)
+
+    def window_summaries(
+        self, grid: Tensor, mask: Tensor, sample: Tensor, back: Tensor, count: Tensor, most: int, grad_windows: int
+    ) -> Tensor:
+        """The summary each window of a batch reads: of every older window of its own sample, (R, tokens, d_out).
+
+        The rows are :class:`trainer.model.interaction.Windows`' (``grid`` (R, W, d_in) right-padded tokens with
+        ``mask``; row r is window ``back[r]`` from the end of sample ``sample[r]``, which has ``count`` windows,
+        at most ``most``), so a window's summary only covers interactions before it. The samples are streamed
+        window by window from their oldest, in lockstep counted from their most recent window; gradients reach
+        each summary through its ``grad_windows`` nearest older windows only, the rest is read under
+        ``torch.no_grad``.
+        """
+        batch, rows = count.numel(), grid.shape[0]
+        first = torch.cumsum(count, 0) - count
+
+        def read(state: SummaryState, b: int) -> SummaryState:  # every sample's window b from the end, if any
+            valid = b < count
+            r = (first + count - 1 - b).clamp(0, max(rows - 1, 0))
+            return self.update(state, grid[r], mask[r] & valid[:, None])
+
+        def detached(state: SummaryState) -> SummaryState:
+            return SummaryState(state.count, [tuple(t.detach() for t in part) for part in state.layers])
+
+        older: dict[int, SummaryState] = {most - 1: self.init_state(batch)}  # [q]: windows after q from the end
+        out = []
+        for q in range(most - 1, -1, -1):
+            base = min(q + grad_windows, most - 1)
+            state = older[base]
+            for b in range(base, q, -1):
+                state = read(state, b)
+            out.append(self.readout(state))
+            if q > 0 and q not in older:
+                if grad_windows == 1:  # the state just built covers exactly the windows after q
+                    older[q] = detached(state)
+                else:
+                    with torch.no_grad():
+                        older[q] = read(older[q + 1], q + 1)
+            older.pop(q + grad_windows, None)  # no later step starts from it
+        if not out:
+            return grid.new_zeros(0, self.cfg.tokens, self.out_proj.out_features)
+        summaries = torch.stack(out[::-1])  # (most, B, tokens, d_out), indexed [windows from the end, sample]
+        return summaries[back, sample]
 
 
 class ReconstructionHead(nn.Module):
@@ -295,3 +346,50 @@ class ReconstructionHead(nn.Module):
         seq = seq + self.o(att.transpose(1, 2).reshape(batch, tokens + width, d))
         seq = seq + self.ff(seq)
         return self.out(self.out_norm(seq[:, tokens:]))
+
+
+def _lin(i: int, o: int) -> int:
+    return i * o + o
+
+
+def summary_param_count(cfg: SummaryConfig, d_in: int, d_out: int) -> int:
+    """Parameters of ``Summariser(cfg, d_in, d_out)`` from the sizes alone (0 when ``cfg.tokens`` is 0)."""
+    if not cfg.tokens:
+        return 0
+    m = cfg.dim
+    layer = 2 * m + _lin(m, 2 * m) + 2 * m + 2 * _lin(m, m) + 2 * m + _lin(m, 3 * m) + _lin(m, m)  # kv, q, o, self
+    layer += 2 * m + _lin(m, 4 * m) + _lin(4 * m, m)  # ff
+    hist_mlp = 2 * m + _lin(m, 2 * m) + _lin(2 * m, m)  # every layer after the first
+    return cfg.tokens * m + _lin(d_in, m) + cfg.layers * layer + (cfg.layers - 1) * hist_mlp + 2 * m + _lin(m, d_out)
+
+
+def summary_flops(cfg: SummaryConfig, d_in: int, d_out: int, window: int, training: bool = True) -> float:
+    """Matmul FLOPs per interaction of in-line summaries whose windows hold ``window`` interactions: reading the
+    interaction into the state (input projection, per-interaction MLPs, keys and values; read once) and each
+    window's readout spread over its interactions. x3 when training (an upper bound: reads under ``no_grad``
+    have no backward)."""
+    if not cfg.tokens:
+        return 0.0
+    m, t = cfg.dim, cfg.tokens
+    read = d_in * m + cfg.layers * (m * 2 * m + 2 * m * m) + (cfg.layers - 1) * 4 * m * m  # + linear state: below
+    if cfg.attention == "linear":
+        read += cfg.layers * m * (m // cfg.heads)  # phi(k)^T v: dh x dh per head
+    else:
+        read += cfg.layers * 2 * t * m  # every seed's score and weighted value
+    seed = cfg.layers * (m * m + m * m + 3 * m * m + m * m + 8 * m * m + 2 * t * m) + m * d_out
+    fwd = 2.0 * (read + t * seed / max(1, window))
+    return 3.0 * fwd if training else fwd
+
+
+def reconstruction_param_count(d_model: int, d_item: int) -> int:
+    """Parameters of ``ReconstructionHead(d_model, d_item)``."""
+    d = d_model
+    return 2 * d + _lin(d, 3 * d) + _lin(d, d) + 2 * d + _lin(d, 4 * d) + _lin(4 * d, d) + 2 * d + _lin(d, d_item)
+
+
+def reconstruction_flops(d_model: int, d_item: int, tokens: int, window: int, training: bool = True) -> float:
+    """Matmul FLOPs per token of the reconstruction head's decoder (its item scores are counted like the next-item
+    head's): its linear layers, and attention over the summary tokens and half the window on average."""
+    d = d_model
+    fwd = 2.0 * (12 * d * d + d * d_item) + 4.0 * d * (tokens + window / 2)
+    return 3.0 * fwd if training else fwd

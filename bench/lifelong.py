@@ -1,0 +1,141 @@
+"""Lifelong-history summaries (issue 19, docs/lifelong.md): context 256 + 64 summary tokens vs 256 vs 2,048.
+
+    python bench/lifelong.py [--seeds 0,1,2] [--steps 200] [--users 400] [--items 5000] [--mean-len 1500]
+                             [--favourites 0.15] [--arms ...] [--json]
+
+Data: `argus data synth --favourites P --holdout loo`: every user has 32 favourite items drawn from the whole
+catalog, and a share P of the fresh draws replays one of them, so part of the planted signal lies in the older
+history (a 256-interaction window shows only some of a user's favourites, 2,048 show most). The same histories are
+written twice: cut into samples of 256 (`--max-len 256`, for the 256-context arm: every interaction is a target
+once, as for the others) and of 2,048.
+
+Arms (`configs/nano.yaml`, the same steps and about the same interactions per batch):
+  context 256               model.max_seq_len=256 on the 256-sample data
+  context 256 + 64 summary  model.max_seq_len=256, data.max_seq_len=2048, model.summary.tokens=64: each sample is
+                            encoded as 256-interaction windows, each after the summary of the sample's older ones
+  context 2048              model.max_seq_len=2048
+
+Each run is ranked on the test split (the last interaction of every user; full ranking); also printed: the share of
+test targets that are a favourite the last 256 interactions do not show (what only a longer memory can get).
+Prints the mean and standard error over training seeds, with step time (the last logging window's mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.production import argus, mean_se  # noqa: E402
+
+SUMMARY = ["model.summary.tokens=64", "model.summary.dim=64", "model.summary.heads=2", "model.summary.chunk=256"]
+ARMS = {
+    "context 256": (256, ["model.max_seq_len=256"]),
+    "context 256 + 64 summary": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY]),
+    "context 2048": (2048, ["model.max_seq_len=2048"]),
+}
+
+
+def mean_sample(data: Path) -> float:
+    from trainer.data.manifest import Manifest
+
+    s = Manifest.load(data).split("train")
+    return s.interactions / max(1, s.samples)
+
+
+def unseen_favourite_share(data: Path, window: int) -> float:
+    """Share of test targets that are one of the user's favourites and absent from the ``window`` interactions
+    before it."""
+    import tarfile
+
+    import numpy as np
+
+    from trainer.data import synth
+    from trainer.data.manifest import Manifest
+    from trainer.data.schema import decode_sample
+
+    _, truth = synth.load_truth(data)
+    fav = dict(zip(truth["user"].tolist(), truth["favourites"]))
+    hits = total = 0
+    for shard in Manifest.load(data).split("test").shards:
+        with tarfile.open(data / shard.path) as tf:
+            samples = [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
+        for s in samples:
+            items = s.cols["item"]
+            target = int(items[-1])
+            total += 1
+            hits += int(target in fav[s.user] and not np.isin(target, items[-1 - window : -1]))
+    return hits / max(1, total)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--users", type=int, default=400)
+    p.add_argument("--items", type=int, default=5000)
+    p.add_argument("--mean-len", type=float, default=1500)
+    p.add_argument("--favourites", type=float, default=0.15)
+    p.add_argument("--batch", type=int, default=32, help="samples per batch of the 256-sample data")
+    p.add_argument("--arms", default="", help="comma-separated arms (default: all)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = ARMS
+    if args.arms:
+        unknown = set(args.arms.split(",")) - set(ARMS)
+        if unknown:
+            raise SystemExit(f"--arms: no arm {', '.join(sorted(unknown))} ({', '.join(ARMS)})")
+        arms = {a: x for a, x in ARMS.items() if a in args.arms.split(",")}
+    results: dict[str, list[dict]] = {a: [] for a in arms}
+    with tempfile.TemporaryDirectory(prefix="argus_lifelong_") as tmp:
+        data = {}
+        for max_len in (256, 2048):
+            data[max_len] = Path(tmp) / f"data-{max_len}"
+            argus("data", "synth", "--out", str(data[max_len]), "--users", str(args.users), "--items",
+                  str(args.items), "--mean-len", str(args.mean_len), "--shards", "2", "--seed", "0", "--holdout",
+                  "loo", "--favourites", str(args.favourites), "--max-len", str(max_len))  # fmt: skip
+        per_sample = {m: mean_sample(d) for m, d in data.items()}
+        batch = {256: args.batch, 2048: max(1, round(args.batch * per_sample[256] / per_sample[2048]))}
+        unseen = unseen_favourite_share(data[2048], 256)
+        for arm, (max_len, extra) in arms.items():
+            for seed in seeds:
+                run = Path(tmp) / f"{arm}-{seed}".replace(" ", "").replace("+", "")
+                t0 = time.perf_counter()
+                argus("train", "configs/nano.yaml", f"data.path={data[max_len]}", f"out={run}", "train.epochs=0",
+                      f"train.steps={args.steps}", "eval.every_epochs=0", "eval.patience=0",
+                      f"data.batch_size={batch[max_len]}", f"train.seed={seed}", "train.log_every=50",
+                      *extra)  # fmt: skip
+                seconds = time.perf_counter() - t0
+                last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"tps"' in x][-1]
+                r = json.loads(argus("eval", str(run), "--data", str(data[max_len]), "--json"))
+                results[arm].append({"hr@10": r["model"]["hr@10"], "ndcg@10": r["model"]["ndcg@10"],
+                                     "pop_hr@10": r["popularity"]["hr@10"], "step_s": last["time/step_s"],
+                                     "tps": last["tps"], "seconds": seconds})  # fmt: skip
+    summary = {arm: {k: mean_se([x[k] for x in rs]) for k in rs[0]} for arm, rs in results.items() if rs}
+    report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "seeds": seeds, "steps": args.steps,
+              "batch": batch, "mean_sample": per_sample, "unseen_favourite_share": unseen,
+              "summary": summary}  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"test targets that are a favourite the last 256 interactions do not show: {unseen:.1%}")
+    print(f"{'arm':26} {'HR@10':>16} {'NDCG@10':>16} {'step s':>7} {'tps':>8}")
+    for arm, out in summary.items():
+        hr, nd = out["hr@10"], out["ndcg@10"]
+        print(f"{arm:26} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['step_s'][0]:7.3f} "
+              f"{out['tps'][0]:8.0f}")  # fmt: skip
+    print(f"popularity HR@10 {statistics.mean(x['pop_hr@10'] for rs in results.values() for x in rs):.4f}")
+
+
+if __name__ == "__main__":
+    main()

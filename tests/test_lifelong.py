@@ -1,0 +1,362 @@
+"""In-line lifelong-history summaries (``model.summary``): windows, the prefixed encoder and the model's states,
+each against a reference written with plain ops, plus the no-leakage perturbation test."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embeddings.tables import ItemEmbeddings
+from trainer.model.argus import ArgusModel, HeadsConfig, ModelConfig
+from trainer.model.encoder import Encoder
+from trainer.model.interaction import jagged_to_windows, side_table_rows
+from trainer.model.summary import Summariser, SummaryConfig, summary_param_count
+
+
+def windows_by_hand(lengths: list[int], window: int) -> list[tuple[int, list[int]]]:
+    """(sample, positions) of every window, sample by sample, oldest first, cut from each sample's end."""
+    out = []
+    for b, n in enumerate(lengths):
+        cuts = list(range(n, 0, -window))[::-1]  # window ends, oldest first
+        starts = [max(0, e - window) for e in cuts] or [0]
+        ends = cuts or [0]
+        out += [(b, list(range(s, e))) for s, e in zip(starts, ends)]
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 4, 8])
+def test_windows_match_a_cut_by_hand(window: int) -> None:
+    lengths = [7, 1, 4, 9, 0, 3]
+    values = torch.arange(sum(lengths), dtype=torch.float).unsqueeze(1)
+    w = jagged_to_windows(values, torch.tensor(lengths), window)
+    want = windows_by_hand(lengths, window)
+    starts = [0] + torch.cumsum(torch.tensor(lengths), 0).tolist()
+    assert w.grid.shape[0] == len(want) and w.most == max(len(range(0, max(n, 1), window)) for n in lengths)
+    for r, (b, positions) in enumerate(want):
+        assert int(w.sample[r]) == b
+        assert int(w.back[r]) == sum(1 for s, _ in want[r + 1 :] if s == b)
+        assert w.mask[r].tolist() == [True] * len(positions) + [False] * (window - len(positions))
+        assert w.grid[r, : len(positions), 0].tolist() == [float(starts[b] + p) for p in positions]
+    # every jagged token's (row, column) points at itself
+    assert torch.equal(w.grid[w.index][:, 0], values[:, 0])
+
+
+def summariser(attention: str, chunk: int = 3, grad_chunks: int = 1) -> Summariser:
+    torch.manual_seed(0)
+    cfg = SummaryConfig(tokens=3, dim=8, heads=2, attention=attention, layers=2, chunk=chunk, grad_chunks=grad_chunks)
+    return Summariser(cfg, 6, 10).double()
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("grad_windows", [1, 2])
+def test_window_summaries_equal_a_summary_of_each_older_prefix(attention: str, grad_windows: int) -> None:
+    m = summariser(attention)
+    lengths = [10, 2, 7, 0, 5]
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(sum(lengths), 6, generator=g, dtype=torch.double, requires_grad=True)
+    w = jagged_to_windows(values, torch.tensor(lengths), 3)
+    got = m.window_summaries(w.grid, w.mask, w.sample, w.back, w.count, w.most, grad_windows)
+    starts = [0] + torch.cumsum(torch.tensor(lengths), 0).tolist()
+    for r, (b, positions) in enumerate(windows_by_hand(lengths, 3)):
+        older = values[starts[b] : starts[b] + (positions[0] if positions else 0)]
+        want = m(older.unsqueeze(0), torch.tensor([older.shape[0]]))[0]
+        torch.testing.assert_close(got[r], want)
+        # gradients reach the grad_windows windows just before this one, nothing older, nothing newer
+        (grad,) = torch.autograd.grad(got[r].sum(), values, retain_graph=True)
+        reached = grad.abs().sum(1) > 0
+        first = positions[0] if positions else 0
+        lo = max(0, first - 3 * grad_windows)
+        span = first - lo
+        assert not reached[: starts[b] + lo].any() and not reached[starts[b] + first :].any()
+        if span:  # the last grad_windows windows before the cut (the oldest may be short): read with gradients
+            assert reached[starts[b] + lo : starts[b] + first].all()
+
+
+def reference_encoder(enc: Encoder, x: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """Plain ops, one row at a time: [prefix | x + positions], attention masked by hand, outputs after the prefix."""
+    out = []
+    P, T = prefix.shape[1], x.shape[1]
+    allowed = torch.zeros(P + T, P + T, dtype=torch.bool)
+    allowed[:, :P] = True
+    allowed[P:, P:] = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for r in range(x.shape[0]):
+        h = torch.cat([prefix[r], x[r] + enc.pos.weight[:T]])
+        for blk in enc.blocks:
+            a = blk.attn
+            q, k, v = a.qkv(blk.ln1(h)).view(P + T, 3, a.n_heads, a.head_dim).permute(1, 2, 0, 3)
+            s = (q @ k.transpose(1, 2)) / a.head_dim**0.5
+            att = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (H, P+T, dh)
+            h = h + a.out(att.transpose(0, 1).reshape(P + T, -1))
+            h = h + blk.ff2(F.gelu(blk.ff1(blk.ln2(h))))
+        out.append(enc.norm(h)[P:] * mask[r, :, None])
+    return torch.stack(out)
+
+
+def test_prefixed_encoder_equals_plain_ops() -> None:
+    torch.manual_seed(0)
+    enc = Encoder.Config(preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=6).build().double()
+    enc.eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 6, 16, generator=g, dtype=torch.double)
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 2, 4])[:, None]
+    prefix = torch.randn(3, 4, 16, generator=g, dtype=torch.double)
+    got = enc(x, mask, prefix=prefix)
+    torch.testing.assert_close(got, reference_encoder(enc, x, mask, prefix))
+    # the prefix is read: a different one changes every real output
+    other = enc(x, mask, prefix=torch.randn(3, 4, 16, generator=g, dtype=torch.double))
+    assert ((other - got).abs().sum(-1) > 1e-6)[mask].all()
+
+
+def model_and_inputs(
+    lengths: list[int], layout: str = "merged", attention: str = "linear", seed: int = 0, recon: float = 0.0
+) -> tuple[ArgusModel, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, token_layout=layout,
+        num_contexts=4, side_dim=4,
+        summary=SummaryConfig(tokens=3, dim=8, heads=2, attention=attention, chunk=4, reconstruction_weight=recon),
+    )  # fmt: skip
+    model = ArgusModel(cfg, ItemEmbeddings.Config(item_dim=8), HeadsConfig()).double().eval()
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(seed + 1)
+    item = torch.randn(n, 8, generator=g, dtype=torch.double)
+    side = {k: torch.randint(0, rows, (n,), generator=g) for k, rows in side_table_rows(4).items()}
+    return model, item, side, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("layout", ["merged", "interleaved"])
+def test_states_equal_windows_encoded_after_the_summary_of_older_ones(layout: str) -> None:
+    lengths = [11, 3, 8]
+    model, item, side, lengths_t = model_and_inputs(lengths, layout)
+    got = model.states(item, side, lengths_t)
+    k = 2 if layout == "interleaved" else 1
+    tokens = model.interaction(item, side)
+    window = model.window // k  # interactions per window
+    starts = [0] + torch.cumsum(lengths_t * k, 0).tolist()
+    for b, positions in windows_by_hand(lengths, window):
+        first, n = positions[0] * k, len(positions) * k
+        older = tokens[starts[b] : starts[b] + first]
+        summary = model.summary(older.unsqueeze(0), torch.tensor([older.shape[0]]))
+        x = torch.zeros(1, model.window, tokens.shape[1], dtype=torch.double)
+        x[0, :n] = tokens[starts[b] + first : starts[b] + first + n]
+        mask = torch.arange(model.window)[None, :] < n
+        want = reference_encoder(model.encoder, x, mask, summary)[0, :n]
+        torch.testing.assert_close(got[starts[b] + first : starts[b] + first + n], want)
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_no_future_interaction_reaches_an_earlier_state(attention: str) -> None:
+    """Perturb one interaction: every state before it, in its sample and in the others, stays the same."""
+    lengths = [21, 9, 16]
+    model, item, side, lengths_t = model_and_inputs(lengths, attention=attention)
+    base = model.states(item, side, lengths_t)
+    starts = [0] + torch.cumsum(lengths_t, 0).tolist()
+    for b, t in [(0, 3), (0, 8), (0, 17), (2, 8), (2, 15), (1, 0)]:
+        moved = item.clone()
+        moved[starts[b] + t] += 5.0
+        out = model.states(moved, side, lengths_t)
+        changed = (out - base).abs().sum(1) > 1e-9
+        assert not changed[: starts[b] + t].any() and not changed[starts[b + 1] :].any()
+        assert changed[starts[b] + t : starts[b + 1]].all()  # later windows read it through their summary
+
+
+def test_model_summary_config_params_and_flops() -> None:
+    from trainer.flops import encoder_flops_per_interaction
+    from trainer.job import JobConfig
+    from trainer.memory import dense_params
+
+    model, *_ = model_and_inputs([4])
+    s = model.summary
+    assert summary_param_count(s.cfg, 16, 16) == sum(p.numel() for p in s.parameters())
+    job = JobConfig(out="x")
+    job.model = ModelConfig(preset="nano", max_seq_len=64, summary=SummaryConfig(tokens=8, dim=16))
+    job.data = dataclasses.replace(job.data, max_seq_len=256)
+    built = ArgusModel(job.model, job.embeddings, job.heads)
+    assert dense_params(job).total == sum(p.numel() for p in built.parameters())
+    job.model.summary.reconstruction_weight = 0.5
+    built = ArgusModel(job.model, job.embeddings, job.heads)
+    assert built.reconstruction is not None
+    assert dense_params(job).total == sum(p.numel() for p in built.parameters())
+    job.model.summary.reconstruction_weight = 0.0
+    plain = dataclasses.replace(job, model=dataclasses.replace(job.model, summary=SummaryConfig()))
+    plain.data = dataclasses.replace(plain.data, max_seq_len=64)
+    # a window of 64 after 8 summary tokens costs more per interaction than 64 alone, far less than 256
+    longer = dataclasses.replace(plain, model=dataclasses.replace(plain.model, max_seq_len=256))
+    longer.data = dataclasses.replace(plain.data, max_seq_len=256)
+    f_sum, f_plain, f_long = (encoder_flops_per_interaction(c) for c in (job, plain, longer))
+    assert f_plain < f_sum < f_long
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"data.max_seq_len": 0}, "data.max_seq_len"),
+        ({"data.batch_tokens": 512}, "data.batch_tokens"),
+        ({"deepspeed.stage": 3}, "deepspeed.stage"),
+        (
+            {"model.summary.tokens": 0, "model.summary.reconstruction_weight": 0.5},
+            "model.summary.reconstruction_weight",
+        ),
+        ({"model.summary.heads": 3}, "model.summary.heads"),
+    ],
+)
+def test_summary_settings_are_checked_with_one_line_naming_the_key(override: dict, key: str) -> None:
+    from trainer.config import ConfigError, from_dict
+    from trainer.job import JobConfig
+
+    base = {
+        "out": "x",
+        "model": {"max_seq_len": 64, "summary": {"tokens": 8, "dim": 16}},
+        "data": {"path": "d", "max_seq_len": 256},
+    }
+    ok = from_dict(JobConfig, base)
+    ok.validate()
+    for dotted, value in override.items():
+        node = base
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    with pytest.raises(ConfigError) as err:
+        from_dict(JobConfig, base).validate()
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_prefixed_flex_layout_equals_the_mask() -> None:
+    """The flex block mask (what CUDA runs) allows the same keys as the SDPA mask (forward only: no CPU backward)."""
+    torch.manual_seed(0)
+    cfg = Encoder.Config(preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, attention="mask")
+    enc = cfg.build().eval()
+    flex = dataclasses.replace(cfg, attention="flex").build().eval()
+    flex.load_state_dict(enc.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x, prefix = torch.randn(2, 8, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    mask = torch.arange(8)[None, :] < torch.tensor([8, 3])[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(flex(x, mask, prefix=prefix), enc(x, mask, prefix=prefix), atol=1e-5, rtol=1e-5)
+
+
+def test_reconstruction_predictions_see_no_future_and_train_only_the_summary_side() -> None:
+    """The reconstruction head's prediction for a position never depends on a later interaction; its loss, added to
+    the total with its weight, reaches the summariser and not the encoder's blocks."""
+    from trainer.model.argus import target_index
+    from trainer.model.heads import sampled_softmax_loss
+
+    lengths = [21, 9, 16]
+    model, item, side, lengths_t = model_and_inputs(lengths, recon=0.5)
+    _, base = model._states(item, side, lengths_t)
+    starts = [0] + torch.cumsum(lengths_t, 0).tolist()
+    for b, t in [(0, 3), (0, 17), (2, 8)]:
+        moved = item.clone()
+        moved[starts[b] + t] += 5.0
+        _, out = model._states(moved, side, lengths_t)
+        changed = (out - base).abs().sum(1) > 1e-9
+        assert not changed[: starts[b] + t].any() and not changed[starts[b + 1] :].any()
+        assert changed[starts[b] + t : starts[b + 1]].any()
+
+    model.train()
+    n, g = item.shape[0], torch.Generator().manual_seed(4)
+    tgt = target_index(lengths_t)
+    neg, neg_ids = torch.randn(5, 8, generator=g, dtype=torch.double), torch.arange(100, 105)
+    ids = torch.arange(n)
+    event, played = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 101, (n,), generator=g)
+    zeros = torch.zeros(tgt.numel(), dtype=torch.double)
+    args = (item, side, neg, lengths_t, tgt, torch.zeros(0, dtype=torch.long), ids, neg_ids, event, played, zeros,
+            torch.zeros(5, dtype=torch.double))  # fmt: skip
+    torch.manual_seed(7)
+    out = model(*args)
+    torch.manual_seed(7)  # the same dropout masks
+    _, recon = model._states(item, side, lengths_t)
+    rows, _ = model.state_rows(tgt)
+    cand = torch.cat([item[tgt][:0].float(), neg.float()])
+    want = sampled_softmax_loss(recon[rows].float(), item[tgt].float(), ids[tgt], cand, neg_ids, zeros,
+                                torch.zeros(5, dtype=torch.double), model.heads_cfg.next_item)  # fmt: skip
+    torch.testing.assert_close(out["loss/reconstruction"], want)
+    hc = model.heads_cfg
+    total = hc.next_item.weight * out["loss/next_item"] + hc.feedback.weight * out["loss/feedback"]
+    torch.testing.assert_close(out["loss"], total + 0.5 * out["loss/reconstruction"])
+    blocks = list(model.encoder.blocks.parameters())
+    grads = torch.autograd.grad(out["loss/reconstruction"], [model.summary.seeds, *blocks], allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    assert all(g is None or not g.abs().sum() for g in grads[1:])
+
+
+# ---- the summary cache (argus summarize, export --summary-cache) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def summary_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A run with summary tokens (windows of 8 interactions, samples of 48) on histories of up to 48."""
+    from helpers import TINY_MODEL, argus_ranks
+
+    from trainer.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("lifelong")
+    data = root / "data"
+    synthesize(data, users=40, items=120, mean_len=40, shards=2, seed=4, holdout="loo", max_len=48, workers=1)
+    tiny = [x for x in TINY_MODEL if not x.startswith("model.max_seq_len")]
+    argus_ranks("train", "configs/mini.yaml", f"data.path={data}", f"out={root / 'run'}", *tiny,
+                "model.max_seq_len=8", "data.max_seq_len=48", "model.summary.tokens=4", "model.summary.dim=16",
+                "model.summary.chunk=8", "train.steps=3", "train.log_every=1", "data.batch_size=8",
+                "data.num_workers=0", "optim.warmup_steps=1", "eval.every=0", nproc=1)  # fmt: skip
+    return root / "run", data
+
+
+def _vectors(export: Path) -> dict[int, np.ndarray]:
+    from trainer.export import load_export
+
+    users, vectors, *_ = load_export(export)
+    return dict(zip(users.tolist(), vectors))
+
+
+@pytest.mark.slow
+def test_cached_summaries_give_the_in_line_states_and_stale_or_newer_caches_are_told(summary_run, tmp_path) -> None:
+    """export --summary-cache (each state from its last window after the cached tokens) = export computing the
+    summaries in-line; a cache built at an earlier cutoff is reported stale (and changes those users' vectors); a
+    cache newer than the history it is read with is refused in one line naming it."""
+    import json
+
+    from helpers import argus_own_process, argus_ranks
+
+    run, data = summary_run
+    common = [str(run), "--data", str(data)]
+    argus_ranks("export", *common, "--out", str(tmp_path / "inline"), "--context", "48", nproc=1)
+    argus_ranks("summarize", *common, "--out", str(tmp_path / "cache"), nproc=2)
+    argus_ranks("export", *common, "--out", str(tmp_path / "cached"), "--summary-cache", str(tmp_path / "cache"),
+                nproc=1)  # fmt: skip
+    inline, cached = _vectors(tmp_path / "inline"), _vectors(tmp_path / "cached")
+    assert inline.keys() == cached.keys() and len(inline) > 30
+    for u in inline:
+        np.testing.assert_allclose(cached[u], inline[u], rtol=1e-5, atol=1e-5)
+    m = json.loads((tmp_path / "cached" / "manifest.json").read_text())
+    assert m["summary_cache"]["stale_users"] == 0
+
+    from trainer.data.manifest import Manifest
+
+    t0, t1 = Manifest.load(data).source["t0"], Manifest.load(data).source["t_end"]
+    mid = (t0 + t1) // 2
+    argus_ranks("summarize", *common, "--out", str(tmp_path / "old"), "--at", str(mid), "--dtype", "bf16", nproc=1)
+    argus_ranks("export", *common, "--out", str(tmp_path / "stale"), "--summary-cache", str(tmp_path / "old"),
+                nproc=1)  # fmt: skip
+    m = json.loads((tmp_path / "stale" / "manifest.json").read_text())["summary_cache"]
+    assert m["stale_users"] > 0 and m["interactions_left_out"] > 0
+    stale = _vectors(tmp_path / "stale")
+    changed = sum(not np.allclose(stale[u], inline[u], atol=1e-3) for u in inline)
+    assert 0 < changed <= m["stale_users"]
+
+    code, _, err = argus_own_process("export", *common, "--out", str(tmp_path / "bad"), "--at", str(mid),
+                                     "--summary-cache", str(tmp_path / "cache"))  # fmt: skip
+    assert code != 0 and str(tmp_path / "cache") in err and "newer than this history" in err
+    assert err.strip().count("\n") == 0
+    # an earlier cache is replaced only when told; a directory holding anything else never
+    before = sorted(p.name for p in (tmp_path / "cache" / "users").iterdir())
+    code, _, err = argus_own_process("summarize", *common, "--out", str(tmp_path / "cache"))
+    assert code != 0 and "holds a summary cache" in err and "--overwrite" in err
+    assert sorted(p.name for p in (tmp_path / "cache" / "users").iterdir()) == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, _, err = argus_own_process("summarize", *common, "--out", str(tmp_path / "mine"), "--overwrite")
+    assert code != 0 and "notes.txt" in err and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
