@@ -197,7 +197,7 @@ def test_model_summary_config_params_and_flops() -> None:
     [
         ({"data.max_seq_len": 0}, "data.max_seq_len"),
         ({"data.batch_tokens": 512}, "data.batch_tokens"),
-        ({"deepspeed.stage": 3}, "deepspeed.stage"),
+        ({"parallel.tp": 2}, "parallel.tp"),
         (
             {"model.summary.tokens": 0, "model.summary.reconstruction_weight": 0.5},
             "model.summary.reconstruction_weight",
@@ -303,6 +303,28 @@ def summary_run(tmp_path_factory) -> tuple[Path, Path]:
                 "model.summary.chunk=8", "train.steps=3", "train.log_every=1", "data.batch_size=8",
                 "data.num_workers=0", "optim.warmup_steps=1", "eval.every=0", nproc=1)  # fmt: skip
     return root / "run", data
+
+
+@pytest.mark.slow
+def test_zero3_trains_the_summariser_as_zero2_does(summary_run, tmp_path) -> None:
+    """ZeRO-3 partitions the summariser's parameters too (the seed tokens are read through a module call, so they
+    are gathered while used): 2 ranks, the same losses step by step as ZeRO-2."""
+    from helpers import TINY_MODEL, argus_ranks, losses
+
+    _, data = summary_run
+    tiny = [x for x in TINY_MODEL if not x.startswith("model.max_seq_len")]
+    runs = {}
+    for stage in (2, 3):
+        runs[stage] = tmp_path / f"zero{stage}"
+        argus_ranks("train", "configs/mini.yaml", f"data.path={data}", f"out={runs[stage]}", *tiny,
+                    "model.max_seq_len=8", "data.max_seq_len=48", "model.summary.tokens=4", "model.summary.dim=16",
+                    "model.summary.chunk=8", "model.summary.reconstruction_weight=0.5", "train.steps=3",
+                    "data.num_workers=0", "optim.warmup_steps=1", "eval.every=0", f"deepspeed.stage={stage}",
+                    nproc=2)  # fmt: skip
+    two, three = losses(runs[2]), losses(runs[3])
+    assert two.keys() == three.keys() == {1, 2, 3}
+    for step in two:
+        assert three[step] == pytest.approx(two[step], rel=1e-5)
 
 
 def _vectors(export: Path) -> dict[int, np.ndarray]:

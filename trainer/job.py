@@ -237,7 +237,6 @@ class JobConfig:
             (self.data.batch_tokens > 0, "data.batch_tokens: token-budget batches"),
             (self.parallel.sp > 1, "parallel.sp: sequence parallelism"),
             (self.parallel.tp > 1, "parallel.tp: tensor parallelism"),
-            (self.deepspeed.stage == 3, "deepspeed.stage: ZeRO-3"),
         ):
             if bad:
                 raise ConfigError(f"{why} is not supported with model.summary yet")

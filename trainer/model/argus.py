@@ -142,6 +142,9 @@ class ArgusModel(nn.Module):
         )
         # Windows of older history a summary's gradients reach (model.summary.grad_chunks * chunk interactions)
         self.summary_grad_windows = max(1, -(-sm.grad_chunks * sm.chunk * k // self.window))
+        # Windows the summariser streams at least, whatever the batch (build_dense: a sample's most): every rank then
+        # calls the summariser's modules as often, which ZeRO-3 needs (each call gathers their parameters)
+        self.min_windows = 0
 
     def item_vectors(
         self, emb: torch.Tensor, ids: torch.Tensor | None, masked: torch.Tensor | None = None
@@ -216,7 +219,7 @@ class ArgusModel(nn.Module):
                 raise ValueError("model.summary: token-budget batches (data.batch_tokens) are not supported with it")
             w = jagged_to_windows(tokens, tok_lengths, self.window)
             prefix = self.summary.window_summaries(
-                w.grid, w.mask, w.sample, w.back, w.count, w.most, self.summary_grad_windows
+                w.grid, w.mask, w.sample, w.back, w.count, max(w.most, self.min_windows), self.summary_grad_windows
             )
             recon = None
             if self.reconstruction is not None:

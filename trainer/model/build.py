@@ -18,9 +18,15 @@ def build_dense(cfg: JobConfig) -> nn.Module:
 
     Weights are freshly initialised from torch's global RNG (seed it first for identical ranks);
     :func:`trainer.checkpoint.load_weights` fills them from a checkpoint."""
+    model: nn.Module
     if cfg.finetune.enabled:
-        return TwoTower(cfg.model, cfg.embeddings, cfg.heads, cfg.finetune)
-    return ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
+        model = TwoTower(cfg.model, cfg.embeddings, cfg.heads, cfg.finetune)
+        argus = model.argus
+    else:
+        model = argus = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
+    if cfg.model.summary.tokens:  # model.summary: the windows of the longest sample, on every rank alike
+        argus.min_windows = -(-cfg.interactions_per_sample() // cfg.window())
+    return model
 
 
 def compile_dense(dense: nn.Module) -> None:

@@ -113,6 +113,22 @@ class _Layer(nn.Module):
         self.ff = _mlp(dim, 4 * dim)
 
 
+class _Seeds(nn.Module):
+    """The learned seed tokens, read through a module call: under ZeRO-3 a parameter is gathered only while its own
+    module runs, and the summariser's methods (``update``, ``readout``, ``window_summaries``) are not its forward."""
+
+    def __init__(self, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(tokens, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, 0.02)
+
+    def forward(self) -> Tensor:
+        return self.weight * 1.0  # a tensor of its own: outlives ZeRO-3 partitioning the weight again
+
+
 class Summariser(nn.Module):
     """Summarise histories of any length into ``cfg.tokens`` vectors of width ``d_out`` at a fixed memory cost."""
 
@@ -124,11 +140,16 @@ class Summariser(nn.Module):
         self.cfg = cfg
         self.heads = cfg.heads
         self.head_dim = cfg.dim // cfg.heads
-        self.seeds = nn.Parameter(torch.randn(cfg.tokens, cfg.dim) * 0.02)
+        self.seed_table = _Seeds(cfg.tokens, cfg.dim)
         self.in_proj = nn.Linear(d_in, cfg.dim)
         self.layers = nn.ModuleList(_Layer(cfg.dim, history_mlp=i > 0) for i in range(cfg.layers))
         self.out_norm = nn.LayerNorm(cfg.dim)
         self.out_proj = nn.Linear(cfg.dim, d_out)
+
+    @property
+    def seeds(self) -> Tensor:
+        """The seed tokens' parameter (tests, references); the model reads them through ``seed_table()``."""
+        return self.seed_table.weight
 
     @property
     def _acc_dtype(self) -> torch.dtype:
@@ -190,7 +211,7 @@ class Summariser(nn.Module):
     ) -> tuple[Tensor, ...]:
         """Online softmax: rescale the running sums to the new running max, add this chunk."""
         run_max, denom, acc = part
-        q = self._split(layer.q(layer.q_norm(self.seeds)).to(self._acc_dtype))  # (H, T, dh): seed queries
+        q = self._split(layer.q(layer.q_norm(self.seed_table())).to(self._acc_dtype))  # (H, T, dh): seed queries
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, H, T, c)
         scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
         # The max only shifts the exponent (the result does not depend on it), so it needs no gradient.
@@ -203,7 +224,7 @@ class Summariser(nn.Module):
     def readout(self, state: SummaryState, project: bool = True) -> Tensor:
         """The summary tokens, (B, tokens, d_out), of the histories read into ``state``."""
         batch = state.count.shape[0]
-        z = self.seeds.expand(batch, -1, -1)
+        z = self.seed_table().expand(batch, -1, -1)
         n = state.count.clamp_min(1).to(self._acc_dtype)[:, None, None, None]
         for layer, part in zip(self.layers, state.layers):
             if self.cfg.attention == "linear":
