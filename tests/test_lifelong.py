@@ -46,6 +46,17 @@ def test_windows_match_a_cut_by_hand(window: int) -> None:
     assert torch.equal(w.grid[w.index][:, 0], values[:, 0])
 
 
+def test_window_slots_count_the_windows_grid() -> None:
+    """tokens/padding_share's positions under model.summary: the windows' grid, counted from host lengths."""
+    from trainer.model.interaction import window_slots
+
+    g = torch.Generator().manual_seed(5)
+    for window in (1, 4, 16):
+        lengths = torch.randint(0, 40, (9,), generator=g)
+        w = jagged_to_windows(torch.zeros(int(lengths.sum()), 1), lengths, window)
+        assert window_slots(lengths.numpy(), window) == w.mask.numel()
+
+
 def summariser(attention: str, chunk: int = 3, grad_chunks: int = 1) -> Summariser:
     torch.manual_seed(0)
     cfg = SummaryConfig(tokens=3, dim=8, heads=2, attention=attention, layers=2, chunk=chunk, grad_chunks=grad_chunks)

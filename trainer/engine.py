@@ -245,12 +245,21 @@ class Engine:
             feedback=out["loss/feedback"].detach() if real else zero,
             targets=int(tgt.numel()) if counts else 0,
             interactions=batch.num_interactions if counts else 0,
-            slots=batch.slots if counts else 0,
+            slots=self.slots(batch) if counts else 0,
             ne=ne if self.lead else {},
             reconstruction=(out["loss/reconstruction"].detach() if real else zero)
             if "loss/reconstruction" in out
             else None,
         )
+
+    def slots(self, batch: Batch) -> int:
+        """Interaction positions the encoder ran over for ``batch`` (``tokens/padding_share``): the batch's grid, or
+        with ``model.summary`` its windows of the context, one per row."""
+        if self.cfg.model.summary.tokens:
+            from trainer.model.interaction import window_slots
+
+            return window_slots(batch.lengths.numpy(), self.cfg.window())
+        return batch.slots
 
     def sparse_step(self) -> None:
         """The item table's update under ``embeddings.backend: torch`` (a collective: gradient averaged over the

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -202,6 +203,12 @@ class Windows:
     back: torch.Tensor  # (R,) how many later windows its sample has (0: the sample's most recent window)
     count: torch.Tensor  # (B,) windows per sample
     most: int  # the largest count
+
+
+def window_slots(lengths: np.ndarray, window: int) -> int:
+    """Positions the encoder runs over when every sample is cut into windows of ``window`` (:func:`jagged_to_windows`:
+    rows x window, padding included; summary tokens not counted), from host-side lengths."""
+    return int(np.maximum((np.asarray(lengths, np.int64) + window - 1) // window, 1).sum()) * window
 
 
 def jagged_to_windows(values: torch.Tensor, lengths: torch.Tensor, window: int) -> Windows:
