@@ -15,8 +15,9 @@ Arms (`configs/nano.yaml`, the same steps and about the same interactions per ba
                             encoded as 256-interaction windows, each after the summary of the sample's older ones
   context 2048              model.max_seq_len=2048
 
-Each run is ranked on the test split (the last interaction of every user; full ranking); also printed: the share of
-test targets that are a favourite the last 256 interactions do not show (what only a longer memory can get).
+Each run is ranked on the test split (the last interaction of every user; full ranking), and on its long-range
+slice: the users whose test target is a favourite the last 256 interactions do not show (what only a longer memory
+can get; HR@10 / HR@100 from the run's `argus export`, items ahead = a higher score).
 Prints the mean and standard error over training seeds, with step time (the last logging window's mean).
 """
 
@@ -52,9 +53,9 @@ def mean_sample(data: Path) -> float:
     return s.interactions / max(1, s.samples)
 
 
-def unseen_favourite_share(data: Path, window: int) -> float:
-    """Share of test targets that are one of the user's favourites and absent from the ``window`` interactions
-    before it."""
+def long_range_users(data: Path, window: int) -> set[int]:
+    """Users whose test target is one of their favourites and absent from the ``window`` interactions before it
+    (what only a longer memory can get)."""
     import tarfile
 
     import numpy as np
@@ -65,16 +66,39 @@ def unseen_favourite_share(data: Path, window: int) -> float:
 
     _, truth = synth.load_truth(data)
     fav = dict(zip(truth["user"].tolist(), truth["favourites"]))
-    hits = total = 0
+    users = set()
     for shard in Manifest.load(data).split("test").shards:
         with tarfile.open(data / shard.path) as tf:
             samples = [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
         for s in samples:
             items = s.cols["item"]
             target = int(items[-1])
-            total += 1
-            hits += int(target in fav[s.user] and not np.isin(target, items[-1 - window : -1]))
-    return hits / max(1, total)
+            if target in fav[s.user] and not np.isin(target, items[-1 - window : -1]):
+                users.add(int(s.user))
+    return users
+
+
+def slice_hits(export: Path, users: set[int]) -> dict[str, float]:
+    """HR@10 / HR@100 of the exported vectors' full ranking of each user's next item (items ahead: a higher
+    score), on the long-range users and on the rest."""
+    import numpy as np
+
+    from trainer.export import load_export
+
+    uid, uvec, nxt, iid, ivec = load_export(export)
+    order = np.argsort(iid)
+    ivec = ivec[order]
+    out: dict[str, list[float]] = {}
+    for lo in range(0, len(uid), 256):
+        sl = slice(lo, lo + 256)
+        scores = uvec[sl] @ ivec.T
+        own = scores[np.arange(scores.shape[0]), nxt[sl]]
+        rank = (scores > own[:, None]).sum(1)
+        for u, r in zip(uid[sl].tolist(), rank.tolist()):
+            part = "long" if u in users else "rest"
+            out.setdefault(f"{part}/hr@10", []).append(float(r < 10))
+            out.setdefault(f"{part}/hr@100", []).append(float(r < 100))
+    return {k: sum(v) / len(v) for k, v in out.items()}
 
 
 def main() -> None:
@@ -106,7 +130,8 @@ def main() -> None:
                   "loo", "--favourites", str(args.favourites), "--max-len", str(max_len))  # fmt: skip
         per_sample = {m: mean_sample(d) for m, d in data.items()}
         batch = {256: args.batch, 2048: max(1, round(args.batch * per_sample[256] / per_sample[2048]))}
-        unseen = unseen_favourite_share(data[2048], 256)
+        long_users = long_range_users(data[2048], 256)
+        unseen = len(long_users) / args.users
         for arm, (max_len, extra) in arms.items():
             for seed in seeds:
                 run = Path(tmp) / f"{arm}-{seed}".replace(" ", "").replace("+", "")
@@ -118,9 +143,11 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"tps"' in x][-1]
                 r = json.loads(argus("eval", str(run), "--data", str(data[max_len]), "--json"))
+                argus("export", str(run), "--data", str(data[max_len]), "--out", str(run / "export"))
                 results[arm].append({"hr@10": r["model"]["hr@10"], "ndcg@10": r["model"]["ndcg@10"],
-                                     "pop_hr@10": r["popularity"]["hr@10"], "step_s": last["time/step_s"],
-                                     "tps": last["tps"], "seconds": seconds})  # fmt: skip
+                                     "hr@100": r["model"]["hr@100"], "pop_hr@10": r["popularity"]["hr@10"],
+                                     "step_s": last["time/step_s"], "tps": last["tps"], "seconds": seconds,
+                                     **slice_hits(run / "export", long_users)})  # fmt: skip
     summary = {arm: {k: mean_se([x[k] for x in rs]) for k in rs[0]} for arm, rs in results.items() if rs}
     report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "seeds": seeds, "steps": args.steps,
               "batch": batch, "mean_sample": per_sample, "unseen_favourite_share": unseen,
@@ -128,12 +155,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"test targets that are a favourite the last 256 interactions do not show: {unseen:.1%}")
-    print(f"{'arm':26} {'HR@10':>16} {'NDCG@10':>16} {'step s':>7} {'tps':>8}")
+    print(f"test targets that are a favourite the last 256 interactions do not show: {unseen:.1%} (the long slice)")
+    print(f"{'arm':26} {'HR@10':>16} {'NDCG@10':>16} {'long HR@10':>11} {'long HR@100':>12} {'step s':>7}")
     for arm, out in summary.items():
         hr, nd = out["hr@10"], out["ndcg@10"]
-        print(f"{arm:26} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['step_s'][0]:7.3f} "
-              f"{out['tps'][0]:8.0f}")  # fmt: skip
+        print(f"{arm:26} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['long/hr@10'][0]:11.4f} "
+              f"{out['long/hr@100'][0]:12.4f} {out['step_s'][0]:7.3f}")  # fmt: skip
     print(f"popularity HR@10 {statistics.mean(x['pop_hr@10'] for rs in results.values() for x in rs):.4f}")
 
 

@@ -298,7 +298,8 @@ class Summariser(nn.Module):
         def detached(state: SummaryState) -> SummaryState:
             return SummaryState(state.count, [tuple(t.detach() for t in part) for part in state.layers])
 
-        older: dict[int, SummaryState] = {most - 1: self.init_state(batch)}  # [q]: windows after q from the end
+        # older[q]: the detached state over every window older than the one q from the end (back > q)
+        older: dict[int, SummaryState] = {most - 1: self.init_state(batch)}
         out = []
         for q in range(most - 1, -1, -1):
             base = min(q + grad_windows, most - 1)
@@ -307,7 +308,7 @@ class Summariser(nn.Module):
                 state = read(state, b)
             out.append(self.readout(state))
             if q > 0 and q not in older:
-                if grad_windows == 1:  # the state just built covers exactly the windows after q
+                if grad_windows == 1:  # the state just built covers exactly the windows older than q
                     older[q] = detached(state)
                 else:
                     with torch.no_grad():
