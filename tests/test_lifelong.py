@@ -208,7 +208,7 @@ def test_model_summary_config_params_and_flops() -> None:
     [
         ({"data.max_seq_len": 0}, "data.max_seq_len"),
         ({"data.batch_tokens": 512}, "data.batch_tokens"),
-        ({"parallel.tp": 2}, "parallel.tp"),
+        ({"parallel.sp": 2}, "parallel.sp"),
         (
             {"model.summary.tokens": 0, "model.summary.reconstruction_weight": 0.5},
             "model.summary.reconstruction_weight",
@@ -336,6 +336,27 @@ def test_zero3_trains_the_summariser_as_zero2_does(summary_run, tmp_path) -> Non
     assert two.keys() == three.keys() == {1, 2, 3}
     for step in two:
         assert three[step] == pytest.approx(two[step], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_trains_the_summary_model_as_one_rank_does(summary_run, tmp_path) -> None:
+    """parallel.tp=2 shards the encoder's blocks and leaves the summariser whole on both ranks of the group (which
+    read the same rows): the same losses as one rank."""
+    from helpers import TINY_MODEL, argus_ranks, losses
+
+    _, data = summary_run
+    tiny = [x for x in TINY_MODEL if not x.startswith("model.max_seq_len")]
+    runs = {}
+    for ranks, extra in ((1, []), (2, ["parallel.tp=2"])):
+        runs[ranks] = tmp_path / f"ranks{ranks}"
+        argus_ranks("train", "configs/mini.yaml", f"data.path={data}", f"out={runs[ranks]}", *tiny,
+                    "model.max_seq_len=8", "data.max_seq_len=48", "model.summary.tokens=4", "model.summary.dim=16",
+                    "model.summary.chunk=8", "train.steps=3", "data.num_workers=0", "data.on_error=raise",
+                    "optim.warmup_steps=1", "eval.every=0", "model.dropout=0", *extra, nproc=ranks)  # fmt: skip
+    one, tp = losses(runs[1]), losses(runs[2])
+    assert one.keys() == tp.keys() == {1, 2, 3}
+    for step in one:
+        assert tp[step] == pytest.approx(one[step], rel=1e-5)
 
 
 def _vectors(export: Path) -> dict[int, np.ndarray]:

@@ -236,7 +236,6 @@ class JobConfig:
         for bad, why in (
             (self.data.batch_tokens > 0, "data.batch_tokens: token-budget batches"),
             (self.parallel.sp > 1, "parallel.sp: sequence parallelism"),
-            (self.parallel.tp > 1, "parallel.tp: tensor parallelism"),
         ):
             if bad:
                 raise ConfigError(f"{why} is not supported with model.summary yet")
