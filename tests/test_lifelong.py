@@ -201,6 +201,16 @@ def test_model_summary_config_params_and_flops() -> None:
     longer.data = dataclasses.replace(plain.data, max_seq_len=256)
     f_sum, f_plain, f_long = (encoder_flops_per_interaction(c) for c in (job, plain, longer))
     assert f_plain < f_sum < f_long
+    # the reconstruction head is counted once, by its own term, not again in the encoder's 6N
+    from trainer.flops import flops_per_interaction, reconstruction_head_flops
+
+    recon = dataclasses.replace(
+        job,
+        model=dataclasses.replace(job.model, summary=dataclasses.replace(job.model.summary, reconstruction_weight=1.0)),
+    )
+    assert encoder_flops_per_interaction(recon) == pytest.approx(f_sum)
+    extra = reconstruction_head_flops(recon, 1000)
+    assert extra > 0 and flops_per_interaction(recon, 1000) - flops_per_interaction(job, 1000) == pytest.approx(extra)
 
 
 @pytest.mark.parametrize(
