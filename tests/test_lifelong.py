@@ -185,7 +185,7 @@ def test_model_summary_config_params_and_flops() -> None:
     s = model.summary
     assert summary_param_count(s.cfg, 16, 16) == sum(p.numel() for p in s.parameters())
     job = JobConfig(out="x")
-    job.model = ModelConfig(preset="nano", max_seq_len=64, summary=SummaryConfig(tokens=8, dim=16))
+    job.model = ModelConfig(preset="nano", max_seq_len=64, summary=SummaryConfig(tokens=8, dim=16, chunk=64))
     job.data = dataclasses.replace(job.data, max_seq_len=256)
     built = ArgusModel(job.model, job.embeddings, job.heads)
     assert dense_params(job).total == sum(p.numel() for p in built.parameters())
@@ -411,6 +411,25 @@ def test_cached_summaries_give_the_in_line_states_and_stale_or_newer_caches_are_
     changed = sum(not np.allclose(stale[u], inline[u], atol=1e-3) for u in inline)
     assert 0 < changed <= m["stale_users"]
 
+    # a cache built at the export's own cutoff is fresh, and gives the in-line vectors, users without history
+    # before it skipped alike
+    argus_ranks("summarize", *common, "--out", str(tmp_path / "mid"), "--at", str(mid), nproc=1)
+    argus_ranks("export", *common, "--out", str(tmp_path / "inline-mid"), "--at", str(mid), "--context", "48",
+                nproc=1)  # fmt: skip
+    argus_ranks("export", *common, "--out", str(tmp_path / "cached-mid"), "--at", str(mid), "--summary-cache",
+                str(tmp_path / "mid"), nproc=1)  # fmt: skip
+    a, b = _vectors(tmp_path / "inline-mid"), _vectors(tmp_path / "cached-mid")
+    assert a.keys() == b.keys() and 0 < len(a) < len(inline)
+    for u in a:
+        np.testing.assert_allclose(b[u], a[u], rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "cached-mid" / "manifest.json").read_text())["summary_cache"]["stale_users"] == 0
+    # a cache is its checkpoint's: another one's is refused
+    manifest = json.loads((tmp_path / "mid" / "manifest.json").read_text())
+    (tmp_path / "mid" / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": str(tmp_path / "other")}))
+    code, _, err = argus_own_process("export", *common, "--out", str(tmp_path / "other-ckpt"), "--at", str(mid),
+                                     "--summary-cache", str(tmp_path / "mid"))  # fmt: skip
+    assert code != 0 and "written by checkpoint" in err and err.strip().count("\n") == 0
+
     code, _, err = argus_own_process("export", *common, "--out", str(tmp_path / "bad"), "--at", str(mid),
                                      "--summary-cache", str(tmp_path / "cache"))  # fmt: skip
     assert code != 0 and str(tmp_path / "cache") in err and "newer than this history" in err
@@ -424,3 +443,22 @@ def test_cached_summaries_give_the_in_line_states_and_stale_or_newer_caches_are_
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     code, _, err = argus_own_process("summarize", *common, "--out", str(tmp_path / "mine"), "--overwrite")
     assert code != 0 and "notes.txt" in err and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_summary_read_flops_match_what_torch_counts(attention: str) -> None:
+    """The planner's per-token cost of reading a history into the summariser's state (summary_flops at inference,
+    readout spread over an endless window) against torch's FLOP counter over Summariser.update."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.model.summary import summary_flops
+
+    cfg = SummaryConfig(tokens=4, dim=16, heads=2, attention=attention, layers=3)
+    m = Summariser(cfg, 12, 20)
+    n = 50
+    x, mask = torch.randn(1, n, 12), torch.ones(1, n, dtype=torch.bool)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        m.update(m.init_state(1), x, mask)
+    per_token = summary_flops(cfg, 12, 20, window=10**12, training=False)
+    per_chunk = 2 * cfg.layers * cfg.tokens * cfg.dim**2 if attention == "softmax" else 0  # the seeds' queries
+    assert counter.get_total_flops() == pytest.approx(per_token * n + per_chunk, rel=1e-6)

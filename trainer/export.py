@@ -278,7 +278,9 @@ def _cached_window(
         None,
         None if hist.ids is None else hist.ids[on],
     )
-    rows = UserRows(rows.kept, rows.next_item, keep_len.to(torch.int32), ctx, rows.history_total)
+    history_len = rows.history_len.clone()  # per sample of the batch, like next_item (kept: those with history)
+    history_len[rows.kept] = keep_len.to(history_len.dtype)
+    rows = UserRows(rows.kept, rows.next_item, history_len, ctx, rows.history_total)
     return hist, torch.from_numpy(tokens).to(device), rows
 
 
@@ -417,7 +419,7 @@ def export(
 
         if not cfg.model.summary.tokens or cfg.finetune.enabled:
             raise ValueError(f"--summary-cache: {path} is not a pre-training run with model.summary")
-        cache = SummaryCache.load(summary_cache, cfg)
+        cache = SummaryCache.load(summary_cache, cfg, path)
         context = cfg.window() + 1
     out = Path(out_dir)
     replace = check_output(out, EXPORT, overwrite=overwrite, flag="--overwrite")  # every rank, read-only

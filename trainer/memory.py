@@ -218,9 +218,13 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     # parallel.sp: a rank's blocks hold its 1/sp of every row's tokens (the all-to-all'd q, k, v and attention
     # output are the same size as the chunk's own); the heads below run on the whole rows
     block_tokens = -(-tokens // cfg.parallel.sp)
-    if cfg.model.summary.tokens:  # every window's summary tokens run through the blocks beside it
-        window = cfg.window() * k
-        block_tokens = -(-block_tokens * (window + cfg.model.summary.tokens) // window)
+    if cfg.model.summary.tokens:
+        # a sample fills whole windows of the context, and every window's summary tokens run through the blocks
+        # beside it (the summariser's own activations, a few windows of per-token MLPs, are not counted)
+        window = cfg.window()
+        windows = -(-cfg.interactions_per_sample() // window)
+        rows = batch_size or cfg.rows_per_batch()
+        block_tokens = -(-rows * windows * (window * k + cfg.model.summary.tokens) // cfg.parallel.sp)
     if enc.activation_checkpointing:
         layers = enc.n_layers * block_tokens * d * w
     else:

@@ -69,14 +69,20 @@ class SummaryCache:
     empty: np.ndarray | None = None  # (tokens, dim): the summary of an empty history (a user new since the cache)
 
     @staticmethod
-    def load(root: str | Path, cfg: JobConfig) -> SummaryCache:
-        """Read ``root`` and check it fits ``cfg``'s model (tokens, width, window); one-line errors name it."""
+    def load(root: str | Path, cfg: JobConfig, checkpoint: Path) -> SummaryCache:
+        """Read ``root`` and check it was written by ``checkpoint`` (the tokens are that model's, before its output
+        projection) and fits ``cfg``'s model (tokens, width, window); one-line errors name it."""
         import pyarrow.parquet as pq
 
         root = Path(root)
         m = read_json(root / MANIFEST)
         if m is None or m.get("format") != FORMAT:
             raise ValueError(f"{root}: not a summary cache (no {MANIFEST} written by argus summarize)")
+        if Path(m.get("checkpoint", "")).resolve() != Path(checkpoint).resolve():
+            raise ValueError(
+                f"{root}: the summary cache was written by checkpoint {m.get('checkpoint')}, not {checkpoint}: "
+                "summaries are a checkpoint's own; run argus summarize with this one"
+            )
         want = {"tokens": cfg.model.summary.tokens, "dim": cfg.model.summary.dim, "window": cfg.window()}
         for key, value in want.items():
             if m.get(key) != value:

@@ -289,6 +289,8 @@ class Summariser(nn.Module):
         """
         batch, rows = count.numel(), grid.shape[0]
         first = torch.cumsum(count, 0) - count
+        if not torch.is_grad_enabled():  # eval, export: the same values, each window read once
+            grad_windows = 1
 
         def read(state: SummaryState, b: int) -> SummaryState:  # every sample's window b from the end, if any
             valid = b < count
@@ -385,22 +387,27 @@ def summary_param_count(cfg: SummaryConfig, d_in: int, d_out: int) -> int:
     return cfg.tokens * m + _lin(d_in, m) + cfg.layers * layer + (cfg.layers - 1) * hist_mlp + 2 * m + _lin(m, d_out)
 
 
-def summary_flops(cfg: SummaryConfig, d_in: int, d_out: int, window: int, training: bool = True) -> float:
-    """Matmul FLOPs per interaction of in-line summaries whose windows hold ``window`` interactions: reading the
-    interaction into the state (input projection, per-interaction MLPs, keys and values; read once) and each
-    window's readout spread over its interactions. x3 when training (an upper bound: reads under ``no_grad``
-    have no backward)."""
+def summary_flops(
+    cfg: SummaryConfig, d_in: int, d_out: int, window: int, grad_windows: int = 1, training: bool = True
+) -> float:
+    """Matmul FLOPs per token of in-line summaries whose windows hold ``window`` tokens: reading the token into the
+    state (input projection, per-token MLPs, keys and values) and each window's readout spread over its tokens.
+    Training reads every window ``grad_windows`` times with gradients (x3: forward and backward), once for each
+    later window whose summary it reaches, plus once under ``no_grad`` when ``grad_windows > 1``
+    (:meth:`Summariser.window_summaries`); inference reads it once."""
     if not cfg.tokens:
         return 0.0
     m, t = cfg.dim, cfg.tokens
-    read = d_in * m + cfg.layers * (m * 2 * m + 2 * m * m) + (cfg.layers - 1) * 4 * m * m  # + linear state: below
+    read = d_in * m + cfg.layers * 2 * m * m + (cfg.layers - 1) * 4 * m * m  # projection, kv, history MLPs
     if cfg.attention == "linear":
         read += cfg.layers * m * (m // cfg.heads)  # phi(k)^T v: dh x dh per head
     else:
         read += cfg.layers * 2 * t * m  # every seed's score and weighted value
     seed = cfg.layers * (m * m + m * m + 3 * m * m + m * m + 8 * m * m + 2 * t * m) + m * d_out
-    fwd = 2.0 * (read + t * seed / max(1, window))
-    return 3.0 * fwd if training else fwd
+    readout = 2.0 * t * seed / max(1, window)
+    if not training:
+        return 2.0 * read + readout
+    return 2.0 * read * (3 * grad_windows + (1 if grad_windows > 1 else 0)) + 3.0 * readout
 
 
 def reconstruction_param_count(d_model: int, d_item: int) -> int:
