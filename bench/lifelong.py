@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.production import argus, mean_se  # noqa: E402
+from bench.production import argus, mean_se, pick_arms  # noqa: E402
 
 SUMMARY = ["model.summary.tokens=64", "model.summary.dim=64", "model.summary.heads=2", "model.summary.chunk=256"]
 ARMS = {
@@ -114,12 +114,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    arms = ARMS
-    if args.arms:
-        unknown = set(args.arms.split(",")) - set(ARMS)
-        if unknown:
-            raise SystemExit(f"--arms: no arm {', '.join(sorted(unknown))} ({', '.join(ARMS)})")
-        arms = {a: x for a, x in ARMS.items() if a in args.arms.split(",")}
+    arms = pick_arms(ARMS, args.arms)
     results: dict[str, list[dict]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory(prefix="argus_lifelong_") as tmp:
         data = {}

@@ -63,6 +63,16 @@ def argus(*argv: str) -> str:
     return done.stdout
 
 
+def pick_arms(arms: dict, spec: str, where: str = "", extra: tuple[str, ...] = ()) -> dict:
+    """``--arms a,b``: those of ``arms`` (``extra``: names the caller handles itself); "" = all of them."""
+    if not spec:
+        return arms
+    unknown = set(spec.split(",")) - set(arms) - set(extra)
+    if unknown:
+        raise SystemExit(f"--arms: no arm {', '.join(sorted(unknown))}{where} ({', '.join(arms)})")
+    return {a: x for a, x in arms.items() if a in spec.split(",")}
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
 
@@ -127,11 +137,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     delays = args.delays.split(",") if args.study == "multi-token" else ["0"]
     arms = {"multi-token": MULTI_TOKEN, "projection": PROJECTION, "cold-start": COLD_START}[args.study]
-    if args.arms:
-        unknown = set(args.arms.split(",")) - set(arms) - {"sasrec"}
-        if unknown:
-            raise SystemExit(f"--arms: no arm {', '.join(sorted(unknown))} in {args.study} ({', '.join(arms)})")
-        arms = {a: x for a, x in arms.items() if a in args.arms.split(",")}
+    arms = pick_arms(arms, args.arms, f" in {args.study}", extra=("sasrec",))
     holdout = ["--holdout", "temporal", "--days", "60", "--val-days", "3", "--test-days", "7"]
     if args.study == "projection":
         holdout = ["--holdout", "loo"]

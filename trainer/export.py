@@ -427,7 +427,6 @@ def export(
     import pyarrow as pa
     import torch.distributed as dist
 
-    from trainer.data.loader import ShardLoader
     from trainer.dist import process_group
 
     with process_group(device, cfg.train.timeout_s) as info:  # a caller's group is kept
@@ -441,14 +440,7 @@ def export(
                 cache.empty = empty[0].float().cpu().numpy()
         dim = cfg.embeddings.item_dim
         vec_type = _vector_type(dtype, dim)
-        loader = ShardLoader.Config(
-            path=str(data_dir),
-            split=split,
-            batch_size=batch_size,
-            max_seq_len=0,
-            num_workers=num_workers,
-            shuffle=False,
-        ).build(rank, world, manifest)
+        loader = _users_loader(data_dir, split, batch_size, num_workers, rank, world, manifest)
         dist.barrier()
         t0 = time.perf_counter()
         users = PartWriter(
@@ -539,11 +531,7 @@ def export(
                 "items_per_s": n_items / max(t2 - t1, 1e-9),
             },
         }
-        if rank == 0:
-            tmp = out / (MANIFEST + ".tmp")
-            tmp.write_text(json.dumps(m, indent=1))
-            os.replace(tmp, out / MANIFEST)  # published: the export is complete
-        dist.barrier()  # published before any rank returns
+        _publish(out / MANIFEST, m, rank)
     return m
 
 
@@ -586,7 +574,6 @@ def summarize(
     import pyarrow as pa
     import torch.distributed as dist
 
-    from trainer.data.loader import ShardLoader
     from trainer.dist import process_group
 
     tokens, d = cfg.model.summary.tokens, cfg.model.summary.dim
@@ -594,10 +581,7 @@ def summarize(
         rank, world, dev = info.rank, info.world_size, info.device
         _prepare_out(out, CACHE, replace, rank, ("users",))
         _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest, dev, world)
-        loader = ShardLoader.Config(
-            path=str(data_dir), split=split, batch_size=batch_size, max_seq_len=0, num_workers=num_workers,
-            shuffle=False,
-        ).build(rank, world, manifest)  # fmt: skip
+        loader = _users_loader(data_dir, split, batch_size, num_workers, rank, world, manifest)
         dist.barrier()
         t0 = time.perf_counter()
         writer = PartWriter(
@@ -635,11 +619,7 @@ def summarize(
             "counts": {part_name("users", s["rank"]): s["users"] for s in stats},
             "timing": {"seconds": round(seconds, 4), "users_per_s": n_users / max(seconds, 1e-9)},
         }
-        if rank == 0:
-            tmp = out / (CACHE_MANIFEST + ".tmp")
-            tmp.write_text(json.dumps(m, indent=1))
-            os.replace(tmp, out / CACHE_MANIFEST)
-        dist.barrier()
+        _publish(out / CACHE_MANIFEST, m, rank)
     return m
 
 
@@ -666,12 +646,37 @@ def _summarize_batch(
         return empty, empty, empty, torch.zeros(0, tokens, d)
     item = dense.item_vectors(item, history_rows(ctx, item_rows, device))
     summ = dense.history_summaries(item, side, ctx.lengths.to(device)).float().cpu()
+    from trainer.data.batch import sample_starts
+
     lengths = ctx.lengths.long()
     covered = (lengths - cfg.window()).clamp_min(0)
-    starts = torch.cumsum(lengths, 0) - lengths
+    starts = sample_starts(lengths)
     ts = ctx.values["timestamp"].long()
     until = torch.where(covered > 0, ts[(starts + covered - 1).clamp_min(0)], torch.full_like(covered, -1))
     return ctx.users.numpy().astype(np.int64), covered.numpy(), until.numpy(), summ
+
+
+def _users_loader(
+    data_dir: str | Path, split: str, batch_size: int, num_workers: int, rank: int, world: int, manifest: Any
+) -> Any:
+    """Every sample of ``split`` whole, in order, this rank's exactly-once part (the users of export / summarize)."""
+    from trainer.data.loader import ShardLoader
+
+    return ShardLoader.Config(
+        path=str(data_dir), split=split, batch_size=batch_size, max_seq_len=0, num_workers=num_workers, shuffle=False
+    ).build(rank, world, manifest)
+
+
+def _publish(path: Path, manifest: dict[str, Any], rank: int) -> None:
+    """Collective: rank 0 writes the output's manifest last and atomically (without it the output is incomplete);
+    every rank returns once it is published."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+    dist.barrier()
 
 
 def _prepare_out(out: Path, layout: Layout, replace: bool, rank: int, subdirs: tuple[str, ...]) -> None:

@@ -179,8 +179,7 @@ def encoder_flops_per_interaction(cfg: JobConfig) -> float:
     if sm.reconstruction_weight > 0:
         matmul -= reconstruction_param_count(enc.d_model, cfg.embeddings.item_dim)
     per_token = encoder_flops_per_token(matmul, enc.n_layers, enc.d_model, w + 2 * tokens)
-    grad_windows = max(1, -(-sm.grad_chunks * sm.chunk * k // w))  # ArgusModel.summary_grad_windows
-    return k * per_token * (w + tokens) / w + summary_flops(sm, enc.d_model, enc.d_model, w, grad_windows) * k
+    return k * per_token * (w + tokens) / w + summary_flops(sm, enc.d_model, enc.d_model, w, sm.grad_windows(w, k)) * k
 
 
 def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:

@@ -226,6 +226,10 @@ class JobConfig:
         window after the summary of the older ones (``model.summary``)."""
         return self.model.resolved().max_seq_len // self.tokens_per_interaction()
 
+    def windows_per_sample(self) -> int:
+        """``model.summary``: windows of the context the longest sample fills (each is a row of the encoder)."""
+        return -(-self.interactions_per_sample() // self.window())
+
     def _validate_summary(self, k: int) -> None:
         """``model.summary`` on: what the in-line summaries need from the rest of the config."""
         if not self.data.max_seq_len:

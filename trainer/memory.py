@@ -221,10 +221,8 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     if cfg.model.summary.tokens:
         # a sample fills whole windows of the context, and every window's summary tokens run through the blocks
         # beside it (the summariser's own activations, a few windows of per-token MLPs, are not counted)
-        window = cfg.window()
-        windows = -(-cfg.interactions_per_sample() // window)
-        rows = batch_size or cfg.rows_per_batch()
-        block_tokens = -(-rows * windows * (window * k + cfg.model.summary.tokens) // cfg.parallel.sp)
+        rows = (batch_size or cfg.rows_per_batch()) * cfg.windows_per_sample()
+        block_tokens = -(-rows * (cfg.window() * k + cfg.model.summary.tokens) // cfg.parallel.sp)
     if enc.activation_checkpointing:
         layers = enc.n_layers * block_tokens * d * w
     else:

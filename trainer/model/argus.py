@@ -141,7 +141,7 @@ class ArgusModel(nn.Module):
             ReconstructionHead(enc.d_model, emb.item_dim) if sm.tokens and sm.reconstruction_weight > 0 else None
         )
         # Windows of older history a summary's gradients reach (model.summary.grad_chunks * chunk interactions)
-        self.summary_grad_windows = max(1, -(-sm.grad_chunks * sm.chunk * k // self.window))
+        self.summary_grad_windows = sm.grad_windows(self.window, k)
         # Windows the summariser streams at least, whatever the batch (build_dense: a sample's most): every rank then
         # calls the summariser's modules as often, which ZeRO-3 needs (each call gathers their parameters)
         self.min_windows = 0

@@ -25,7 +25,7 @@ def build_dense(cfg: JobConfig) -> nn.Module:
     else:
         model = argus = ArgusModel(cfg.model, cfg.embeddings, cfg.heads)
     if cfg.model.summary.tokens:  # model.summary: the windows of the longest sample, on every rank alike
-        argus.min_windows = -(-cfg.interactions_per_sample() // cfg.window())
+        argus.min_windows = cfg.windows_per_sample()
     return model
 
 

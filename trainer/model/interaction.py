@@ -205,10 +205,15 @@ class Windows:
     most: int  # the largest count
 
 
+def window_counts(lengths: np.ndarray, window: int) -> np.ndarray:
+    """Windows of ``window`` each sample is cut into (:func:`jagged_to_windows`; an empty sample still gets one)."""
+    return np.maximum((np.asarray(lengths, np.int64) + window - 1) // window, 1)
+
+
 def window_slots(lengths: np.ndarray, window: int) -> int:
     """Positions the encoder runs over when every sample is cut into windows of ``window`` (:func:`jagged_to_windows`:
     rows x window, padding included; summary tokens not counted), from host-side lengths."""
-    return int(np.maximum((np.asarray(lengths, np.int64) + window - 1) // window, 1).sum()) * window
+    return int(window_counts(lengths, window).sum()) * window
 
 
 def jagged_to_windows(values: torch.Tensor, lengths: torch.Tensor, window: int) -> Windows:
@@ -216,8 +221,7 @@ def jagged_to_windows(values: torch.Tensor, lengths: torch.Tensor, window: int) 
     window is full and only the oldest one short, as the shard writer cuts histories), one window per row, in
     sample order, oldest first. Reads the lengths on the host (a device sync on CUDA)."""
     n, dev = values.shape[0], values.device
-    host = lengths.detach().to("cpu", torch.long)
-    count_host = ((host + window - 1) // window).clamp_min(1)
+    count_host = torch.from_numpy(window_counts(lengths.detach().cpu().numpy(), window))
     rows = int(count_host.sum())
     count = count_host.to(dev)
     lengths = lengths.to(dev, torch.long)

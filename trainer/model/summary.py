@@ -74,6 +74,11 @@ class SummaryConfig:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or math.isinf(w):
             raise ValueError(f"{where}.reconstruction_weight: must be a finite number >= 0, got {w!r}")
 
+    def grad_windows(self, window_tokens: int, tokens_per_interaction: int) -> int:
+        """In-line summaries: the windows of ``window_tokens`` before each window that its summary's gradients
+        reach (``grad_chunks * chunk`` interactions, rounded up to whole windows, at least one)."""
+        return max(1, -(-self.grad_chunks * self.chunk * tokens_per_interaction // window_tokens))
+
 
 @dataclass
 class SummaryState:
