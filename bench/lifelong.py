@@ -15,6 +15,8 @@ Arms (`configs/nano.yaml`, the same steps and about the same interactions per ba
                             encoded as 256-interaction windows, each after the summary of the sample's older ones
   context 2048              model.max_seq_len=2048
 
+Beside them the reference SASRec (bench/reference_sasrec.py) on the 256-cut data, trained to its best val NDCG@10.
+
 Each run is ranked on the test split (the last interaction of every user; full ranking), and on its long-range
 slice: the users whose test target is a favourite the last 256 interactions do not show (what only a longer memory
 can get; HR@10 / HR@100 from the run's `argus export`, items ahead = a higher score).
@@ -44,6 +46,7 @@ ARMS = {
     "context 256 + 64 summary": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY]),
     "context 2048": (2048, ["model.max_seq_len=2048"]),
 }
+REFERENCE = "reference SASRec (context 256)"  # bench/reference_sasrec.py, trained to its best val NDCG@10
 
 
 def mean_sample(data: Path) -> float:
@@ -101,6 +104,17 @@ def slice_hits(export: Path, users: set[int]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
+def reference(data: Path, seed: int, out: Path) -> dict:
+    """The reference SASRec on the 256-cut data (its context 256), selected on val (at most 240 s of training): its
+    test HR@10 / NDCG@10."""
+    from bench.reference_sasrec import run_reference
+
+    rep = run_reference(data, seed=seed, max_len=256, min_epochs=5, max_seconds=240, out=str(out))
+    test = rep["test"]["model"]
+    return {"hr@10": test["hr@10"], "ndcg@10": test["ndcg@10"], "hr@100": test["hr@100"],
+            "seconds": rep["seconds_to_best"]}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
@@ -114,7 +128,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    arms = pick_arms(ARMS, args.arms)
+    arms = pick_arms({**ARMS, REFERENCE: (256, [])}, args.arms)
     results: dict[str, list[dict]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory(prefix="argus_lifelong_") as tmp:
         data = {}
@@ -129,6 +143,9 @@ def main() -> None:
         unseen = len(long_users) / args.users
         for arm, (max_len, extra) in arms.items():
             for seed in seeds:
+                if arm == REFERENCE:
+                    results[arm].append(reference(data[256], seed, Path(tmp) / f"sasrec-{seed}"))
+                    continue
                 run = Path(tmp) / f"{arm}-{seed}".replace(" ", "").replace("+", "")
                 t0 = time.perf_counter()
                 argus("train", "configs/nano.yaml", f"data.path={data[max_len]}", f"out={run}", "train.epochs=0",
@@ -144,6 +161,9 @@ def main() -> None:
                                      "step_s": last["time/step_s"], "tps": last["tps"], "seconds": seconds,
                                      **slice_hits(run / "export", long_users)})  # fmt: skip
     summary = {arm: {k: mean_se([x[k] for x in rs]) for k in rs[0]} for arm, rs in results.items() if rs}
+    for out in summary.values():  # the reference has no step time, long-range slice or popularity of its own
+        for key in ("long/hr@10", "long/hr@100", "step_s"):
+            out.setdefault(key, (float("nan"), 0.0))
     report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "seeds": seeds, "steps": args.steps,
               "batch": batch, "mean_sample": per_sample, "unseen_favourite_share": unseen,
               "summary": summary}  # fmt: skip
@@ -156,7 +176,9 @@ def main() -> None:
         hr, nd = out["hr@10"], out["ndcg@10"]
         print(f"{arm:26} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['long/hr@10'][0]:11.4f} "
               f"{out['long/hr@100'][0]:12.4f} {out['step_s'][0]:7.3f}")  # fmt: skip
-    print(f"popularity HR@10 {statistics.mean(x['pop_hr@10'] for rs in results.values() for x in rs):.4f}")
+    pops = [x["pop_hr@10"] for rs in results.values() for x in rs if "pop_hr@10" in x]
+    if pops:
+        print(f"popularity HR@10 {statistics.mean(pops):.4f}")
 
 
 if __name__ == "__main__":
