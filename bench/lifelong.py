@@ -15,7 +15,20 @@ Arms (`configs/nano.yaml`, the same steps and about the same interactions per ba
                             encoded as 256-interaction windows, each after the summary of the sample's older ones
   context 2048              model.max_seq_len=2048
 
-Beside them the reference SASRec (bench/reference_sasrec.py) on the 256-cut data, trained to its best val NDCG@10.
+  context 256 + 64 cached summary
+                            the downstream model VISTA serves: trained from scratch on the 256-sample data, each
+                            sample one window read after its cached summary (`data.summary_cache`: argus summarize
+                            --split train with the "256 + 64 summary" run of the same seed, whose summariser it is;
+                            the summary covers the user's whole history before the window), ranked with
+                            `argus eval --summary-cache` (a test-split cache); its step has no summariser in it
+  cached summary (warm start)
+                            the same, started from the in-line run's weights (`train.init_from`): VISTA's second
+                            stage after the first, 2 x --steps in all
+  context 256 + 64 summary (2x steps)
+                            its control: the in-line arm trained as long as both stages together
+
+Beside them the reference SASRec (bench/reference_sasrec.py) on the 256-cut data, trained to its best val NDCG@10
+(at most --reference-seconds of training).
 
 Each run is ranked on the test split (the last interaction of every user; full ranking), and on its long-range
 slice: the users whose test target is a favourite the last 256 interactions do not show (what only a longer memory
@@ -40,11 +53,20 @@ sys.path.insert(0, str(REPO))
 
 from bench.production import argus, mean_se, pick_arms  # noqa: E402
 
+CACHED = "context 256 + 64 cached summary"
+WARM = "cached summary (warm start)"
 SUMMARY = ["model.summary.tokens=64", "model.summary.dim=64", "model.summary.heads=2", "model.summary.chunk=256"]
 ARMS = {
     "context 256": (256, ["model.max_seq_len=256"]),
     "context 256 + 64 summary": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY]),
     "context 2048": (2048, ["model.max_seq_len=2048"]),
+    # trains from scratch on the 256-sample data, each sample after its cached summary (data.summary_cache) from
+    # the "context 256 + 64 summary" run of the same seed (its summariser; argus summarize --split train / test)
+    CACHED: (256, ["model.max_seq_len=256", *SUMMARY]),
+    # the same, started from that run's weights (train.init_from: VISTA's second stage on top of the first), and
+    # the in-line arm trained as long as the two stages together (its control)
+    WARM: (256, ["model.max_seq_len=256", *SUMMARY]),
+    "context 256 + 64 summary (2x steps)": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY]),
 }
 REFERENCE = "reference SASRec (context 256)"  # bench/reference_sasrec.py, trained to its best val NDCG@10
 
@@ -104,12 +126,12 @@ def slice_hits(export: Path, users: set[int]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
-def reference(data: Path, seed: int, out: Path) -> dict:
-    """The reference SASRec on the 256-cut data (its context 256), selected on val (at most 240 s of training): its
-    test HR@10 / NDCG@10."""
+def reference(data: Path, seed: int, out: Path, max_seconds: float) -> dict:
+    """The reference SASRec on the 256-cut data (its context 256), selected on val (at most ``max_seconds`` of
+    training; 0: until early stopping): its test HR@10 / NDCG@10."""
     from bench.reference_sasrec import run_reference
 
-    rep = run_reference(data, seed=seed, max_len=256, min_epochs=5, max_seconds=240, out=str(out))
+    rep = run_reference(data, seed=seed, max_len=256, min_epochs=5, max_seconds=max_seconds, out=str(out))
     test = rep["test"]["model"]
     return {"hr@10": test["hr@10"], "ndcg@10": test["ndcg@10"], "hr@100": test["hr@100"],
             "seconds": rep["seconds_to_best"]}  # fmt: skip
@@ -125,6 +147,8 @@ def main() -> None:
     p.add_argument("--favourites", type=float, default=0.15)
     p.add_argument("--batch", type=int, default=32, help="samples per batch of the 256-sample data")
     p.add_argument("--arms", default="", help="comma-separated arms (default: all)")
+    p.add_argument("--reference-seconds", type=float, default=240, help="the reference's training cap (0: none)")
+    p.add_argument("--timing", action="store_true", help="step times only (no eval): e.g. --steps 120 --seeds 0")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -144,25 +168,55 @@ def main() -> None:
         for arm, (max_len, extra) in arms.items():
             for seed in seeds:
                 if arm == REFERENCE:
-                    results[arm].append(reference(data[256], seed, Path(tmp) / f"sasrec-{seed}"))
+                    ref = reference(data[256], seed, Path(tmp) / f"sasrec-{seed}", args.reference_seconds)
+                    results[arm].append(ref)
                     continue
-                run = Path(tmp) / f"{arm}-{seed}".replace(" ", "").replace("+", "")
-                t0 = time.perf_counter()
-                argus("train", "configs/nano.yaml", f"data.path={data[max_len]}", f"out={run}", "train.epochs=0",
-                      f"train.steps={args.steps}", "eval.every_epochs=0", "eval.patience=0",
-                      f"data.batch_size={batch[max_len]}", f"train.seed={seed}", "train.log_every=50",
-                      *extra)  # fmt: skip
-                seconds = time.perf_counter() - t0
-                last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"tps"' in x][-1]
-                r = json.loads(argus("eval", str(run), "--data", str(data[max_len]), "--json"))
-                argus("export", str(run), "--data", str(data[max_len]), "--out", str(run / "export"))
+
+                def train(arm: str, max_len: int, extra: list[str], seed: int = seed) -> tuple[Path, float]:
+                    run = Path(tmp) / f"{arm}-{seed}".replace(" ", "").replace("+", "")
+                    if not run.exists():
+                        t0 = time.perf_counter()
+                        argus("train", "configs/nano.yaml", f"data.path={data[max_len]}", f"out={run}",
+                              "train.epochs=0", f"train.steps={args.steps}", "eval.every_epochs=0", "eval.patience=0",
+                              f"data.batch_size={batch[max_len]}", f"train.seed={seed}",
+                              f"train.log_every={args.steps // 4}", *extra)  # fmt: skip
+                        (run / "seconds").write_text(str(time.perf_counter() - t0))
+                    return run, float((run / "seconds").read_text())
+
+                read = []
+                if arm.endswith("(2x steps)"):
+                    extra = [*extra, f"train.steps={2 * args.steps}"]
+                if arm in (CACHED, WARM):  # the summariser: the in-line arm's run of this seed (trained now if not yet)
+                    summariser, _ = train("context 256 + 64 summary", *ARMS["context 256 + 64 summary"])
+                    caches = {}
+                    for split in ("train", "test"):
+                        caches[split] = summariser / f"cache-{split}"
+                        if not caches[split].exists():
+                            argus("summarize", str(summariser), "--data", str(data[256]), "--split", split,
+                                  "--out", str(caches[split]), "--dtype", "bf16")  # fmt: skip
+                    extra = [*extra, f"data.summary_cache={caches['train']}", "data.max_seq_len=256"]
+                    if arm == WARM:
+                        extra.append(f"train.init_from={summariser}")
+                    read = ["--summary-cache", str(caches["test"])]
+                run, seconds = train(arm, max_len, extra)
+                windows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"tps"' in x]
+                last = windows[-1]
+                # the step's compute, the median over the logging windows after the first (warm-up): the data time
+                # around an epoch's end (the loader starting over) would otherwise dominate a short run's last window
+                compute = statistics.median(w["time/step_s"] * w["time/compute_share"] for w in windows[1:])
+                if args.timing:
+                    results[arm].append({"step_s": last["time/step_s"], "compute_s": compute})
+                    continue
+                r = json.loads(argus("eval", str(run), "--data", str(data[max_len]), *read, "--json"))
+                argus("export", str(run), "--data", str(data[max_len]), "--out", str(run / "export"), *read)
                 results[arm].append({"hr@10": r["model"]["hr@10"], "ndcg@10": r["model"]["ndcg@10"],
                                      "hr@100": r["model"]["hr@100"], "pop_hr@10": r["popularity"]["hr@10"],
-                                     "step_s": last["time/step_s"], "tps": last["tps"], "seconds": seconds,
+                                     "step_s": last["time/step_s"], "compute_s": compute, "tps": last["tps"],
+                                     "seconds": seconds,
                                      **slice_hits(run / "export", long_users)})  # fmt: skip
     summary = {arm: {k: mean_se([x[k] for x in rs]) for k in rs[0]} for arm, rs in results.items() if rs}
     for out in summary.values():  # the reference has no step time, long-range slice or popularity of its own
-        for key in ("long/hr@10", "long/hr@100", "step_s"):
+        for key in ("hr@10", "ndcg@10", "long/hr@10", "long/hr@100", "step_s", "compute_s"):
             out.setdefault(key, (float("nan"), 0.0))
     report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "seeds": seeds, "steps": args.steps,
               "batch": batch, "mean_sample": per_sample, "unseen_favourite_share": unseen,
@@ -171,11 +225,12 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         return
     print(f"test targets that are a favourite the last 256 interactions do not show: {unseen:.1%} (the long slice)")
-    print(f"{'arm':26} {'HR@10':>16} {'NDCG@10':>16} {'long HR@10':>11} {'long HR@100':>12} {'step s':>7}")
+    print(f"{'arm':36} {'HR@10':>16} {'NDCG@10':>16} {'long HR@10':>11} {'long HR@100':>12} {'step s':>7} "
+          f"{'compute s':>9}")  # fmt: skip
     for arm, out in summary.items():
         hr, nd = out["hr@10"], out["ndcg@10"]
-        print(f"{arm:26} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['long/hr@10'][0]:11.4f} "
-              f"{out['long/hr@100'][0]:12.4f} {out['step_s'][0]:7.3f}")  # fmt: skip
+        print(f"{arm:36} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['long/hr@10'][0]:11.4f} "
+              f"{out['long/hr@100'][0]:12.4f} {out['step_s'][0]:7.3f} {out['compute_s'][0]:9.3f}")  # fmt: skip
     pops = [x["pop_hr@10"] for rs in results.values() for x in rs if "pop_hr@10" in x]
     if pops:
         print(f"popularity HR@10 {statistics.mean(pops):.4f}")

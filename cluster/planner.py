@@ -391,8 +391,10 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "d_ff": enc.d_ff,
             "context": cfg.interactions_per_sample() * k,
             "summary_tokens": cfg.model.summary.tokens,  # model.summary: windows of window_tokens after them
-            # a summary cache (argus summarize) stores tokens x model.summary.dim values per user: bf16 bytes
-            "summary_cache_bytes_per_user": cfg.model.summary.tokens * cfg.model.summary.dim * 2,
+            # a summary cache (argus summarize) stores tokens x model.summary.dim values per summary, bf16 bytes: one
+            # summary per user to serve (an eval split), one per sample to train on (the train split)
+            "summary_cache_bytes_per_summary": cfg.model.summary.tokens * cfg.model.summary.dim * 2,
+            "summary_cache": bool(cfg.data.summary_cache),
             "window_tokens": cfg.window() * k,
             "tokens_per_interaction": k,
             "micro_batch": cfg.rows_per_batch(),

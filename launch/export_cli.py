@@ -87,7 +87,6 @@ def cmd_summarize(a: argparse.Namespace) -> int:
             at=at,
             dtype=a.dtype,
             batch_size=a.batch_size,
-            num_workers=a.num_workers,
             device=a.device,
             overwrite=a.overwrite,
         )
@@ -96,9 +95,11 @@ def cmd_summarize(a: argparse.Namespace) -> int:
     if a.json:
         print_json(m)
         return 0
+    t = m["timing"]
     console.print(
-        f"summarized {a.out}: {m['users']:,} users, {m['tokens']} tokens x {m['dim']} {m['dtype']} each, "
-        f"{m['world_size']} rank(s); {m['timing']['users_per_s']:,.0f} users/s"
+        f"summarized {a.out}: {m['samples']:,} samples of {m['split']!r} ({m['interactions_read']:,} history "
+        f"interactions read), {m['tokens']} tokens x {m['dim']} {m['dtype']} each, {m['world_size']} rank(s); "
+        f"{t['samples_per_s']:,.0f} samples/s, {t['interactions_per_s']:,.0f} interactions/s"
     )
     return 0
 
@@ -206,14 +207,14 @@ def add_export(sub: Any) -> None:
 def add_summarize(sub: Any) -> None:
     p = sub.add_parser(
         "summarize",
-        help="cache each user's history-summary tokens (model.summary) to sharded parquet, for export to read; "
-        "plain, torchrun or deepspeed",
+        help="cache the history-summary tokens (model.summary) before each sample of a split, of the user's whole "
+        "history, to sharded parquet (for train, eval and export to read); plain, torchrun or deepspeed",
     )
     p.add_argument("run", help="run directory (its best or latest checkpoint) or one checkpoint directory")
     p.add_argument("--data", required=True, help="dataset directory (the split's histories)")
     p.add_argument("--out", required=True, help="output directory (users/, manifest.json): missing or empty")
     p.add_argument("--overwrite", action="store_true", help="replace the summary cache already in --out")
-    p.add_argument("--split", default="test", help="whose histories (default: test)")
+    p.add_argument("--split", default="test", help="whose samples: train or an eval split (default: test)")
     p.add_argument(
         "--at",
         default=None,
@@ -221,8 +222,9 @@ def add_summarize(sub: Any) -> None:
         help="cutoff: only interactions strictly before it are summarised (unix seconds or ISO-8601, UTC)",
     )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="stored token type")
-    p.add_argument("--batch-size", type=int, default=64, help="users per rank per forward pass")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="history pieces (model.summary.chunk tokens) per rank per pass"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.set_defaults(func=cmd_summarize)

@@ -126,9 +126,13 @@ def render(result: dict[str, Any], console: Any) -> None:
     i, p, m, s, t = result["inputs"], result["params"], result["memory"], result["step"], result["time"]
     context = f"context {i['context']}"
     if i.get("summary_tokens"):
+        kib = i["summary_cache_bytes_per_summary"] / 1024
         context = (
-            f"samples of {i['context']} in windows of {i['window_tokens']} + {i['summary_tokens']} summary tokens "
-            f"(summary cache: {i['summary_cache_bytes_per_user'] / 1024:,.0f} KiB per user in bf16)"
+            f"windows of {i['window_tokens']} after {i['summary_tokens']} summary tokens read from data.summary_cache "
+            f"({kib:,.0f} KiB per sample in bf16)"
+            if i["summary_cache"]
+            else f"samples of {i['context']} in windows of {i['window_tokens']} + {i['summary_tokens']} summary tokens "
+            f"(summary cache: {kib:,.0f} KiB per user in bf16)"
         )
     console.print(
         f"[bold]{i['preset']}[/]: d_model {i['d_model']}, {i['n_layers']} layers, {context}, "

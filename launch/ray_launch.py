@@ -224,6 +224,8 @@ def launch(a: argparse.Namespace) -> int:
     cfg.data.path, cfg.out = absolute(cfg.data.path), str(Path(cfg.out).resolve())
     if cfg.finetune.init:
         cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
+    if cfg.data.summary_cache:
+        cfg.data.summary_cache = str(Path(cfg.data.summary_cache).resolve())
     loop_config = worker_config(cfg, a.num_workers, a.cpus_per_worker)  # before Ray: a bad drill is one line
     with _cluster(a):
         # train.overwrite: the old run goes now, once, in the driver (a worker group that Ray restarts after a
@@ -271,6 +273,7 @@ def eval_worker(config: dict[str, Any]) -> None:
             config["max_users"],
             delay_s=config["delay"],
             items=config["items"],
+            summary_cache=config["summary_cache"],
         )
     if ctx.get_world_rank() != 0:
         ray.train.report({}, checkpoint=None)
@@ -312,6 +315,8 @@ def launch_eval(a: argparse.Namespace) -> int:
         delayed_state_time(manifest, split, a.delay, a.data)
     if a.items != "all" and saved.finetune.enabled:
         raise ValueError("--items: a fine-tuning run is evaluated on its impressions' shown items")
+    if a.summary_cache and saved.finetune.enabled:
+        raise ValueError("--summary-cache: a fine-tuning run is scored with its own data.summary_cache, if any")
     if a.max_users is not None and a.max_users < 0:
         raise ValueError(f"--max-users: must be >= 0, got {a.max_users}")
     loop_config = {
@@ -323,6 +328,7 @@ def launch_eval(a: argparse.Namespace) -> int:
         "max_users": a.max_users,
         "delay": a.delay,
         "items": a.items,
+        "summary_cache": str(Path(a.summary_cache).resolve()) if a.summary_cache else None,
         "finetune": is_finetune_run(a.run),  # its impression eval (pairwise accuracy, NDCG within impressions)
         "omp_threads": max(1, int(a.cpus_per_worker)),
         "verbose": verbose(os.environ),

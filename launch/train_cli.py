@@ -99,10 +99,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate
 
     if is_finetune_run(a.run):
+        if a.summary_cache:
+            raise ValueError("--summary-cache: a fine-tuning run is scored with its own data.summary_cache, if any")
         return cmd_eval_finetune(a)
     ks = [int(k) for k in a.ks.split(",")] if a.ks else None
     with contextlib.redirect_stdout(sys.stderr):  # library banners (DeepSpeed's) must not corrupt --json
-        rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users, delay_s=a.delay, items=a.items)
+        rep = evaluate(a.run, a.data, split=a.split, ks=ks, max_users=a.max_users, delay_s=a.delay, items=a.items,
+                       summary_cache=a.summary_cache)  # fmt: skip
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun or a launcher: every rank has it, rank 0 prints
         return 0
     print_eval(rep, a.run, a.json)
@@ -130,6 +133,10 @@ def print_eval(rep: dict[str, Any], run: str, as_json: bool) -> None:
         console.print(f"cold-start items only: {rep['cold_share']:.2%} of the split's targets")
     if "delay_s" in rep:
         console.print(f"states taken {rep['delay_s']:g} s before the split's cut")
+    if "summary_cache" in rep:
+        c = rep["summary_cache"]
+        console.print(f"summary cache {c['path']}: {c['stale_users']:,} users' summaries leave out "
+                      f"{c['interactions_left_out']:,} older interactions")  # fmt: skip
     for k in ("ne/event", "ne/played"):
         if k in rep:
             console.print(f"{k} = {rep[k]:.4f}")
@@ -209,5 +216,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         choices=["all", "cold"],
         default="all",
         help="cold: only targets whose item has no interaction in the train split (cold-start items)",
+    )
+    p.add_argument(
+        "--summary-cache",
+        default=None,
+        metavar="CACHE",
+        help="model.summary runs: read each user's summary tokens from this argus summarize cache of the split",
     )
     p.add_argument("--json", action="store_true")

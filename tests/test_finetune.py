@@ -479,7 +479,7 @@ def test_finetune_refuses_a_run_in_out_and_its_own_init(imp_data, pretrained_con
     for out in (pretrained_config, pretrained_config / "checkpoints" / "step_00000003"):
         code, _, err = argus_inproc(capsys, *common, f"out={out}", "train.overwrite=true")
         assert code == 2 and one_line_error(err) == (
-            f"argus: error: out {out}: is finetune.init's run; a fine-tuning run needs a directory of its own"
+            f"argus: error: out {out}: is finetune.init's run; the run that starts from it needs a directory of its own"
         )
     assert tree_digest(run) == before and tree_digest(pretrained_config) == init_before
     assert not torch.distributed.is_initialized()

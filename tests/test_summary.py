@@ -189,6 +189,21 @@ def test_incremental_updates_match_forward(attention: str) -> None:
         torch.testing.assert_close(m.readout(state), m(x, lengths))
 
 
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_pieces_read_apart_and_combined_match_one_stream(attention: str) -> None:
+    m = make(attention, chunk=5)
+    x, lengths = histories([13, 6, 0, 9])
+    cuts = [0, 0, 2, 3, 9, 9, 13]  # pieces of every size: empty for every history, and for the shorter ones
+    with torch.no_grad():
+        state = m.init_state(4)
+        for s, e in zip(cuts, cuts[1:]):
+            mask = torch.arange(s, e)[None, :] < lengths[:, None]
+            piece = m.update(m.init_state(4), x[:, s:e], mask)  # read on its own
+            state = m.combine(state, piece)
+        torch.testing.assert_close(m.readout(state), m(x, lengths))
+        torch.testing.assert_close(m.readout(state.rows(torch.tensor([3, 0]))), m(x, lengths)[[3, 0]])
+
+
 def test_summariser_rejects_zero_tokens() -> None:
     with pytest.raises(ValueError, match=r"^model\.summary\.tokens:"):
         Summariser(SummaryConfig(tokens=0), D_IN, D_OUT)

@@ -334,13 +334,16 @@ def _merged_tensor_parallel(tag_dir: Path) -> dict[str, torch.Tensor]:
         return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=False)["param"] for p in params}
 
 
-def load_weights(path: Path, tables: Any, dense: torch.nn.Module) -> None:
+def load_weights(path: Path, tables: Any, dense: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
     """Checkpoint ``path``'s weights into ``tables`` (see :func:`load_tables`) and into ``dense``, a module not
     yet handed to DeepSpeed (the pre-trained ``ArgusModel`` inside a ``TwoTower`` for fine-tuning init). Under a
-    process group every rank calls it."""
+    process group every rank calls it. ``skip``: prefixes of saved dense weights ``dense`` need not have (a
+    ``train.init_from`` run without the reconstruction head its source trained)."""
     load_tables(path, tables)
     weights = dense_weights(path, collective=_world() > 1)  # under a group every rank loads (eval, export, init)
-    missing = set(dense.state_dict()) - set(weights)
+    mine = dense.state_dict()
+    weights = {k: v for k, v in weights.items() if k in mine or not k.startswith(skip)} if skip else weights
+    missing = set(mine) - set(weights)
     if missing:
         weights.update(_side_tables_of_old_checkpoint(path, missing))
     dense.load_state_dict(weights)

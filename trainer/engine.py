@@ -11,13 +11,16 @@ extra state to checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from embeddings.replicated import ReplicatedItemTables, ReplicatedOptimizer, replicated_summary
 from embeddings.tables import SparseArch, init_sparse_weights
+from trainer.checkpoint_store import latest_checkpoint
 from trainer.data.batch import Batch
 from trainer.data.manifest import Manifest
 from trainer.data.schema import FIELDS, played_bucket
@@ -164,10 +167,28 @@ class Engine:
             self.uniform_pool = torch.nonzero(~tower.cold.cpu()).squeeze(1)
         uniform_over = self.item_rows if self.uniform_pool is None else int(self.uniform_pool.numel())
         self.log_q = CandidateLogQ(manifest.item_counts("train"), uniform_over)
+        # data.summary_cache: every sample is one window read after its user's cached summary tokens (written by any
+        # summariser of this shape: they are inputs here, projected to d_model by the model's own trainable layer)
+        self.summary_cache = None
+        self.summary_stale = [0, 0]  # samples whose summary left older interactions out, and how many
+        if cfg.data.summary_cache:
+            from trainer.summary_cache import SummaryCache
+
+            # fine-tuning reads impressions, and summaries of the history members of the train split
+            history = "train" if cfg.finetune.enabled else cfg.train_split()
+            self.summary_cache = SummaryCache.load(cfg.data.summary_cache, cfg, history)
 
     def init_weights(self, dense: torch.nn.Module) -> None:
         """Initial weights, before DeepSpeed takes ``dense``: the tables' deterministic init and the dense
-        model's fresh one (fine-tuning loads the pre-trained weights instead)."""
+        model's fresh one, or ``train.init_from``'s weights (fine-tuning loads the pre-trained weights instead).
+        Under a process group every rank calls it (DCP reshards the tables for this world size)."""
+        cfg = self.cfg
+        if cfg.train.init_from and not (cfg.resume and latest_checkpoint(Path(cfg.out)) is not None):
+            from trainer import checkpoint
+
+            path = checkpoint.resolve_checkpoint(cfg.train.init_from, prefer_best=True)
+            checkpoint.load_weights(path, self.tables, dense, skip=("reconstruction.",))
+            return
         init_sparse_weights(self.tables, self.cfg.embeddings, self.cfg.train.seed)
 
     # ---- one step ----------------------------------------------------------------------------------------------
@@ -220,7 +241,21 @@ class Engine:
         host = (batch.lengths, tgt, sel, item_ids, neg_ids)
         fb = (batch.values["event"].long(), batch.values["played"].long())  # raw percent: the head buckets it
         args = (item, side, neg, *to(host), *to(fb), to(pos_log_q), to(cand_log_q), to(pack), to(pairs), to(masked))
+        if self.summary_cache is not None:
+            args = (*args, to(self.cached_summaries(batch)))
         return args, tgt
+
+    def cached_summaries(self, batch: Batch) -> torch.Tensor:
+        """(samples, tokens, model.summary.dim) summary tokens each sample of ``batch`` reads (``data.summary_cache``):
+        its user's freshest summary of the interactions before its first row; stale ones are counted."""
+        assert self.summary_cache is not None
+        if batch.keys == dummy_batch().keys:  # a rank without data: its stand-in reads the summary of an empty history
+            return torch.from_numpy(np.repeat(self.summary_cache.empty[None], batch.size, 0))
+        tokens, left_out = self.summary_cache.for_batch(batch, strict=not self.cfg.finetune.enabled)
+        if self.lead:  # a tp or sp group's batch is counted once
+            self.summary_stale[0] += int((left_out > 0).sum())
+            self.summary_stale[1] += int(left_out.sum())
+        return torch.from_numpy(tokens)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         real = batch.size > 0

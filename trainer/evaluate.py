@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from trainer.metrics import RankingAccumulator, item_ranks, popularity_scores, r
 from trainer.model.argus import target_index
 from trainer.model.heads import ne_from_stats, ne_stats
 from trainer.model.interaction import history_rows, lookup_interactions
+
+if TYPE_CHECKING:
+    from trainer.summary_cache import SummaryCache
 
 
 @dataclass
@@ -207,9 +210,13 @@ def evaluate(
     per_target: bool = False,
     delay_s: float = 0.0,
     items: str = "all",
+    summary_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """The report of ``argus eval``: the run's selected checkpoint (``best`` when the run kept one, else
-    ``latest``), or ``checkpoint_path``. ``delay_s`` (``--delay``): rank from each user's state ``delay_s``
+    ``latest``), or ``checkpoint_path``. ``summary_cache`` (``--summary-cache``): a model.summary run's states
+    after the cached summaries of ``split`` (``argus summarize``), each from its most recent window, as export
+    serves them (the feedback head's NE is then not reported).
+    ``delay_s`` (``--delay``): rank from each user's state ``delay_s``
     before the split's cut (a stale served cache; a temporal holdout only), see :func:`rank_model`. ``items``
     (``--items``): ``all`` targets, or ``cold`` (only targets whose item has no interaction in the train split).
 
@@ -232,11 +239,21 @@ def evaluate(
         raise ValueError(f"--max-users: must be >= 0, got {max_users}")
     state_before = delayed_state_time(manifest, split, delay_s, data_dir)
     check_items(items)
+    cache = None
+    if summary_cache is not None:
+        from trainer.summary_cache import SummaryCache, summariser_checkpoint
+
+        if not cfg.model.summary.tokens or cfg.finetune.enabled:
+            raise ValueError(f"--summary-cache: {path} is not a pre-training run with model.summary")
+        cache = SummaryCache.load(summary_cache, cfg, split, summariser_checkpoint(cfg, path))
+    elif cfg.data.summary_cache:
+        raise ValueError(f"{path}: the run was trained on cached summaries (data.summary_cache): evaluate it with "
+                         "--summary-cache (an argus summarize cache of this split by the same summariser)")  # fmt: skip
     with process_group(device, cfg.train.timeout_s) as info:  # a caller's group (a Ray worker's) is kept
         model = checkpoint.load_model_sharded(path, manifest, info.device, info.world_size)
         report = rank_model(
             model, data_dir, manifest, split, ks, max_users, info.rank, info.world_size, info.device, per_target,
-            state_before=state_before, items=items,
+            state_before=state_before, items=items, cache=cache,
         )  # fmt: skip
     if state_before is not None:
         report = {"delay_s": delay_s, **report}
@@ -282,6 +299,7 @@ def rank_model(
     per_target: bool = False,
     state_before: float | None = None,
     items: str = "all",
+    cache: SummaryCache | None = None,
 ) -> dict[str, Any]:
     """Collective: the ranking report of ``model`` on ``split`` (see :func:`evaluate`), the same on every rank.
 
@@ -296,7 +314,9 @@ def rank_model(
     the targets stay the split's (``argus eval --delay``: the split's cut minus the delay); a user with no
     interaction before it counts as without history. ``items="cold"``: only the targets whose item has no
     interaction in the train split (cold-start items, ranked against the whole catalog as usual); the report
-    then carries ``items`` and the share of the split's targets that are cold (``cold_share``)."""
+    then carries ``items`` and the share of the split's targets that are cold (``cold_share``). ``cache``: each
+    user's state from its most recent window after its cached summary tokens (:func:`trainer.export.encode_users`,
+    as export serves it); the report then counts the users whose summary left older interactions out."""
     import time
 
     import torch.distributed as dist
@@ -304,7 +324,8 @@ def rank_model(
     from embeddings.features import lookup_ids
     from trainer import ranking
     from trainer.engine import dummy_batch
-    from trainer.export import served_items, served_users
+    from trainer.export import encode_users, served_items, served_users
+    from trainer.summary_cache import cached_context
 
     t_start = time.perf_counter()
     cfg, tables, item_rows, dense = model
@@ -314,12 +335,14 @@ def rank_model(
     n_neg = ev.sampled_negatives
     context = cfg.interactions_per_sample()
     loader = ShardLoader.Config(
-        path=str(data_dir), split=split, batch_size=ev.batch_size, num_workers=0, shuffle=False, max_seq_len=context
-    ).build(rank, world, manifest)
+        path=str(data_dir), split=split, batch_size=ev.batch_size, num_workers=0, shuffle=False,
+        max_seq_len=0 if cache is not None else context,  # a cache: the window is cut from the history rows alone
+    ).build(rank, world, manifest)  # fmt: skip
+    stale = [0, 0]
     counts = np.array(manifest.item_counts("train"))  # a copy: the counts may be a read-only memmap
     pop_scores = popularity_scores(counts)
     pop_rank = item_ranks(pop_scores)
-    feedback = cfg.heads.feedback.weight > 0
+    feedback = cfg.heads.feedback.weight > 0 and cache is None
     cold = torch.from_numpy(counts == 0) if items == "cold" else None
     all_targets = 0  # --items cold: the split's targets before the slice, for cold_share
 
@@ -346,10 +369,20 @@ def rank_model(
             all_targets += int(t.items.numel())
             t = _only(t, cold[t.items])
         ctx = batch if batch.size else dummy_batch()
-        if cfg.data.batch_tokens:  # a run trained on packed rows is ranked on packed rows too
-            ctx.pack(context)
-        item, side, _ = lookup_interactions(tables, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
-        item = dense.item_vectors(item, history_rows(ctx, item_rows, device))
+        if cache is not None:  # one lookup, as below; the served vectors of the samples with history
+            # the history context_before (above) picks: rows at or before floor(state_before), as an integer cutoff
+            cut = None if state_before is None else math.floor(state_before) + 1
+            rows_c, served = encode_users(batch, cfg, dense, tables, item_rows, cached_context(cfg), cut, True,
+                                          device, cache, stale)  # fmt: skip
+            at_kept = torch.full((batch.size,), -1, dtype=torch.long)
+            at_kept[rows_c.kept] = torch.arange(rows_c.kept.numel())
+            if t is not None:
+                t = _only(t, at_kept[t.owner] >= 0)
+        else:
+            if cfg.data.batch_tokens:  # a run trained on packed rows is ranked on packed rows too
+                ctx.pack(context)
+            item, side, _ = lookup_interactions(tables, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
+            item = dense.item_vectors(item, history_rows(ctx, item_rows, device))
         none = torch.zeros(0, dtype=torch.long)
         rows = torch.remainder(t.items, item_rows) if t is not None else none
         uid = batch.users[t.owner] if t is not None else none  # each target's user and position in its sample
@@ -362,12 +395,15 @@ def rank_model(
             neg_vecs = item_vectors(uniq)  # collective: the sampled items only, each once
         if t is None or t.users == 0:
             continue
-        states = dense.states(item, side, ctx.lengths.to(device), _on(ctx.grid(), device))
-        h = dense.user_vectors(states, ctx.lengths.to(device), last.clamp_min(0).to(device))
         first = torch.zeros(t.users, dtype=torch.long).scatter_reduce_(
             0, t.local, t.owner, reduce="amin", include_self=False
         )  # each user's row of the batch
-        u = served_users(cfg, h[first.to(device)])
+        if cache is not None:
+            u = served[at_kept[first]].to(device)
+        else:
+            states = dense.states(item, side, ctx.lengths.to(device), _on(ctx.grid(), device))
+            h = dense.user_vectors(states, ctx.lengths.to(device), last.clamp_min(0).to(device))
+            u = served_users(cfg, h[first.to(device)])
         own = ranking.pair_scores(u[t.local.to(device)], target_vecs)
         if feedback:
             fb_states = states[dense.state_rows(t.flat.to(device))[1]]  # bf16 for a live bf16 model (validation)
@@ -423,7 +459,7 @@ def rank_model(
     acc_model, acc_pop = RankingAccumulator(ks, prefix), RankingAccumulator(ks, prefix)
     acc_model.add(model_ranks[order], user_index)
     acc_pop.add(pop_ranks[order], user_index)
-    totals = torch.tensor([without_history, all_targets], dtype=torch.long, device=ranking.collective_device())
+    totals = torch.tensor([without_history, all_targets, *stale], dtype=torch.long, device=ranking.collective_device())
     if dist.is_initialized() and world > 1:
         dist.all_reduce(totals)
     report: dict[str, Any] = {
@@ -434,6 +470,9 @@ def rank_model(
         "model": acc_model.compute(),
         "popularity": acc_pop.compute(),
     }
+    if cache is not None:
+        report["summary_cache"] = {"path": str(cache.root), "stale_users": int(totals[2]),
+                                   "interactions_left_out": int(totals[3])}  # fmt: skip
     if cold is not None:
         report = {"items": items, "cold_share": int(model_ranks.numel()) / max(int(totals[1]), 1), **report}
     report["lift"] = {

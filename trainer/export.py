@@ -20,6 +20,7 @@ earlier export and ``overwrite`` be set (:class:`ExportLayout`). See docs/export
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -113,7 +114,7 @@ def served_vectors(
         item_emb = argus.item_vectors(item_emb, item_ids)
     if isinstance(dense, TwoTower):
         if history is not None:
-            users = dense.user_vectors(history.item, history.side, history.lengths, history.last, history.grid)
+            users = dense.user_vectors(history.item, history.side, history.lengths, history.last, history.grid, prefix)
         if item_emb is not None:
             items = dense.item_vectors(item_emb)
         return users, items
@@ -219,9 +220,8 @@ def encode_users(
     for an empty batch or one whose users all lack history: under DMP that call is a collective.
 
     ``cache``: summary tokens read from a summary cache (``argus summarize``) instead of computed from the older
-    history: each state is computed from the most recent window alone (``context`` is then the window + 1, the
-    extra row only giving the window's first interaction its time gap); ``stale`` (users, older interactions the
-    summaries left out) is added to."""
+    history: each state is computed from the most recent window alone (``context``: ``cached_context``); ``stale``
+    (users, older interactions the summaries left out) is added to."""
     from trainer.engine import dummy_batch
     from trainer.model.interaction import history_rows, lookup_interactions
 
@@ -251,8 +251,8 @@ def encode_users(
 def _cached_window(
     hist: History, rows: UserRows, cache: SummaryCache, window: int, device: torch.device, stale: list[int] | None
 ) -> tuple[History, torch.Tensor, UserRows]:
-    """The most recent ``window`` rows of each context (which holds up to one more, for its side features) and the
-    cached summaries they read."""
+    """The most recent ``window`` rows of each context (which may hold one more, for the first one's time gap) and
+    the cached summaries they read."""
     from trainer.data.batch import sample_starts
 
     ctx = rows.context
@@ -263,7 +263,7 @@ def _cached_window(
     pick = torch.repeat_interleave(starts + drop, keep_len) + (
         torch.arange(int(keep_len.sum())) - torch.repeat_interleave(sample_starts(keep_len), keep_len)
     )
-    older = (rows.history_total[rows.kept] - keep_len).numpy()
+    older = (ctx.offsets.long() + drop).numpy()  # the window's first row: its index in the user's whole history
     window_start = ctx.values["timestamp"].long()[starts + drop].numpy()
     tokens, left_out = cache.summaries(ctx.users.tolist(), older, window_start)
     if stale is not None:
@@ -415,12 +415,16 @@ def export(
         raise ValueError(f"context: must be in [1, {longest}] (the run's data.max_seq_len), got {context}")
     cache = None
     if summary_cache is not None:
-        from trainer.summary_cache import SummaryCache
+        from trainer.summary_cache import SummaryCache, cached_context, summariser_checkpoint
 
-        if not cfg.model.summary.tokens or cfg.finetune.enabled:
-            raise ValueError(f"--summary-cache: {path} is not a pre-training run with model.summary")
-        cache = SummaryCache.load(summary_cache, cfg, path)
-        context = cfg.window() + 1
+        if not cfg.model.summary.tokens or (cfg.finetune.enabled and not cfg.data.summary_cache):
+            raise ValueError(f"--summary-cache: {path} is neither a model.summary pre-training run nor one trained on "
+                             "cached summaries (data.summary_cache)")  # fmt: skip
+        cache = SummaryCache.load(summary_cache, cfg, split, summariser_checkpoint(cfg, path))
+        context = cached_context(cfg)
+    elif cfg.data.summary_cache:
+        raise ValueError(f"{path}: the run was trained on cached summaries (data.summary_cache): export it with "
+                         "--summary-cache (an argus summarize cache of this split by the same summariser)")  # fmt: skip
     out = Path(out_dir)
     replace = check_output(out, EXPORT, overwrite=overwrite, flag="--overwrite")  # every rank, read-only
 
@@ -434,10 +438,6 @@ def export(
         _prepare_out(out, EXPORT, replace, rank, ("users", "items"))
 
         _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest, dev, world)
-        if cache is not None:
-            with torch.no_grad():
-                empty = dense.summary.readout(dense.summary.init_state(1), project=False)
-                cache.empty = empty[0].float().cpu().numpy()
         dim = cfg.embeddings.item_dim
         vec_type = _vector_type(dtype, dim)
         loader = _users_loader(data_dir, split, batch_size, num_workers, rank, world, manifest)
@@ -544,16 +544,18 @@ def summarize(
     at: int | None = None,
     dtype: str = "fp32",
     batch_size: int = 64,
-    num_workers: int = 0,
     device: str = "auto",
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """`argus summarize`: write the summary cache (trainer/summary_cache.py) of ``split``'s users at cutoff ``at``
-    (None: all their history; an eval split's held-out targets are never history): per user, the summary tokens
-    the run's model reads before the user's most recent window. Collective, like :func:`export`; the same output
-    checks. Returns the manifest (on every rank)."""
+    """`argus summarize`: write the summary cache (trainer/summary_cache.py) of ``split``'s samples at cutoff ``at``
+    (None: all their history; an eval split's held-out targets are never history): per sample, the summary tokens
+    the run's model reads before the sample's most recent window, of the user's whole history before it (older
+    members of the same user, and for an eval split the train members beside it: trainer/data/lifelong.py), read
+    in pieces of ``model.summary.chunk`` tokens, ``batch_size`` pieces at a time. Collective, like :func:`export`
+    (each rank its share of the shards); the same output checks. Returns the manifest (on every rank)."""
     from trainer.data.manifest import Manifest
     from trainer.summary_cache import CACHE
+    from trainer.summary_cache import EMPTY as CACHE_EMPTY
     from trainer.summary_cache import FORMAT as CACHE_FORMAT
     from trainer.summary_cache import FORMAT_VERSION as CACHE_VERSION
     from trainer.summary_cache import MANIFEST as CACHE_MANIFEST
@@ -566,14 +568,20 @@ def summarize(
     cfg = checkpoint.saved_job(path)
     if not cfg.model.summary.tokens or cfg.finetune.enabled:
         raise ValueError(f"{path}: a pre-training run with model.summary.tokens > 0 is needed to summarize")
+    if cfg.data.summary_cache:
+        raise ValueError(f"{path}: trained on cached summaries (data.summary_cache), its own summariser never trained: "
+                         "summarize with the run that wrote that cache")  # fmt: skip
     manifest = Manifest.load(data_dir)
     kind = manifest.split(split).kind
+    if kind not in ("train", "eval"):
+        raise ValueError(f"--split {split}: a {kind} split has no summary point per sample (use train or an eval one)")
     out = Path(out_dir)
     replace = check_output(out, CACHE, overwrite=overwrite, flag="--overwrite")
 
     import pyarrow as pa
     import torch.distributed as dist
 
+    from trainer.data.lifelong import pieces
     from trainer.dist import process_group
 
     tokens, d = cfg.model.summary.tokens, cfg.model.summary.dim
@@ -581,27 +589,45 @@ def summarize(
         rank, world, dev = info.rank, info.world_size, info.device
         _prepare_out(out, CACHE, replace, rank, ("users",))
         _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest, dev, world)
-        loader = _users_loader(data_dir, split, batch_size, num_workers, rank, world, manifest)
         dist.barrier()
         t0 = time.perf_counter()
         writer = PartWriter(
             out / part_name("users", rank),
-            {"user": pa.int64(), "covered": pa.int64(), "until": pa.int64(),
+            {"user": pa.int64(), "offset": pa.int64(), "before": pa.int64(), "covered": pa.int64(), "until": pa.int64(),
              "tokens": pa.list_(pa.uint16() if dtype == "bf16" else pa.float32(), tokens * d)},
         )  # fmt: skip
+        piece = max(1, cfg.model.summary.chunk // cfg.tokens_per_interaction())
+        shards = list(range(rank, len(manifest.split(split).shards), world))  # a user's members stay together
+        stream = iter(pieces(manifest, split, shards, cfg.window(), piece, at))
+        reader = _PieceReader(cfg, dense, tables, item_rows, dev)
+        read = 0
         with torch.no_grad():
-            for batch in loader:
-                users, covered, until, summ = _summarize_batch(batch, cfg, dense, tables, item_rows, at, kind, dev)
-                writer.write(
-                    {"user": pa.array(users), "covered": pa.array(covered), "until": pa.array(until),
-                     "tokens": vector_array(summ.reshape(len(users), tokens * d), dtype)}
-                )  # fmt: skip
+            while True:
+                group = list(itertools.islice(stream, batch_size))
+                more = torch.tensor([len(group)], device=dev)
+                dist.all_reduce(more, op=dist.ReduceOp.MAX)  # every rank looks up as often (a collective)
+                if not int(more.item()):
+                    break
+                emits, summ = reader.read(group)
+                read += sum(p.rows for p in group)
+                if emits:
+                    writer.write(
+                        {"user": pa.array([u for u, _ in emits]), "offset": pa.array([e.offset for _, e in emits]),
+                         "before": pa.array([e.before for _, e in emits]),
+                         "covered": pa.array([e.covered for _, e in emits]),
+                         "until": pa.array([e.until for _, e in emits]),
+                         "tokens": vector_array(summ.reshape(len(emits), tokens * d), dtype)}
+                    )  # fmt: skip
+            if rank == 0:  # what a user new since the cache reads: the summary of an empty history
+                empty = dense.summary.readout(dense.summary.init_state(1), project=False)
+                np.save(out / CACHE_EMPTY, empty[0].float().cpu().numpy())
         writer.close()
         dist.barrier()
         seconds = time.perf_counter() - t0
         stats: list[Any] = [None] * world
-        dist.all_gather_object(stats, {"rank": rank, "users": writer.rows})
-        n_users = sum(s["users"] for s in stats)
+        dist.all_gather_object(stats, {"rank": rank, "samples": writer.rows, "read": read})
+        n_rows = sum(s["samples"] for s in stats)
+        n_read = sum(s["read"] for s in stats)
         m = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
@@ -613,47 +639,72 @@ def summarize(
             "dim": d,
             "window": cfg.window(),
             "dtype": dtype,
-            "users": n_users,
+            "samples": n_rows,
+            "interactions_read": n_read,
             "world_size": world,
             "files": [part_name("users", s["rank"]) for s in stats],
-            "counts": {part_name("users", s["rank"]): s["users"] for s in stats},
-            "timing": {"seconds": round(seconds, 4), "users_per_s": n_users / max(seconds, 1e-9)},
+            "counts": {part_name("users", s["rank"]): s["samples"] for s in stats},
+            "timing": {
+                "seconds": round(seconds, 4),
+                "samples_per_s": n_rows / max(seconds, 1e-9),
+                "interactions_per_s": n_read / max(seconds, 1e-9),
+            },
         }
         _publish(out / CACHE_MANIFEST, m, rank)
     return m
 
 
-def _summarize_batch(
-    batch: Batch, cfg: JobConfig, dense: torch.nn.Module, tables: Any, item_rows: int, at: int | None, kind: str,
-    device: torch.device,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:  # fmt: skip
-    """(users, interactions covered, time of the last one or -1, summaries) of one batch's users with history.
-    Always one lookup (a collective under TorchRec), even for an empty batch."""
-    from trainer.engine import dummy_batch
-    from trainer.model.interaction import history_rows, lookup_interactions
+class _PieceReader:
+    """Reads pieces of lifelong histories (trainer/data/lifelong.py) through a model's summariser: a batch of pieces
+    at once, each on its own, then folded in order into its user's running state (``Summariser.combine``), which
+    carries over to the next batch while the same user goes on."""
 
-    if batch.size:
-        rows = context_rows(batch, 1 << 62, at, kind == "eval")  # the whole history before the cutoff
-        ctx = rows.context
-    else:
-        ctx = None
-    item, side, _ = lookup_interactions(
-        tables, ctx if ctx is not None else dummy_batch(), cfg, item_rows, torch.zeros(0, dtype=torch.long), device
-    )
-    tokens, d = cfg.model.summary.tokens, cfg.model.summary.dim
-    if ctx is None:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, empty, torch.zeros(0, tokens, d)
-    item = dense.item_vectors(item, history_rows(ctx, item_rows, device))
-    summ = dense.history_summaries(item, side, ctx.lengths.to(device)).float().cpu()
-    from trainer.data.batch import sample_starts
+    def __init__(self, cfg: JobConfig, dense: torch.nn.Module, tables: Any, item_rows: int, device: torch.device):
+        self.cfg, self.dense, self.tables, self.item_rows, self.device = cfg, dense, tables, item_rows, device
+        self.user: int | None = None
+        self.state: Any = None
 
-    lengths = ctx.lengths.long()
-    covered = (lengths - cfg.window()).clamp_min(0)
-    starts = sample_starts(lengths)
-    ts = ctx.values["timestamp"].long()
-    until = torch.where(covered > 0, ts[(starts + covered - 1).clamp_min(0)], torch.full_like(covered, -1))
-    return ctx.users.numpy().astype(np.int64), covered.numpy(), until.numpy(), summ
+    def read(self, group: list[Any]) -> tuple[list[tuple[int, Any]], torch.Tensor]:
+        """((user, Emit) of each summary point in ``group``, their summaries (n, tokens, model.summary.dim) on the
+        host). Always one lookup (a collective under TorchRec), even for an empty group."""
+        from trainer.data.batch import BATCH_DTYPES, Batch
+        from trainer.data.schema import FIELDS
+        from trainer.engine import dummy_batch
+        from trainer.model.interaction import history_rows, lookup_interactions
+
+        summariser = self.dense.summary
+        lengths = torch.tensor([p.cols["item"].shape[0] for p in group], dtype=torch.long)
+        batch = dummy_batch()
+        if group:
+            batch = Batch(
+                keys=[""] * len(group),
+                users=torch.tensor([p.user for p in group], dtype=torch.long),
+                offsets=torch.zeros(len(group), dtype=torch.long),
+                lengths=lengths,
+                target_start=torch.zeros(len(group), dtype=torch.long),
+                values={f: torch.from_numpy(np.concatenate([p.cols[f] for p in group]).astype(BATCH_DTYPES[f]))
+                        for f in FIELDS},
+                padded=False,
+            )  # fmt: skip
+        item, side, _ = lookup_interactions(
+            self.tables, batch, self.cfg, self.item_rows, torch.zeros(0, dtype=torch.long), self.device
+        )
+        if not group:
+            return [], torch.zeros(0)
+        item = self.dense.item_vectors(item, history_rows(batch, self.item_rows, self.device))
+        lead = torch.tensor([p.lead for p in group], dtype=torch.long)
+        part = self.dense.read_pieces(item, side, lengths.to(self.device), lead.to(self.device))
+        emits, states = [], []
+        for j, p in enumerate(group):
+            if p.user != self.user:
+                self.user, self.state = p.user, summariser.init_state(1)
+            self.state = summariser.combine(self.state, part.rows(torch.tensor([j], device=self.device)))
+            if p.emit is not None:
+                emits.append((p.user, p.emit))
+                states.append(self.state)
+        if not states:
+            return [], torch.zeros(0)
+        return emits, summariser.readout(type(self.state).cat(states), project=False).float().cpu()
 
 
 def _users_loader(

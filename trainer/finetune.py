@@ -8,6 +8,7 @@ from the pre-training run named by ``finetune.init``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +29,17 @@ from trainer.train import Trainer
 
 if TYPE_CHECKING:
     from trainer.data.manifest import Manifest
+    from trainer.summary_cache import SummaryCache
 
 _KEY_BITS = 40  # (sample << 40) + seconds since the batch's first event: sortable per sample
 
 
-def init_checkpoint(init: str) -> Path:
-    """The checkpoint directory ``finetune.init`` names: a run directory (its best, else latest) or a checkpoint."""
+def init_checkpoint(init: str, key: str = "finetune.init") -> Path:
+    """The checkpoint directory ``init`` (``key``) names: a run directory (its best, else latest) or a checkpoint."""
     try:
         return checkpoint.resolve_checkpoint(init, prefer_best=True)
     except FileNotFoundError as e:
-        raise ConfigError(f"finetune.init: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
 
 
 TRAINING_KEYS = (
@@ -67,14 +69,19 @@ def model_difference(pre: JobConfig, cfg: JobConfig) -> tuple[str, Any, Any] | N
     return None
 
 
-def check_against_init(cfg: JobConfig) -> Path:
-    """The fine-tuning run must have the pre-trained model's shapes; returns the init checkpoint.
+def check_against_init(cfg: JobConfig, key: str = "finetune.init") -> Path:
+    """The run must have the shapes of the pre-trained model it starts from (``finetune.init``, or
+    ``train.init_from`` for pre-training); returns that checkpoint.
 
     Cheap (reads one YAML): runs before any process group exists."""
-    path = init_checkpoint(cfg.finetune.init)
+    path = init_checkpoint(cfg.finetune.init if key == "finetune.init" else cfg.train.init_from, key)
     saved = checkpoint.saved_job(path)
     if saved.finetune.enabled:
-        raise ConfigError(f"finetune.init: {path} is itself a fine-tuning checkpoint; start from pre-training")
+        raise ConfigError(f"{key}: {path} is itself a fine-tuning checkpoint; start from pre-training")
+    if key == "train.init_from":  # starting from a summariser trained with the reconstruction loss, without it
+        weight = cfg.model.summary.reconstruction_weight
+        summary = dataclasses.replace(saved.model.summary, reconstruction_weight=weight)
+        saved = dataclasses.replace(saved, model=dataclasses.replace(saved.model, summary=summary))
     diff = model_difference(saved, cfg)
     if diff is not None:
         key, got, want = diff
@@ -132,6 +139,29 @@ def impression_inputs(batch: Batch, lag: int) -> dict[str, torch.Tensor]:
     }
 
 
+def impression_windows(batch: Batch, last: torch.Tensor, window: int) -> tuple[Batch, torch.Tensor]:
+    """``data.summary_cache``: each impression's user state is read from its own window, the at most ``window`` history
+    rows up to flat row ``last[k]``, after the cached summary of what is older. Returns those windows as a jagged
+    batch (one sample per impression, its offset the window's first row in the user's history) and each window's
+    last flat row."""
+    lengths = batch.lengths.long()
+    starts = sample_starts(lengths)
+    owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)[last]  # each impression's sample
+    first = torch.maximum(last - window + 1, starts[owner])
+    n = last - first + 1
+    rows = torch.repeat_interleave(first, n) + torch.arange(int(n.sum())) - torch.repeat_interleave(sample_starts(n), n)
+    windows = Batch(
+        keys=[batch.keys[i] for i in owner.tolist()],
+        users=batch.users[owner],
+        offsets=batch.offsets[owner] + first - starts[owner],
+        lengths=n,
+        target_start=torch.zeros_like(n),
+        values={k: v[rows] for k, v in batch.values.items()},
+        padded=False,
+    )
+    return windows, torch.cumsum(n, 0) - 1
+
+
 class FinetuneEngine(Engine):
     def init_weights(self, dense: torch.nn.Module) -> None:
         """The pre-trained tables (resharded by DCP for this world size and plan) and encoder; the item
@@ -155,6 +185,14 @@ class FinetuneEngine(Engine):
             if shown.numel() == 0:  # every impression lacked history: look up one item to keep collectives
                 shown = torch.zeros(1, dtype=torch.long)
                 inp.update(last=torch.zeros(1, dtype=torch.long), shown_imp=torch.zeros(1, dtype=torch.long))
+        interactions = batch.num_interactions
+        prefix = None
+        if self.summary_cache is not None:  # every impression's window after its cached summary
+            if real and "shown_item" in inp and inp["shown_item"].numel():
+                batch, inp["last"] = impression_windows(batch, inp["last"], self.cfg.window())
+            else:  # nothing to score: the stand-in's rows (as long as a window at most) keep the collectives
+                batch = dummy_batch()
+            prefix = self.cached_summaries(batch).to(self.info.device)
         item, side, shown_emb = self.lookup(batch, shown)
         dev = self.info.device
         rows, cols, shape = batch.grid()
@@ -171,6 +209,7 @@ class FinetuneEngine(Engine):
             history_rows(batch, self.item_rows, dev),
             shown.to(dev),
             pack,
+            prefix,
         )
         loss = out["loss"] if real else out["loss"] * 0.0
         self.ds.backward(loss)
@@ -189,7 +228,7 @@ class FinetuneEngine(Engine):
             correct=correct,
             impressions=int(inp["impressions"]) if counts else 0,
             no_history=int(inp["no_history"]) if counts else 0,
-            interactions=batch.num_interactions if counts else 0,
+            interactions=interactions if counts else 0,
         )
 
 
@@ -276,10 +315,17 @@ def evaluate_finetune(
     init = init_checkpoint(cfg.finetune.init)
     split = split or cfg.finetune.eval_split
     manifest.split(split)  # an unknown split: one line now, before any process group
+    cache = None
+    if cfg.data.summary_cache:  # the run read cached summaries: so is it scored (and the pre-trained model with it)
+        from trainer.summary_cache import SummaryCache
+
+        cache = SummaryCache.load(cfg.data.summary_cache, cfg, "train")
     with process_group(device, cfg.train.timeout_s) as info:  # a caller's group is kept
         model = checkpoint.load_model_sharded(path, manifest, info.device, info.world_size)
         pretrained = checkpoint.load_model_sharded(init, manifest, info.device, info.world_size)
-        return score_impressions(model, pretrained, data_dir, manifest, split, info.rank, info.world_size, info.device)
+        return score_impressions(
+            model, pretrained, data_dir, manifest, split, info.rank, info.world_size, info.device, cache
+        )
 
 
 @torch.no_grad()
@@ -292,8 +338,10 @@ def score_impressions(
     rank: int,
     world: int,
     device: torch.device,
+    cache: SummaryCache | None = None,
 ) -> dict[str, Any]:
-    """Collective: the report of :func:`evaluate_finetune`, the same on every rank.
+    """Collective: the report of :func:`evaluate_finetune`, the same on every rank. ``cache``: the run's
+    ``data.summary_cache``: each impression's state from its window after the cached summary, for both models.
 
     Each rank scores the impressions of its exactly-once part of the split's users under both models and the
     baselines; every shown item's scores and grade, every impression's size and key and every pair are then
@@ -319,6 +367,7 @@ def score_impressions(
     names = ("model", "pretrained", "popularity", "data")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*names, "grade", "uid", "time", "pos", "size", "hi", "lo")}
     no_history, impressions, n_shown = 0, 0, 0
+    stale = [0, 0]  # with a cache: impressions whose summary left older interactions out, and how many
     for batch in loader:  # the same number of batches on every rank (padding batches are empty)
         inp = None
         if batch.size > 0 and batch.impressions is not None:
@@ -332,8 +381,8 @@ def score_impressions(
         if cfg.data.batch_tokens:  # a run trained on packed rows is scored on packed rows too
             batch.pack(cfg.interactions_per_sample())
         shown = torch.remainder(inp["shown_item"], model.item_rows)
-        parts["model"].append(_score(cfg, model, batch, inp, shown, device))
-        parts["pretrained"].append(_score(cfg, pretrained, batch, inp, shown, device))
+        parts["model"].append(_score(cfg, model, batch, inp, shown, device, cache, stale))
+        parts["pretrained"].append(_score(cfg, pretrained, batch, inp, shown, device, cache))
         parts["popularity"].append(torch.from_numpy(np.log1p(counts[np.clip(shown.numpy(), 0, len(counts) - 1)])))
         parts["data"].append(inp["score"])
         parts["grade"].append(inp["grades"])
@@ -357,7 +406,7 @@ def score_impressions(
     for key, got in parts.items():
         mine = torch.cat(got) if got else torch.zeros(0, dtype=floats.get(key, torch.long))
         every[key] = ranking.gather_rows(mine + offset if key in ("hi", "lo") else mine).numpy()
-    totals = torch.tensor([no_history, impressions], dtype=torch.long, device=ranking.collective_device())
+    totals = torch.tensor([no_history, impressions, *stale], dtype=torch.long, device=ranking.collective_device())
     if dist.is_initialized() and world > 1:
         dist.all_reduce(totals)
     if every["grade"].size == 0:
@@ -389,6 +438,9 @@ def score_impressions(
         "lag_seconds": lag,
         "seconds": round(seconds, 3),
     }
+    if cache is not None:
+        report["summary_cache"] = {"path": str(cache.root), "stale_impressions": int(totals[2]),
+                                   "interactions_left_out": int(totals[3])}  # fmt: skip
     for name, s in flat.items():
         report[name] = {"pairwise_acc": pairwise_accuracy(s, hi, lo), "ndcg": ndcg_within(s, g, sz)}
     for base in [b for b in ("data", "popularity", "pretrained") if b in report]:
@@ -410,17 +462,29 @@ def _score(
     inp: dict[str, torch.Tensor],
     shown: torch.Tensor,
     device: torch.device,
+    cache: SummaryCache | None = None,
+    stale: list[int] | None = None,
 ) -> torch.Tensor:
     """Collective under DMP: scores of the shown items, the served user and item vectors' dot product (a
     pre-trained ArgusModel scores the way its next-item head does). ``cfg``: the fine-tuning run's, which reads
-    the batch (its packing, side features) for both models; the model's own config sets how it scores."""
+    the batch (its packing, side features) for both models; the model's own config sets how it scores.
+    ``cache``: each impression's state from its window after its cached summary (``stale`` is added to)."""
     from trainer.export import History, served_vectors
 
+    prefix = None
+    if cache is not None:
+        batch, last = impression_windows(batch, inp["last"], cfg.window())
+        inp = {**inp, "last": last}
+        tokens, left_out = cache.for_batch(batch, strict=False)
+        prefix = torch.from_numpy(tokens).to(device)
+        if stale is not None:
+            stale[0] += int((left_out > 0).sum())
+            stale[1] += int(left_out.sum())
     item, side, shown_emb = lookup_interactions(model.tables, batch, cfg, model.item_rows, shown, device)
     rows, cols, shape = batch.grid()
     grid = (rows, cols, shape) if rows is None else (rows.to(device), cols.to(device), shape)
     ids = history_rows(batch, model.item_rows, device)
     hist = History(item, side, batch.lengths.to(device), inp["last"].to(device), grid, ids)
-    users, items = served_vectors(model.cfg, model.dense, hist, shown_emb, shown.to(device))
+    users, items = served_vectors(model.cfg, model.dense, hist, shown_emb, shown.to(device), prefix)
     assert users is not None and items is not None
     return (users[inp["shown_imp"].to(device)] * items).sum(-1).float().cpu()

@@ -170,7 +170,12 @@ def encoder_flops_per_interaction(cfg: JobConfig) -> float:
     # Windows of the context after `tokens` summary tokens: a query sees every summary token and, causally, half
     # the window on average (context 2P + W with the causal halving), and the summary tokens run through the
     # blocks too ((W + P) / W rows per interaction token).
-    from trainer.model.summary import reconstruction_param_count, summary_flops, summary_param_count
+    from trainer.model.summary import (
+        cached_summary_flops,
+        reconstruction_param_count,
+        summary_flops,
+        summary_param_count,
+    )
 
     sm = cfg.model.summary
     w = cfg.window() * k
@@ -179,6 +184,8 @@ def encoder_flops_per_interaction(cfg: JobConfig) -> float:
     if sm.reconstruction_weight > 0:
         matmul -= reconstruction_param_count(enc.d_model, cfg.embeddings.item_dim)
     per_token = encoder_flops_per_token(matmul, enc.n_layers, enc.d_model, w + 2 * tokens)
+    if cfg.data.summary_cache:  # the summaries come from a cache: no summariser in the step, only its projection
+        return k * per_token * (w + tokens) / w + cached_summary_flops(sm, enc.d_model, w) * k
     return k * per_token * (w + tokens) / w + summary_flops(sm, enc.d_model, enc.d_model, w, sm.grad_windows(w, k)) * k
 
 

@@ -59,6 +59,10 @@ class TrainSection:
     timeout_s: float = 600.0  # process-group timeout: a rank-0-only error must not hang the others
     log_sample_keys: bool = False  # audit trail: RUN/sample_keys/rank*.jsonl, the keys each step consumed
     compile: bool = False  # torch.compile the encoder blocks (Encoder.compile_blocks)
+    # Pre-training from another run's weights (its best, else latest checkpoint; or a checkpoint directory), tables
+    # and dense model, instead of a fresh init: e.g. a model that reads data.summary_cache, started from the run
+    # whose summariser wrote it. The model must have that run's shapes; optimizer state and step start afresh.
+    init_from: str = ""
     # Start over in an `out` that holds a run: its checkpoints, metrics, TensorBoard logs ... are removed first
     # (trainer/rundir.py). Without it (or resume=true) such an `out` is refused. Always saved as false.
     overwrite: bool = False
@@ -231,8 +235,22 @@ class JobConfig:
         return -(-self.interactions_per_sample() // self.window())
 
     def _validate_summary(self, k: int) -> None:
-        """``model.summary`` on: what the in-line summaries need from the rest of the config."""
-        if not self.data.max_seq_len:
+        """``model.summary`` on: what the in-line summaries (or the cached ones) need from the rest of the config."""
+        if self.data.summary_cache:
+            for bad, why in (
+                (self.data.max_seq_len * k > self.model.resolved().max_seq_len and not self.finetune.enabled,
+                 f"data.max_seq_len: {self.data.max_seq_len} interactions exceed the {self.window()}-interaction "
+                 "window (a sample read after cached summaries is one window; fine-tuning cuts one per impression)"),
+                (self.model.summary.reconstruction_weight > 0,
+                 "model.summary.reconstruction_weight: the reconstruction loss trains the summariser in-line; "
+                 "set it to 0 with data.summary_cache"),
+                (self.eval.every > 0 or self.eval.every_epochs > 0,
+                 "eval.every / eval.every_epochs: validation during training does not read a summary cache yet; "
+                 "set both to 0 and run argus eval --summary-cache"),
+            ):  # fmt: skip
+                if bad:
+                    raise ConfigError(why)
+        elif not self.data.max_seq_len:
             raise ConfigError(
                 "data.max_seq_len: model.summary needs it set to the interactions of a sample (the summary covers "
                 f"what is older than the model.max_seq_len context of {self.window()} interactions)"
@@ -270,6 +288,8 @@ class JobConfig:
             raise ConfigError(f"model.max_seq_len: {ctx} tokens hold no interaction of {k} tokens")
         if self.model.summary.tokens:
             self._validate_summary(k)
+        elif self.data.summary_cache:
+            raise ConfigError("data.summary_cache: needs model.summary.tokens > 0 (the model reads the cached tokens)")
         elif self.interactions_per_sample() * k > ctx:
             raise ConfigError(
                 f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed model.max_seq_len {ctx}"
@@ -280,6 +300,8 @@ class JobConfig:
                 f"{self.interactions_per_sample()} interactions (model.max_seq_len / tokens per interaction)"
             )
         t = self.train
+        if t.init_from and self.finetune.enabled:
+            raise ConfigError("train.init_from: fine-tuning starts from finetune.init (argus finetune --init RUN)")
         if t.steps < 1:
             raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
         if t.epochs < 0 or t.max_seconds < 0:

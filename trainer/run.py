@@ -40,7 +40,16 @@ def load_job(config: str | Path | None, overrides: Sequence[str], world_size: in
         manifest = Manifest.load(cfg.data.path)
         rows = cfg.embeddings.item_rows or manifest.num_items
         check_item_data(cfg.model.item_tower, cfg.model.item_features, rows, manifest)
-    rundir.check_run_dir(cfg.out, cfg.resume, cfg.train.overwrite, cfg.finetune.init if cfg.finetune.enabled else None)
+    if cfg.finetune.enabled:
+        rundir.check_run_dir(cfg.out, cfg.resume, cfg.train.overwrite, cfg.finetune.init)
+        return cfg
+    init = cfg.train.init_from or None
+    holds = rundir.check_run_dir(cfg.out, cfg.resume, cfg.train.overwrite, init, "train.init_from")
+    if cfg.train.init_from and not (cfg.resume and holds):  # a resumed run has weights of its own
+        # pinned: every rank (and a restarted worker) loads the one checkpoint checked here, not whatever the other
+        # run's best or latest is by then; the saved config names it
+        path = check_against_init(cfg, "train.init_from").resolve()
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(path)))
     return cfg
 
 

@@ -63,17 +63,19 @@ def last_step(run_dir: Path) -> int | None:
     return max(steps, default=None)
 
 
-def check_run_dir(out: str | Path, resume: bool, overwrite: bool, init: str | Path | None = None) -> bool:
+def check_run_dir(
+    out: str | Path, resume: bool, overwrite: bool, init: str | Path | None = None, key: str = "finetune.init"
+) -> bool:
     """Read-only: may a run write to ``out``? True when it holds a run that ``resume`` continues or
     ``overwrite`` replaces; False when it is missing or empty. Otherwise raises ConfigError, one line naming
-    ``out`` and the settings. ``init``: a fine-tuning run's pre-trained run, which ``out`` must not be."""
+    ``out`` and the settings. ``init``: the run the new one starts from (``key``), which ``out`` must not be."""
     out = Path(out)
     if resume and overwrite:
         raise ConfigError("resume=true and train.overwrite=true: pick one (continue the run in out, or start it over)")
     if init:
         pre, run = Path(init).resolve(), out.resolve()
         if pre == run or run in pre.parents or pre in run.parents:
-            raise ConfigError(f"out {out}: is finetune.init's run; a fine-tuning run needs a directory of its own")
+            raise ConfigError(f"out {out}: is {key}'s run; the run that starts from it needs a directory of its own")
     try:
         return check_output(out, RUN, overwrite=resume or overwrite, flag="train.overwrite=true", remedy=REMEDY)
     except OutputExistsError as e:

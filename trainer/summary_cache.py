@@ -1,18 +1,20 @@
-"""A summary cache: each user's history-summary tokens (``model.summary``, docs/lifelong.md); its layout and reader.
+"""A summary cache: history-summary tokens (``model.summary``, docs/lifelong.md) before each sample; layout, reader.
 
-VISTA computes the summary of a user's long history once, stores it, and lets the model that serves read it in
-place of the history. Here a cache holds, per user of a split, the summary tokens the run's model reads before the
-user's most recent window (``model.max_seq_len`` interactions) at a cutoff: the summary of every older interaction
-before the cutoff, with how many interactions it covers and the time of the last one, so a reader can tell a stale
-summary (interactions between it and the window left out) from one that overlaps the window (a summary newer than
-the history it is used with: refused). ``argus export --summary-cache`` reads it: each user's state is then
-computed from its most recent window alone, after the cached tokens.
+VISTA computes the summary of a user's long history once, stores it, and lets the model read it in place of the
+history. Here a cache holds, for every sample of a split, the summary tokens a run's model reads before the sample's
+most recent window (``model.max_seq_len`` interactions): the summary of every older interaction of the user (older
+members of the same history too, however long: trainer/data/lifelong.py) before a cutoff, with how many interactions
+it covers and the time of the last one. A reader picks, per user, the freshest summary that ends before the window it
+is read with, and can tell a stale one (interactions between it and the window left out) from one newer than the
+history (refused). Train, eval and export read it (``data.summary_cache``, ``argus export --summary-cache``): each
+sample is then encoded from its most recent window alone, after the cached tokens.
 
 `argus summarize` writes one (``trainer/export.py: summarize``; plain, torchrun or the deepspeed launcher, each
-rank its exactly-once part of the users):
-``CACHE/users/part-RRRRR.parquet`` (user, covered, until, tokens: ``tokens x model.summary.dim`` values at the
-summariser's width, before its output projection to ``d_model``; fp32 or bf16 bits)
-and ``CACHE/manifest.json``, written last by rank 0.
+rank its share of the shards):
+``CACHE/users/part-RRRRR.parquet`` (user, offset: the sample's key, before: the history index the summary stops at,
+covered, until, tokens: ``tokens x
+model.summary.dim`` values at the summariser's width, before its output projection to ``d_model``; fp32 or bf16
+bits), ``CACHE/empty.npy`` (the summary of an empty history) and ``CACHE/manifest.json``, written last by rank 0.
 """
 
 from __future__ import annotations
@@ -26,18 +28,20 @@ import numpy as np
 from trainer.data.outdir import Layout, read_json
 
 if TYPE_CHECKING:
+    from trainer.data.batch import Batch
     from trainer.job import JobConfig
 
 FORMAT = "argus-summary-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a row per sample (offset), summaries of whole lifelong histories
 MANIFEST = "manifest.json"
+EMPTY = "empty.npy"  # the summary of an empty history (what a user new since the cache reads)
 
 
 class CacheLayout(Layout):
     """``manifest.json`` (written last) and each rank's parquet part."""
 
     kind = "summary cache"
-    files = (MANIFEST, MANIFEST + ".tmp", "users/part-*.parquet", "users/part-*.parquet.tmp")
+    files = (MANIFEST, MANIFEST + ".tmp", EMPTY, "users/part-*.parquet", "users/part-*.parquet.tmp")
     dirs = ("users",)
 
     def unvouched(self, root: Path) -> str | None:
@@ -50,81 +54,130 @@ class CacheLayout(Layout):
         m = read_json(root / MANIFEST)
         if m is None:
             return f"an incomplete summary cache (no {MANIFEST}: a write that stopped part-way)"
-        return f"a summary cache ({m.get('users', 0):,} users of {m.get('split')!r})"
+        return f"a summary cache ({m.get('samples', 0):,} samples of {m.get('split')!r})"
 
 
 CACHE = CacheLayout()
 
 
+def cached_context(cfg: JobConfig) -> int:
+    """History rows a reader of cached summaries takes per user: the window, plus the row before it, which only gives
+    the window's first interaction its time gap, as the in-line windows of a long sample have it. A run trained on a
+    cache (``data.summary_cache``) saw samples cut to the window, whose first interaction has no gap: served alike."""
+    return cfg.window() + (0 if cfg.data.summary_cache else 1)
+
+
+def summariser_checkpoint(cfg: JobConfig, checkpoint: Path) -> Path:
+    """The checkpoint whose summaries a run reads: its own (in-line summaries), or, for a run trained on a cache
+    (``data.summary_cache``), the one that wrote that cache (the run learnt to read those summaries)."""
+    if not cfg.data.summary_cache:
+        return checkpoint
+    m = read_json(Path(cfg.data.summary_cache) / MANIFEST)
+    if m is None or "checkpoint" not in m:
+        raise ValueError(f"data.summary_cache: {cfg.data.summary_cache} (the run's training cache) is gone: it names "
+                         "the summariser whose summaries this run reads")  # fmt: skip
+    return Path(m["checkpoint"])
+
+
 @dataclass
 class SummaryCache:
-    """A summary cache read back (every rank reads all of it: fine up to ~10^6 users x a few thousand values)."""
+    """A summary cache read back. Every rank holds all of it, as stored (bf16 stays 2 bytes a value): a training cache
+    of 10^6 samples x 64 x 64 tokens is 8 GiB per rank; the planner's header prints the bytes per summary."""
 
     root: Path
     manifest: dict[str, Any]
-    index: dict[int, int]  # user -> row
+    index: dict[int, tuple[int, int]]  # user -> its rows [lo, hi), in order of their summary point
+    before: np.ndarray  # each summary's point: the history index every row it read comes before
     covered: np.ndarray
     until: np.ndarray
-    tokens: np.ndarray  # (users, tokens, dim) float32
-    empty: np.ndarray | None = None  # (tokens, dim): the summary of an empty history (a user new since the cache)
+    tokens: np.ndarray  # (rows, tokens, dim): float32, or bf16 bits as uint16
+    empty: np.ndarray  # (tokens, dim) float32: the summary of an empty history (a user new since the cache)
 
     @staticmethod
-    def load(root: str | Path, cfg: JobConfig, checkpoint: Path) -> SummaryCache:
-        """Read ``root`` and check it was written by ``checkpoint`` (the tokens are that model's, before its output
-        projection) and fits ``cfg``'s model (tokens, width, window); one-line errors name it."""
+    def load(root: str | Path, cfg: JobConfig, split: str, writer: Path | None = None) -> SummaryCache:
+        """Read ``root`` and check it is a cache of ``split`` that fits ``cfg``'s model (tokens, width, window) and,
+        given, was written by checkpoint ``writer`` (the tokens are that model's summariser's); one-line errors name
+        the cache."""
         import pyarrow.parquet as pq
 
         root = Path(root)
         m = read_json(root / MANIFEST)
         if m is None or m.get("format") != FORMAT:
             raise ValueError(f"{root}: not a summary cache (no {MANIFEST} written by argus summarize)")
-        if Path(m.get("checkpoint", "")).resolve() != Path(checkpoint).resolve():
+        if m.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{root}: a version {m.get('version')} summary cache; this argus reads version "
+                             f"{FORMAT_VERSION}: rebuild it with argus summarize")  # fmt: skip
+        if m.get("split") != split:
+            raise ValueError(f"{root}: a summary cache of split {m.get('split')!r}, read with split {split!r}: "
+                             f"build one with argus summarize --split {split}")  # fmt: skip
+        if writer is not None and Path(m.get("checkpoint", "")).resolve() != Path(writer).resolve():
             raise ValueError(
-                f"{root}: the summary cache was written by checkpoint {m.get('checkpoint')}, not {checkpoint}: "
-                "summaries are a checkpoint's own; run argus summarize with this one"
+                f"{root}: the summary cache was written by checkpoint {m.get('checkpoint')}, not {writer}: "
+                "summaries are a summariser's own; run argus summarize with that one"
             )
         want = {"tokens": cfg.model.summary.tokens, "dim": cfg.model.summary.dim, "window": cfg.window()}
         for key, value in want.items():
             if m.get(key) != value:
                 raise ValueError(f"{root}: summary cache {key} {m.get(key)} does not match the run's {value}")
-        users, covered, until, parts = [], [], [], []
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "before", "covered", "until", "tokens")}
         for name in m["files"]:
             t = pq.read_table(root / name)
-            users.append(t.column("user").to_numpy())
-            covered.append(t.column("covered").to_numpy())
-            until.append(t.column("until").to_numpy())
+            for k in ("user", "before", "covered", "until"):
+                cols[k].append(t.column(k).to_numpy())
             flat = np.asarray(t.column("tokens").combine_chunks().values.to_numpy(zero_copy_only=False))
-            if m["dtype"] == "bf16":
-                flat = (flat.astype(np.uint32) << 16).view(np.float32)
-            parts.append(flat.astype(np.float32).reshape(len(t), m["tokens"], m["dim"]))
-        all_users = np.concatenate(users) if users else np.zeros(0, np.int64)
-        return SummaryCache(
-            root,
-            m,
-            {int(u): i for i, u in enumerate(all_users.tolist())},
-            np.concatenate(covered) if covered else np.zeros(0, np.int64),
-            np.concatenate(until) if until else np.zeros(0, np.int64),
-            np.concatenate(parts) if parts else np.zeros((0, m["tokens"], m["dim"]), np.float32),
-        )
+            cols["tokens"].append(flat.reshape(len(t), m["tokens"], m["dim"]))
+        cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items() if k != "tokens"}
+        order = np.lexsort((cat["before"], cat["user"]))
+        users = cat["user"][order]
+        cuts = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True]) if users.size else np.zeros(1, np.int64)
+        index = {int(users[lo]): (int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])}
+        dtype = np.uint16 if m["dtype"] == "bf16" else np.float32
+        tokens = np.concatenate(cols["tokens"]) if cols["tokens"] else np.zeros((0, m["tokens"], m["dim"]), dtype)
+        empty = np.load(root / EMPTY).astype(np.float32)
+        return SummaryCache(root, m, index, cat["before"][order], cat["covered"][order], cat["until"][order],
+                            tokens[order], empty)  # fmt: skip
 
-    def summaries(self, users: list[int], older: np.ndarray, window_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(summary tokens (users, tokens, dim), older interactions each leaves out) of ``users`` whose windows
-        start at times ``window_start`` after ``older`` older interactions. A user the cache lacks (no history
-        when it was built) reads the summary of an empty history. Raises one line for a summary that covers
-        interactions inside its window (a cache built later than this history)."""
-        idx = np.array([self.index.get(u, -1) for u in users], np.int64)
-        have = idx >= 0
-        covered = np.where(have, self.covered[idx.clip(0)] if len(self.covered) else 0, 0)
-        until = np.where(have, self.until[idx.clip(0)] if len(self.until) else -1, -1)
-        bad = (covered > older) | ((covered > 0) & (until > window_start))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{self.root}: user {users[i]}'s summary covers {int(covered[i])} interactions up to time "
-                f"{int(until[i])}, past the start of the window it would be read with ({int(window_start[i])}): "
-                "the cache is newer than this history; rebuild it with an earlier --at"
-            )
-        if self.empty is None:
-            raise ValueError("SummaryCache.empty: set it to the model's summary of an empty history first")
-        tokens = np.where(have[:, None, None], self.tokens[idx.clip(0)] if len(self.tokens) else 0.0, self.empty)
-        return tokens.astype(np.float32), older - covered
+    def summaries(
+        self, users: list[int], older: np.ndarray, window_start: np.ndarray, strict: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(summary tokens (users, tokens, dim) float32, older interactions each leaves out) for windows that start at
+        history index ``older`` of the user, at times ``window_start``: each user's freshest summary whose point is at
+        or before that index. A user the cache lacks (no history when it was built) reads the summary of an empty
+        history. Raises one line when a user's every summary reaches into its window (a cache built later than this
+        history); not ``strict`` (fine-tuning: impressions at any time, summaries at member boundaries), such a
+        window reads the empty summary, everything before it left out."""
+        out = np.repeat(self.empty[None], len(users), 0)
+        left_out = np.asarray(older, np.int64).copy()
+        for i, u in enumerate(users):
+            lo, hi = self.index.get(int(u), (0, 0))
+            if hi == lo:
+                continue
+            j = lo + int(np.searchsorted(self.before[lo:hi], older[i], side="right")) - 1
+            if j < lo and not strict:
+                continue
+            if j < lo or (self.covered[j] > 0 and self.until[j] > window_start[i]):
+                j = max(j, lo)
+                raise ValueError(
+                    f"{self.root}: user {u}'s summary covers {int(self.covered[j])} interactions up to time "
+                    f"{int(self.until[j])}, past the start of the window it would be read with "
+                    f"({int(window_start[i])}): the cache is newer than this history; rebuild it with an earlier --at"
+                )
+            out[i] = _decode(self.tokens[j])
+            left_out[i] -= int(self.covered[j])
+        return out, left_out
+
+    def for_batch(self, batch: Batch, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`summaries` for every sample of a jagged ``batch`` read as one window: its first row is the window's
+        start (``batch.offsets``: its index in the user's history)."""
+        from trainer.data.batch import sample_starts
+
+        first = sample_starts(batch.lengths)
+        ts = batch.values["timestamp"][first.clamp_max(max(batch.num_interactions - 1, 0))]
+        return self.summaries(batch.users.tolist(), batch.offsets.numpy(), ts.numpy(), strict)
+
+
+def _decode(tokens: np.ndarray) -> np.ndarray:
+    """Stored tokens as float32 (bf16 bits are the top half of a float32's)."""
+    if tokens.dtype == np.uint16:
+        return (tokens.astype(np.uint32) << 16).view(np.float32)
+    return tokens.astype(np.float32, copy=False)

@@ -241,6 +241,15 @@ class Trainer:
                 if self.eval_every:
                     last.update(self.validate(path, logger))
                 self.prune()
+        if self.engine.summary_cache is not None:
+            stale = self.engine.all_reduce_sum(torch.tensor(self.engine.summary_stale, dtype=torch.float64))
+            if stale[0] and self.info.rank == 0:
+                log.warning(
+                    "data.summary_cache: %d samples read a summary that leaves out %d older interactions "
+                    "(a stale cache: rebuild it with argus summarize)",
+                    int(stale[0]),
+                    int(stale[1]),
+                )
         return last
 
     @property

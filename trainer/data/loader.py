@@ -155,6 +155,9 @@ class ShardLoader:
         # Data at a URL: > 0 keeps whole shards in a local cache (ARGUS_CACHE/shards) of at most this many bytes,
         # least recently used out first; later epochs read those from local disk. 0: stream every epoch.
         cache_bytes: int = 0
+        # An `argus summarize` cache of this split (model.summary): each sample is read after its user's cached
+        # summary tokens instead of summarising older history in-line (the loader itself does not read it).
+        summary_cache: str = ""
 
         def validate(self, where: str = "data") -> None:
             def bad(key: str, msg: str) -> ValueError:

@@ -31,7 +31,7 @@ from trainer.model.interaction import (
     jagged_to_windows,
 )
 from trainer.model.item_tower import ITEM_TOWERS, SemanticItems
-from trainer.model.summary import ReconstructionHead, Summariser, SummaryConfig
+from trainer.model.summary import ReconstructionHead, Summariser, SummaryConfig, SummaryState
 
 
 @dataclass
@@ -177,22 +177,24 @@ class ArgusModel(nn.Module):
         With ``model.summary`` each sample is cut into windows of the context (from its end) that are encoded as
         rows of their own, each after the summary tokens of the sample's older windows; a sample no longer than
         the context is one window with the summary of an empty history. ``prefix``: (samples, tokens,
-        model.summary.dim) summaries read from a cache (:meth:`history_summaries`) in place of computing them;
+        model.summary.dim) summaries read from a cache (trainer/summary_cache.py) in place of computing them;
         every sample is then one window (at most the context long)."""
         return self._states(item, side, lengths, pack, prefix)[0]
 
-    def history_summaries(
-        self, item: torch.Tensor, side: dict[str, torch.Tensor], lengths: torch.Tensor
-    ) -> torch.Tensor:
-        """(samples, tokens, model.summary.dim): the summary each sample's most recent window reads in :meth:`states`,
-        of everything before that window, at the summariser's width (what a summary cache stores,
-        trainer/summary_cache.py: ``model.summary.dim`` values per token, not ``d_model``)."""
+    def read_pieces(
+        self, item: torch.Tensor, side: dict[str, torch.Tensor], lengths: torch.Tensor, lead: torch.Tensor
+    ) -> SummaryState:
+        """The summariser's state of each piece of history (a jagged batch of ``lengths`` interactions) read on its
+        own, the first ``lead`` interactions of each left out (there only to give the next one its time gap): states
+        to fold in order with ``summary.combine`` (``argus summarize``: lifelong histories, trainer/data/lifelong.py).
+        A cache stores ``summary.readout(state, project=False)``, at the summariser's width."""
         if self.summary is None:
             raise ValueError("model.summary: this model has no summary tokens (model.summary.tokens is 0)")
         tokens = self.interaction(item.to(self.proj.weight.dtype), side)
-        tok_lengths = lengths * self.interaction.tokens_per_interaction
-        padded, _, _ = jagged_to_padded(tokens, tok_lengths)
-        return self.summary(padded, (tok_lengths - self.window).clamp_min(0), project=False)
+        k = self.interaction.tokens_per_interaction
+        padded, mask, _ = jagged_to_padded(tokens, lengths * k)
+        mask &= torch.arange(mask.shape[1], device=mask.device)[None, :] >= (lead * k).to(mask.device)[:, None]
+        return self.summary.update(self.summary.init_state(lengths.numel()), padded, mask)
 
     def _states(
         self,
@@ -264,16 +266,17 @@ class ArgusModel(nn.Module):
         pack: Grid | None = None,
         pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         masked: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses for one micro-batch; ``sel`` picks in-batch candidates among the targets; ``pack``: see
         :meth:`states`. ``pairs``: multi-token prediction's (context target, predicted interaction, weight)
         (:func:`trainer.model.heads.prediction_pairs`; ``pos_log_q`` is then the predicted interactions'); None =
         each target's next item, weighted alike. ``item`` / ``neg``: looked-up ID rows of ``item_ids`` /
         ``neg_ids``, through :meth:`item_vectors` here; ``masked``: their rows given the OOV vector
-        (``model.cold_start_mask_rate``)."""
+        (``model.cold_start_mask_rate``); ``prefix``: cached summary tokens, one window per sample (:meth:`states`)."""
         m_item, m_neg = masked if masked is not None else (None, None)
         item, neg = self.item_vectors(item, item_ids, m_item), self.item_vectors(neg, neg_ids, m_neg)
-        h, recon = self._states(item, side, lengths, pack)
+        h, recon = self._states(item, side, lengths, pack, prefix)
         ni, fb = self.heads_cfg.next_item, self.heads_cfg.feedback
         next_rows, fb_rows = self.state_rows(tgt)
         zero = h.sum() * 0.0

@@ -15,8 +15,9 @@ summaries faithful to the history they replace (its predictions are scored like 
 
 In-line summaries (``model.summary.tokens > 0``): :meth:`Summariser.window_summaries` summarises, for every
 window of the encoder's context in a sample, the sample's older windows; the encoder reads them as a prefix
-(``trainer/model/argus.py: ArgusModel.states``). The summary cache (summaries computed offline over whole
-lifelong histories) is a later step.
+(``trainer/model/argus.py: ArgusModel.states``). The summary cache (``argus summarize``, trainer/summary_cache.py)
+holds summaries computed offline over whole lifelong histories: pieces read apart and folded with
+:meth:`Summariser.combine`.
 
 Design notes
 ------------
@@ -94,6 +95,16 @@ class SummaryState:
     def tensors(self) -> list[Tensor]:
         """Every tensor of the state, in a fixed order (for caching, moving or size checks)."""
         return [self.count] + [t for part in self.layers for t in part]
+
+    @staticmethod
+    def cat(states: list[SummaryState]) -> SummaryState:
+        """The states of several batches of users as one batch."""
+        layers = [tuple(torch.cat(ts) for ts in zip(*parts)) for parts in zip(*(s.layers for s in states))]
+        return SummaryState(torch.cat([s.count for s in states]), layers)
+
+    def rows(self, index: Tensor) -> SummaryState:
+        """The states of users ``index`` (a batch-dimension gather)."""
+        return SummaryState(self.count[index], [tuple(t[index] for t in part) for part in self.layers])
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -196,6 +207,8 @@ class Summariser(nn.Module):
         every intermediate, and a cache extended as interactions arrive. Masked positions contribute
         nothing, whatever their values (even NaN).
         """
+        if x.shape[1] == 0:  # nothing to read (a batch of empty pieces: argus summarize)
+            return state
         mask = mask.to(torch.bool)
         h = self.in_proj(torch.where(mask[..., None], x, x.new_zeros(())))
         layers = []
@@ -225,6 +238,24 @@ class Summariser(nn.Module):
         scale = torch.exp(run_max - shift)
         p = torch.exp(scores - shift[..., None])
         return new_max, denom * scale + p.sum(-1), acc * scale[..., None] + p @ v
+
+    def combine(self, a: SummaryState, b: SummaryState) -> SummaryState:
+        """The state of history ``a`` followed by history ``b``, each read from :meth:`init_state` on its own.
+
+        Both states are sums over their interactions (linear: ``sum phi(k)^T v``; softmax: a running max and
+        max-shifted sums), so pieces of one history can be read in parallel, as a batch of unrelated rows, and
+        folded in order afterwards (``argus summarize`` reads lifelong histories this way)."""
+        layers = []
+        for pa, pb in zip(a.layers, b.layers):
+            if self.cfg.attention == "linear":
+                layers.append((pa[0] + pb[0],))
+                continue
+            (ma, da, acc_a), (mb, db, acc_b) = pa, pb
+            new_max = torch.maximum(ma, mb)
+            shift = torch.where(torch.isfinite(new_max), new_max, 0.0)  # both empty: any finite shift works
+            sa, sb = torch.exp(ma - shift), torch.exp(mb - shift)
+            layers.append((new_max, da * sa + db * sb, acc_a * sa[..., None] + acc_b * sb[..., None]))
+        return SummaryState(a.count + b.count, layers)
 
     def readout(self, state: SummaryState, project: bool = True) -> Tensor:
         """The summary tokens, (B, tokens, d_out), of the histories read into ``state``."""
@@ -413,6 +444,13 @@ def summary_flops(
     if not training:
         return 2.0 * read + readout
     return 2.0 * read * (3 * grad_windows + (1 if grad_windows > 1 else 0)) + 3.0 * readout
+
+
+def cached_summary_flops(cfg: SummaryConfig, d_out: int, window: int, training: bool = True) -> float:
+    """Matmul FLOPs per token of summaries read from a cache (``data.summary_cache``): only each window's output
+    projection of its ``tokens`` cached vectors to ``d_out``, spread over the window's tokens."""
+    fwd = 2.0 * cfg.tokens * cfg.dim * d_out / max(1, window) if cfg.tokens else 0.0
+    return 3.0 * fwd if training else fwd
 
 
 def reconstruction_param_count(d_model: int, d_item: int) -> int:

@@ -74,11 +74,18 @@ class TwoTower(nn.Module):
         self.normalize, self.temperature = heads.next_item.normalize, heads.next_item.temperature
 
     def user_vectors(
-        self, item: Tensor, side: dict[str, Tensor], lengths: Tensor, last: Tensor, pack: Grid | None = None
+        self,
+        item: Tensor,
+        side: dict[str, Tensor],
+        lengths: Tensor,
+        last: Tensor,
+        pack: Grid | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         """The served user vector after flat history row ``last[k]`` (the caller picks, per impression or
-        user, the last interaction before its cutoff); ``pack``: the batch's grid (``ArgusModel.states``)."""
-        states = self.argus.states(item, side, lengths, pack)
+        user, the last interaction before its cutoff); ``pack``: the batch's grid, ``prefix``: cached summary
+        tokens, one window per sample (``ArgusModel.states``)."""
+        states = self.argus.states(item, side, lengths, pack, prefix)
         rows = last * 2 + 1 if self.argus.interleaved else last
         u = self.argus.proj(states[rows]).float()
         return (F.normalize(u, dim=-1) if self.normalize else u) / self.temperature
@@ -101,17 +108,19 @@ class TwoTower(nn.Module):
         item_ids: Tensor | None = None,
         shown_ids: Tensor | None = None,
         pack: Grid | None = None,
+        prefix: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Scores of the shown items and the pairwise loss.
 
         ``last[k]``: flat history row the user state of impression k is taken after; ``shown_imp[s]``:
         impression of shown item s; ``pair_hi``/``pair_lo``: shown-item indices, hi more relevant; ``item`` /
         ``shown_emb``: looked-up ID rows of table rows ``item_ids`` / ``shown_ids``, through the pre-trained item
-        tower here (``ArgusModel.item_vectors``; the ids may be None for ``model.item_tower: id``).
+        tower here (``ArgusModel.item_vectors``; the ids may be None for ``model.item_tower: id``); ``prefix``: cached
+        summary tokens (``data.summary_cache``: every sample one impression's window).
         """
         item = self.argus.item_vectors(item, item_ids)
         shown_emb = self.argus.item_vectors(shown_emb, shown_ids)
-        users = self.user_vectors(item, side, lengths, last, pack)
+        users = self.user_vectors(item, side, lengths, last, pack, prefix)
         scores = (users[shown_imp] * self.item_vectors(shown_emb)).sum(-1)
         if pair_hi.numel():
             loss = F.softplus(scores[pair_lo] - scores[pair_hi]).mean()  # -log sigmoid(s_hi - s_lo)
