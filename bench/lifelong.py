@@ -26,6 +26,9 @@ Arms (`configs/nano.yaml`, the same steps and about the same interactions per ba
                             stage after the first, 2 x --steps in all
   context 256 + 64 summary (2x steps)
                             its control: the in-line arm trained as long as both stages together
+  context 256 + 64 summary (memory); cached summary (memory; warm start)
+                            the same two stages with the summary tokens read as each block's keys and values only
+                            (model.summary.read=memory: no queries or feed-forward for them)
 
 Beside them the reference SASRec (bench/reference_sasrec.py) on the 256-cut data, trained to its best val NDCG@10
 (at most --reference-seconds of training).
@@ -55,6 +58,8 @@ from bench.production import argus, mean_se, pick_arms  # noqa: E402
 
 CACHED = "context 256 + 64 cached summary"
 WARM = "cached summary (warm start)"
+MEMORY = "context 256 + 64 summary (memory)"
+WARM_MEMORY = "cached summary (memory; warm start)"
 SUMMARY = ["model.summary.tokens=64", "model.summary.dim=64", "model.summary.heads=2", "model.summary.chunk=256"]
 ARMS = {
     "context 256": (256, ["model.max_seq_len=256"]),
@@ -67,7 +72,12 @@ ARMS = {
     # the in-line arm trained as long as the two stages together (its control)
     WARM: (256, ["model.max_seq_len=256", *SUMMARY]),
     "context 256 + 64 summary (2x steps)": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY]),
+    # the summary tokens read as each block's keys and values only (model.summary.read=memory): in-line, and cached
+    # with a warm start from that run
+    MEMORY: (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY, "model.summary.read=memory"]),
+    WARM_MEMORY: (256, ["model.max_seq_len=256", *SUMMARY, "model.summary.read=memory"]),
 }
+SUMMARISER = {CACHED: "context 256 + 64 summary", WARM: "context 256 + 64 summary", WARM_MEMORY: MEMORY}
 REFERENCE = "reference SASRec (context 256)"  # bench/reference_sasrec.py, trained to its best val NDCG@10
 
 
@@ -186,8 +196,8 @@ def main() -> None:
                 read = []
                 if arm.endswith("(2x steps)"):
                     extra = [*extra, f"train.steps={2 * args.steps}"]
-                if arm in (CACHED, WARM):  # the summariser: the in-line arm's run of this seed (trained now if not yet)
-                    summariser, _ = train("context 256 + 64 summary", *ARMS["context 256 + 64 summary"])
+                if arm in SUMMARISER:  # the summariser: its in-line arm's run of this seed (trained now if not yet)
+                    summariser, _ = train(SUMMARISER[arm], *ARMS[SUMMARISER[arm]])
                     caches = {}
                     for split in ("train", "test"):
                         caches[split] = summariser / f"cache-{split}"
@@ -195,7 +205,7 @@ def main() -> None:
                             argus("summarize", str(summariser), "--data", str(data[256]), "--split", split,
                                   "--out", str(caches[split]), "--dtype", "bf16")  # fmt: skip
                     extra = [*extra, f"data.summary_cache={caches['train']}", "data.max_seq_len=256"]
-                    if arm == WARM:
+                    if arm in (WARM, WARM_MEMORY):
                         extra.append(f"train.init_from={summariser}")
                     read = ["--summary-cache", str(caches["test"])]
                 run, seconds = train(arm, max_len, extra)

@@ -88,27 +88,41 @@ def test_window_summaries_equal_a_summary_of_each_older_prefix(attention: str, g
             assert reached[starts[b] + lo : starts[b] + first].all()
 
 
-def reference_encoder(enc: Encoder, x: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """Plain ops, one row at a time: [prefix | x + positions], attention masked by hand, outputs after the prefix."""
+def reference_encoder(
+    enc: Encoder, x: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor, read: str = "tokens"
+) -> torch.Tensor:
+    """Plain ops, one row at a time, attention masked by hand: the row's queries read keys and values of [its block's
+    norm of the prefix | the row so far]. ``tokens``: the prefix runs through every block too, seeing only itself;
+    ``memory``: it stays as given."""
     out = []
     P, T = prefix.shape[1], x.shape[1]
-    allowed = torch.zeros(P + T, P + T, dtype=torch.bool)
-    allowed[:, :P] = True
-    allowed[P:, P:] = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    allowed = torch.ones(T, P + T, dtype=torch.bool)
+    allowed[:, P:] = torch.tril(torch.ones(T, T, dtype=torch.bool))
+
+    def _proj(blk: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+        a = blk.attn
+        return a.qkv(blk.ln1(t)).view(t.shape[0], 3, a.n_heads, a.head_dim).permute(1, 2, 0, 3)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        s = (q @ k.transpose(1, 2)) / q.shape[-1] ** 0.5
+        return (s.masked_fill(~keep, float("-inf")).softmax(-1) @ v).transpose(0, 1).reshape(q.shape[1], -1)
+
     for r in range(x.shape[0]):
-        h = torch.cat([prefix[r], x[r] + enc.pos.weight[:T]])
+        z, h = prefix[r], x[r] + enc.pos.weight[:T]
         for blk in enc.blocks:
             a = blk.attn
-            q, k, v = a.qkv(blk.ln1(h)).view(P + T, 3, a.n_heads, a.head_dim).permute(1, 2, 0, 3)
-            s = (q @ k.transpose(1, 2)) / a.head_dim**0.5
-            att = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (H, P+T, dh)
-            h = h + a.out(att.transpose(0, 1).reshape(P + T, -1))
+            (qz, kz, vz), (q, k, v) = (_proj(blk, t) for t in (z, h))
+            h = h + a.out(attend(q, torch.cat([kz, k], 1), torch.cat([vz, v], 1), allowed))
             h = h + blk.ff2(F.gelu(blk.ff1(blk.ln2(h))))
-        out.append(enc.norm(h)[P:] * mask[r, :, None])
+            if read == "tokens":
+                z = z + a.out(attend(qz, kz, vz, torch.ones(P, P, dtype=torch.bool)))
+                z = z + blk.ff2(F.gelu(blk.ff1(blk.ln2(z))))
+        out.append(enc.norm(h) * mask[r, :, None])
     return torch.stack(out)
 
 
-def test_prefixed_encoder_equals_plain_ops() -> None:
+@pytest.mark.parametrize("read", ["tokens", "memory"])
+def test_prefixed_encoder_equals_plain_ops(read: str) -> None:
     torch.manual_seed(0)
     enc = Encoder.Config(preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=6).build().double()
     enc.eval()
@@ -116,21 +130,30 @@ def test_prefixed_encoder_equals_plain_ops() -> None:
     x = torch.randn(3, 6, 16, generator=g, dtype=torch.double)
     mask = torch.arange(6)[None, :] < torch.tensor([6, 2, 4])[:, None]
     prefix = torch.randn(3, 4, 16, generator=g, dtype=torch.double)
-    got = enc(x, mask, prefix=prefix)
-    torch.testing.assert_close(got, reference_encoder(enc, x, mask, prefix))
+    got = enc(x, mask, prefix=prefix, read=read)
+    torch.testing.assert_close(got, reference_encoder(enc, x, mask, prefix, read))
+    other_read = enc(x, mask, prefix=prefix, read="memory" if read == "tokens" else "tokens")
+    assert not torch.allclose(got, other_read)
     # the prefix is read: a different one changes every real output
-    other = enc(x, mask, prefix=torch.randn(3, 4, 16, generator=g, dtype=torch.double))
+    other = enc(x, mask, prefix=torch.randn(3, 4, 16, generator=g, dtype=torch.double), read=read)
     assert ((other - got).abs().sum(-1) > 1e-6)[mask].all()
+    # flex (what CUDA runs) allows the same keys (forward only: no CPU backward)
+    flex = dataclasses.replace(enc.cfg, attention="flex").build().double().eval()
+    flex.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(flex(x, mask, prefix=prefix, read=read), got)
 
 
 def model_and_inputs(
-    lengths: list[int], layout: str = "merged", attention: str = "linear", seed: int = 0, recon: float = 0.0
-) -> tuple[ArgusModel, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    lengths: list[int], layout: str = "merged", attention: str = "linear", seed: int = 0, recon: float = 0.0,
+    read: str = "tokens",
+) -> tuple[ArgusModel, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
     torch.manual_seed(seed)
     cfg = ModelConfig(
         preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, token_layout=layout,
         num_contexts=4, side_dim=4,
-        summary=SummaryConfig(tokens=3, dim=8, heads=2, attention=attention, chunk=4, reconstruction_weight=recon),
+        summary=SummaryConfig(tokens=3, dim=8, heads=2, attention=attention, chunk=4, reconstruction_weight=recon,
+                              read=read),
     )  # fmt: skip
     model = ArgusModel(cfg, ItemEmbeddings.Config(item_dim=8), HeadsConfig()).double().eval()
     n = sum(lengths)
@@ -140,10 +163,10 @@ def model_and_inputs(
     return model, item, side, torch.tensor(lengths)
 
 
-@pytest.mark.parametrize("layout", ["merged", "interleaved"])
-def test_states_equal_windows_encoded_after_the_summary_of_older_ones(layout: str) -> None:
+@pytest.mark.parametrize(("layout", "read"), [("merged", "tokens"), ("interleaved", "tokens"), ("merged", "memory")])
+def test_states_equal_windows_encoded_after_the_summary_of_older_ones(layout: str, read: str) -> None:
     lengths = [11, 3, 8]
-    model, item, side, lengths_t = model_and_inputs(lengths, layout)
+    model, item, side, lengths_t = model_and_inputs(lengths, layout, read=read)
     got = model.states(item, side, lengths_t)
     k = 2 if layout == "interleaved" else 1
     tokens = model.interaction(item, side)
@@ -156,15 +179,15 @@ def test_states_equal_windows_encoded_after_the_summary_of_older_ones(layout: st
         x = torch.zeros(1, model.window, tokens.shape[1], dtype=torch.double)
         x[0, :n] = tokens[starts[b] + first : starts[b] + first + n]
         mask = torch.arange(model.window)[None, :] < n
-        want = reference_encoder(model.encoder, x, mask, summary)[0, :n]
+        want = reference_encoder(model.encoder, x, mask, summary, read)[0, :n]
         torch.testing.assert_close(got[starts[b] + first : starts[b] + first + n], want)
 
 
-@pytest.mark.parametrize("attention", ["linear", "softmax"])
-def test_no_future_interaction_reaches_an_earlier_state(attention: str) -> None:
+@pytest.mark.parametrize(("attention", "read"), [("linear", "tokens"), ("softmax", "tokens"), ("linear", "memory")])
+def test_no_future_interaction_reaches_an_earlier_state(attention: str, read: str) -> None:
     """Perturb one interaction: every state before it, in its sample and in the others, stays the same."""
     lengths = [21, 9, 16]
-    model, item, side, lengths_t = model_and_inputs(lengths, attention=attention)
+    model, item, side, lengths_t = model_and_inputs(lengths, attention=attention, read=read)
     base = model.states(item, side, lengths_t)
     starts = [0] + torch.cumsum(lengths_t, 0).tolist()
     for b, t in [(0, 3), (0, 8), (0, 17), (2, 8), (2, 15), (1, 0)]:
@@ -207,6 +230,18 @@ def test_model_summary_config_params_and_flops() -> None:
     d = job.model.resolved().d_model
     reads = summary_flops(job.model.summary, d, d, 64)
     assert encoder_flops_per_interaction(cached) == pytest.approx(f_sum - reads + 3 * 2 * 8 * 16 * d / 64)
+    # read as memory: the window's own rows (with 8 more keys each) and each layer's qkv of the 8 tokens, x3 to train
+    from trainer.flops import encoder_flops_per_token
+
+    memory = dataclasses.replace(
+        job, model=dataclasses.replace(job.model, summary=dataclasses.replace(job.model.summary, read="memory"))
+    )
+    enc = job.model.resolved()
+    per_token = encoder_flops_per_token(dense_params(job).matmul - summary_param_count(job.model.summary, d, d),
+                                        enc.n_layers, d, 64 + 2 * 8)  # fmt: skip
+    want = per_token + 6 * enc.n_layers * 3 * d * d * 8 / 64 + reads
+    assert encoder_flops_per_interaction(memory) == pytest.approx(want)
+    assert f_plain < encoder_flops_per_interaction(memory) < f_sum
     # the reconstruction head is counted once, by its own term, not again in the encoder's 6N
     from trainer.flops import flops_per_interaction, reconstruction_head_flops
 
@@ -252,20 +287,6 @@ def test_summary_settings_are_checked_with_one_line_naming_the_key(override: dic
     with pytest.raises(ConfigError) as err:
         from_dict(JobConfig, base).validate()
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
-
-
-def test_prefixed_flex_layout_equals_the_mask() -> None:
-    """The flex block mask (what CUDA runs) allows the same keys as the SDPA mask (forward only: no CPU backward)."""
-    torch.manual_seed(0)
-    cfg = Encoder.Config(preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, attention="mask")
-    enc = cfg.build().eval()
-    flex = dataclasses.replace(cfg, attention="flex").build().eval()
-    flex.load_state_dict(enc.state_dict())
-    g = torch.Generator().manual_seed(3)
-    x, prefix = torch.randn(2, 8, 16, generator=g), torch.randn(2, 5, 16, generator=g)
-    mask = torch.arange(8)[None, :] < torch.tensor([8, 3])[:, None]
-    with torch.no_grad():
-        torch.testing.assert_close(flex(x, mask, prefix=prefix), enc(x, mask, prefix=prefix), atol=1e-5, rtol=1e-5)
 
 
 def test_reconstruction_predictions_see_no_future_and_train_only_the_summary_side() -> None:
@@ -333,7 +354,8 @@ def summary_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_zero3_trains_the_summariser_as_zero2_does(summary_run, tmp_path) -> None:
+@pytest.mark.parametrize("read", ["tokens", "memory"])
+def test_zero3_trains_the_summariser_as_zero2_does(summary_run, tmp_path, read: str) -> None:
     """ZeRO-3 partitions the summariser's parameters too (the seed tokens are read through a module call, so they
     are gathered while used): 2 ranks, the same losses step by step as ZeRO-2."""
     from helpers import TINY_MODEL, argus_ranks, losses
@@ -347,7 +369,7 @@ def test_zero3_trains_the_summariser_as_zero2_does(summary_run, tmp_path) -> Non
                     "model.max_seq_len=8", "data.max_seq_len=48", "model.summary.tokens=4", "model.summary.dim=16",
                     "model.summary.chunk=8", "model.summary.reconstruction_weight=0.5", "train.steps=3",
                     "data.num_workers=0", "optim.warmup_steps=1", "eval.every=0", f"deepspeed.stage={stage}",
-                    nproc=2)  # fmt: skip
+                    f"model.summary.read={read}", nproc=2)  # fmt: skip
     two, three = losses(runs[2]), losses(runs[3])
     assert two.keys() == three.keys() == {1, 2, 3}
     for step in two:
@@ -355,7 +377,8 @@ def test_zero3_trains_the_summariser_as_zero2_does(summary_run, tmp_path) -> Non
 
 
 @pytest.mark.slow
-def test_tensor_parallel_trains_the_summary_model_as_one_rank_does(summary_run, tmp_path) -> None:
+@pytest.mark.parametrize("read", ["tokens", "memory"])
+def test_tensor_parallel_trains_the_summary_model_as_one_rank_does(summary_run, tmp_path, read: str) -> None:
     """parallel.tp=2 shards the encoder's blocks and leaves the summariser whole on both ranks of the group (which
     read the same rows): the same losses as one rank."""
     from helpers import TINY_MODEL, argus_ranks, losses
@@ -368,7 +391,8 @@ def test_tensor_parallel_trains_the_summary_model_as_one_rank_does(summary_run, 
         argus_ranks("train", "configs/mini.yaml", f"data.path={data}", f"out={runs[ranks]}", *tiny,
                     "model.max_seq_len=8", "data.max_seq_len=48", "model.summary.tokens=4", "model.summary.dim=16",
                     "model.summary.chunk=8", "train.steps=3", "data.num_workers=0", "data.on_error=raise",
-                    "optim.warmup_steps=1", "eval.every=0", "model.dropout=0", *extra, nproc=ranks)  # fmt: skip
+                    "optim.warmup_steps=1", "eval.every=0", "model.dropout=0", f"model.summary.read={read}", *extra,
+                    nproc=ranks)  # fmt: skip
     one, tp = losses(runs[1]), losses(runs[2])
     assert one.keys() == tp.keys() == {1, 2, 3}
     for step in one:
@@ -499,6 +523,15 @@ def test_summaries_of_histories_cut_into_members_equal_those_of_whole_histories(
     for (u, _), (covered, tokens) in full.items():
         assert last[u][0] == covered
         np.testing.assert_allclose(last[u][1], tokens, rtol=1e-5, atol=1e-5)
+    # a cache of other data (the whole histories' members) is told apart before any step, in one line
+    from helpers import TINY_MODEL, argus_own_process
+
+    tiny = [x for x in TINY_MODEL if not x.startswith("model.max_seq_len")]
+    code, _, err = argus_own_process("train", "configs/mini.yaml", f"data.path={data}", f"out={tmp_path / 'x'}", *tiny,
+                                     "model.max_seq_len=8", "data.max_seq_len=8", "model.summary.tokens=4",
+                                     "model.summary.dim=16", "model.summary.chunk=8", "eval.every=0",
+                                     f"data.summary_cache={tmp_path / 'whole-train'}")  # fmt: skip
+    assert code != 0 and "rebuild it from this data" in err and err.strip().count("\n") == 0
 
 
 @pytest.mark.slow

@@ -176,7 +176,8 @@ class Engine:
 
             # fine-tuning reads impressions, and summaries of the history members of the train split
             history = "train" if cfg.finetune.enabled else cfg.train_split()
-            self.summary_cache = SummaryCache.load(cfg.data.summary_cache, cfg, history)
+            n = manifest.split(history).samples
+            self.summary_cache = SummaryCache.load(cfg.data.summary_cache, cfg, history, samples=n)
 
     def init_weights(self, dense: torch.nn.Module) -> None:
         """Initial weights, before DeepSpeed takes ``dense``: the tables' deterministic init and the dense

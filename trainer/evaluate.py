@@ -245,7 +245,8 @@ def evaluate(
 
         if not cfg.model.summary.tokens or cfg.finetune.enabled:
             raise ValueError(f"--summary-cache: {path} is not a pre-training run with model.summary")
-        cache = SummaryCache.load(summary_cache, cfg, split, summariser_checkpoint(cfg, path))
+        n = manifest.split(split).samples
+        cache = SummaryCache.load(summary_cache, cfg, split, summariser_checkpoint(cfg, path), n)
     elif cfg.data.summary_cache:
         raise ValueError(f"{path}: the run was trained on cached summaries (data.summary_cache): evaluate it with "
                          "--summary-cache (an argus summarize cache of this split by the same summariser)")  # fmt: skip

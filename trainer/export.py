@@ -420,7 +420,8 @@ def export(
         if not cfg.model.summary.tokens or (cfg.finetune.enabled and not cfg.data.summary_cache):
             raise ValueError(f"--summary-cache: {path} is neither a model.summary pre-training run nor one trained on "
                              "cached summaries (data.summary_cache)")  # fmt: skip
-        cache = SummaryCache.load(summary_cache, cfg, split, summariser_checkpoint(cfg, path))
+        n = manifest.split(split).samples
+        cache = SummaryCache.load(summary_cache, cfg, split, summariser_checkpoint(cfg, path), n)
         context = cached_context(cfg)
     elif cfg.data.summary_cache:
         raise ValueError(f"{path}: the run was trained on cached summaries (data.summary_cache): export it with "

@@ -319,7 +319,7 @@ def evaluate_finetune(
     if cfg.data.summary_cache:  # the run read cached summaries: so is it scored (and the pre-trained model with it)
         from trainer.summary_cache import SummaryCache
 
-        cache = SummaryCache.load(cfg.data.summary_cache, cfg, "train")
+        cache = SummaryCache.load(cfg.data.summary_cache, cfg, "train", samples=manifest.split("train").samples)
     with process_group(device, cfg.train.timeout_s) as info:  # a caller's group is kept
         model = checkpoint.load_model_sharded(path, manifest, info.device, info.world_size)
         pretrained = checkpoint.load_model_sharded(init, manifest, info.device, info.world_size)

@@ -184,9 +184,13 @@ def encoder_flops_per_interaction(cfg: JobConfig) -> float:
     if sm.reconstruction_weight > 0:
         matmul -= reconstruction_param_count(enc.d_model, cfg.embeddings.item_dim)
     per_token = encoder_flops_per_token(matmul, enc.n_layers, enc.d_model, w + 2 * tokens)
+    if sm.read == "memory":  # the summary tokens are only keys and values: each layer's fused qkv of them, x3 to train
+        blocks = k * (per_token + 6.0 * enc.n_layers * 3 * enc.d_model**2 * tokens / w)
+    else:  # they run through the blocks beside the window: (W + P) / W rows per interaction token
+        blocks = k * per_token * (w + tokens) / w
     if cfg.data.summary_cache:  # the summaries come from a cache: no summariser in the step, only its projection
-        return k * per_token * (w + tokens) / w + cached_summary_flops(sm, enc.d_model, w) * k
-    return k * per_token * (w + tokens) / w + summary_flops(sm, enc.d_model, enc.d_model, w, sm.grad_windows(w, k)) * k
+        return blocks + cached_summary_flops(sm, enc.d_model, w) * k
+    return blocks + summary_flops(sm, enc.d_model, enc.d_model, w, sm.grad_windows(w, k)) * k
 
 
 def flops_per_interaction(cfg: JobConfig, item_rows: int) -> float:

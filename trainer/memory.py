@@ -221,8 +221,11 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     if cfg.model.summary.tokens:
         # a sample fills whole windows of the context, and every window's summary tokens run through the blocks
         # beside it (the summariser's own activations, a few windows of per-token MLPs, are not counted)
+        # (read: memory, they only give keys and values: not counted, a layer keeps P x 4d values of them, its norm
+        # and projection, little beside the window's own)
         rows = (batch_size or cfg.rows_per_batch()) * cfg.windows_per_sample()
-        block_tokens = -(-rows * (cfg.window() * k + cfg.model.summary.tokens) // cfg.parallel.sp)
+        prefix = cfg.model.summary.tokens if cfg.model.summary.read == "tokens" else 0
+        block_tokens = -(-rows * (cfg.window() * k + prefix) // cfg.parallel.sp)
     if enc.activation_checkpointing:
         layers = enc.n_layers * block_tokens * d * w
     else:

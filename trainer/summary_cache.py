@@ -94,8 +94,11 @@ class SummaryCache:
     empty: np.ndarray  # (tokens, dim) float32: the summary of an empty history (a user new since the cache)
 
     @staticmethod
-    def load(root: str | Path, cfg: JobConfig, split: str, writer: Path | None = None) -> SummaryCache:
-        """Read ``root`` and check it is a cache of ``split`` that fits ``cfg``'s model (tokens, width, window) and,
+    def load(
+        root: str | Path, cfg: JobConfig, split: str, writer: Path | None = None, samples: int | None = None
+    ) -> SummaryCache:
+        """Read ``root`` and check it is a cache of ``split`` (of ``samples`` samples, given: a summary per sample, so
+        a cache of other data is told apart before any step) that fits ``cfg``'s model (tokens, width, window) and,
         given, was written by checkpoint ``writer`` (the tokens are that model's summariser's); one-line errors name
         the cache."""
         import pyarrow.parquet as pq
@@ -110,6 +113,9 @@ class SummaryCache:
         if m.get("split") != split:
             raise ValueError(f"{root}: a summary cache of split {m.get('split')!r}, read with split {split!r}: "
                              f"build one with argus summarize --split {split}")  # fmt: skip
+        if samples is not None and m.get("samples") != samples:
+            raise ValueError(f"{root}: a summary cache of {m.get('samples')} samples of {m.get('data')} {split!r}, "
+                             f"read with data whose {split!r} has {samples}: rebuild it from this data")  # fmt: skip
         if writer is not None and Path(m.get("checkpoint", "")).resolve() != Path(writer).resolve():
             raise ValueError(
                 f"{root}: the summary cache was written by checkpoint {m.get('checkpoint')}, not {writer}: "

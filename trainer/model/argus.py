@@ -215,7 +215,8 @@ class ArgusModel(nn.Module):
                 raise ValueError(
                     f"cached summaries: a sample of {padded.shape[1]} tokens exceeds the {self.window}-token window"
                 )
-            return self.encoder(padded, mask, prefix=self.summary.project(prefix.to(tokens.dtype)))[row, col], None
+            summary = self.summary.project(prefix.to(tokens.dtype))
+            return self.encoder(padded, mask, prefix=summary, read=self.summary.cfg.read)[row, col], None
         if self.summary is not None:
             if pack is not None and pack[0] is not None:
                 raise ValueError("model.summary: token-budget batches (data.batch_tokens) are not supported with it")
@@ -226,7 +227,7 @@ class ArgusModel(nn.Module):
             recon = None
             if self.reconstruction is not None:
                 recon = self.reconstruction(prefix, w.grid, w.mask.sum(1))[w.index]
-            return self.encoder(w.grid, w.mask, prefix=prefix)[w.index], recon
+            return self.encoder(w.grid, w.mask, prefix=prefix, read=self.summary.cfg.read)[w.index], recon
         encode = self.encoder
         if self.encoder.sequence_group is not None:  # parallel.sp: this rank encodes its chunk of every row
             from trainer.model.sequence_parallel import encode as sp_encode

@@ -145,11 +145,30 @@ class AttnLayout:
         i = torch.arange(T, device=device)
         return AttnLayout("mask", mask=allowed(None, None, i[:, None], i[None, :])[None, None])
 
-    def attend(self, qkv: Tensor, dropout_p: float) -> Tensor:
-        """``qkv``: (R, T, 3, heads, head_dim) -> attention output (R, T, heads, head_dim)."""
+    @staticmethod
+    def memory(prefix: int, T: int, device: torch.device, mode: str = "mask") -> AttnLayout:
+        """``T`` right-padded history tokens whose every query also reads ``prefix`` memory keys and values placed
+        before them (summary tokens read as keys and values only, ``model.summary.read: memory``): causal among the
+        history tokens. ``mode`` flex: a (T, prefix + T) block mask; otherwise a (1, 1, T, prefix + T) SDPA mask."""
+
+        def allowed(b: Tensor | None, h: Tensor | None, q: Tensor, k: Tensor) -> Tensor:
+            return (k < prefix) | (k - prefix <= q)
+
+        if mode == "flex":
+            block = create_block_mask(allowed, None, None, T, prefix + T, device=device)
+            return AttnLayout(mode, block_mask=block)
+        q, k = torch.arange(T, device=device), torch.arange(prefix + T, device=device)
+        return AttnLayout("mask", mask=allowed(None, None, q[:, None], k[None, :])[None, None])
+
+    def attend(self, qkv: Tensor, dropout_p: float, kv: Tensor | None = None) -> Tensor:
+        """``qkv``: (R, T, 3, heads, head_dim) -> attention output (R, T, heads, head_dim). ``kv``: (R, P, 2, heads,
+        head_dim) memory keys and values before the row's own (a :meth:`memory` layout)."""
         R, T, _, H, Dh = qkv.shape
         if self.mode != "segments":
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            if kv is not None:
+                km, vm = kv.permute(2, 0, 3, 1, 4).unbind(0)
+                k, v = torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)
             if self.mode == "flex":  # no dropout: Config.validate refuses attn_dropout with flex
                 y = _flex(qkv.device)(q, k, v, block_mask=self.block_mask)
             else:
@@ -166,11 +185,11 @@ class AttnLayout:
         return torch.cat(ys).index_select(0, self.inverse).view(R, T, H, Dh)
 
 
-def attend(qkv: Tensor, layout: AttnLayout | None, dropout_p: float) -> Tensor:
+def attend(qkv: Tensor, layout: AttnLayout | None, dropout_p: float, kv: Tensor | None = None) -> Tensor:
     """``qkv`` (R, T, 3, heads, head_dim) -> (R, T, heads, head_dim): causal attention, within each packed history
-    (``layout``), or over the whole row (None)."""
+    (``layout``), or over the whole row (None); ``kv``: memory keys and values (``AttnLayout.memory``)."""
     if layout is not None:
-        return layout.attend(qkv, dropout_p)
+        return layout.attend(qkv, dropout_p, kv)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     # Causal alone is exact for right-padded rows: every key a real query can see
     # is real. It also keeps the flash kernel available and needs no (B,T,T) mask.
@@ -190,12 +209,17 @@ class Attention(nn.Module):
         # (trainer/model/sequence_parallel.py)
         self.core: nn.Module | None = None
 
-    def forward(self, x: Tensor, layout: AttnLayout | None = None) -> Tensor:
-        """``layout``: how packed histories attend (``AttnLayout``); None = one history per row."""
+    def forward(self, x: Tensor, layout: AttnLayout | None = None, memory: Tensor | None = None) -> Tensor:
+        """``layout``: how packed histories attend (``AttnLayout``); None = one history per row. ``memory``: (B, P,
+        d_model) tokens every query also reads, as keys and values of this layer's own projection (their queries are
+        computed and dropped: one call of the fused projection, as ZeRO-3 and AutoTP need)."""
         B, T, _ = x.shape
         dropout_p = self.dropout if self.training else 0.0
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
-        y = self.core(qkv, layout) if self.core is not None else attend(qkv, layout, dropout_p)
+        kv = None
+        if memory is not None:
+            kv = self.qkv(memory).view(B, memory.shape[1], 3, self.n_heads, self.head_dim)[:, :, 1:]
+        y = self.core(qkv, layout) if self.core is not None else attend(qkv, layout, dropout_p, kv)
         return self.out(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -213,8 +237,9 @@ class Block(nn.Module):
         self.ff2 = _Linear(d_ff, d_model, std=out_std)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, layout: AttnLayout | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), layout))
+    def forward(self, x: Tensor, layout: AttnLayout | None = None, memory: Tensor | None = None) -> Tensor:
+        """``memory``: tokens read as keys and values only (:meth:`Attention.forward`), through this block's norm."""
+        x = x + self.drop(self.attn(self.ln1(x), layout, None if memory is None else self.ln1(memory)))
         return x + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(x)))))
 
 
@@ -308,6 +333,7 @@ class Encoder(nn.Module):
         positions: Tensor | None = None,
         segments: Tensor | None = None,
         prefix: Tensor | None = None,
+        read: str = "tokens",
     ) -> Tensor:
         """``x``: (R, T, d_model); ``mask``: (R, T) bool, True = real token, a prefix of each row.
 
@@ -318,7 +344,9 @@ class Encoder(nn.Module):
 
         ``prefix``: (R, P, d_model) summary tokens (``model.summary``) that every token of its row attends to, placed
         before the row without a position (``AttnLayout.prefixed``: they never see the row). One history per row,
-        no sequence parallelism.
+        no sequence parallelism. ``read``: ``tokens``, the summary tokens run through every block beside the row;
+        ``memory``, they are only read, as each block's keys and values of them (``AttnLayout.memory``: no queries,
+        no feed-forward for them: cheaper).
 
         Returns (R, T, d_model). Real positions never see padding; padded positions come out as zeros.
 
@@ -337,16 +365,20 @@ class Encoder(nn.Module):
         # Through the module call (not .weight) so ZeRO-3 gathers the table.
         x = self.drop(x + self.pos(positions))
         layout = None if segments is None else AttnLayout.build(segments, self.attention_mode(x.device))
-        P = 0
+        P, memory = 0, None
         if prefix is not None:
             if segments is not None or self.sequence_group is not None:
                 raise ValueError("model.summary: summary tokens need one history per row and no parallel.sp")
-            P = prefix.shape[1]
-            x = torch.cat([prefix.to(x.dtype), x], dim=1)
-            layout = AttnLayout.prefixed(P, x.shape[1], x.device, self.attention_mode(x.device))
+            if read == "memory":
+                memory = prefix.to(x.dtype)
+                layout = AttnLayout.memory(memory.shape[1], x.shape[1], x.device, self.attention_mode(x.device))
+            else:
+                P = prefix.shape[1]
+                x = torch.cat([prefix.to(x.dtype), x], dim=1)
+                layout = AttnLayout.prefixed(P, x.shape[1], x.device, self.attention_mode(x.device))
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, layout, use_reentrant=False) if ckpt else block(x, layout)
+            x = checkpoint(block, x, layout, memory, use_reentrant=False) if ckpt else block(x, layout, memory)
         x = self.norm(x[:, P:])
         # Padded outputs are finite but depend on pad contents; zero them so nothing can leak.
         return x.masked_fill(~mask.to(torch.bool).unsqueeze(-1), 0.0)

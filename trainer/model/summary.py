@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ATTENTIONS = ("linear", "softmax")
+READS = ("tokens", "memory")
 
 
 @dataclass
@@ -60,6 +61,9 @@ class SummaryConfig:
     chunk: int = 1024  # interactions per streamed chunk
     grad_chunks: int = 1  # gradients flow through each history's last grad_chunks * chunk interactions only
     reconstruction_weight: float = 0.0
+    # how the encoder reads the summary tokens: "tokens", through every block beside the window (as VISTA's prefix);
+    # "memory", as each block's keys and values only (no queries, no feed-forward for them: a cheaper step)
+    read: str = "tokens"
 
     def validate(self, where: str = "model.summary") -> None:
         """Reject bad values with a one-line message naming the key; never changes the config."""
@@ -69,6 +73,8 @@ class SummaryConfig:
                 raise ValueError(f"{where}.{key}: must be an integer >= {low}, got {value!r}")
         if self.dim % self.heads:
             raise ValueError(f"{where}.heads: must divide dim ({self.dim}), got {self.heads}")
+        if self.read not in READS:
+            raise ValueError(f"{where}.read: must be one of {', '.join(READS)}, got {self.read!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"{where}.attention: must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         w = self.reconstruction_weight
