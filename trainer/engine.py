@@ -252,10 +252,8 @@ class Engine:
         assert self.summary_cache is not None
         if batch.keys == dummy_batch().keys:  # a rank without data: its stand-in reads the summary of an empty history
             return torch.from_numpy(np.repeat(self.summary_cache.empty[None], batch.size, 0))
-        tokens, left_out = self.summary_cache.for_batch(batch, strict=not self.cfg.finetune.enabled)
-        if self.lead:  # a tp or sp group's batch is counted once
-            self.summary_stale[0] += int((left_out > 0).sum())
-            self.summary_stale[1] += int(left_out.sum())
+        stale = self.summary_stale if self.lead else None  # a tp or sp group's batch is counted once
+        tokens, _ = self.summary_cache.for_batch(batch, strict=not self.cfg.finetune.enabled, stale=stale)
         return torch.from_numpy(tokens)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:

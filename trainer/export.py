@@ -150,7 +150,6 @@ class UserRows:
     next_item: torch.Tensor  # (batch,) item of the first row the state did not see; -1 if none
     history_len: torch.Tensor  # (batch,) rows the state is computed from (<= context)
     context: Batch | None  # the kept samples' context rows (None if none kept)
-    history_total: torch.Tensor | None = None  # (batch,) history rows before the cutoff, the context's and older
 
 
 def context_rows(batch: Batch, context: int, at: int | None = None, targets_held_out: bool = True) -> UserRows:
@@ -197,7 +196,7 @@ def context_rows(batch: Batch, context: int, at: int | None = None, targets_held
             values={k: v[rows] for k, v in batch.values.items()},
             padded=False,
         )
-    return UserRows(kept=kept, next_item=next_item, history_len=count.to(torch.int32), context=ctx, history_total=cut)
+    return UserRows(kept=kept, next_item=next_item, history_len=count.to(torch.int32), context=ctx)
 
 
 Lookup = Callable[[Any], Any]  # a DMP, an unsharded SparseArch or a ReplicatedItemTables (features.lookup_*)
@@ -265,10 +264,7 @@ def _cached_window(
     )
     older = (ctx.offsets.long() + drop).numpy()  # the window's first row: its index in the user's whole history
     window_start = ctx.values["timestamp"].long()[starts + drop].numpy()
-    tokens, left_out = cache.summaries(ctx.users.tolist(), older, window_start)
-    if stale is not None:
-        stale[0] += int((left_out > 0).sum())
-        stale[1] += int(left_out.sum())
+    tokens, _ = cache.summaries(ctx.users.tolist(), older, window_start, stale=stale)
     on = pick.to(device)
     hist = History(
         hist.item[on],
@@ -280,7 +276,7 @@ def _cached_window(
     )
     history_len = rows.history_len.clone()  # per sample of the batch, like next_item (kept: those with history)
     history_len[rows.kept] = keep_len.to(history_len.dtype)
-    rows = UserRows(rows.kept, rows.next_item, history_len, ctx, rows.history_total)
+    rows = UserRows(rows.kept, rows.next_item, history_len, ctx)
     return hist, torch.from_numpy(tokens).to(device), rows
 
 

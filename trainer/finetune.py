@@ -475,11 +475,8 @@ def _score(
     if cache is not None:
         batch, last = impression_windows(batch, inp["last"], cfg.window())
         inp = {**inp, "last": last}
-        tokens, left_out = cache.for_batch(batch, strict=False)
+        tokens, _ = cache.for_batch(batch, strict=False, stale=stale)
         prefix = torch.from_numpy(tokens).to(device)
-        if stale is not None:
-            stale[0] += int((left_out > 0).sum())
-            stale[1] += int(left_out.sum())
     item, side, shown_emb = lookup_interactions(model.tables, batch, cfg, model.item_rows, shown, device)
     rows, cols, shape = batch.grid()
     grid = (rows, cols, shape) if rows is None else (rows.to(device), cols.to(device), shape)

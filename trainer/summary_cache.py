@@ -144,14 +144,20 @@ class SummaryCache:
                             tokens[order], empty)  # fmt: skip
 
     def summaries(
-        self, users: list[int], older: np.ndarray, window_start: np.ndarray, strict: bool = True
+        self,
+        users: list[int],
+        older: np.ndarray,
+        window_start: np.ndarray,
+        strict: bool = True,
+        stale: list[int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(summary tokens (users, tokens, dim) float32, older interactions each leaves out) for windows that start at
         history index ``older`` of the user, at times ``window_start``: each user's freshest summary whose point is at
         or before that index. A user the cache lacks (no history when it was built) reads the summary of an empty
         history. Raises one line when a user's every summary reaches into its window (a cache built later than this
         history); not ``strict`` (fine-tuning: impressions at any time, summaries at member boundaries), such a
-        window reads the empty summary, everything before it left out."""
+        window reads the empty summary, everything before it left out. ``stale`` (windows whose summary leaves older
+        interactions out, and how many) is added to."""
         out = np.repeat(self.empty[None], len(users), 0)
         left_out = np.asarray(older, np.int64).copy()
         for i, u in enumerate(users):
@@ -170,16 +176,21 @@ class SummaryCache:
                 )
             out[i] = _decode(self.tokens[j])
             left_out[i] -= int(self.covered[j])
+        if stale is not None:
+            stale[0] += int((left_out > 0).sum())
+            stale[1] += int(left_out.sum())
         return out, left_out
 
-    def for_batch(self, batch: Batch, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def for_batch(
+        self, batch: Batch, strict: bool = True, stale: list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`summaries` for every sample of a jagged ``batch`` read as one window: its first row is the window's
         start (``batch.offsets``: its index in the user's history)."""
         from trainer.data.batch import sample_starts
 
         first = sample_starts(batch.lengths)
         ts = batch.values["timestamp"][first.clamp_max(max(batch.num_interactions - 1, 0))]
-        return self.summaries(batch.users.tolist(), batch.offsets.numpy(), ts.numpy(), strict)
+        return self.summaries(batch.users.tolist(), batch.offsets.numpy(), ts.numpy(), strict, stale)
 
 
 def _decode(tokens: np.ndarray) -> np.ndarray:
