@@ -1,13 +1,13 @@
 """Lifelong-history summaries (issue 19, docs/lifelong.md): context 256 + 64 summary tokens vs 256 vs 2,048.
 
     python bench/lifelong.py [--seeds 0,1,2] [--steps 200] [--users 400] [--items 5000] [--mean-len 1500]
-                             [--favourites 0.15] [--arms ...] [--json]
+                             [--favourites 0.15] [--favourite-items 32] [--arms ...] [--json]
 
-Data: `argus data synth --favourites P --holdout loo`: every user has 32 favourite items drawn from the whole
-catalog, and a share P of the fresh draws replays one of them, so part of the planted signal lies in the older
-history (a 256-interaction window shows only some of a user's favourites, 2,048 show most). The same histories are
-written twice: cut into samples of 256 (`--max-len 256`, for the 256-context arm: every interaction is a target
-once, as for the others) and of 2,048.
+Data: `argus data synth --favourites P --holdout loo`: every user has 32 (--favourite-items) favourite items
+drawn from the whole catalog, and a share P of the fresh draws replays one of them, so part of the planted signal
+lies in the older history (a 256-interaction window shows only some of a user's favourites, 2,048 show most). The
+same histories are written twice: cut into samples of 256 (`--max-len 256`, for the 256-context arm: every
+interaction is a target once, as for the others) and of 2,048.
 
 Arms (`configs/nano.yaml`, the same steps and about the same interactions per batch):
   context 256               model.max_seq_len=256 on the 256-sample data
@@ -35,7 +35,9 @@ Beside them the reference SASRec (bench/reference_sasrec.py) on the 256-cut data
 
 Each run is ranked on the test split (the last interaction of every user; full ranking), and on its long-range
 slice: the users whose test target is a favourite the last 256 interactions do not show (what only a longer memory
-can get; HR@10 / HR@100 from the run's `argus export`, items ahead = a higher score).
+can get; HR@10 / HR@100 from the run's `argus export`, items ahead = a higher score); and every test user's
+favourites ranked by the served state, those the last 256 interactions show and those only older ones show (the
+share in the top 100 and the median rank: does the state know them at all?).
 Prints the mean and standard error over training seeds, with step time (the last logging window's mean).
 """
 
@@ -113,6 +115,48 @@ def long_range_users(data: Path, window: int) -> set[int]:
     return users
 
 
+def favourite_ranks(data: Path, export: Path, window: int) -> dict[str, float]:
+    """Does the served state know a user's favourites? Each test user's favourites ranked by the export's user
+    vector (items ahead: a higher score) over the whole catalog, apart for those the last ``window`` interactions
+    before the target show ("in") and those only older ones in the sample show ("beyond"): the share in the top 100
+    and the median rank as a share of the catalog (0.5: no better than chance). Unlike the long-range slice this
+    measures every user, whatever the target is."""
+    import tarfile
+
+    import numpy as np
+
+    from trainer.data import synth
+    from trainer.data.manifest import Manifest
+    from trainer.data.schema import decode_sample
+    from trainer.export import load_export
+
+    _, truth = synth.load_truth(data)
+    fav = dict(zip(truth["user"].tolist(), truth["favourites"]))
+    uid, uvec, _, iid, ivec = load_export(export)
+    ivec = ivec[np.argsort(iid)]
+    vec = dict(zip(uid.tolist(), uvec))
+    ranks: dict[str, list[int]] = {"in": [], "beyond": []}
+    for shard in Manifest.load(data).split("test").shards:
+        with tarfile.open(data / shard.path) as tf:
+            samples = [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
+        for s in samples:
+            if s.user not in vec:
+                continue
+            history = s.cols["item"][:-1]
+            recent, older = set(history[-window:].tolist()), set(history[:-window].tolist())
+            scores = ivec @ vec[s.user]
+            for f in set(fav[s.user].tolist()):
+                part = "in" if f in recent else "beyond" if f in older else None
+                if part:
+                    ranks[part].append(int((scores > scores[f]).sum()))
+    out = {}
+    for part, r in ranks.items():  # NaN: no favourite of that kind (e.g. short histories)
+        a = np.array(r)
+        out[f"fav_{part}/top100"] = float((a < 100).mean()) if r else float("nan")
+        out[f"fav_{part}/median_rank"] = float(np.median(a) / len(iid)) if r else float("nan")
+    return out
+
+
 def slice_hits(export: Path, users: set[int]) -> dict[str, float]:
     """HR@10 / HR@100 of the exported vectors' full ranking of each user's next item (items ahead: a higher
     score), on the long-range users and on the rest."""
@@ -155,6 +199,7 @@ def main() -> None:
     p.add_argument("--items", type=int, default=5000)
     p.add_argument("--mean-len", type=float, default=1500)
     p.add_argument("--favourites", type=float, default=0.15)
+    p.add_argument("--favourite-items", type=int, default=32, help="favourite items per user")
     p.add_argument("--batch", type=int, default=32, help="samples per batch of the 256-sample data")
     p.add_argument("--arms", default="", help="comma-separated arms (default: all)")
     p.add_argument("--reference-seconds", type=float, default=240, help="the reference's training cap (0: none)")
@@ -170,7 +215,8 @@ def main() -> None:
             data[max_len] = Path(tmp) / f"data-{max_len}"
             argus("data", "synth", "--out", str(data[max_len]), "--users", str(args.users), "--items",
                   str(args.items), "--mean-len", str(args.mean_len), "--shards", "2", "--seed", "0", "--holdout",
-                  "loo", "--favourites", str(args.favourites), "--max-len", str(max_len))  # fmt: skip
+                  "loo", "--favourites", str(args.favourites), "--favourite-items", str(args.favourite_items),
+                  "--max-len", str(max_len))  # fmt: skip
         per_sample = {m: mean_sample(d) for m, d in data.items()}
         batch = {256: args.batch, 2048: max(1, round(args.batch * per_sample[256] / per_sample[2048]))}
         long_users = long_range_users(data[2048], 256)
@@ -223,10 +269,12 @@ def main() -> None:
                                      "hr@100": r["model"]["hr@100"], "pop_hr@10": r["popularity"]["hr@10"],
                                      "step_s": last["time/step_s"], "compute_s": compute, "tps": last["tps"],
                                      "seconds": seconds,
-                                     **slice_hits(run / "export", long_users)})  # fmt: skip
+                                     **slice_hits(run / "export", long_users),
+                                     **favourite_ranks(data[2048], run / "export", 256)})  # fmt: skip
     summary = {arm: {k: mean_se([x[k] for x in rs]) for k in rs[0]} for arm, rs in results.items() if rs}
     for out in summary.values():  # the reference has no step time, long-range slice or popularity of its own
-        for key in ("hr@10", "ndcg@10", "long/hr@10", "long/hr@100", "step_s", "compute_s"):
+        fav = [f"fav_{p}/{m}" for p in ("in", "beyond") for m in ("top100", "median_rank")]
+        for key in ("hr@10", "ndcg@10", "long/hr@10", "long/hr@100", *fav, "step_s", "compute_s"):
             out.setdefault(key, (float("nan"), 0.0))
     report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "seeds": seeds, "steps": args.steps,
               "batch": batch, "mean_sample": per_sample, "unseen_favourite_share": unseen,
@@ -235,12 +283,16 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         return
     print(f"test targets that are a favourite the last 256 interactions do not show: {unseen:.1%} (the long slice)")
-    print(f"{'arm':36} {'HR@10':>16} {'NDCG@10':>16} {'long HR@10':>11} {'long HR@100':>12} {'step s':>7} "
-          f"{'compute s':>9}")  # fmt: skip
+    print("favourites ranked by the served state (top 100 share / median rank share), those the last 256 show (in)"
+          " and those only older interactions show (beyond)")  # fmt: skip
+    print(f"{'arm':36} {'HR@10':>16} {'NDCG@10':>16} {'long HR@10':>11} {'long HR@100':>12} {'fav in':>13} "
+          f"{'fav beyond':>13} {'step s':>7} {'compute s':>9}")  # fmt: skip
     for arm, out in summary.items():
         hr, nd = out["hr@10"], out["ndcg@10"]
+        fav = {p: f"{out[f'fav_{p}/top100'][0]:.3f}/{out[f'fav_{p}/median_rank'][0]:.2f}" for p in ("in", "beyond")}
         print(f"{arm:36} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['long/hr@10'][0]:11.4f} "
-              f"{out['long/hr@100'][0]:12.4f} {out['step_s'][0]:7.3f} {out['compute_s'][0]:9.3f}")  # fmt: skip
+              f"{out['long/hr@100'][0]:12.4f} {fav['in']:>13} {fav['beyond']:>13} {out['step_s'][0]:7.3f} "
+              f"{out['compute_s'][0]:9.3f}")  # fmt: skip
     pops = [x["pop_hr@10"] for rs in results.values() for x in rs if "pop_hr@10" in x]
     if pops:
         print(f"popularity HR@10 {statistics.mean(pops):.4f}")

@@ -52,6 +52,7 @@ def _synth(synthesize: Any, out: str, a: argparse.Namespace) -> Any:
         item_features=a.item_features,
         new_items=a.new_items,
         favourites=a.favourites,
+        **({} if a.favourite_items is None else {"favourite_items": a.favourite_items}),  # None: synth's default
         overwrite=a.overwrite,
     )
 
@@ -334,7 +335,14 @@ def add_data(sub: Any) -> None:
         type=float,
         default=0.0,
         metavar="SHARE",
-        help="share of fresh draws that replay one of the user's 32 lifelong favourite items (long-range signal)",
+        help="share of fresh draws that replay one of the user's lifelong favourite items (long-range signal)",
+    )
+    s.add_argument(
+        "--favourite-items",
+        type=int,
+        default=None,
+        metavar="N",
+        help="favourite items per user (--favourites; default 32)",
     )
     s.set_defaults(func=cmd_data_synth)
 

@@ -226,6 +226,8 @@ def launch(a: argparse.Namespace) -> int:
         cfg.finetune.init = str(Path(cfg.finetune.init).resolve())
     if cfg.data.summary_cache:
         cfg.data.summary_cache = str(Path(cfg.data.summary_cache).resolve())
+    if cfg.eval.val_summary_cache:
+        cfg.eval.val_summary_cache = str(Path(cfg.eval.val_summary_cache).resolve())
     loop_config = worker_config(cfg, a.num_workers, a.cpus_per_worker)  # before Ray: a bad drill is one line
     with _cluster(a):
         # train.overwrite: the old run goes now, once, in the driver (a worker group that Ray restarts after a

@@ -537,8 +537,10 @@ def test_summaries_of_histories_cut_into_members_equal_those_of_whole_histories(
 @pytest.mark.slow
 def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_run, tmp_path) -> None:
     """data.summary_cache: a new run trains on window-long samples after the cached summaries of another run's
-    summariser (every sample finds its own summary: none stale); argus eval --summary-cache ranks from the same
-    states export serves (checked against the export's vectors, ranked by brute force); caches are checked."""
+    summariser (every sample finds its own summary: none stale), validating after the val split's cache
+    (eval.val_summary_cache: the live model's metrics equal argus eval's of the saved checkpoint); argus eval
+    --summary-cache ranks from the same states export serves (checked against the export's vectors, ranked by brute
+    force); caches are checked."""
     import torch
     from helpers import TINY_MODEL, argus_own_process, argus_ranks, read_samples
 
@@ -547,7 +549,7 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
     from trainer.ranking import scores
 
     run, data = summary_run
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         argus_ranks("summarize", str(run), "--data", str(data), "--split", split, "--out", str(tmp_path / split),
                     nproc=1)  # fmt: skip
     tiny = [x for x in TINY_MODEL if not x.startswith("model.max_seq_len")]
@@ -568,8 +570,21 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
         "eval.every=0",
     ]
     down = tmp_path / "down"
-    outs = argus_ranks("train", *job, f"out={down}", f"data.summary_cache={tmp_path / 'train'}", nproc=2)
+    val = ["eval.every=2", f"eval.val_summary_cache={tmp_path / 'val'}"]
+    outs = argus_ranks("train", *job, f"out={down}", f"data.summary_cache={tmp_path / 'train'}", *val, nproc=2)
     assert not any("stale cache" in o for o in outs)
+    import json
+
+    logged = [json.loads(x) for x in (down / "metrics.jsonl").read_text().splitlines() if '"eval/ndcg@10"' in x]
+    assert [r["step"] for r in logged] == [2, 4]
+    from trainer import checkpoint
+
+    step4 = checkpoint.resolve_checkpoint(down)  # the last validation's checkpoint (argus eval RUN would read best)
+    assert step4.name.endswith("4")
+    rep = _json_of(argus_ranks("eval", str(step4), "--data", str(data), "--split", "val", "--summary-cache",
+                               str(tmp_path / "val"), "--json", nproc=1))  # fmt: skip
+    for k in ("hr@10", "ndcg@10", "hr@100", "ndcg@100"):
+        assert logged[-1][f"eval/{k}"] == pytest.approx(rep["model"][k], abs=1e-6), k
     # training reads the cache: one built at an earlier cutoff leaves interactions out, and says so
     from trainer.data.manifest import Manifest
 
@@ -606,7 +621,15 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
     code, _, err = argus_own_process("eval", str(down), "--data", str(data))  # its summaries are only in caches
     assert code != 0 and "--summary-cache" in err and err.strip().count("\n") == 0
     code, _, err = argus_own_process("train", *job, f"out={tmp_path / 'bad'}", cache, "eval.every_epochs=1")
-    assert code != 0 and "eval.every_epochs" in err and err.strip().count("\n") == 0
+    assert code != 0 and "eval.val_summary_cache" in err and err.strip().count("\n") == 0
+    for bad_val, why in ((tmp_path / "test", "split 'test'"), (tmp_path / "old", "split 'train'")):
+        code, _, err = argus_own_process("train", *job, f"out={tmp_path / 'bad'}", cache, "eval.every=2",
+                                         f"eval.val_summary_cache={bad_val}")  # fmt: skip
+        assert code != 0 and why in err and err.strip().count("\n") == 0
+    for extra in ([], [cache, "deepspeed.stage=3"]):  # in-line summaries; ZeRO-3
+        code, _, err = argus_own_process("train", *job, f"out={tmp_path / 'bad'}", "eval.every=2",
+                                         f"eval.val_summary_cache={tmp_path / 'val'}", *extra)  # fmt: skip
+        assert code != 0 and "eval.val_summary_cache" in err and err.strip().count("\n") == 0
     code, _, err = argus_own_process(
         "train", *job, f"out={tmp_path / 'bad'}", f"data.summary_cache={tmp_path / 'test'}"
     )
@@ -614,8 +637,6 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
 
     # train.init_from: the downstream model starts from the summariser's run (tables and dense weights); at a
     # vanishing learning rate its weights stay the summariser run's, which a fresh init's are not
-    from trainer import checkpoint
-
     tiny_lr = ["optim.lr=1e-12", "embeddings.lr=1e-12", "train.steps=1"]
     for name, init in (("warm", [f"train.init_from={run}"]), ("fresh", [])):
         argus_ranks("train", *job, f"out={tmp_path / name}", cache, *tiny_lr, *init, nproc=1)

@@ -537,7 +537,8 @@ def test_favourites_replay_each_users_own_items(tmp_path):
     _, truth = synth.load_truth(fav)
     picks = truth["favourites"]
     assert picks.shape == (60, synth.FAVOURITES) and m.source["favourites"] == 0.3
-    assert "favourites" not in Manifest.load(plain).source
+    assert m.source["favourite_items"] == synth.FAVOURITES
+    assert "favourites" not in Manifest.load(plain).source and "favourite_items" not in Manifest.load(plain).source
 
     def share_on_favourites(root: Path) -> float:
         hits = total = 0
@@ -555,3 +556,14 @@ def test_favourites_replay_each_users_own_items(tmp_path):
         SynthOracle(fav)
     with pytest.raises(ValueError, match="^favourites must be < 1"):
         synth.make_config(users=10, items=10, favourites=1.0)
+
+    # --favourite-items 4: four favourites per user, the same share of interactions on them
+    few = tmp_path / "few"
+    m4 = synth.synthesize(few, **kw, favourites=0.3, favourite_items=4)
+    picks = synth.load_truth(few)[1]["favourites"]
+    assert picks.shape == (60, 4) and m4.source["favourite_items"] == 4
+    assert 0.3 * 0.2 < share_on_favourites(few) < 0.3
+    with pytest.raises(ValueError, match="^favourite_items"):
+        synth.make_config(users=10, items=10, favourites=0.3, favourite_items=0)
+    with pytest.raises(ValueError, match="^favourite_items needs favourites"):
+        synth.make_config(users=10, items=10, favourite_items=4)

@@ -88,6 +88,9 @@ class EvalSection:
     patience: int = 0
     val_split: str = "val"
     val_max_users: int = 0  # 0 = every validation user
+    # A run on cached summaries (data.summary_cache) validates after the val split's cached summaries: a cache that
+    # the same summariser wrote (argus summarize SUMMARISER --split val; checked when training starts)
+    val_summary_cache: str = ""
 
     def validate(self, where: str = "eval") -> None:
         if not self.ks or min(self.ks) < 1:
@@ -244,9 +247,11 @@ class JobConfig:
                 (self.model.summary.reconstruction_weight > 0,
                  "model.summary.reconstruction_weight: the reconstruction loss trains the summariser in-line; "
                  "set it to 0 with data.summary_cache"),
-                (self.eval.every > 0 or self.eval.every_epochs > 0,
-                 "eval.every / eval.every_epochs: validation during training does not read a summary cache yet; "
-                 "set both to 0 and run argus eval --summary-cache"),
+                ((self.eval.every > 0 or self.eval.every_epochs > 0) and not self.eval.val_summary_cache
+                 and not self.finetune.enabled,  # fine-tuning does not validate during training (refused below)
+                 "eval.val_summary_cache: validation during training on cached summaries reads the val split's "
+                 f"cache (argus summarize SUMMARISER --split {self.eval.val_split}); or set eval.every and "
+                 "eval.every_epochs to 0"),
             ):  # fmt: skip
                 if bad:
                     raise ConfigError(why)
@@ -294,6 +299,14 @@ class JobConfig:
             raise ConfigError(
                 f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed model.max_seq_len {ctx}"
             )
+        if self.eval.val_summary_cache and not self.data.summary_cache:
+            raise ConfigError("eval.val_summary_cache: only a run on data.summary_cache validates after cached "
+                              "summaries (a model.summary run computes its own in-line)")  # fmt: skip
+        if self.eval.val_summary_cache and self.deepspeed.stage == 3:
+            # ZeRO-3 gathers a module's weights on every rank together; a rank whose validation users all lack
+            # history skips the forward after cached summaries (trainer/export.py: encode_users)
+            raise ConfigError("eval.val_summary_cache: not with deepspeed.stage=3 yet; validate with stage 0-2, or "
+                              "set eval.every=0 and run argus eval --summary-cache")  # fmt: skip
         if self.data.batch_tokens and self.data.batch_tokens < self.interactions_per_sample():
             raise ConfigError(
                 f"data.batch_tokens: {self.data.batch_tokens} is less than one row of "

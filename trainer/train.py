@@ -123,6 +123,14 @@ class Trainer:
                 f"(splits: {', '.join(self.manifest.splits)}); write one with --holdout, or set eval.every=0"
             )
         self.engine = self.engine_class(cfg, self.info, self.manifest, self.total_steps)
+        self.val_cache = None  # eval.val_summary_cache: read now, so a cache that does not fit fails before step 1
+        if self.eval_every and cfg.eval.val_summary_cache:
+            from trainer.summary_cache import SummaryCache, summariser_checkpoint
+
+            # by the summariser that wrote the training cache: the summaries the run learns to read
+            writer = summariser_checkpoint(cfg, self.run_dir)
+            n = self.manifest.split(cfg.eval.val_split).samples
+            self.val_cache = SummaryCache.load(cfg.eval.val_summary_cache, cfg, cfg.eval.val_split, writer, n)
         self.step = 0
         self.validation = Validation(cfg, self.run_dir)
         self.retention = checkpoint_store.Retention(cfg.train.keep_last, cfg.train.keep_every)
@@ -276,7 +284,7 @@ class Trainer:
         ev = self.cfg.eval
         keys = [f"{m}@{k}" for m in ("hr", "ndcg") for k in ev.ks]
         with self.inference_model() as model:
-            rep = rank_model(
+            full = rank_model(
                 model,
                 self.cfg.data.path,
                 self.manifest,
@@ -286,7 +294,14 @@ class Trainer:
                 self.info.rank,
                 self.info.world_size,
                 self.info.device,
-            )["model"]
+                cache=self.val_cache,
+            )
+        rep = full["model"]
+        stale = full.get("summary_cache", {})
+        if stale.get("stale_users") and self.info.rank == 0:
+            log.warning("validation at step %d: %d users read a summary from eval.val_summary_cache that leaves out "
+                        "%d older interactions (a stale cache)", self.step, stale["stale_users"],
+                        stale["interactions_left_out"])  # fmt: skip
         pre = "" if f"{ev.select}" in rep else "sampled_"  # a catalog above eval.full_ranking_max_items
         metrics = {f"eval/{pre}{k}": float(rep[pre + k]) for k in keys}
         self.validation.add(self.step, float(rep[pre + ev.select]), path, time.time() - self.t_start, self.info.rank)

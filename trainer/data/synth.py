@@ -125,7 +125,7 @@ _TAG_IMPRESSIONS = 0x494D_5052
 _TAG_FEATURES = 0x4645_4154
 _TAG_NEW = 0x4E45_5749
 _TAG_FAV = 0x4641_5653
-FAVOURITES = 32  # lifelong favourite items per user (--favourites)
+FAVOURITES = 32  # lifelong favourite items per user (--favourites; the default of --favourite-items)
 
 # Item metadata (--item-features): the item's cluster centroid, plus noise, plus its within-cluster popularity
 # along one fixed direction, so metadata alone place a new item near its cluster and hint at its popularity.
@@ -160,6 +160,7 @@ class SynthConfig:
     item_features: int = 0  # width of the item metadata vectors written beside the shards (0 = none)
     new_items: float = 0.0  # fraction of items held back until the temporal test window ("new" at the cut)
     favourites: float = 0.0  # share of fresh draws that replay one of the user's lifelong favourite items
+    favourite_items: int = FAVOURITES  # favourite items per user (with favourites > 0)
 
     @property
     def release_time(self) -> int:
@@ -231,6 +232,7 @@ def make_config(
     item_features: int = 0,
     new_items: float = 0.0,
     favourites: float = 0.0,
+    favourite_items: int = FAVOURITES,
 ) -> SynthConfig:
     """Validate arguments (one ValueError line naming the bad one) and resolve defaults."""
     _check_int("users", users, 1)
@@ -259,6 +261,9 @@ def make_config(
     _check_float("favourites", favourites, 0.0)
     if favourites >= 1.0:
         raise ValueError(f"favourites must be < 1 (got {favourites:g})")
+    _check_int("favourite_items", favourite_items, 1, 4096)
+    if favourite_items != FAVOURITES and not favourites:
+        raise ValueError("favourite_items needs favourites > 0 (the share of fresh draws that replay them)")
     if new_items and holdout != "temporal":
         raise ValueError("new_items needs holdout temporal: held-back items first appear in the test window")
     if impressions and not 0 < imp_test_days < imp_days <= days:
@@ -293,7 +298,15 @@ def make_config(
         item_features=int(item_features),
         new_items=float(new_items),
         favourites=float(favourites),
+        favourite_items=int(favourite_items),
     )
+
+
+def _unset(cfg: SynthConfig, key: str, value: object) -> bool:
+    """An option the dataset does not use, kept out of the manifest's source."""
+    if key == "favourite_items":
+        return not cfg.favourites
+    return not value and key in ("item_features", "new_items", "favourites")
 
 
 # ---- the world -----------------------------------------------------------------------------------------------
@@ -495,17 +508,16 @@ _CONTEXT_CDF = _cdf(CONTEXT_P)
 def _favourites(
     cfg: SynthConfig, u0: int, B: int, user_of: np.ndarray, fresh: np.ndarray, item: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``--favourites P``: every user has :data:`FAVOURITES` favourite items drawn uniformly from the catalog (so
-    neither popularity nor the user's clusters predict them) and a fresh draw replays one of them with probability
-    P. A short recent window shows only some of them; the whole history shows them all. Drawn from a stream of
-    their own, so every other column is the same as without the option. Returns (is favourite, items, each user's
-    favourites [B, FAVOURITES])."""
+    """``--favourites P``: every user has ``--favourite-items`` (:data:`FAVOURITES`) favourite items drawn uniformly
+    from the catalog (so neither popularity nor the user's clusters predict them) and a fresh draw replays one of
+    them with probability P. A short recent window shows only some of them; the whole history shows them all. Drawn
+    from a stream of their own. Returns (is favourite, items, each user's favourites [B, favourite_items])."""
     rng = np.random.default_rng([cfg.seed, _TAG_FAV, u0])
-    picks = rng.integers(0, cfg.items, size=(B, FAVOURITES))
+    picks = rng.integers(0, cfg.items, size=(B, cfg.favourite_items))
     fav = fresh & (rng.random(item.shape[0]) < cfg.favourites)
     idx = np.flatnonzero(fav)
     item = item.copy()
-    item[idx] = picks[user_of[idx], rng.integers(0, FAVOURITES, idx.shape[0])]
+    item[idx] = picks[user_of[idx], rng.integers(0, cfg.favourite_items, idx.shape[0])]
     return fav, item, picks
 
 
@@ -752,7 +764,7 @@ def _gen_batch(
         "active_end": act_end,
         "length": out_n.astype(np.int64),  # interactions written for the user (all splits together)
         **ostate,
-        **({} if fav_items is None else {"favourites": fav_items.astype(np.int64)}),  # [B, FAVOURITES] (--favourites)
+        **({} if fav_items is None else {"favourites": fav_items.astype(np.int64)}),  # [B, favourite_items]
     }
     probe_rows = None
     if probe:  # every row with a predecessor (for tests): the oracle state before it, and the row's item
@@ -931,7 +943,7 @@ def load_truth(root: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str
     Per user: ``user``, ``taste_support`` / ``taste`` (initial), ``drift_step``, ``active_start`` /
     ``active_end``, ``length``, and (version >= 2) the oracle state ``oracle_taste``, ``oracle_how``,
     ``oracle_context``, ``oracle_prev_item``, ``oracle_repeat_p`` (see the module docstring); with
-    ``--favourites``, ``favourites`` [users, FAVOURITES].
+    ``--favourites``, ``favourites`` [users, favourite_items].
     """
     root = Path(root)
     m = Manifest.load(root)
@@ -971,6 +983,7 @@ def synthesize(
     item_features: int = 0,
     new_items: float = 0.0,
     favourites: float = 0.0,
+    favourite_items: int = FAVOURITES,
     overwrite: bool = False,
 ) -> Manifest:
     """Write a synthetic dataset with planted structure to ``out`` and return its manifest.
@@ -982,7 +995,8 @@ def synthesize(
     ``item_features > 0`` writes item metadata vectors of that width (:func:`item_feature_vectors`,
     trainer/data/item_features.py); ``new_items`` (a temporal holdout) holds that fraction of the items back
     until the test window (:func:`held_back`; truth ``item_new``); ``favourites`` > 0 plants lifelong favourite
-    items (:func:`_favourites`), a signal beyond a short context (the oracle does not model it).
+    items (``favourite_items`` per user, :func:`_favourites`), a signal beyond a short context (the oracle does not
+    model it).
 
     ``workers=0`` uses min(shards, cpu count) processes; the output does not depend on ``workers``.
     ``clusters=0`` picks max(4, round(sqrt(items)/4)) (at most 2048). See the module docstring.
@@ -1007,6 +1021,7 @@ def synthesize(
         item_features=item_features,
         new_items=new_items,
         favourites=favourites,
+        favourite_items=favourite_items,
     )
     _check_int("workers", workers, 0)
     n_workers = min(cfg.shards, workers or os.cpu_count() or 1)
@@ -1033,7 +1048,8 @@ def synthesize(
         "kind": "synth",
         "generator": GENERATOR,
         "generator_version": GENERATOR_VERSION,
-        **{k: v for k, v in asdict(cfg).items() if v or k not in ("item_features", "new_items", "favourites")},
+        # options a dataset does not use stay out (the manifests of datasets without them are unchanged)
+        **{k: v for k, v in asdict(cfg).items() if not _unset(cfg, k, v)},
         "clusters_requested": int(clusters),
         "t0": T0,
         "t_end": cfg.t_end,
