@@ -1,7 +1,8 @@
 """Lifelong-history summaries (issue 19, docs/lifelong.md): context 256 + 64 summary tokens vs 256 vs 2,048.
 
     python bench/lifelong.py [--seeds 0,1,2] [--steps 200] [--users 400] [--items 5000] [--mean-len 1500]
-                             [--favourites 0.15] [--favourite-items 32] [--arms ...] [--json]
+                             [--favourites 0.15] [--favourite-items 32] [--favourite-skew 0] [--arms ...]
+                             [--json]
 
 Data: `argus data synth --favourites P --holdout loo`: every user has 32 (--favourite-items) favourite items
 drawn from the whole catalog, and a share P of the fresh draws replays one of them, so part of the planted signal
@@ -37,7 +38,9 @@ Each run is ranked on the test split (the last interaction of every user; full r
 slice: the users whose test target is a favourite the last 256 interactions do not show (what only a longer memory
 can get; HR@10 / HR@100 from the run's `argus export`, items ahead = a higher score); and every test user's
 favourites ranked by the served state, those the last 256 interactions show and those only older ones show (the
-share in the top 100 and the median rank: does the state know them at all?).
+share in the top 100 and the median rank: does the state know them at all?; with --json also over each user's
+first 8 favourites, `fav8_`: the most replayed ones with --favourite-skew S, which replays the j-th with weight
+j^-S).
 Prints the mean and standard error over training seeds, with step time (the last logging window's mean).
 """
 
@@ -119,7 +122,8 @@ def favourite_ranks(data: Path, export: Path, window: int) -> dict[str, float]:
     """Does the served state know a user's favourites? Each test user's favourites ranked by the export's user
     vector (items ahead: a higher score) over the whole catalog, apart for those the last ``window`` interactions
     before the target show ("in") and those only older ones in the sample show ("beyond"): the share in the top 100
-    and the median rank as a share of the catalog (0.5: no better than chance). Unlike the long-range slice this
+    and the median rank as a share of the catalog (0.5: no better than chance); ``fav8_``: the same over each
+    user's first 8 favourites (the most replayed ones with --favourite-skew). Unlike the long-range slice this
     measures every user, whatever the target is."""
     import tarfile
 
@@ -135,7 +139,7 @@ def favourite_ranks(data: Path, export: Path, window: int) -> dict[str, float]:
     uid, uvec, _, iid, ivec = load_export(export)
     ivec = ivec[np.argsort(iid)]
     vec = dict(zip(uid.tolist(), uvec))
-    ranks: dict[str, list[int]] = {"in": [], "beyond": []}
+    ranks: dict[str, list[int]] = {"in": [], "beyond": [], "8_in": [], "8_beyond": []}
     for shard in Manifest.load(data).split("test").shards:
         with tarfile.open(data / shard.path) as tf:
             samples = [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
@@ -145,15 +149,21 @@ def favourite_ranks(data: Path, export: Path, window: int) -> dict[str, float]:
             history = s.cols["item"][:-1]
             recent, older = set(history[-window:].tolist()), set(history[:-window].tolist())
             scores = ivec @ vec[s.user]
-            for f in set(fav[s.user].tolist()):
+            seen = set()
+            for j, f in enumerate(fav[s.user].tolist()):
                 part = "in" if f in recent else "beyond" if f in older else None
-                if part:
-                    ranks[part].append(int((scores > scores[f]).sum()))
+                if part and f not in seen:
+                    seen.add(f)
+                    rank = int((scores > scores[f]).sum())
+                    ranks[part].append(rank)
+                    if j < 8:
+                        ranks[f"8_{part}"].append(rank)
     out = {}
     for part, r in ranks.items():  # NaN: no favourite of that kind (e.g. short histories)
         a = np.array(r)
-        out[f"fav_{part}/top100"] = float((a < 100).mean()) if r else float("nan")
-        out[f"fav_{part}/median_rank"] = float(np.median(a) / len(iid)) if r else float("nan")
+        part = part if part.startswith("8") else f"_{part}"
+        out[f"fav{part}/top100"] = float((a < 100).mean()) if r else float("nan")
+        out[f"fav{part}/median_rank"] = float(np.median(a) / len(iid)) if r else float("nan")
     return out
 
 
@@ -200,6 +210,7 @@ def main() -> None:
     p.add_argument("--mean-len", type=float, default=1500)
     p.add_argument("--favourites", type=float, default=0.15)
     p.add_argument("--favourite-items", type=int, default=32, help="favourite items per user")
+    p.add_argument("--favourite-skew", type=float, default=0.0, help="the j-th favourite replayed with weight j^-S")
     p.add_argument("--batch", type=int, default=32, help="samples per batch of the 256-sample data")
     p.add_argument("--arms", default="", help="comma-separated arms (default: all)")
     p.add_argument("--reference-seconds", type=float, default=240, help="the reference's training cap (0: none)")
@@ -216,7 +227,7 @@ def main() -> None:
             argus("data", "synth", "--out", str(data[max_len]), "--users", str(args.users), "--items",
                   str(args.items), "--mean-len", str(args.mean_len), "--shards", "2", "--seed", "0", "--holdout",
                   "loo", "--favourites", str(args.favourites), "--favourite-items", str(args.favourite_items),
-                  "--max-len", str(max_len))  # fmt: skip
+                  "--favourite-skew", str(args.favourite_skew), "--max-len", str(max_len))  # fmt: skip
         per_sample = {m: mean_sample(d) for m, d in data.items()}
         batch = {256: args.batch, 2048: max(1, round(args.batch * per_sample[256] / per_sample[2048]))}
         long_users = long_range_users(data[2048], 256)
@@ -273,7 +284,7 @@ def main() -> None:
                                      **favourite_ranks(data[2048], run / "export", 256)})  # fmt: skip
     summary = {arm: {k: mean_se([x[k] for x in rs]) for k in rs[0]} for arm, rs in results.items() if rs}
     for out in summary.values():  # the reference has no step time, long-range slice or popularity of its own
-        fav = [f"fav_{p}/{m}" for p in ("in", "beyond") for m in ("top100", "median_rank")]
+        fav = [f"fav{p}/{m}" for p in ("_in", "_beyond", "8_in", "8_beyond") for m in ("top100", "median_rank")]
         for key in ("hr@10", "ndcg@10", "long/hr@10", "long/hr@100", *fav, "step_s", "compute_s"):
             out.setdefault(key, (float("nan"), 0.0))
     report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "seeds": seeds, "steps": args.steps,
@@ -289,9 +300,9 @@ def main() -> None:
           f"{'fav beyond':>13} {'step s':>7} {'compute s':>9}")  # fmt: skip
     for arm, out in summary.items():
         hr, nd = out["hr@10"], out["ndcg@10"]
-        fav = {p: f"{out[f'fav_{p}/top100'][0]:.3f}/{out[f'fav_{p}/median_rank'][0]:.2f}" for p in ("in", "beyond")}
+        fav = {p: f"{out[f'fav{p}/top100'][0]:.3f}/{out[f'fav{p}/median_rank'][0]:.2f}" for p in ("_in", "_beyond")}
         print(f"{arm:36} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['long/hr@10'][0]:11.4f} "
-              f"{out['long/hr@100'][0]:12.4f} {fav['in']:>13} {fav['beyond']:>13} {out['step_s'][0]:7.3f} "
+              f"{out['long/hr@100'][0]:12.4f} {fav['_in']:>13} {fav['_beyond']:>13} {out['step_s'][0]:7.3f} "
               f"{out['compute_s'][0]:9.3f}")  # fmt: skip
     pops = [x["pop_hr@10"] for rs in results.values() for x in rs if "pop_hr@10" in x]
     if pops:

@@ -53,6 +53,7 @@ def _synth(synthesize: Any, out: str, a: argparse.Namespace) -> Any:
         new_items=a.new_items,
         favourites=a.favourites,
         **({} if a.favourite_items is None else {"favourite_items": a.favourite_items}),  # None: synth's default
+        favourite_skew=a.favourite_skew,
         overwrite=a.overwrite,
     )
 
@@ -343,6 +344,13 @@ def add_data(sub: Any) -> None:
         default=None,
         metavar="N",
         help="favourite items per user (--favourites; default 32)",
+    )
+    s.add_argument(
+        "--favourite-skew",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="replay a user's j-th favourite with weight j^-S (--favourites; 0 = all alike)",
     )
     s.set_defaults(func=cmd_data_synth)
 

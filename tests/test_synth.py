@@ -567,3 +567,24 @@ def test_favourites_replay_each_users_own_items(tmp_path):
         synth.make_config(users=10, items=10, favourites=0.3, favourite_items=0)
     with pytest.raises(ValueError, match="^favourite_items needs favourites"):
         synth.make_config(users=10, items=10, favourite_items=4)
+
+    # --favourite-skew 1: the j-th favourite replayed with weight 1/j; counted apart from the generator
+    def replays(root: Path, picks: np.ndarray) -> np.ndarray:
+        n = np.zeros(picks.shape[1])
+        for sh in read_split(root, "train"):
+            for s in sh:
+                n += (s.cols["item"][:, None] == picks[s.user][None, :]).sum(0)
+        return n
+
+    skew = tmp_path / "skew"
+    ms = synth.synthesize(skew, **kw, favourites=0.3, favourite_skew=1.0)
+    assert ms.source["favourite_skew"] == 1.0 and "favourite_skew" not in m.source
+    flat, skewed = (
+        replays(fav, synth.load_truth(fav)[1]["favourites"]),
+        replays(skew, synth.load_truth(skew)[1]["favourites"]),
+    )
+    assert 0.5 < flat[:4].sum() / flat[-4:].sum() < 2  # all alike
+    w = 1 / np.arange(1, 33)
+    assert skewed[:4].sum() / skewed[-4:].sum() > 0.5 * w[:4].sum() / w[-4:].sum()  # about 16x
+    with pytest.raises(ValueError, match="^favourite_skew needs favourites"):
+        synth.make_config(users=10, items=10, favourite_skew=1.0)

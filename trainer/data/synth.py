@@ -161,6 +161,7 @@ class SynthConfig:
     new_items: float = 0.0  # fraction of items held back until the temporal test window ("new" at the cut)
     favourites: float = 0.0  # share of fresh draws that replay one of the user's lifelong favourite items
     favourite_items: int = FAVOURITES  # favourite items per user (with favourites > 0)
+    favourite_skew: float = 0.0  # the j-th favourite (from 1) is replayed with weight j^-skew (0 = all alike)
 
     @property
     def release_time(self) -> int:
@@ -233,6 +234,7 @@ def make_config(
     new_items: float = 0.0,
     favourites: float = 0.0,
     favourite_items: int = FAVOURITES,
+    favourite_skew: float = 0.0,
 ) -> SynthConfig:
     """Validate arguments (one ValueError line naming the bad one) and resolve defaults."""
     _check_int("users", users, 1)
@@ -262,8 +264,10 @@ def make_config(
     if favourites >= 1.0:
         raise ValueError(f"favourites must be < 1 (got {favourites:g})")
     _check_int("favourite_items", favourite_items, 1, 4096)
-    if favourite_items != FAVOURITES and not favourites:
-        raise ValueError("favourite_items needs favourites > 0 (the share of fresh draws that replay them)")
+    _check_float("favourite_skew", favourite_skew, 0.0)
+    for key, used in (("favourite_items", favourite_items != FAVOURITES), ("favourite_skew", favourite_skew > 0)):
+        if used and not favourites:
+            raise ValueError(f"{key} needs favourites > 0 (the share of fresh draws that replay the favourites)")
     if new_items and holdout != "temporal":
         raise ValueError("new_items needs holdout temporal: held-back items first appear in the test window")
     if impressions and not 0 < imp_test_days < imp_days <= days:
@@ -299,6 +303,7 @@ def make_config(
         new_items=float(new_items),
         favourites=float(favourites),
         favourite_items=int(favourite_items),
+        favourite_skew=float(favourite_skew),
     )
 
 
@@ -306,6 +311,8 @@ def _unset(cfg: SynthConfig, key: str, value: object) -> bool:
     """An option the dataset does not use, kept out of the manifest's source."""
     if key == "favourite_items":
         return not cfg.favourites
+    if key == "favourite_skew":
+        return not value
     return not value and key in ("item_features", "new_items", "favourites")
 
 
@@ -510,14 +517,22 @@ def _favourites(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``--favourites P``: every user has ``--favourite-items`` (:data:`FAVOURITES`) favourite items drawn uniformly
     from the catalog (so neither popularity nor the user's clusters predict them) and a fresh draw replays one of
-    them with probability P. A short recent window shows only some of them; the whole history shows them all. Drawn
+    them with probability P: the j-th (from 1) with weight j^-``favourite_skew`` (0: all alike; with a skew a user
+    replays a few favourites often, which teaches a model that users replay their own items, and the rest seldom,
+    beyond a short window). A short recent window shows only some of them; the whole history shows them all. Drawn
     from a stream of their own. Returns (is favourite, items, each user's favourites [B, favourite_items])."""
     rng = np.random.default_rng([cfg.seed, _TAG_FAV, u0])
     picks = rng.integers(0, cfg.items, size=(B, cfg.favourite_items))
     fav = fresh & (rng.random(item.shape[0]) < cfg.favourites)
     idx = np.flatnonzero(fav)
     item = item.copy()
-    item[idx] = picks[user_of[idx], rng.integers(0, cfg.favourite_items, idx.shape[0])]
+    if cfg.favourite_skew:
+        w = np.arange(1, cfg.favourite_items + 1, dtype=np.float64) ** -cfg.favourite_skew
+        j = np.searchsorted(np.cumsum(w) / w.sum(), rng.random(idx.shape[0]), side="right")
+        j = j.clip(0, cfg.favourite_items - 1)
+    else:
+        j = rng.integers(0, cfg.favourite_items, idx.shape[0])
+    item[idx] = picks[user_of[idx], j]
     return fav, item, picks
 
 
@@ -984,6 +999,7 @@ def synthesize(
     new_items: float = 0.0,
     favourites: float = 0.0,
     favourite_items: int = FAVOURITES,
+    favourite_skew: float = 0.0,
     overwrite: bool = False,
 ) -> Manifest:
     """Write a synthetic dataset with planted structure to ``out`` and return its manifest.
@@ -995,8 +1011,8 @@ def synthesize(
     ``item_features > 0`` writes item metadata vectors of that width (:func:`item_feature_vectors`,
     trainer/data/item_features.py); ``new_items`` (a temporal holdout) holds that fraction of the items back
     until the test window (:func:`held_back`; truth ``item_new``); ``favourites`` > 0 plants lifelong favourite
-    items (``favourite_items`` per user, :func:`_favourites`), a signal beyond a short context (the oracle does not
-    model it).
+    items (``favourite_items`` per user, replayed with weights ``favourite_skew``: :func:`_favourites`), a signal
+    beyond a short context (the oracle does not model it).
 
     ``workers=0`` uses min(shards, cpu count) processes; the output does not depend on ``workers``.
     ``clusters=0`` picks max(4, round(sqrt(items)/4)) (at most 2048). See the module docstring.
@@ -1022,6 +1038,7 @@ def synthesize(
         new_items=new_items,
         favourites=favourites,
         favourite_items=favourite_items,
+        favourite_skew=favourite_skew,
     )
     _check_int("workers", workers, 0)
     n_workers = min(cfg.shards, workers or os.cpu_count() or 1)
