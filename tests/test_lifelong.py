@@ -482,13 +482,20 @@ def test_cached_summaries_give_the_in_line_states_and_stale_or_newer_caches_are_
 
 
 def _cache_rows(cache: Path) -> dict[tuple[int, int], tuple[int, np.ndarray]]:
+    """(user, offset) -> (covered, tokens) of an fp32 cache, read with pyarrow and numpy alone (the layout in
+    trainer/summary_cache.py: each part's rows, and their tokens in order in the file beside it)."""
+    import json
+
     import pyarrow.parquet as pq
 
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["dtype"] == "fp32"
     out = {}
-    for part in sorted((cache / "users").glob("part-*.parquet")):
-        t = pq.read_table(part).to_pydict()
-        for u, o, c, tok in zip(t["user"], t["offset"], t["covered"], t["tokens"]):
-            out[(u, o)] = (c, np.asarray(tok, np.float32))
+    for part, tokens in zip(m["files"], m["token_files"]):
+        t = pq.read_table(cache / part).to_pydict()
+        tok = np.fromfile(cache / tokens, dtype="<f4").reshape(len(t["user"]), m["tokens"], m["dim"])
+        for u, o, c, x in zip(t["user"], t["offset"], t["covered"], tok):
+            out[(u, o)] = (c, x)
     return out
 
 
@@ -610,6 +617,24 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
     for k, v in want.items():
         assert rep["model"][k] == pytest.approx(v, abs=1e-6), k
     assert {s.user for s in read_samples(data, "test")} >= set(users.tolist())
+    # the tokens are mapped from their files, not loaded; a token file cut short is told in one line
+    import shutil
+
+    from trainer.checkpoint import saved_job
+    from trainer.summary_cache import SummaryCache
+
+    mapped = SummaryCache.load(tmp_path / "test", saved_job(step4), "test")
+    assert len(mapped.tokens) == len(mapped.before) > 30
+    assert all(isinstance(p, np.memmap) for p in mapped.tokens.parts if len(p))
+    shutil.copytree(tmp_path / "test", tmp_path / "cut")
+    tok = next((tmp_path / "cut" / "users").glob("*.tokens"))
+    tok.write_bytes(tok.read_bytes()[:-2])
+    code, _, err = argus_own_process("eval", str(down), "--data", str(data), "--summary-cache", str(tmp_path / "cut"))
+    assert code != 0 and "bytes where" in err and err.strip().count("\n") == 0
+    meta = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    (tmp_path / "cut" / "manifest.json").write_text(json.dumps({**meta, "version": 2}))  # tokens in the parquet
+    code, _, err = argus_own_process("eval", str(down), "--data", str(data), "--summary-cache", str(tmp_path / "cut"))
+    assert code != 0 and "a version 2 summary cache" in err and err.strip().count("\n") == 0
     # the cache must fit the run, and a run trained on a cache reads its summariser's caches only
     code, _, err = argus_own_process("eval", str(down), "--data", str(data), "--summary-cache", str(tmp_path / "nope"))
     assert code != 0 and "not a summary cache" in err and err.strip().count("\n") == 0
@@ -647,13 +672,9 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
         torch.testing.assert_close(warm[k], src[k], rtol=0, atol=1e-8)
     assert any(not torch.allclose(fresh[k], src[k], atol=1e-3) for k in src)
     # the run pins the checkpoint it started from, and a resume no longer needs it
-    import shutil
-
     shutil.copytree(run, tmp_path / "src")
     init = f"train.init_from={tmp_path / 'src'}"
     argus_ranks("train", *job, f"out={tmp_path / 'pinned'}", cache, "train.steps=1", init, nproc=1)
-    from trainer.checkpoint import saved_job
-
     pinned = saved_job(checkpoint.resolve_checkpoint(tmp_path / "pinned")).train.init_from
     assert pinned == str(checkpoint.resolve_checkpoint(tmp_path / "src").resolve())
     shutil.rmtree(tmp_path / "src")
@@ -713,6 +734,20 @@ def test_a_window_reads_its_users_freshest_summary_that_ends_before_it(tmp_path)
     assert got[0, 0, 0] == -1 and left.tolist() == [5]  # not strict: nothing fits, the empty summary
     with pytest.raises(ValueError, match="newer than this history"):  # in order, but its last row is later in time
         cache.summaries([7], np.array([16]), np.array([150]))
+
+
+def test_a_cache_of_more_parts_than_half_the_open_file_limit_is_refused() -> None:
+    """Every part's token file stays open while mapped: past half the open-file limit, one line naming ulimit."""
+    import resource
+
+    from trainer.summary_cache import _check_open_files
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("no open-file limit here")
+    _check_open_files(Path("cache"), soft // 2)
+    with pytest.raises(ValueError, match=r"^cache: its \d+ token files .* \(ulimit -n\)"):
+        _check_open_files(Path("cache"), soft // 2 + 1)
 
 
 def test_impression_windows_cut_each_impressions_history_like_a_loop(imp_data) -> None:

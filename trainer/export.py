@@ -294,16 +294,18 @@ def encode_items(
 
 
 # ---- files -------------------------------------------------------------------------------------------------------
+def stored_values(v: torch.Tensor, dtype: str) -> np.ndarray:
+    """Values as stored: float32, or bf16 as its raw bits in uint16 (rounded to nearest even, torch's cast)."""
+    if dtype == "bf16":
+        return v.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return v.float().numpy()
+
+
 def vector_array(v: torch.Tensor, dtype: str) -> Any:
-    """(n, dim) vectors -> a parquet fixed_size_list column: float32, or bf16 as its raw bits in uint16."""
+    """(n, dim) vectors -> a parquet fixed_size_list column (:func:`stored_values`)."""
     import pyarrow as pa
 
-    dim = v.shape[1]
-    if dtype == "bf16":  # round to nearest even (torch's cast), keep the 16 bits
-        flat = v.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(-1)
-    else:
-        flat = v.float().numpy().reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+    return pa.FixedSizeListArray.from_arrays(pa.array(stored_values(v, dtype).reshape(-1)), v.shape[1])
 
 
 class PartWriter:
@@ -551,11 +553,12 @@ def summarize(
     in pieces of ``model.summary.chunk`` tokens, ``batch_size`` pieces at a time. Collective, like :func:`export`
     (each rank its share of the shards); the same output checks. Returns the manifest (on every rank)."""
     from trainer.data.manifest import Manifest
-    from trainer.summary_cache import CACHE
+    from trainer.summary_cache import CACHE, TokenWriter
     from trainer.summary_cache import EMPTY as CACHE_EMPTY
     from trainer.summary_cache import FORMAT as CACHE_FORMAT
     from trainer.summary_cache import FORMAT_VERSION as CACHE_VERSION
     from trainer.summary_cache import MANIFEST as CACHE_MANIFEST
+    from trainer.summary_cache import TOKENS as CACHE_TOKENS
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -590,9 +593,9 @@ def summarize(
         t0 = time.perf_counter()
         writer = PartWriter(
             out / part_name("users", rank),
-            {"user": pa.int64(), "offset": pa.int64(), "before": pa.int64(), "covered": pa.int64(), "until": pa.int64(),
-             "tokens": pa.list_(pa.uint16() if dtype == "bf16" else pa.float32(), tokens * d)},
-        )  # fmt: skip
+            {k: pa.int64() for k in ("user", "offset", "before", "covered", "until")},
+        )
+        token_writer = TokenWriter(out / part_name("users", rank))  # row i of the part: its tokens, i-th in the file
         piece = max(1, cfg.model.summary.chunk // cfg.tokens_per_interaction())
         shards = list(range(rank, len(manifest.split(split).shards), world))  # a user's members stay together
         stream = iter(pieces(manifest, split, shards, cfg.window(), piece, at))
@@ -612,13 +615,14 @@ def summarize(
                         {"user": pa.array([u for u, _ in emits]), "offset": pa.array([e.offset for _, e in emits]),
                          "before": pa.array([e.before for _, e in emits]),
                          "covered": pa.array([e.covered for _, e in emits]),
-                         "until": pa.array([e.until for _, e in emits]),
-                         "tokens": vector_array(summ.reshape(len(emits), tokens * d), dtype)}
+                         "until": pa.array([e.until for _, e in emits])}
                     )  # fmt: skip
+                    token_writer.write(stored_values(summ, dtype))
             if rank == 0:  # what a user new since the cache reads: the summary of an empty history
                 empty = dense.summary.readout(dense.summary.init_state(1), project=False)
                 np.save(out / CACHE_EMPTY, empty[0].float().cpu().numpy())
         writer.close()
+        token_writer.close()
         dist.barrier()
         seconds = time.perf_counter() - t0
         stats: list[Any] = [None] * world
@@ -641,6 +645,8 @@ def summarize(
             "world_size": world,
             "files": [part_name("users", s["rank"]) for s in stats],
             "counts": {part_name("users", s["rank"]): s["samples"] for s in stats},
+            # beside each part: its rows' tokens in order, raw little-endian (rows, tokens, dim), float32 or bf16 bits
+            "token_files": [part_name("users", s["rank"]) + CACHE_TOKENS for s in stats],
             "timing": {
                 "seconds": round(seconds, 4),
                 "samples_per_s": n_rows / max(seconds, 1e-9),

@@ -12,13 +12,16 @@ sample is then encoded from its most recent window alone, after the cached token
 `argus summarize` writes one (``trainer/export.py: summarize``; plain, torchrun or the deepspeed launcher, each
 rank its share of the shards):
 ``CACHE/users/part-RRRRR.parquet`` (user, offset: the sample's key, before: the history index the summary stops at,
-covered, until, tokens: ``tokens x
-model.summary.dim`` values at the summariser's width, before its output projection to ``d_model``; fp32 or bf16
+covered, until), ``CACHE/users/part-RRRRR.parquet.tokens`` (row i's summary tokens, i-th: ``tokens x model.summary.dim``
+values at the summariser's width, before its output projection to ``d_model``; raw little-endian fp32, or bf16
 bits), ``CACHE/empty.npy`` (the summary of an empty history) and ``CACHE/manifest.json``, written last by rank 0.
+Readers map the token files (``np.memmap``) rather than load them: the ranks of a node share one copy in the page
+cache, and a cache larger than memory is paged in as batches read it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,16 +35,18 @@ if TYPE_CHECKING:
     from trainer.job import JobConfig
 
 FORMAT = "argus-summary-cache"
-FORMAT_VERSION = 2  # 2: a row per sample (offset), summaries of whole lifelong histories
+FORMAT_VERSION = 3  # 2: a row per sample (offset), summaries of whole lifelong histories; 3: tokens mapped, apart
+TOKENS = ".tokens"  # beside each part's parquet: its rows' tokens, raw
 MANIFEST = "manifest.json"
 EMPTY = "empty.npy"  # the summary of an empty history (what a user new since the cache reads)
 
 
 class CacheLayout(Layout):
-    """``manifest.json`` (written last) and each rank's parquet part."""
+    """``manifest.json`` (written last), each rank's parquet part and the token file beside it."""
 
     kind = "summary cache"
-    files = (MANIFEST, MANIFEST + ".tmp", EMPTY, "users/part-*.parquet", "users/part-*.parquet.tmp")
+    files = (MANIFEST, MANIFEST + ".tmp", EMPTY, "users/part-*.parquet", "users/part-*.parquet.tmp",
+             "users/part-*.parquet.tokens", "users/part-*.parquet.tokens.tmp")  # fmt: skip
     dirs = ("users",)
 
     def unvouched(self, root: Path) -> str | None:
@@ -79,10 +84,72 @@ def summariser_checkpoint(cfg: JobConfig, checkpoint: Path) -> Path:
     return Path(m["checkpoint"])
 
 
+class TokenWriter:
+    """One part's token file: rows appended raw, written under a temporary name and renamed into place when closed
+    (the part's parquet holds the rows' other columns in the same order)."""
+
+    def __init__(self, part: Path) -> None:
+        self.path = part.with_name(part.name + TOKENS)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.file = open(self.tmp, "wb")  # closed by close(), after the part's last batch
+
+    def write(self, values: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes())
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+
+class _Rows:
+    """The token rows of every part in the reader's order, mapped (``np.memmap``), one row read per lookup."""
+
+    def __init__(self, parts: list[np.ndarray], part: np.ndarray, local: np.ndarray) -> None:
+        self.parts, self.part, self.local = parts, part, local
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        return self.parts[self.part[j]][self.local[j]]
+
+
+def _check_open_files(root: Path, parts: int) -> None:
+    """A mapped file stays open as long as the cache is read: refuse a cache whose parts would take more than half of
+    this process's open-file limit (a cache written by many ranks), in one line."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError):  # no such limit here
+        return
+    if soft != resource.RLIM_INFINITY and parts > soft // 2:
+        raise ValueError(
+            f"{root}: its {parts} token files each stay open while mapped, over half this process's open-file limit "
+            f"({soft}): raise it (ulimit -n) or write the cache on fewer ranks"
+        )
+
+
+def _map_tokens(root: Path, name: str, rows: int, shape: tuple[int, int], dtype: type) -> np.ndarray:
+    """A part's token file mapped as (rows, tokens, dim); one line if its size does not match its row count."""
+    path = root / (name + TOKENS)
+    want = rows * shape[0] * shape[1] * np.dtype(dtype).itemsize
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (a cache written part-way, or changed since): rebuild it (argus summarize)")
+    size = path.stat().st_size
+    if size != want:
+        raise ValueError(f"{path}: {size} bytes where {rows} summaries take {want} (a cache written part-way, or "
+                         "changed since): rebuild it with argus summarize")  # fmt: skip
+    if rows == 0:  # an empty file cannot be mapped
+        return np.zeros((0, *shape), dtype)
+    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", shape=(rows, *shape))
+
+
 @dataclass
 class SummaryCache:
-    """A summary cache read back. Every rank holds all of it, as stored (bf16 stays 2 bytes a value): a training cache
-    of 10^6 samples x 64 x 64 tokens is 8 GiB per rank; the planner's header prints the bytes per summary."""
+    """A summary cache read back: the index columns held, the tokens mapped from their files (bf16 stays 2 bytes a
+    value; a training cache of 10^6 samples x 64 x 64 tokens is 8 GiB on disk, shared through the page cache by
+    the ranks of a node); the planner's header prints the bytes per summary."""
 
     root: Path
     manifest: dict[str, Any]
@@ -90,7 +157,7 @@ class SummaryCache:
     before: np.ndarray  # each summary's point: the history index every row it read comes before
     covered: np.ndarray
     until: np.ndarray
-    tokens: np.ndarray  # (rows, tokens, dim): float32, or bf16 bits as uint16
+    tokens: np.ndarray | _Rows  # row j: (tokens, dim) float32, or bf16 bits as uint16
     empty: np.ndarray  # (tokens, dim) float32: the summary of an empty history (a user new since the cache)
 
     @staticmethod
@@ -125,23 +192,26 @@ class SummaryCache:
         for key, value in want.items():
             if m.get(key) != value:
                 raise ValueError(f"{root}: summary cache {key} {m.get(key)} does not match the run's {value}")
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "before", "covered", "until", "tokens")}
-        for name in m["files"]:
-            t = pq.read_table(root / name)
+        dtype = np.uint16 if m["dtype"] == "bf16" else np.float32
+        _check_open_files(root, len(m["files"]))
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "before", "covered", "until", "part", "local")}
+        parts = []
+        for i, name in enumerate(m["files"]):
+            t = pq.read_table(root / name, columns=["user", "before", "covered", "until"])
             for k in ("user", "before", "covered", "until"):
                 cols[k].append(t.column(k).to_numpy())
-            flat = np.asarray(t.column("tokens").combine_chunks().values.to_numpy(zero_copy_only=False))
-            cols["tokens"].append(flat.reshape(len(t), m["tokens"], m["dim"]))
-        cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items() if k != "tokens"}
+            cols["part"].append(np.full(len(t), i, np.int32))
+            cols["local"].append(np.arange(len(t), dtype=np.int64))
+            parts.append(_map_tokens(root, name, len(t), (m["tokens"], m["dim"]), dtype))
+        cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()}
         order = np.lexsort((cat["before"], cat["user"]))
         users = cat["user"][order]
         cuts = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True]) if users.size else np.zeros(1, np.int64)
         index = {int(users[lo]): (int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])}
-        dtype = np.uint16 if m["dtype"] == "bf16" else np.float32
-        tokens = np.concatenate(cols["tokens"]) if cols["tokens"] else np.zeros((0, m["tokens"], m["dim"]), dtype)
+        tokens = _Rows(parts, cat["part"][order], cat["local"][order])
         empty = np.load(root / EMPTY).astype(np.float32)
         return SummaryCache(root, m, index, cat["before"][order], cat["covered"][order], cat["until"][order],
-                            tokens[order], empty)  # fmt: skip
+                            tokens, empty)  # fmt: skip
 
     def summaries(
         self,
