@@ -689,6 +689,38 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
     assert checkpoint.resolve_checkpoint(run).exists()  # nothing of the run it would start from was removed
 
 
+@pytest.mark.slow
+def test_a_summary_newer_than_its_window_on_one_rank_stops_every_rank(summary_run, tmp_path) -> None:
+    """data.summary_cache on 2 ranks (a cache with an empty part), one shard's summaries made newer than their
+    windows: the rank that reads them and the other both stop with that rank's line naming the user, printed once
+    (the other is not left in the step's collectives until train.timeout_s: the ranks get 300 s, the test 150)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import TINY_MODEL, argus_ranks, argus_ranks_failing
+
+    run, data = summary_run
+    cache = tmp_path / "cache"
+    # 3 ranks on 2 shards: rank 2 writes an empty part (an empty token file, which readers cannot map: held as none)
+    argus_ranks("summarize", str(run), "--data", str(data), "--split", "train", "--out", str(cache), nproc=3)
+    assert (cache / "users" / "part-00002.parquet.tokens").stat().st_size == 0
+    part = cache / "users" / "part-00001.parquet"  # rank 1's shards: their every summary now reaches past its window
+    t = pq.read_table(part)
+    t = t.set_column(t.schema.get_field_index("until"), "until", pa.array([2**62] * len(t), pa.int64()))
+    t = t.set_column(t.schema.get_field_index("covered"), "covered", pa.array([1] * len(t), pa.int64()))
+    pq.write_table(t, part)
+    tiny = [x for x in TINY_MODEL if not x.startswith(("model.max_seq_len", "train.timeout_s"))]
+    outs = argus_ranks_failing(
+        "train", "configs/mini.yaml", f"data.path={data}", f"out={tmp_path / 'down'}", *tiny, "model.max_seq_len=8",
+        "data.max_seq_len=8", "model.summary.tokens=4", "model.summary.dim=16", "model.summary.chunk=8",
+        "train.steps=4", "data.batch_size=8", "data.num_workers=0", "eval.every=0", f"data.summary_cache={cache}",
+        "train.timeout_s=300", nproc=2, timeout=150,
+    )  # fmt: skip
+    errs = [err.strip() for _, _, err in outs if err.strip()]
+    assert all(code != 0 for code, _, _ in outs)
+    assert len(errs) == 1 and errs[0].count("\n") == 0  # printed once, by whichever rank failed first
+    assert "past the start of the window it would be read with" in errs[0]  # the failing rank's line, the user's
+
+
 def _json_of(outs: list[str]) -> dict:
     import json
 

@@ -250,10 +250,23 @@ class Engine:
         """(samples, tokens, model.summary.dim) summary tokens each sample of ``batch`` reads (``data.summary_cache``):
         its user's freshest summary of the interactions before its first row; stale ones are counted."""
         assert self.summary_cache is not None
+        error = None
         if batch.keys == dummy_batch().keys:  # a rank without data: its stand-in reads the summary of an empty history
-            return torch.from_numpy(np.repeat(self.summary_cache.empty[None], batch.size, 0))
-        stale = self.summary_stale if self.lead else None  # a tp or sp group's batch is counted once
-        tokens, _ = self.summary_cache.for_batch(batch, strict=not self.cfg.finetune.enabled, stale=stale)
+            tokens = np.repeat(self.summary_cache.empty[None], batch.size, 0)
+        else:
+            stale = self.summary_stale if self.lead else None  # a tp or sp group's batch is counted once
+            try:
+                tokens, _ = self.summary_cache.for_batch(batch, strict=not self.cfg.finetune.enabled, stale=stale)
+            except ValueError as e:  # a summary newer than its window: a cache built later than this data
+                error = e
+        # Every rank agrees before the step's collectives (one that stopped here alone would leave the others
+        # waiting in them until train.timeout_s), and all raise the first failing rank's line, whichever prints it.
+        if self.all_reduce_sum(torch.tensor([float(error is not None)]))[0]:
+            lines: list[str | None] = [str(error) if error is not None else None]
+            if self.info.world_size > 1:
+                lines = [None] * self.info.world_size
+                dist.all_gather_object(lines, str(error) if error is not None else None)
+            raise ValueError(next(line for line in lines if line))
         return torch.from_numpy(tokens)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
