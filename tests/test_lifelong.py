@@ -690,10 +690,11 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
 
 
 @pytest.mark.slow
-def test_a_summary_newer_than_its_window_on_one_rank_stops_every_rank(summary_run, tmp_path) -> None:
+def test_a_summary_newer_than_its_window_on_one_rank_stops_every_rank_with_its_line(summary_run, tmp_path) -> None:
     """data.summary_cache on 2 ranks (a cache with an empty part), one shard's summaries made newer than their
     windows: the rank that reads them and the other both stop with that rank's line naming the user, printed once
-    (the other is not left in the step's collectives until train.timeout_s: the ranks get 300 s, the test 150)."""
+    (the other is not left in the step's collectives until train.timeout_s: the ranks get 300 s, the test 150);
+    argus eval --summary-cache the same way."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from helpers import TINY_MODEL, argus_ranks, argus_ranks_failing
@@ -719,6 +720,22 @@ def test_a_summary_newer_than_its_window_on_one_rank_stops_every_rank(summary_ru
     assert all(code != 0 for code, _, _ in outs)
     assert len(errs) == 1 and errs[0].count("\n") == 0  # printed once, by whichever rank failed first
     assert "past the start of the window it would be read with" in errs[0]  # the failing rank's line, the user's
+    # argus eval --summary-cache of the summariser's own run, on 2 ranks, the same way
+    test_cache = tmp_path / "test-cache"
+    argus_ranks("summarize", str(run), "--data", str(data), "--split", "test", "--out", str(test_cache), nproc=2)
+    part = test_cache / "users" / "part-00001.parquet"  # one user's summary only: the users are split over the ranks
+    t = pq.read_table(part)
+    one = np.asarray(t.column("user")) == int(np.asarray(t.column("user"))[0])
+    until, covered = np.asarray(t.column("until")).copy(), np.asarray(t.column("covered")).copy()
+    until[one], covered[one] = 2**62, np.maximum(covered[one], 1)
+    t = t.set_column(t.schema.get_field_index("until"), "until", pa.array(until))
+    t = t.set_column(t.schema.get_field_index("covered"), "covered", pa.array(covered))
+    pq.write_table(t, part)
+    outs = argus_ranks_failing("eval", str(run), "--data", str(data), "--summary-cache", str(test_cache), nproc=2,
+                               timeout=150)  # fmt: skip
+    errs = [err.strip() for _, _, err in outs if err.strip()]
+    assert all(code != 0 for code, _, _ in outs)
+    assert len(errs) == 1 and "past the start of the window it would be read with" in errs[0]
 
 
 def _json_of(outs: list[str]) -> dict:

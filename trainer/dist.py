@@ -85,6 +85,29 @@ def process_group(preference: str = "auto", timeout_s: float = 600.0) -> Iterato
             left_a_group = True
 
 
+class PeerFailed(ValueError):
+    """Raised by :func:`raise_together` on a rank whose own work was fine, with the failing rank's line: within a
+    group the CLI leaves the printing to the failing rank; once the group is gone, it prints this line where the
+    failing rank's would be silent (launch/cli.py)."""
+
+
+def raise_together(error: Exception | None, device: torch.device) -> None:
+    """Collective: when any rank has an ``error``, every rank stops: a failing rank raises its own, the others
+    :class:`PeerFailed` with the first failing rank's line, so none is left waiting in a later collective for a
+    rank that stopped (NCCL would wait until the group's timeout). One flag all-reduce when none failed; nothing
+    without a group of several ranks."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(flag)
+        if flag.item():
+            lines: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(lines, None if error is None else str(error))
+            if error is None:
+                raise PeerFailed(next((line for line in lines if line is not None), "another rank failed"))
+    if error is not None:
+        raise error
+
+
 left_a_group = False
 """Whether :func:`process_group` destroyed a group in this process. TorchRec's sharded modules keep the destroyed
 gloo group alive from C++ (measured: it outlives ``destroy_process_group`` and ``gc.collect``), and its destructor

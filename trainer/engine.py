@@ -24,7 +24,7 @@ from trainer.checkpoint_store import latest_checkpoint
 from trainer.data.batch import Batch
 from trainer.data.manifest import Manifest
 from trainer.data.schema import FIELDS, played_bucket
-from trainer.dist import DistInfo
+from trainer.dist import DistInfo, raise_together
 from trainer.job import JobConfig
 from trainer.memory import embedding_hbm_budget, embedding_lookups
 from trainer.model.argus import target_index
@@ -259,14 +259,8 @@ class Engine:
                 tokens, _ = self.summary_cache.for_batch(batch, strict=not self.cfg.finetune.enabled, stale=stale)
             except ValueError as e:  # a summary newer than its window: a cache built later than this data
                 error = e
-        # Every rank agrees before the step's collectives (one that stopped here alone would leave the others
-        # waiting in them until train.timeout_s), and all raise the first failing rank's line, whichever prints it.
-        if self.all_reduce_sum(torch.tensor([float(error is not None)]))[0]:
-            lines: list[str | None] = [str(error) if error is not None else None]
-            if self.info.world_size > 1:
-                lines = [None] * self.info.world_size
-                dist.all_gather_object(lines, str(error) if error is not None else None)
-            raise ValueError(next(line for line in lines if line))
+        # every rank agrees before the step's collectives, and all raise the failing rank's line, whichever prints it
+        raise_together(error, self.info.device)
         return torch.from_numpy(tokens)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
