@@ -160,9 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = exit_codes.classify(e)
         if failure is None:
             raise  # none of ours: a bug, its traceback is what helps
-        dist_module = sys.modules.get("trainer.dist")  # loaded by then if the error came from raise_together
+        dist_module = sys.modules.get("trainer.dist")  # loaded by then if the error came from together
         if dist_module is not None and isinstance(failure.error, dist_module.PeerFailed) and _in_group():
-            # another rank failed and, first in the group's counter, prints its line (trainer.dist.raise_together);
+            # another rank failed and, first in the group's counter, prints its line (trainer.dist.together);
             # exit after it, as a silent rank does: a launcher that stops the ranks once one exits could cut it off.
             # Once the group is gone (eval, export) LOCAL_RANK 0 prints, and this error carries the failing line.
             time.sleep(SILENT_RANK_GRACE_S)

@@ -42,7 +42,7 @@ CLASSES: dict[str, int] = {
     "OutputExistsError": CONFIG,  # trainer/data/outdir.py
     "ConvertError": CONFIG,  # trainer/data/convert.py
     "FaultSpecError": CONFIG,  # trainer/faults.py
-    "PeerFailed": CONFIG,  # trainer/dist.py: another rank's error (raise_together: a summary cache's ValueError)
+    "PeerFailed": CONFIG,  # trainer/dist.py: another rank's error (together: a summary cache's ValueError)
     # data
     "ShardReadError": DATA,  # trainer/data/reader.py
     "ManifestError": DATA,  # trainer/data/manifest.py

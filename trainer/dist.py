@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,16 +89,22 @@ def process_group(preference: str = "auto", timeout_s: float = 600.0) -> Iterato
 
 
 class PeerFailed(ValueError):
-    """Raised by :func:`raise_together` on a rank whose own work was fine, with the failing rank's line: within a
+    """Raised by :func:`together` on a rank whose own work was fine, with the failing rank's line: within a
     group the CLI leaves the printing to the failing rank; once the group is gone, it prints this line where the
     failing rank's would be silent (launch/cli.py)."""
 
 
-def raise_together(error: Exception | None, device: torch.device) -> None:
-    """Collective: when any rank has an ``error``, every rank stops: a failing rank raises its own, the others
+def together(work: Callable[[], T], device: torch.device) -> T:
+    """Collective: ``work()``'s result on every rank, or, when it raises a ValueError on any rank (bad input, e.g. a
+    summary cache newer than the data), every rank stops: a failing rank raises its own, the others
     :class:`PeerFailed` with the first failing rank's line, so none is left waiting in a later collective for a
     rank that stopped (NCCL would wait until the group's timeout). One flag all-reduce when none failed; nothing
-    without a group of several ranks."""
+    more without a group of several ranks."""
+    result, error = None, None
+    try:
+        result = work()
+    except ValueError as e:
+        error = e
     if dist.is_initialized() and dist.get_world_size() > 1:
         flag = torch.tensor([float(error is not None)], device=device)
         dist.all_reduce(flag)
@@ -106,6 +115,7 @@ def raise_together(error: Exception | None, device: torch.device) -> None:
                 raise PeerFailed(next((line for line in lines if line is not None), "another rank failed"))
     if error is not None:
         raise error
+    return cast(T, result)  # work() returned it: no error on any rank
 
 
 left_a_group = False

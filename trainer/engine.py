@@ -24,7 +24,7 @@ from trainer.checkpoint_store import latest_checkpoint
 from trainer.data.batch import Batch
 from trainer.data.manifest import Manifest
 from trainer.data.schema import FIELDS, played_bucket
-from trainer.dist import DistInfo, raise_together
+from trainer.dist import DistInfo, together
 from trainer.job import JobConfig
 from trainer.memory import embedding_hbm_budget, embedding_lookups
 from trainer.model.argus import target_index
@@ -249,19 +249,17 @@ class Engine:
     def cached_summaries(self, batch: Batch) -> torch.Tensor:
         """(samples, tokens, model.summary.dim) summary tokens each sample of ``batch`` reads (``data.summary_cache``):
         its user's freshest summary of the interactions before its first row; stale ones are counted."""
-        assert self.summary_cache is not None
-        error = None
-        if batch.keys == dummy_batch().keys:  # a rank without data: its stand-in reads the summary of an empty history
-            tokens = np.repeat(self.summary_cache.empty[None], batch.size, 0)
-        else:
+        cache = self.summary_cache
+        assert cache is not None
+
+        def read() -> np.ndarray:
+            if batch.keys == dummy_batch().keys:  # a rank without data: its stand-in reads an empty history's summary
+                return np.repeat(cache.empty[None], batch.size, 0)
             stale = self.summary_stale if self.lead else None  # a tp or sp group's batch is counted once
-            try:
-                tokens, _ = self.summary_cache.for_batch(batch, strict=not self.cfg.finetune.enabled, stale=stale)
-            except ValueError as e:  # a summary newer than its window: a cache built later than this data
-                error = e
-        # every rank agrees before the step's collectives, and all raise the failing rank's line, whichever prints it
-        raise_together(error, self.info.device)
-        return torch.from_numpy(tokens)
+            return cache.for_batch(batch, strict=not self.cfg.finetune.enabled, stale=stale)[0]
+
+        # every rank agrees before the step's collectives (a summary newer than its window stops them all)
+        return torch.from_numpy(together(read, self.info.device))
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         real = batch.size > 0

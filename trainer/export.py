@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from trainer import checkpoint
 from trainer.data.outdir import Layout, check_output, clear_output, read_json
 from trainer.data.storage import absolute, redact
-from trainer.dist import raise_together
+from trainer.dist import together
 
 if TYPE_CHECKING:
     from trainer.data.batch import Batch
@@ -234,20 +234,21 @@ def encode_users(
     if rows.context is not None and cfg.data.batch_tokens:  # a run trained on packed rows exports packed rows
         ctx.pack(context)
     item, side, _ = lookup_interactions(lookup, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
-    hist, prefix, error = None, None, None
+    hist, prefix = None, None
     if rows.context is not None:
         lengths = ctx.lengths.to(device)
         grid = ctx.grid()
         if grid[0] is not None:
             grid = (grid[0].to(device), grid[1].to(device), grid[2])
         hist = History(item, side, lengths, torch.cumsum(lengths, 0) - 1, grid, history_rows(ctx, item_rows, device))
-        if cache is not None:
-            try:
-                hist, prefix, rows = _cached_window(hist, rows, cache, cfg.window(), device, stale)
-            except ValueError as e:  # a summary newer than its window: a cache built later than this data
-                error = e
-    if cache is not None:  # every rank, every batch: all raise the failing rank's line, none waits for it
-        raise_together(error, device)
+    if cache is not None:  # every rank, every batch, history or not: a summary newer than its window stops them all
+
+        def window() -> tuple[History | None, torch.Tensor | None, UserRows]:
+            if hist is None:
+                return hist, prefix, rows
+            return _cached_window(hist, rows, cache, cfg.window(), device, stale)
+
+        hist, prefix, rows = together(window, device)
     if hist is None:
         return rows, torch.zeros(0, cfg.embeddings.item_dim)
     users, _ = served_vectors(cfg, dense, history=hist, prefix=prefix)

@@ -21,7 +21,7 @@ from trainer import checkpoint
 from trainer.config import ConfigError, to_dict
 from trainer.data.batch import Batch, sample_starts
 from trainer.data.schema import relevance
-from trainer.dist import raise_together
+from trainer.dist import together
 from trainer.engine import Engine, dummy_batch
 from trainer.job import JobConfig
 from trainer.model.interaction import history_rows, lookup_interactions
@@ -476,12 +476,8 @@ def _score(
     if cache is not None:
         batch, last = impression_windows(batch, inp["last"], cfg.window())
         inp = {**inp, "last": last}
-        tokens, error = None, None
-        try:
-            tokens, _ = cache.for_batch(batch, strict=False, stale=stale)
-        except ValueError as e:  # a summary newer than an impression's window: a cache built later than this data
-            error = e
-        raise_together(error, device)  # every rank stops with the failing rank's line, none waits for it
+        # every rank agrees: a summary newer than an impression's window stops them all
+        tokens, _ = together(lambda: cache.for_batch(batch, strict=False, stale=stale), device)
         prefix = torch.from_numpy(tokens).to(device)
     item, side, shown_emb = lookup_interactions(model.tables, batch, cfg, model.item_rows, shown, device)
     rows, cols, shape = batch.grid()

@@ -125,10 +125,12 @@ class Trainer:
         self.engine = self.engine_class(cfg, self.info, self.manifest, self.total_steps)
         self.val_cache = None  # eval.val_summary_cache: read now, so a cache that does not fit fails before step 1
         if self.eval_every and cfg.eval.val_summary_cache:
-            from trainer.summary_cache import SummaryCache, summariser_checkpoint
+            from trainer.summary_cache import SummaryCache
 
-            # by the summariser that wrote the training cache: the summaries the run learns to read
-            writer = summariser_checkpoint(cfg, self.run_dir)
+            # by the summariser that wrote the training cache (data.summary_cache, required with it): the summaries
+            # the run learns to read
+            assert self.engine.summary_cache is not None
+            writer = Path(self.engine.summary_cache.manifest["checkpoint"])
             n = self.manifest.split(cfg.eval.val_split).samples
             self.val_cache = SummaryCache.load(cfg.eval.val_summary_cache, cfg, cfg.eval.val_split, writer, n)
         self.step = 0
