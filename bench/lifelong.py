@@ -25,8 +25,9 @@ Arms (`configs/nano.yaml`, the same steps and about the same interactions per ba
   cached summary (warm start)
                             the same, started from the in-line run's weights (`train.init_from`): VISTA's second
                             stage after the first, 2 x --steps in all
-  context 256 + 64 summary (2x steps)
-                            its control: the in-line arm trained as long as both stages together
+  context 256 + 64 summary (2x steps), context 256 (2x steps), context 2048 (2x steps)
+                            its controls: the in-line arm and the plain contexts trained as long as both stages
+                            together
   context 256 + 64 summary (memory); cached summary (memory; warm start)
                             the same two stages with the summary tokens read as each block's keys and values only
                             (model.summary.read=memory: no queries or feed-forward for them)
@@ -55,11 +56,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.production import argus, mean_se, pick_arms  # noqa: E402
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from trainer.data.schema import Sample
 
 CACHED = "context 256 + 64 cached summary"
 WARM = "cached summary (warm start)"
@@ -77,6 +84,9 @@ ARMS = {
     # the in-line arm trained as long as the two stages together (its control)
     WARM: (256, ["model.max_seq_len=256", *SUMMARY]),
     "context 256 + 64 summary (2x steps)": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY]),
+    # the plain contexts trained as long as the two stages together (equal steps)
+    "context 256 (2x steps)": (256, ["model.max_seq_len=256"]),
+    "context 2048 (2x steps)": (2048, ["model.max_seq_len=2048"]),
     # the summary tokens read as each block's keys and values only (model.summary.read=memory): in-line, and cached
     # with a warm start from that run
     MEMORY: (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY, "model.summary.read=memory"]),
@@ -93,74 +103,83 @@ def mean_sample(data: Path) -> float:
     return s.interactions / max(1, s.samples)
 
 
-def long_range_users(data: Path, window: int) -> set[int]:
-    """Users whose test target is one of their favourites and absent from the ``window`` interactions before it
-    (what only a longer memory can get)."""
-    import tarfile
-
+def favourites(data: Path) -> tuple[dict[int, list[int]], np.ndarray, list[np.ndarray]]:
+    """Each user's favourites as units (items, or clusters with --favourite-clusters), every item's unit, and each
+    unit's items."""
     import numpy as np
 
     from trainer.data import synth
+
+    items, truth = synth.load_truth(data)
+    if "favourite_clusters" in truth:
+        unit, fav = items["item_cluster"].astype(np.int64), truth["favourite_clusters"]
+    else:
+        unit, fav = np.arange(items["item_cluster"].shape[0]), truth["favourites"]
+    members = np.split(np.argsort(unit, kind="stable"), np.cumsum(np.bincount(unit))[:-1])
+    return dict(zip(truth["user"].tolist(), fav.tolist())), unit, members
+
+
+def held_out_samples(data: Path) -> Iterator[Sample]:
+    """The test split's samples, shard by shard."""
+    import tarfile
+
     from trainer.data.manifest import Manifest
     from trainer.data.schema import decode_sample
 
-    _, truth = synth.load_truth(data)
-    fav = dict(zip(truth["user"].tolist(), truth["favourites"]))
-    users = set()
     for shard in Manifest.load(data).split("test").shards:
         with tarfile.open(data / shard.path) as tf:
-            samples = [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
-        for s in samples:
-            items = s.cols["item"]
-            target = int(items[-1])
-            if target in fav[s.user] and not np.isin(target, items[-1 - window : -1]):
-                users.add(int(s.user))
+            yield from [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
+
+
+def long_range_users(data: Path, window: int) -> set[int]:
+    """Users whose test target is one of their favourites (an item, or an item of a favourite cluster) that the
+    ``window`` interactions before it do not show (what only a longer memory can get)."""
+    fav, unit, _ = favourites(data)
+    users = set()
+    for s in held_out_samples(data):
+        units = unit[s.cols["item"]]
+        target = int(units[-1])
+        if target in fav[s.user] and target not in set(units[-1 - window : -1].tolist()):
+            users.add(int(s.user))
     return users
 
 
 def favourite_ranks(data: Path, export: Path, window: int) -> dict[str, float]:
-    """Does the served state know a user's favourites? Each test user's favourites ranked by the export's user
-    vector (items ahead: a higher score) over the whole catalog, apart for those the last ``window`` interactions
-    before the target show ("in") and those only older ones in the sample show ("beyond"): the share in the top 100
-    and the median rank as a share of the catalog (0.5: no better than chance); ``fav8_``: the same over each
-    user's first 8 favourites (the most replayed ones with --favourite-skew). Unlike the long-range slice this
-    measures every user, whatever the target is."""
-    import tarfile
-
+    """Does the served state know a user's favourites? The items of each test user's favourites (the item, or
+    every item of a favourite cluster) ranked by the export's user vector (items ahead: a higher score) over the
+    whole catalog, apart for favourites the last ``window`` interactions before the target show ("in") and those
+    only older ones in the sample show ("beyond"): the share in the top 100 and the median rank as a share of the
+    catalog (0.5: no better than chance); ``fav8_``: the same over each user's first 8 favourites (the most replayed
+    ones with --favourite-skew). Unlike the long-range slice this measures every user, whatever the target is."""
     import numpy as np
 
-    from trainer.data import synth
-    from trainer.data.manifest import Manifest
-    from trainer.data.schema import decode_sample
     from trainer.export import load_export
 
-    _, truth = synth.load_truth(data)
-    fav = dict(zip(truth["user"].tolist(), truth["favourites"]))
+    fav, unit, members = favourites(data)
     uid, uvec, _, iid, ivec = load_export(export)
     ivec = ivec[np.argsort(iid)]
     vec = dict(zip(uid.tolist(), uvec))
-    ranks: dict[str, list[int]] = {"in": [], "beyond": [], "8_in": [], "8_beyond": []}
-    for shard in Manifest.load(data).split("test").shards:
-        with tarfile.open(data / shard.path) as tf:
-            samples = [decode_sample(m.name.split(".")[0], tf.extractfile(m).read()) for m in tf]
-        for s in samples:
-            if s.user not in vec:
-                continue
-            history = s.cols["item"][:-1]
-            recent, older = set(history[-window:].tolist()), set(history[:-window].tolist())
-            scores = ivec @ vec[s.user]
-            seen = set()
-            for j, f in enumerate(fav[s.user].tolist()):
-                part = "in" if f in recent else "beyond" if f in older else None
-                if part and f not in seen:
-                    seen.add(f)
-                    rank = int((scores > scores[f]).sum())
-                    ranks[part].append(rank)
-                    if j < 8:
-                        ranks[f"8_{part}"].append(rank)
+    ranks: dict[str, list[np.ndarray]] = {"in": [], "beyond": [], "8_in": [], "8_beyond": []}
+    for s in held_out_samples(data):
+        if s.user not in vec:
+            continue
+        history = unit[s.cols["item"][:-1]]
+        recent, older = set(history[-window:].tolist()), set(history[:-window].tolist())
+        scores = ivec @ vec[s.user]
+        order = np.sort(scores)
+        seen = set()
+        for j, f in enumerate(fav[s.user]):
+            part = "in" if f in recent else "beyond" if f in older else None
+            if part and f not in seen:
+                seen.add(f)
+                own = scores[members[f]]
+                rank = len(scores) - np.searchsorted(order, own, side="right")  # items scored above each
+                ranks[part].append(rank)
+                if j < 8:
+                    ranks[f"8_{part}"].append(rank)
     out = {}
     for part, r in ranks.items():  # NaN: no favourite of that kind (e.g. short histories)
-        a = np.array(r)
+        a = np.concatenate(r) if r else np.zeros(0)
         part = part if part.startswith("8") else f"_{part}"
         out[f"fav{part}/top100"] = float((a < 100).mean()) if r else float("nan")
         out[f"fav{part}/median_rank"] = float(np.median(a) / len(iid)) if r else float("nan")
@@ -211,6 +230,8 @@ def main() -> None:
     p.add_argument("--favourites", type=float, default=0.15)
     p.add_argument("--favourite-items", type=int, default=32, help="favourite items per user")
     p.add_argument("--favourite-skew", type=float, default=0.0, help="the j-th favourite replayed with weight j^-S")
+    p.add_argument("--favourite-clusters", type=int, default=0, help="favourites are N clusters per user (not items)")
+    p.add_argument("--clusters", type=int, default=0, help="item clusters (0: synth's default, 18 for 5,000 items)")
     p.add_argument("--batch", type=int, default=32, help="samples per batch of the 256-sample data")
     p.add_argument("--arms", default="", help="comma-separated arms (default: all)")
     p.add_argument("--reference-seconds", type=float, default=240, help="the reference's training cap (0: none)")
@@ -226,8 +247,11 @@ def main() -> None:
             data[max_len] = Path(tmp) / f"data-{max_len}"
             argus("data", "synth", "--out", str(data[max_len]), "--users", str(args.users), "--items",
                   str(args.items), "--mean-len", str(args.mean_len), "--shards", "2", "--seed", "0", "--holdout",
-                  "loo", "--favourites", str(args.favourites), "--favourite-items", str(args.favourite_items),
-                  "--favourite-skew", str(args.favourite_skew), "--max-len", str(max_len))  # fmt: skip
+                  "loo", "--favourites", str(args.favourites),
+                  "--favourite-skew", str(args.favourite_skew), "--max-len", str(max_len), "--clusters",
+                  str(args.clusters),
+                  *(["--favourite-clusters", str(args.favourite_clusters)] if args.favourite_clusters else []),
+                  *([] if args.favourite_clusters else ["--favourite-items", str(args.favourite_items)]))  # fmt: skip
         per_sample = {m: mean_sample(d) for m, d in data.items()}
         batch = {256: args.batch, 2048: max(1, round(args.batch * per_sample[256] / per_sample[2048]))}
         long_users = long_range_users(data[2048], 256)

@@ -38,6 +38,7 @@ def _synth(synthesize: Any, out: str, a: argparse.Namespace) -> Any:
         mean_len=a.mean_len,
         shards=a.shards,
         seed=a.seed,
+        clusters=a.clusters,
         holdout=a.holdout,
         max_len=a.max_len,
         workers=a.workers,
@@ -54,6 +55,7 @@ def _synth(synthesize: Any, out: str, a: argparse.Namespace) -> Any:
         favourites=a.favourites,
         **({} if a.favourite_items is None else {"favourite_items": a.favourite_items}),  # None: synth's default
         favourite_skew=a.favourite_skew,
+        favourite_clusters=a.favourite_clusters,
         overwrite=a.overwrite,
     )
 
@@ -308,6 +310,9 @@ def add_data(sub: Any) -> None:
     s.add_argument("--holdout", choices=["none", "loo", "temporal"], default="loo")
     s.add_argument("--max-len", type=int, default=8192, help="longest sample; longer histories are chunked")
     s.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
+    s.add_argument(
+        "--clusters", type=int, default=0, help='item clusters ("genres"; 0 = max(4, round(sqrt(items) / 4)))'
+    )
     s.add_argument("--days", type=int, default=120, help="length of the simulated time window")
     s.add_argument("--val-days", type=float, default=7.0)
     s.add_argument("--test-days", type=float, default=7.0)
@@ -351,6 +356,14 @@ def add_data(sub: Any) -> None:
         default=0.0,
         metavar="S",
         help="replay a user's j-th favourite with weight j^-S (--favourites; 0 = all alike)",
+    )
+    s.add_argument(
+        "--favourite-clusters",
+        type=int,
+        default=0,
+        metavar="N",
+        help="favourites are N clusters per user instead of items: a replay visits one (--favourites; needs --clusters"
+        " large enough that N of them are a small part of the catalog)",
     )
     s.set_defaults(func=cmd_data_synth)
 

@@ -588,3 +588,42 @@ def test_favourites_replay_each_users_own_items(tmp_path):
     assert skewed[:4].sum() / skewed[-4:].sum() > 0.5 * w[:4].sum() / w[-4:].sum()  # about 16x
     with pytest.raises(ValueError, match="^favourite_skew needs favourites"):
         synth.make_config(users=10, items=10, favourite_skew=1.0)
+
+
+def test_favourite_clusters_are_revisited_in_visits(tmp_path):
+    """--favourite-clusters: favourites are clusters (each user's drawn uniformly from all of them): a replay opens
+    a visit to one, the session's next draws stay in it; the share of interactions in a user's favourite clusters
+    is far above what the same clusters get without the option, and those interactions come in runs."""
+    kw = dict(users=60, items=5000, mean_len=200, shards=2, seed=3, workers=1, clusters=250)
+    plain, fav = tmp_path / "plain", tmp_path / "fav"
+    synth.synthesize(plain, **kw)
+    m = synth.synthesize(fav, **kw, favourites=0.3, favourite_clusters=16)
+    items, truth = synth.load_truth(fav)
+    picks = truth["favourite_clusters"]
+    assert picks.shape == (60, 16) and 0 <= picks.min() and picks.max() < 250 and "favourites" not in truth
+    assert m.source["favourite_clusters"] == 16 and "favourite_items" not in m.source
+    assert "favourite_clusters" not in Manifest.load(plain).source
+    cluster = items["item_cluster"].astype(np.int64)
+
+    def on_favourites(root: Path) -> tuple[float, float]:
+        """(share of interactions in the user's favourite clusters, share of those whose previous one is in the
+        same cluster)"""
+        hits = total = runs = 0
+        for sh in read_split(root, "train"):
+            for s in sh:
+                c = cluster[s.cols["item"]]
+                on = np.isin(c, picks[s.user])
+                hits, total = hits + int(on.sum()), total + len(c)
+                runs += int((on[1:] & (c[1:] == c[:-1])).sum())
+        return hits / total, runs / max(hits, 1)
+
+    (with_fav, run_share), (without, _) = on_favourites(fav), on_favourites(plain)
+    assert with_fav > 0.3 * 0.3 and with_fav > 3 * without
+    assert run_share > 0.5  # visits: the draws after a replay stay in its cluster (about 0.2 if they did not)
+    for bad, match in (
+        (dict(favourite_clusters=4), "^favourite_clusters needs favourites"),
+        (dict(favourites=0.3, favourite_clusters=4, favourite_items=8), "^favourite_items and favourite_clusters"),
+        (dict(favourites=0.3, favourite_clusters=300, clusters=250), r"^favourite_clusters must be in \[0, 250\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            synth.make_config(users=10, items=5000, **bad)

@@ -39,6 +39,7 @@ from trainer.dist import together
 
 if TYPE_CHECKING:
     from trainer.data.batch import Batch
+    from trainer.data.lifelong import Emit
     from trainer.job import JobConfig
     from trainer.model.argus import Grid
     from trainer.summary_cache import SummaryCache
@@ -341,6 +342,44 @@ class PartWriter:
         os.replace(self.tmp, self.path)
 
 
+class SummaryPartWriter:
+    """One rank's part of a summary cache: each summary's index columns (user, offset, before, covered, until) in
+    the parquet part, its tokens raw in the token file beside it, row i of one the i-th of the other; both written
+    under temporary names and renamed into place when closed."""
+
+    def __init__(self, part: Path) -> None:
+        import pyarrow as pa
+
+        from trainer.summary_cache import TOKENS
+
+        self.index = PartWriter(part, {k: pa.int64() for k in ("user", "offset", "before", "covered", "until")})
+        self.tokens_path = part.with_name(part.name + TOKENS)
+        self.tokens_tmp = self.tokens_path.with_name(self.tokens_path.name + ".tmp")
+        self.tokens = open(self.tokens_tmp, "wb")  # closed by close(), after the part's last batch
+
+    @property
+    def rows(self) -> int:
+        return self.index.rows
+
+    def write(self, emits: list[tuple[int, Emit]], tokens: np.ndarray) -> None:
+        """``emits``: (user, what the summary covers: ``offset``, ``before``, ``covered``, ``until``) per row of
+        ``tokens`` [rows, summary tokens, dim], stored little-endian."""
+        import pyarrow as pa
+
+        if len(emits) != tokens.shape[0]:
+            raise ValueError(f"summary cache: {len(emits)} index rows for {tokens.shape[0]} token rows")
+        columns = {"user": pa.array([u for u, _ in emits])}
+        for key in ("offset", "before", "covered", "until"):
+            columns[key] = pa.array([getattr(e, key) for _, e in emits])  # the Emit fields
+        self.index.write(columns)
+        self.tokens.write(np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<")).tobytes())
+
+    def close(self) -> None:
+        self.index.close()
+        self.tokens.close()
+        os.replace(self.tokens_tmp, self.tokens_path)
+
+
 def part_name(kind: str, rank: int) -> str:
     return f"{kind}/part-{rank:05d}.parquet"
 
@@ -561,7 +600,7 @@ def summarize(
     in pieces of ``model.summary.chunk`` tokens, ``batch_size`` pieces at a time. Collective, like :func:`export`
     (each rank its share of the shards); the same output checks. Returns the manifest (on every rank)."""
     from trainer.data.manifest import Manifest
-    from trainer.summary_cache import CACHE, TokenWriter
+    from trainer.summary_cache import CACHE
     from trainer.summary_cache import EMPTY as CACHE_EMPTY
     from trainer.summary_cache import FORMAT as CACHE_FORMAT
     from trainer.summary_cache import FORMAT_VERSION as CACHE_VERSION
@@ -586,7 +625,6 @@ def summarize(
     out = Path(out_dir)
     replace = check_output(out, CACHE, overwrite=overwrite, flag="--overwrite")
 
-    import pyarrow as pa
     import torch.distributed as dist
 
     from trainer.data.lifelong import pieces
@@ -599,11 +637,7 @@ def summarize(
         _, tables, item_rows, dense = checkpoint.load_model_sharded(path, manifest, dev, world)
         dist.barrier()
         t0 = time.perf_counter()
-        writer = PartWriter(
-            out / part_name("users", rank),
-            {k: pa.int64() for k in ("user", "offset", "before", "covered", "until")},
-        )
-        token_writer = TokenWriter(out / part_name("users", rank))  # row i of the part: its tokens, i-th in the file
+        writer = SummaryPartWriter(out / part_name("users", rank))
         piece = max(1, cfg.model.summary.chunk // cfg.tokens_per_interaction())
         shards = list(range(rank, len(manifest.split(split).shards), world))  # a user's members stay together
         stream = iter(pieces(manifest, split, shards, cfg.window(), piece, at))
@@ -619,18 +653,11 @@ def summarize(
                 emits, summ = reader.read(group)
                 read += sum(p.rows for p in group)
                 if emits:
-                    writer.write(
-                        {"user": pa.array([u for u, _ in emits]), "offset": pa.array([e.offset for _, e in emits]),
-                         "before": pa.array([e.before for _, e in emits]),
-                         "covered": pa.array([e.covered for _, e in emits]),
-                         "until": pa.array([e.until for _, e in emits])}
-                    )  # fmt: skip
-                    token_writer.write(stored_values(summ, dtype))
+                    writer.write(emits, stored_values(summ, dtype))
             if rank == 0:  # what a user new since the cache reads: the summary of an empty history
                 empty = dense.summary.readout(dense.summary.init_state(1), project=False)
                 np.save(out / CACHE_EMPTY, empty[0].float().cpu().numpy())
         writer.close()
-        token_writer.close()
         dist.barrier()
         seconds = time.perf_counter() - t0
         stats: list[Any] = [None] * world

@@ -21,7 +21,6 @@ cache, and a cache larger than memory is paged in as batches read it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,23 +81,6 @@ def summariser_checkpoint(cfg: JobConfig, checkpoint: Path) -> Path:
         raise ValueError(f"data.summary_cache: {cfg.data.summary_cache} (the run's training cache) is gone: it names "
                          "the summariser whose summaries this run reads")  # fmt: skip
     return Path(m["checkpoint"])
-
-
-class TokenWriter:
-    """One part's token file: rows appended raw, written under a temporary name and renamed into place when closed
-    (the part's parquet holds the rows' other columns in the same order)."""
-
-    def __init__(self, part: Path) -> None:
-        self.path = part.with_name(part.name + TOKENS)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.file = open(self.tmp, "wb")  # closed by close(), after the part's last batch
-
-    def write(self, values: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes())
-
-    def close(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
 
 
 class _Rows:

@@ -162,6 +162,7 @@ class SynthConfig:
     favourites: float = 0.0  # share of fresh draws that replay one of the user's lifelong favourite items
     favourite_items: int = FAVOURITES  # favourite items per user (with favourites > 0)
     favourite_skew: float = 0.0  # the j-th favourite (from 1) is replayed with weight j^-skew (0 = all alike)
+    favourite_clusters: int = 0  # favourites are this many clusters per user instead of items (0 = items)
 
     @property
     def release_time(self) -> int:
@@ -235,6 +236,7 @@ def make_config(
     favourites: float = 0.0,
     favourite_items: int = FAVOURITES,
     favourite_skew: float = 0.0,
+    favourite_clusters: int = 0,
 ) -> SynthConfig:
     """Validate arguments (one ValueError line naming the bad one) and resolve defaults."""
     _check_int("users", users, 1)
@@ -265,9 +267,18 @@ def make_config(
         raise ValueError(f"favourites must be < 1 (got {favourites:g})")
     _check_int("favourite_items", favourite_items, 1, 4096)
     _check_float("favourite_skew", favourite_skew, 0.0)
-    for key, used in (("favourite_items", favourite_items != FAVOURITES), ("favourite_skew", favourite_skew > 0)):
+    resolved_clusters = int(clusters) or auto_clusters(int(items))
+    _check_int("favourite_clusters", favourite_clusters, 0, resolved_clusters)
+    uses = (
+        ("favourite_items", favourite_items != FAVOURITES),
+        ("favourite_skew", favourite_skew > 0),
+        ("favourite_clusters", favourite_clusters > 0),
+    )
+    for key, used in uses:
         if used and not favourites:
             raise ValueError(f"{key} needs favourites > 0 (the share of fresh draws that replay the favourites)")
+    if favourite_clusters and favourite_items != FAVOURITES:
+        raise ValueError("favourite_items and favourite_clusters: favourites are items or clusters, set one")
     if new_items and holdout != "temporal":
         raise ValueError("new_items needs holdout temporal: held-back items first appear in the test window")
     if impressions and not 0 < imp_test_days < imp_days <= days:
@@ -290,7 +301,7 @@ def make_config(
         seed=int(seed),
         holdout=holdout,
         max_len=int(max_len),
-        clusters=int(clusters) or auto_clusters(int(items)),
+        clusters=resolved_clusters,
         days=int(days),
         val_days=float(val_days),
         test_days=float(test_days),
@@ -304,14 +315,15 @@ def make_config(
         favourites=float(favourites),
         favourite_items=int(favourite_items),
         favourite_skew=float(favourite_skew),
+        favourite_clusters=int(favourite_clusters),
     )
 
 
 def _unset(cfg: SynthConfig, key: str, value: object) -> bool:
     """An option the dataset does not use, kept out of the manifest's source."""
     if key == "favourite_items":
-        return not cfg.favourites
-    if key == "favourite_skew":
+        return not cfg.favourites or bool(cfg.favourite_clusters)
+    if key in ("favourite_skew", "favourite_clusters"):
         return not value
     return not value and key in ("item_features", "new_items", "favourites")
 
@@ -513,27 +525,32 @@ _CONTEXT_CDF = _cdf(CONTEXT_P)
 
 # ---- one batch of users ---------------------------------------------------------------------------------------
 def _favourites(
-    cfg: SynthConfig, u0: int, B: int, user_of: np.ndarray, fresh: np.ndarray, item: np.ndarray
+    cfg: SynthConfig, u0: int, B: int, pool: int, user_of: np.ndarray, fresh: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``--favourites P``: every user has ``--favourite-items`` (:data:`FAVOURITES`) favourite items drawn uniformly
-    from the catalog (so neither popularity nor the user's clusters predict them) and a fresh draw replays one of
-    them with probability P: the j-th (from 1) with weight j^-``favourite_skew`` (0: all alike; with a skew a user
-    replays a few favourites often, which teaches a model that users replay their own items, and the rest seldom,
-    beyond a short window). A short recent window shows only some of them; the whole history shows them all. Drawn
-    from a stream of their own. Returns (is favourite, items, each user's favourites [B, favourite_items])."""
+    """``--favourites P``: every user has ``--favourite-items`` (:data:`FAVOURITES`) favourite items, or with
+    ``--favourite-clusters F`` F favourite clusters, drawn uniformly from the ``pool`` (the catalog, or the clusters:
+    so neither popularity nor the user's taste predicts them), and a fresh draw replays one of them with probability
+    P: the j-th (from 1) with weight j^-``favourite_skew`` (0: all alike; with a skew a user replays a few favourites
+    often, which teaches a model that users replay their own, and the rest seldom, beyond a short window). A short
+    recent window shows only some of them; the whole history shows them all. Drawn from a stream of their own.
+    Returns (is a replay [N], the favourite replayed [replays], each user's favourites [B, F])."""
+    count = cfg.favourite_clusters or cfg.favourite_items
     rng = np.random.default_rng([cfg.seed, _TAG_FAV, u0])
-    picks = rng.integers(0, cfg.items, size=(B, cfg.favourite_items))
-    fav = fresh & (rng.random(item.shape[0]) < cfg.favourites)
+    picks = rng.integers(0, pool, size=(B, count))
+    fav = fresh & (rng.random(fresh.shape[0]) < cfg.favourites)
     idx = np.flatnonzero(fav)
-    item = item.copy()
     if cfg.favourite_skew:
-        w = np.arange(1, cfg.favourite_items + 1, dtype=np.float64) ** -cfg.favourite_skew
+        w = np.arange(1, count + 1, dtype=np.float64) ** -cfg.favourite_skew
         j = np.searchsorted(np.cumsum(w) / w.sum(), rng.random(idx.shape[0]), side="right")
-        j = j.clip(0, cfg.favourite_items - 1)
+        j = j.clip(0, count - 1)
     else:
-        j = rng.integers(0, cfg.favourite_items, idx.shape[0])
-    item[idx] = picks[user_of[idx], j]
-    return fav, item, picks
+        j = rng.integers(0, count, idx.shape[0])
+    return fav, picks[user_of[idx], j], picks
+
+
+def _favourite_key(cfg: SynthConfig) -> str:
+    """The per-user truth key of the favourites: items (``favourites``) or clusters (``favourite_clusters``)."""
+    return "favourite_clusters" if cfg.favourite_clusters else "favourites"
 
 
 @dataclass
@@ -667,9 +684,14 @@ def _gen_batch(
     for j in range(K - 1, -1, -1):  # descending: the first slot of a repeated cluster wins
         hit = sup_s[j][sid] == cluster[idx]
         slot_k[idx[hit]] = j
+    fav, fav_picks = np.zeros(N, bool), None
+    if cfg.favourites and cfg.favourite_clusters:  # a replay opens a visit to a favourite cluster: stays follow it
+        fav, cluster_fav, fav_picks = _favourites(cfg, u0, B, C, user_of, fresh_c)
+        cluster[fav], slot_k[fav] = cluster_fav, -1
     src = np.maximum.accumulate(np.where(fresh_c, ar, 0))
     cluster = cluster[src]
     slot_k = slot_k[src]
+    fav = fav[src]
 
     fresh_i = ~succ
     idx = np.flatnonzero(fresh_i)
@@ -678,9 +700,10 @@ def _gen_batch(
     base = np.maximum.accumulate(np.where(fresh_i, ar, 0))
     rank = (rank[base] + (ar - base)) % world.size[cluster]
     item = world.item_id(cluster, rank)
-    fav, fav_items = np.zeros(N, bool), None
-    if cfg.favourites:  # lifelong favourites: signal that only a user's older history holds (docs/lifelong.md)
-        fav, item, fav_items = _favourites(cfg, u0, B, user_of, fresh_c, item)
+    if cfg.favourites and not cfg.favourite_clusters:  # lifelong favourites: signal that only older history holds
+        fav, fav_item, fav_picks = _favourites(cfg, u0, B, cfg.items, user_of, fresh_c)
+        item = item.copy()
+        item[fav] = fav_item
     if cfg.new_items:  # held-back items: sessions that start before the release play a stand-in instead
         is_new, stand_in = held_back(world, cfg.new_items, cfg.seed)
         early = start[sess_id] < cfg.release_time
@@ -779,7 +802,8 @@ def _gen_batch(
         "active_end": act_end,
         "length": out_n.astype(np.int64),  # interactions written for the user (all splits together)
         **ostate,
-        **({} if fav_items is None else {"favourites": fav_items.astype(np.int64)}),  # [B, favourite_items]
+        # [B, favourite_items] or [B, favourite_clusters]
+        **({} if fav_picks is None else {_favourite_key(cfg): fav_picks.astype(np.int64)}),
     }
     probe_rows = None
     if probe:  # every row with a predecessor (for tests): the oracle state before it, and the row's item
@@ -958,7 +982,8 @@ def load_truth(root: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str
     Per user: ``user``, ``taste_support`` / ``taste`` (initial), ``drift_step``, ``active_start`` /
     ``active_end``, ``length``, and (version >= 2) the oracle state ``oracle_taste``, ``oracle_how``,
     ``oracle_context``, ``oracle_prev_item``, ``oracle_repeat_p`` (see the module docstring); with
-    ``--favourites``, ``favourites`` [users, favourite_items].
+    ``--favourites``, ``favourites`` [users, favourite_items] (the items), or with ``--favourite-clusters``
+    ``favourite_clusters`` [users, favourite_clusters] (the clusters).
     """
     root = Path(root)
     m = Manifest.load(root)
@@ -1000,6 +1025,7 @@ def synthesize(
     favourites: float = 0.0,
     favourite_items: int = FAVOURITES,
     favourite_skew: float = 0.0,
+    favourite_clusters: int = 0,
     overwrite: bool = False,
 ) -> Manifest:
     """Write a synthetic dataset with planted structure to ``out`` and return its manifest.
@@ -1011,8 +1037,8 @@ def synthesize(
     ``item_features > 0`` writes item metadata vectors of that width (:func:`item_feature_vectors`,
     trainer/data/item_features.py); ``new_items`` (a temporal holdout) holds that fraction of the items back
     until the test window (:func:`held_back`; truth ``item_new``); ``favourites`` > 0 plants lifelong favourite
-    items (``favourite_items`` per user, replayed with weights ``favourite_skew``: :func:`_favourites`), a signal
-    beyond a short context (the oracle does not model it).
+    items (``favourite_items`` per user, or ``favourite_clusters`` clusters a replay visits, replayed with weights
+    ``favourite_skew``: :func:`_favourites`), a signal beyond a short context (the oracle does not model it).
 
     ``workers=0`` uses min(shards, cpu count) processes; the output does not depend on ``workers``.
     ``clusters=0`` picks max(4, round(sqrt(items)/4)) (at most 2048). See the module docstring.
@@ -1039,6 +1065,7 @@ def synthesize(
         favourites=favourites,
         favourite_items=favourite_items,
         favourite_skew=favourite_skew,
+        favourite_clusters=favourite_clusters,
     )
     _check_int("workers", workers, 0)
     n_workers = min(cfg.shards, workers or os.cpu_count() or 1)
