@@ -395,6 +395,8 @@ def rank_model(
             uniq, neg_index = torch.unique(neg, return_inverse=True)
             neg_vecs = item_vectors(uniq)  # collective: the sampled items only, each once
         if t is None or t.users == 0:
+            if cache is None:  # encode_users ran the cached path's forward, for peers too
+                _forward_for_peers(dense, item, side, ctx, feedback, device)
             continue
         first = torch.zeros(t.users, dtype=torch.long).scatter_reduce_(
             0, t.local, t.owner, reduce="amin", include_self=False
@@ -529,6 +531,27 @@ def _sum_over_ranks(
     if not have:
         return None
     return sum(ce for ce, _ in have), sum(n for _, n in have)
+
+
+def _forward_for_peers(
+    dense: torch.nn.Module,
+    item: torch.Tensor,
+    side: dict[str, torch.Tensor],
+    ctx: Batch,
+    feedback: bool,
+    device: torch.device,
+) -> None:
+    """The forwards a batch with targets runs, over ``ctx`` (a batch without targets, or the dummy batch standing
+    for an empty one), the results dropped. Under ZeRO-3 each submodule's forward gathers its weights from every rank
+    together, so a rank that skips one (an empty padding batch where a split's batches are uneven across ranks)
+    leaves the others waiting on it: measured on 2 gloo ranks as an abort ("collective mismatch") at validation;
+    NCCL hangs instead."""
+    lengths = ctx.lengths.to(device)
+    states = dense.states(item, side, lengths, _on(ctx.grid(), device))
+    dense.user_vectors(states, lengths, torch.zeros_like(lengths))
+    if feedback:
+        rows = dense.state_rows(torch.zeros(1, dtype=torch.long, device=device))[1]
+        dense.feedback(states[rows], item[:1].to(states.dtype))
 
 
 def _starts(batch: Batch) -> torch.Tensor:

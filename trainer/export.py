@@ -250,7 +250,16 @@ def encode_users(
             return _cached_window(hist, rows, cache, cfg.window(), device, stale)
 
         hist, prefix, rows = together(window, device)
-    if hist is None:
+    if hist is None:  # the forward a batch with history runs, over the dummy batch, for the peers: under ZeRO-3
+        # (validation on a summary cache) each submodule's forward gathers its weights from every rank together
+        one = torch.ones(1, dtype=torch.long, device=device)  # its first interaction: within any window
+        ids = history_rows(ctx, item_rows, device)
+        dummy = History(
+            item[:1], {k: v[:1] for k, v in side.items()}, one, one - 1, None, None if ids is None else ids[:1]
+        )
+        if cache is not None:
+            prefix = torch.zeros(1, cfg.model.summary.tokens, cfg.model.summary.dim, device=device)
+        served_vectors(cfg, dense, history=dummy, prefix=prefix)
         return rows, torch.zeros(0, cfg.embeddings.item_dim)
     users, _ = served_vectors(cfg, dense, history=hist, prefix=prefix)
     return rows, users.cpu()

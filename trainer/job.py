@@ -302,11 +302,6 @@ class JobConfig:
         if self.eval.val_summary_cache and not self.data.summary_cache:
             raise ConfigError("eval.val_summary_cache: only a run on data.summary_cache validates after cached "
                               "summaries (a model.summary run computes its own in-line)")  # fmt: skip
-        if self.eval.val_summary_cache and self.deepspeed.stage == 3:
-            # ZeRO-3 gathers a module's weights on every rank together; a rank whose validation users all lack
-            # history skips the forward after cached summaries (trainer/export.py: encode_users)
-            raise ConfigError("eval.val_summary_cache: not with deepspeed.stage=3 yet; validate with stage 0-2, or "
-                              "set eval.every=0 and run argus eval --summary-cache")  # fmt: skip
         if self.data.batch_tokens and self.data.batch_tokens < self.interactions_per_sample():
             raise ConfigError(
                 f"data.batch_tokens: {self.data.batch_tokens} is less than one row of "
