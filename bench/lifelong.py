@@ -1,12 +1,13 @@
 """Lifelong-history summaries (issue 19, docs/lifelong.md): context 256 + 64 summary tokens vs 256 vs 2,048.
 
     python bench/lifelong.py [--seeds 0,1,2] [--steps 200] [--users 400] [--items 5000] [--mean-len 1500]
-                             [--favourites 0.15] [--favourite-items 32] [--favourite-skew 0] [--arms ...]
-                             [--json]
+                             [--favourites 0.15] [--favourite-items 32 | --favourite-clusters N --clusters C]
+                             [--favourite-skew 0] [--arms ...] [--validate-every N] [--timing] [--json]
 
 Data: `argus data synth --favourites P --holdout loo`: every user has 32 (--favourite-items) favourite items
 drawn from the whole catalog, and a share P of the fresh draws replays one of them, so part of the planted signal
-lies in the older history (a 256-interaction window shows only some of a user's favourites, 2,048 show most). The
+lies in the older history (a 256-interaction window shows only some of a user's favourites, 2,048 show most); with
+--favourite-clusters N the favourites are N clusters a replay visits (--clusters C: more, smaller clusters). The
 same histories are written twice: cut into samples of 256 (`--max-len 256`, for the 256-context arm: every
 interaction is a target once, as for the others) and of 2,048.
 
@@ -235,6 +236,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="samples per batch of the 256-sample data")
     p.add_argument("--arms", default="", help="comma-separated arms (default: all)")
     p.add_argument("--reference-seconds", type=float, default=240, help="the reference's training cap (0: none)")
+    p.add_argument(
+        "--validate-every",
+        type=int,
+        default=0,
+        help="validate every N steps; eval and export then read each run's best checkpoint (0: the last)",
+    )
     p.add_argument("--timing", action="store_true", help="step times only (no eval): e.g. --steps 120 --seeds 0")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -256,6 +263,7 @@ def main() -> None:
         batch = {256: args.batch, 2048: max(1, round(args.batch * per_sample[256] / per_sample[2048]))}
         long_users = long_range_users(data[2048], 256)
         unseen = len(long_users) / args.users
+        validate = [f"eval.every={args.validate_every}"] if args.validate_every else []
         for arm, (max_len, extra) in arms.items():
             for seed in seeds:
                 if arm == REFERENCE:
@@ -270,7 +278,7 @@ def main() -> None:
                         argus("train", "configs/nano.yaml", f"data.path={data[max_len]}", f"out={run}",
                               "train.epochs=0", f"train.steps={args.steps}", "eval.every_epochs=0", "eval.patience=0",
                               f"data.batch_size={batch[max_len]}", f"train.seed={seed}",
-                              f"train.log_every={args.steps // 4}", *extra)  # fmt: skip
+                              f"train.log_every={args.steps // 4}", *validate, *extra)  # fmt: skip
                         (run / "seconds").write_text(str(time.perf_counter() - t0))
                     return run, float((run / "seconds").read_text())
 
@@ -280,12 +288,14 @@ def main() -> None:
                 if arm in SUMMARISER:  # the summariser: its in-line arm's run of this seed (trained now if not yet)
                     summariser, _ = train(SUMMARISER[arm], *ARMS[SUMMARISER[arm]])
                     caches = {}
-                    for split in ("train", "test"):
+                    for split in ("train", "val", "test") if validate else ("train", "test"):
                         caches[split] = summariser / f"cache-{split}"
                         if not caches[split].exists():
                             argus("summarize", str(summariser), "--data", str(data[256]), "--split", split,
                                   "--out", str(caches[split]), "--dtype", "bf16")  # fmt: skip
                     extra = [*extra, f"data.summary_cache={caches['train']}", "data.max_seq_len=256"]
+                    if validate:
+                        extra.append(f"eval.val_summary_cache={caches['val']}")
                     if arm in (WARM, WARM_MEMORY):
                         extra.append(f"train.init_from={summariser}")
                     read = ["--summary-cache", str(caches["test"])]
