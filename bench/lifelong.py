@@ -11,7 +11,8 @@ lies in the older history (a 256-interaction window shows only some of a user's 
 same histories are written twice: cut into samples of 256 (`--max-len 256`, for the 256-context arm: every
 interaction is a target once, as for the others) and of 2,048.
 
-Arms (`configs/nano.yaml`, the same steps and about the same interactions per batch):
+Arms (`configs/nano.yaml`, the same steps and about the same interactions per batch; without --arms the first
+three):
   context 256               model.max_seq_len=256 on the 256-sample data
   context 256 + 64 summary  model.max_seq_len=256, data.max_seq_len=2048, model.summary.tokens=64: each sample is
                             encoded as 256-interaction windows, each after the summary of the sample's older ones
@@ -93,6 +94,7 @@ ARMS = {
     MEMORY: (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY, "model.summary.read=memory"]),
     WARM_MEMORY: (256, ["model.max_seq_len=256", *SUMMARY, "model.summary.read=memory"]),
 }
+DEFAULT_ARMS = ("context 256", "context 256 + 64 summary", "context 2048")  # without --arms
 SUMMARISER = {CACHED: "context 256 + 64 summary", WARM: "context 256 + 64 summary", WARM_MEMORY: MEMORY}
 REFERENCE = "reference SASRec (context 256)"  # bench/reference_sasrec.py, trained to its best val NDCG@10
 
@@ -143,6 +145,42 @@ def long_range_users(data: Path, window: int) -> set[int]:
         if target in fav[s.user] and target not in set(units[-1 - window : -1].tolist()):
             users.add(int(s.user))
     return users
+
+
+def favourite_stats(data: Path, window: int) -> dict[str, float]:
+    """How the planted favourites show in the data: the share of test targets that are a favourite (an item, or in
+    a favourite cluster), the favourites per test user that the last ``window`` interactions before the target show
+    and those only older ones show, and, over the train split, how many interactions pass per start of a replay of
+    one given favourite (a replayed item, or the first interaction of a visit to a favourite cluster)."""
+    import tarfile
+
+    import numpy as np
+
+    from trainer.data.manifest import Manifest
+    from trainer.data.schema import decode_sample
+
+    fav, unit, _ = favourites(data)
+    targets, shown = [], []
+    for s in held_out_samples(data):
+        units = unit[s.cols["item"]]
+        recent, older = set(units[-1 - window : -1].tolist()), set(units[: -1 - window].tolist())
+        targets.append(int(units[-1]) in fav[s.user])
+        own = set(fav[s.user])
+        shown.append((len(own & recent), len(own & (older - recent))))
+    starts = total = 0
+    for shard in Manifest.load(data).split("train").shards:
+        with tarfile.open(data / shard.path) as tf:
+            for m in tf:
+                s = decode_sample(m.name.split(".")[0], tf.extractfile(m).read())
+                units = unit[s.cols["item"]]
+                on = np.isin(units, fav[s.user])
+                starts += int(on[0]) + int((on[1:] & (units[1:] != units[:-1])).sum())
+                total += len(units)
+    per_user = statistics.mean(len(f) for f in fav.values())
+    a = np.array(shown)
+    return {"target_share": float(np.mean(targets)), "shown_in_window": float(a[:, 0].mean()),
+            "shown_only_beyond": float(a[:, 1].mean()),
+            "interactions_per_replay_start_of_one": total * per_user / max(starts, 1)}  # fmt: skip
 
 
 def favourite_ranks(data: Path, export: Path, window: int) -> dict[str, float]:
@@ -234,19 +272,20 @@ def main() -> None:
     p.add_argument("--favourite-clusters", type=int, default=0, help="favourites are N clusters per user (not items)")
     p.add_argument("--clusters", type=int, default=0, help="item clusters (0: synth's default, 18 for 5,000 items)")
     p.add_argument("--batch", type=int, default=32, help="samples per batch of the 256-sample data")
-    p.add_argument("--arms", default="", help="comma-separated arms (default: all)")
+    p.add_argument("--arms", default="", help="comma-separated arms (default: the three contexts)")
     p.add_argument("--reference-seconds", type=float, default=240, help="the reference's training cap (0: none)")
     p.add_argument(
         "--validate-every",
         type=int,
         default=0,
-        help="validate every N steps; eval and export then read each run's best checkpoint (0: the last)",
+        help="validate every N steps; eval and export then read each run's best checkpoint (0: the last); a run's"
+        " seconds then include its validations",
     )
     p.add_argument("--timing", action="store_true", help="step times only (no eval): e.g. --steps 120 --seeds 0")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    arms = pick_arms({**ARMS, REFERENCE: (256, [])}, args.arms)
+    arms = pick_arms({**ARMS, REFERENCE: (256, [])}, args.arms or ",".join(DEFAULT_ARMS))
     results: dict[str, list[dict]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory(prefix="argus_lifelong_") as tmp:
         data = {}
@@ -263,6 +302,7 @@ def main() -> None:
         batch = {256: args.batch, 2048: max(1, round(args.batch * per_sample[256] / per_sample[2048]))}
         long_users = long_range_users(data[2048], 256)
         unseen = len(long_users) / args.users
+        fav_stats = favourite_stats(data[2048], 256)
         validate = [f"eval.every={args.validate_every}"] if args.validate_every else []
         for arm, (max_len, extra) in arms.items():
             for seed in seeds:
@@ -323,6 +363,7 @@ def main() -> None:
             out.setdefault(key, (float("nan"), 0.0))
     report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "seeds": seeds, "steps": args.steps,
               "batch": batch, "mean_sample": per_sample, "unseen_favourite_share": unseen,
+              "favourites": fav_stats,
               "summary": summary}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))

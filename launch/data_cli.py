@@ -311,7 +311,10 @@ def add_data(sub: Any) -> None:
     s.add_argument("--max-len", type=int, default=8192, help="longest sample; longer histories are chunked")
     s.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
     s.add_argument(
-        "--clusters", type=int, default=0, help='item clusters ("genres"; 0 = max(4, round(sqrt(items) / 4)))'
+        "--clusters",
+        type=int,
+        default=0,
+        help='item clusters ("genres"; 0 = max(4, round(sqrt(items) / 4)), at most 2048)',
     )
     s.add_argument("--days", type=int, default=120, help="length of the simulated time window")
     s.add_argument("--val-days", type=float, default=7.0)
@@ -362,8 +365,8 @@ def add_data(sub: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="favourites are N clusters per user instead of items: a replay visits one (--favourites; needs --clusters"
-        " large enough that N of them are a small part of the catalog)",
+        help="favourites are N distinct clusters per user instead of items: a replay visits one (--favourites; at"
+        " most half of --clusters)",
     )
     s.set_defaults(func=cmd_data_synth)
 

@@ -203,3 +203,19 @@ def test_convert_errors_count_rows_from_1_and_name_the_flags(tmp_path, capsys):
     )
     code, _, _ = argus_inproc(capsys, "data", "convert", str(cols), *named, "--out", str(tmp_path / "ok"))
     assert code == 0  # the flags the messages name are the ones that work
+
+
+def test_synth_flags_reach_the_generator(tmp_path, capsys):
+    """--clusters and --favourite-clusters reach the dataset (its manifest and truth); a conflicting pair of flags
+    is one line naming them."""
+    from trainer.data import synth
+
+    out = tmp_path / "d"
+    args = ["data", "synth", "--out", str(out), "--users", "8", "--items", "200", "--mean-len", "20", "--shards", "2",
+            "--workers", "1", "--clusters", "40", "--favourites", "0.3", "--favourite-clusters", "5"]  # fmt: skip
+    assert main(args) == 0
+    items, truth = synth.load_truth(out)
+    assert int(items["item_cluster"].max()) == 39 and truth["favourite_clusters"].shape == (8, 5)
+    code = main([*args[:3], str(tmp_path / "e"), *args[4:], "--favourite-items", "32"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "favourite_items and favourite_clusters" in err and err.count("\n") == 0

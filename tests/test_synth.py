@@ -601,6 +601,7 @@ def test_favourite_clusters_are_revisited_in_visits(tmp_path):
     items, truth = synth.load_truth(fav)
     picks = truth["favourite_clusters"]
     assert picks.shape == (60, 16) and 0 <= picks.min() and picks.max() < 250 and "favourites" not in truth
+    assert all(len(set(row)) == 16 for row in picks.tolist())  # distinct clusters
     assert m.source["favourite_clusters"] == 16 and "favourite_items" not in m.source
     assert "favourite_clusters" not in Manifest.load(plain).source
     cluster = items["item_cluster"].astype(np.int64)
@@ -623,7 +624,8 @@ def test_favourite_clusters_are_revisited_in_visits(tmp_path):
     for bad, match in (
         (dict(favourite_clusters=4), "^favourite_clusters needs favourites"),
         (dict(favourites=0.3, favourite_clusters=4, favourite_items=8), "^favourite_items and favourite_clusters"),
-        (dict(favourites=0.3, favourite_clusters=300, clusters=250), r"^favourite_clusters must be in \[0, 250\]"),
+        (dict(favourites=0.3, favourite_clusters=4, favourite_items=32), "^favourite_items and favourite_clusters"),
+        (dict(favourites=0.3, favourite_clusters=126, clusters=250), r"^favourite_clusters must be in \[0, 125\]"),
     ):
         with pytest.raises(ValueError, match=match):
             synth.make_config(users=10, items=5000, **bad)

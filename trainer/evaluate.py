@@ -541,13 +541,16 @@ def _forward_for_peers(
     feedback: bool,
     device: torch.device,
 ) -> None:
-    """The forwards a batch with targets runs, over ``ctx`` (a batch without targets, or the dummy batch standing
-    for an empty one), the results dropped. Under ZeRO-3 each submodule's forward gathers its weights from every rank
-    together, so a rank that skips one (an empty padding batch where a split's batches are uneven across ranks)
-    leaves the others waiting on it: measured on 2 gloo ranks as an abort ("collective mismatch") at validation;
-    NCCL hangs instead."""
-    lengths = ctx.lengths.to(device)
-    states = dense.states(item, side, lengths, _on(ctx.grid(), device))
+    """The forwards a batch with targets runs, over the first sample of ``ctx`` (a batch without targets, or the
+    dummy batch standing for an empty one; ``item`` / ``side``: its looked-up rows), the results dropped. Under
+    ZeRO-3 each submodule's forward gathers its weights from every rank together, so a rank that skips one (an
+    empty padding batch where a split's batches are uneven across ranks) leaves the others waiting on it: measured
+    on 2 gloo ranks as an abort ("collective mismatch") at validation; NCCL hangs instead. One sample is enough:
+    the gathers follow the submodules called, not the shapes."""
+    n = int(ctx.lengths[0])
+    lengths = ctx.lengths[:1].to(device)
+    item, side = item[:n], {k: v[:n] for k, v in side.items()}
+    states = dense.states(item, side, lengths)
     dense.user_vectors(states, lengths, torch.zeros_like(lengths))
     if feedback:
         rows = dense.state_rows(torch.zeros(1, dtype=torch.long, device=device))[1]

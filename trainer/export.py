@@ -217,8 +217,9 @@ def encode_users(
     cache: SummaryCache | None = None,
     stale: list[int] | None = None,
 ) -> tuple[UserRows, torch.Tensor]:
-    """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call, even
-    for an empty batch or one whose users all lack history: under DMP that call is a collective.
+    """(rows, user vectors of ``rows.kept``) for one batch. Always makes exactly one ``lookup`` call and one
+    forward (:func:`served_vectors`), even for an empty batch or one whose users all lack history (a dummy sample's
+    then): under DMP the lookup is a collective, under ZeRO-3 (validation) every submodule's forward.
 
     ``cache``: summary tokens read from a summary cache (``argus summarize``) instead of computed from the older
     history: each state is computed from the most recent window alone (``context``: ``cached_context``); ``stale``
@@ -361,10 +362,14 @@ class SummaryPartWriter:
 
         from trainer.summary_cache import TOKENS
 
-        self.index = PartWriter(part, {k: pa.int64() for k in ("user", "offset", "before", "covered", "until")})
         self.tokens_path = part.with_name(part.name + TOKENS)
         self.tokens_tmp = self.tokens_path.with_name(self.tokens_path.name + ".tmp")
         self.tokens = open(self.tokens_tmp, "wb")  # closed by close(), after the part's last batch
+        try:
+            self.index = PartWriter(part, {k: pa.int64() for k in ("user", "offset", "before", "covered", "until")})
+        except BaseException:
+            self.tokens.close()
+            raise
 
     @property
     def rows(self) -> int:

@@ -234,7 +234,7 @@ def make_config(
     item_features: int = 0,
     new_items: float = 0.0,
     favourites: float = 0.0,
-    favourite_items: int = FAVOURITES,
+    favourite_items: int | None = None,
     favourite_skew: float = 0.0,
     favourite_clusters: int = 0,
 ) -> SynthConfig:
@@ -265,19 +265,21 @@ def make_config(
     _check_float("favourites", favourites, 0.0)
     if favourites >= 1.0:
         raise ValueError(f"favourites must be < 1 (got {favourites:g})")
-    _check_int("favourite_items", favourite_items, 1, 4096)
+    if favourite_items is not None:
+        _check_int("favourite_items", favourite_items, 1, 4096)
     _check_float("favourite_skew", favourite_skew, 0.0)
     resolved_clusters = int(clusters) or auto_clusters(int(items))
-    _check_int("favourite_clusters", favourite_clusters, 0, resolved_clusters)
+    # at most half the clusters: a favourite cluster must stand out from the rest
+    _check_int("favourite_clusters", favourite_clusters, 0, resolved_clusters // 2)
     uses = (
-        ("favourite_items", favourite_items != FAVOURITES),
+        ("favourite_items", favourite_items is not None),
         ("favourite_skew", favourite_skew > 0),
         ("favourite_clusters", favourite_clusters > 0),
     )
     for key, used in uses:
         if used and not favourites:
             raise ValueError(f"{key} needs favourites > 0 (the share of fresh draws that replay the favourites)")
-    if favourite_clusters and favourite_items != FAVOURITES:
+    if favourite_clusters and favourite_items is not None:
         raise ValueError("favourite_items and favourite_clusters: favourites are items or clusters, set one")
     if new_items and holdout != "temporal":
         raise ValueError("new_items needs holdout temporal: held-back items first appear in the test window")
@@ -313,7 +315,7 @@ def make_config(
         item_features=int(item_features),
         new_items=float(new_items),
         favourites=float(favourites),
-        favourite_items=int(favourite_items),
+        favourite_items=FAVOURITES if favourite_items is None else int(favourite_items),
         favourite_skew=float(favourite_skew),
         favourite_clusters=int(favourite_clusters),
     )
@@ -528,15 +530,19 @@ def _favourites(
     cfg: SynthConfig, u0: int, B: int, pool: int, user_of: np.ndarray, fresh: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``--favourites P``: every user has ``--favourite-items`` (:data:`FAVOURITES`) favourite items, or with
-    ``--favourite-clusters F`` F favourite clusters, drawn uniformly from the ``pool`` (the catalog, or the clusters:
-    so neither popularity nor the user's taste predicts them), and a fresh draw replays one of them with probability
-    P: the j-th (from 1) with weight j^-``favourite_skew`` (0: all alike; with a skew a user replays a few favourites
-    often, which teaches a model that users replay their own, and the rest seldom, beyond a short window). A short
-    recent window shows only some of them; the whole history shows them all. Drawn from a stream of their own.
+    ``--favourite-clusters F`` F distinct favourite clusters, drawn uniformly from the ``pool`` (the catalog, or the
+    clusters: so neither popularity nor the user's taste predicts them), and a fresh draw replays one of them with
+    probability P: the j-th (from 1) with weight j^-``favourite_skew`` (0: all alike; with a skew a user replays a
+    few favourites often, which teaches a model that users replay their own, and the rest seldom, beyond a short
+    window). A short recent window shows only some of them; the whole history shows them all. Drawn from a stream of
+    their own.
     Returns (is a replay [N], the favourite replayed [replays], each user's favourites [B, F])."""
     count = cfg.favourite_clusters or cfg.favourite_items
     rng = np.random.default_rng([cfg.seed, _TAG_FAV, u0])
-    picks = rng.integers(0, pool, size=(B, count))
+    if cfg.favourite_clusters:  # distinct clusters (at most half of them: make_config)
+        picks = np.stack([rng.choice(pool, count, replace=False) for _ in range(max(B, 1))])[:B]
+    else:  # items drawn with replacement, as in the first datasets made with --favourites (the same bytes)
+        picks = rng.integers(0, pool, size=(B, count))
     fav = fresh & (rng.random(fresh.shape[0]) < cfg.favourites)
     idx = np.flatnonzero(fav)
     if cfg.favourite_skew:
@@ -1023,7 +1029,7 @@ def synthesize(
     item_features: int = 0,
     new_items: float = 0.0,
     favourites: float = 0.0,
-    favourite_items: int = FAVOURITES,
+    favourite_items: int | None = None,
     favourite_skew: float = 0.0,
     favourite_clusters: int = 0,
     overwrite: bool = False,
