@@ -1,6 +1,7 @@
 """Lifelong histories through a summary cache (issue 19, docs/lifelong.md): downstream step time vs lifetime length.
 
-    python bench/lifelong_cache.py [--lifetimes 1000,10000,100000] [--interactions 1600000] [--steps 60] [--json]
+    python bench/lifelong_cache.py [--lifetimes 1000,10000,100000] [--interactions 1600000] [--steps 60]
+                                   [--packed] [--json]
 
 For each lifetime length L (mean interactions per user), `argus data synth --users N/L --mean-len L --max-len 256`
 writes about N interactions (the same for every L, so every dataset has as many samples and the loader behaves
@@ -14,6 +15,11 @@ sample is one window read after its cached summary, so its step should not depen
 Prints, per L: interactions, summarize seconds and interactions/s, the cache's size, and the downstream run's step
 time and its compute part (the last logging window), and padding share. A run without summary tokens on the first
 dataset gives the step without the summary prefix.
+
+--packed: per L, two more downstream runs that read the summaries as memory (`model.summary.read=memory`), one
+window a row (`data.batch_size`) and packed (`data.batch_tokens` = batch x 256: the same grid, filled first-fit
+with as many windows as fit): their step time, real interactions per second and padding share. Short lifetimes
+(users with fewer than 256 interactions, one short window each) are where packing pays.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def main() -> None:
     p.add_argument("--items", type=int, default=5000)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=32, help="samples (windows) per downstream batch")
+    p.add_argument("--packed", action="store_true", help="also memory-read downstream runs, one window a row vs packed")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     rows: list[dict] = []
@@ -84,6 +91,16 @@ def main() -> None:
                 "step_s": last["time/step_s"], "compute_s": last["time/step_s"] * last["time/compute_share"],
                 "padding_share": last.get("tokens/padding_share"),
             })  # fmt: skip
+            if args.packed:  # read as memory: one window a row, and packed into the same grid
+                for name, batching in (("memory_rows", [f"data.batch_size={args.batch}"]),
+                                       ("memory_packed", [f"data.batch_tokens={args.batch * 256}"])):  # fmt: skip
+                    out = root / f"{name}-{life}"
+                    argus("train", "configs/nano.yaml", f"data.path={data}", f"out={out}", *SHAPE,
+                          "data.max_seq_len=256", f"data.summary_cache={cache}", "model.summary.read=memory",
+                          f"train.steps={args.steps}", f"train.log_every={args.steps // 2}", *batching)  # fmt: skip
+                    last = last_window(out)
+                    rows[-1][name] = {"step_s": last["time/step_s"], "tps": last["tps"],
+                                      "padding_share": last.get("tokens/padding_share")}  # fmt: skip
             if len(rows) == 1:  # the same data and batches without summary tokens: what the prefix costs
                 plain = root / "plain"
                 argus("train", "configs/nano.yaml", f"data.path={data}", f"out={plain}", *COMMON,
@@ -107,6 +124,12 @@ def main() -> None:
     print(
         f"no summary tokens (first dataset): step {no_summary['step_s']:.3f} s, compute {no_summary['compute_s']:.3f} s"
     )
+    for r in rows:
+        for name in ("memory_rows", "memory_packed"):
+            if name in r:
+                m = r[name]
+                print(f"{r['lifetime']:9,} {name:14} step {m['step_s']:.3f} s, {m['tps']:,.0f} interactions/s, "
+                      f"padding {m['padding_share']:.1%}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -183,6 +183,28 @@ def test_states_equal_windows_encoded_after_the_summary_of_older_ones(layout: st
         torch.testing.assert_close(got[starts[b] + first : starts[b] + first + n], want)
 
 
+@pytest.mark.parametrize("layout", ["merged", "interleaved"])
+def test_packed_windows_read_their_own_cached_summaries(layout: str) -> None:
+    """Cached summaries on packed rows (data.batch_tokens, read as memory): every sample's states equal those of the
+    same sample on its own row after its own summary, wherever the packing puts it."""
+    k = 2 if layout == "interleaved" else 1
+    lengths = [3, 2, 4, 1, 1] if k == 2 else [5, 3, 8, 1, 2]
+    model, item, side, lengths_t = model_and_inputs(lengths, layout, read="memory")
+    prefix = torch.randn(len(lengths), 3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.double)
+    with torch.no_grad():
+        alone = model.states(item, side, lengths_t, None, prefix)
+        row_len = model.window // k  # interactions per row: samples out of order, some rows shared, gaps between
+        rows, cols = torch.tensor([1, 0, 2, 0, 1]), torch.tensor([0, 0, 0, row_len - 1, row_len - lengths[4]])
+        packed = model.states(item, side, lengths_t, (rows, cols, (3, row_len)), prefix)
+        torch.testing.assert_close(packed, alone)
+        other = prefix.clone()
+        other[3] = torch.randn(3, 8, dtype=torch.double)  # one sample's summary moves that sample's states only
+        moved = model.states(item, side, lengths_t, (rows, cols, (3, row_len)), other)
+    starts = [0, *torch.cumsum(lengths_t * k, 0).tolist()]
+    changed = (moved - packed).abs().sum(1) > 1e-9
+    assert changed[starts[3] : starts[4]].all() and not changed[: starts[3]].any() and not changed[starts[4] :].any()
+
+
 @pytest.mark.parametrize(("attention", "read"), [("linear", "tokens"), ("softmax", "tokens"), ("linear", "memory")])
 def test_no_future_interaction_reaches_an_earlier_state(attention: str, read: str) -> None:
     """Perturb one interaction: every state before it, in its sample and in the others, stays the same."""
@@ -259,6 +281,8 @@ def test_model_summary_config_params_and_flops() -> None:
     [
         ({"data.max_seq_len": 0}, "data.max_seq_len"),
         ({"data.batch_tokens": 512}, "data.batch_tokens"),
+        # packed rows: only on a summary cache read as memory
+        ({"data.batch_tokens": 512, "data.summary_cache": "c", "data.max_seq_len": 64}, "data.batch_tokens"),
         ({"parallel.sp": 2}, "parallel.sp"),
         (
             {"model.summary.tokens": 0, "model.summary.reconstruction_weight": 0.5},
@@ -686,6 +710,45 @@ def test_a_run_trained_on_a_cache_reads_it_in_training_eval_and_export(summary_r
                                      "train.overwrite=true")  # fmt: skip
     assert code != 0 and "is train.init_from's run" in err and err.strip().count("\n") == 0
     assert checkpoint.resolve_checkpoint(run).exists()  # nothing of the run it would start from was removed
+
+
+@pytest.mark.slow
+def test_packed_rows_train_on_a_summary_cache(summary_run, tmp_path) -> None:
+    """data.batch_tokens on a summary cache read as memory: trains on packed rows (less padding than one window a
+    row), validates equal to argus eval --summary-cache of the checkpoint; read as tokens it is refused in one
+    line."""
+    import json
+
+    from helpers import TINY_MODEL, argus_own_process, argus_ranks
+
+    from trainer import checkpoint
+
+    run, data = summary_run
+    for split in ("train", "val"):
+        argus_ranks("summarize", str(run), "--data", str(data), "--split", split, "--out", str(tmp_path / split),
+                    nproc=1)  # fmt: skip
+    tiny = [x for x in TINY_MODEL if not x.startswith("model.max_seq_len")]
+    job = ["configs/mini.yaml", f"data.path={data}", *tiny, "model.max_seq_len=8", "data.max_seq_len=8",
+           "model.summary.tokens=4", "model.summary.dim=16", "model.summary.chunk=8", "data.num_workers=0",
+           "optim.warmup_steps=1", "train.steps=4", f"data.summary_cache={tmp_path / 'train'}", "eval.every=4",
+           f"eval.val_summary_cache={tmp_path / 'val'}", "model.summary.read=memory"]  # fmt: skip
+    share = {}
+    for name, extra in (("packed", ["data.batch_tokens=32"]), ("rows", ["data.batch_size=4"])):
+        argus_ranks("train", *job, f"out={tmp_path / name}", *extra, nproc=1)
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "loss/total" in r]
+        assert len(steps) == 4 and all(np.isfinite(r["loss/total"]) for r in steps)
+        share[name] = np.mean([r["tokens/padding_share"] for r in steps])
+    assert share["packed"] < share["rows"]
+    logged = [json.loads(x) for x in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()
+              if '"eval/ndcg@10"' in x]  # fmt: skip
+    best = checkpoint.resolve_checkpoint(tmp_path / "packed")
+    rep = _json_of(argus_ranks("eval", str(best), "--data", str(data), "--split", "val", "--summary-cache",
+                               str(tmp_path / "val"), "--json", nproc=1))  # fmt: skip
+    for key in ("hr@10", "ndcg@10", "hr@100"):
+        assert logged[-1][f"eval/{key}"] == pytest.approx(rep["model"][key], abs=1e-6), key
+    code, _, err = argus_own_process("train", *job[:-1], f"out={tmp_path / 'bad'}", "data.batch_tokens=32")
+    assert code != 0 and err.startswith("argus: error: data.batch_tokens") and err.strip().count("\n") == 0
 
 
 @pytest.mark.slow

@@ -292,3 +292,68 @@ def test_train_compile_compiles_the_encoder_blocks_of_both_models():
         assert not encoder.compiled and all(b._compiled_call_impl is None for b in encoder.blocks)
         compile_dense(dense)
         assert encoder.compiled and all(b._compiled_call_impl is not None for b in encoder.blocks)
+
+
+# ---- packed histories that each read their own memory tokens (cached summaries, model.summary.read=memory) -------
+P = 3  # memory tokens per history
+
+
+def memory_reference(enc: Encoder, p: Packed, x: Tensor, mem: Tensor) -> list[Tensor]:
+    """Each history alone, unpacked, reading its own memory tokens (the one-history-per-row memory path)."""
+    one = torch.ones
+    return [enc(x[r, s : s + n][None], one(1, n, dtype=torch.bool), prefix=mem[h][None], read="memory")[0]
+            for h, (r, s, n) in enumerate(p.histories)]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_histories_read_their_own_memory(mode: str, seed: int) -> None:
+    rows, T = random_rows(seed)
+    gen = torch.Generator().manual_seed(seed)
+    p = pack(rows, T, gen)
+    mem = torch.randn(len(p.histories), P, D, generator=gen)  # one per history, row-major
+    enc = build(seed, attention=mode)
+    with torch.no_grad():
+        out = enc(p.x, p.mask, p.positions, p.segments, prefix=mem, read="memory")
+        ref = memory_reference(enc, p, p.x, mem)
+        plain = packed_forward(enc, p)
+    assert torch.isfinite(out).all() and torch.count_nonzero(out[~p.mask]) == 0
+    for (r, s, n), want in zip(p.histories, ref):
+        torch.testing.assert_close(out[r, s : s + n], want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[p.mask], plain[p.mask])  # the memories are read
+    if p.histories:  # another history's memory changes nothing outside it
+        other = mem.clone()
+        other[0] += 1.0
+        r, s, n = p.histories[0]
+        with torch.no_grad():
+            moved = enc(p.x, p.mask, p.positions, p.segments, prefix=other, read="memory")
+        own = torch.zeros_like(p.mask)
+        own[r, s : s + n] = True
+        assert torch.equal(moved[~own], out[~own]) and not torch.equal(moved[own], out[own])
+
+
+@pytest.mark.parametrize("mode", TRAINABLE)
+def test_packed_memory_gradients_match_each_history_alone(mode: str) -> None:
+    rows, T = random_rows(3)
+    gen = torch.Generator().manual_seed(3)
+    p = pack(rows, T, gen)
+    mem0 = torch.randn(len(p.histories), P, D, generator=gen)
+    weight = torch.randn(p.x.shape, generator=gen)
+    enc = build(3, attention=mode)
+    x, mem = p.x.clone().requires_grad_(), mem0.clone().requires_grad_()
+    (enc(x, p.mask, p.positions, p.segments, prefix=mem, read="memory") * weight).sum().backward()
+    got = {name: q.grad.clone() for name, q in enc.named_parameters()}
+    enc.zero_grad()
+    x_ref, mem_ref = p.x.clone().requires_grad_(), mem0.clone().requires_grad_()
+    ref = memory_reference(enc, p, x_ref, mem_ref)
+    sum((y * weight[r, s : s + n]).sum() for (r, s, n), y in zip(p.histories, ref)).backward()
+    torch.testing.assert_close(x.grad[p.mask], x_ref.grad[p.mask], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mem.grad, mem_ref.grad, atol=1e-5, rtol=1e-4)
+    for name, q in enc.named_parameters():
+        torch.testing.assert_close(got[name], q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_rows_read_summary_tokens_as_memory_only() -> None:
+    p = pack([[3, 2]], 8, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="^model.summary.read: packed rows"):
+        build(0)(p.x, p.mask, p.positions, p.segments, prefix=torch.zeros(2, P, D), read="tokens")

@@ -260,10 +260,16 @@ class JobConfig:
                 "data.max_seq_len: model.summary needs it set to the interactions of a sample (the summary covers "
                 f"what is older than the model.max_seq_len context of {self.window()} interactions)"
             )
+        # packed rows read each sample's cached summary as its own memory (trainer/model/encoder.py: AttnLayout)
+        packed_cache = (
+            bool(self.data.summary_cache) and self.model.summary.read == "memory" and not self.finetune.enabled
+        )
         for bad, why in (
-            (self.data.batch_tokens > 0, "data.batch_tokens: token-budget batches"),
+            (self.data.batch_tokens > 0 and not packed_cache,
+             "data.batch_tokens: token-budget batches (with model.summary, only pre-training on a summary cache read "
+             "as memory: data.summary_cache, model.summary.read=memory)"),
             (self.parallel.sp > 1, "parallel.sp: sequence parallelism"),
-        ):
+        ):  # fmt: skip
             if bad:
                 raise ConfigError(f"{why} is not supported with model.summary yet")
 

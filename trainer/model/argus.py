@@ -210,12 +210,25 @@ class ArgusModel(nn.Module):
         k = self.interaction.tokens_per_interaction
         tok_lengths = lengths * k
         if prefix is not None:  # cached summaries: one window per sample
+            summary = self.summary.project(prefix.to(tokens.dtype))
+            if pack is not None and pack[0] is not None:  # packed rows: each sample reads its own, as memory
+                rows, cols, (num_rows, row_len) = pack
+                T = row_len * k
+                if T > self.window:
+                    raise ValueError(
+                        f"cached summaries: packed rows of {T} tokens exceed the {self.window}-token window"
+                    )
+                grid, mask, positions, segments, (row, col) = jagged_to_packed(
+                    tokens, tok_lengths, Packed(rows, cols * k, (num_rows, T))
+                )
+                order = torch.argsort(rows * (T + 1) + cols * k)  # the samples in row-major order, as the encoder's
+                out = self.encoder(grid, mask, positions, segments, prefix=summary[order], read="memory")
+                return out[row, col], None
             padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths)
             if padded.shape[1] > self.window:
                 raise ValueError(
                     f"cached summaries: a sample of {padded.shape[1]} tokens exceeds the {self.window}-token window"
                 )
-            summary = self.summary.project(prefix.to(tokens.dtype))
             return self.encoder(padded, mask, prefix=summary, read=self.summary.cfg.read)[row, col], None
         if self.summary is not None:
             if pack is not None and pack[0] is not None:

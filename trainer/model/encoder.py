@@ -97,37 +97,69 @@ class AttnLayout:
     shapes: tuple[tuple[int, int], ...] = ()
     gather: Tensor | None = None
     inverse: Tensor | None = None
+    # Packed rows whose histories each read their own memory tokens (``build(..., memory=P)``): ``mask`` / ``flex``:
+    # ``memory_index`` (R, S) the histories each row holds, in order (-1: none), whose memories sit before the row's
+    # keys, P keys each; ``segments``: ``groups``, the histories of each ``shapes`` group, in the gathered order.
+    memory_index: Tensor | None = None
+    groups: tuple[Tensor, ...] = ()
 
     @staticmethod
-    def build(segments: Tensor, mode: str) -> AttnLayout:
-        """``segments``: (R, T) int, history id per token (increasing along a row), -1 for padding."""
+    def build(segments: Tensor, mode: str, memory: int = 0) -> AttnLayout:
+        """``segments``: (R, T) int, history id per token (increasing along a row), -1 for padding. ``memory`` > 0:
+        each history also reads ``memory`` tokens of its own as keys and values (``model.summary.read: memory`` on
+        packed rows); they come one per history, the histories numbered in row-major order (row after row, along
+        each row), and every query of a history sees all of its own and none of another's."""
         R, T = segments.shape
+        dev = segments.device
+        real = (segments >= 0).reshape(-1)
+        boundary = torch.ones(R, T, dtype=torch.bool, device=dev)
+        boundary[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        starts = (real & boundary.reshape(-1)).cumsum(0) - 1  # at a real token: its history, numbered row-major
         if mode in ("mask", "flex"):
+            mem_index, M = None, 0
+            if memory:  # (reads the histories per row on the host: a sync on CUDA, as the segments mode has)
+                own = torch.where(real, starts, -1).view(R, T)  # (R, T) each token's history, -1 for padding
+                big = torch.iinfo(torch.long).max
+                first = torch.where(own >= 0, own, big).amin(1)
+                count = (own.amax(1) - first + 1).clamp_min(0)
+                S = max(int(count.max()) if R else 0, 1)
+                j = torch.arange(S, device=dev)
+                mem_index = torch.where(j[None, :] < count[:, None], first[:, None] + j[None, :], -1)
+                M = S * memory
+                mem_of_key = mem_index.repeat_interleave(memory, dim=1)  # (R, M) the history of each memory key
 
             def allowed(b: Tensor, h: Tensor | None, q: Tensor, k: Tensor) -> Tensor:
-                same = (segments[b, q] == segments[b, k]) & (segments[b, k] >= 0)
-                return (same & (k <= q)) | (q == k)
+                if not memory:
+                    same = (segments[b, q] == segments[b, k]) & (segments[b, k] >= 0)
+                    return (same & (k <= q)) | (q == k)
+                kr = (k - M).clamp_min(0)  # a row key; k < M: a memory key
+                q_own = own[b, q]
+                mem = (k < M) & (mem_of_key[b, k.clamp_max(M - 1)] == q_own) & (q_own >= 0)
+                same = (k >= M) & (segments[b, q] == segments[b, kr]) & (segments[b, kr] >= 0)
+                return mem | (same & (kr <= q)) | ((k >= M) & (q == kr))
 
             if mode == "flex":
-                return AttnLayout(mode, block_mask=create_block_mask(allowed, R, None, T, T, device=segments.device))
-            i = torch.arange(T, device=segments.device)
-            b = torch.arange(R, device=segments.device)
-            return AttnLayout(mode, mask=allowed(b[:, None, None], None, i[None, :, None], i[None, None, :])[:, None])
-        real = (segments >= 0).reshape(-1)
-        boundary = torch.ones(R, T, dtype=torch.bool, device=segments.device)
-        boundary[:, 1:] = segments[:, 1:] != segments[:, :-1]
+                block = create_block_mask(allowed, R, None, T, M + T, device=dev)
+                return AttnLayout(mode, block_mask=block, memory_index=mem_index)
+            i, k = torch.arange(T, device=dev), torch.arange(M + T, device=dev)
+            b = torch.arange(R, device=dev)
+            mask = allowed(b[:, None, None], None, i[None, :, None], k[None, None, :])[:, None]
+            return AttnLayout(mode, mask=mask, memory_index=mem_index)
         tokens = real.nonzero().squeeze(1)  # flat indices of real tokens, history after history
-        history = (real & boundary.reshape(-1)).cumsum(0)[tokens] - 1
+        history = starts[tokens]
         lengths = torch.bincount(history)
         # Histories of one length form one batched SDPA call; a stable sort keeps each history's tokens together and
         # in order. Padding histories up to length buckets (fewer, larger calls; causal keeps it exact) was slower:
         # attention fwd+bwd at T=512 (bench/packed_attention.py's lengths) 166 ms exact vs 187-312 ms bucketed.
         gather = tokens[torch.argsort(lengths[history], stable=True)]
         sizes, counts = torch.unique(lengths, return_counts=True)
-        inverse = torch.full((R * T,), gather.numel(), dtype=torch.long, device=segments.device)
-        inverse[gather] = torch.arange(gather.numel(), device=segments.device)
+        inverse = torch.full((R * T,), gather.numel(), dtype=torch.long, device=dev)
+        inverse[gather] = torch.arange(gather.numel(), device=dev)
         shapes = tuple(zip(counts.tolist(), sizes.tolist()))
-        return AttnLayout(mode, shapes=shapes, gather=gather, inverse=inverse)
+        groups: tuple[Tensor, ...] = ()
+        if memory:  # the histories of each group, in its order
+            groups = torch.argsort(lengths, stable=True).split(counts.tolist())
+        return AttnLayout(mode, shapes=shapes, gather=gather, inverse=inverse, groups=groups)
 
     @staticmethod
     def prefixed(prefix: int, T: int, device: torch.device, mode: str = "mask") -> AttnLayout:
@@ -161,12 +193,17 @@ class AttnLayout:
         return AttnLayout("mask", mask=allowed(None, None, q[:, None], k[None, :])[None, None])
 
     def attend(self, qkv: Tensor, dropout_p: float, kv: Tensor | None = None) -> Tensor:
-        """``qkv``: (R, T, 3, heads, head_dim) -> attention output (R, T, heads, head_dim). ``kv``: (R, P, 2, heads,
-        head_dim) memory keys and values before the row's own (a :meth:`memory` layout)."""
+        """``qkv``: (R, T, 3, heads, head_dim) -> attention output (R, T, heads, head_dim). ``kv``: memory keys and
+        values before the row's own: (R, P, 2, heads, head_dim), a row's (a :meth:`memory` layout), or (histories,
+        P, 2, heads, head_dim), a history's (packed rows, ``build(..., memory=P)``)."""
         R, T, _, H, Dh = qkv.shape
         if self.mode != "segments":
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             if kv is not None:
+                if self.memory_index is not None:  # each row's histories' memories, one after another
+                    P = kv.shape[1]
+                    kv = kv.index_select(0, self.memory_index.clamp_min(0).reshape(-1))
+                    kv = kv.view(R, -1, P, 2, H, Dh).flatten(1, 2)
                 km, vm = kv.permute(2, 0, 3, 1, 4).unbind(0)
                 k, v = torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)
             if self.mode == "flex":  # no dropout: Config.validate refuses attn_dropout with flex
@@ -177,9 +214,17 @@ class AttnLayout:
         # One gather and one scatter for all groups: per-group index_select would zero a full-size gradient each.
         chunks = qkv.reshape(R * T, 3 * H * Dh).index_select(0, self.gather).split([n * L for n, L in self.shapes])
         ys = []
-        for (n, L), chunk in zip(self.shapes, chunks):
+        for g, ((n, L), chunk) in enumerate(zip(self.shapes, chunks)):
             q, k, v = chunk.view(n, L, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            if kv is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:  # the group's histories' own memories before their keys: every query sees them, causal after
+                km, vm = kv.index_select(0, self.groups[g]).permute(2, 0, 3, 1, 4).unbind(0)
+                P = km.shape[2]
+                i, j = torch.arange(L, device=qkv.device), torch.arange(P + L, device=qkv.device)
+                mask = (j[None, :] < P) | (j[None, :] - P <= i[:, None])
+                k, v = torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
             ys.append(y.transpose(1, 2).reshape(n * L, H * Dh))
         ys.append(qkv.new_zeros(1, H * Dh))
         return torch.cat(ys).index_select(0, self.inverse).view(R, T, H, Dh)
@@ -212,13 +257,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, layout: AttnLayout | None = None, memory: Tensor | None = None) -> Tensor:
         """``layout``: how packed histories attend (``AttnLayout``); None = one history per row. ``memory``: (B, P,
         d_model) tokens every query also reads, as keys and values of this layer's own projection (their queries are
-        computed and dropped: one call of the fused projection, as ZeRO-3 and AutoTP need)."""
+        computed and dropped: one call of the fused projection, as ZeRO-3 and AutoTP need); on packed rows
+        (histories, P, d_model), each history's own (``AttnLayout.build(..., memory=P)``)."""
         B, T, _ = x.shape
         dropout_p = self.dropout if self.training else 0.0
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
         kv = None
-        if memory is not None:
-            kv = self.qkv(memory).view(B, memory.shape[1], 3, self.n_heads, self.head_dim)[:, :, 1:]
+        if memory is not None:  # a row's memory (B rows), or a packed history's (one per history)
+            kv = self.qkv(memory).view(*memory.shape[:2], 3, self.n_heads, self.head_dim)[:, :, 1:]
         y = self.core(qkv, layout) if self.core is not None else attend(qkv, layout, dropout_p, kv)
         return self.out(y.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -343,10 +389,11 @@ class Encoder(nn.Module):
         (``cfg.attention`` says how). None = one history per row, plain causal attention.
 
         ``prefix``: (R, P, d_model) summary tokens (``model.summary``) that every token of its row attends to, placed
-        before the row without a position (``AttnLayout.prefixed``: they never see the row). One history per row,
-        no sequence parallelism. ``read``: ``tokens``, the summary tokens run through every block beside the row;
-        ``memory``, they are only read, as each block's keys and values of them (``AttnLayout.memory``: no queries,
-        no feed-forward for them: cheaper).
+        before the row without a position (``AttnLayout.prefixed``: they never see the row); no sequence parallelism.
+        ``read``: ``tokens``, the summary tokens run through every block beside the row; ``memory``, they are only
+        read, as each block's keys and values of them (``AttnLayout.memory``: no queries, no feed-forward for them:
+        cheaper). Packed rows (``segments`` given) read them as memory only, ``prefix`` then (histories, P, d_model),
+        one per history in row-major order, each read by its own history alone.
 
         Returns (R, T, d_model). Real positions never see padding; padded positions come out as zeros.
 
@@ -364,12 +411,20 @@ class Encoder(nn.Module):
             positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         # Through the module call (not .weight) so ZeRO-3 gathers the table.
         x = self.drop(x + self.pos(positions))
-        layout = None if segments is None else AttnLayout.build(segments, self.attention_mode(x.device))
+        packed_memory = prefix is not None and segments is not None
+        if packed_memory and read != "memory":
+            raise ValueError("model.summary.read: packed rows (data.batch_tokens) read summary tokens as memory only")
+        layout = None
+        if segments is not None:
+            memory_len = prefix.shape[1] if packed_memory else 0
+            layout = AttnLayout.build(segments, self.attention_mode(x.device), memory_len)
         P, memory = 0, None
         if prefix is not None:
-            if segments is not None or self.sequence_group is not None:
-                raise ValueError("model.summary: summary tokens need one history per row and no parallel.sp")
-            if read == "memory":
+            if self.sequence_group is not None:
+                raise ValueError("model.summary: summary tokens need no parallel.sp")
+            if packed_memory:
+                memory = prefix.to(x.dtype)
+            elif read == "memory":
                 memory = prefix.to(x.dtype)
                 layout = AttnLayout.memory(memory.shape[1], x.shape[1], x.device, self.attention_mode(x.device))
             else:
