@@ -183,13 +183,15 @@ def test_states_equal_windows_encoded_after_the_summary_of_older_ones(layout: st
         torch.testing.assert_close(got[starts[b] + first : starts[b] + first + n], want)
 
 
-@pytest.mark.parametrize("layout", ["merged", "interleaved"])
-def test_packed_windows_read_their_own_cached_summaries(layout: str) -> None:
+@pytest.mark.parametrize(("layout", "mode"), [("merged", "segments"), ("interleaved", "segments"),
+                                             ("merged", "mask"), ("interleaved", "flex")])  # fmt: skip
+def test_packed_windows_read_their_own_cached_summaries(layout: str, mode: str) -> None:
     """Cached summaries on packed rows (data.batch_tokens, read as memory): every sample's states equal those of the
     same sample on its own row after its own summary, wherever the packing puts it."""
     k = 2 if layout == "interleaved" else 1
     lengths = [3, 2, 4, 1, 1] if k == 2 else [5, 3, 8, 1, 2]
     model, item, side, lengths_t = model_and_inputs(lengths, layout, read="memory")
+    model.encoder.cfg = dataclasses.replace(model.encoder.cfg, attention=mode)
     prefix = torch.randn(len(lengths), 3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.double)
     with torch.no_grad():
         alone = model.states(item, side, lengths_t, None, prefix)
@@ -311,6 +313,18 @@ def test_summary_settings_are_checked_with_one_line_naming_the_key(override: dic
     with pytest.raises(ConfigError) as err:
         from_dict(JobConfig, base).validate()
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_packed_rows_on_a_summary_cache_read_as_memory_only_and_not_in_fine_tuning() -> None:
+    from trainer.config import ConfigError, from_dict
+    from trainer.job import JobConfig
+
+    base = {"out": "x", "model": {"max_seq_len": 64, "summary": {"tokens": 8, "dim": 16, "read": "memory"}},
+            "data": {"path": "d", "max_seq_len": 64, "summary_cache": "c", "batch_tokens": 512}}  # fmt: skip
+    from_dict(JobConfig, base).validate()
+    base["finetune"] = {"init": "pre"}  # a fine-tuning run
+    with pytest.raises(ConfigError, match="^data.batch_tokens"):
+        from_dict(JobConfig, base).validate()
 
 
 def test_reconstruction_predictions_see_no_future_and_train_only_the_summary_side() -> None:

@@ -298,10 +298,19 @@ def test_train_compile_compiles_the_encoder_blocks_of_both_models():
 P = 3  # memory tokens per history
 
 
+def with_memory_ids(p: Packed) -> Packed:
+    """The histories numbered across rows, as jagged_to_packed numbers samples, every other id left out (as an
+    empty sample's would be): history h reads memory 2h."""
+    segments = torch.full_like(p.segments, -1)
+    for h, (r, s, n) in enumerate(p.histories):
+        segments[r, s : s + n] = 2 * h
+    return dataclasses.replace(p, segments=segments)
+
+
 def memory_reference(enc: Encoder, p: Packed, x: Tensor, mem: Tensor) -> list[Tensor]:
     """Each history alone, unpacked, reading its own memory tokens (the one-history-per-row memory path)."""
     one = torch.ones
-    return [enc(x[r, s : s + n][None], one(1, n, dtype=torch.bool), prefix=mem[h][None], read="memory")[0]
+    return [enc(x[r, s : s + n][None], one(1, n, dtype=torch.bool), prefix=mem[2 * h][None], read="memory")[0]
             for h, (r, s, n) in enumerate(p.histories)]  # fmt: skip
 
 
@@ -310,8 +319,8 @@ def memory_reference(enc: Encoder, p: Packed, x: Tensor, mem: Tensor) -> list[Te
 def test_packed_histories_read_their_own_memory(mode: str, seed: int) -> None:
     rows, T = random_rows(seed)
     gen = torch.Generator().manual_seed(seed)
-    p = pack(rows, T, gen)
-    mem = torch.randn(len(p.histories), P, D, generator=gen)  # one per history, row-major
+    p = with_memory_ids(pack(rows, T, gen))
+    mem = torch.randn(2 * len(p.histories), P, D, generator=gen)  # history h reads memory 2h
     enc = build(seed, attention=mode)
     with torch.no_grad():
         out = enc(p.x, p.mask, p.positions, p.segments, prefix=mem, read="memory")
@@ -323,7 +332,7 @@ def test_packed_histories_read_their_own_memory(mode: str, seed: int) -> None:
     assert not torch.allclose(out[p.mask], plain[p.mask])  # the memories are read
     if p.histories:  # another history's memory changes nothing outside it
         other = mem.clone()
-        other[0] += 1.0
+        other[0] = torch.randn(P, D)
         r, s, n = p.histories[0]
         with torch.no_grad():
             moved = enc(p.x, p.mask, p.positions, p.segments, prefix=other, read="memory")
@@ -336,8 +345,8 @@ def test_packed_histories_read_their_own_memory(mode: str, seed: int) -> None:
 def test_packed_memory_gradients_match_each_history_alone(mode: str) -> None:
     rows, T = random_rows(3)
     gen = torch.Generator().manual_seed(3)
-    p = pack(rows, T, gen)
-    mem0 = torch.randn(len(p.histories), P, D, generator=gen)
+    p = with_memory_ids(pack(rows, T, gen))
+    mem0 = torch.randn(2 * len(p.histories), P, D, generator=gen)
     weight = torch.randn(p.x.shape, generator=gen)
     enc = build(3, attention=mode)
     x, mem = p.x.clone().requires_grad_(), mem0.clone().requires_grad_()

@@ -233,7 +233,8 @@ def encode_users(
         empty = torch.zeros(0, dtype=torch.long)
         rows = UserRows(empty, empty, empty.int(), None)
     ctx = rows.context if rows.context is not None else dummy_batch()
-    if rows.context is not None and cfg.data.batch_tokens:  # a run trained on packed rows exports packed rows
+    # a run trained on packed rows exports packed rows; with a cache each window is cut anew below, one a row
+    if rows.context is not None and cfg.data.batch_tokens and cache is None:
         ctx.pack(context)
     item, side, _ = lookup_interactions(lookup, ctx, cfg, item_rows, torch.zeros(0, dtype=torch.long), device)
     hist, prefix = None, None

@@ -221,8 +221,8 @@ class ArgusModel(nn.Module):
                 grid, mask, positions, segments, (row, col) = jagged_to_packed(
                     tokens, tok_lengths, Packed(rows, cols * k, (num_rows, T))
                 )
-                order = torch.argsort(rows * (T + 1) + cols * k)  # the samples in row-major order, as the encoder's
-                out = self.encoder(grid, mask, positions, segments, prefix=summary[order], read="memory")
+                order = torch.argsort(rows * (T + 1) + cols * k)  # the samples in segment-id order (jagged_to_packed)
+                out = self.encoder(grid, mask, positions, segments, prefix=summary[order], read=self.summary.cfg.read)
                 return out[row, col], None
             padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths)
             if padded.shape[1] > self.window:

@@ -107,21 +107,19 @@ class AttnLayout:
     def build(segments: Tensor, mode: str, memory: int = 0) -> AttnLayout:
         """``segments``: (R, T) int, history id per token (increasing along a row), -1 for padding. ``memory`` > 0:
         each history also reads ``memory`` tokens of its own as keys and values (``model.summary.read: memory`` on
-        packed rows); they come one per history, the histories numbered in row-major order (row after row, along
-        each row), and every query of a history sees all of its own and none of another's."""
+        packed rows), the ``i``-th memory the history whose id is ``i`` (ids numbering the histories across rows,
+        as :func:`trainer.model.interaction.jagged_to_packed` does); every query of a history sees all of its own
+        memory and none of another's. The mask and flex modes give every row the memories of all its histories
+        (histories x ``memory`` keys a query, most masked out; their count is read on the host: a sync on CUDA),
+        the segments mode each history its own alone."""
         R, T = segments.shape
         dev = segments.device
-        real = (segments >= 0).reshape(-1)
-        boundary = torch.ones(R, T, dtype=torch.bool, device=dev)
-        boundary[:, 1:] = segments[:, 1:] != segments[:, :-1]
-        starts = (real & boundary.reshape(-1)).cumsum(0) - 1  # at a real token: its history, numbered row-major
         if mode in ("mask", "flex"):
             mem_index, M = None, 0
-            if memory:  # (reads the histories per row on the host: a sync on CUDA, as the segments mode has)
-                own = torch.where(real, starts, -1).view(R, T)  # (R, T) each token's history, -1 for padding
+            if memory:
                 big = torch.iinfo(torch.long).max
-                first = torch.where(own >= 0, own, big).amin(1)
-                count = (own.amax(1) - first + 1).clamp_min(0)
+                first = torch.where(segments >= 0, segments, big).amin(1)
+                count = (segments.amax(1) - first + 1).clamp_min(0)  # ids in a row are consecutive (or skip empties)
                 S = max(int(count.max()) if R else 0, 1)
                 j = torch.arange(S, device=dev)
                 mem_index = torch.where(j[None, :] < count[:, None], first[:, None] + j[None, :], -1)
@@ -133,9 +131,9 @@ class AttnLayout:
                     same = (segments[b, q] == segments[b, k]) & (segments[b, k] >= 0)
                     return (same & (k <= q)) | (q == k)
                 kr = (k - M).clamp_min(0)  # a row key; k < M: a memory key
-                q_own = own[b, q]
+                q_own = segments[b, q]
                 mem = (k < M) & (mem_of_key[b, k.clamp_max(M - 1)] == q_own) & (q_own >= 0)
-                same = (k >= M) & (segments[b, q] == segments[b, kr]) & (segments[b, kr] >= 0)
+                same = (k >= M) & (q_own == segments[b, kr]) & (segments[b, kr] >= 0)
                 return mem | (same & (kr <= q)) | ((k >= M) & (q == kr))
 
             if mode == "flex":
@@ -145,8 +143,11 @@ class AttnLayout:
             b = torch.arange(R, device=dev)
             mask = allowed(b[:, None, None], None, i[None, :, None], k[None, None, :])[:, None]
             return AttnLayout(mode, mask=mask, memory_index=mem_index)
+        real = (segments >= 0).reshape(-1)
+        boundary = torch.ones(R, T, dtype=torch.bool, device=dev)
+        boundary[:, 1:] = segments[:, 1:] != segments[:, :-1]
         tokens = real.nonzero().squeeze(1)  # flat indices of real tokens, history after history
-        history = starts[tokens]
+        history = (real & boundary.reshape(-1)).cumsum(0)[tokens] - 1
         lengths = torch.bincount(history)
         # Histories of one length form one batched SDPA call; a stable sort keeps each history's tokens together and
         # in order. Padding histories up to length buckets (fewer, larger calls; causal keeps it exact) was slower:
@@ -155,10 +156,12 @@ class AttnLayout:
         sizes, counts = torch.unique(lengths, return_counts=True)
         inverse = torch.full((R * T,), gather.numel(), dtype=torch.long, device=dev)
         inverse[gather] = torch.arange(gather.numel(), device=dev)
-        shapes = tuple(zip(counts.tolist(), sizes.tolist()))
+        counts_host = counts.tolist()
+        shapes = tuple(zip(counts_host, sizes.tolist()))
         groups: tuple[Tensor, ...] = ()
-        if memory:  # the histories of each group, in its order
-            groups = torch.argsort(lengths, stable=True).split(counts.tolist())
+        if memory:  # the memory (the history's id) of each history of each group, in the group's order
+            ids = torch.zeros_like(lengths).scatter_(0, history, segments.reshape(-1)[tokens])
+            groups = ids[torch.argsort(lengths, stable=True)].split(counts_host)
         return AttnLayout(mode, shapes=shapes, gather=gather, inverse=inverse, groups=groups)
 
     @staticmethod
