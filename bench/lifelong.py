@@ -2,7 +2,8 @@
 
     python bench/lifelong.py [--seeds 0,1,2] [--steps 200] [--users 400] [--items 5000] [--mean-len 1500]
                              [--favourites 0.15] [--favourite-items 32 | --favourite-clusters N --clusters C]
-                             [--favourite-skew 0] [--arms ...] [--validate-every N] [--timing] [--json]
+                             [--favourite-skew 0] [--arms ...] [--validate-every N] [--set KEY=VALUE ...]
+                             [--timing] [--json]
 
 Data: `argus data synth --favourites P --holdout loo`: every user has 32 (--favourite-items) favourite items
 drawn from the whole catalog, and a share P of the fresh draws replays one of them, so part of the planted signal
@@ -281,6 +282,13 @@ def main() -> None:
         help="validate every N steps; eval and export then read each run's best checkpoint (0: the last); a run's"
         " seconds then include its validations",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every run (repeatable), e.g. model.preset=large (bench/gpu_lifelong.sh)",
+    )
     p.add_argument("--timing", action="store_true", help="step times only (no eval): e.g. --steps 120 --seeds 0")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -318,7 +326,7 @@ def main() -> None:
                         argus("train", "configs/nano.yaml", f"data.path={data[max_len]}", f"out={run}",
                               "train.epochs=0", f"train.steps={args.steps}", "eval.every_epochs=0", "eval.patience=0",
                               f"data.batch_size={batch[max_len]}", f"train.seed={seed}",
-                              f"train.log_every={args.steps // 4}", *validate, *extra)  # fmt: skip
+                              f"train.log_every={args.steps // 4}", *validate, *extra, *args.set)  # fmt: skip
                         (run / "seconds").write_text(str(time.perf_counter() - t0))
                     return run, float((run / "seconds").read_text())
 
