@@ -264,14 +264,13 @@ class JobConfig:
         packed_cache = (
             bool(self.data.summary_cache) and self.model.summary.read == "memory" and not self.finetune.enabled
         )
-        for bad, why in (
-            (self.data.batch_tokens > 0 and not packed_cache,
-             "data.batch_tokens: token-budget batches (with model.summary, only pre-training on a summary cache read "
-             "as memory: data.summary_cache, model.summary.read=memory)"),
-            (self.parallel.sp > 1, "parallel.sp: sequence parallelism"),
-        ):  # fmt: skip
-            if bad:
-                raise ConfigError(f"{why} is not supported with model.summary yet")
+        if self.data.batch_tokens > 0 and not packed_cache:
+            raise ConfigError(
+                "data.batch_tokens: with model.summary, token-budget batches need pre-training on a summary cache "
+                "read as memory (data.summary_cache, model.summary.read=memory)"
+            )
+        if self.parallel.sp > 1:
+            raise ConfigError("parallel.sp: sequence parallelism is not supported with model.summary yet")
 
     def validate(self, world_size: int | None = None, device: str | None = None) -> None:
         """Every check that needs no process group; raises ConfigError naming the key. Changes nothing."""
