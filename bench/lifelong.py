@@ -287,7 +287,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an override for every run (repeatable), e.g. model.preset=large (bench/gpu_lifelong.sh)",
+        help="an override for every run (repeatable), e.g. model.d_model=1024 (bench/gpu_lifelong.sh); it wins over the"
+        " arms' own keys, so leave max_seq_len, summary and train.steps to them",
     )
     p.add_argument("--timing", action="store_true", help="step times only (no eval): e.g. --steps 120 --seeds 0")
     p.add_argument("--json", action="store_true")
@@ -336,7 +337,8 @@ def main() -> None:
                 if arm in SUMMARISER:  # the summariser: its in-line arm's run of this seed (trained now if not yet)
                     summariser, _ = train(SUMMARISER[arm], *ARMS[SUMMARISER[arm]])
                     caches = {}
-                    for split in ("train", "val", "test") if validate else ("train", "test"):
+                    splits = ["train", *(["val"] if validate else []), *([] if args.timing else ["test"])]
+                    for split in splits:
                         caches[split] = summariser / f"cache-{split}"
                         if not caches[split].exists():
                             argus("summarize", str(summariser), "--data", str(data[256]), "--split", split,
@@ -346,7 +348,7 @@ def main() -> None:
                         extra.append(f"eval.val_summary_cache={caches['val']}")
                     if arm in (WARM, WARM_MEMORY):
                         extra.append(f"train.init_from={summariser}")
-                    read = ["--summary-cache", str(caches["test"])]
+                    read = [] if args.timing else ["--summary-cache", str(caches["test"])]
                 run, seconds = train(arm, max_len, extra)
                 windows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"tps"' in x]
                 last = windows[-1]
@@ -369,7 +371,11 @@ def main() -> None:
         fav = [f"fav{p}/{m}" for p in ("_in", "_beyond", "8_in", "8_beyond") for m in ("top100", "median_rank")]
         for key in ("hr@10", "ndcg@10", "long/hr@10", "long/hr@100", *fav, "step_s", "compute_s"):
             out.setdefault(key, (float("nan"), 0.0))
-    report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs", "seeds": seeds, "steps": args.steps,
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    report = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs, {device}", "overrides": args.set,
+              "seeds": seeds, "steps": args.steps,
               "batch": batch, "mean_sample": per_sample, "unseen_favourite_share": unseen,
               "favourites": fav_stats,
               "summary": summary}  # fmt: skip

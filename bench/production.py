@@ -55,7 +55,8 @@ COLD_START = {
 
 
 def argus(*argv: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keeps wheels installed aside
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "launch.cli", *argv]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
