@@ -7,12 +7,5 @@
 # `argus plan`'s predicted memory and step time; then the host-device syncs of a training step. JSON to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -c "import deepspeed, torchrec" 2>/dev/null; then
-    [ -d .whl ] || { echo "no .whl/ folder: run bench/gpu_wheels.sh where pip works and carry .whl" >&2; exit 2; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 2
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+source bench/gpu_env.sh || exit 2
 exec python3 bench/gpu_check.py --out "${OUT:-/tmp}/gpu_check.json" "$@"

@@ -12,14 +12,7 @@
 # JSON to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -c "import deepspeed, torchrec" 2>/dev/null; then
-    [ -d .whl ] || { echo "no .whl/ folder: run bench/gpu_wheels.sh where pip works and carry .whl" >&2; exit 2; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 2
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+source bench/gpu_env.sh || exit 2
 python3 bench/lifelong.py --timing --seeds 0 --steps 32 --users 800 --favourites 0.3 --batch 64 \
     --arms "context 256,context 2048,context 256 + 64 summary (memory),cached summary (memory; warm start)" \
     --set model.preset=custom --set model.d_model=1024 --set model.n_layers=4 --set model.n_heads=16 \
