@@ -29,6 +29,7 @@ from trainer.model.interaction import (
     jagged_to_packed,
     jagged_to_padded,
     jagged_to_windows,
+    packed_order,
 )
 from trainer.model.item_tower import ITEM_TOWERS, SemanticItems
 from trainer.model.summary import ReconstructionHead, Summariser, SummaryConfig, SummaryState
@@ -218,11 +219,10 @@ class ArgusModel(nn.Module):
                     raise ValueError(
                         f"cached summaries: packed rows of {T} tokens exceed the {self.window}-token window"
                     )
-                grid, mask, positions, segments, (row, col) = jagged_to_packed(
-                    tokens, tok_lengths, Packed(rows, cols * k, (num_rows, T))
-                )
-                order = torch.argsort(rows * (T + 1) + cols * k)  # the samples in segment-id order (jagged_to_packed)
-                out = self.encoder(grid, mask, positions, segments, prefix=summary[order], read=self.summary.cfg.read)
+                where = Packed(rows, cols * k, (num_rows, T))
+                grid, mask, positions, segments, (row, col) = jagged_to_packed(tokens, tok_lengths, where)
+                memory = summary[packed_order(where)]  # one per segment id
+                out = self.encoder(grid, mask, positions, segments, prefix=memory, read=self.summary.cfg.read)
                 return out[row, col], None
             padded, mask, (row, col) = jagged_to_padded(tokens, tok_lengths)
             if padded.shape[1] > self.window:

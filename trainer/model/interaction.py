@@ -170,6 +170,12 @@ class Packed:
     shape: tuple[int, int]  # (rows, row_len) in tokens
 
 
+def packed_order(packed: Packed) -> torch.Tensor:
+    """The samples in (row, column) order: sample ``packed_order(p)[i]`` is the one :func:`jagged_to_packed` gives
+    segment id ``i``."""
+    return torch.argsort(packed.rows * (packed.shape[1] + 1) + packed.cols)
+
+
 def jagged_to_packed(
     values: torch.Tensor, lengths: torch.Tensor, packed: Packed
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -184,7 +190,7 @@ def jagged_to_packed(
     col = packed.cols[sample] + pos
     # Segment ids that grow along each row: the rank of each sample in (row, col) order.
     rank = torch.empty_like(lengths)
-    rank[torch.argsort(packed.rows * (T + 1) + packed.cols)] = torch.arange(lengths.numel(), device=dev)
+    rank[packed_order(packed)] = torch.arange(lengths.numel(), device=dev)
     out = values.new_zeros(R, T, values.shape[-1]).index_put((row, col), values)
     mask = torch.zeros(R, T, dtype=torch.bool, device=dev).index_put((row, col), torch.ones_like(pos, dtype=torch.bool))
     positions = torch.zeros(R, T, dtype=torch.int64, device=dev).index_put((row, col), pos)
