@@ -18,6 +18,8 @@ three):
   context 256 + 64 summary  model.max_seq_len=256, data.max_seq_len=2048, model.summary.tokens=64: each sample is
                             encoded as 256-interaction windows, each after the summary of the sample's older ones
   context 2048              model.max_seq_len=2048
+  context 256 windows       the summary arm's control: its samples and windows, each window encoded on its own
+                            (model.windows=true, no summary): what the summary adds, on the same training samples
 
   context 256 + 64 cached summary
                             the downstream model VISTA serves: trained from scratch on the 256-sample data, each
@@ -28,7 +30,8 @@ three):
   cached summary (warm start)
                             the same, started from the in-line run's weights (`train.init_from`): VISTA's second
                             stage after the first, 2 x --steps in all
-  context 256 + 64 summary (2x steps), context 256 (2x steps), context 2048 (2x steps)
+  context 256 + 64 summary (2x steps), context 256 (2x steps), context 2048 (2x steps),
+  context 256 windows (2x steps)
                             its controls: the in-line arm and the plain contexts trained as long as both stages
                             together
   context 256 + 64 summary (memory); cached summary (memory; warm start)
@@ -38,13 +41,21 @@ three):
 Beside them the reference SASRec (bench/reference_sasrec.py) on the 256-cut data, trained to its best val NDCG@10
 (at most --reference-seconds of training).
 
-Each run is ranked on the test split (the last interaction of every user; full ranking), and on its long-range
-slice: the users whose test target is a favourite the last 256 interactions do not show (what only a longer memory
-can get; HR@10 / HR@100 from the run's `argus export`, items ahead = a higher score); and every test user's
-favourites ranked by the served state, those the last 256 interactions show and those only older ones show (the
-share in the top 100 and the median rank: does the state know them at all?; with --json also over each user's
-first 8 favourites, `fav8_`: the most replayed ones with --favourite-skew S, which replays the j-th with weight
-j^-S).
+Each run is ranked on the test split (the last interaction of every user; full ranking); a run on the 2,048-cut data
+(in-line summary, windows, context 2,048) is ranked a second time from the 256-cut test split (the same users and
+targets, the last 255 interactions before each: no older window to summarise or attend to), and the difference
+(`beyond256/ndcg@10`, paired per run) is what the model gets from beyond them (for a summary arm, also from the
+shift to an empty history's summary, which its last window seldom reads in training; for the windows arm, only the
+time gap its last window's first interaction has from the one before: about 0, a check). The arms on the 2,048-cut
+data differ from context 256 in their training samples too (a batch holds a few users' whole histories, not pieces of
+--batch users'; the windows are the 256-cut data's samples, both cut from the history's end), so their gap to
+context 256 alone does not say what the longer memory is worth: "context 256 windows" trains on the summary arm's
+samples without one. Then on its long-range slice: the users whose test target is a favourite the last 256
+interactions do not show (what only a longer memory can get; HR@10 / HR@100 from the run's `argus export`, items
+ahead = a higher score); and every test user's favourites ranked by the served state, those the last 256
+interactions show and those only older ones show (the share in the top 100 and the median rank: does the state know
+them at all?; with --json also over each user's first 8 favourites, `fav8_`: the most replayed ones with
+--favourite-skew S, which replays the j-th with weight j^-S).
 Prints the mean and standard error over training seeds, with step time (the last logging window's mean).
 """
 
@@ -80,6 +91,8 @@ ARMS = {
     "context 256": (256, ["model.max_seq_len=256"]),
     "context 256 + 64 summary": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY]),
     "context 2048": (2048, ["model.max_seq_len=2048"]),
+    # the summary arm's control on its own samples: the same windows of 256, each on its own (model.windows)
+    "context 256 windows": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", "model.windows=true"]),
     # trains from scratch on the 256-sample data, each sample after its cached summary (data.summary_cache) from
     # the "context 256 + 64 summary" run of the same seed (its summariser; argus summarize --split train / test)
     CACHED: (256, ["model.max_seq_len=256", *SUMMARY]),
@@ -90,6 +103,7 @@ ARMS = {
     # the plain contexts trained as long as the two stages together (equal steps)
     "context 256 (2x steps)": (256, ["model.max_seq_len=256"]),
     "context 2048 (2x steps)": (2048, ["model.max_seq_len=2048"]),
+    "context 256 windows (2x steps)": (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", "model.windows=true"]),
     # the summary tokens read as each block's keys and values only (model.summary.read=memory): in-line, and cached
     # with a warm start from that run
     MEMORY: (2048, ["model.max_seq_len=256", "data.max_seq_len=2048", *SUMMARY, "model.summary.read=memory"]),
@@ -359,9 +373,17 @@ def main() -> None:
                     results[arm].append({"step_s": last["time/step_s"], "compute_s": compute})
                     continue
                 r = json.loads(argus("eval", str(run), "--data", str(data[max_len]), *read, "--json"))
+                # the same model ranking from the last 255 interactions only (the 256-cut test split: no older window
+                # to summarise, nothing older to attend to), the same users and targets: what it gets from beyond
+                recent = {}
+                if max_len == 2048 and not read:
+                    rr = json.loads(argus("eval", str(run), "--data", str(data[256]), "--json"))["model"]
+                    recent = {"recent256/hr@10": rr["hr@10"], "recent256/ndcg@10": rr["ndcg@10"],
+                              "beyond256/ndcg@10": r["model"]["ndcg@10"] - rr["ndcg@10"]}  # fmt: skip
                 argus("export", str(run), "--data", str(data[max_len]), "--out", str(run / "export"), *read)
                 results[arm].append({"hr@10": r["model"]["hr@10"], "ndcg@10": r["model"]["ndcg@10"],
                                      "hr@100": r["model"]["hr@100"], "pop_hr@10": r["popularity"]["hr@10"],
+                                     **recent,
                                      "step_s": last["time/step_s"], "compute_s": compute, "tps": last["tps"],
                                      "seconds": seconds,
                                      **slice_hits(run / "export", long_users),
@@ -369,7 +391,8 @@ def main() -> None:
     summary = {arm: {k: mean_se([x[k] for x in rs]) for k in rs[0]} for arm, rs in results.items() if rs}
     for out in summary.values():  # the reference has no step time, long-range slice or popularity of its own
         fav = [f"fav{p}/{m}" for p in ("_in", "_beyond", "8_in", "8_beyond") for m in ("top100", "median_rank")]
-        for key in ("hr@10", "ndcg@10", "long/hr@10", "long/hr@100", *fav, "step_s", "compute_s"):
+        recent = ("recent256/hr@10", "recent256/ndcg@10", "beyond256/ndcg@10")
+        for key in ("hr@10", "ndcg@10", *recent, "long/hr@10", "long/hr@100", *fav, "step_s", "compute_s"):
             out.setdefault(key, (float("nan"), 0.0))
     import torch
 
@@ -385,12 +408,17 @@ def main() -> None:
     print(f"test targets that are a favourite the last 256 interactions do not show: {unseen:.1%} (the long slice)")
     print("favourites ranked by the served state (top 100 share / median rank share), those the last 256 show (in)"
           " and those only older interactions show (beyond)")  # fmt: skip
-    print(f"{'arm':36} {'HR@10':>16} {'NDCG@10':>16} {'long HR@10':>11} {'long HR@100':>12} {'fav in':>13} "
-          f"{'fav beyond':>13} {'step s':>7} {'compute s':>9}")  # fmt: skip
+    print(
+        "NDCG@10 256 only: the same model ranking from the last 255 interactions only (no cached arm); beyond:"
+        " what it gains from older ones (paired)"
+    )
+    print(f"{'arm':36} {'HR@10':>16} {'NDCG@10':>16} {'NDCG@10 256 only':>16} {'beyond':>17} {'long HR@10':>11} "
+          f"{'long HR@100':>12} {'fav in':>13} {'fav beyond':>13} {'step s':>7} {'compute s':>9}")  # fmt: skip
     for arm, out in summary.items():
         hr, nd = out["hr@10"], out["ndcg@10"]
         fav = {p: f"{out[f'fav{p}/top100'][0]:.3f}/{out[f'fav{p}/median_rank'][0]:.2f}" for p in ("_in", "_beyond")}
-        print(f"{arm:36} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['long/hr@10'][0]:11.4f} "
+        print(f"{arm:36} {hr[0]:9.4f} ± {hr[1]:.4f} {nd[0]:9.4f} ± {nd[1]:.4f} {out['recent256/ndcg@10'][0]:16.4f} "
+              f"{out['beyond256/ndcg@10'][0]:8.4f} ± {out['beyond256/ndcg@10'][1]:.4f} {out['long/hr@10'][0]:11.4f} "
               f"{out['long/hr@100'][0]:12.4f} {fav['_in']:>13} {fav['_beyond']:>13} {out['step_s'][0]:7.3f} "
               f"{out['compute_s'][0]:9.3f}")  # fmt: skip
     pops = [x["pop_hr@10"] for rs in results.values() for x in rs if "pop_hr@10" in x]

@@ -396,6 +396,7 @@ def plan(cfg: JobConfig, req: PlanRequest) -> dict[str, Any]:
             "summary_cache_bytes_per_summary": cfg.model.summary.tokens * cfg.model.summary.dim * 2,
             "summary_cache": bool(cfg.data.summary_cache),
             "window_tokens": cfg.window() * k,
+            "windows": cfg.model.windowed(),  # model.windows / model.summary: a sample encoded window by window
             "tokens_per_interaction": k,
             "micro_batch": cfg.rows_per_batch(),
             "zero_stage": ds.stage,

@@ -134,6 +134,8 @@ def render(result: dict[str, Any], console: Any) -> None:
             else f"samples of {i['context']} in windows of {i['window_tokens']} + {i['summary_tokens']} summary tokens "
             f"(summary cache: {kib:,.0f} KiB per user in bf16)"
         )
+    elif i.get("windows"):
+        context = f"samples of {i['context']} in windows of {i['window_tokens']}"
     console.print(
         f"[bold]{i['preset']}[/]: d_model {i['d_model']}, {i['n_layers']} layers, {context}, "
         f"micro-batch {i['micro_batch']}, ZeRO-{i['zero_stage']}{' + offload' if i['offload'] else ''}, "

@@ -183,6 +183,36 @@ def test_states_equal_windows_encoded_after_the_summary_of_older_ones(layout: st
         torch.testing.assert_close(got[starts[b] + first : starts[b] + first + n], want)
 
 
+@pytest.mark.parametrize("layout", ["merged", "interleaved"])
+def test_windows_without_a_summary_are_each_encoded_on_their_own(layout: str) -> None:
+    """model.windows (the control for model.summary on the same samples): every window of a sample, cut from its
+    end, gets the states the same weights give it as a sample of its own (no window reads another)."""
+    lengths = [11, 3, 8, 16]
+    torch.manual_seed(3)
+    cfg = ModelConfig(preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, token_layout=layout,
+                      num_contexts=4, side_dim=4, windows=True)  # fmt: skip
+    model = ArgusModel(cfg, ItemEmbeddings.Config(item_dim=8), HeadsConfig()).double().eval()
+    plain = ArgusModel(dataclasses.replace(cfg, windows=False), ItemEmbeddings.Config(item_dim=8), HeadsConfig())
+    plain = plain.double().eval()
+    plain.load_state_dict(model.state_dict())
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(4)
+    item = torch.randn(n, 8, generator=g, dtype=torch.double)
+    side = {k: torch.randint(0, rows, (n,), generator=g) for k, rows in side_table_rows(4).items()}
+    k = 2 if layout == "interleaved" else 1
+    got = model.states(item, side, torch.tensor(lengths))
+    starts = [0, *np.cumsum(lengths).tolist()]
+    pieces = [[starts[b] + p for p in positions] for b, positions in windows_by_hand(lengths, model.window // k)]
+    flat = torch.tensor([i for piece in pieces for i in piece])
+    want = plain.states(item[flat], {key: v[flat] for key, v in side.items()}, torch.tensor([len(x) for x in pieces]))
+    tokens = (flat[:, None] * k + torch.arange(k)).flatten()  # each interaction's k tokens, in order
+    torch.testing.assert_close(got[tokens], want)
+    # a sample no longer than the window: exactly the plain model's states
+    short, m = torch.tensor([3, model.window // k]), 3 + model.window // k
+    torch.testing.assert_close(model.states(item[:m], {key: v[:m] for key, v in side.items()}, short),
+                               plain.states(item[:m], {key: v[:m] for key, v in side.items()}, short))  # fmt: skip
+
+
 @pytest.mark.parametrize(("layout", "mode"), [("merged", "segments"), ("interleaved", "segments"),
                                              ("merged", "mask"), ("interleaved", "flex")])  # fmt: skip
 def test_packed_windows_read_their_own_cached_summaries(layout: str, mode: str) -> None:
@@ -315,6 +345,68 @@ def test_summary_settings_are_checked_with_one_line_naming_the_key(override: dic
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"data.max_seq_len": 0}, "data.max_seq_len"),
+        ({"data.batch_tokens": 512}, "data.batch_tokens"),
+        ({"parallel.sp": 2}, "parallel.sp"),
+        ({"finetune.init": "pre"}, "model.windows"),
+        ({"model.windows": "yes"}, "model.windows"),
+    ],
+)
+def test_windows_settings_are_checked_with_one_line_naming_the_key(override: dict, key: str) -> None:
+    from trainer.config import ConfigError, from_dict
+    from trainer.job import JobConfig
+
+    base = {"out": "x", "model": {"max_seq_len": 64, "windows": True}, "data": {"path": "d", "max_seq_len": 256}}
+    from_dict(JobConfig, base).validate()
+    with pytest.raises(ConfigError, match="^data.max_seq_len: 256 interactions x 1 tokens exceed"):  # not without it
+        from_dict(JobConfig, {**base, "model": {"max_seq_len": 64}}).validate()
+    for dotted, value in override.items():
+        section, leaf = dotted.split(".")
+        base[section] = {**base.get(section, {}), leaf: value}
+    with pytest.raises(ConfigError) as err:
+        from_dict(JobConfig, base).validate()
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_windows_is_no_model_difference_for_fine_tuning_or_init_from() -> None:
+    from trainer.finetune import model_difference
+    from trainer.job import JobConfig
+
+    pre = JobConfig(out="x", model=ModelConfig(max_seq_len=64, windows=True))
+    assert model_difference(pre, dataclasses.replace(pre, model=dataclasses.replace(pre.model, windows=False))) is None
+    other = dataclasses.replace(pre, model=dataclasses.replace(pre.model, max_seq_len=32))
+    assert model_difference(pre, other) == ("model.max_seq_len", 32, 64)
+
+
+def test_windows_cost_what_the_same_context_costs_on_samples_cut_to_it() -> None:
+    """The planner's FLOPs and activations of model.windows (windows of 64 on samples of 256) equal those of context
+    64 on samples of 64, four times as many a batch: the same rows through the same blocks; samples of 200 fill as
+    many windows (the oldest padded), and a window runs its context however short the sample."""
+    from trainer.flops import encoder_flops_per_interaction
+    from trainer.job import JobConfig
+    from trainer.memory import activations
+
+    windows = JobConfig(out="x")
+    windows.model = ModelConfig(preset="nano", max_seq_len=64, windows=True)
+    windows.data = dataclasses.replace(windows.data, max_seq_len=256, batch_size=8)
+    cut = dataclasses.replace(windows, model=dataclasses.replace(windows.model, windows=False))
+    cut.data = dataclasses.replace(windows.data, max_seq_len=64, batch_size=32)
+    whole = dataclasses.replace(cut, model=dataclasses.replace(cut.model, max_seq_len=256))
+    whole.data = dataclasses.replace(windows.data)
+    assert encoder_flops_per_interaction(windows) == encoder_flops_per_interaction(cut)
+    assert encoder_flops_per_interaction(windows) < encoder_flops_per_interaction(whole)
+    assert activations(windows).total == activations(cut).total
+    padded = dataclasses.replace(windows, data=dataclasses.replace(windows.data, max_seq_len=200))
+    assert activations(padded).layers == activations(windows).layers
+    assert encoder_flops_per_interaction(padded) == encoder_flops_per_interaction(windows)
+    short = dataclasses.replace(windows, data=dataclasses.replace(windows.data, max_seq_len=32))
+    plain32 = dataclasses.replace(short, model=dataclasses.replace(short.model, windows=False))
+    assert encoder_flops_per_interaction(short) == encoder_flops_per_interaction(plain32)
+
+
 def test_packed_rows_on_a_summary_cache_read_as_memory_only_and_not_in_fine_tuning() -> None:
     from trainer.config import ConfigError, from_dict
     from trainer.job import JobConfig
@@ -442,6 +534,39 @@ def _vectors(export: Path) -> dict[int, np.ndarray]:
 
     users, vectors, *_ = load_export(export)
     return dict(zip(users.tolist(), vectors))
+
+
+@pytest.fixture(scope="module")
+def long_samples(tmp_path_factory) -> Path:
+    """Histories of up to 48 interactions, written as samples of 48."""
+    from trainer.data.synth import synthesize
+
+    data = tmp_path_factory.mktemp("windows") / "data"
+    synthesize(data, users=40, items=120, mean_len=40, shards=2, seed=4, holdout="loo", max_len=48, workers=1)
+    return data
+
+
+def test_a_windows_run_trains_and_serves_from_its_last_window(long_samples, tmp_path) -> None:
+    """model.windows end to end: a run on samples of 48 in windows of 8 trains, and its exported state of every user
+    is the one its last 9 interactions give (--context 9: the last window, its first interaction's time gap from the
+    one before): no window reads an older one. From the last 8 alone the first one's gap is unknown: another state."""
+    from helpers import TINY_MODEL, argus_ranks
+
+    data, run = long_samples, tmp_path / "run"
+    tiny = [x for x in TINY_MODEL if not x.startswith("model.max_seq_len")]
+    argus_ranks("train", "configs/mini.yaml", f"data.path={data}", f"out={run}", *tiny, "model.max_seq_len=8",
+                "data.max_seq_len=48", "model.windows=true", "train.steps=2", "data.batch_size=8",
+                "data.num_workers=0", "optim.warmup_steps=1", "eval.every=0", nproc=1)  # fmt: skip
+    vectors = {}
+    for context in ("47", "9", "8"):
+        argus_ranks("export", str(run), "--data", str(data), "--out", str(tmp_path / context), "--context", context,
+                    nproc=1)  # fmt: skip
+        vectors[context] = _vectors(tmp_path / context)
+    full, last = vectors["47"], vectors["9"]
+    assert full.keys() == last.keys() and len(full) > 30
+    for user, v in full.items():
+        np.testing.assert_allclose(v, last[user], rtol=1e-5, atol=1e-6)
+    assert max(float(np.abs(v - vectors["8"][u]).max()) for u, v in full.items()) > 1e-4
 
 
 @pytest.mark.slow

@@ -293,8 +293,8 @@ class Engine:
 
     def slots(self, batch: Batch) -> int:
         """Interaction positions the encoder ran over for ``batch`` (``tokens/padding_share``): the batch's grid, or
-        with ``model.summary`` on unpacked rows its windows of the context, one per row."""
-        if self.cfg.model.summary.tokens and not self.cfg.data.batch_tokens:
+        with ``model.summary`` (or ``model.windows``) on unpacked rows its windows of the context, one per row."""
+        if self.cfg.model.windowed() and not self.cfg.data.batch_tokens:
             from trainer.model.interaction import window_slots
 
             return window_slots(batch.lengths.numpy(), self.cfg.window())

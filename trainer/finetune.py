@@ -55,6 +55,7 @@ TRAINING_KEYS = (
     "oov",
     "backend",
     "cold_start_mask_rate",  # pre-training only: fine-tuning swaps no ID rows
+    "windows",  # pre-training only: how long samples are cut, not the weights
 )
 """Keys of ``model`` and ``embeddings`` that fine-tuning may change: how the model is trained or sharded."""
 

@@ -165,8 +165,11 @@ def encoder_flops_per_interaction(cfg: JobConfig) -> float:
     k = cfg.tokens_per_interaction()
     p = dense_params(cfg)
     tokens = cfg.model.summary.tokens
-    if not tokens:
-        return k * encoder_flops_per_token(p.matmul, enc.n_layers, enc.d_model, cfg.interactions_per_sample() * k)
+    if not tokens:  # model.windows: causal attention within each window of the context
+        context = cfg.interactions_per_sample()
+        if cfg.model.windows:
+            context = min(context, cfg.window())
+        return k * encoder_flops_per_token(p.matmul, enc.n_layers, enc.d_model, context * k)
     # Windows of the context after `tokens` summary tokens: a query sees every summary token and, causally, half
     # the window on average (context 2P + W with the causal halving), and the summary tokens run through the
     # blocks too ((W + P) / W rows per interaction token).

@@ -229,12 +229,13 @@ class JobConfig:
         return dataclasses.replace(self.data, split=self.train_split(), max_seq_len=self.interactions_per_sample())
 
     def window(self) -> int:
-        """Interactions of the encoder's context: a sample longer than this is encoded window by window, each
-        window after the summary of the older ones (``model.summary``)."""
+        """Interactions of the encoder's context: with ``model.summary`` (or ``model.windows``) a sample longer than
+        this is encoded window by window, each window after the summary of the older ones (or on its own)."""
         return self.model.resolved().max_seq_len // self.tokens_per_interaction()
 
     def windows_per_sample(self) -> int:
-        """``model.summary``: windows of the context the longest sample fills (each is a row of the encoder)."""
+        """``model.summary`` / ``model.windows``: windows of the context the longest sample fills (each is a row of
+        the encoder)."""
         return -(-self.interactions_per_sample() // self.window())
 
     def _validate_summary(self, k: int) -> None:
@@ -272,6 +273,19 @@ class JobConfig:
         if self.parallel.sp > 1:
             raise ConfigError("parallel.sp: sequence parallelism is not supported with model.summary yet")
 
+    def _validate_windows(self) -> None:
+        """``model.windows`` without a summary: what encoding a sample window by window needs."""
+        for bad, why in (
+            (not self.data.max_seq_len, "data.max_seq_len: model.windows needs it set to the interactions of a sample "
+             f"(cut into windows of the model.max_seq_len context of {self.window()} interactions)"),
+            (self.finetune.enabled, "model.windows: pre-training only (not in fine-tuning); set it to false"),
+            (self.data.batch_tokens > 0, "data.batch_tokens: token-budget batches are not supported with "
+             "model.windows"),
+            (self.parallel.sp > 1, "parallel.sp: sequence parallelism is not supported with model.windows"),
+        ):  # fmt: skip
+            if bad:
+                raise ConfigError(why)
+
     def validate(self, world_size: int | None = None, device: str | None = None) -> None:
         """Every check that needs no process group; raises ConfigError naming the key. Changes nothing."""
         try:
@@ -300,6 +314,8 @@ class JobConfig:
             self._validate_summary(k)
         elif self.data.summary_cache:
             raise ConfigError("data.summary_cache: needs model.summary.tokens > 0 (the model reads the cached tokens)")
+        elif self.model.windows:
+            self._validate_windows()
         elif self.interactions_per_sample() * k > ctx:
             raise ConfigError(
                 f"data.max_seq_len: {self.data.max_seq_len} interactions x {k} tokens exceed model.max_seq_len {ctx}"

@@ -218,9 +218,9 @@ def activations(cfg: JobConfig, batch_size: int | None = None) -> Activations:
     # parallel.sp: a rank's blocks hold its 1/sp of every row's tokens (the all-to-all'd q, k, v and attention
     # output are the same size as the chunk's own); the heads below run on the whole rows
     block_tokens = -(-tokens // cfg.parallel.sp)
-    if cfg.model.summary.tokens:
-        # a sample fills whole windows of the context, and every window's summary tokens run through the blocks
-        # beside it (the summariser's own activations, a few windows of per-token MLPs, are not counted)
+    if cfg.model.windowed():
+        # a sample fills whole windows of the context, and every window's summary tokens (if any) run through the
+        # blocks beside it (the summariser's own activations, a few windows of per-token MLPs, are not counted)
         # (read: memory, they only give keys and values: not counted, a layer keeps P x 4d values of them, its norm
         # and projection, little beside the window's own)
         rows = (batch_size or cfg.rows_per_batch()) * cfg.windows_per_sample()

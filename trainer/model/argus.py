@@ -49,6 +49,14 @@ class ModelConfig(Encoder.Config):
     # Lifelong-history summary tokens (trainer/model/summary.py; tokens 0 = off): a sample longer than the context
     # is encoded window by window, each window reading the summary of the sample's older windows (docs/lifelong.md)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
+    # A sample longer than the context is encoded window by window, each window on its own (no summary): what
+    # model.summary adds its summary to, so the control for it on the same samples (bench/lifelong.py); implied by
+    # model.summary.tokens > 0
+    windows: bool = False
+
+    def windowed(self) -> bool:
+        """Whether a sample longer than the context is encoded window by window (``windows``, or ``summary``)."""
+        return self.windows or self.summary.tokens > 0
 
     def validate(self, where: str = "model", max_context: int | None = MAX_CONTEXT) -> None:
         super().validate(where, max_context)
@@ -134,6 +142,7 @@ class ArgusModel(nn.Module):
         )
         k = model.tokens_per_interaction
         self.window = enc.max_seq_len // k * k  # tokens of context per window (whole interactions)
+        self.windowed = model.windowed()
         sm = model.summary
         self.summary = Summariser(sm, enc.d_model, enc.d_model) if sm.tokens else None
         # model.summary.reconstruction_weight: a small causal decoder of its own predicts each next item from the
@@ -177,9 +186,10 @@ class ArgusModel(nn.Module):
 
         With ``model.summary`` each sample is cut into windows of the context (from its end) that are encoded as
         rows of their own, each after the summary tokens of the sample's older windows; a sample no longer than
-        the context is one window with the summary of an empty history. ``prefix``: (samples, tokens,
-        model.summary.dim) summaries read from a cache (trainer/summary_cache.py) in place of computing them;
-        every sample is then one window (at most the context long)."""
+        the context is one window with the summary of an empty history (``model.windows``: the same windows, each
+        encoded on its own). ``prefix``: (samples, tokens, model.summary.dim) summaries read from a cache
+        (trainer/summary_cache.py) in place of computing them; every sample is then one window (at most the context
+        long)."""
         return self._states(item, side, lengths, pack, prefix)[0]
 
     def read_pieces(
@@ -241,6 +251,11 @@ class ArgusModel(nn.Module):
             if self.reconstruction is not None:
                 recon = self.reconstruction(prefix, w.grid, w.mask.sum(1))[w.index]
             return self.encoder(w.grid, w.mask, prefix=prefix, read=self.summary.cfg.read)[w.index], recon
+        if self.windowed:  # model.windows: every window of the context on its own row, nothing read before it
+            if pack is not None and pack[0] is not None:
+                raise ValueError("model.windows: token-budget batches (data.batch_tokens) are not supported with it")
+            w = jagged_to_windows(tokens, tok_lengths, self.window)
+            return self.encoder(w.grid, w.mask)[w.index], None
         encode = self.encoder
         if self.encoder.sequence_group is not None:  # parallel.sp: this rank encodes its chunk of every row
             from trainer.model.sequence_parallel import encode as sp_encode
