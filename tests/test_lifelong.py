@@ -146,13 +146,14 @@ def test_prefixed_encoder_equals_plain_ops(read: str) -> None:
 
 def model_and_inputs(
     lengths: list[int], layout: str = "merged", attention: str = "linear", seed: int = 0, recon: float = 0.0,
-    read: str = "tokens",
+    read: str = "tokens", tokens: int = 3, windows: bool = False,
 ) -> tuple[ArgusModel, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+    """A small double model with ``tokens`` summary tokens (0: none) and ``model.windows``, and random inputs."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, token_layout=layout,
-        num_contexts=4, side_dim=4,
-        summary=SummaryConfig(tokens=3, dim=8, heads=2, attention=attention, chunk=4, reconstruction_weight=recon,
+        num_contexts=4, side_dim=4, windows=windows,
+        summary=SummaryConfig(tokens=tokens, dim=8, heads=2, attention=attention, chunk=4, reconstruction_weight=recon,
                               read=read),
     )  # fmt: skip
     model = ArgusModel(cfg, ItemEmbeddings.Config(item_dim=8), HeadsConfig()).double().eval()
@@ -188,17 +189,9 @@ def test_windows_without_a_summary_are_each_encoded_on_their_own(layout: str) ->
     """model.windows (the control for model.summary on the same samples): every window of a sample, cut from its
     end, gets the states the same weights give it as a sample of its own (no window reads another)."""
     lengths = [11, 3, 8, 16]
-    torch.manual_seed(3)
-    cfg = ModelConfig(preset="custom", d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, token_layout=layout,
-                      num_contexts=4, side_dim=4, windows=True)  # fmt: skip
-    model = ArgusModel(cfg, ItemEmbeddings.Config(item_dim=8), HeadsConfig()).double().eval()
-    plain = ArgusModel(dataclasses.replace(cfg, windows=False), ItemEmbeddings.Config(item_dim=8), HeadsConfig())
-    plain = plain.double().eval()
+    model, item, side, _ = model_and_inputs(lengths, layout, seed=3, tokens=0, windows=True)
+    plain, *_ = model_and_inputs(lengths, layout, seed=3, tokens=0)  # the same weights, no windows
     plain.load_state_dict(model.state_dict())
-    n = sum(lengths)
-    g = torch.Generator().manual_seed(4)
-    item = torch.randn(n, 8, generator=g, dtype=torch.double)
-    side = {k: torch.randint(0, rows, (n,), generator=g) for k, rows in side_table_rows(4).items()}
     k = 2 if layout == "interleaved" else 1
     got = model.states(item, side, torch.tensor(lengths))
     starts = [0, *np.cumsum(lengths).tolist()]
@@ -466,15 +459,21 @@ def test_reconstruction_predictions_see_no_future_and_train_only_the_summary_sid
 
 # ---- the summary cache (argus summarize, export --summary-cache) ----------------------------------------------------
 @pytest.fixture(scope="module")
-def summary_run(tmp_path_factory) -> tuple[Path, Path]:
+def long_samples(tmp_path_factory) -> Path:
+    """Histories of up to 48 interactions, written as samples of 48."""
+    from trainer.data.synth import synthesize
+
+    data = tmp_path_factory.mktemp("long_samples") / "data"
+    synthesize(data, users=40, items=120, mean_len=40, shards=2, seed=4, holdout="loo", max_len=48, workers=1)
+    return data
+
+
+@pytest.fixture(scope="module")
+def summary_run(tmp_path_factory, long_samples) -> tuple[Path, Path]:
     """A run with summary tokens (windows of 8 interactions, samples of 48) on histories of up to 48."""
     from helpers import TINY_MODEL, argus_ranks
 
-    from trainer.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("lifelong")
-    data = root / "data"
-    synthesize(data, users=40, items=120, mean_len=40, shards=2, seed=4, holdout="loo", max_len=48, workers=1)
+    root, data = tmp_path_factory.mktemp("lifelong"), long_samples
     tiny = [x for x in TINY_MODEL if not x.startswith("model.max_seq_len")]
     argus_ranks("train", "configs/mini.yaml", f"data.path={data}", f"out={root / 'run'}", *tiny,
                 "model.max_seq_len=8", "data.max_seq_len=48", "model.summary.tokens=4", "model.summary.dim=16",
@@ -534,16 +533,6 @@ def _vectors(export: Path) -> dict[int, np.ndarray]:
 
     users, vectors, *_ = load_export(export)
     return dict(zip(users.tolist(), vectors))
-
-
-@pytest.fixture(scope="module")
-def long_samples(tmp_path_factory) -> Path:
-    """Histories of up to 48 interactions, written as samples of 48."""
-    from trainer.data.synth import synthesize
-
-    data = tmp_path_factory.mktemp("windows") / "data"
-    synthesize(data, users=40, items=120, mean_len=40, shards=2, seed=4, holdout="loo", max_len=48, workers=1)
-    return data
 
 
 def test_a_windows_run_trains_and_serves_from_its_last_window(long_samples, tmp_path) -> None:

@@ -223,9 +223,7 @@ class AttnLayout:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             else:  # the group's histories' own memories before their keys: every query sees them, causal after
                 km, vm = kv.index_select(0, self.groups[g]).permute(2, 0, 3, 1, 4).unbind(0)
-                P = km.shape[2]
-                i, j = torch.arange(L, device=qkv.device), torch.arange(P + L, device=qkv.device)
-                mask = (j[None, :] < P) | (j[None, :] - P <= i[:, None])
+                mask = AttnLayout.memory(km.shape[2], L, qkv.device).mask
                 k, v = torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
             ys.append(y.transpose(1, 2).reshape(n * L, H * Dh))
@@ -425,11 +423,10 @@ class Encoder(nn.Module):
         if prefix is not None:
             if self.sequence_group is not None:
                 raise ValueError("model.summary: summary tokens need no parallel.sp")
-            if packed_memory:
+            if read == "memory":  # packed rows: each history's own, laid out by build() above
                 memory = prefix.to(x.dtype)
-            elif read == "memory":
-                memory = prefix.to(x.dtype)
-                layout = AttnLayout.memory(memory.shape[1], x.shape[1], x.device, self.attention_mode(x.device))
+                if not packed_memory:
+                    layout = AttnLayout.memory(memory.shape[1], x.shape[1], x.device, self.attention_mode(x.device))
             else:
                 P = prefix.shape[1]
                 x = torch.cat([prefix.to(x.dtype), x], dim=1)
